@@ -1,0 +1,199 @@
+"""The only module that touches the compiled core (``blockmirror._core``).
+
+One small wrapper per C call: it converts arguments, calls C (cffi releases
+the GIL for the call) and turns a -1 return into an exception built from the
+C errno and the thread's last-error message. Nothing above this module knows
+about cffi.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import numpy as np
+
+from blockmirror._core import ffi, lib
+from blockmirror.errors import SidecarCorruptError, SidecarUnsafeError
+
+Handle = Any  # a cffi ``bm_tracker *`` owned by ffi.gc
+
+EXTENT_DTYPE = np.dtype([("offset", np.uint64), ("length", np.uint64)])
+SCAN_DONE = 2**64 - 1
+
+DEFAULT_GRANULARITY: int = lib.BM_DEFAULT_GRANULARITY
+MIN_GRANULARITY: int = lib.BM_MIN_GRANULARITY
+MAX_GRANULARITY: int = lib.BM_MAX_GRANULARITY
+MAX_IMAGE_SIZE: int = lib.BM_MAX_IMAGE_SIZE
+FLAG_UNCLEAN: int = lib.BM_FLAG_UNCLEAN
+STATE_NAMES = {
+    lib.BM_STATE_RUNNING: "running",
+    lib.BM_STATE_FREEZING: "freezing",
+    lib.BM_STATE_FROZEN: "frozen",
+    lib.BM_STATE_REDIRECTED: "redirected",
+}
+
+
+def error_from_c(path: str | None = None) -> OSError:
+    """The exception for the C call that just failed on this thread."""
+    err = ffi.errno
+    message = ffi.string(lib.bm_last_error()).decode("utf-8", "replace")
+    if err == errno.EUCLEAN:
+        return SidecarCorruptError(message, path)
+    if err == errno.EPERM and path is not None and path.endswith(".cbt"):
+        return SidecarUnsafeError(message, path)
+    return OSError(err, message or os.strerror(err), path)
+
+
+def _check(rc: int, path: str | None = None) -> int:
+    if rc < 0:
+        raise error_from_c(path)
+    return rc
+
+
+def create(path: str, image_size: int, granularity: int, owner_uid: int) -> None:
+    _check(lib.bm_create(os.fsencode(path), image_size, granularity, owner_uid), path)
+
+
+def open_tracker(path: str, writer: bool, expected_uid: int) -> Handle:
+    flags = lib.BM_OPEN_WRITER if writer else lib.BM_OPEN_READER
+    handle = lib.bm_open(os.fsencode(path), flags, expected_uid)
+    if handle == ffi.NULL:
+        raise error_from_c(path)
+    return ffi.gc(handle, lib.bm_close)
+
+
+def close(handle: Handle) -> None:
+    ffi.release(handle)  # runs bm_close now instead of at garbage collection
+
+
+def info(handle: Handle) -> dict[str, Any]:
+    out = ffi.new("bm_info *")
+    _check(lib.bm_get_info(handle, out))
+    return {
+        "version": out.version,
+        "granularity": out.granularity,
+        "image_size": out.image_size,
+        "generation": out.generation,
+        "series": bytes(ffi.buffer(out.series, 16)).hex(),
+        "flags": out.flags,
+        "state": STATE_NAMES.get(out.state, f"unknown({out.state})"),
+        "live_writers": out.live_writers,
+        "copier_pid": out.copier_pid,
+        "throttle_bytes_per_s": out.throttle_bytes_per_s,
+    }
+
+
+def reset(handle: Handle) -> None:
+    _check(lib.bm_reset(handle))
+
+
+def mark(handle: Handle, offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
+    _check(lib.bm_mark(handle, offset, length))
+
+
+def mark_all(handle: Handle) -> None:
+    _check(lib.bm_mark_all(handle))
+
+
+def dirty_bytes(handle: Handle) -> int:
+    return _check(lib.bm_dirty_bytes(handle))
+
+
+def resize(handle: Handle, size: int) -> None:
+    _check(lib.bm_resize(handle, size))
+
+
+def scan_extents(handle: Handle, clear: bool, chunk: int = 65536) -> np.ndarray:
+    """All dirty extents as a structured array (fields offset, length).
+
+    Scans in chunks of CHUNK extents straight into numpy memory; with CLEAR
+    the bits are taken atomically (bm_fetch_and_clear), otherwise only read.
+    """
+    scan = lib.bm_fetch_and_clear if clear else lib.bm_snapshot
+    cursor = ffi.new("uint64_t *", 0)
+    parts = []
+    while cursor[0] != SCAN_DONE:
+        buf = np.empty(chunk, dtype=EXTENT_DTYPE)
+        n = _check(scan(handle, cursor, ffi.cast("bm_extent *", ffi.from_buffer(buf)), chunk))
+        parts.append(buf[:n])
+    if len(parts) == 1:
+        return parts[0]
+    merged = np.concatenate(parts)
+    # A run split across two chunks shows up as two touching extents; merge them
+    # so callers see the same answer whatever the chunk size.
+    if len(merged) > 1:
+        ends = merged["offset"][:-1] + merged["length"][:-1]
+        touching = ends == merged["offset"][1:]
+        if touching.any():
+            starts = np.flatnonzero(np.concatenate(([True], ~touching)))
+            group_ends = np.concatenate((starts[1:], [len(merged)])) - 1
+            out = np.empty(len(starts), dtype=EXTENT_DTYPE)
+            out["offset"] = merged["offset"][starts]
+            out["length"] = (
+                merged["offset"][group_ends] + merged["length"][group_ends] - out["offset"]
+            )
+            merged = out
+    return merged
+
+
+def pwrite_function(handle: Handle, fd: int, path: str):  # type: ignore[no-untyped-def]
+    """A fast ``pwrite(data, offset) -> int`` bound to one handle and fd.
+
+    Built once per image so the hot path is one Python frame and one C call.
+    """
+    bm_pwrite = lib.bm_pwrite
+    from_buffer = ffi.from_buffer
+
+    def pwrite(data: bytes, offset: int) -> int:
+        if type(data) is bytes:
+            n = bm_pwrite(handle, fd, data, len(data), offset)
+        else:
+            view = memoryview(data).cast("B")
+            n = bm_pwrite(handle, fd, from_buffer("char[]", view), view.nbytes, offset)
+        if n < 0:
+            raise error_from_c(path)
+        return n
+
+    return pwrite
+
+
+def discard(handle: Handle, fd: int, offset: int, length: int, path: str) -> None:
+    _check(lib.bm_discard(handle, fd, offset, length), path)
+
+
+def truncate(handle: Handle, fd: int, size: int, path: str) -> None:
+    _check(lib.bm_truncate(handle, fd, size), path)
+
+
+def freeze(handle: Handle, lease_s: float) -> None:
+    _check(lib.bm_freeze(handle, int(lease_s * 1e9)))
+
+
+def freeze_check(handle: Handle) -> None:
+    _check(lib.bm_freeze_check(handle))
+
+
+def thaw(handle: Handle) -> None:
+    _check(lib.bm_thaw(handle))
+
+
+def redirect(handle: Handle, target: str) -> None:
+    _check(lib.bm_redirect(handle, os.fsencode(target)))
+
+
+def redirect_target(handle: Handle) -> str:
+    buf = ffi.new("char[]", lib.BM_REDIRECT_MAX)
+    _check(lib.bm_get_redirect(handle, buf, lib.BM_REDIRECT_MAX))
+    return os.fsdecode(ffi.string(buf))
+
+
+def set_throttle(handle: Handle, bytes_per_s: int) -> None:
+    _check(lib.bm_set_throttle(handle, max(0, int(bytes_per_s))))
+
+
+def live_writers(handle: Handle) -> int:
+    return _check(lib.bm_live_writers(handle))

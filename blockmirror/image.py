@@ -1,0 +1,140 @@
+"""The tracked writer: write to an image so every change lands in its bitmap.
+
+``TrackedImage`` is what a VM, database or backup agent uses instead of
+``os.pwrite`` on the image. Each write is a single call into C that marks the
+range dirty, writes it and marks it again (I1), waiting out a copier's freeze
+for at most the freeze's lease (I3). When a ``sync --move`` redirects writers,
+the next write transparently reopens the image at its new place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from types import TracebackType
+
+from blockmirror import _binding
+from blockmirror.tracker import Tracker, sidecar_path
+
+
+class TrackedImage:
+    """A writer's handle on an image and its change-tracking sidecar.
+
+    Creates the sidecar (granularity GRANULARITY) if the image has none. One
+    handle per process; threads of that process may share it. Do not use a
+    handle inherited across ``fork``: open a new one in the child.
+    """
+
+    def __init__(
+        self, image_path: str | os.PathLike[str], *, granularity: int = _binding.DEFAULT_GRANULARITY
+    ) -> None:
+        self._granularity = granularity
+        self._tracker: Tracker | None = None
+        self._fd = -1
+        self._attach(os.fspath(image_path), create_sidecar=True)
+
+    def _attach(self, path: str, *, create_sidecar: bool) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if create_sidecar and not os.path.exists(sidecar_path(path)):
+                try:
+                    Tracker.create(path, self._granularity).close()
+                except FileExistsError:
+                    pass  # another writer created it first
+            tracker = Tracker.open(path, writer=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.path = path
+        self._fd = fd
+        self._tracker = tracker
+        self._pwrite = _binding.pwrite_function(tracker.handle, fd, path)
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            raise ValueError("image is closed")
+        return self._tracker
+
+    def _follow_redirect(self) -> None:
+        """The copier moved the image: reopen it where it went (ESTALE)."""
+        target = self.tracker.redirect_target()
+        old_fd, old_tracker = self._fd, self._tracker
+        # The target must already be tracked by the copier; never follow a
+        # symlink there, a swapped link would let our writes escape (I5).
+        fd = os.open(target, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        os.close(fd)
+        self._attach(target, create_sidecar=False)
+        assert old_tracker is not None
+        old_tracker.close()
+        os.close(old_fd)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """Write DATA at OFFSET, tracked; returns the bytes written (all of them)."""
+        try:
+            return self._pwrite(data, offset)  # type: ignore[no-any-return]
+        except OSError as e:
+            if e.errno != errno.ESTALE:
+                raise
+        self._follow_redirect()
+        return self._pwrite(data, offset)  # type: ignore[no-any-return]
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read up to LENGTH bytes at OFFSET (short only at end of file)."""
+        parts = []
+        while length > 0:
+            chunk = os.pread(self._fd, length, offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            length -= len(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate [offset, offset+length): it reads back as zeros."""
+        self._retry_on_redirect(lambda: _binding.discard(
+            self.tracker.handle, self._fd, offset, length, self.path))
+
+    def truncate(self, size: int) -> None:
+        """Resize the image to SIZE bytes, tracked."""
+        self._retry_on_redirect(lambda: _binding.truncate(
+            self.tracker.handle, self._fd, size, self.path))
+
+    def _retry_on_redirect(self, op) -> None:  # type: ignore[no-untyped-def]
+        try:
+            op()
+            return
+        except OSError as e:
+            if e.errno != errno.ESTALE:
+                raise
+        self._follow_redirect()
+        op()
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync)."""
+        os.fdatasync(self._fd)
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        """Close the image and, cleanly, the sidecar (I4)."""
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TrackedImage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,243 @@
+"""Change-block tracking: the shared dirty bitmap kept in ``IMAGE.cbt``.
+
+A ``Tracker`` is one process's handle on the sidecar beside an image. Any
+number of processes may hold one at once (writers, a copier, backup tools);
+the bitmap lives in a shared memory map and every change to it is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from types import TracebackType
+
+import numpy as np
+
+from blockmirror import _binding
+from blockmirror.errors import SidecarError
+
+SIDECAR_SUFFIX = ".cbt"
+
+Extent = tuple[int, int]
+
+
+def sidecar_path(image_path: str | os.PathLike[str]) -> str:
+    """Where the sidecar of IMAGE_PATH lives (``IMAGE.cbt``, beside it)."""
+    return os.fspath(image_path) + SIDECAR_SUFFIX
+
+
+def _image_owner(image_path: str) -> int:
+    st = os.stat(image_path)
+    if not stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(21, "image is not a regular file", image_path) if stat.S_ISDIR(
+            st.st_mode
+        ) else OSError(22, "image is not a regular file", image_path)
+    return st.st_uid
+
+
+class Tracker:
+    """A handle on an image's change-tracking sidecar.
+
+    Create one with :meth:`create` (new sidecar, every granule clean) or
+    :meth:`open` (existing sidecar, validated). Use as a context manager.
+    """
+
+    def __init__(self, handle: _binding.Handle, image_path: str, consistent: bool) -> None:
+        self._handle = handle
+        self.image_path = image_path
+        self.path = sidecar_path(image_path)
+        self._consistent = consistent
+        self._granularity = int(_binding.info(handle)["granularity"])
+
+    # -- lifetime -----------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        image_path: str | os.PathLike[str],
+        granularity: int = _binding.DEFAULT_GRANULARITY,
+    ) -> Tracker:
+        """Start tracking IMAGE_PATH: a new sidecar, every granule clean.
+
+        Fails with ``FileExistsError`` if the image already has a sidecar.
+        """
+        image = os.fspath(image_path)
+        owner = _image_owner(image)
+        if (
+            granularity < _binding.MIN_GRANULARITY
+            or granularity > _binding.MAX_GRANULARITY
+            or granularity & (granularity - 1)
+        ):
+            raise ValueError(
+                f"granularity {granularity} is not a power of two between "
+                f"{_binding.MIN_GRANULARITY} and {_binding.MAX_GRANULARITY}"
+            )
+        _binding.create(sidecar_path(image), os.stat(image).st_size, granularity, owner)
+        return cls.open(image)
+
+    @classmethod
+    def open(cls, image_path: str | os.PathLike[str], *, writer: bool = False) -> Tracker:
+        """Open and validate IMAGE_PATH's sidecar.
+
+        With ``writer=True`` this process is registered as a writer, so a
+        crash before :meth:`close` leaves the sidecar marked unclean (I4).
+        Check :attr:`consistent` before trusting the bitmap.
+        """
+        image = os.fspath(image_path)
+        owner = _image_owner(image)
+        handle = _binding.open_tracker(sidecar_path(image), writer, owner)
+        info = _binding.info(handle)
+        # A file larger than the tracked size was written without tracking.
+        consistent = not (info["flags"] & _binding.FLAG_UNCLEAN) and os.stat(
+            image
+        ).st_size <= int(info["image_size"])
+        return cls(handle, image, consistent)
+
+    def close(self) -> None:
+        """Release the handle; for a writer this is the clean close (I4)."""
+        if self._handle is not None:
+            _binding.close(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def _h(self) -> _binding.Handle:
+        if self._handle is None:
+            raise ValueError("tracker is closed")
+        return self._handle
+
+    # -- state --------------------------------------------------------------
+
+    @property
+    def granularity(self) -> int:
+        """Bytes per tracked granule (a power of two)."""
+        return self._granularity
+
+    @property
+    def generation(self) -> int:
+        """Counts full fetch-and-clear scans in this series."""
+        return int(_binding.info(self._h)["generation"])
+
+    @property
+    def series(self) -> str:
+        """Hex id of the current series; a reset starts a new one."""
+        return str(_binding.info(self._h)["series"])
+
+    @property
+    def image_size(self) -> int:
+        """The image size the bitmap covers."""
+        return int(_binding.info(self._h)["image_size"])
+
+    @property
+    def consistent(self) -> bool:
+        """False when a writer died with the sidecar open, or the image grew
+        untracked: the bitmap may miss writes, so treat every allocated block
+        as dirty (see :meth:`reset`)."""
+        if not self._consistent:
+            return False
+        return not (_binding.info(self._h)["flags"] & _binding.FLAG_UNCLEAN)
+
+    def info(self) -> dict[str, object]:
+        """Everything the header and control block say, for status displays."""
+        out: dict[str, object] = dict(_binding.info(self._h))
+        out["consistent"] = self.consistent
+        out["dirty_bytes"] = self.dirty_bytes()
+        return out
+
+    def reset(self) -> None:
+        """Accept an unclean sidecar: start a new series with every granule dirty."""
+        _binding.reset(self._h)
+        self._consistent = True
+
+    # -- the bitmap ---------------------------------------------------------
+
+    def mark(self, offset: int, length: int) -> None:
+        """Mark [offset, offset+length) dirty, rounded out to whole granules."""
+        _binding.mark(self._h, offset, length)
+
+    def mark_all(self) -> None:
+        """Mark every granule of the image dirty."""
+        _binding.mark_all(self._h)
+
+    def dirty_bytes(self) -> int:
+        """Bytes covered by dirty granules (the last granule clipped to the image)."""
+        return _binding.dirty_bytes(self._h)
+
+    def dirty_extents(self) -> list[Extent]:
+        """The dirty set as merged ``(offset, length)`` extents, left dirty."""
+        return _to_list(_binding.scan_extents(self._h, clear=False))
+
+    def fetch_and_clear(self) -> list[Extent]:
+        """Atomically take the dirty set as merged ``(offset, length)`` extents.
+
+        Bits are cleared before their blocks are read (I2), so a write that
+        lands after this call is marked again and seen by the next one.
+        """
+        return _to_list(_binding.scan_extents(self._h, clear=True))
+
+    def fetch_and_clear_array(self) -> np.ndarray:
+        """:meth:`fetch_and_clear` as a numpy structured array (offset, length)."""
+        return _binding.scan_extents(self._h, clear=True)
+
+    def resize(self, size: int) -> None:
+        """Follow an image that was resized outside :class:`TrackedImage`."""
+        _binding.resize(self._h, size)
+
+    # -- the copier's control block ------------------------------------------
+
+    def freeze(self, lease_s: float) -> None:
+        """Pause writers for at most LEASE_S seconds and wait for in-flight
+        writes to drain. Raises ``TimeoutError`` if they don't within the lease."""
+        _binding.freeze(self._h, lease_s)
+
+    def freeze_holds(self) -> bool:
+        """True while this process's freeze still binds every writer."""
+        try:
+            _binding.freeze_check(self._h)
+        except OSError:
+            return False
+        return True
+
+    def thaw(self) -> None:
+        """Let writers continue against the source."""
+        _binding.thaw(self._h)
+
+    def redirect(self, target: str | os.PathLike[str]) -> None:
+        """Send frozen writers to TARGET: their next write lands there."""
+        _binding.redirect(self._h, os.path.abspath(os.fspath(target)))
+
+    def redirect_target(self) -> str:
+        return _binding.redirect_target(self._h)
+
+    def set_throttle(self, bytes_per_s: float) -> None:
+        """Limit all writers together to BYTES_PER_S (0 lifts the limit)."""
+        _binding.set_throttle(self._h, int(bytes_per_s))
+
+    def live_writers(self) -> int:
+        return _binding.live_writers(self._h)
+
+    @property
+    def state(self) -> str:
+        return str(_binding.info(self._h)["state"])
+
+    @property
+    def handle(self) -> _binding.Handle:
+        """The raw C handle, for blockmirror's own modules."""
+        return self._h
+
+
+def _to_list(extents: np.ndarray) -> list[Extent]:
+    return list(zip(extents["offset"].tolist(), extents["length"].tolist()))
+
+
+__all__ = ["SidecarError", "Tracker", "sidecar_path"]

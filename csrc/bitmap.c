@@ -1,0 +1,163 @@
+/* bitmap.c - the dirty bitmap: one bit per granule in 64-bit words shared by
+ * every process that maps the sidecar. Every access is atomic (invariant I2:
+ * the copier takes whole words by exchange before it reads their blocks). */
+#include "bm_internal.h"
+
+#include <string.h>
+
+static inline uint64_t run_mask(unsigned from, unsigned to_excl)
+{
+    /* bits [from, to_excl) of a word, 0 <= from < to_excl <= 64 */
+    uint64_t hi = to_excl == 64 ? ~0ull : ((1ull << to_excl) - 1);
+    return hi & ~((1ull << from) - 1);
+}
+
+/* Set bits [first, last_excl). A relaxed look first: a word that already has
+ * the bits is left alone, so re-marking a hot range (I1 marks twice) does not
+ * bounce its cache line between processes. Skipping is safe because a bit we
+ * saw set is cleared only by a copier that reads the block afterwards. */
+void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl)
+{
+    if (first >= last_excl)
+        return;
+    uint64_t w0 = first / 64, w1 = (last_excl - 1) / 64;
+    for (uint64_t w = w0; w <= w1; w++) {
+        unsigned from = w == w0 ? (unsigned)(first % 64) : 0;
+        unsigned to = w == w1 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
+        uint64_t m = run_mask(from, to);
+        if ((__atomic_load_n(&t->words[w], __ATOMIC_SEQ_CST) & m) != m)
+            __atomic_fetch_or(&t->words[w], m, __ATOMIC_SEQ_CST);
+    }
+}
+
+int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length)
+{
+    if (length == 0)
+        return 0;
+    uint64_t size = bm_image_size(t);
+    if (offset > size || length > size - offset)
+        return bm_fail(EINVAL, "range %llu+%llu is past the image end %llu",
+                       (unsigned long long)offset, (unsigned long long)length,
+                       (unsigned long long)size);
+    bm_mark_granules(t, offset >> t->shift, ((offset + length - 1) >> t->shift) + 1);
+    return 0;
+}
+
+int bm_mark_all(bm_tracker *t)
+{
+    bm_mark_granules(t, 0, bm_granules(t, bm_image_size(t)));
+    return 0;
+}
+
+/* Walk the bitmap from granule *CURSOR, turning runs of set bits into byte
+ * extents. With CLEAR, each non-zero word is exchanged with zero first, and
+ * bits that do not fit in OUT are OR-ed back (re-marking is always safe). */
+static int64_t scan(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max, int clear)
+{
+    if (*cursor == UINT64_MAX)
+        return 0;
+    if (max == 0)
+        return bm_fail(EINVAL, "extent array has no room");
+    uint64_t size = bm_image_size(t);
+    uint64_t ngran = bm_granules(t, size);
+    uint64_t nwords = bm_words_for(ngran);
+    uint64_t n = 0;
+    if (*cursor == 0 && clear)
+        __atomic_fetch_add(&t->hdr->generation, 1, __ATOMIC_SEQ_CST);
+
+    for (uint64_t w = *cursor / 64; w < nwords; w++) {
+        uint64_t valid = ~0ull;
+        if (w == *cursor / 64)
+            valid &= ~((1ull << (*cursor % 64)) - 1);
+        if (w == nwords - 1 && ngran % 64)
+            valid &= (1ull << (ngran % 64)) - 1;
+        uint64_t bits = __atomic_load_n(&t->words[w], __ATOMIC_RELAXED) & valid;
+        if (!bits)
+            continue;
+        if (clear) {
+            if (valid == ~0ull)
+                bits = __atomic_exchange_n(&t->words[w], 0, __ATOMIC_SEQ_CST);
+            else
+                bits = __atomic_fetch_and(&t->words[w], ~valid, __ATOMIC_SEQ_CST) & valid;
+        }
+        while (bits) {
+            unsigned from = (unsigned)__builtin_ctzll(bits);
+            uint64_t rest = ~(bits >> from);
+            unsigned len = rest ? (unsigned)__builtin_ctzll(rest) : 64 - from;
+            uint64_t g0 = w * 64 + from;
+            uint64_t off = g0 << t->shift;
+            uint64_t end = (g0 + len) << t->shift;
+            if (end > size)
+                end = size;
+            if (n > 0 && out[n - 1].offset + out[n - 1].length == off) {
+                out[n - 1].length = end - out[n - 1].offset;
+            } else if (n == max) {
+                if (clear)
+                    __atomic_fetch_or(&t->words[w], bits, __ATOMIC_SEQ_CST);
+                *cursor = g0;
+                return (int64_t)n;
+            } else {
+                out[n].offset = off;
+                out[n].length = end - off;
+                n++;
+            }
+            bits &= ~run_mask(from, from + len);
+        }
+    }
+    *cursor = UINT64_MAX;
+    return (int64_t)n;
+}
+
+int64_t bm_fetch_and_clear(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
+{
+    return scan(t, cursor, out, max, 1);
+}
+
+int64_t bm_snapshot(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
+{
+    return scan(t, cursor, out, max, 0);
+}
+
+int64_t bm_dirty_bytes(bm_tracker *t)
+{
+    uint64_t size = bm_image_size(t);
+    uint64_t ngran = bm_granules(t, size);
+    uint64_t nwords = bm_words_for(ngran);
+    uint64_t count = 0;
+    for (uint64_t w = 0; w < nwords; w++) {
+        uint64_t bits = __atomic_load_n(&t->words[w], __ATOMIC_RELAXED);
+        if (w == nwords - 1 && ngran % 64)
+            bits &= (1ull << (ngran % 64)) - 1;
+        count += (uint64_t)__builtin_popcountll(bits);
+    }
+    uint64_t bytes = count << t->shift;
+    if (ngran > 0 && (size & (((uint64_t)1 << t->shift) - 1))) {
+        uint64_t last = ngran - 1;
+        if (__atomic_load_n(&t->words[last / 64], __ATOMIC_RELAXED) & (1ull << (last % 64)))
+            bytes -= ((uint64_t)1 << t->shift) - (size & (((uint64_t)1 << t->shift) - 1));
+    }
+    return (int64_t)bytes;
+}
+
+int bm_resize(bm_tracker *t, uint64_t new_size)
+{
+    if (bm_ensure_capacity(t, new_size) < 0)
+        return -1;
+    uint64_t old = __atomic_exchange_n(&t->hdr->image_size, new_size, __ATOMIC_SEQ_CST);
+    uint64_t g_old = bm_granules(t, old), g_new = bm_granules(t, new_size);
+    if (new_size > old) {
+        /* the old last granule gains bytes too */
+        bm_mark_granules(t, old >> t->shift, g_new);
+    } else if (new_size < old) {
+        for (uint64_t g = g_new; g < g_old;) {
+            uint64_t w = g / 64;
+            unsigned from = (unsigned)(g % 64);
+            unsigned to = (g_old - w * 64) >= 64 ? 64 : (unsigned)(g_old - w * 64);
+            __atomic_fetch_and(&t->words[w], ~run_mask(from, to), __ATOMIC_SEQ_CST);
+            g = (w + 1) * 64;
+        }
+        if (new_size > 0)
+            bm_mark_granules(t, (new_size - 1) >> t->shift, g_new);
+    }
+    return 0;
+}

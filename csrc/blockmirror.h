@@ -1,0 +1,174 @@
+/* blockmirror.h - the public C API of blockmirror's core, and its cffi cdef.
+ *
+ * csrc/build_ffi.py reads this file verbatim as the cdef, so it holds only
+ * what cffi's parser accepts: no #include, no include guard, no function-like
+ * macros, integer constants only. C sources include bm_internal.h, which
+ * pulls in the system headers first and then this file.
+ *
+ * Error convention: every function returns -1 (or NULL) with errno set on
+ * failure and never prints; bm_last_error() then holds a one-line reason for
+ * the calling thread. Every symbol carries the bm_ prefix.
+ */
+
+/* ---------------------------------------------------------------------- */
+/* Sidecar format and limits                                               */
+
+#define BM_FORMAT_VERSION 1
+#define BM_DEFAULT_GRANULARITY 65536
+#define BM_MIN_GRANULARITY 4096
+#define BM_MAX_GRANULARITY 67108864
+/* Largest image a sidecar can describe: 1 PiB. Bounds the address space
+ * each handle reserves for the bitmap, so the bitmap can grow in place. */
+#define BM_MAX_IMAGE_SIZE 1125899906842624
+#define BM_MAX_WRITERS 64
+#define BM_REDIRECT_MAX 1024
+
+/* Control-block states (the freeze protocol, invariant I3). */
+#define BM_STATE_RUNNING 0
+#define BM_STATE_FREEZING 1
+#define BM_STATE_FROZEN 2
+#define BM_STATE_REDIRECTED 3
+
+/* Header flags. */
+#define BM_FLAG_UNCLEAN 1   /* a writer died with the sidecar open (I4) */
+
+/* bm_open flags. */
+#define BM_OPEN_READER 0
+#define BM_OPEN_WRITER 1    /* claim a writer slot: the sidecar is in use */
+
+typedef struct bm_tracker bm_tracker;
+
+typedef struct {
+    uint64_t offset;
+    uint64_t length;
+} bm_extent;
+
+typedef struct {
+    uint32_t version;
+    uint32_t granularity;
+    uint64_t image_size;
+    uint64_t generation;
+    uint8_t series[16];
+    uint32_t flags;          /* BM_FLAG_* */
+    uint32_t state;          /* BM_STATE_* */
+    uint32_t live_writers;   /* writer slots held by live processes */
+    uint32_t copier_pid;     /* 0 when no copier holds a freeze */
+    uint64_t throttle_bytes_per_s;
+    uint64_t lease_deadline_ns;  /* CLOCK_MONOTONIC */
+} bm_info;
+
+/* The calling thread's reason for its last failure; never NULL. */
+const char *bm_last_error(void);
+
+/* ---------------------------------------------------------------------- */
+/* Sidecar lifetime (cbt.c)                                                */
+
+/* Create a new sidecar at PATH for an image of IMAGE_SIZE bytes, tracking
+ * in GRANULARITY-byte granules (a power of two within the limits above).
+ * The file is created exclusively (EEXIST if present), mode 0600, without
+ * following a symlink, and starts with every granule clean and generation 0.
+ * If OWNER_UID >= 0 and differs from the caller, the file is chowned to it
+ * (the sidecar belongs to the image's owner, I5). Nothing is left behind on
+ * failure. */
+int bm_create(const char *path, uint64_t image_size, uint32_t granularity,
+              int64_t owner_uid);
+
+/* Open and validate an existing sidecar. Refuses (EPERM) a file not owned by
+ * EXPECTED_UID (when >= 0) or writable by group or others, and (EUCLEAN) one
+ * that is truncated, foreign or corrupt. With BM_OPEN_WRITER a writer slot is
+ * claimed, so a crash of this process is detectable later (I4). Any slot held
+ * by a dead process marks the sidecar BM_FLAG_UNCLEAN. The handle is safe to
+ * share between threads of one process; each process opens its own. */
+bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid);
+
+/* Release the writer slot (a clean close) and unmap. Always frees T. */
+int bm_close(bm_tracker *t);
+
+int bm_get_info(bm_tracker *t, bm_info *out);
+
+/* Start a new series: new series id, generation 0, UNCLEAN cleared, dead
+ * writer slots freed and every granule marked dirty. This is how a consumer
+ * acknowledges an unclean sidecar: nothing from before is trusted. */
+int bm_reset(bm_tracker *t);
+
+/* ---------------------------------------------------------------------- */
+/* The dirty bitmap (bitmap.c). Thread- and process-safe: atomics only.    */
+
+/* Mark [OFFSET, OFFSET+LENGTH) dirty, rounding outward to granules. Zero
+ * length is a no-op; a range past the image size is EINVAL. */
+int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length);
+
+/* Mark every granule of the image dirty. */
+int bm_mark_all(bm_tracker *t);
+
+/* Atomically take the dirty set: whole bitmap words are exchanged with zero
+ * (I2: clear before read), and their runs returned as merged byte extents,
+ * clipped to the image size, in ascending order. *CURSOR starts at 0; the
+ * call fills at most MAX extents and advances *CURSOR; it returns the count
+ * and sets *CURSOR to UINT64_MAX once the whole bitmap has been scanned.
+ * Bits taken but not returned for lack of room are put back, so nothing is
+ * ever lost between calls. Increments the generation once per full scan
+ * that starts at cursor 0. */
+int64_t bm_fetch_and_clear(bm_tracker *t, uint64_t *cursor, bm_extent *out,
+                           uint64_t max);
+
+/* Like bm_fetch_and_clear, but leaves the bitmap untouched. */
+int64_t bm_snapshot(bm_tracker *t, uint64_t *cursor, bm_extent *out,
+                    uint64_t max);
+
+/* Dirty bytes now (dirty granules, the last one clipped to the image). */
+int64_t bm_dirty_bytes(bm_tracker *t);
+
+/* Change the tracked size. Growing marks the new range dirty; shrinking
+ * clears bits past the end and marks the new last granule dirty. Sizes past
+ * BM_MAX_IMAGE_SIZE are EFBIG. */
+int bm_resize(bm_tracker *t, uint64_t new_size);
+
+/* ---------------------------------------------------------------------- */
+/* The tracked writer (writer.c)                                           */
+
+/* Write LEN bytes of BUF at OFFSET of FD, as one tracked write: wait while a
+ * freeze lease holds (never past the lease), count as in flight, mark the
+ * range dirty, write it all (retrying short writes and EINTR), mark it again
+ * (I1), leave. Honours the shared throttle. Fails with ESTALE once the image
+ * was redirected (the caller reopens the redirect target). Writes past the
+ * tracked size grow it first. Returns LEN or -1. */
+int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len,
+                  uint64_t offset);
+
+/* Punch a hole over [OFFSET, OFFSET+LEN) as a tracked write (zeros written
+ * where the filesystem cannot punch holes). */
+int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len);
+
+/* Truncate FD to SIZE as a tracked write and resize the tracker. */
+int bm_truncate(bm_tracker *t, int fd, uint64_t size);
+
+/* ---------------------------------------------------------------------- */
+/* The copier's side of the control block (control.c)                      */
+
+/* Freeze writers: record this process as the copier, set the lease deadline
+ * LEASE_NS from now, stop new writes and wait until in-flight writes of
+ * live writers drain. Fails with ETIMEDOUT (and thaws) if they do not drain
+ * before the lease ends; EBUSY if another live copier holds a freeze. */
+int bm_freeze(bm_tracker *t, uint64_t lease_ns);
+
+/* 0 while this process's freeze still binds writers; ETIMEDOUT once its
+ * lease has passed (writers may have resumed, so the final copy is not a
+ * point-in-time copy and must not be switched to). */
+int bm_freeze_check(bm_tracker *t);
+
+/* Let writers go on against the source. Idempotent. */
+int bm_thaw(bm_tracker *t);
+
+/* Send writers to TARGET (an absolute path): their next write fails with
+ * ESTALE so they reopen it. Only valid while frozen by this process. */
+int bm_redirect(bm_tracker *t, const char *target);
+
+/* Copy the redirect target into BUF (at most LEN bytes with the NUL). */
+int bm_get_redirect(bm_tracker *t, char *buf, uint64_t len);
+
+/* Limit all writers together to BYTES_PER_S (0: no limit). */
+int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s);
+
+/* Count the live writer slots (dead ones are reported via UNCLEAN). */
+int bm_live_writers(bm_tracker *t);

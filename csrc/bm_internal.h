@@ -1,0 +1,99 @@
+/* bm_internal.h - what the C files share and Python never sees: the sidecar's
+ * on-disk layout, the handle, and small helpers. Include this, never
+ * blockmirror.h directly (that file is also the cffi cdef and so carries no
+ * #include of its own). */
+#ifndef BM_INTERNAL_H
+#define BM_INTERNAL_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <pthread.h>
+
+#include "blockmirror.h"
+
+#define BM_MAGIC "BMCBT\r\n\032"     /* 8 bytes; \r\n catches text-mode mangling */
+#define BM_PAGE 4096u
+#define BM_CONTROL_OFFSET 4096u
+#define BM_BITMAP_OFFSET 8192u
+
+/* Page 0. Fields up to `checksum` are written once at creation and covered
+ * by the checksum; the ones after it change while the sidecar is in use and
+ * are touched with atomics only. */
+struct bm_header {
+    char magic[8];
+    uint32_t version;
+    uint32_t header_size;       /* BM_PAGE */
+    uint32_t granularity;
+    uint32_t granularity_shift;
+    uint64_t control_offset;
+    uint64_t bitmap_offset;
+    uint8_t series[16];
+    uint64_t created_ns;        /* CLOCK_REALTIME, for people reading dumps */
+    uint64_t checksum;          /* FNV-1a 64 of the bytes above */
+    /* dynamic */
+    uint64_t image_size;
+    uint64_t generation;
+    uint32_t flags;
+    uint32_t reserved0;
+};
+
+/* One per process that has the sidecar open for writing. A slot whose
+ * process is gone (pid absent, or reused with another start time) is the
+ * evidence of a crash that invariant I4 needs. */
+struct bm_writer_slot {
+    uint32_t pid;
+    uint32_t inflight;          /* writes of this process between enter and leave */
+    uint64_t start_time;        /* /proc/PID/stat field 22 */
+};
+
+/* Page 1: the freeze protocol (I3), throttle and redirect. */
+struct bm_control {
+    uint32_t state;
+    uint32_t copier_pid;
+    uint64_t copier_start_time;
+    uint64_t lease_deadline_ns;     /* CLOCK_MONOTONIC */
+    uint64_t heartbeat_ns;
+    uint64_t throttle_bytes_per_s;
+    uint64_t throttle_next_ns;      /* GCRA virtual time shared by all writers */
+    uint64_t freeze_count;
+    char redirect_target[BM_REDIRECT_MAX];
+    struct bm_writer_slot slots[BM_MAX_WRITERS];
+};
+
+struct bm_tracker {
+    int fd;
+    int flags;
+    pid_t owner_pid;            /* the process that opened this handle */
+    int slot;                   /* claimed writer slot, or -1 */
+    unsigned char *map;         /* whole reservation; valid up to file size */
+    size_t map_len;
+    struct bm_header *hdr;
+    struct bm_control *ctl;
+    uint64_t *words;
+    uint32_t shift;             /* log2(granularity) */
+    pthread_mutex_t grow_lock;  /* serialises ftruncate of the sidecar in this process */
+};
+
+/* cbt.c */
+int bm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+uint64_t bm_now_ns(void);
+uint64_t bm_proc_start_time(pid_t pid);
+int bm_process_alive(uint32_t pid, uint64_t start_time);
+int bm_ensure_capacity(bm_tracker *t, uint64_t image_size);
+
+/* bitmap.c */
+static inline uint64_t bm_granules(const bm_tracker *t, uint64_t size)
+{
+    return (size + ((uint64_t)1 << t->shift) - 1) >> t->shift;
+}
+static inline uint64_t bm_words_for(uint64_t granules) { return (granules + 63) / 64; }
+static inline uint64_t bm_image_size(const bm_tracker *t)
+{
+    return __atomic_load_n(&t->hdr->image_size, __ATOMIC_ACQUIRE);
+}
+void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl);
+
+#endif

@@ -1,0 +1,420 @@
+/* cbt.c - the sidecar file: create, validate, map, writer slots, reset.
+ *
+ * The sidecar is mapped MAP_SHARED over a reservation sized for the largest
+ * image (BM_MAX_IMAGE_SIZE), not just the current file: when any process
+ * grows the file, every other process's mapping already covers the new pages,
+ * so nobody ever remaps and no pointer ever moves under a concurrent writer.
+ */
+#include "bm_internal.h"
+
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static __thread char last_error[512] = "no error";
+
+const char *bm_last_error(void) { return last_error; }
+
+int bm_fail(int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    errno = err;
+    return -1;
+}
+
+uint64_t bm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Field 22 of /proc/PID/stat: start time in clock ticks since boot. Together
+ * with the pid it names one process for the life of the machine. Returns 0
+ * when the process does not exist. */
+uint64_t bm_proc_start_time(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    /* The command name may hold spaces and parentheses: count from the last ')'. */
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return 0;
+    int field = 2;
+    for (; *p && field < 22; p++)
+        if (*p == ' ')
+            field++;
+    return strtoull(p, NULL, 10);
+}
+
+int bm_process_alive(uint32_t pid, uint64_t start_time)
+{
+    if (pid == 0)
+        return 0;
+    uint64_t now_start = bm_proc_start_time((pid_t)pid);
+    return now_start != 0 && now_start == start_time;
+}
+
+static uint64_t fnv1a64(const void *data, size_t len)
+{
+    const unsigned char *p = data;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < len; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+static uint64_t header_checksum(const struct bm_header *h)
+{
+    return fnv1a64(h, offsetof(struct bm_header, checksum));
+}
+
+static uint64_t bitmap_bytes_for(uint64_t image_size, uint32_t shift)
+{
+    uint64_t granules = (image_size + ((uint64_t)1 << shift) - 1) >> shift;
+    uint64_t bytes = bm_words_for(granules) * 8;
+    return (bytes + BM_PAGE - 1) / BM_PAGE * BM_PAGE;
+}
+
+static size_t reservation_for(uint32_t shift)
+{
+    return BM_BITMAP_OFFSET + bitmap_bytes_for(BM_MAX_IMAGE_SIZE, shift);
+}
+
+static int shift_of(uint32_t granularity)
+{
+    if (granularity < BM_MIN_GRANULARITY || granularity > BM_MAX_GRANULARITY ||
+        (granularity & (granularity - 1)) != 0)
+        return -1;
+    return __builtin_ctz(granularity);
+}
+
+int bm_create(const char *path, uint64_t image_size, uint32_t granularity, int64_t owner_uid)
+{
+    int shift = shift_of(granularity);
+    if (shift < 0)
+        return bm_fail(EINVAL, "granularity %u is not a power of two between %u and %u",
+                       granularity, BM_MIN_GRANULARITY, BM_MAX_GRANULARITY);
+    if (image_size > BM_MAX_IMAGE_SIZE)
+        return bm_fail(EFBIG, "image size %llu is past the 1 PiB limit",
+                       (unsigned long long)image_size);
+
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return bm_fail(errno, "cannot create sidecar %s: %s", path, strerror(errno));
+
+    struct bm_header h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, BM_MAGIC, 8);
+    h.version = BM_FORMAT_VERSION;
+    h.header_size = BM_PAGE;
+    h.granularity = granularity;
+    h.granularity_shift = (uint32_t)shift;
+    h.control_offset = BM_CONTROL_OFFSET;
+    h.bitmap_offset = BM_BITMAP_OFFSET;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    h.created_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    int err = 0;
+    if (getrandom(h.series, sizeof h.series, 0) != (ssize_t)sizeof h.series) {
+        err = errno ? errno : EIO;
+        goto fail;
+    }
+    h.checksum = header_checksum(&h);
+    h.image_size = image_size;
+
+    /* Allocate, don't just extend: a store into a sparse page of a full
+     * filesystem would kill the writer with SIGBUS instead of an ENOSPC. */
+    err = posix_fallocate(fd, 0, (off_t)(BM_BITMAP_OFFSET + bitmap_bytes_for(image_size, (uint32_t)shift)));
+    if (err != 0)
+        goto fail;
+    if (pwrite(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
+        err = errno ? errno : EIO;
+        goto fail;
+    }
+    if (owner_uid >= 0 && (uid_t)owner_uid != geteuid() &&
+        fchown(fd, (uid_t)owner_uid, (gid_t)-1) < 0) {
+        err = errno;
+        goto fail;
+    }
+    if (fsync(fd) < 0) {
+        err = errno;
+        goto fail;
+    }
+    if (close(fd) < 0) {
+        err = errno;
+        unlink(path);
+        return bm_fail(err, "cannot write sidecar %s: %s", path, strerror(err));
+    }
+    return 0;
+fail:
+    close(fd);
+    unlink(path);
+    return bm_fail(err, "cannot write sidecar %s: %s", path, strerror(err));
+}
+
+/* Scan the writer slots: free those of dead processes and, if any, mark the
+ * sidecar unclean (I4). Returns the number of live slots. */
+static int sweep_slots(bm_tracker *t)
+{
+    int live = 0;
+    for (int i = 0; i < BM_MAX_WRITERS; i++) {
+        struct bm_writer_slot *s = &t->ctl->slots[i];
+        uint32_t pid = __atomic_load_n(&s->pid, __ATOMIC_ACQUIRE);
+        if (pid == 0)
+            continue;
+        uint64_t start = __atomic_load_n(&s->start_time, __ATOMIC_ACQUIRE);
+        if (start == 0) /* being claimed right now */
+            live++;
+        else if (bm_process_alive(pid, start))
+            live++;
+        else {
+            __atomic_fetch_or(&t->hdr->flags, BM_FLAG_UNCLEAN, __ATOMIC_SEQ_CST);
+            __atomic_store_n(&s->inflight, 0, __ATOMIC_RELEASE);
+            __atomic_compare_exchange_n(&s->pid, &pid, 0, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST);
+        }
+    }
+    return live;
+}
+
+int bm_live_writers(bm_tracker *t) { return sweep_slots(t); }
+
+static int claim_slot(bm_tracker *t)
+{
+    uint32_t me = (uint32_t)getpid();
+    uint64_t start = bm_proc_start_time((pid_t)me);
+    for (int i = 0; i < BM_MAX_WRITERS; i++) {
+        struct bm_writer_slot *s = &t->ctl->slots[i];
+        uint32_t expected = 0;
+        if (__atomic_compare_exchange_n(&s->pid, &expected, me, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            __atomic_store_n(&s->inflight, 0, __ATOMIC_RELEASE);
+            __atomic_store_n(&s->start_time, start, __ATOMIC_RELEASE);
+            return i;
+        }
+    }
+    return -1;
+}
+
+bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
+{
+    int rw = O_RDWR;
+    int fd = open(path, rw | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        if (e == ELOOP)
+            bm_fail(EPERM, "sidecar %s is a symbolic link; refusing it", path);
+        else
+            bm_fail(e, "cannot open sidecar %s: %s", path, strerror(e));
+        return NULL;
+    }
+    struct stat st;
+    struct bm_header h;
+    int shift;
+    bm_tracker *t = NULL;
+    if (fstat(fd, &st) < 0) {
+        bm_fail(errno, "cannot stat sidecar %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        bm_fail(EPERM, "sidecar %s is not a regular file", path);
+        goto fail;
+    }
+    if (expected_uid >= 0 && st.st_uid != (uid_t)expected_uid) {
+        bm_fail(EPERM, "sidecar %s is owned by uid %u, not the image's owner uid %lld",
+                path, (unsigned)st.st_uid, (long long)expected_uid);
+        goto fail;
+    }
+    if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+        bm_fail(EPERM, "sidecar %s is writable by group or others (mode %04o); "
+                "it can redirect writers, so it must be 0600", path,
+                (unsigned)(st.st_mode & 07777));
+        goto fail;
+    }
+    if ((uint64_t)st.st_size < BM_BITMAP_OFFSET ||
+        pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
+        bm_fail(EUCLEAN, "sidecar %s is truncated (%lld bytes)", path, (long long)st.st_size);
+        goto fail;
+    }
+    if (memcmp(h.magic, BM_MAGIC, 8) != 0) {
+        bm_fail(EUCLEAN, "%s is not a blockmirror sidecar (bad magic)", path);
+        goto fail;
+    }
+    if (h.version != BM_FORMAT_VERSION) {
+        bm_fail(EUCLEAN, "sidecar %s has format version %u; this build reads %u", path,
+                h.version, BM_FORMAT_VERSION);
+        goto fail;
+    }
+    shift = shift_of(h.granularity);
+    if (h.checksum != header_checksum(&h) || shift < 0 || (uint32_t)shift != h.granularity_shift ||
+        h.header_size != BM_PAGE || h.control_offset != BM_CONTROL_OFFSET ||
+        h.bitmap_offset != BM_BITMAP_OFFSET) {
+        bm_fail(EUCLEAN, "sidecar %s header is corrupt (checksum mismatch)", path);
+        goto fail;
+    }
+    if (h.image_size > BM_MAX_IMAGE_SIZE ||
+        (uint64_t)st.st_size < BM_BITMAP_OFFSET + bitmap_bytes_for(h.image_size, (uint32_t)shift)) {
+        bm_fail(EUCLEAN, "sidecar %s is truncated: its bitmap cannot cover %llu bytes", path,
+                (unsigned long long)h.image_size);
+        goto fail;
+    }
+
+    t = calloc(1, sizeof *t);
+    if (!t) {
+        bm_fail(ENOMEM, "out of memory");
+        goto fail;
+    }
+    t->fd = fd;
+    t->flags = flags;
+    t->owner_pid = getpid();
+    t->slot = -1;
+    t->shift = (uint32_t)shift;
+    t->map_len = reservation_for((uint32_t)shift);
+    pthread_mutex_init(&t->grow_lock, NULL);
+    void *m = mmap(NULL, t->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (m == MAP_FAILED) {
+        bm_fail(errno, "cannot map sidecar %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    t->map = m;
+    t->hdr = (struct bm_header *)t->map;
+    t->ctl = (struct bm_control *)(t->map + BM_CONTROL_OFFSET);
+    t->words = (uint64_t *)(t->map + BM_BITMAP_OFFSET);
+
+    sweep_slots(t);
+    if (flags & BM_OPEN_WRITER) {
+        t->slot = claim_slot(t);
+        if (t->slot < 0) {
+            bm_fail(EBUSY, "sidecar %s already has %d writers", path, BM_MAX_WRITERS);
+            goto fail;
+        }
+    }
+    return t;
+fail:
+    if (t) {
+        if (t->map)
+            munmap(t->map, t->map_len);
+        pthread_mutex_destroy(&t->grow_lock);
+        free(t);
+    }
+    {
+        int e = errno;
+        close(fd);
+        errno = e;
+    }
+    return NULL;
+}
+
+int bm_close(bm_tracker *t)
+{
+    if (!t)
+        return 0;
+    /* Only the process that claimed the slot may release it: a forked child
+     * closing an inherited handle must not make its parent look gone. */
+    if (t->slot >= 0 && t->owner_pid == getpid()) {
+        struct bm_writer_slot *s = &t->ctl->slots[t->slot];
+        __atomic_store_n(&s->start_time, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&s->inflight, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&s->pid, 0, __ATOMIC_SEQ_CST);
+    }
+    /* A copier that closes while holding a freeze must never leave writers
+     * frozen (I3/I6). */
+    if (t->owner_pid == getpid()) {
+        uint32_t me = (uint32_t)getpid();
+        if (__atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE) == me) {
+            uint32_t st = __atomic_load_n(&t->ctl->state, __ATOMIC_ACQUIRE);
+            if (st == BM_STATE_FREEZING || st == BM_STATE_FROZEN)
+                bm_thaw(t);
+        }
+    }
+    munmap(t->map, t->map_len);
+    int rc = close(t->fd);
+    int e = errno;
+    pthread_mutex_destroy(&t->grow_lock);
+    free(t);
+    if (rc < 0)
+        return bm_fail(e, "closing sidecar failed: %s", strerror(e));
+    return 0;
+}
+
+int bm_get_info(bm_tracker *t, bm_info *out)
+{
+    memset(out, 0, sizeof *out);
+    out->version = t->hdr->version;
+    out->granularity = t->hdr->granularity;
+    out->image_size = bm_image_size(t);
+    out->generation = __atomic_load_n(&t->hdr->generation, __ATOMIC_ACQUIRE);
+    memcpy(out->series, t->hdr->series, sizeof out->series);
+    out->live_writers = (uint32_t)sweep_slots(t);
+    out->flags = __atomic_load_n(&t->hdr->flags, __ATOMIC_ACQUIRE);
+    out->state = __atomic_load_n(&t->ctl->state, __ATOMIC_ACQUIRE);
+    out->copier_pid = __atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE);
+    out->throttle_bytes_per_s = __atomic_load_n(&t->ctl->throttle_bytes_per_s, __ATOMIC_ACQUIRE);
+    out->lease_deadline_ns = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+int bm_reset(bm_tracker *t)
+{
+    /* Mark first, then publish the new series: a reader that sees the new
+     * series id also sees every granule dirty. The series lives in the
+     * checksummed part, so rewrite the checksum too. */
+    bm_mark_all(t);
+    uint8_t series[16];
+    if (getrandom(series, sizeof series, 0) != (ssize_t)sizeof series)
+        return bm_fail(errno ? errno : EIO, "no randomness for a new series id");
+    memcpy(t->hdr->series, series, sizeof series);
+    t->hdr->checksum = header_checksum(t->hdr);
+    __atomic_store_n(&t->hdr->generation, 0, __ATOMIC_SEQ_CST);
+    sweep_slots(t);
+    __atomic_fetch_and(&t->hdr->flags, ~(uint32_t)BM_FLAG_UNCLEAN, __ATOMIC_SEQ_CST);
+    if (msync(t->map, BM_PAGE, MS_SYNC) < 0)
+        return bm_fail(errno, "cannot persist sidecar header: %s", strerror(errno));
+    return 0;
+}
+
+/* Make the sidecar file long enough for a bitmap covering IMAGE_SIZE. The
+ * mapping already spans the reservation, so growing the file is all it takes
+ * for every process to see the new words. */
+int bm_ensure_capacity(bm_tracker *t, uint64_t image_size)
+{
+    if (image_size > BM_MAX_IMAGE_SIZE)
+        return bm_fail(EFBIG, "image size %llu is past the 1 PiB limit",
+                       (unsigned long long)image_size);
+    off_t want = (off_t)(BM_BITMAP_OFFSET + bitmap_bytes_for(image_size, t->shift));
+    pthread_mutex_lock(&t->grow_lock);
+    struct stat st;
+    int rc = 0;
+    if (fstat(t->fd, &st) < 0)
+        rc = bm_fail(errno, "cannot stat sidecar: %s", strerror(errno));
+    else if (st.st_size < want) {
+        /* fallocate, not ftruncate: a store into a sparse page of a full
+         * filesystem would SIGBUS the writer; fallocate reports ENOSPC here. */
+        int err = posix_fallocate(t->fd, st.st_size, want - st.st_size);
+        if (err != 0)
+            rc = bm_fail(err, "cannot grow sidecar: %s", strerror(err));
+    }
+    pthread_mutex_unlock(&t->grow_lock);
+    return rc;
+}

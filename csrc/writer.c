@@ -1,0 +1,227 @@
+/* writer.c - the tracked write path. One call does everything a write needs,
+ * so Python pays a single cffi crossing per write:
+ *
+ *   throttle -> enter (wait out a freeze, bounded by its lease; count in
+ *   flight) -> mark -> write -> mark again (I1) -> leave.
+ *
+ * Entering is a Dekker handshake with bm_freeze: the writer publishes its
+ * in-flight count and then reads the state; the copier publishes the state
+ * and then reads the counts. With sequentially consistent atomics at least
+ * one of them sees the other, so no write slips into a frozen image. */
+#include "bm_internal.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* However the clocks behave, no writer waits longer than this in one freeze. */
+#define BM_WRITER_MAX_WAIT_NS (120ull * 1000000000ull)
+
+static void sleep_ns(uint64_t ns)
+{
+    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* Does a freeze still bind this writer? Not once its lease has passed, not
+ * once the copier that holds it is gone, never past the writer's own cap. */
+static int freeze_binds(bm_tracker *t, uint64_t now, uint64_t wait_start)
+{
+    if (now >= __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE))
+        return 0;
+    if (now - wait_start >= BM_WRITER_MAX_WAIT_NS)
+        return 0;
+    uint32_t pid = __atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE);
+    uint64_t start = __atomic_load_n(&t->ctl->copier_start_time, __ATOMIC_ACQUIRE);
+    return bm_process_alive(pid, start);
+}
+
+static void throttle(bm_tracker *t, uint64_t len)
+{
+    uint64_t rate = __atomic_load_n(&t->ctl->throttle_bytes_per_s, __ATOMIC_ACQUIRE);
+    if (rate == 0)
+        return;
+    /* GCRA: a shared virtual clock advanced by each write's cost. */
+    uint64_t cost = (uint64_t)((double)len * 1e9 / (double)rate);
+    uint64_t now = bm_now_ns();
+    uint64_t next = __atomic_load_n(&t->ctl->throttle_next_ns, __ATOMIC_ACQUIRE);
+    uint64_t start;
+    do {
+        start = next > now ? next : now;
+    } while (!__atomic_compare_exchange_n(&t->ctl->throttle_next_ns, &next, start + cost, 0,
+                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    if (start > now)
+        sleep_ns(start - now);
+}
+
+static int writer_enter(bm_tracker *t)
+{
+    if (t->slot < 0)
+        return bm_fail(EBADF, "tracker was not opened for writing");
+    uint32_t *inflight = &t->ctl->slots[t->slot].inflight;
+    uint32_t *state = &t->ctl->state;
+    uint64_t wait_start = 0;
+    for (;;) {
+        uint32_t st = __atomic_load_n(state, __ATOMIC_SEQ_CST);
+        if (st == BM_STATE_REDIRECTED)
+            return bm_fail(ESTALE, "the image was moved; reopen the redirect target");
+        if (st == BM_STATE_RUNNING) {
+            __atomic_fetch_add(inflight, 1, __ATOMIC_SEQ_CST);
+            st = __atomic_load_n(state, __ATOMIC_SEQ_CST);
+            if (st == BM_STATE_RUNNING)
+                return 0;
+            __atomic_fetch_sub(inflight, 1, __ATOMIC_SEQ_CST);
+            continue;
+        }
+        /* Frozen or freezing: wait, but only while the lease binds. */
+        uint64_t now = bm_now_ns();
+        if (wait_start == 0)
+            wait_start = now;
+        if (!freeze_binds(t, now, wait_start)) {
+            __atomic_fetch_add(inflight, 1, __ATOMIC_SEQ_CST);
+            return 0;
+        }
+        uint64_t deadline = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
+        uint64_t nap = deadline - now;
+        if (nap > 5000000u)
+            nap = 5000000u; /* re-check the copier's liveness every 5 ms */
+        struct timespec ts = {0, (long)nap};
+        syscall(SYS_futex, state, FUTEX_WAIT, st, &ts, NULL, 0);
+    }
+}
+
+static void writer_leave(bm_tracker *t)
+{
+    __atomic_fetch_sub(&t->ctl->slots[t->slot].inflight, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Grow the tracked size to at least END (never shrinks: concurrent writers
+ * past the end race here harmlessly). */
+static int grow_to(bm_tracker *t, uint64_t end)
+{
+    uint64_t cur = bm_image_size(t);
+    if (end <= cur)
+        return 0;
+    if (bm_ensure_capacity(t, end) < 0)
+        return -1;
+    while (cur < end) {
+        if (__atomic_compare_exchange_n(&t->hdr->image_size, &cur, end, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            bm_mark_granules(t, cur >> t->shift, bm_granules(t, end));
+            break;
+        }
+    }
+    return 0;
+}
+
+static inline void mark_range(bm_tracker *t, uint64_t offset, uint64_t len)
+{
+    bm_mark_granules(t, offset >> t->shift, ((offset + len - 1) >> t->shift) + 1);
+}
+
+int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset)
+{
+    if (len == 0)
+        return 0;
+    if (offset > BM_MAX_IMAGE_SIZE || len > BM_MAX_IMAGE_SIZE - offset)
+        return bm_fail(EFBIG, "write past the 1 PiB limit");
+    throttle(t, len);
+    if (writer_enter(t) < 0)
+        return -1;
+    if (grow_to(t, offset + len) < 0) {
+        writer_leave(t);
+        return -1;
+    }
+    mark_range(t, offset, len);
+    const char *p = buf;
+    uint64_t done = 0;
+    int err = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, p + done, len - done, (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        if (n == 0) {
+            err = EIO;
+            break;
+        }
+        done += (uint64_t)n;
+    }
+    /* Mark again even on failure: part of the range may have landed. */
+    mark_range(t, offset, len);
+    writer_leave(t);
+    if (err)
+        return bm_fail(err, "write of %llu bytes at %llu failed: %s", (unsigned long long)len,
+                       (unsigned long long)offset, strerror(err));
+    return (int64_t)len;
+}
+
+static int write_zeros(int fd, uint64_t offset, uint64_t len)
+{
+    static const char zeros[65536];
+    while (len) {
+        size_t chunk = len < sizeof zeros ? (size_t)len : sizeof zeros;
+        ssize_t n = pwrite(fd, zeros, chunk, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        offset += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    uint64_t size = bm_image_size(t);
+    if (offset > size || len > size - offset)
+        return bm_fail(EINVAL, "discard %llu+%llu is past the image end %llu",
+                       (unsigned long long)offset, (unsigned long long)len,
+                       (unsigned long long)size);
+    if (writer_enter(t) < 0)
+        return -1;
+    mark_range(t, offset, len);
+    int rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
+    if (rc < 0 && (errno == EOPNOTSUPP || errno == ENOSYS))
+        rc = write_zeros(fd, offset, len);
+    int err = rc < 0 ? errno : 0;
+    mark_range(t, offset, len);
+    writer_leave(t);
+    if (err)
+        return bm_fail(err, "discard of %llu bytes at %llu failed: %s", (unsigned long long)len,
+                       (unsigned long long)offset, strerror(err));
+    return 0;
+}
+
+int bm_truncate(bm_tracker *t, int fd, uint64_t size)
+{
+    if (size > BM_MAX_IMAGE_SIZE)
+        return bm_fail(EFBIG, "size %llu is past the 1 PiB limit", (unsigned long long)size);
+    if (writer_enter(t) < 0)
+        return -1;
+    /* Grow the tracker before the file and shrink it after, so the bitmap
+     * always covers every byte the file has. */
+    int rc = 0;
+    uint64_t old = bm_image_size(t);
+    if (size > old)
+        rc = bm_resize(t, size);
+    if (rc == 0 && ftruncate(fd, (off_t)size) < 0)
+        rc = bm_fail(errno, "truncate to %llu failed: %s", (unsigned long long)size,
+                     strerror(errno));
+    if (rc == 0 && size < old)
+        rc = bm_resize(t, size);
+    writer_leave(t);
+    return rc;
+}
