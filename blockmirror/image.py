@@ -17,6 +17,10 @@ from blockmirror import _binding
 from blockmirror.tracker import Tracker, sidecar_path
 
 
+def _closed_pwrite(data: bytes | bytearray | memoryview, offset: int) -> int:
+    raise ValueError("image is closed")
+
+
 class TrackedImage:
     """A writer's handle on an image and its change-tracking sidecar.
 
@@ -121,6 +125,10 @@ class TrackedImage:
 
     def close(self) -> None:
         """Close the image and, cleanly, the sidecar (I4)."""
+        # The bound fast path holds the raw C handle, which close() frees:
+        # swap it out first so a write after close raises instead of using
+        # freed memory (it used to segfault).
+        self._pwrite = _closed_pwrite
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None

@@ -1,0 +1,65 @@
+"""Shared fixtures and hypothesis profiles for the blockmirror tests.
+
+Hypothesis profiles follow python-zstandard: a quick default for a plain
+``pytest`` run, a deeper one for CI soaks, picked with ``HYPOTHESIS_PROFILE``::
+
+    HYPOTHESIS_PROFILE=ci python -m pytest tests
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "dev",
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "ci",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+MiB = 1024 * 1024
+
+
+def make_sparse_image(path: Path, size: int) -> Path:
+    """A sparse file of SIZE bytes (all holes) at PATH."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_image(size, name="disk.img")`` -> path of a sparse image."""
+
+    def _make(size: int = 4 * MiB, name: str = "disk.img") -> Path:
+        return make_sparse_image(tmp_path / name, size)
+
+    return _make
+
+
+@pytest.fixture
+def tmp_image(make_image: Callable[..., Path]) -> Path:
+    """A 4 MiB sparse image with no sidecar yet."""
+    return make_image(4 * MiB)
+
+
+@pytest.fixture
+def tracked_image(tmp_image: Path) -> Iterator[Path]:
+    """A 4 MiB sparse image with a fresh 64 KiB-granule sidecar beside it."""
+    from blockmirror import Tracker
+
+    Tracker.create(tmp_image).close()
+    yield tmp_image
