@@ -197,3 +197,97 @@ def set_throttle(handle: Handle, bytes_per_s: int) -> None:
 
 def live_writers(handle: Handle) -> int:
     return _check(lib.bm_live_writers(handle))
+
+
+# ---------------------------------------------------------------------------
+# Extent copy (csrc/copy.c)
+#
+# One wrapper per C call, as above. Buffers, the cancel flag and the rate cap
+# are cffi objects the caller keeps (cffi frees them with the last reference).
+
+COPY_DST_FRESH: int = lib.BM_COPY_DST_FRESH
+COPY_FILE_RANGE: int = lib.BM_COPY_FILE_RANGE
+COPY_NO_SEEK: int = lib.BM_COPY_NO_SEEK
+COPY_NO_PUNCH: int = lib.BM_COPY_NO_PUNCH
+COPY_FILE_RANGE_FAILED: int = lib.BM_COPY_FILE_RANGE_FAILED
+COPY_PUNCH_FAILED: int = lib.BM_COPY_PUNCH_FAILED
+COPY_SEEK_FAILED: int = lib.BM_COPY_SEEK_FAILED
+COPY_MIN_BLOCK: int = lib.BM_COPY_MIN_BLOCK
+COPY_MAX_BLOCK: int = lib.BM_COPY_MAX_BLOCK
+COPY_DEFAULT_BUFFER: int = lib.BM_COPY_DEFAULT_BUFFER
+COPY_STAT_FIELDS = ("bytes_read", "bytes_written", "bytes_zero", "bytes_hole", "bytes_punched")
+
+
+def new_copy_buffer(size: int) -> Any:
+    """Scratch memory for copy_extents, reusable across calls of one thread."""
+    return ffi.new("char[]", size)
+
+
+def new_cancel_flag() -> Any:
+    """A flag copy_extents polls; set ``flag[0] = 1`` to stop running calls."""
+    return ffi.new("uint32_t *", 0)
+
+
+def new_copy_throttle(bytes_per_s: int) -> Any:
+    """A rate cap shared by every copy_extents call handed it (0: none)."""
+    throttle = ffi.new("bm_copy_throttle *")
+    throttle.bytes_per_s = max(0, int(bytes_per_s))
+    return throttle
+
+
+def copy_extents(
+    src_fd: int,
+    dst_fd: int,
+    extents: np.ndarray,
+    buf: Any,
+    block_size: int,
+    flags: int,
+    throttle: Any = None,
+    cancel: Any = None,
+    src_path: str | None = None,
+    dst_path: str | None = None,
+) -> tuple[dict[str, int], int]:
+    """Copy EXTENTS (an EXTENT_DTYPE array) from src to dst in one C call.
+
+    Returns (stats, found) where stats has COPY_STAT_FIELDS and found holds
+    the COPY_*_FAILED bits. Errors raise OSError naming the side that failed.
+    """
+    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
+        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
+    stats = ffi.new("bm_copy_stats *")
+    ext = ffi.cast("bm_extent *", ffi.from_buffer(extents)) if len(extents) else ffi.NULL
+    rc = lib.bm_copy_extents(
+        src_fd,
+        dst_fd,
+        ext,
+        len(extents),
+        ffi.NULL if buf is None else buf,
+        0 if buf is None else len(buf),
+        block_size,
+        flags,
+        ffi.NULL if throttle is None else throttle,
+        ffi.NULL if cancel is None else cancel,
+        stats,
+    )
+    if rc < 0:
+        side = stats.error_side
+        path = src_path if side == lib.BM_COPY_SIDE_SRC else dst_path if side else None
+        raise error_from_c(path)
+    return {name: getattr(stats, name) for name in COPY_STAT_FIELDS}, stats.flags
+
+
+def data_extents(fd: int, end: int, chunk: int = 65536) -> np.ndarray:
+    """The data extents of FD over [0, END) as an EXTENT_DTYPE array."""
+    cursor = ffi.new("uint64_t *", 0)
+    parts = []
+    while cursor[0] != SCAN_DONE:
+        buf = np.empty(chunk, dtype=EXTENT_DTYPE)
+        out = ffi.cast("bm_extent *", ffi.from_buffer(buf))
+        n = _check(lib.bm_data_extents(fd, cursor, end, out, chunk))
+        parts.append(buf[:n])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def buffer_is_zero(data: bytes | bytearray | memoryview) -> bool:
+    view = memoryview(data).cast("B")
+    return bool(lib.bm_buffer_is_zero(ffi.from_buffer("char[]", view), view.nbytes))

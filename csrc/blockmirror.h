@@ -172,3 +172,101 @@ int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s);
 
 /* Count the live writer slots (dead ones are reported via UNCLEAN). */
 int bm_live_writers(bm_tracker *t);
+
+/* ---------------------------------------------------------------------- */
+/* Extent copy (copy.c)                                                    */
+
+/* bm_copy_extents flags (in). */
+#define BM_COPY_DST_FRESH 1     /* dst holds only zeros over the extents (a new sparse
+                                 * file): zero blocks and source holes are skipped, never
+                                 * punched */
+#define BM_COPY_FILE_RANGE 2    /* move data segments with copy_file_range(2); those bytes
+                                 * get no zero detection */
+#define BM_COPY_NO_SEEK 4       /* don't ask the source for holes: treat every byte as data */
+#define BM_COPY_NO_PUNCH 8      /* dst can't punch holes (known from an earlier call):
+                                 * write zeros instead of trying */
+
+/* bm_copy_stats.flags (out): what this call found unsupported, so the caller
+ * can stop asking on later calls. */
+#define BM_COPY_FILE_RANGE_FAILED 1  /* copy_file_range refused; read/write used */
+#define BM_COPY_PUNCH_FAILED 2       /* punching refused; zeros were written */
+#define BM_COPY_SEEK_FAILED 4        /* SEEK_DATA refused; everything treated as data */
+
+/* bm_copy_stats.error_side (out): which file the failing syscall was on. */
+#define BM_COPY_SIDE_NONE 0
+#define BM_COPY_SIDE_SRC 1
+#define BM_COPY_SIDE_DST 2
+
+#define BM_COPY_MIN_BLOCK 512
+#define BM_COPY_MAX_BLOCK 16777216
+#define BM_COPY_DEFAULT_BUFFER 1048576
+
+/* What one bm_copy_extents call did. Over a successful call:
+ *   bytes_read + bytes_hole == the sum of the extent lengths, and
+ *   bytes_written + bytes_zero == bytes_read. */
+typedef struct {
+    uint64_t bytes_read;     /* data bytes taken from src (read(2) or copy_file_range) */
+    uint64_t bytes_written;  /* data bytes put into dst */
+    uint64_t bytes_zero;     /* read, found all-zero, not written */
+    uint64_t bytes_hole;     /* source holes (and bytes past the source's end), not read */
+    uint64_t bytes_punched;  /* dst bytes made zero by punching (or by writing zeros where
+                              * punching is unsupported); never counted in bytes_written */
+    uint32_t flags;          /* BM_COPY_*_FAILED */
+    uint32_t error_side;     /* BM_COPY_SIDE_* of the failure, when the call failed */
+} bm_copy_stats;
+
+/* A rate cap shared by every call handed the same struct (any thread):
+ * data segments are charged before they are moved; holes cost nothing.
+ * Zero-initialise next_ns; 0 bytes_per_s means no cap. */
+typedef struct {
+    uint64_t bytes_per_s;
+    uint64_t next_ns;        /* GCRA virtual time, CLOCK_MONOTONIC; updated atomically */
+} bm_copy_throttle;
+
+/* Copy each extent [offset, offset+length) of SRC_FD to the same offset of
+ * DST_FD: after success, dst reads back exactly what src held there when it
+ * was read (bytes past the source's end read as zeros).
+ *
+ * Holes: unless BM_COPY_NO_SEEK, source holes inside the extents are found
+ * with SEEK_DATA/SEEK_HOLE and not read. Where the filesystem reports the
+ * whole file as data (FUSE, NFS before 4.2) that costs nothing and zero
+ * detection still keeps dst sparse.
+ * Zeros: data read is checked in BLOCK_SIZE blocks aligned to file offsets
+ * (a power of two, BM_COPY_MIN_BLOCK..BM_COPY_MAX_BLOCK); all-zero blocks are
+ * not written. Adjacent zero blocks and holes merge into one run, adjacent
+ * data blocks into one write. With BM_COPY_DST_FRESH zero runs are skipped;
+ * otherwise they are punched in dst (FALLOC_FL_PUNCH_HOLE|KEEP_SIZE), or,
+ * where punching is unsupported, overwritten with zeros up to dst's current
+ * end (never extending it). Data is written with pwrite, which extends dst;
+ * a zero run at the end is not written, so sizing dst is the caller's job.
+ * copy_file_range: with BM_COPY_FILE_RANGE, data segments are moved in the
+ * kernel (no zero detection). On EXDEV, EOPNOTSUPP, ENOSYS or EINVAL the call
+ * falls back to read/write for the rest of the call and reports
+ * BM_COPY_FILE_RANGE_FAILED.
+ * Buffer: BUF of BUF_LEN bytes (>= BLOCK_SIZE) is caller-owned scratch, used
+ * only during the call; with BUF NULL the call mallocs BUF_LEN bytes
+ * (BM_COPY_DEFAULT_BUFFER if 0) when it first needs them and frees them.
+ * THROTTLE (may be NULL) caps the rate. CANCEL (may be NULL) is polled before
+ * each buffer-sized step: once another thread stores non-zero there the call
+ * stops with ECANCELED.
+ * Short reads/writes and EINTR are retried. On failure returns -1 with errno
+ * set, bm_last_error() naming the operation and offset, STATS holding what
+ * was done and error_side the failing file; dst is then partly copied. src is
+ * never written. STATS (required) is zeroed on entry. Thread-safe: calls on
+ * the same fds may run in parallel on disjoint extents: all I/O takes explicit
+ * offsets (lseek moves src's file offset; only its result is used). */
+int bm_copy_extents(int src_fd, int dst_fd, const bm_extent *extents, uint64_t count,
+                    char *buf, uint64_t buf_len, uint32_t block_size, uint32_t flags,
+                    bm_copy_throttle *throttle, const uint32_t *cancel,
+                    bm_copy_stats *stats);
+
+/* The data extents of FD over [*CURSOR, END), by SEEK_DATA/SEEK_HOLE, in
+ * ascending order, clipped to END. Fills at most MAX extents into OUT and
+ * returns the count, advancing *CURSOR; sets *CURSOR to UINT64_MAX once END
+ * is reached. Where the filesystem does not report holes the whole range is
+ * one extent. */
+int64_t bm_data_extents(int fd, uint64_t *cursor, uint64_t end, bm_extent *out,
+                        uint64_t max);
+
+/* 1 if LEN bytes at BUF are all zero, else 0. */
+int bm_buffer_is_zero(const char *buf, uint64_t len);

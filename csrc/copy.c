@@ -1,0 +1,536 @@
+/* copy.c - the extent copy engine: one call copies a batch of extents from
+ * one file to the same offsets of another, keeping the copy sparse.
+ *
+ * Per extent: walk the source's data segments (SEEK_DATA/SEEK_HOLE); move
+ * each segment with copy_file_range, or read it a buffer at a time, split it
+ * into block-aligned zero and data runs, write the data runs. Zero runs and
+ * holes are collected in one pending range that grows while they touch, so a
+ * long stretch of zeros, holes and extent boundaries costs one punch.
+ *
+ * Nothing here touches a file offset (pread/pwrite/copy_file_range all take
+ * explicit offsets), so many threads may copy disjoint extents of the same
+ * pair of fds at once; cffi drops the GIL around the call. */
+#include "bm_internal.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* copy_file_range is asked for at most this much at a time, so the cancel
+ * flag and the throttle are looked at now and then. */
+#define CFR_STEP (8u << 20)
+/* Largest zero buffer the punch fallback writes from. */
+#define ZERO_FILL_MAX (1u << 20)
+
+struct copier {
+    int src, dst;
+    uint32_t flags;          /* BM_COPY_* in, updated as things turn out unsupported */
+    uint32_t block;
+    char *buf;
+    uint64_t buf_len;
+    int buf_owned;
+    char *zeros;             /* calloc'd on first need: the zero-write fallback's source */
+    uint64_t zeros_len;
+    bm_copy_throttle *throttle;
+    const uint32_t *cancel;
+    bm_copy_stats *st;
+    /* pending zero run [zero_start, zero_end) not yet punched */
+    uint64_t zero_start, zero_end;
+};
+
+int bm_buffer_is_zero(const char *buf, uint64_t len)
+{
+    const unsigned char *p = (const unsigned char *)buf;
+    if (len < 16) {
+        for (uint64_t i = 0; i < len; i++)
+            if (p[i])
+                return 0;
+        return 1;
+    }
+    uint64_t head[2];
+    memcpy(head, p, 16);
+    if (head[0] | head[1])
+        return 0;
+    /* The first 16 bytes are zero and each byte equals the one 16 further
+     * on, so by induction all are zero. memcmp is vectorised and stops at the
+     * first difference. */
+    return memcmp(p, p + 16, (size_t)(len - 16)) == 0;
+}
+
+static int fail_on(struct copier *c, int side, int err, const char *what, uint64_t offset,
+                   uint64_t len)
+{
+    c->st->error_side = (uint32_t)side;
+    return bm_fail(err, "%s of %llu bytes at offset %llu failed: %s", what,
+                   (unsigned long long)len, (unsigned long long)offset, strerror(err));
+}
+
+static int check_cancel(struct copier *c)
+{
+    if (c->cancel && __atomic_load_n(c->cancel, __ATOMIC_ACQUIRE))
+        return bm_fail(ECANCELED, "copy cancelled");
+    return 0;
+}
+
+static void sleep_ns(uint64_t ns)
+{
+    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* GCRA, as the writers' throttle: claim LEN bytes of the shared virtual
+ * clock, then sleep until the claimed slot starts. */
+static void throttle(struct copier *c, uint64_t len)
+{
+    bm_copy_throttle *t = c->throttle;
+    if (!t)
+        return;
+    uint64_t rate = __atomic_load_n(&t->bytes_per_s, __ATOMIC_ACQUIRE);
+    if (rate == 0)
+        return;
+    uint64_t cost = (uint64_t)((double)len * 1e9 / (double)rate);
+    uint64_t now = bm_now_ns();
+    uint64_t next = __atomic_load_n(&t->next_ns, __ATOMIC_ACQUIRE);
+    uint64_t start;
+    do {
+        start = next > now ? next : now;
+    } while (!__atomic_compare_exchange_n(&t->next_ns, &next, start + cost, 0, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+    if (start > now)
+        sleep_ns(start - now);
+}
+
+/* Read up to LEN bytes at OFFSET; fewer only at the source's end. */
+static int64_t read_full(struct copier *c, char *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(c->src, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail_on(c, BM_COPY_SIDE_SRC, errno, "read", offset + done, len - done);
+        }
+        if (n == 0)
+            break;
+        done += (uint64_t)n;
+    }
+    return (int64_t)done;
+}
+
+static int write_full(struct copier *c, const char *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(c->dst, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail_on(c, BM_COPY_SIDE_DST, errno, "write", offset + done, len - done);
+        }
+        if (n == 0)
+            return fail_on(c, BM_COPY_SIDE_DST, EIO, "write (no progress)", offset + done,
+                           len - done);
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int ensure_buffer(struct copier *c)
+{
+    if (c->buf)
+        return 0;
+    c->buf = malloc((size_t)c->buf_len);
+    if (!c->buf)
+        return bm_fail(ENOMEM, "cannot allocate a %llu-byte copy buffer",
+                       (unsigned long long)c->buf_len);
+    c->buf_owned = 1;
+    return 0;
+}
+
+/* Zero [OFFSET, OFFSET+LEN) of dst by writing zeros, clipped to dst's
+ * current end: past it the file reads as zeros already, and writing there
+ * would change its size. */
+static int write_zeros(struct copier *c, uint64_t offset, uint64_t len)
+{
+    struct stat sb;
+    if (fstat(c->dst, &sb) < 0)
+        return fail_on(c, BM_COPY_SIDE_DST, errno, "fstat", offset, len);
+    uint64_t size = sb.st_size > 0 ? (uint64_t)sb.st_size : 0;
+    if (offset >= size)
+        return 0;
+    if (len > size - offset)
+        len = size - offset;
+    /* Not the read buffer: this may run while it still holds data to write. */
+    if (!c->zeros) {
+        c->zeros_len = c->buf_len < ZERO_FILL_MAX ? c->buf_len : ZERO_FILL_MAX;
+        c->zeros = calloc(1, (size_t)c->zeros_len);
+        if (!c->zeros)
+            return bm_fail(ENOMEM, "cannot allocate a %llu-byte zero buffer",
+                           (unsigned long long)c->zeros_len);
+    }
+    while (len) {
+        uint64_t n = len < c->zeros_len ? len : c->zeros_len;
+        if (write_full(c, c->zeros, n, offset) < 0)
+            return -1;
+        offset += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* Make dst read as zeros over the pending zero run, then forget it. */
+static int flush_zeros(struct copier *c)
+{
+    uint64_t offset = c->zero_start, len = c->zero_end - c->zero_start;
+    c->zero_start = c->zero_end = 0;
+    if (len == 0 || (c->flags & BM_COPY_DST_FRESH))
+        return 0;
+    if (!(c->flags & BM_COPY_NO_PUNCH)) {
+        int rc;
+        do {
+            rc = fallocate(c->dst, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset,
+                           (off_t)len);
+        } while (rc < 0 && errno == EINTR);
+        if (rc == 0) {
+            c->st->bytes_punched += len;
+            return 0;
+        }
+        if (errno != EOPNOTSUPP && errno != ENOSYS)
+            return fail_on(c, BM_COPY_SIDE_DST, errno, "punch hole", offset, len);
+        c->flags |= BM_COPY_NO_PUNCH;
+        c->st->flags |= BM_COPY_PUNCH_FAILED;
+    }
+    if (write_zeros(c, offset, len) < 0)
+        return -1;
+    c->st->bytes_punched += len;
+    return 0;
+}
+
+/* Note that [OFFSET, OFFSET+LEN) of dst must read as zeros. */
+static int add_zeros(struct copier *c, uint64_t offset, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    if (c->zero_end != c->zero_start && c->zero_end == offset) {
+        c->zero_end += len;
+        return 0;
+    }
+    if (flush_zeros(c) < 0)
+        return -1;
+    c->zero_start = offset;
+    c->zero_end = offset + len;
+    return 0;
+}
+
+static int write_data(struct copier *c, const char *buf, uint64_t len, uint64_t offset)
+{
+    /* Data ends the pending zero run (nothing after it can join the run). */
+    if (flush_zeros(c) < 0)
+        return -1;
+    if (write_full(c, buf, len, offset) < 0)
+        return -1;
+    c->st->bytes_written += len;
+    return 0;
+}
+
+/* LEN bytes of source data now in BUF belong at OFFSET: write the data
+ * blocks, note the zero blocks. Blocks are aligned to file offsets; the
+ * first and last may be partial. */
+static int scatter_blocks(struct copier *c, const char *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t bs = c->block;
+    uint64_t i = 0;
+    uint64_t run_start = 0;
+    int run_zero = -1;
+    while (i < len) {
+        uint64_t end = ((offset + i) / bs + 1) * bs - offset;
+        if (end > len)
+            end = len;
+        int zero = bm_buffer_is_zero(buf + i, end - i);
+        if (zero != run_zero) {
+            if (run_zero == 1) {
+                c->st->bytes_zero += i - run_start;
+                if (add_zeros(c, offset + run_start, i - run_start) < 0)
+                    return -1;
+            } else if (run_zero == 0) {
+                if (write_data(c, buf + run_start, i - run_start, offset + run_start) < 0)
+                    return -1;
+            }
+            run_start = i;
+            run_zero = zero;
+        }
+        i = end;
+    }
+    if (run_zero == 1) {
+        c->st->bytes_zero += len - run_start;
+        return add_zeros(c, offset + run_start, len - run_start);
+    }
+    if (run_zero == 0)
+        return write_data(c, buf + run_start, len - run_start, offset + run_start);
+    return 0;
+}
+
+/* The source ends before END: the rest reads as zeros. */
+static int past_source_end(struct copier *c, uint64_t offset, uint64_t end)
+{
+    c->st->bytes_hole += end - offset;
+    return add_zeros(c, offset, end - offset);
+}
+
+/* Copy source data [OFFSET, END) through the buffer with zero detection. */
+static int copy_by_reading(struct copier *c, uint64_t offset, uint64_t end)
+{
+    if (ensure_buffer(c) < 0)
+        return -1;
+    while (offset < end) {
+        if (check_cancel(c) < 0)
+            return -1;
+        uint64_t step_end = end;
+        if (end - offset > c->buf_len) {
+            /* End each full buffer on a block boundary so blocks stay whole. */
+            step_end = (offset + c->buf_len) / c->block * c->block;
+            if (step_end <= offset)
+                step_end = offset + c->buf_len;
+        }
+        uint64_t want = step_end - offset;
+        throttle(c, want);
+        int64_t got = read_full(c, c->buf, want, offset);
+        if (got < 0)
+            return -1;
+        c->st->bytes_read += (uint64_t)got;
+        if (scatter_blocks(c, c->buf, (uint64_t)got, offset) < 0)
+            return -1;
+        if ((uint64_t)got < want)
+            return past_source_end(c, offset + (uint64_t)got, end);
+        offset = step_end;
+    }
+    return 0;
+}
+
+/* Copy source data [OFFSET, END) in the kernel, falling back to reading
+ * when copy_file_range is refused or stops short. */
+static int copy_in_kernel(struct copier *c, uint64_t offset, uint64_t end)
+{
+    while (offset < end) {
+        if (check_cancel(c) < 0)
+            return -1;
+        uint64_t want = end - offset < CFR_STEP ? end - offset : CFR_STEP;
+        throttle(c, want);
+        loff_t in = (loff_t)offset, out = (loff_t)offset;
+        ssize_t n = copy_file_range(c->src, &in, c->dst, &out, (size_t)want, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
+                c->flags &= ~(uint32_t)BM_COPY_FILE_RANGE;
+                c->st->flags |= BM_COPY_FILE_RANGE_FAILED;
+                return copy_by_reading(c, offset, end);
+            }
+            /* Which side failed is not known; EBADF/ENOSPC/EFBIG are dst's
+             * usual, EIO could be either. */
+            return fail_on(c, errno == EIO ? BM_COPY_SIDE_NONE : BM_COPY_SIDE_DST, errno,
+                           "copy_file_range", offset, want);
+        }
+        if (n == 0) {
+            /* The source's end, or a file the kernel cannot copy from:
+             * reading tells the two apart. */
+            return copy_by_reading(c, offset, end);
+        }
+        if (flush_zeros(c) < 0)
+            return -1;
+        c->st->bytes_read += (uint64_t)n;
+        c->st->bytes_written += (uint64_t)n;
+        offset += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int copy_data(struct copier *c, uint64_t offset, uint64_t end)
+{
+    if (c->flags & BM_COPY_FILE_RANGE)
+        return copy_in_kernel(c, offset, end);
+    return copy_by_reading(c, offset, end);
+}
+
+static off_t seek_retry(int fd, uint64_t offset, int whence)
+{
+    off_t r;
+    do {
+        r = lseek(fd, (off_t)offset, whence);
+    } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+/* Where the next data at or after OFFSET starts, or END if none before END.
+ * Returns OFFSET itself when holes can't be seen. */
+static int next_data(struct copier *c, uint64_t offset, uint64_t end, uint64_t *out)
+{
+    if (c->flags & BM_COPY_NO_SEEK) {
+        *out = offset;
+        return 0;
+    }
+    off_t r = seek_retry(c->src, offset, SEEK_DATA);
+    if (r < 0) {
+        if (errno == ENXIO) { /* only holes from here to the source's end */
+            *out = end;
+            return 0;
+        }
+        if (errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS) {
+            c->flags |= BM_COPY_NO_SEEK;
+            c->st->flags |= BM_COPY_SEEK_FAILED;
+            *out = offset;
+            return 0;
+        }
+        return fail_on(c, BM_COPY_SIDE_SRC, errno, "SEEK_DATA", offset, end - offset);
+    }
+    *out = (uint64_t)r < end ? (uint64_t)r : end;
+    return 0;
+}
+
+/* Where the data starting at OFFSET ends, clipped to END. */
+static int data_end(struct copier *c, uint64_t offset, uint64_t end, uint64_t *out)
+{
+    if (c->flags & BM_COPY_NO_SEEK) {
+        *out = end;
+        return 0;
+    }
+    off_t r = seek_retry(c->src, offset, SEEK_HOLE);
+    if (r < 0) {
+        if (errno == ENXIO) { /* truncated since SEEK_DATA: reading finds the end */
+            *out = end;
+            return 0;
+        }
+        return fail_on(c, BM_COPY_SIDE_SRC, errno, "SEEK_HOLE", offset, end - offset);
+    }
+    /* A result at or before OFFSET means the file changed under us; read. */
+    *out = ((uint64_t)r <= offset || (uint64_t)r > end) ? end : (uint64_t)r;
+    return 0;
+}
+
+static int copy_one(struct copier *c, uint64_t offset, uint64_t end)
+{
+    while (offset < end) {
+        if (check_cancel(c) < 0)
+            return -1;
+        uint64_t data = end;
+        if (next_data(c, offset, end, &data) < 0)
+            return -1;
+        if (data > offset) {
+            c->st->bytes_hole += data - offset;
+            if (add_zeros(c, offset, data - offset) < 0)
+                return -1;
+            offset = data;
+            continue;
+        }
+        uint64_t stop = end;
+        if (data_end(c, offset, end, &stop) < 0)
+            return -1;
+        if (copy_data(c, offset, stop) < 0)
+            return -1;
+        offset = stop;
+    }
+    return 0;
+}
+
+int bm_copy_extents(int src_fd, int dst_fd, const bm_extent *extents, uint64_t count,
+                    char *buf, uint64_t buf_len, uint32_t block_size, uint32_t flags,
+                    bm_copy_throttle *throttle_state, const uint32_t *cancel,
+                    bm_copy_stats *stats)
+{
+    if (!stats)
+        return bm_fail(EINVAL, "stats must not be NULL");
+    memset(stats, 0, sizeof *stats);
+    if (count && !extents)
+        return bm_fail(EINVAL, "extents must not be NULL");
+    if (block_size < BM_COPY_MIN_BLOCK || block_size > BM_COPY_MAX_BLOCK ||
+        (block_size & (block_size - 1)))
+        return bm_fail(EINVAL, "block size %u is not a power of two between %u and %u",
+                       block_size, BM_COPY_MIN_BLOCK, BM_COPY_MAX_BLOCK);
+    if (buf_len == 0 && !buf)
+        buf_len = BM_COPY_DEFAULT_BUFFER;
+    if (buf_len < block_size)
+        return bm_fail(EINVAL, "buffer of %llu bytes is smaller than the %u-byte block",
+                       (unsigned long long)buf_len, block_size);
+    if (buf_len > (uint64_t)SSIZE_MAX)
+        return bm_fail(EINVAL, "buffer of %llu bytes is too large", (unsigned long long)buf_len);
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t off = extents[i].offset, len = extents[i].length;
+        if (off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off)
+            return bm_fail(EINVAL, "extent %llu+%llu is past the largest file offset",
+                           (unsigned long long)off, (unsigned long long)len);
+    }
+
+    struct copier c = {
+        .src = src_fd,
+        .dst = dst_fd,
+        .flags = flags,
+        .block = block_size,
+        .buf = buf,
+        .buf_len = buf_len,
+        .buf_owned = 0,
+        .throttle = throttle_state,
+        .cancel = cancel,
+        .st = stats,
+    };
+    int rc = 0;
+    for (uint64_t i = 0; i < count && rc == 0; i++)
+        rc = copy_one(&c, extents[i].offset, extents[i].offset + extents[i].length);
+    if (rc == 0)
+        rc = flush_zeros(&c);
+    int saved = errno;
+    if (c.buf_owned)
+        free(c.buf);
+    free(c.zeros);
+    errno = saved;
+    return rc;
+}
+
+int64_t bm_data_extents(int fd, uint64_t *cursor, uint64_t end, bm_extent *out, uint64_t max)
+{
+    if (!cursor || (max && !out))
+        return bm_fail(EINVAL, "cursor and out must not be NULL");
+    if (end > (uint64_t)INT64_MAX)
+        return bm_fail(EINVAL, "end %llu is past the largest file offset",
+                       (unsigned long long)end);
+    uint64_t pos = *cursor;
+    uint64_t n = 0;
+    while (n < max && pos < end) {
+        off_t d = seek_retry(fd, pos, SEEK_DATA);
+        if (d < 0) {
+            if (errno == ENXIO) {
+                pos = end;
+                break;
+            }
+            if (errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS) {
+                out[n].offset = pos; /* holes unknown: all data */
+                out[n].length = end - pos;
+                n++;
+                pos = end;
+                break;
+            }
+            return bm_fail(errno, "SEEK_DATA at %llu failed: %s", (unsigned long long)pos,
+                           strerror(errno));
+        }
+        if ((uint64_t)d >= end) {
+            pos = end;
+            break;
+        }
+        off_t h = seek_retry(fd, (uint64_t)d, SEEK_HOLE);
+        if (h < 0 && errno != ENXIO)
+            return bm_fail(errno, "SEEK_HOLE at %llu failed: %s", (unsigned long long)d,
+                           strerror(errno));
+        uint64_t stop = (h < 0 || (uint64_t)h > end || h <= d) ? end : (uint64_t)h;
+        out[n].offset = (uint64_t)d;
+        out[n].length = stop - (uint64_t)d;
+        n++;
+        pos = stop;
+    }
+    *cursor = pos >= end ? UINT64_MAX : pos;
+    return (int64_t)n;
+}
