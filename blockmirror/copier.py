@@ -1,0 +1,405 @@
+"""Copying extents from a source file to the same offsets of a destination.
+
+A :class:`Copier` is the engine under every pass of a sync. It cuts the
+extents it is given into work items of at most ``batch_bytes`` and hands each
+item to one C call (``bm_copy_extents``) on a pool of threads. cffi releases
+the GIL for the call, so ``workers`` requests are truly in flight at once,
+which is what decides throughput where each request pays a round trip (NFS).
+
+Inside a call the copy stays sparse: source holes are found with
+SEEK_DATA/SEEK_HOLE and not read; data is read a buffer at a time and its
+all-zero blocks are not written. Over a fresh destination region (the bulk
+pass into a new sparse file) zeros and holes are simply skipped; otherwise
+(dirty passes) they are punched out of the destination, or overwritten with
+zeros where the filesystem cannot punch.
+
+``copy_file_range`` moves data inside the kernel but skips zero detection,
+so by default it is used only when the source's filesystem reports holes:
+there the holes already keep the copy sparse. Where it reports the whole
+file as data (FUSE, NFS before 4.2), reading and checking for zeros is the
+only way to keep the copy sparse.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from blockmirror import _binding
+
+MiB = 1 << 20
+DEFAULT_BATCH_BYTES = 32 * MiB
+DEFAULT_BLOCK_SIZE = 65536
+DEFAULT_BUFFER_BYTES = _binding.COPY_DEFAULT_BUFFER
+MIN_BLOCK_SIZE = _binding.COPY_MIN_BLOCK
+MAX_BLOCK_SIZE = _binding.COPY_MAX_BLOCK
+# Small copies are cut finer than batch_bytes so every worker gets work,
+# but never below this.
+MIN_ITEM_BYTES = 1 * MiB
+_MAX_OFFSET = 2**63 - 1
+
+ExtentArray = npt.NDArray[np.void]
+"""A structured array with uint64 fields ``offset`` and ``length``."""
+
+Extents = ExtentArray | Iterable[tuple[int, int]]
+"""What the copier accepts: an extent array, or ``(offset, length)`` pairs."""
+
+
+@dataclass
+class CopyStats:
+    """What a copy did. Summable: ``a + b`` adds every field.
+
+    For any copy, ``bytes_read + bytes_hole == copied`` (the source bytes
+    processed) and ``bytes_written + bytes_zero == bytes_read``.
+    """
+
+    bytes_read: int = 0
+    """Data bytes taken from the source (read, or moved by copy_file_range)."""
+    bytes_written: int = 0
+    """Data bytes put into the destination."""
+    bytes_zero: int = 0
+    """Bytes read, found all-zero and not written."""
+    bytes_hole: int = 0
+    """Source holes (and bytes past the source's end) skipped without reading."""
+    bytes_punched: int = 0
+    """Destination bytes made zero by punching a hole (or writing zeros where
+    punching is unsupported); only outside fresh regions."""
+    seconds: float = 0.0
+    """Wall time of the copy."""
+
+    @property
+    def copied(self) -> int:
+        """Bytes of the source range processed."""
+        return self.bytes_read + self.bytes_hole
+
+    @property
+    def throughput(self) -> float:
+        """Source bytes processed per second (0 when nothing was timed)."""
+        return self.copied / self.seconds if self.seconds > 0 else 0.0
+
+    def __add__(self, other: CopyStats) -> CopyStats:
+        if not isinstance(other, CopyStats):
+            return NotImplemented
+        return CopyStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
+
+def as_extent_array(extents: Extents) -> ExtentArray:
+    """EXTENTS as a C-contiguous ``_binding.EXTENT_DTYPE`` array, checked.
+
+    Accepts an extent array (any structured array with ``offset`` and
+    ``length`` fields) or an iterable of ``(offset, length)`` pairs.
+    Raises ValueError for a negative value or a range ending past 2**63 - 1.
+    """
+    bad = "extents must have offset, length >= 0 and end before 2**63"
+    if isinstance(extents, np.ndarray) and extents.dtype == _binding.EXTENT_DTYPE:
+        arr: ExtentArray = np.ascontiguousarray(extents)
+        if len(arr):
+            # Each below 2**63, so their uint64 sum cannot wrap.
+            if max(int(arr["offset"].max()), int(arr["length"].max())) > _MAX_OFFSET:
+                raise ValueError(bad)
+            if int((arr["offset"] + arr["length"]).max()) > _MAX_OFFSET:
+                raise ValueError(bad)
+        return arr
+    pairs: Iterable[tuple[int, int]]
+    if isinstance(extents, np.ndarray) and extents.dtype.names is not None:
+        pairs = zip(extents["offset"].tolist(), extents["length"].tolist(), strict=True)
+    else:
+        pairs = extents
+    offsets: list[int] = []
+    lengths: list[int] = []
+    for offset, length in pairs:
+        offset, length = int(offset), int(length)
+        if offset < 0 or length < 0 or offset + length > _MAX_OFFSET:
+            raise ValueError(bad)
+        offsets.append(offset)
+        lengths.append(length)
+    arr = np.empty(len(offsets), dtype=_binding.EXTENT_DTYPE)
+    arr["offset"] = offsets
+    arr["length"] = lengths
+    return arr
+
+
+def split_extents(extents: ExtentArray, item_bytes: int) -> list[ExtentArray]:
+    """Cut EXTENTS into work items of at most ITEM_BYTES each, in order.
+
+    The extents are laid end to end and cut every ITEM_BYTES, so every item
+    but the last holds exactly ITEM_BYTES; an extent crossing a cut is split
+    there. Empty extents are dropped. Each item is a contiguous view.
+    """
+    if item_bytes <= 0:
+        raise ValueError(f"item_bytes must be > 0, got {item_bytes}")
+    ext = extents[extents["length"] > 0]
+    if len(ext) == 0:
+        return []
+    lengths = ext["length"].astype(np.uint64)
+    ends = np.cumsum(lengths, dtype=np.uint64)
+    if int(ends[-1]) <= item_bytes:
+        return [np.ascontiguousarray(ext)]
+    starts = ends - lengths
+    size = np.uint64(item_bytes)
+    first = starts // size
+    count = ((ends - np.uint64(1)) // size - first + np.uint64(1)).astype(np.int64)
+    owner = np.repeat(np.arange(len(ext)), count)
+    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    item = first[owner] + within.astype(np.uint64)
+    piece_start = np.maximum(starts[owner], item * size)
+    piece_end = np.minimum(ends[owner], (item + np.uint64(1)) * size)
+    pieces = np.empty(len(owner), dtype=_binding.EXTENT_DTYPE)
+    pieces["offset"] = ext["offset"][owner] + (piece_start - starts[owner])
+    pieces["length"] = piece_end - piece_start
+    cuts = np.flatnonzero(np.diff(item)) + 1
+    return list(np.split(pieces, cuts))
+
+
+def _drain(futures: set[cf.Future[Any]]) -> None:
+    """Wait until every future is done, whatever interrupts the wait: no
+    worker may touch the fds once the copy call has returned."""
+    while futures:
+        try:
+            _, futures = cf.wait(futures)
+        except BaseException:  # a second Ctrl-C must not leave workers writing
+            continue
+
+
+class Copier:
+    """Copies extents of ``src_fd`` to the same offsets of ``dst_fd``.
+
+    The copier does not own the file descriptors (it never closes them) and
+    does not size the destination: copying past its end extends it where
+    data is written, but a trailing zero run is not written, so the caller
+    ftruncates the destination to the source's size. Use as a context
+    manager, or call :meth:`close`, to stop the worker threads.
+
+    Parameters:
+        workers: threads, each with one C call (one request) in flight.
+        batch_bytes: most source bytes per work item (one C call).
+        block_size: zero-detection block, a power of two in
+            [MIN_BLOCK_SIZE, MAX_BLOCK_SIZE]; all-zero blocks are not written.
+        use_copy_file_range: True/False to force; None (auto) uses it when
+            :meth:`source_reports_holes`. It is dropped for good at the first
+            refusal (EXDEV, EOPNOTSUPP, ...), falling back to read/write.
+        rate_limit: cap on the data moved, bytes/s over all workers (holes
+            are free); for benchmarks that emulate slower storage.
+        buffer_bytes: each worker's read buffer (one read or write request
+            is at most this big).
+        src_path, dst_path: names put into raised OSErrors.
+    """
+
+    def __init__(
+        self,
+        src_fd: int,
+        dst_fd: int,
+        *,
+        workers: int = 4,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        use_copy_file_range: bool | None = None,
+        rate_limit: float | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        src_path: str | None = None,
+        dst_path: str | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if batch_bytes < 1:
+            raise ValueError(f"batch_bytes must be >= 1, got {batch_bytes}")
+        if (
+            block_size < MIN_BLOCK_SIZE
+            or block_size > MAX_BLOCK_SIZE
+            or block_size & (block_size - 1)
+        ):
+            raise ValueError(
+                f"block_size {block_size} is not a power of two between "
+                f"{MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+            )
+        if buffer_bytes < block_size:
+            raise ValueError(f"buffer_bytes {buffer_bytes} is smaller than block_size")
+        if rate_limit is not None and rate_limit < 0:
+            raise ValueError(f"rate_limit must be >= 0, got {rate_limit}")
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
+        self.workers = workers
+        self.batch_bytes = batch_bytes
+        self.block_size = block_size
+        self.buffer_bytes = buffer_bytes
+        self.src_path = src_path
+        self.dst_path = dst_path
+        self.rate_limit = rate_limit
+        self._use_cfr = (
+            self.source_reports_holes() if use_copy_file_range is None else use_copy_file_range
+        )
+        # Learnt from the C calls: what the filesystems refused once.
+        self._no_punch = False
+        self._no_seek = False
+        self._throttle = _binding.new_copy_throttle(int(rate_limit)) if rate_limit else None
+        self._local = threading.local()
+        self._executor: cf.ThreadPoolExecutor | None = cf.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="blockmirror-copy"
+        )
+
+    # -- what the source looks like -----------------------------------------
+
+    def source_reports_holes(self) -> bool:
+        """Whether SEEK_HOLE on the source shows a real hole.
+
+        False where the filesystem reports the whole file as data (FUSE, NFS
+        before 4.2) and also for a source without holes: with nothing to tell
+        them apart, only reading finds its zeros.
+        """
+        size = os.fstat(self.src_fd).st_size
+        if size == 0:
+            return False
+        try:
+            first_hole = os.lseek(self.src_fd, 0, os.SEEK_HOLE)
+        except OSError:
+            return False
+        return first_hole < size
+
+    def allocated_extents(self) -> ExtentArray:
+        """The source's data extents over its current size (SEEK_DATA/SEEK_HOLE).
+
+        The whole file is one extent where the filesystem reports no holes.
+        """
+        size = os.fstat(self.src_fd).st_size
+        extents: ExtentArray = _binding.data_extents(self.src_fd, size)
+        return extents
+
+    @property
+    def uses_copy_file_range(self) -> bool:
+        """Whether data segments currently go through copy_file_range."""
+        return self._use_cfr
+
+    # -- copying --------------------------------------------------------------
+
+    def copy_extents(
+        self,
+        extents: Extents,
+        *,
+        dst_fresh: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> CopyStats:
+        """Copy EXTENTS of the source to the same offsets of the destination.
+
+        With DST_FRESH the caller promises the destination reads as zeros over
+        the extents (a new sparse file): zeros and holes are skipped. Without
+        it they are punched out of the destination, so old data there goes.
+
+        PROGRESS, if given, is called in this thread as work items finish,
+        with the number of source bytes that item processed (an increment).
+
+        Raises the first OSError of any work item (ENOSPC, EIO, ...) after
+        stopping the others; the destination is then partly copied. Nothing
+        touches the files once this returns or raises.
+        """
+        if self._executor is None:
+            raise ValueError("copier is closed")
+        executor = self._executor
+        started = time.perf_counter()
+        arr = as_extent_array(extents)
+        total_bytes = int(arr["length"].sum(dtype=np.uint64)) if len(arr) else 0
+        items = split_extents(arr, self._item_bytes(total_bytes))
+        cancel = _binding.new_cancel_flag()
+        window = 2 * self.workers
+        result = CopyStats()
+        pending: set[cf.Future[CopyStats]] = set()
+
+        def collect(done: Iterable[cf.Future[CopyStats]]) -> None:
+            nonlocal result
+            for future in done:
+                stats = future.result()  # raises the item's OSError
+                result = result + stats
+                if progress is not None:
+                    progress(stats.copied)
+
+        try:
+            queue: Iterator[ExtentArray] = iter(items)
+            for item in queue:
+                while len(pending) >= window:
+                    done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    collect(done)
+                pending.add(executor.submit(self._copy_item, item, dst_fresh, cancel))
+            while pending:
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                collect(done)
+        except BaseException:
+            cancel[0] = 1  # running C calls stop within one buffer
+            for future in pending:
+                future.cancel()
+            _drain(pending)
+            raise
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _item_bytes(self, total_bytes: int) -> int:
+        """Work item size: batch_bytes, cut finer for small copies so each
+        worker gets a few items."""
+        share = -(-total_bytes // (self.workers * 4))
+        return max(1, min(self.batch_bytes, max(MIN_ITEM_BYTES, share)))
+
+    def _flags(self, dst_fresh: bool) -> int:
+        flags = 0
+        if dst_fresh:
+            flags |= _binding.COPY_DST_FRESH
+        if self._use_cfr:
+            flags |= _binding.COPY_FILE_RANGE
+        if self._no_punch:
+            flags |= _binding.COPY_NO_PUNCH
+        if self._no_seek:
+            flags |= _binding.COPY_NO_SEEK
+        return flags
+
+    def _copy_item(self, item: ExtentArray, dst_fresh: bool, cancel: Any) -> CopyStats:
+        """One C call, on a worker thread."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = _binding.new_copy_buffer(self.buffer_bytes)
+        counts, found = _binding.copy_extents(
+            self.src_fd,
+            self.dst_fd,
+            item,
+            buf,
+            self.block_size,
+            self._flags(dst_fresh),
+            self._throttle,
+            cancel,
+            self.src_path,
+            self.dst_path,
+        )
+        # Plain stores of bools: safe from any thread, and only ever turn off.
+        if found & _binding.COPY_FILE_RANGE_FAILED:
+            self._use_cfr = False
+        if found & _binding.COPY_PUNCH_FAILED:
+            self._no_punch = True
+        if found & _binding.COPY_SEEK_FAILED:
+            self._no_seek = True
+        return CopyStats(**counts)
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the worker threads (after any running copy). Idempotent."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> Copier:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
