@@ -5,26 +5,34 @@ from blockmirror.errors import (
     BlockMirrorError,
     ChangeIdInvalidError,
     FreezeError,
+    InvalidInputError,
     NotConvergedError,
     OutOfSpaceError,
     SidecarCorruptError,
     SidecarError,
     SidecarUnsafeError,
+    SourceChangedError,
 )
 from blockmirror.image import TrackedImage
+from blockmirror.sync import SyncProgress, SyncResult, sync
 from blockmirror.tracker import Tracker, sidecar_path
 
 __all__ = [
     "BlockMirrorError",
     "ChangeIdInvalidError",
     "FreezeError",
+    "InvalidInputError",
     "NotConvergedError",
     "OutOfSpaceError",
     "SidecarCorruptError",
     "SidecarError",
     "SidecarUnsafeError",
+    "SourceChangedError",
+    "SyncProgress",
+    "SyncResult",
     "TrackedImage",
     "Tracker",
     "__version__",
     "sidecar_path",
+    "sync",
 ]

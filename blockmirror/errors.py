@@ -49,3 +49,12 @@ class FreezeError(BlockMirrorError, OSError):
 
 class ChangeIdInvalidError(BlockMirrorError):
     """A change id cannot be answered truthfully; the caller must take a full copy."""
+
+
+class InvalidInputError(BlockMirrorError, ValueError):
+    """The request cannot be carried out as asked (missing source, bad path,
+    destination exists, ...). Nothing was created."""
+
+
+class SourceChangedError(NotConvergedError):
+    """An untracked source changed while it was copied; the copy was discarded."""

@@ -1,0 +1,5 @@
+import sys
+
+from blockmirror.cli import main
+
+sys.exit(main())

@@ -1,0 +1,311 @@
+"""The ``blockmirror`` command.
+
+Exit codes (also in --help and the README):
+  0 ok · 1 I/O error · 2 bad usage or input · 3 not converged
+  4 out of space · 5 images differ (verify) · 130 SIGINT · 143 SIGTERM
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, TextIO
+
+from blockmirror import _binding
+from blockmirror.errors import (
+    BlockMirrorError,
+    InvalidInputError,
+    NotConvergedError,
+    OutOfSpaceError,
+    SidecarError,
+)
+from blockmirror.units import format_bytes, format_rate, format_seconds, parse_duration
+
+EXIT_OK = 0
+EXIT_IO = 1
+EXIT_USAGE = 2
+EXIT_NOT_CONVERGED = 3
+EXIT_NO_SPACE = 4
+EXIT_DIFFERENT = 5
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+EXIT_CODES_HELP = """exit codes:
+  0    success
+  1    I/O error (the destination side was removed, the source untouched)
+  2    bad usage or input (nothing was created)
+  3    not converged: writes outpace the copy (source untouched, writers never paused)
+  4    out of space at the destination (partial copy removed)
+  5    images differ (verify)
+  130  interrupted (SIGINT), 143 terminated (SIGTERM): cleaned up as for 1
+"""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; unwinds like KeyboardInterrupt so cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+class ProgressLine:
+    """One self-rewriting status line on a terminal; silent when not a tty."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.last = 0.0
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if p.phase not in ("done", "final") and now - self.last < 0.2:
+            return
+        self.last = now
+        if p.phase == "done":
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            return
+        pct = 100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0
+        line = (
+            f"pass {p.pass_index} {p.phase:<6} {format_bytes(p.bytes_done)}/"
+            f"{format_bytes(p.bytes_total)} ({pct:4.1f}%) {format_rate(p.rate)}"
+            f"  dirty {format_bytes(p.dirty_bytes)}  ETA {format_seconds(p.eta)}"
+            f"  elapsed {format_seconds(p.elapsed)}"
+        )
+        self.stream.write("\r\033[K" + line)
+        self.stream.flush()
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _granularity(text: str) -> int:
+    from blockmirror.units import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if (
+        value < _binding.MIN_GRANULARITY
+        or value > _binding.MAX_GRANULARITY
+        or value & (value - 1)
+    ):
+        raise argparse.ArgumentTypeError(
+            f"granularity must be a power of two from 4k to 64M, got {text!r}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blockmirror",
+        description="Copy a live disk image exactly, with writers paused as briefly as possible.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "sync", help="copy or move a live image (or a folder of them)",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Bulk-copy SRC to DST, re-copy blocks written meanwhile until the rest "
+        "fits in the target downtime, then pause writers and switch over.",
+    )
+    p.add_argument("src", help="source image (or folder, for directory mode)")
+    p.add_argument("dst", help="destination image path, or an existing folder")
+    p.add_argument("--target-downtime", type=_duration, default=5.0, metavar="TIME",
+                   help="longest pause for writers, e.g. 5s, 200ms (default 5s)")
+    p.add_argument("--max-passes", type=_positive_int, default=30, metavar="N",
+                   help="give up after N passes (default 30)")
+    p.add_argument("--move", action="store_true",
+                   help="move: redirect writers to the copy and remove the source")
+    p.add_argument("--verify", action="store_true", help="compare the copy with the source")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--converge", choices=("fail", "throttle"), default="fail",
+                   help="when writes outpace the copy: fail (default) or throttle writers")
+    p.add_argument("--workers", type=_positive_int, default=4, metavar="N",
+                   help="copy requests in flight (default 4)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+    t = sub.add_parser("track", help="enable, disable or show change tracking of an image")
+    t.add_argument("action", choices=("enable", "disable", "status"))
+    t.add_argument("image")
+    t.add_argument("--granularity", type=_granularity, default=_binding.DEFAULT_GRANULARITY,
+                   help="bytes per tracked block, a power of two (default 64k)")
+    t.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("verify", help="compare two images block by block",
+                       epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("a")
+    v.add_argument("b")
+    v.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="sync a built-in demo image under a live writer")
+    d.add_argument("--dir", help="work in this folder (default: a new temporary one, removed)")
+    d.add_argument("--size", default="512M", help="apparent size of the demo image")
+    d.add_argument("--rate", default="16M", help="writer rate during the copy")
+    d.add_argument("--target-downtime", type=_duration, default=0.2, metavar="TIME")
+    d.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.command == "sync":
+            return _cmd_sync(args)
+        if args.command == "track":
+            return _cmd_track(args)
+        if args.command == "verify":
+            return _cmd_verify(args)
+        if args.command == "demo":
+            from blockmirror.demo import run_demo
+
+            return run_demo(args)
+        parser.error(f"unknown command {args.command}")
+    except KeyboardInterrupt:
+        _err("interrupted; cleaned up, the source is untouched")
+        return EXIT_SIGINT
+    except Terminated:
+        _err("terminated; cleaned up, the source is untouched")
+        return EXIT_SIGTERM
+    except BlockMirrorError as e:
+        return _report_error(e)
+    except OSError as e:
+        return _report_error(e)
+    return EXIT_OK
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, OutOfSpaceError):
+        return EXIT_NO_SPACE
+    if isinstance(exc, InvalidInputError):
+        return EXIT_USAGE
+    if isinstance(exc, NotConvergedError):
+        return EXIT_NOT_CONVERGED
+    if isinstance(exc, SidecarError):
+        return EXIT_USAGE
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return EXIT_NO_SPACE
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError, FileExistsError)):
+        return EXIT_USAGE
+    return EXIT_IO
+
+
+def _report_error(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename and exc.filename not in exc.strerror else ""
+        message = f"{exc.strerror}{where}"
+    else:
+        message = str(exc)
+    _err(message)
+    return exit_code_for(exc)
+
+
+def _err(message: str) -> None:
+    print(f"blockmirror: {message}", file=sys.stderr)
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from blockmirror.sync import sync
+
+    progress = None if (args.quiet or args.json) else ProgressLine(sys.stderr)
+    result = sync(
+        args.src, args.dst, target_downtime=args.target_downtime,
+        mode="move" if args.move else "copy", max_passes=args.max_passes, verify=args.verify,
+        progress=progress, force=args.force, workers=args.workers, converge=args.converge,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    elif not args.quiet:
+        print(result.summary())
+        for note in result.notes:
+            print(f"  note: {note}")
+    return EXIT_OK
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+    from blockmirror.tracker import Tracker, sidecar_path
+
+    if args.action == "enable":
+        Tracker.create(args.image, args.granularity).close()
+        if not args.json:
+            print(f"tracking {args.image} in {sidecar_path(args.image)}")
+        return EXIT_OK
+    if args.action == "disable":
+        with Tracker.open(args.image) as tracker:
+            writers = tracker.live_writers()
+            if writers:
+                raise InvalidInputError(
+                    f"{writers} writers still have {tracker.path} open; stop them first"
+                )
+        os.unlink(sidecar_path(args.image))
+        print(f"tracking of {args.image} disabled")
+        return EXIT_OK
+    with Tracker.open(args.image) as tracker:
+        info = tracker.info()
+    info["sidecar"] = sidecar_path(args.image)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"image        {args.image}")
+        print(f"sidecar      {info['sidecar']}")
+        print(f"consistent   {'yes' if info['consistent'] else 'NO: a writer died; reset needed'}")
+        print(f"series       {info['series']}  generation {info['generation']}")
+        print(f"granularity  {format_bytes(int(info['granularity']))}")  # type: ignore[call-overload]
+        print(f"image size   {format_bytes(int(info['image_size']))}")  # type: ignore[call-overload]
+        print(f"dirty        {format_bytes(int(info['dirty_bytes']))}")  # type: ignore[call-overload]
+        print(f"state        {info['state']}, {info['live_writers']} live writers")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from blockmirror.verify import compare_files
+
+    for path in (args.a, args.b):
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"{path} is not a file")
+    differing = compare_files(args.a, args.b)
+    if args.json:
+        print(json.dumps({"identical": not differing, "differing": differing}))
+    elif differing:
+        total = sum(length for _, length in differing)
+        print(f"images differ: {len(differing)} extents, {format_bytes(total)}")
+        for off, length in differing[:20]:
+            print(f"  {off}+{length}")
+    else:
+        print("images are identical")
+    return EXIT_DIFFERENT if differing else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

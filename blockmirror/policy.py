@@ -1,0 +1,126 @@
+"""When to switch over, and when to give up.
+
+Pure decisions over the passes measured so far: no I/O here, so the rules
+can be tested and modelled on their own.
+
+The switchover predicate is time-based, as in Storage vMotion: switch when
+the dirty bytes left, copied at the throughput the last pass measured, would
+take less than the target downtime. The stall rule declares non-convergence
+when the dirty set has stopped shrinking for a few passes in a row: then the
+writers dirty blocks at least as fast as the copy cleans them, and more passes
+would only copy the same blocks again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One measured pass over the image."""
+
+    index: int
+    kind: str  # "bulk", "dirty" or "final"
+    bytes: int  # bytes of source range processed (data, zeros and holes)
+    seconds: float
+    dirty_left: int  # dirty bytes waiting when the pass ended
+    bytes_written: int = 0
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second while this pass copied (0 for an empty pass)."""
+        return self.bytes / self.seconds if self.seconds > 0 and self.bytes else 0.0
+
+    @property
+    def write_rate(self) -> float:
+        """Estimated rate at which writers dirtied blocks during this pass."""
+        return self.dirty_left / self.seconds if self.seconds > 0 else 0.0
+
+    def predicted_downtime(self, throughput: float) -> float:
+        return predict_downtime(self.dirty_left, throughput)
+
+    def to_dict(self, throughput: float | None = None) -> dict[str, float | int | str]:
+        tp = self.throughput if throughput is None else throughput
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "bytes": self.bytes,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 6),
+            "throughput": round(self.throughput, 1),
+            "dirty_left": self.dirty_left,
+            "write_rate": round(self.write_rate, 1),
+            "predicted_downtime": round(predict_downtime(self.dirty_left, tp), 6)
+            if math.isfinite(predict_downtime(self.dirty_left, tp))
+            else -1,
+        }
+
+
+def predict_downtime(dirty_bytes: int, throughput: float) -> float:
+    """Seconds the final pass would take: dirty bytes ÷ measured throughput."""
+    if dirty_bytes <= 0:
+        return 0.0
+    if throughput <= 0:
+        return math.inf
+    return dirty_bytes / throughput
+
+
+class Decision(Enum):
+    SWITCHOVER = "switchover"
+    CONTINUE = "continue"
+    STALLED = "stalled"
+    OUT_OF_PASSES = "out_of_passes"
+
+
+@dataclass(frozen=True)
+class ConvergencePolicy:
+    """The rules one sync follows."""
+
+    target_downtime: float = 5.0
+    max_passes: int = 30
+    stall_passes: int = 3
+
+    def __post_init__(self) -> None:
+        if not (self.target_downtime > 0 and math.isfinite(self.target_downtime)):
+            raise ValueError(f"target downtime must be > 0 s, got {self.target_downtime}")
+        if self.max_passes < 1:
+            raise ValueError(f"max passes must be >= 1, got {self.max_passes}")
+        if self.stall_passes < 1:
+            raise ValueError(f"stall passes must be >= 1, got {self.stall_passes}")
+
+    @staticmethod
+    def copy_throughput(passes: list[PassRecord]) -> float:
+        """Throughput to predict the final pass with: the latest pass that
+        moved enough bytes for its timing to mean something, else the bulk."""
+        for rec in reversed(passes):
+            if rec.bytes >= 4 * 1024 * 1024 and rec.throughput > 0:
+                return rec.throughput
+        return max((r.throughput for r in passes), default=0.0)
+
+    def stalled_for(self, passes: list[PassRecord], stall_from: int = 0) -> int:
+        """Passes in a row, up to now, after which the dirty set did not
+        shrink; passes before index STALL_FROM are not looked at."""
+        run = 0
+        recent = passes[stall_from:]
+        for prev, cur in zip(recent[::-1][1:], recent[::-1], strict=False):
+            if cur.dirty_left > 0 and cur.dirty_left >= prev.dirty_left:
+                run += 1
+            else:
+                break
+        return run
+
+    def decide(self, passes: list[PassRecord], stall_from: int = 0) -> Decision:
+        """What to do after the passes so far (the bulk pass first)."""
+        if not passes:
+            return Decision.CONTINUE
+        last = passes[-1]
+        if predict_downtime(last.dirty_left, self.copy_throughput(passes)) < self.target_downtime:
+            return Decision.SWITCHOVER
+        if self.stalled_for(passes, stall_from) >= self.stall_passes:
+            return Decision.STALLED
+        if len(passes) >= self.max_passes:
+            return Decision.OUT_OF_PASSES
+        return Decision.CONTINUE

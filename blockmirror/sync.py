@@ -1,0 +1,573 @@
+"""The sync loop: bulk pass, measured dirty passes, switchover, clean failure.
+
+One call copies a live image to a new place and makes the copy exact at one
+instant (design steps 0-6):
+
+    pre-check -> shadow file -> bulk pass -> dirty passes (measured)
+    -> freeze -> final pass -> thaw (copy) or redirect (move) -> cleanup
+
+Every failure path runs the same cleanup (I6): writers thawed, throttle
+lifted, the shadow copy removed, the source left as the writers made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockmirror import precheck
+from blockmirror.copier import Copier, CopyStats
+from blockmirror.errors import (
+    FreezeError,
+    InvalidInputError,
+    NotConvergedError,
+    OutOfSpaceError,
+    SourceChangedError,
+)
+from blockmirror.policy import ConvergencePolicy, Decision, PassRecord, predict_downtime
+from blockmirror.tracker import Tracker, sidecar_path
+from blockmirror.units import format_bytes, format_rate, format_seconds
+
+MODES = ("copy", "move")
+CONVERGE_STRATEGIES = ("fail", "throttle")
+# A failed switchover (lease ran out mid final pass) goes back to dirty
+# passes; this many failures in one run are declared non-convergence.
+MAX_SWITCHOVER_ATTEMPTS = 3
+
+
+@dataclass
+class SyncProgress:
+    """What a progress display needs, sent as the copy advances."""
+
+    phase: str  # "bulk", "dirty", "final", "verify", "done"
+    pass_index: int
+    bytes_done: int
+    bytes_total: int
+    rate: float  # bytes/s in this pass so far
+    dirty_bytes: int  # dirty bytes waiting (at the start of this pass)
+    elapsed: float
+
+    @property
+    def eta(self) -> float:
+        """Seconds until this pass ends at the current rate."""
+        left = self.bytes_total - self.bytes_done
+        return left / self.rate if self.rate > 0 else float("inf")
+
+
+ProgressCallback = Callable[[SyncProgress], None]
+
+
+@dataclass
+class SyncResult:
+    """What a finished sync did."""
+
+    status: str
+    source: str
+    destination: str
+    mode: str
+    tracked: bool
+    image_size: int
+    allocated_bytes: int
+    target_downtime: float
+    passes: list[PassRecord] = field(default_factory=list)
+    bytes_copied: int = 0
+    bytes_written: int = 0
+    downtime: float = 0.0
+    elapsed: float = 0.0
+    verified: bool = False
+    notes: list[str] = field(default_factory=list)
+    children: list[SyncResult] = field(default_factory=list)  # directory mode: one per image
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "source": self.source,
+            "destination": self.destination,
+            "mode": self.mode,
+            "tracked": self.tracked,
+            "image_size": self.image_size,
+            "allocated_bytes": self.allocated_bytes,
+            "target_downtime": self.target_downtime,
+            "passes": [p.to_dict() for p in self.passes],
+            "bytes_copied": self.bytes_copied,
+            "bytes_written": self.bytes_written,
+            "downtime": round(self.downtime, 6),
+            "elapsed": round(self.elapsed, 6),
+            "verified": self.verified,
+            "notes": self.notes,
+            "children": [c.to_dict() for c in self.children],
+        }
+
+    def summary(self) -> str:
+        verb = "moved" if self.mode == "move" else "copied"
+        line = (
+            f"{verb} {self.source} -> {self.destination}: "
+            f"{format_bytes(self.bytes_copied)} in {len(self.passes)} passes, "
+            f"{format_seconds(self.elapsed)}"
+        )
+        if self.tracked:
+            line += f", writers paused {format_seconds(self.downtime)}"
+        if self.verified:
+            line += ", verified"
+        return line
+
+
+def sync(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    target_downtime: float = 5.0,
+    mode: str = "copy",
+    max_passes: int = 30,
+    verify: bool = False,
+    progress: ProgressCallback | None = None,
+    force: bool = False,
+    workers: int = 4,
+    rate_limit: float | None = None,
+    converge: str = "fail",
+) -> SyncResult:
+    """Copy (or move) the live image SRC to DST, exact at one instant.
+
+    DST may be an existing folder (the image keeps its name). Raises
+    ``InvalidInputError`` for bad input, ``OutOfSpaceError``,
+    ``NotConvergedError`` when writes outpace the copy, ``FreezeError`` when
+    writers cannot be paused, or an ``OSError``. On every failure the source
+    is untouched, writers run on, and the destination side is removed.
+
+    ``converge="throttle"`` slows writers down (the shared throttle in the
+    sidecar) instead of failing when the dirty set stops shrinking.
+    """
+    if mode not in MODES:
+        raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
+    if converge not in CONVERGE_STRATEGIES:
+        raise InvalidInputError(f"converge must be one of {CONVERGE_STRATEGIES}, got {converge!r}")
+    if workers < 1:
+        raise InvalidInputError(f"workers must be >= 1, got {workers}")
+    try:
+        policy = ConvergencePolicy(target_downtime=target_downtime, max_passes=max_passes)
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from None
+    src_s, dst_s = os.fspath(src), os.fspath(dst)
+    if os.path.isdir(src_s):
+        from blockmirror.directory import sync_directory
+
+        return sync_directory(
+            src_s, dst_s, target_downtime=target_downtime, mode=mode, max_passes=max_passes,
+            verify=verify, progress=progress, force=force, workers=workers,
+            rate_limit=rate_limit, converge=converge,
+        )
+    plan = precheck.plan_file_sync(src_s, dst_s, force=force)
+    job = _FileSync(plan, policy, mode=mode, verify=verify, progress=progress, workers=workers,
+                    rate_limit=rate_limit, converge=converge)
+    return job.run()
+
+
+class _FileSync:
+    """One file-mode sync. Holds every resource the cleanup must release."""
+
+    def __init__(
+        self,
+        plan: precheck.Plan,
+        policy: ConvergencePolicy,
+        *,
+        mode: str,
+        verify: bool,
+        progress: ProgressCallback | None,
+        workers: int,
+        rate_limit: float | None,
+        converge: str,
+    ) -> None:
+        self.plan = plan
+        self.policy = policy
+        self.mode = mode
+        self.verify = verify
+        self.progress = progress
+        self.workers = workers
+        self.rate_limit = rate_limit
+        self.converge = converge
+        self.started = time.perf_counter()
+        self.result = SyncResult(
+            status="running", source=plan.source, destination=plan.destination, mode=mode,
+            tracked=False, image_size=plan.size, allocated_bytes=plan.allocated,
+            target_downtime=policy.target_downtime,
+        )
+        self.src_fd = -1
+        self.dst_fd = -1
+        self.tracker: Tracker | None = None
+        self.copier: Copier | None = None
+        self.frozen = False
+        self.throttled = False
+        self.committed = False  # the destination has its final name
+        self.redirected = False  # move mode: writers now write the destination
+        self.stall_from = 0  # passes before this index don't count as stalls
+
+    # -- the run ------------------------------------------------------------
+
+    def run(self) -> SyncResult:
+        try:
+            self._open()
+            if self.tracker is None:
+                self._run_untracked()
+            else:
+                self._run_tracked()
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(
+                exc, OutOfSpaceError
+            ):
+                raise OutOfSpaceError(
+                    f"destination ran out of space at {os.path.dirname(self.plan.destination)}; "
+                    "the partial copy was removed and the source is untouched",
+                    self.plan.destination,
+                ) from exc
+            raise
+        finally:
+            self._release()
+        self.result.status = "ok"
+        self.result.elapsed = time.perf_counter() - self.started
+        self._report("done", len(self.result.passes), 0, 0, 0.0, 0)
+        return self.result
+
+    def _open(self) -> None:
+        plan = self.plan
+        self.src_fd = os.open(plan.source, os.O_RDONLY | os.O_CLOEXEC)
+        if os.path.exists(sidecar_path(plan.source)):
+            self.tracker = Tracker.open(plan.source)
+            self.result.tracked = True
+            if not self.tracker.consistent:
+                # I4: an unclean bitmap is never trusted. This run copies
+                # everything allocated anyway; reset so later runs can trust it.
+                self.tracker.reset()
+                self.result.notes.append(
+                    "sidecar was unclean (a writer died); tracking was reset"
+                )
+            if self.tracker.state == "redirected":
+                raise InvalidInputError(
+                    f"source {plan.source} was already moved to {self.tracker.redirect_target()}"
+                )
+        self.dst_fd = precheck.claim_partial(plan.partial)
+        os.ftruncate(self.dst_fd, plan.size)
+        self.copier = Copier(self.src_fd, self.dst_fd, workers=self.workers,
+                             rate_limit=self.rate_limit, src_path=plan.source,
+                             dst_path=plan.partial)
+
+    def _run_untracked(self) -> None:
+        """No sidecar: nobody is known to write. Copy once, then make sure the
+        source really did not change meanwhile; never hand back a torn copy."""
+        before = os.fstat(self.src_fd)
+        self._bulk_pass(dirty_left=lambda: 0)
+        after = os.fstat(self.src_fd)
+        if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+            after.st_size, after.st_mtime_ns, after.st_ctime_ns
+        ):
+            raise SourceChangedError(
+                f"source {self.plan.source} changed while it was copied and is not tracked; "
+                f"enable tracking (blockmirror track enable {self.plan.source}) and write "
+                "through blockmirror, or stop the writers"
+            )
+        self._durable_commit()
+        if self.mode == "move":
+            self._remove_source()
+
+    def _run_tracked(self) -> None:
+        assert self.tracker is not None
+        tracker = self.tracker
+        # I2: clear before read. Everything is copied by the bulk pass, so
+        # bits from before it are stale; writes from now on are marked again.
+        tracker.fetch_and_clear_array()
+        self._bulk_pass(dirty_left=tracker.dirty_bytes)
+        attempts = 0
+        while True:
+            decision = self.policy.decide(self.result.passes, stall_from=self.stall_from)
+            if decision is Decision.SWITCHOVER:
+                if self._switchover():
+                    break
+                attempts += 1
+                if attempts >= MAX_SWITCHOVER_ATTEMPTS:
+                    raise NotConvergedError(
+                        f"switchover failed {attempts} times: the final pass outlasted the "
+                        "freeze lease each time; the source keeps running"
+                    )
+            elif decision in (Decision.STALLED, Decision.OUT_OF_PASSES):
+                if self.converge == "throttle" and decision is Decision.STALLED:
+                    self._tighten_throttle()
+                else:
+                    raise NotConvergedError(self._not_converged_message(decision))
+            self._dirty_pass()
+
+    # -- passes -------------------------------------------------------------
+
+    def _bulk_pass(self, dirty_left: Callable[[], int]) -> None:
+        assert self.copier is not None
+        extents = self.copier.allocated_extents()
+        total = sum(int(length) for _, length in _pairs(extents))
+        stats = self._copy("bulk", extents, total, dirty=0, dst_fresh=True)
+        self._record("bulk", stats, dirty_left())
+
+    def _dirty_pass(self) -> None:
+        assert self.tracker is not None
+        self._follow_source_size()
+        dirty = self.tracker.dirty_bytes()
+        extents = self.tracker.fetch_and_clear_array()
+        total = int(extents["length"].sum()) if len(extents) else 0
+        stats = self._copy("dirty", extents, total, dirty=dirty, dst_fresh=False)
+        self._record("dirty", stats, self.tracker.dirty_bytes())
+
+    def _copy(self, phase: str, extents: Any, total: int, *, dirty: int,
+              dst_fresh: bool) -> CopyStats:
+        assert self.copier is not None
+        index = len(self.result.passes)
+        start = time.perf_counter()
+        done = 0
+
+        def on_progress(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            elapsed = time.perf_counter() - start
+            self._report(phase, index, done, total, done / elapsed if elapsed > 0 else 0.0,
+                         dirty)
+
+        return self.copier.copy_extents(
+            extents, dst_fresh=dst_fresh, progress=on_progress if self.progress else None
+        )
+
+    def _record(self, kind: str, stats: CopyStats, dirty_left: int) -> PassRecord:
+        rec = PassRecord(
+            index=len(self.result.passes), kind=kind, bytes=stats.copied,
+            seconds=stats.seconds, dirty_left=dirty_left, bytes_written=stats.bytes_written,
+        )
+        self.result.passes.append(rec)
+        self.result.bytes_copied += stats.copied
+        self.result.bytes_written += stats.bytes_written
+        return rec
+
+    def _follow_source_size(self) -> None:
+        """Writers may grow or shrink the image; the copy follows its size."""
+        size = os.fstat(self.src_fd).st_size
+        if size != os.fstat(self.dst_fd).st_size:
+            os.ftruncate(self.dst_fd, size)
+        self.result.image_size = size
+
+    # -- switchover ---------------------------------------------------------
+
+    def _switchover(self) -> bool:
+        """Freeze, final pass, commit. False if the lease ran out first (the
+        writers were thawed and the loop goes on)."""
+        assert self.tracker is not None
+        tracker = self.tracker
+        # Flush what the passes wrote while writers still run, so the fsync
+        # inside the freeze only has the last pass's blocks to write.
+        os.fdatasync(self.dst_fd)
+        lease = min(60.0, max(2.0, 4 * self.policy.target_downtime))
+        frozen_at = time.perf_counter()
+        try:
+            tracker.freeze(lease)
+        except TimeoutError as e:
+            raise FreezeError(e.errno, f"could not pause writers: {e.strerror}") from None
+        except OSError as e:
+            raise FreezeError(e.errno, f"could not pause writers: {e.strerror}") from None
+        self.frozen = True
+        self._follow_source_size()
+        dirty = tracker.dirty_bytes()
+        extents = tracker.fetch_and_clear_array()
+        total = int(extents["length"].sum()) if len(extents) else 0
+        stats = self._copy("final", extents, total, dirty=dirty, dst_fresh=False)
+        self._record("final", stats, 0)
+        if not tracker.freeze_holds():
+            # Writers may have resumed mid-pass: this is no point-in-time copy.
+            # Everything this pass copied is still valid pre-copy; re-mark it
+            # so nothing is lost, and go on with dirty passes.
+            for offset, length in _pairs(extents):
+                tracker.mark(int(offset), int(length))
+            self._thaw()
+            self.result.notes.append("freeze lease ran out during the final pass; retried")
+            return False
+        if self.mode == "copy":
+            self._thaw()
+            self.result.downtime = time.perf_counter() - frozen_at
+            self._durable_commit()
+        else:
+            self._durable_commit()
+            self._attach_destination_tracker()
+            tracker.redirect(self.plan.destination)
+            self.redirected = True
+            self.frozen = False
+            self.result.downtime = time.perf_counter() - frozen_at
+        if self.throttled:
+            tracker.set_throttle(0)
+            self.throttled = False
+        if self.verify:
+            self._verify()
+        if self.mode == "move":
+            self._remove_source()
+        return True
+
+    def _durable_commit(self) -> None:
+        """fsync the shadow copy, give it the source's mode and its final
+        name, and fsync the folder so the name survives a crash."""
+        os.fchmod(self.dst_fd, self.plan.mode & 0o7777)
+        if os.geteuid() == 0:
+            os.fchown(self.dst_fd, self.plan.owner_uid, -1)
+        os.fsync(self.dst_fd)
+        if os.path.lexists(self.plan.destination + ".cbt"):
+            os.unlink(self.plan.destination + ".cbt")  # --force: the old copy's sidecar
+        os.rename(self.plan.partial, self.plan.destination)
+        self.committed = True
+        _fsync_folder(os.path.dirname(self.plan.destination))
+
+    def _attach_destination_tracker(self) -> None:
+        """Move mode: writers will continue on the destination, so it needs a
+        sidecar of its own before they are sent there."""
+        assert self.tracker is not None
+        Tracker.create(self.plan.destination, self.tracker.granularity).close()
+
+    def _remove_source(self) -> None:
+        """Move mode, after the switch: the source and its sidecar go. Writers
+        still holding them were redirected; their mapping of the sidecar keeps
+        answering ESTALE, so no write lands in the removed file."""
+        os.unlink(self.plan.source)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sidecar_path(self.plan.source))
+        _fsync_folder(os.path.dirname(self.plan.source))
+
+    def _verify(self) -> None:
+        """Compare the copy with the source, excusing blocks written since the
+        switch (the tracker says which); anything else that differs is a bug."""
+        from blockmirror.verify import compare_files
+
+        self._report("verify", len(self.result.passes), 0, self.result.image_size, 0.0, 0)
+        differing = compare_files(self.plan.source, self.plan.destination)
+        if differing:
+            # Blocks changed after the switch are expected to differ. Read the
+            # dirty set only now: any write that changed a block we compared
+            # was marked before it landed (I1).
+            if self.mode == "copy":
+                assert self.tracker is not None
+                changed = self.tracker.dirty_extents()
+            else:
+                with Tracker.open(self.plan.destination) as dst_tracker:
+                    changed = dst_tracker.dirty_extents()
+            unexplained = _subtract(differing, changed)
+            if unexplained:
+                off, length = unexplained[0]
+                raise FreezeError(
+                    5, f"verify failed: {len(unexplained)} extents differ, first at {off}+{length}"
+                )
+        self.result.verified = True
+
+    # -- convergence help ---------------------------------------------------
+
+    def _tighten_throttle(self) -> None:
+        """converge="throttle": hold writers to half the copy throughput (and
+        half again at each further stall), like QEMU's auto-converge."""
+        assert self.tracker is not None
+        throughput = self.policy.copy_throughput(self.result.passes)
+        current = int(self.tracker.info()["throttle_bytes_per_s"])  # type: ignore[call-overload]
+        rate = max(1 << 20, int((current or throughput) / 2))
+        self.tracker.set_throttle(rate)
+        self.throttled = True
+        self.result.notes.append(f"writers throttled to {format_rate(rate)}")
+        self.stall_from = len(self.result.passes) - 1  # judge the new rate afresh
+
+    def _not_converged_message(self, decision: Decision) -> str:
+        passes = self.result.passes
+        last = passes[-1]
+        throughput = self.policy.copy_throughput(passes)
+        predicted = predict_downtime(last.dirty_left, throughput)
+        why = (
+            f"the dirty set stopped shrinking for {self.policy.stall_passes} passes"
+            if decision is Decision.STALLED
+            else f"no switchover after {len(passes)} passes"
+        )
+        return (
+            f"not converged: {why} (writers dirty ~{format_rate(last.write_rate)}, copy runs "
+            f"~{format_rate(throughput)}, {format_bytes(last.dirty_left)} dirty would take "
+            f"{format_seconds(predicted)} > target {format_seconds(self.policy.target_downtime)}); "
+            "the source keeps running untouched"
+        )
+
+    # -- cleanup ------------------------------------------------------------
+
+    def _thaw(self) -> None:
+        if self.frozen and self.tracker is not None:
+            self.tracker.thaw()
+        self.frozen = False
+
+    def _abort(self) -> None:
+        """Undo everything on the destination side; never leave writers
+        frozen or throttled (I6). Each step runs even if another fails."""
+        if self.tracker is not None:
+            with contextlib.suppress(Exception):
+                if self.throttled:
+                    self.tracker.set_throttle(0)
+            with contextlib.suppress(Exception):
+                self._thaw()
+        if self.redirected:
+            return  # the move happened; the destination is now the live image
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.plan.partial)
+        if self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.plan.destination)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sidecar_path(self.plan.destination))
+
+    def _release(self) -> None:
+        if self.copier is not None:
+            self.copier.close()
+        if self.tracker is not None:
+            self.tracker.close()
+        for fd in (self.src_fd, self.dst_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.src_fd = self.dst_fd = -1
+
+    def _report(self, phase: str, index: int, done: int, total: int, rate: float,
+                dirty: int) -> None:
+        if self.progress is not None:
+            self.progress(SyncProgress(phase, index, done, total, rate, dirty,
+                                       time.perf_counter() - self.started))
+
+
+def _pairs(extents: Any) -> list[tuple[int, int]]:
+    if hasattr(extents, "dtype"):
+        return list(zip(extents["offset"].tolist(), extents["length"].tolist(), strict=False))
+    return [(int(o), int(n)) for o, n in extents]
+
+
+def _subtract(extents: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[
+    tuple[int, int]
+]:
+    """Parts of EXTENTS not covered by HOLES (both sorted, non-overlapping)."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for off, length in extents:
+        pos, end = off, off + length
+        while j < len(holes) and holes[j][0] + holes[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < end:
+            if k < len(holes) and holes[k][0] <= pos:
+                pos = max(pos, holes[k][0] + holes[k][1])
+                k += 1
+                continue
+            nxt = holes[k][0] if k < len(holes) else end
+            stop = min(nxt, end)
+            if stop > pos:
+                out.append((pos, stop - pos))
+            pos = stop
+    return out
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,56 @@
+"""Parsing and printing the quantities people type and read: sizes, durations, rates."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "5s", "200ms", "1.5", "2m". Raises ValueError on anything else."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 5s, 200ms or 1.5)")
+    value = float(match.group(1))
+    unit = (match.group(2) or "s").lower()
+    seconds = value / 1000 if unit == "ms" else value * 60 if unit in ("m", "min") else value
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"duration must be greater than zero: {text!r}")
+    return seconds
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "4G", "512MiB", "65536", "64k" (binary multiples)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 4G, 512M or 65536)")
+    return int(float(match.group(1)) * _SCALE[match.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"; exact below 1 KiB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_rate(bytes_per_s: float) -> str:
+    return f"{format_bytes(bytes_per_s)}/s"
+
+
+def format_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "∞"
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    return f"{int(s // 60)}m{int(s % 60):02d}s"

@@ -1,0 +1,65 @@
+"""The switchover predicate and the stall rule, on hand-made pass histories."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from blockmirror.policy import ConvergencePolicy, Decision, PassRecord, predict_downtime
+
+MiB = 1 << 20
+
+
+def rec(i: int, nbytes: int, seconds: float, dirty_left: int) -> PassRecord:
+    return PassRecord(index=i, kind="bulk" if i == 0 else "dirty", bytes=nbytes,
+                      seconds=seconds, dirty_left=dirty_left)
+
+
+def test_predict_downtime():
+    assert predict_downtime(0, 0.0) == 0.0
+    assert predict_downtime(100 * MiB, 100 * MiB) == pytest.approx(1.0)
+    assert math.isinf(predict_downtime(1, 0.0))
+
+
+def test_switches_over_when_dirty_fits_the_target():
+    policy = ConvergencePolicy(target_downtime=1.0)
+    # 100 MiB/s measured; 50 MiB dirty -> 0.5 s < 1 s
+    assert policy.decide([rec(0, 1000 * MiB, 10.0, 50 * MiB)]) is Decision.SWITCHOVER
+    # 150 MiB dirty -> 1.5 s: another pass
+    assert policy.decide([rec(0, 1000 * MiB, 10.0, 150 * MiB)]) is Decision.CONTINUE
+
+
+def test_stall_after_three_non_shrinking_passes():
+    policy = ConvergencePolicy(target_downtime=0.1, stall_passes=3)
+    passes = [rec(0, 1000 * MiB, 10.0, 100 * MiB)]
+    for i, left in enumerate([110, 120, 130], start=1):
+        assert policy.decide(passes) is Decision.CONTINUE
+        passes.append(rec(i, 100 * MiB, 1.0, left * MiB))
+    assert policy.stalled_for(passes) == 3
+    assert policy.decide(passes) is Decision.STALLED
+    # A shrinking pass resets the run.
+    passes.append(rec(4, 130 * MiB, 1.3, 90 * MiB))
+    assert policy.stalled_for(passes) == 0
+    # ... and stall_from hides history judged under an earlier regime.
+    assert policy.stalled_for(passes[:4], stall_from=3) == 0
+
+
+def test_out_of_passes():
+    policy = ConvergencePolicy(target_downtime=0.1, max_passes=2)
+    passes = [rec(0, 1000 * MiB, 10.0, 100 * MiB), rec(1, 100 * MiB, 1.0, 50 * MiB)]
+    assert policy.decide(passes) is Decision.OUT_OF_PASSES
+
+
+def test_small_pass_does_not_set_the_throughput():
+    """A tiny pass's timing is mostly overhead; the prediction uses the
+    latest pass that moved at least 4 MiB."""
+    passes = [rec(0, 1000 * MiB, 10.0, 1 * MiB), rec(1, 64 * 1024, 0.01, 1 * MiB)]
+    assert ConvergencePolicy.copy_throughput(passes) == pytest.approx(100 * MiB)
+
+
+@pytest.mark.parametrize("bad", [dict(target_downtime=0), dict(target_downtime=-1),
+                                 dict(target_downtime=math.nan), dict(max_passes=0)])
+def test_rejects_bad_settings(bad):
+    with pytest.raises(ValueError):
+        ConvergencePolicy(**bad)

@@ -1,0 +1,213 @@
+"""blockmirror.sync end to end: exact copies under live writers, both modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from imagetools import (
+    MiB,
+    WriterProcess,
+    applied_prefix,
+    is_sparse,
+    make_data_image,
+    replay,
+)
+
+import blockmirror
+from blockmirror import Tracker
+from blockmirror.sync import sync
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    return src, dst
+
+
+def test_untracked_idle_copy_is_exact_and_sparse(dirs):
+    src, dst = dirs
+    content = make_data_image(src / "a.img", 32 * MiB, extents=4)
+    result = sync(src / "a.img", dst)
+    assert result.status == "ok" and not result.tracked
+    out = (dst / "a.img").read_bytes()
+    assert out == content
+    assert is_sparse(dst / "a.img")
+    assert result.passes[0].kind == "bulk"
+    # No temporary file left beside the copy.
+    assert sorted(os.listdir(dst)) == ["a.img"]
+
+
+def test_size_not_a_multiple_of_the_granularity(dirs):
+    src, dst = dirs
+    size = 5 * MiB + 12345
+    content = bytearray(os.urandom(size))
+    (src / "odd.img").write_bytes(content)
+    Tracker.create(src / "odd.img").close()
+    result = sync(src / "odd.img", dst / "odd.img")
+    assert result.tracked
+    assert (dst / "odd.img").read_bytes() == bytes(content)
+
+
+def test_copy_mode_is_the_source_at_the_freeze(dirs):
+    """A writer runs through the whole sync. The copy must equal the initial
+    image with exactly a prefix of the logged writes applied (those before
+    the freeze), and the source all of them."""
+    src, dst = dirs
+    image = src / "live.img"
+    initial = make_data_image(image, 64 * MiB, extents=16)
+    Tracker.create(image).close()
+    writer = WriterProcess(image, src / "writes.log", rate="16M")
+    try:
+        writer.wait_for_writes(20)
+        result = sync(image, dst, target_downtime=0.3)
+        writer.wait_for_writes(len(writer.writes()) + 10)  # still writing after the switch
+    finally:
+        assert writer.stop() == 0
+    writes = writer.writes()
+    copy = (dst / "live.img").read_bytes()
+    k = applied_prefix(copy, writes)
+    assert 20 <= k < len(writes)
+    assert copy == replay(initial, writes[:k], writer.seed)
+    assert image.read_bytes() == replay(initial, writes, writer.seed)
+    assert result.downtime <= 0.3 * 4  # the freeze lease bounds it; target is what we aim at
+    assert result.passes[-1].kind == "final"
+
+
+def test_move_mode_loses_no_write(dirs):
+    """--move under a steady writer: after it stops, the destination is the
+    initial image with every logged write applied in order; the source and
+    its sidecar are gone; the writer never noticed."""
+    src, dst = dirs
+    image = src / "vm.img"
+    initial = make_data_image(image, 64 * MiB, extents=16)
+    Tracker.create(image).close()
+    writer = WriterProcess(image, src / "writes.log", rate="16M")
+    try:
+        writer.wait_for_writes(20)
+        proc = subprocess.run(
+            [sys.executable, "-m", "blockmirror", "sync", str(image), str(dst), "--move",
+             "--target-downtime", "300ms", "--json"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        n = len(writer.writes())
+        writer.wait_for_writes(n + 10)  # it goes on writing, now into the destination
+    finally:
+        assert writer.stop() == 0
+    result = json.loads(proc.stdout)
+    assert result["status"] == "ok" and result["mode"] == "move"
+    assert not image.exists() and not (src / "vm.img.cbt").exists()
+    assert (dst / "vm.img.cbt").exists()
+    writes = writer.writes()
+    assert (dst / "vm.img").read_bytes() == replay(initial, writes, writer.seed)
+
+
+def test_verify_passes_under_a_live_writer(dirs):
+    src, dst = dirs
+    image = src / "v.img"
+    make_data_image(image, 32 * MiB, extents=8)
+    Tracker.create(image).close()
+    writer = WriterProcess(image, src / "writes.log", rate="16M")
+    try:
+        writer.wait_for_writes(10)
+        result = sync(image, dst, target_downtime=0.3, verify=True)
+    finally:
+        writer.stop()
+    assert result.verified
+
+
+def test_unclean_sidecar_is_reset_and_copy_is_still_exact(dirs):
+    src, dst = dirs
+    image = src / "u.img"
+    content = make_data_image(image, 16 * MiB, extents=4)
+    Tracker.create(image).close()
+    # A writer that dies leaves the sidecar unclean.
+    code = f"import os, blockmirror; w = blockmirror.TrackedImage({str(image)!r}); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert Tracker.open(image).consistent is False
+    result = sync(image, dst)
+    assert any("unclean" in n for n in result.notes)
+    assert (dst / "u.img").read_bytes() == content
+    assert Tracker.open(image).consistent is True
+
+
+def test_untracked_source_that_changes_is_refused(dirs):
+    """Without a sidecar a writer is invisible; a change during the copy
+    must fail the sync (never a torn copy) and leave nothing behind."""
+    src, dst = dirs
+    image = src / "raw.img"
+    make_data_image(image, 32 * MiB, extents=8)
+    calls = []
+
+    def meddle(p):
+        if not calls:
+            with open(image, "r+b") as f:
+                f.seek(5 * MiB)
+                f.write(b"x" * 4096)
+        calls.append(p)
+
+    with pytest.raises(blockmirror.SourceChangedError, match="track enable"):
+        sync(image, dst, progress=meddle)
+    assert os.listdir(dst) == []
+
+
+def test_not_converged_leaves_source_untouched(dirs):
+    """A copy throttled far below the write rate cannot converge: it fails
+    with NotConvergedError, removes the partial copy, and the writer never
+    paused (its log keeps growing throughout)."""
+    src, dst = dirs
+    image = src / "hot.img"
+    make_data_image(image, 32 * MiB, extents=8)
+    Tracker.create(image).close()
+    writer = WriterProcess(image, src / "writes.log", rate="32M")
+    try:
+        writer.wait_for_writes(10)
+        with pytest.raises(blockmirror.NotConvergedError, match="source keeps running"):
+            sync(image, dst, target_downtime=0.05, rate_limit=4 * MiB, max_passes=8)
+        n = len(writer.writes())
+        writer.wait_for_writes(n + 5)
+    finally:
+        assert writer.stop() == 0
+    assert os.listdir(dst) == []
+    with Tracker.open(image) as t:
+        assert t.state == "running"
+        assert t.info()["throttle_bytes_per_s"] == 0
+
+
+def test_throttle_strategy_converges_where_fail_would_not(dirs):
+    src, dst = dirs
+    image = src / "t.img"
+    make_data_image(image, 32 * MiB, extents=8)
+    Tracker.create(image).close()
+    writer = WriterProcess(image, src / "writes.log", rate="32M")
+    try:
+        writer.wait_for_writes(10)
+        result = sync(image, dst, target_downtime=0.2, rate_limit=8 * MiB, max_passes=40,
+                      converge="throttle")
+    finally:
+        writer.stop()
+    assert result.status == "ok"
+    assert any("throttled" in n for n in result.notes)
+    with Tracker.open(image) as t:
+        assert t.info()["throttle_bytes_per_s"] == 0  # lifted after the switch
+
+
+def test_directory_mode_copies_home_files_first(dirs, tmp_path):
+    src, _dst = dirs
+    (src / "vm.vmx").write_text("memsize = 1024\n")
+    (src / "vm.log").write_text("booted\n")
+    content = make_data_image(src / "disk.img", 16 * MiB, extents=4)
+    Tracker.create(src / "disk.img").close()
+    target = tmp_path / "moved"
+    result = sync(src, target, mode="move")
+    assert (target / "vm.vmx").read_text() == "memsize = 1024\n"
+    assert (target / "vm.log").read_text() == "booted\n"
+    assert (target / "disk.img").read_bytes() == content
+    assert sorted(os.listdir(src)) == []
+    assert [c.destination for c in result.children] == [str(target / "disk.img")]
