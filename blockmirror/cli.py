@@ -25,7 +25,13 @@ from blockmirror.errors import (
     OutOfSpaceError,
     SidecarError,
 )
-from blockmirror.units import format_bytes, format_rate, format_seconds, parse_duration
+from blockmirror.units import (
+    format_bytes,
+    format_rate,
+    format_seconds,
+    parse_duration,
+    parse_size,
+)
 
 EXIT_OK = 0
 EXIT_IO = 1
@@ -102,9 +108,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _granularity(text: str) -> int:
-    from blockmirror.units import parse_size
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
 
+
+def _granularity(text: str) -> int:
     try:
         value = parse_size(text)
     except ValueError as e:
@@ -149,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when writes outpace the copy: fail (default) or throttle writers")
     p.add_argument("--workers", type=_positive_int, default=4, metavar="N",
                    help="copy requests in flight (default 4)")
+    p.add_argument("--bwlimit", type=_size, metavar="RATE",
+                   help="cap copy bandwidth, e.g. 50M (bytes/s; holes are free)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
@@ -243,6 +259,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         args.src, args.dst, target_downtime=args.target_downtime,
         mode="move" if args.move else "copy", max_passes=args.max_passes, verify=args.verify,
         progress=progress, force=args.force, workers=args.workers, converge=args.converge,
+        rate_limit=args.bwlimit,
     )
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -83,6 +83,12 @@ static int writer_enter(bm_tracker *t)
         if (wait_start == 0)
             wait_start = now;
         if (!freeze_binds(t, now, wait_start)) {
+            /* The freeze is void (lease over or copier gone): put the state
+             * back to running so later writes take the fast path instead of
+             * re-checking the copier. A live copier notices in
+             * bm_freeze_check and does not switch over. */
+            __atomic_compare_exchange_n(state, &st, BM_STATE_RUNNING, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST);
             __atomic_fetch_add(inflight, 1, __ATOMIC_SEQ_CST);
             return 0;
         }
