@@ -156,6 +156,12 @@ class Tracker:
 
     def reset(self) -> None:
         """Accept an unclean sidecar: start a new series with every granule dirty."""
+        # Cover the image as it is now: if it grew without tracking (one way
+        # to be inconsistent), "every granule" must include the grown part,
+        # or the reset would leave those bytes outside the bitmap for good.
+        size = os.stat(self.image_path).st_size
+        if size > int(_binding.info(self._h)["image_size"]):
+            _binding.resize(self._h, size)
         _binding.reset(self._h)
         self._consistent = True
 

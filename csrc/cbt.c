@@ -7,6 +7,7 @@
  */
 #include "bm_internal.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -39,38 +40,78 @@ uint64_t bm_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Field 22 of /proc/PID/stat: start time in clock ticks since boot. Together
- * with the pid it names one process for the life of the machine. Returns 0
- * when the process does not exist. */
-uint64_t bm_proc_start_time(pid_t pid)
+/* Read /proc/PID/stat: the state letter (field 3) and the start time in
+ * clock ticks since boot (field 22). Together pid and start time name one
+ * process for the life of the machine. Returns -1 when there is no such
+ * process. */
+static int proc_stat(pid_t pid, char *state, uint64_t *start_time)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return -1;
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
     if (n <= 0)
-        return 0;
+        return -1;
     buf[n] = '\0';
     /* The command name may hold spaces and parentheses: count from the last ')'. */
     char *p = strrchr(buf, ')');
-    if (!p)
-        return 0;
+    if (!p || p[1] != ' ')
+        return -1;
+    *state = p[2];
     int field = 2;
     for (; *p && field < 22; p++)
         if (*p == ' ')
             field++;
-    return strtoull(p, NULL, 10);
+    *start_time = strtoull(p, NULL, 10);
+    return 0;
 }
 
+/* Start time of PID (see proc_stat), or 0 when the process does not exist. */
+uint64_t bm_proc_start_time(pid_t pid)
+{
+    char state;
+    uint64_t start;
+    return proc_stat(pid, &state, &start) < 0 ? 0 : start;
+}
+
+/* Does PID still have a thread besides its (exited) leader? A process whose
+ * main thread called pthread_exit shows as a zombie in /proc/PID/stat while
+ * its other threads run on. */
+static int has_other_threads(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    int found = 0;
+    struct dirent *e;
+    while (!found && (e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.' && strtol(e->d_name, NULL, 10) != (long)pid)
+            found = 1;
+    closedir(d);
+    return found;
+}
+
+/* Is the process that was PID with START_TIME still running? A zombie is
+ * not: it was killed or exited and only waits for its parent to reap it, so
+ * it will never finish a write or thaw a freeze. Treating it as alive left a
+ * SIGKILLed writer's sidecar looking clean (I4) and kept writers frozen
+ * behind a SIGKILLed copier (I3) until the parent happened to reap them. */
 int bm_process_alive(uint32_t pid, uint64_t start_time)
 {
     if (pid == 0)
         return 0;
-    uint64_t now_start = bm_proc_start_time((pid_t)pid);
-    return now_start != 0 && now_start == start_time;
+    char state;
+    uint64_t now_start;
+    if (proc_stat((pid_t)pid, &state, &now_start) < 0 || now_start != start_time)
+        return 0;
+    if (state == 'Z' || state == 'X' || state == 'x')
+        return has_other_threads((pid_t)pid);
+    return 1;
 }
 
 static uint64_t fnv1a64(const void *data, size_t len)

@@ -1,0 +1,198 @@
+"""I4, distrust an unclean bitmap: a writer that dies with the sidecar open
+leaves it reported inconsistent until a consumer resets it."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from blockmirror import TrackedImage, Tracker
+
+MiB = 1024 * 1024
+G = 65536
+CTX = mp.get_context("spawn")
+
+
+# -- child processes (module level so 'spawn' can import them) ------------------
+
+
+def _write_until_killed(image: str, ready, how: str) -> None:
+    rng = random.Random(os.getpid())
+    if how == "image":
+        img = TrackedImage(image)
+        writes = 0
+        while True:
+            img.pwrite(os.urandom(512), rng.randrange(0, 4 * MiB - 512))
+            writes += 1
+            if writes == 100:
+                ready.set()
+    else:
+        t = Tracker.open(image, writer=True)
+        marks = 0
+        while True:
+            t.mark(rng.randrange(0, 4 * MiB - 1), 1)
+            marks += 1
+            if marks == 100:
+                ready.set()
+
+
+def _open_and_exit(image: str, how: str) -> None:
+    if how == "clean":
+        with TrackedImage(image) as img:
+            img.pwrite(b"bye", 0)
+    elif how == "exit-without-close":
+        img = TrackedImage(image)
+        img.pwrite(b"bye", 0)
+        os._exit(0)  # no close, no atexit, no garbage collection
+    elif how == "reader":
+        t = Tracker.open(image)
+        t.dirty_extents()
+        os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        raise AssertionError(how)
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def _start_and_kill(image, how: str, reap: bool = True):
+    ready = CTX.Event()
+    p = CTX.Process(target=_write_until_killed, args=(os.fspath(image), ready, how))
+    p.start()
+    try:
+        assert ready.wait(30), "writer never got going"
+        time.sleep(0.02)  # let it get deeper into the stream
+        os.kill(p.pid, signal.SIGKILL)
+        if reap:
+            p.join(10)
+            assert p.exitcode == -signal.SIGKILL
+        else:
+            _wait_zombie(p.pid)
+    except BaseException:
+        p.kill()
+        p.join()
+        raise
+    return p
+
+
+def _wait_zombie(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} never became a zombie")
+
+
+def _run(target, *args) -> int:
+    p = CTX.Process(target=target, args=args)
+    p.start()
+    p.join(30)
+    return p.exitcode
+
+
+# -- tests ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["image", "tracker"])
+def test_killed_writer_leaves_sidecar_inconsistent(tracked_image, how):
+    with Tracker.open(tracked_image) as t:
+        old_series = t.series
+        assert t.consistent
+    _start_and_kill(tracked_image, how)
+
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is False
+        assert t.info()["consistent"] is False
+        assert t.live_writers() == 0  # the dead slot is not a live writer
+        t.reset()
+        assert t.consistent is True
+        assert t.series != old_series
+        assert t.generation == 0
+        assert t.dirty_bytes() == 4 * MiB
+        assert t.dirty_extents() == [(0, 4 * MiB)]
+    # the reset is persistent: a later consumer trusts the new series
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is True
+        assert t.series != old_series
+        assert t.dirty_extents() == [(0, 4 * MiB)]
+
+
+def test_killed_writer_still_a_zombie_is_dead(tracked_image):
+    """A killed writer whose parent has not reaped it yet is still dead: it
+    will never finish its write, so the sidecar must already be unclean."""
+    p = _start_and_kill(tracked_image, "image", reap=False)
+    try:
+        with Tracker.open(tracked_image) as t:
+            assert t.consistent is False
+    finally:
+        p.join(10)
+
+
+def test_unclean_survives_another_writer_opening(tracked_image):
+    """The next writer frees the dead slot, but the evidence stays."""
+    _start_and_kill(tracked_image, "image")
+    with TrackedImage(tracked_image) as img:
+        img.pwrite(b"x", 0)
+        assert img.tracker.consistent is False
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is False
+        t.reset()
+        assert t.consistent
+
+
+def test_clean_close_in_child_is_consistent(tracked_image):
+    assert _run(_open_and_exit, os.fspath(tracked_image), "clean") == 0
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is True
+        assert t.live_writers() == 0
+        assert t.dirty_extents() == [(0, G)]
+
+
+def test_exit_without_close_is_unclean(tracked_image):
+    assert _run(_open_and_exit, os.fspath(tracked_image), "exit-without-close") == 0
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is False
+
+
+def test_killed_reader_is_harmless(tracked_image):
+    assert _run(_open_and_exit, os.fspath(tracked_image), "reader") == -signal.SIGKILL
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is True
+
+
+def test_clean_close_in_process(tracked_image):
+    with TrackedImage(tracked_image) as img:
+        img.pwrite(b"abc", 5 * G)
+        with Tracker.open(tracked_image) as t:
+            assert t.consistent  # a live writer is not a crash
+            assert t.live_writers() == 1
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent
+        assert t.dirty_extents() == [(5 * G, G)]
+
+
+def test_untracked_growth_is_inconsistent(tracked_image):
+    os.truncate(tracked_image, 6 * MiB + 7)
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is False
+        t.reset()
+        assert t.consistent is True
+        # every granule of the image as it is now is dirty, the grown part too
+        assert t.image_size == 6 * MiB + 7
+        assert t.dirty_extents() == [(0, 6 * MiB + 7)]
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is True
+
+
+def test_untracked_growth_seen_by_writer(tracked_image):
+    os.truncate(tracked_image, 5 * MiB)
+    with TrackedImage(tracked_image) as img:
+        assert img.tracker.consistent is False
