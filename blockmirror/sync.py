@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -198,6 +199,7 @@ class _FileSync:
         )
         self.src_fd = -1
         self.dst_fd = -1
+        self.lock_fd = -1
         self.tracker: Tracker | None = None
         self.copier: Copier | None = None
         self.frozen = False
@@ -237,6 +239,7 @@ class _FileSync:
         plan = self.plan
         self.src_fd = os.open(plan.source, os.O_RDONLY | os.O_CLOEXEC)
         if os.path.exists(sidecar_path(plan.source)):
+            self._lock_source()
             self.tracker = Tracker.open(plan.source)
             self.result.tracked = True
             if not self.tracker.consistent:
@@ -255,6 +258,19 @@ class _FileSync:
         self.copier = Copier(self.src_fd, self.dst_fd, workers=self.workers,
                              rate_limit=self.rate_limit, src_path=plan.source,
                              dst_path=plan.partial)
+
+    def _lock_source(self) -> None:
+        """One copier per source at a time: the dirty bitmap is taken by
+        fetch-and-clear, so a second sync would steal the first one's bits.
+        An flock on the sidecar, released by the kernel if this process dies."""
+        self.lock_fd = os.open(sidecar_path(self.plan.source),
+                               os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInputError(
+                f"another sync of {self.plan.source} is running"
+            ) from None
 
     def _run_untracked(self) -> None:
         """No sidecar: nobody is known to write. Copy once, then make sure the
@@ -522,11 +538,11 @@ class _FileSync:
             self.copier.close()
         if self.tracker is not None:
             self.tracker.close()
-        for fd in (self.src_fd, self.dst_fd):
+        for fd in (self.src_fd, self.dst_fd, self.lock_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.src_fd = self.dst_fd = -1
+        self.src_fd = self.dst_fd = self.lock_fd = -1
 
     def _report(self, phase: str, index: int, done: int, total: int, rate: float,
                 dirty: int) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from imagetools import (
@@ -211,3 +212,25 @@ def test_directory_mode_copies_home_files_first(dirs, tmp_path):
     assert (target / "disk.img").read_bytes() == content
     assert sorted(os.listdir(src)) == []
     assert [c.destination for c in result.children] == [str(target / "disk.img")]
+
+
+def test_one_sync_per_source_at_a_time(dirs, tmp_path):
+    """Two copiers would steal each other's dirty bits; the second is refused."""
+    src, dst = dirs
+    image = src / "one.img"
+    make_data_image(image, 64 * MiB, extents=32)
+    Tracker.create(image).close()
+    first = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", str(image), str(dst),
+                              "--bwlimit", "16M", "--quiet"])
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        deadline = time.monotonic() + 20
+        while not any(n.endswith(".bm-partial") for n in os.listdir(dst)):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(blockmirror.InvalidInputError, match="another sync"):
+            sync(image, other)
+        assert os.listdir(other) == []
+    finally:
+        assert first.wait(timeout=60) == 0
