@@ -21,6 +21,10 @@
 /* However the clocks behave, no writer waits longer than this in one freeze. */
 #define BM_WRITER_MAX_WAIT_NS (120ull * 1000000000ull)
 
+/* A throttle backlog longer than this is taken for a stale clock (see
+ * throttle()); real backlogs are a few writes' worth at the set rate. */
+#define BM_THROTTLE_MAX_AHEAD_NS (60ull * 1000000000ull)
+
 static void sleep_ns(uint64_t ns)
 {
     struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
@@ -53,6 +57,12 @@ static void throttle(bm_tracker *t, uint64_t len)
     uint64_t start;
     do {
         start = next > now ? next : now;
+        /* The virtual clock is CLOCK_MONOTONIC, which restarts at boot while
+         * the sidecar persists (and the control block is not checksummed):
+         * a clock far ahead of any real backlog is stale, not a queue, and
+         * following it put writers to sleep for days. Start afresh. */
+        if (start - now > BM_THROTTLE_MAX_AHEAD_NS)
+            start = now;
     } while (!__atomic_compare_exchange_n(&t->ctl->throttle_next_ns, &next, start + cost, 0,
                                           __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
     if (start > now)
