@@ -130,15 +130,37 @@ def as_extent_array(extents: Extents) -> ExtentArray:
     return arr
 
 
-def split_extents(extents: ExtentArray, item_bytes: int) -> list[ExtentArray]:
-    """Cut EXTENTS into work items of at most ITEM_BYTES each, in order.
+def coalesce_extents(extents: ExtentArray) -> ExtentArray:
+    """EXTENTS with runs of touching extents (one ending where the next
+    starts) merged into one, so no work item boundary splits a range that
+    is really contiguous. Empty extents are dropped; order is kept."""
+    ext = extents[extents["length"] > 0]
+    if len(ext) < 2:
+        return np.ascontiguousarray(ext)
+    ends = ext["offset"] + ext["length"]
+    touching = ends[:-1] == ext["offset"][1:]
+    if not touching.any():
+        return np.ascontiguousarray(ext)
+    starts = np.flatnonzero(np.concatenate(([True], ~touching)))
+    last = np.concatenate((starts[1:], [len(ext)])) - 1
+    out = np.empty(len(starts), dtype=_binding.EXTENT_DTYPE)
+    out["offset"] = ext["offset"][starts]
+    out["length"] = ends[last] - out["offset"]
+    return out
 
-    The extents are laid end to end and cut every ITEM_BYTES, so every item
-    but the last holds exactly ITEM_BYTES; an extent crossing a cut is split
-    there. Empty extents are dropped. Each item is a contiguous view.
+
+def split_extents(extents: ExtentArray, item_bytes: int, align: int = 1) -> list[ExtentArray]:
+    """Cut EXTENTS into work items of about ITEM_BYTES each, in order.
+
+    The extents are laid end to end and cut every ITEM_BYTES; an extent
+    crossing a cut is split there. With ALIGN > 1 such a split is moved down
+    to a multiple of ALIGN in file offsets (within the extent), so zero runs
+    on both sides of it are punched in whole blocks; an item then holds up to
+    ALIGN - 1 bytes more or less. Empty extents are dropped. Each item is a
+    non-empty contiguous array.
     """
-    if item_bytes <= 0:
-        raise ValueError(f"item_bytes must be > 0, got {item_bytes}")
+    if item_bytes <= 0 or align <= 0:
+        raise ValueError(f"item_bytes and align must be > 0, got {item_bytes}, {align}")
     ext = extents[extents["length"] > 0]
     if len(ext) == 0:
         return []
@@ -155,11 +177,28 @@ def split_extents(extents: ExtentArray, item_bytes: int) -> list[ExtentArray]:
     item = first[owner] + within.astype(np.uint64)
     piece_start = np.maximum(starts[owner], item * size)
     piece_end = np.minimum(ends[owner], (item + np.uint64(1)) * size)
+    ext_offset = ext["offset"][owner]
+    file_start = ext_offset + (piece_start - starts[owner])
+    file_end = ext_offset + (piece_end - starts[owner])
+    if align > 1:
+        interior = piece_start > starts[owner]  # a cut inside an extent
+        step = np.uint64(align)
+        snapped = np.maximum(file_start - file_start % step, ext_offset)
+        file_start = np.where(interior, snapped, file_start)
+        # Each piece now ends where the next piece of its extent starts.
+        same_next = np.zeros(len(owner), dtype=bool)
+        same_next[:-1] = owner[1:] == owner[:-1]
+        next_start = np.empty_like(file_start)
+        next_start[:-1] = file_start[1:]
+        next_start[-1:] = file_end[-1:]
+        file_end = np.where(same_next, next_start, file_end)
     pieces = np.empty(len(owner), dtype=_binding.EXTENT_DTYPE)
-    pieces["offset"] = ext["offset"][owner] + (piece_start - starts[owner])
-    pieces["length"] = piece_end - piece_start
+    pieces["offset"] = file_start
+    pieces["length"] = file_end - file_start
+    keep = pieces["length"] > 0
+    pieces, item = pieces[keep], item[keep]
     cuts = np.flatnonzero(np.diff(item)) + 1
-    return list(np.split(pieces, cuts))
+    return [part for part in np.split(pieces, cuts) if len(part)]
 
 
 def _drain(futures: set[cf.Future[Any]]) -> None:
@@ -244,6 +283,9 @@ class Copier:
         self._no_seek = False
         self._throttle = _binding.new_copy_throttle(int(rate_limit)) if rate_limit else None
         self._local = threading.local()
+        # Work items are cut at multiples of this, so punches cover whole
+        # blocks of the destination's filesystem as well as zero blocks.
+        self._align = max(block_size, 4096)
         self._executor: cf.ThreadPoolExecutor | None = cf.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="blockmirror-copy"
         )
@@ -306,9 +348,9 @@ class Copier:
             raise ValueError("copier is closed")
         executor = self._executor
         started = time.perf_counter()
-        arr = as_extent_array(extents)
+        arr = coalesce_extents(as_extent_array(extents))
         total_bytes = int(arr["length"].sum(dtype=np.uint64)) if len(arr) else 0
-        items = split_extents(arr, self._item_bytes(total_bytes))
+        items = split_extents(arr, self._item_bytes(total_bytes), self._align)
         cancel = _binding.new_cancel_flag()
         window = 2 * self.workers
         result = CopyStats()
