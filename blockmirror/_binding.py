@@ -122,28 +122,52 @@ def scan_extents(handle: Handle, clear: bool, chunk: int = 65536) -> np.ndarray:
         parts.append(buf[:n])
     if len(parts) == 1:
         return parts[0]
-    merged = np.concatenate(parts)
-    # A run split across two chunks shows up as two touching extents; merge them
-    # so callers see the same answer whatever the chunk size.
-    if len(merged) > 1:
-        ends = merged["offset"][:-1] + merged["length"][:-1]
-        touching = ends == merged["offset"][1:]
-        if touching.any():
-            starts = np.flatnonzero(np.concatenate(([True], ~touching)))
-            group_ends = np.concatenate((starts[1:], [len(merged)])) - 1
-            out = np.empty(len(starts), dtype=EXTENT_DTYPE)
-            out["offset"] = merged["offset"][starts]
-            out["length"] = (
-                merged["offset"][group_ends] + merged["length"][group_ends] - out["offset"]
-            )
-            merged = out
-    return merged
+    return _merge_touching(np.concatenate(parts))
 
 
-def pwrite_function(handle: Handle, fd: int, path: str):  # type: ignore[no-untyped-def]
+def _merge_touching(extents: np.ndarray) -> np.ndarray:
+    """Merge extents that touch (a run split across two scan chunks), so
+    callers see the same answer whatever the chunk size."""
+    if len(extents) < 2:
+        return extents
+    ends = extents["offset"][:-1] + extents["length"][:-1]
+    touching = ends == extents["offset"][1:]
+    if not touching.any():
+        return extents
+    starts = np.flatnonzero(np.concatenate(([True], ~touching)))
+    group_ends = np.concatenate((starts[1:], [len(extents)])) - 1
+    out = np.empty(len(starts), dtype=EXTENT_DTYPE)
+    out["offset"] = extents["offset"][starts]
+    out["length"] = extents["offset"][group_ends] + extents["length"][group_ends] - out["offset"]
+    return out
+
+
+def new_change_id(handle: Handle) -> int:
+    """Take a change id: the generation now, which then moves on."""
+    out = ffi.new("uint64_t *")
+    _check(lib.bm_new_change_id(handle, out))
+    return int(out[0])
+
+
+def changed_since(handle: Handle, since: int, chunk: int = 65536) -> np.ndarray:
+    """Extents of granules marked after generation SINCE (eras > SINCE)."""
+    cursor = ffi.new("uint64_t *", 0)
+    parts = []
+    while cursor[0] != SCAN_DONE:
+        buf = np.empty(chunk, dtype=EXTENT_DTYPE)
+        n = _check(lib.bm_changed_since(handle, since, cursor,
+                                        ffi.cast("bm_extent *", ffi.from_buffer(buf)), chunk))
+        parts.append(buf[:n])
+    return _merge_touching(np.concatenate(parts)) if len(parts) > 1 else parts[0]
+
+
+def pwrite_function(handle: Handle, fd: int, path: str, on_stale=None):  # type: ignore[no-untyped-def]
     """A fast ``pwrite(data, offset) -> int`` bound to one handle and fd.
 
     Built once per image so the hot path is one Python frame and one C call.
+    When the write fails with ESTALE (the image was redirected) and ON_STALE
+    is given, the result of ``on_stale(data, offset)`` is returned instead of
+    raising, so the caller needs no frame of its own around the fast path.
     """
     bm_pwrite = lib.bm_pwrite
     from_buffer = ffi.from_buffer
@@ -155,6 +179,8 @@ def pwrite_function(handle: Handle, fd: int, path: str):  # type: ignore[no-unty
             view = memoryview(data).cast("B")
             n = bm_pwrite(handle, fd, from_buffer("char[]", view), view.nbytes, offset)
         if n < 0:
+            if on_stale is not None and ffi.errno == errno.ESTALE:
+                return on_stale(data, offset)
             raise error_from_c(path)
         return n
 

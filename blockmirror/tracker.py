@@ -14,7 +14,7 @@ from types import TracebackType
 import numpy as np
 
 from blockmirror import _binding
-from blockmirror.errors import SidecarError
+from blockmirror.errors import ChangeIdInvalidError, SidecarError
 
 SIDECAR_SUFFIX = ".cbt"
 
@@ -125,7 +125,8 @@ class Tracker:
 
     @property
     def generation(self) -> int:
-        """Counts full fetch-and-clear scans in this series."""
+        """The generation counter of this series: moved on by each change id
+        taken and each full fetch-and-clear scan; 0 after a reset."""
         return int(_binding.info(self._h)["generation"])
 
     @property
@@ -195,6 +196,62 @@ class Tracker:
         """:meth:`fetch_and_clear` as a numpy structured array (offset, length)."""
         return _binding.scan_extents(self._h, clear=True)
 
+    # -- change ids (backup tools) ---------------------------------------------
+
+    def change_id(self) -> str:
+        """Take a change id: an opaque string naming this instant of the image.
+
+        Every write marked after this call is reported by
+        ``changed_extents(since=<this id>)``. Take it while the image is
+        quiescent (``sync`` takes one inside its freeze) for it to name a
+        point-in-time state. Any number of consumers may hold ids; none of
+        them, nor a ``sync`` clearing the dirty bitmap, hides changes from
+        another.
+        """
+        generation = _binding.new_change_id(self._h)
+        return f"{self.series}:{generation}"
+
+    def changed_extents(self, since: str) -> list[Extent]:
+        """``(offset, length)`` of everything written since change id SINCE.
+
+        False positives are possible, misses are not. ``since="*"`` returns
+        every allocated extent of the image (for a first, full copy). Raises
+        ``ChangeIdInvalidError`` when the answer cannot be trusted — an id
+        from another series (the sidecar was reset or recreated), from before
+        an unclean shutdown (I4), malformed, or newer than this sidecar has
+        handed out — and the caller must take a full copy.
+        """
+        if since == "*":
+            return _allocated_extents(self.image_path)
+        return _to_list(_binding.changed_since(self._h, self._validate_change_id(since)))
+
+    def changed_extents_array(self, since: str) -> np.ndarray:
+        """:meth:`changed_extents` as a numpy structured array (offset, length)."""
+        return _binding.changed_since(self._h, self._validate_change_id(since))
+
+    def _validate_change_id(self, change_id: str) -> int:
+        series, sep, generation_text = str(change_id).partition(":")
+        if not sep or len(series) != 32 or not generation_text.isdigit():
+            raise ChangeIdInvalidError(f"{change_id!r} is not a blockmirror change id")
+        info = _binding.info(self._h)
+        if series != info["series"]:
+            raise ChangeIdInvalidError(
+                f"change id {change_id} is from another series (the sidecar was reset or "
+                "recreated since): take a full copy"
+            )
+        if not self.consistent:
+            raise ChangeIdInvalidError(
+                f"change tracking of {self.image_path} is unclean (a writer died, or the "
+                "image was written untracked): no change id can be trusted; take a full copy"
+            )
+        generation = int(generation_text)
+        if generation >= int(info["generation"]):
+            raise ChangeIdInvalidError(
+                f"change id {change_id} was never handed out by this sidecar (restored from "
+                "an older copy?): take a full copy"
+            )
+        return generation
+
     def resize(self, size: int) -> None:
         """Follow an image that was resized outside :class:`TrackedImage`."""
         _binding.resize(self._h, size)
@@ -242,8 +299,18 @@ class Tracker:
         return self._h
 
 
+def _allocated_extents(image_path: str) -> list[Extent]:
+    from blockmirror.verify import data_extents
+
+    fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return data_extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def _to_list(extents: np.ndarray) -> list[Extent]:
-    return list(zip(extents["offset"].tolist(), extents["length"].tolist()))
+    return list(zip(extents["offset"].tolist(), extents["length"].tolist(), strict=False))
 
 
 __all__ = ["SidecarError", "Tracker", "sidecar_path"]

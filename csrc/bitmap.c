@@ -12,21 +12,43 @@ static inline uint64_t run_mask(unsigned from, unsigned to_excl)
     return hi & ~((1ull << from) - 1);
 }
 
-/* Set bits [first, last_excl). A relaxed look first: a word that already has
- * the bits is left alone, so re-marking a hot range (I1 marks twice) does not
- * bounce its cache line between processes. Skipping is safe because a bit we
- * saw set is cleared only by a copier that reads the block afterwards. */
+/* Raise each granule's era to at least ERA (never lower it: a slow writer
+ * holding an older era must not hide a newer write's mark). */
+static void raise_eras(bm_tracker *t, uint64_t first, uint64_t last_excl, uint32_t era)
+{
+    for (uint64_t g = first; g < last_excl; g++) {
+        uint32_t *slot = bm_era(t, g);
+        uint32_t cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
+        while (cur < era &&
+               !__atomic_compare_exchange_n(slot, &cur, era, 1, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_RELAXED))
+            ;
+    }
+}
+
+static inline uint32_t current_era(const bm_tracker *t)
+{
+    uint64_t gen = __atomic_load_n(&t->hdr->generation, __ATOMIC_SEQ_CST);
+    return gen > UINT32_MAX ? UINT32_MAX : (uint32_t)gen;
+}
+
+/* Set bits [first, last_excl) and stamp their eras. A relaxed look first: a
+ * word that already has the bits is left alone, so re-marking a hot range
+ * (I1 marks twice) does not bounce its cache line between processes.
+ * Skipping is safe because a bit we saw set is cleared only by a copier
+ * that reads the block afterwards. */
 void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl)
 {
     if (first >= last_excl)
         return;
+    raise_eras(t, first, last_excl, current_era(t));
     uint64_t w0 = first / 64, w1 = (last_excl - 1) / 64;
     for (uint64_t w = w0; w <= w1; w++) {
         unsigned from = w == w0 ? (unsigned)(first % 64) : 0;
         unsigned to = w == w1 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
         uint64_t m = run_mask(from, to);
-        if ((__atomic_load_n(&t->words[w], __ATOMIC_SEQ_CST) & m) != m)
-            __atomic_fetch_or(&t->words[w], m, __ATOMIC_SEQ_CST);
+        if ((__atomic_load_n(bm_word(t, w), __ATOMIC_SEQ_CST) & m) != m)
+            __atomic_fetch_or(bm_word(t, w), m, __ATOMIC_SEQ_CST);
     }
 }
 
@@ -71,14 +93,14 @@ static int64_t scan(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t ma
             valid &= ~((1ull << (*cursor % 64)) - 1);
         if (w == nwords - 1 && ngran % 64)
             valid &= (1ull << (ngran % 64)) - 1;
-        uint64_t bits = __atomic_load_n(&t->words[w], __ATOMIC_RELAXED) & valid;
+        uint64_t bits = __atomic_load_n(bm_word(t, w), __ATOMIC_RELAXED) & valid;
         if (!bits)
             continue;
         if (clear) {
             if (valid == ~0ull)
-                bits = __atomic_exchange_n(&t->words[w], 0, __ATOMIC_SEQ_CST);
+                bits = __atomic_exchange_n(bm_word(t, w), 0, __ATOMIC_SEQ_CST);
             else
-                bits = __atomic_fetch_and(&t->words[w], ~valid, __ATOMIC_SEQ_CST) & valid;
+                bits = __atomic_fetch_and(bm_word(t, w), ~valid, __ATOMIC_SEQ_CST) & valid;
         }
         while (bits) {
             unsigned from = (unsigned)__builtin_ctzll(bits);
@@ -93,7 +115,7 @@ static int64_t scan(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t ma
                 out[n - 1].length = end - out[n - 1].offset;
             } else if (n == max) {
                 if (clear)
-                    __atomic_fetch_or(&t->words[w], bits, __ATOMIC_SEQ_CST);
+                    __atomic_fetch_or(bm_word(t, w), bits, __ATOMIC_SEQ_CST);
                 *cursor = g0;
                 return (int64_t)n;
             } else {
@@ -125,15 +147,19 @@ int64_t bm_dirty_bytes(bm_tracker *t)
     uint64_t nwords = bm_words_for(ngran);
     uint64_t count = 0;
     for (uint64_t w = 0; w < nwords; w++) {
-        uint64_t bits = __atomic_load_n(&t->words[w], __ATOMIC_RELAXED);
+        uint64_t bits = __atomic_load_n(bm_word(t, w), __ATOMIC_RELAXED);
         if (w == nwords - 1 && ngran % 64)
             bits &= (1ull << (ngran % 64)) - 1;
-        count += (uint64_t)__builtin_popcountll(bits);
+        /* Skip zero words: at -O2 for baseline x86-64 (no POPCNT) the
+         * popcount is a libgcc call, and a big bitmap is mostly zeros
+         * (bench/: 1 TiB at 0.1 % dirty, 386 -> 259 us). */
+        if (bits)
+            count += (uint64_t)__builtin_popcountll(bits);
     }
     uint64_t bytes = count << t->shift;
     if (ngran > 0 && (size & (((uint64_t)1 << t->shift) - 1))) {
         uint64_t last = ngran - 1;
-        if (__atomic_load_n(&t->words[last / 64], __ATOMIC_RELAXED) & (1ull << (last % 64)))
+        if (__atomic_load_n(bm_word(t, last / 64), __ATOMIC_RELAXED) & (1ull << (last % 64)))
             bytes -= ((uint64_t)1 << t->shift) - (size & (((uint64_t)1 << t->shift) - 1));
     }
     return (int64_t)bytes;
@@ -153,11 +179,70 @@ int bm_resize(bm_tracker *t, uint64_t new_size)
             uint64_t w = g / 64;
             unsigned from = (unsigned)(g % 64);
             unsigned to = (g_old - w * 64) >= 64 ? 64 : (unsigned)(g_old - w * 64);
-            __atomic_fetch_and(&t->words[w], ~run_mask(from, to), __ATOMIC_SEQ_CST);
+            __atomic_fetch_and(bm_word(t, w), ~run_mask(from, to), __ATOMIC_SEQ_CST);
             g = (w + 1) * 64;
         }
         if (new_size > 0)
             bm_mark_granules(t, (new_size - 1) >> t->shift, g_new);
     }
     return 0;
+}
+
+int bm_new_change_id(bm_tracker *t, uint64_t *generation)
+{
+    uint64_t gen = __atomic_fetch_add(&t->hdr->generation, 1, __ATOMIC_SEQ_CST);
+    if (gen >= UINT32_MAX - 1)
+        return bm_fail(EOVERFLOW, "change ids are exhausted in this series; reset the sidecar");
+    *generation = gen;
+    return 0;
+}
+
+int64_t bm_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_extent *out,
+                         uint64_t max)
+{
+    if (*cursor == UINT64_MAX)
+        return 0;
+    if (max == 0)
+        return bm_fail(EINVAL, "extent array has no room");
+    if (since >= UINT32_MAX)
+        return bm_fail(EINVAL, "change id generation %llu is out of range",
+                       (unsigned long long)since);
+    uint64_t size = bm_image_size(t);
+    uint64_t ngran = bm_granules(t, size);
+    uint32_t limit = (uint32_t)since;
+    uint64_t n = 0;
+    for (uint64_t g = *cursor; g < ngran;) {
+        /* Scan within one chunk: its eras are contiguous. */
+        uint64_t chunk_end = (g / BM_CHUNK_GRANULES + 1) * BM_CHUNK_GRANULES;
+        if (chunk_end > ngran)
+            chunk_end = ngran;
+        const uint32_t *eras = bm_era(t, g);
+        uint64_t i = 0, len = chunk_end - g;
+        while (i < len) {
+            if (__atomic_load_n(&eras[i], __ATOMIC_RELAXED) <= limit) {
+                i++;
+                continue;
+            }
+            uint64_t start = i;
+            while (i < len && __atomic_load_n(&eras[i], __ATOMIC_RELAXED) > limit)
+                i++;
+            uint64_t off = (g + start) << t->shift;
+            uint64_t end = (g + i) << t->shift;
+            if (end > size)
+                end = size;
+            if (n > 0 && out[n - 1].offset + out[n - 1].length == off) {
+                out[n - 1].length = end - out[n - 1].offset;
+            } else if (n == max) {
+                *cursor = g + start;
+                return (int64_t)n;
+            } else {
+                out[n].offset = off;
+                out[n].length = end - off;
+                n++;
+            }
+        }
+        g = chunk_end;
+    }
+    *cursor = UINT64_MAX;
+    return (int64_t)n;
 }

@@ -13,7 +13,7 @@
 /* ---------------------------------------------------------------------- */
 /* Sidecar format and limits                                               */
 
-#define BM_FORMAT_VERSION 1
+#define BM_FORMAT_VERSION 2
 #define BM_DEFAULT_GRANULARITY 65536
 #define BM_MIN_GRANULARITY 4096
 #define BM_MAX_GRANULARITY 67108864
@@ -123,6 +123,24 @@ int64_t bm_dirty_bytes(bm_tracker *t);
  * clears bits past the end and marks the new last granule dirty. Sizes past
  * BM_MAX_IMAGE_SIZE are EFBIG. */
 int bm_resize(bm_tracker *t, uint64_t new_size);
+
+/* Change ids (eras, as dm-era keeps them): every granule records the
+ * generation current when it was last marked. A change id is a generation
+ * handed out with bm_new_change_id, which then moves the generation on, so
+ * every write marked afterwards carries a larger era. Independent of the
+ * dirty bitmap: fetch-and-clear by a copier never hides a change from a
+ * backup tool holding a change id, and any number of them can hold one. */
+
+/* Take a change id: *GENERATION gets the current generation, which is then
+ * incremented. EOVERFLOW once eras (uint32) would wrap: reset the sidecar. */
+int bm_new_change_id(bm_tracker *t, uint64_t *generation);
+
+/* Every granule marked after change id SINCE was taken (era > SINCE), as
+ * merged byte extents clipped to the image, resumable like bm_snapshot.
+ * False positives are possible (granules marked with a later era by a write
+ * racing the id), misses are not - as long as the sidecar is clean. */
+int64_t bm_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_extent *out,
+                         uint64_t max);
 
 /* ---------------------------------------------------------------------- */
 /* The tracked writer (writer.c)                                           */

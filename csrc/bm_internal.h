@@ -19,6 +19,15 @@
 #define BM_CONTROL_OFFSET 4096u
 #define BM_BITMAP_OFFSET 8192u
 
+/* From BM_BITMAP_OFFSET the sidecar is a row of chunks, each covering
+ * BM_CHUNK_GRANULES granules: their dirty bits (64-bit words), then their
+ * eras (one uint32 per granule: the generation current when the granule was
+ * last written). Chunks let both arrays grow in place when the image grows,
+ * and keep each array contiguous within a chunk for fast scans. */
+#define BM_CHUNK_GRANULES 4096u
+#define BM_CHUNK_WORDS (BM_CHUNK_GRANULES / 64u)
+#define BM_CHUNK_BYTES (BM_CHUNK_WORDS * 8u + BM_CHUNK_GRANULES * 4u)
+
 /* Page 0. Fields up to `checksum` are written once at creation and covered
  * by the checksum; the ones after it change while the sidecar is in use and
  * are touched with atomics only. */
@@ -35,7 +44,7 @@ struct bm_header {
     uint64_t checksum;          /* FNV-1a 64 of the bytes above */
     /* dynamic */
     uint64_t image_size;
-    uint64_t generation;
+    uint64_t generation;        /* bumped by change ids and full scans; eras record it */
     uint32_t flags;
     uint32_t reserved0;
 };
@@ -72,7 +81,7 @@ struct bm_tracker {
     size_t map_len;
     struct bm_header *hdr;
     struct bm_control *ctl;
-    uint64_t *words;
+    unsigned char *data;        /* the first chunk (map + BM_BITMAP_OFFSET) */
     uint32_t shift;             /* log2(granularity) */
     pthread_mutex_t grow_lock;  /* serialises ftruncate of the sidecar in this process */
 };
@@ -93,6 +102,15 @@ static inline uint64_t bm_words_for(uint64_t granules) { return (granules + 63) 
 static inline uint64_t bm_image_size(const bm_tracker *t)
 {
     return __atomic_load_n(&t->hdr->image_size, __ATOMIC_ACQUIRE);
+}
+static inline uint64_t *bm_word(const bm_tracker *t, uint64_t w)
+{
+    return (uint64_t *)(t->data + (w / BM_CHUNK_WORDS) * BM_CHUNK_BYTES) + (w % BM_CHUNK_WORDS);
+}
+static inline uint32_t *bm_era(const bm_tracker *t, uint64_t g)
+{
+    return (uint32_t *)(t->data + (g / BM_CHUNK_GRANULES) * BM_CHUNK_BYTES +
+                        BM_CHUNK_WORDS * 8u) + (g % BM_CHUNK_GRANULES);
 }
 void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl);
 

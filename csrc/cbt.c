@@ -130,10 +130,12 @@ static uint64_t header_checksum(const struct bm_header *h)
     return fnv1a64(h, offsetof(struct bm_header, checksum));
 }
 
+/* Bytes of chunks (bits and eras) needed for an image of IMAGE_SIZE. */
 static uint64_t bitmap_bytes_for(uint64_t image_size, uint32_t shift)
 {
     uint64_t granules = (image_size + ((uint64_t)1 << shift) - 1) >> shift;
-    uint64_t bytes = bm_words_for(granules) * 8;
+    uint64_t chunks = (granules + BM_CHUNK_GRANULES - 1) / BM_CHUNK_GRANULES;
+    uint64_t bytes = chunks * BM_CHUNK_BYTES;
     return (bytes + BM_PAGE - 1) / BM_PAGE * BM_PAGE;
 }
 
@@ -341,7 +343,7 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
     t->map = m;
     t->hdr = (struct bm_header *)t->map;
     t->ctl = (struct bm_control *)(t->map + BM_CONTROL_OFFSET);
-    t->words = (uint64_t *)(t->map + BM_BITMAP_OFFSET);
+    t->data = t->map + BM_BITMAP_OFFSET;
 
     sweep_slots(t);
     if (flags & BM_OPEN_WRITER) {
@@ -422,6 +424,12 @@ int bm_reset(bm_tracker *t)
      * series id also sees every granule dirty. The series lives in the
      * checksummed part, so rewrite the checksum too. */
     bm_mark_all(t);
+    /* Forget the old series' eras so they raise no false positives later. A
+     * writer racing with this can only leave an era too high (a false
+     * positive), never too low: eras are raised with compare-and-swap. */
+    uint64_t ngran = bm_granules(t, bm_image_size(t));
+    for (uint64_t g = 0; g < ngran; g++)
+        __atomic_store_n(bm_era(t, g), 0, __ATOMIC_RELAXED);
     uint8_t series[16];
     if (getrandom(series, sizeof series, 0) != (ssize_t)sizeof series)
         return bm_fail(errno ? errno : EIO, "no randomness for a new series id");

@@ -92,7 +92,7 @@ def side(tracked_image) -> str:
 def test_layout_assumptions(tracked_image, side):
     raw = read_bytes(side)
     assert raw[:8] == b"BMCBT\r\n\x1a"
-    assert struct.unpack_from("<I", raw, OFF_VERSION)[0] == 1
+    assert struct.unpack_from("<I", raw, OFF_VERSION)[0] == 2
     assert struct.unpack_from("<I", raw, OFF_GRANULARITY)[0] == 65536
     assert struct.unpack_from("<I", raw, OFF_SHIFT)[0] == 16
     assert struct.unpack_from("<Q", raw, OFF_CHECKSUM)[0] == fnv1a64(raw[:OFF_CHECKSUM])
@@ -223,8 +223,8 @@ def test_text_mode_mangled(tracked_image, side):
 
 def test_wrong_version(tracked_image, side):
     # checksum recomputed, so it is the version check that refuses it
-    patch(side, OFF_VERSION, struct.pack("<I", 2), fix_checksum=True)
-    assert_refused(tracked_image, SidecarCorruptError, "version 2")
+    patch(side, OFF_VERSION, struct.pack("<I", 1), fix_checksum=True)
+    assert_refused(tracked_image, SidecarCorruptError, "version 1")
 
 
 @pytest.mark.parametrize("length", [0, 7, 100, 4096, 8191])
@@ -234,11 +234,13 @@ def test_truncated_header(tracked_image, side, length):
 
 
 def test_truncated_bitmap(make_image):
-    img = make_image(1 << 30)  # 1 GiB at 4 KiB granules: an 8-page bitmap
+    # 1 GiB at 4 KiB granules: 64 chunks of 4096 granules, each 512 bytes of
+    # dirty bits and 16 KiB of eras (264 pages in all)
+    img = make_image(1 << 30)
     Tracker.create(img, granularity=4096).close()
     side = sidecar_path(img)
-    assert os.path.getsize(side) == BITMAP_OFFSET + 8 * 4096
-    for cut in (BITMAP_OFFSET + 7 * 4096, BITMAP_OFFSET + 4096, BITMAP_OFFSET):
+    assert os.path.getsize(side) == BITMAP_OFFSET + 64 * (512 + 4096 * 4)
+    for cut in (BITMAP_OFFSET + 263 * 4096, BITMAP_OFFSET + 4096, BITMAP_OFFSET):
         os.truncate(side, cut)
         assert_refused(img, SidecarCorruptError, "truncated")
 
