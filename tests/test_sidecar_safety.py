@@ -33,6 +33,7 @@ OFF_SERIES = 40
 OFF_CHECKSUM = 64
 OFF_IMAGE_SIZE = 72
 BITMAP_OFFSET = 8192
+FORMAT_VERSION = _binding.lib.BM_FORMAT_VERSION
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
@@ -92,7 +93,7 @@ def side(tracked_image) -> str:
 def test_layout_assumptions(tracked_image, side):
     raw = read_bytes(side)
     assert raw[:8] == b"BMCBT\r\n\x1a"
-    assert struct.unpack_from("<I", raw, OFF_VERSION)[0] == 2
+    assert struct.unpack_from("<I", raw, OFF_VERSION)[0] == FORMAT_VERSION
     assert struct.unpack_from("<I", raw, OFF_GRANULARITY)[0] == 65536
     assert struct.unpack_from("<I", raw, OFF_SHIFT)[0] == 16
     assert struct.unpack_from("<Q", raw, OFF_CHECKSUM)[0] == fnv1a64(raw[:OFF_CHECKSUM])
@@ -223,8 +224,10 @@ def test_text_mode_mangled(tracked_image, side):
 
 def test_wrong_version(tracked_image, side):
     # checksum recomputed, so it is the version check that refuses it
-    patch(side, OFF_VERSION, struct.pack("<I", 1), fix_checksum=True)
-    assert_refused(tracked_image, SidecarCorruptError, "version 1")
+    # older formats (a sidecar from before an upgrade) and newer ones alike
+    for version in sorted({0, FORMAT_VERSION - 1, FORMAT_VERSION + 1, 2**32 - 1}):
+        patch(side, OFF_VERSION, struct.pack("<I", version), fix_checksum=True)
+        assert_refused(tracked_image, SidecarCorruptError, f"version {version}")
 
 
 @pytest.mark.parametrize("length", [0, 7, 100, 4096, 8191])
