@@ -217,7 +217,8 @@ class Copier:
     The copier does not own the file descriptors (it never closes them) and
     does not size the destination: copying past its end extends it where
     data is written, but a trailing zero run is not written, so the caller
-    ftruncates the destination to the source's size. Use as a context
+    ftruncates the destination to the source's size. All I/O uses explicit
+    offsets; only the source's file offset moves (SEEK_DATA/SEEK_HOLE). Use as a context
     manager, or call :meth:`close`, to stop the worker threads.
 
     Parameters:
@@ -229,7 +230,8 @@ class Copier:
             :meth:`source_reports_holes`. It is dropped for good at the first
             refusal (EXDEV, EOPNOTSUPP, ...), falling back to read/write.
         rate_limit: cap on the data moved, bytes/s over all workers (holes
-            are free); for benchmarks that emulate slower storage.
+            are free; None or 0: no cap); for benchmarks that emulate slower
+            storage.
         buffer_bytes: each worker's read buffer (one read or write request
             is at most this big).
         src_path, dst_path: names put into raised OSErrors.
@@ -281,7 +283,9 @@ class Copier:
         # Learnt from the C calls: what the filesystems refused once.
         self._no_punch = False
         self._no_seek = False
-        self._throttle = _binding.new_copy_throttle(int(rate_limit)) if rate_limit else None
+        self._throttle = (
+            _binding.new_copy_throttle(max(1, round(rate_limit))) if rate_limit else None
+        )
         self._local = threading.local()
         # Work items are cut at multiples of this, so punches cover whole
         # blocks of the destination's filesystem as well as zero blocks.
