@@ -14,12 +14,14 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
 from blockmirror import _binding
 from blockmirror.errors import (
     BlockMirrorError,
+    ChangeIdInvalidError,
     InvalidInputError,
     NotConvergedError,
     OutOfSpaceError,
@@ -175,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per tracked block, a power of two (default 64k)")
     t.add_argument("--json", action="store_true")
 
+    c = sub.add_parser("changed", help="list what was written since a change id",
+                       epilog="A change id comes from a copy's --json result (change_id) or "
+                       "from Tracker.change_id(); '*' lists every allocated extent. Exit 2 "
+                       "when the id cannot be trusted: take a full copy then.")
+    c.add_argument("image")
+    c.add_argument("--since", required=True, metavar="ID")
+    c.add_argument("--new-id", action="store_true",
+                   help="also take a new change id (printed with --json) for the next query")
+    c.add_argument("--json", action="store_true")
+
     v = sub.add_parser("verify", help="compare two images block by block",
                        epilog=EXIT_CODES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rate", default="16M", help="writer rate during the copy")
     d.add_argument("--target-downtime", type=_duration, default=0.2, metavar="TIME")
     d.add_argument("--json", action="store_true")
+    _add_bench_parser(sub)
     return parser
 
 
@@ -202,10 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_track(args)
         if args.command == "verify":
             return _cmd_verify(args)
+        if args.command == "changed":
+            return _cmd_changed(args)
         if args.command == "demo":
             from blockmirror.demo import run_demo
 
             return run_demo(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
         parser.error(f"unknown command {args.command}")
     except KeyboardInterrupt:
         _err("interrupted; cleaned up, the source is untouched")
@@ -227,7 +244,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_USAGE
     if isinstance(exc, NotConvergedError):
         return EXIT_NOT_CONVERGED
-    if isinstance(exc, SidecarError):
+    if isinstance(exc, (SidecarError, ChangeIdInvalidError)):
         return EXIT_USAGE
     if isinstance(exc, OSError) and exc.errno == 28:
         return EXIT_NO_SPACE
@@ -298,10 +315,31 @@ def _cmd_track(args: argparse.Namespace) -> int:
         print(f"sidecar      {info['sidecar']}")
         print(f"consistent   {'yes' if info['consistent'] else 'NO: a writer died; reset needed'}")
         print(f"series       {info['series']}  generation {info['generation']}")
+        print("change ids   valid" if info["consistent"] else "change ids   all invalid")
         print(f"granularity  {format_bytes(int(info['granularity']))}")  # type: ignore[call-overload]
         print(f"image size   {format_bytes(int(info['image_size']))}")  # type: ignore[call-overload]
         print(f"dirty        {format_bytes(int(info['dirty_bytes']))}")  # type: ignore[call-overload]
         print(f"state        {info['state']}, {info['live_writers']} live writers")
+    return EXIT_OK
+
+
+def _cmd_changed(args: argparse.Namespace) -> int:
+    from blockmirror.tracker import Tracker
+
+    with Tracker.open(args.image) as tracker:
+        new_id = tracker.change_id() if args.new_id else None
+        extents = tracker.changed_extents(args.since)
+    total = sum(length for _, length in extents)
+    if args.json:
+        print(json.dumps({"since": args.since, "extents": extents, "bytes": total,
+                          "new_change_id": new_id}))
+    else:
+        for offset, length in extents:
+            print(f"{offset} {length}")
+        print(f"# {len(extents)} extents, {format_bytes(total)} changed since {args.since}",
+              file=sys.stderr)
+        if new_id:
+            print(f"# new change id {new_id}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -322,6 +360,55 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         print("images are identical")
     return EXIT_DIFFERENT if differing else EXIT_OK
+
+
+# -- blockmirror bench: a thin entry to the harnesses in the repository's bench/ --
+
+
+class _PassThroughParser(argparse.ArgumentParser):
+    """Hands every argument after the benchmark's name to the benchmark's own
+    parser (which also answers --help)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace = namespace or argparse.Namespace()
+        namespace.bench_args = list(args or [])
+        return namespace, []
+
+
+def _add_bench_parser(sub: Any) -> None:
+    b = sub.add_parser("bench", help="benchmarks (run from a source checkout: code in bench/)")
+    bench_sub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK",
+                                 parser_class=_PassThroughParser)
+    bench_sub.add_parser("convergence", add_help=False,
+                         help="convergence vs write rate, against a model and QEMU's mirror "
+                         "(blockmirror bench convergence --help)")
+
+
+def bench_folder() -> Path:
+    """The repository's bench/ folder (it is not installed with the package)."""
+    import blockmirror
+
+    root = Path(blockmirror.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (
+        root / "bench" / "convergence" / "harness.py"
+    ).is_file():
+        raise InvalidInputError(
+            f"the benchmarks live in the source repository's bench/ folder, not found beside "
+            f"{root}; run from a checkout (pip install -e .)"
+        )
+    return root / "bench"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    root = str(bench_folder().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    harness = importlib.import_module(f"bench.{args.bench_command}.harness")
+    return int(harness.main(args.bench_args, prog=f"blockmirror bench {args.bench_command}"))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ The switchover predicate is time-based, as in Storage vMotion: switch when
 the dirty bytes left, copied at the throughput the last pass measured, would
 take less than the target downtime. The stall rule declares non-convergence
 when the dirty set has stopped shrinking for a few passes in a row: then the
-writers dirty blocks at least as fast as the copy cleans them, and more passes
-would only copy the same blocks again.
+writers dirty blocks about as fast as the copy cleans them, and more passes
+would only copy the same blocks again. "Stopped shrinking" allows for noise:
+a pass that leaves at least STALL_RATIO of what the previous one left counts
+(a dirty set hovering around a hot working set wobbles by a few percent).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class ConvergencePolicy:
     target_downtime: float = 5.0
     max_passes: int = 30
     stall_passes: int = 3
+    stall_ratio: float = 0.9
 
     def __post_init__(self) -> None:
         if not (self.target_downtime > 0 and math.isfinite(self.target_downtime)):
@@ -106,7 +109,7 @@ class ConvergencePolicy:
         run = 0
         recent = passes[stall_from:]
         for prev, cur in zip(recent[::-1][1:], recent[::-1], strict=False):
-            if cur.dirty_left > 0 and cur.dirty_left >= prev.dirty_left:
+            if cur.dirty_left > 0 and cur.dirty_left >= self.stall_ratio * prev.dirty_left:
                 run += 1
             else:
                 break

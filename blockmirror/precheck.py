@@ -12,6 +12,7 @@ import stat
 from dataclasses import dataclass
 
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
+from blockmirror.manifest import SUFFIX as MANIFEST_SUFFIX
 from blockmirror.tracker import SIDECAR_SUFFIX
 from blockmirror.units import format_bytes
 
@@ -29,6 +30,7 @@ class Plan:
     allocated: int
     owner_uid: int
     mode: int
+    incremental: bool = False  # DST is an earlier blockmirror copy: update it in place
 
 
 def partial_path(destination: str) -> str:
@@ -43,8 +45,14 @@ def free_bytes(folder: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def plan_file_sync(source: str, destination: str, *, force: bool = False) -> Plan:
-    """Check a file-mode sync of SOURCE to DESTINATION and say where it goes."""
+def plan_file_sync(
+    source: str, destination: str, *, force: bool = False, move: bool = False
+) -> Plan:
+    """Check a file-mode sync of SOURCE to DESTINATION and say where it goes.
+
+    An existing destination with a blockmirror manifest beside it is an
+    earlier copy: the sync is then incremental (in place), unless FORCE asks
+    for a full copy that replaces it."""
     src = os.path.abspath(source)
     try:
         st = os.stat(src)
@@ -80,10 +88,14 @@ def plan_file_sync(source: str, destination: str, *, force: bool = False) -> Pla
         os.path.lexists(dst) and os.path.exists(dst) and os.path.samefile(dst, src)
     ):
         raise InvalidInputError(f"destination {destination} is the source itself")
+    incremental = False
     if os.path.lexists(dst):
         if os.path.isdir(dst):
             raise InvalidInputError(f"destination {destination} is a folder")
-        if not force:
+        earlier_copy = os.path.isfile(dst) and os.path.exists(dst + MANIFEST_SUFFIX)
+        if earlier_copy and not force and not move:
+            incremental = True
+        elif not force:
             raise InvalidInputError(
                 f"destination {destination} exists; use --force to replace it"
             )
@@ -94,12 +106,15 @@ def plan_file_sync(source: str, destination: str, *, force: bool = False) -> Pla
 
     allocated = st.st_blocks * 512
     # A replaced destination is only removed at the end, so it frees nothing.
+    # An incremental update needs room only for what changed: ENOSPC during
+    # it is handled like any other failure.
     available = free_bytes(folder) + _reusable_partial_bytes(partial_path(dst))
-    if allocated > available:
+    if allocated > available and not incremental:
         raise OutOfSpaceError(
             f"need {format_bytes(allocated)} at {folder}, {format_bytes(available)} free", folder
         )
-    return Plan(src, dst, partial_path(dst), st.st_size, allocated, st.st_uid, st.st_mode)
+    return Plan(src, dst, partial_path(dst), st.st_size, allocated, st.st_uid, st.st_mode,
+                incremental)
 
 
 def _reusable_partial_bytes(partial: str) -> int:

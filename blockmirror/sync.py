@@ -22,13 +22,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockmirror import precheck
+from blockmirror._binding import DEFAULT_GRANULARITY
 from blockmirror.copier import Copier, CopyStats
 from blockmirror.errors import (
+    ChangeIdInvalidError,
     FreezeError,
     InvalidInputError,
     NotConvergedError,
     OutOfSpaceError,
     SourceChangedError,
+)
+from blockmirror.manifest import (
+    STATE_CLEAN,
+    Manifest,
+    ManifestError,
+    differing_extents,
+    manifest_path,
+    zero_digest,
 )
 from blockmirror.policy import ConvergencePolicy, Decision, PassRecord, predict_downtime
 from blockmirror.tracker import Tracker, sidecar_path
@@ -82,6 +92,8 @@ class SyncResult:
     elapsed: float = 0.0
     verified: bool = False
     notes: list[str] = field(default_factory=list)
+    incremental: bool = False  # an earlier copy was updated in place
+    change_id: str | None = None  # the source's change id the copy is exact at
     children: list[SyncResult] = field(default_factory=list)  # directory mode: one per image
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +112,8 @@ class SyncResult:
             "downtime": round(self.downtime, 6),
             "elapsed": round(self.elapsed, 6),
             "verified": self.verified,
+            "incremental": self.incremental,
+            "change_id": self.change_id,
             "notes": self.notes,
             "children": [c.to_dict() for c in self.children],
         }
@@ -162,7 +176,7 @@ def sync(
             verify=verify, progress=progress, force=force, workers=workers,
             rate_limit=rate_limit, converge=converge,
         )
-    plan = precheck.plan_file_sync(src_s, dst_s, force=force)
+    plan = precheck.plan_file_sync(src_s, dst_s, force=force, move=mode == "move")
     job = _FileSync(plan, policy, mode=mode, verify=verify, progress=progress, workers=workers,
                     rate_limit=rate_limit, converge=converge)
     return job.run()
@@ -207,6 +221,10 @@ class _FileSync:
         self.committed = False  # the destination has its final name
         self.redirected = False  # move mode: writers now write the destination
         self.stall_from = 0  # passes before this index don't count as stalls
+        # The digest manifest beside a copy-mode destination (issue 5): the
+        # earlier copy's, when updating it in place, or a new one.
+        self.manifest: Manifest | None = None
+        self.touched: list[Any] = []  # extents written into the copy this run
 
     # -- the run ------------------------------------------------------------
 
@@ -253,11 +271,33 @@ class _FileSync:
                 raise InvalidInputError(
                     f"source {plan.source} was already moved to {self.tracker.redirect_target()}"
                 )
-        self.dst_fd = precheck.claim_partial(plan.partial)
-        os.ftruncate(self.dst_fd, plan.size)
+        if plan.incremental:
+            self._open_earlier_copy()
+        else:
+            self.dst_fd = precheck.claim_partial(plan.partial)
+            os.ftruncate(self.dst_fd, plan.size)
         self.copier = Copier(self.src_fd, self.dst_fd, workers=self.workers,
                              rate_limit=self.rate_limit, src_path=plan.source,
-                             dst_path=plan.partial)
+                             dst_path=plan.destination if plan.incremental else plan.partial)
+
+    def _open_earlier_copy(self) -> None:
+        """Incremental sync: DST is an earlier copy with its manifest. It is
+        updated in place (there is no room for a second copy), so it is locked
+        against other syncs and its manifest says "updating" before any byte
+        changes: a crash midway leaves a copy the next run repairs by hash."""
+        plan = self.plan
+        try:
+            self.manifest = Manifest.open(manifest_path(plan.destination))
+        except ManifestError as e:
+            raise InvalidInputError(f"{e}; use --force for a full copy") from None
+        self.dst_fd = os.open(plan.destination, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(self.dst_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInputError(
+                f"another sync is writing {plan.destination}"
+            ) from None
+        self.result.incremental = True
 
     def _lock_source(self) -> None:
         """One copier per source at a time: the dirty bitmap is taken by
@@ -276,7 +316,10 @@ class _FileSync:
         """No sidecar: nobody is known to write. Copy once, then make sure the
         source really did not change meanwhile; never hand back a torn copy."""
         before = os.fstat(self.src_fd)
-        self._bulk_pass(dirty_left=lambda: 0)
+        if self.plan.incremental:
+            self._incremental_pass(dirty_left=lambda: 0)
+        else:
+            self._bulk_pass(dirty_left=lambda: 0)
         after = os.fstat(self.src_fd)
         if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
             after.st_size, after.st_mtime_ns, after.st_ctime_ns
@@ -296,7 +339,10 @@ class _FileSync:
         # I2: clear before read. Everything is copied by the bulk pass, so
         # bits from before it are stale; writes from now on are marked again.
         tracker.fetch_and_clear_array()
-        self._bulk_pass(dirty_left=tracker.dirty_bytes)
+        if self.plan.incremental:
+            self._incremental_pass(dirty_left=tracker.dirty_bytes)
+        else:
+            self._bulk_pass(dirty_left=tracker.dirty_bytes)
         attempts = 0
         while True:
             decision = self.policy.decide(self.result.passes, stall_from=self.stall_from)
@@ -325,6 +371,37 @@ class _FileSync:
         stats = self._copy("bulk", extents, total, dirty=0, dst_fresh=True)
         self._record("bulk", stats, dirty_left())
 
+    def _incremental_pass(self, dirty_left: Callable[[], int]) -> None:
+        """First pass onto an earlier copy: what changed since the change id
+        it was taken at, or - when that id cannot be trusted - every granule
+        whose digest differs from the manifest (hash resync)."""
+        assert self.manifest is not None
+        manifest = self.manifest
+        size = os.fstat(self.src_fd).st_size
+        extents: Any = None
+        if self.tracker is not None and manifest.state == STATE_CLEAN and manifest.series:
+            try:
+                extents = self.tracker.changed_extents_array(manifest.change_id)
+                self.result.notes.append(f"incremental since change id {manifest.change_id}")
+            except ChangeIdInvalidError as e:
+                self.result.notes.append(f"hash resync: {e}")
+        elif manifest.state != STATE_CLEAN:
+            self.result.notes.append("hash resync: the earlier update of the copy did not finish")
+        else:
+            self.result.notes.append("hash resync: the copy has no change id to start from")
+        manifest.begin_update()
+        if size != manifest.image_size:
+            manifest.resize(size)
+        if os.fstat(self.dst_fd).st_size != size:
+            os.ftruncate(self.dst_fd, size)
+        if extents is None:
+            extents = differing_extents(manifest, self.src_fd, size, workers=self.workers)
+        else:
+            extents = _union_extents(_pairs(extents), manifest.unknown_extents())
+        total = sum(length for _, length in _pairs(extents))
+        stats = self._copy("incremental", extents, total, dirty=0, dst_fresh=False)
+        self._record("incremental", stats, dirty_left())
+
     def _dirty_pass(self) -> None:
         assert self.tracker is not None
         self._follow_source_size()
@@ -337,6 +414,11 @@ class _FileSync:
     def _copy(self, phase: str, extents: Any, total: int, *, dirty: int,
               dst_fresh: bool) -> CopyStats:
         assert self.copier is not None
+        if self.manifest is not None and self.plan.incremental:
+            # The copy is about to change under these digests: forget them
+            # durably first, so a crash can never leave one that lies.
+            self.manifest.forget(_pairs(extents))
+        self.touched.append(extents)
         index = len(self.result.passes)
         start = time.perf_counter()
         done = 0
@@ -366,6 +448,8 @@ class _FileSync:
         """Writers may grow or shrink the image; the copy follows its size."""
         size = os.fstat(self.src_fd).st_size
         if size != os.fstat(self.dst_fd).st_size:
+            if self.manifest is not None:
+                self.manifest.resize(size)
             os.ftruncate(self.dst_fd, size)
         self.result.image_size = size
 
@@ -404,6 +488,8 @@ class _FileSync:
             self.result.notes.append("freeze lease ran out during the final pass; retried")
             return False
         if self.mode == "copy":
+            # The copy is exact at this instant: name it for backup tools.
+            self.result.change_id = tracker.change_id()
             self._thaw()
             self.result.downtime = time.perf_counter() - frozen_at
             self._durable_commit()
@@ -426,15 +512,47 @@ class _FileSync:
     def _durable_commit(self) -> None:
         """fsync the shadow copy, give it the source's mode and its final
         name, and fsync the folder so the name survives a crash."""
+        dst = self.plan.destination
+        if self.plan.incremental:
+            os.fsync(self.dst_fd)
+            self._write_manifest()
+            return
         os.fchmod(self.dst_fd, self.plan.mode & 0o7777)
         if os.geteuid() == 0:
             os.fchown(self.dst_fd, self.plan.owner_uid, -1)
         os.fsync(self.dst_fd)
-        if os.path.lexists(self.plan.destination + ".cbt"):
-            os.unlink(self.plan.destination + ".cbt")  # --force: the old copy's sidecar
-        os.rename(self.plan.partial, self.plan.destination)
+        for stale in (dst + ".cbt", manifest_path(dst)):
+            # --force: the replaced copy's sidecar and manifest must go before
+            # the new copy takes the name, or they would describe it wrongly.
+            if os.path.lexists(stale):
+                os.unlink(stale)
+        os.rename(self.plan.partial, dst)
         self.committed = True
-        _fsync_folder(os.path.dirname(self.plan.destination))
+        _fsync_folder(os.path.dirname(dst))
+        if self.mode == "copy":
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        """Digest what this run wrote (a new copy: all of it) and record the
+        change id the copy is exact at, for the next incremental sync."""
+        from blockmirror.verify import data_extents
+
+        dst = self.plan.destination
+        size = os.fstat(self.dst_fd).st_size
+        if self.manifest is None:
+            granularity = self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY
+            self.manifest = Manifest.create(manifest_path(dst), granularity=granularity,
+                                            image_size=size, source=self.plan.source)
+            self.manifest.digests[:] = zero_digest(granularity)
+            if size % granularity:
+                self.manifest.digests[-1] = zero_digest(size % granularity)
+            regions: Any = data_extents(self.dst_fd, size)
+        else:
+            regions = [pair for extents in self.touched for pair in _pairs(extents)]
+        self.manifest.record(self.dst_fd, regions, workers=self.workers)
+        series, _, generation = (self.result.change_id or ":0").partition(":")
+        self.manifest.commit(series, int(generation))
+        self.manifest.close()
 
     def _attach_destination_tracker(self) -> None:
         """Move mode: writers will continue on the destination, so it needs a
@@ -525,6 +643,13 @@ class _FileSync:
                 self._thaw()
         if self.redirected:
             return  # the move happened; the destination is now the live image
+        if self.plan.incremental:
+            # The earlier copy was being updated in place: it stays, with its
+            # manifest saying "updating"; the next sync repairs it by hash.
+            if self.manifest is not None:
+                with contextlib.suppress(Exception):
+                    self.manifest.close()
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.plan.partial)
         if self.committed:
@@ -532,6 +657,8 @@ class _FileSync:
                 os.unlink(self.plan.destination)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sidecar_path(self.plan.destination))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(manifest_path(self.plan.destination))
 
     def _release(self) -> None:
         if self.copier is not None:
@@ -579,6 +706,17 @@ def _subtract(extents: list[tuple[int, int]], holes: list[tuple[int, int]]) -> l
                 out.append((pos, stop - pos))
             pos = stop
     return out
+
+
+def _union_extents(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for off, length in sorted(a + b):
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            last_off, last_len = merged[-1]
+            merged[-1] = (last_off, max(last_off + last_len, off + length) - last_off)
+        else:
+            merged.append((off, length))
+    return merged
 
 
 def _fsync_folder(folder: str) -> None:

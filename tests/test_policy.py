@@ -63,3 +63,18 @@ def test_small_pass_does_not_set_the_throughput():
 def test_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         ConvergencePolicy(**bad)
+
+
+def test_a_wobbling_dirty_set_counts_as_stalled():
+    """Around a hot working set the dirty set wobbles by a few percent; that
+    is not progress."""
+    policy = ConvergencePolicy(target_downtime=0.01, stall_passes=3)
+    passes = [rec(0, 100 * MiB, 1.0, 20 * MiB)]
+    for i, left in enumerate([19.5, 20.0, 19.2], start=1):
+        passes.append(rec(i, 20 * MiB, 1.0, int(left * MiB)))
+    assert policy.decide(passes) is Decision.STALLED
+    # Real progress (each pass leaves under 90 %) is not a stall.
+    shrinking = [rec(0, 100 * MiB, 1.0, 20 * MiB)]
+    for i, left in enumerate([17, 15, 13], start=1):
+        shrinking.append(rec(i, 20 * MiB, 1.0, left * MiB))
+    assert policy.stalled_for(shrinking) == 0

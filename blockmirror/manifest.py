@@ -1,0 +1,286 @@
+"""The digest manifest kept beside a blockmirror copy: ``DST.bm-manifest``.
+
+It records what the copy is: which source series and change id it was taken
+at, and one xxh3-64 digest per granule of its content. An incremental sync
+asks the source's tracker for what changed since that change id; when the id
+cannot be trusted (a writer crashed, the sidecar was reset), it falls back to
+hashing the source and copying only granules whose digest differs — without
+re-reading the copy.
+
+Layout: a 4096-byte header (magic line, then JSON padded with spaces, then a
+line with the xxh3-64 of the JSON), then ``granules`` little-endian uint64
+digests. While a sync rewrites the copy the header says ``updating`` and the
+digests of every granule about to change are set to UNKNOWN first (and made
+durable), so a crash mid-update can only leave granules marked unknown —
+never a digest that lies about the copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from blockmirror.errors import BlockMirrorError
+
+MAGIC = b"BMMANIFEST 1\n"
+HEADER_BYTES = 4096
+SUFFIX = ".bm-manifest"
+UNKNOWN = 0  # a digest slot that says nothing; real digests are never 0
+STATE_CLEAN = "clean"
+STATE_UPDATING = "updating"
+HASH_CHUNK = 8 << 20
+
+
+class ManifestError(BlockMirrorError):
+    """The manifest is missing, corrupt or belongs to another copy."""
+
+
+def manifest_path(copy_path: str) -> str:
+    return copy_path + SUFFIX
+
+
+def digest(block: bytes | memoryview) -> int:
+    """The granule digest: xxh3-64, never UNKNOWN."""
+    return xxhash.xxh3_64_intdigest(block) or 1
+
+
+def zero_digest(length: int) -> int:
+    return digest(bytes(length))
+
+
+@dataclass
+class Manifest:
+    """An open manifest: header fields plus the digest array (memory-mapped)."""
+
+    path: str
+    granularity: int
+    image_size: int
+    series: str
+    generation: int
+    state: str
+    source: str
+    digests: np.ndarray  # uint64 memmap, one per granule
+
+    @property
+    def change_id(self) -> str:
+        return f"{self.series}:{self.generation}"
+
+    # -- creating and opening -------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, *, granularity: int, image_size: int, source: str) -> Manifest:
+        """A new manifest, state ``updating``, every digest UNKNOWN."""
+        granules = -(-image_size // granularity)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.truncate(HEADER_BYTES + 8 * granules)
+        m = cls(path=tmp, granularity=granularity, image_size=image_size, series="",
+                generation=0, state=STATE_UPDATING, source=source,
+                digests=np.memmap(tmp, dtype="<u8", mode="r+", offset=HEADER_BYTES,
+                                  shape=(granules,)))
+        m.write_header()
+        os.replace(tmp, path)
+        m.path = path
+        return m
+
+    @classmethod
+    def open(cls, path: str) -> Manifest:
+        try:
+            with open(path, "rb") as f:
+                header = f.read(HEADER_BYTES)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise ManifestError(f"no manifest at {path}") from None
+        if not header.startswith(MAGIC):
+            raise ManifestError(f"{path} is not a blockmirror manifest")
+        try:
+            body, check = header[len(MAGIC):].rstrip(b" \n\0").rsplit(b"\n", 1)
+            if xxhash.xxh3_64_hexdigest(body) != check.decode():
+                raise ValueError("checksum")
+            meta = json.loads(body)
+            granularity = int(meta["granularity"])
+            image_size = int(meta["image_size"])
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise ManifestError(f"manifest {path} has a corrupt header") from None
+        granules = -(-image_size // granularity) if granularity > 0 else -1
+        if granules < 0 or size != HEADER_BYTES + 8 * granules:
+            raise ManifestError(f"manifest {path} is truncated or has the wrong size")
+        digests = np.memmap(path, dtype="<u8", mode="r+", offset=HEADER_BYTES,
+                            shape=(granules,)) if granules else np.zeros(0, dtype="<u8")
+        m = cls(path=path, granularity=granularity, image_size=image_size,
+                series=str(meta["series"]), generation=int(meta["generation"]),
+                state=str(meta["state"]), source=str(meta.get("source", "")), digests=digests)
+        if m.state == STATE_CLEAN and meta.get("digests_xxh3") != m.digests_checksum():
+            raise ManifestError(f"manifest {path} digests are corrupt (checksum mismatch)")
+        return m
+
+    def digests_checksum(self) -> str:
+        return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(self.digests).tobytes())
+
+    def write_header(self) -> None:
+        meta: dict[str, Any] = {
+            "granularity": self.granularity, "image_size": self.image_size,
+            "series": self.series, "generation": self.generation, "state": self.state,
+            "source": self.source,
+        }
+        if self.state == STATE_CLEAN:
+            meta["digests_xxh3"] = self.digests_checksum()
+        body = json.dumps(meta, sort_keys=True).encode()
+        header = MAGIC + body + b"\n" + xxhash.xxh3_64_hexdigest(body).encode() + b"\n"
+        if len(header) > HEADER_BYTES:
+            raise ManifestError("manifest header too long (source path?)")
+        with open(self.path, "r+b") as f:
+            f.write(header.ljust(HEADER_BYTES, b" "))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def flush(self) -> None:
+        if isinstance(self.digests, np.memmap):
+            self.digests.flush()
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if isinstance(self.digests, np.memmap):
+            self.digests.flush()
+            mm = getattr(self.digests, "_mmap", None)
+            self.digests = np.zeros(0, dtype="<u8")
+            if mm is not None:
+                with contextlib.suppress(BufferError):
+                    mm.close()
+
+    # -- the update protocol ----------------------------------------------------
+
+    def resize(self, image_size: int) -> None:
+        """Follow the copy's size; new granules start UNKNOWN."""
+        if image_size == self.image_size:
+            return
+        granules = -(-image_size // self.granularity)
+        self.close()
+        with open(self.path, "r+b") as f:
+            f.truncate(HEADER_BYTES + 8 * granules)
+        self.image_size = image_size
+        self.digests = np.memmap(self.path, dtype="<u8", mode="r+", offset=HEADER_BYTES,
+                                 shape=(granules,))
+        # The old last granule may have grown: its digest no longer holds.
+        if granules:
+            self.digests[-1] = UNKNOWN
+
+    def begin_update(self) -> None:
+        """Say, durably, that the copy is about to change."""
+        if self.state != STATE_UPDATING:
+            self.state = STATE_UPDATING
+            self.write_header()
+
+    def forget(self, extents: Iterable[tuple[int, int]]) -> None:
+        """Mark the granules under EXTENTS unknown and make it durable; call
+        before those bytes of the copy are rewritten."""
+        for first, last in self._granule_ranges(extents):
+            self.digests[first:last] = UNKNOWN
+        self.flush()
+
+    def record(self, fd: int, extents: Iterable[tuple[int, int]], workers: int = 4) -> None:
+        """Digest the copy's granules under EXTENTS (read from FD)."""
+        ranges = list(self._granule_ranges(extents))
+        g = self.granularity
+
+        def work(span: tuple[int, int]) -> None:
+            first, last = span
+            for start in range(first, last, HASH_CHUNK // g):
+                stop = min(last, start + HASH_CHUNK // g)
+                offset = start * g
+                length = min(self.image_size, stop * g) - offset
+                data = _pread_full(fd, length, offset)
+                view = memoryview(data)
+                for i in range(stop - start):
+                    block = view[i * g:(i + 1) * g]
+                    self.digests[start + i] = digest(block)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(work, ranges))
+
+    def commit(self, series: str, generation: int) -> None:
+        """The copy is now exactly the source at change id SERIES:GENERATION."""
+        self.flush()
+        self.series, self.generation, self.state = series, generation, STATE_CLEAN
+        self.write_header()
+
+    def unknown_extents(self) -> list[tuple[int, int]]:
+        """Byte extents of granules whose digest is UNKNOWN."""
+        return _runs(np.flatnonzero(self.digests == UNKNOWN), self.granularity, self.image_size)
+
+    def _granule_ranges(self, extents: Iterable[tuple[int, int]]) -> Iterable[tuple[int, int]]:
+        g = self.granularity
+        total = len(self.digests)
+        for offset, length in extents:
+            if length <= 0:
+                continue
+            first = int(offset) // g
+            last = min(total, -(-(int(offset) + int(length)) // g))
+            if first < last:
+                yield first, last
+
+
+def source_digests(fd: int, size: int, granularity: int, workers: int = 4) -> np.ndarray:
+    """Digest every granule of the source FD (holes are not read)."""
+    from blockmirror.verify import data_extents
+
+    granules = -(-size // granularity)
+    out = np.empty(granules, dtype="<u8")
+    out[:] = zero_digest(granularity)
+    if granules and size % granularity:
+        out[-1] = zero_digest(size % granularity)
+    m = Manifest(path="", granularity=granularity, image_size=size, series="", generation=0,
+                 state=STATE_UPDATING, source="", digests=out)
+    m.record(fd, data_extents(fd, size), workers=workers)
+    return out
+
+
+def differing_extents(manifest: Manifest, fd: int, size: int, workers: int = 4) -> list[
+    tuple[int, int]
+]:
+    """Hash resync: byte extents of granules where the source differs from
+    what the manifest says the copy holds (unknown granules always differ)."""
+    src = source_digests(fd, size, manifest.granularity, workers)
+    n = min(len(src), len(manifest.digests))
+    differ = np.flatnonzero(src[:n] != manifest.digests[:n])
+    if len(src) > n:
+        differ = np.concatenate((differ, np.arange(n, len(src))))
+    return _runs(differ, manifest.granularity, size)
+
+
+def _runs(granules: np.ndarray, granularity: int, size: int) -> list[tuple[int, int]]:
+    if len(granules) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(granules) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(granules)])) - 1
+    out = []
+    for s, e in zip(granules[starts].tolist(), granules[ends].tolist(), strict=True):
+        offset = s * granularity
+        out.append((offset, min(size, (e + 1) * granularity) - offset))
+    return out
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    parts = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            parts.append(bytes(length))  # past the end reads as zeros
+            break
+        parts.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
