@@ -1,7 +1,9 @@
 """A steady writer: the stand-in for a VM or database writing to an image.
 
 Writes through ``TrackedImage`` at a target rate (token bucket), in one of
-three patterns, and can log every completed write so a test can replay them.
+four patterns, and can log every completed write so a test can replay them.
+With ``--stats`` it reports what it achieved; ``--timeline`` adds samples of
+(monotonic time, bytes written) so a benchmark can tell the rate during a copy.
 Used by the demo, the tests and the benchmark harness, always in a separate
 process (``python -m blockmirror.workload``), because real writers are.
 
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 from blockmirror.image import TrackedImage
 from blockmirror.units import parse_size
 
-PATTERNS = ("uniform", "hotspot", "sequential")
+PATTERNS = ("uniform", "hotspot", "sequential", "zipf")
+DEFAULT_ZIPF_EXPONENT = 1.1
 LOG_RECORD = struct.Struct("<QQQ")  # sequence, offset, length
 
 
@@ -36,11 +39,23 @@ def block_payload(seed: int, sequence: int, length: int) -> bytes:
     return (head + body)[:length]
 
 
+def zipf_permutation(blocks: int) -> list[int]:
+    """Where the zipf pattern puts rank r (0 = hottest): the same scattering for
+    every writer and seed, so N writers share one hot set (as N threads of one
+    guest would), and a model can compute the same distribution."""
+    order = list(range(blocks))
+    random.Random(0x5A1F).shuffle(order)
+    return order
+
+
 @dataclass
 class WriterStats:
     writes: int
     bytes: int
     seconds: float
+    started: float = 0.0  # time.monotonic() when writing began
+    max_write_seconds: float = 0.0  # the longest single write (a freeze shows here)
+    timeline: list[tuple[float, int]] | None = None  # (time.monotonic(), bytes so far)
 
     @property
     def rate(self) -> float:
@@ -51,7 +66,8 @@ class OffsetPicker:
     """Where the next write goes, block-aligned within [0, size)."""
 
     def __init__(self, size: int, write_size: int, pattern: str, seed: int,
-                 hot_fraction: float = 0.1) -> None:
+                 hot_fraction: float = 0.1,
+                 zipf_exponent: float = DEFAULT_ZIPF_EXPONENT) -> None:
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {PATTERNS}")
         self.blocks = max(1, size // write_size)
@@ -60,6 +76,15 @@ class OffsetPicker:
         self.rng = random.Random(seed)
         self.hot_blocks = max(1, int(self.blocks * hot_fraction))
         self.next_block = 0
+        if pattern == "zipf":
+            # Rank r (1-based) has weight r^-s; ranks map to scattered blocks.
+            import bisect
+            import itertools
+
+            weights = [r ** -zipf_exponent for r in range(1, self.blocks + 1)]
+            self._zipf_cdf = list(itertools.accumulate(weights))
+            self._zipf_blocks = zipf_permutation(self.blocks)
+            self._bisect = bisect.bisect_left
 
     def next(self) -> int:
         if self.pattern == "uniform":
@@ -68,6 +93,10 @@ class OffsetPicker:
             # 90 % of writes go to the hot 10 % of the image.
             block = (self.rng.randrange(self.hot_blocks) if self.rng.random() < 0.9
                      else self.rng.randrange(self.blocks))
+        elif self.pattern == "zipf":
+            cdf = self._zipf_cdf
+            rank = min(self._bisect(cdf, self.rng.random() * cdf[-1]), self.blocks - 1)
+            block = self._zipf_blocks[rank]
         else:
             block = self.next_block
             self.next_block = (self.next_block + 1) % self.blocks
@@ -85,9 +114,14 @@ def run_writer(
     max_writes: int | None = None,
     log_path: str | None = None,
     region: int | None = None,
+    zipf_exponent: float = DEFAULT_ZIPF_EXPONENT,
+    timeline_interval: float | None = None,
 ) -> WriterStats:
     """Write to IMAGE at RATE bytes/s (0: as fast as possible) until SECONDS
-    pass, MAX_WRITES are done, or SIGTERM/SIGINT arrives."""
+    pass, MAX_WRITES are done, or SIGTERM/SIGINT arrives.
+
+    With TIMELINE_INTERVAL, (time.monotonic(), bytes written) is sampled about
+    that often into the returned stats."""
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -99,12 +133,19 @@ def run_writer(
     # Unbuffered: a record is in the file as soon as its write completed.
     log = open(log_path, "ab", buffering=0) if log_path else None  # noqa: SIM115
     writes = written = 0
+    longest = 0.0
+    timeline: list[tuple[float, int]] | None = [] if timeline_interval else None
     with TrackedImage(image) as img:
-        picker = OffsetPicker(region or img.size, write_size, pattern, seed)
+        picker = OffsetPicker(region or img.size, write_size, pattern, seed,
+                              zipf_exponent=zipf_exponent)
         start = time.monotonic()
         next_at = start
+        sample_at = start
         while not stop:
             now = time.monotonic()
+            if timeline is not None and now >= sample_at:
+                timeline.append((now, written))
+                sample_at = now + timeline_interval  # type: ignore[operator]
             if seconds is not None and now - start >= seconds:
                 break
             if max_writes is not None and writes >= max_writes:
@@ -113,7 +154,13 @@ def run_writer(
                 time.sleep(min(next_at - now, 0.05))
                 continue
             offset = picker.next()
-            img.pwrite(block_payload(seed, writes, write_size), offset)
+            payload = block_payload(seed, writes, write_size)
+            if timeline is not None:
+                began = time.monotonic()
+                img.pwrite(payload, offset)
+                longest = max(longest, time.monotonic() - began)
+            else:
+                img.pwrite(payload, offset)
             if log is not None:
                 log.write(LOG_RECORD.pack(writes, offset, write_size))
             writes += 1
@@ -123,9 +170,11 @@ def run_writer(
                 # real time by more than one write.
                 next_at = max(next_at, now - write_size / rate) + write_size / rate
         elapsed = time.monotonic() - start
+        if timeline is not None:
+            timeline.append((start + elapsed, written))
     if log is not None:
         log.close()
-    return WriterStats(writes, written, elapsed)
+    return WriterStats(writes, written, elapsed, start, longest, timeline)
 
 
 def read_log(path: str) -> list[tuple[int, int, int]]:
@@ -149,17 +198,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", help="confine writes to the first N bytes")
     parser.add_argument("--log", help="append a binary record of each completed write")
     parser.add_argument("--stats", help="write achieved rate as JSON here on exit")
+    parser.add_argument("--zipf-exponent", type=float, default=DEFAULT_ZIPF_EXPONENT,
+                        help="skew of the zipf pattern (default %(default)s)")
+    parser.add_argument("--timeline", type=float, metavar="SECONDS",
+                        help="with --stats: also sample (monotonic time, bytes written) this "
+                        "often, and time each write (the longest one is reported)")
     args = parser.parse_args(argv)
     stats = run_writer(
         args.image, rate=parse_size(args.rate), write_size=parse_size(args.write_size),
         pattern=args.pattern, seed=args.seed, seconds=args.seconds, max_writes=args.max_writes,
         log_path=args.log, region=parse_size(args.region) if args.region else None,
+        zipf_exponent=args.zipf_exponent, timeline_interval=args.timeline,
     )
     if args.stats:
         tmp = args.stats + ".tmp"
+        out: dict[str, object] = {"writes": stats.writes, "bytes": stats.bytes,
+                                  "seconds": stats.seconds, "rate": stats.rate}
+        if stats.timeline is not None:
+            out.update(started=stats.started, max_write_seconds=stats.max_write_seconds,
+                       timeline=stats.timeline)
         with open(tmp, "w") as f:
-            json.dump({"writes": stats.writes, "bytes": stats.bytes, "seconds": stats.seconds,
-                       "rate": stats.rate}, f)
+            json.dump(out, f)
         os.replace(tmp, args.stats)
     return 0
 

@@ -1,0 +1,977 @@
+"""Convergence versus write rate: the matrix runner.
+
+For every write rate of the matrix (and every repetition) the harness
+
+1. makes a fresh sparse image (``blockmirror.demo.make_demo_image``: the
+   allocated fraction in 4 MiB extents of random data) and turns tracking on;
+2. starts N writer processes (``python -m blockmirror.workload``), each at
+   rate/N, waits until all of them write, lets them run a moment;
+3. calls ``blockmirror.sync.sync`` in this process with the copy throughput
+   capped (``rate_limit``: the stand-in for slower storage or NFS) and
+   ``verify=True``, observing every decision its convergence policy takes;
+4. on non-convergence checks that the source side is as sync promises: no
+   destination file left, writers neither frozen nor throttled and still
+   writing, the sidecar consistent;
+5. stops the writers and reads what they achieved (with a timeline, so the
+   rate *during* the copy is known, and the longest single write, which is
+   the pause the writers saw).
+
+Each run is put next to the analytical model (``model.py``) fed with that
+run's measured copy throughput and achieved write rate, and, with ``--qemu``,
+the same point is run against QEMU's block mirror (``qemu_peer.py``).
+
+Outputs in the output folder: ``runs.json`` and ``runs.csv`` (one row per
+run), ``summary.csv`` (medians per engine and rate), ``summary.md`` (tables and
+the target verdicts), ``model.json`` (model curves) and PNG plots.
+
+Timing definitions (the same for both engines where they apply):
+
+- ``decision_s``: from the start of the sync to the moment the policy decided to
+  switch over (or gave up). For QEMU, ``ready_s``: the job reported "ready".
+- ``downtime_s``: the pause measured by sync (freeze to thaw); for QEMU the
+  ``job-complete`` call until the job concluded, with the guest disconnected.
+- ``writer_max_write_s``: the longest single write any writer saw: the pause as
+  the writers felt it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import itertools
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import model as _model
+
+MiB = 1 << 20
+KiB = 1 << 10
+Row = dict[str, Any]
+Log = Callable[[str], None]
+
+DEFAULT_RATES_MIB = (0, 8, 16, 32, 48, 56, 64, 80, 128)
+DEFAULT_MAX_PASSES = 15  # sync's own default is 30; a saturated pass takes seconds
+DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "convergence"
+WRITER_TIMELINE_S = 0.05
+
+
+@dataclass
+class MatrixConfig:
+    """One matrix: every rate x every repetition, one engine or two."""
+
+    image_size: int = 256 * MiB
+    allocated_fraction: float = 0.5
+    granularity: int = 64 * KiB
+    rates: list[float] = field(default_factory=lambda: [r * MiB for r in DEFAULT_RATES_MIB])
+    pattern: str = "uniform"
+    write_size: int = 64 * KiB
+    writers: int = 2
+    target_downtime: float = 0.5
+    copy_cap: float | None = 64 * MiB  # bytes/s; None: uncapped
+    repetitions: int = 1
+    seed: int = 1
+    output: Path = DEFAULT_OUTPUT
+    max_passes: int = DEFAULT_MAX_PASSES
+    copy_workers: int = 4
+    warmup_s: float = 0.5
+    verify: bool = True
+    zipf_exponent: float = _model.DEFAULT_ZIPF_EXPONENT
+    qemu: bool = False
+    qemu_timeout_s: float = 30.0
+    workdir: Path | None = None  # scratch images; default: a temporary folder
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pattern not in _model.PATTERNS:
+            raise ValueError(f"pattern must be one of {_model.PATTERNS}")
+        if not 0 < self.allocated_fraction <= 1:
+            raise ValueError("allocated fraction must be in (0, 1]")
+        if self.image_size < 4 * MiB:
+            raise ValueError("image size must be at least 4 MiB")
+        if self.writers < 1 or self.repetitions < 1:
+            raise ValueError("writers and repetitions must be at least 1")
+        if any(r < 0 for r in self.rates) or not self.rates:
+            raise ValueError("rates must be a non-empty list of values >= 0")
+        if self.copy_cap is not None and self.copy_cap <= 0:
+            raise ValueError("copy cap must be > 0 (or None for none)")
+        self.output = Path(self.output)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["output"] = str(self.output)
+        out["workdir"] = str(self.workdir) if self.workdir else None
+        return out
+
+
+@dataclass
+class MatrixResult:
+    config: MatrixConfig
+    rows: list[Row]
+    copy_throughput: float  # bytes/s, the measured C (median of the bulk passes)
+    targets: dict[str, Any]
+    files: dict[str, Path]
+    notes: list[str]
+    started: str
+    command: str
+
+
+# -- watching the policy ------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    at: float  # time.perf_counter()
+    decision: str  # a blockmirror.policy.Decision value
+    passes: int  # passes the policy had seen
+
+
+@dataclass
+class PolicyLog:
+    decisions: list[Decision] = field(default_factory=list)
+    passes: list[Any] = field(default_factory=list)  # PassRecords, as last seen
+
+
+@contextlib.contextmanager
+def observe_policy() -> Iterator[PolicyLog]:
+    """Record every decision the convergence policy of ``blockmirror.sync``
+    takes, and the passes it saw, without changing what it decides.
+
+    sync() raises NotConvergedError without handing back its passes; the
+    policy sees them all, so the harness watches it. Installed only around one
+    sync() call in this process (not thread-safe: one sync at a time).
+    """
+    # importlib, not "import blockmirror.sync as ...": the package exports a
+    # function named sync, which that spelling would find first.
+    sync_module = importlib.import_module("blockmirror.sync")
+    base = getattr(sync_module, "ConvergencePolicy", None)
+    if base is None:
+        raise RuntimeError("blockmirror.sync has no ConvergencePolicy to observe; "
+                           "the harness needs updating")
+    log = PolicyLog()
+
+    class ObservedPolicy(base):  # type: ignore[misc, valid-type]
+        def decide(self, passes: list[Any], stall_from: int = 0) -> Any:
+            decision = super().decide(passes, stall_from)
+            log.decisions.append(Decision(time.perf_counter(), decision.value, len(passes)))
+            log.passes[:] = list(passes)
+            return decision
+
+    sync_module.ConvergencePolicy = ObservedPolicy  # type: ignore[misc]
+    try:
+        yield log
+    finally:
+        sync_module.ConvergencePolicy = base  # type: ignore[misc]
+
+
+# -- writers --------------------------------------------------------------------------
+
+
+@dataclass
+class WriterGroup:
+    """N workload processes on one image; the rate split evenly."""
+
+    procs: list[subprocess.Popen[bytes]]
+    stats_paths: list[Path]
+    stats: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, image: Path, rate: float, cfg: MatrixConfig, seed: int,
+              folder: Path) -> WriterGroup:
+        procs: list[subprocess.Popen[bytes]] = []
+        paths: list[Path] = []
+        if rate <= 0:
+            return cls(procs, paths)
+        each = max(1, int(rate / cfg.writers))
+        for i in range(cfg.writers):
+            stats = folder / f"writer{i}.json"
+            paths.append(stats)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "blockmirror.workload", str(image), "--rate", str(each),
+                 "--write-size", str(cfg.write_size), "--pattern", cfg.pattern,
+                 "--zipf-exponent", str(cfg.zipf_exponent), "--seed", str(seed * 1000 + i),
+                 "--stats", str(stats), "--timeline", str(WRITER_TIMELINE_S)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ))
+        return cls(procs, paths)
+
+    def wait_attached(self, image: Path, timeout: float = 20.0) -> None:
+        """Until every writer has the sidecar open (it registers as a writer)."""
+        if not self.procs:
+            return
+        from blockmirror.tracker import Tracker
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            with Tracker.open(image) as tracker:
+                if tracker.live_writers() >= len(self.procs):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"writers did not start within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+                raise RuntimeError(f"writer exited early (status {p.returncode}): {err[-400:]}")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stderr:
+                p.stderr.close()
+        self.stats = []
+        for path in self.stats_paths:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                self.stats.append(json.loads(path.read_text()))
+
+    def bytes_at(self, t: float) -> float:
+        """Bytes all writers had written at time.monotonic() T (interpolated)."""
+        return sum(_interpolate(s.get("timeline") or [], t) for s in self.stats)
+
+    def rate_between(self, t0: float, t1: float) -> float:
+        if t1 <= t0 or not self.stats:
+            return 0.0
+        return (self.bytes_at(t1) - self.bytes_at(t0)) / (t1 - t0)
+
+    @property
+    def overall_rate(self) -> float:
+        return sum(float(s.get("rate", 0.0)) for s in self.stats)
+
+    @property
+    def max_write_s(self) -> float:
+        return max((float(s.get("max_write_seconds", 0.0)) for s in self.stats), default=0.0)
+
+
+def _interpolate(timeline: Sequence[Sequence[float]], t: float) -> float:
+    if not timeline:
+        return 0.0
+    if t <= timeline[0][0]:
+        return float(timeline[0][1])
+    for (t0, b0), (t1, b1) in itertools.pairwise(timeline):
+        if t0 <= t <= t1:
+            return b0 + (b1 - b0) * ((t - t0) / (t1 - t0) if t1 > t0 else 1.0)
+    return float(timeline[-1][1])
+
+
+# -- one blockmirror point -------------------------------------------------------------
+
+
+def make_source(folder: Path, cfg: MatrixConfig, seed: int, *, tracked: bool) -> tuple[Path, int]:
+    """A fresh source image (and sidecar); returns its path and allocated bytes."""
+    from blockmirror.demo import make_demo_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / "image.img"
+    for stale in (image, Path(str(image) + ".cbt")):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    allocated = make_demo_image(str(image), cfg.image_size, cfg.allocated_fraction, seed)
+    os.chmod(image, 0o600)
+    if tracked:
+        from blockmirror.tracker import Tracker
+
+        Tracker.create(image, cfg.granularity).close()
+    return image, allocated
+
+
+def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
+                          workdir: Path) -> Row:
+    """One sync of a fresh image under writers at RATE bytes/s."""
+    from blockmirror.errors import NotConvergedError
+    from blockmirror.sync import sync
+
+    folder = workdir / f"bm-{rate / MiB:g}M-{repetition}"
+    shutil.rmtree(folder, ignore_errors=True)
+    image, allocated = make_source(folder / "src", cfg, cfg.seed + repetition, tracked=True)
+    dst_dir = folder / "dst"
+    dst_dir.mkdir()
+    row = _base_row("blockmirror", cfg, rate, repetition)
+    row["allocated_bytes"] = allocated
+    writers = WriterGroup.start(image, rate, cfg, cfg.seed + repetition, folder)
+    policy = PolicyLog()
+    result = None
+    error: BaseException | None = None
+    writers_alive = False
+    try:
+        writers.wait_attached(image)
+        time.sleep(cfg.warmup_s)
+        writers.check_alive()
+        mono0, t0 = time.monotonic(), time.perf_counter()
+        try:
+            with observe_policy() as policy:
+                result = sync(image, dst_dir, target_downtime=cfg.target_downtime,
+                              max_passes=cfg.max_passes, verify=cfg.verify,
+                              workers=cfg.copy_workers, rate_limit=cfg.copy_cap)
+        except NotConvergedError as e:
+            error = e
+        t_end = time.perf_counter()
+        mono_end = mono0 + (t_end - t0)
+        passes = list(result.passes) if result is not None else list(policy.passes)
+        decisions = policy.decisions
+        decided = decisions[-1].at if decisions else t_end
+        mono_decided = mono0 + (decided - t0)
+        if error is not None:
+            # The source side as sync promises it: nothing left behind,
+            # writers neither frozen nor throttled, and still writing.
+            time.sleep(0.3)
+            row.update(_source_checks(image, dst_dir, writers))
+        writers_alive = writers.alive()
+    finally:
+        writers.stop()
+    row["writers_alive_at_end"] = writers_alive
+    row["writer_rate"] = writers.rate_between(mono0, mono_decided) if rate > 0 else 0.0
+    row["writer_rate_overall"] = writers.overall_rate
+    row["writer_max_write_s"] = writers.max_write_s
+    if error is not None and row.get("source_untouched"):
+        after = writers.bytes_at(mono_end + 0.3) - writers.bytes_at(mono_end)
+        row["writes_after_failure_bytes"] = after
+        row["source_untouched"] = bool(after > 0 or rate <= 0)
+    row["elapsed_s"] = t_end - t0
+    row["decision_s"] = decided - t0
+    row["decision"] = decisions[-1].decision if decisions else ""
+    _fill_passes(row, passes)
+    if result is not None:
+        row.update(outcome="converged", converged=True, downtime_s=result.downtime,
+                   bytes_copied=result.bytes_copied, verified=result.verified,
+                   allocated_bytes=result.allocated_bytes, notes="; ".join(result.notes))
+    else:
+        row.update(outcome="not_converged", converged=False, downtime_s=0.0,
+                   bytes_copied=sum(p["bytes"] for p in row["pass_list"]), verified=False,
+                   notes=str(error))
+    _derive(row, cfg)
+    shutil.rmtree(folder, ignore_errors=True)
+    return row
+
+
+def _source_checks(image: Path, dst_dir: Path, writers: WriterGroup) -> Row:
+    from blockmirror.tracker import Tracker
+
+    left = sorted(p.name for p in dst_dir.iterdir())
+    with Tracker.open(image) as tracker:
+        info = tracker.info()
+    state = str(info.get("state"))
+    throttle = int(info.get("throttle_bytes_per_s", 0) or 0)  # type: ignore[call-overload]
+    consistent = bool(info.get("consistent"))
+    ok = not left and state == "running" and throttle == 0 and consistent and (
+        writers.alive() or not writers.procs)
+    return {"dst_left": ";".join(left), "tracker_state": state, "throttle_after": throttle,
+            "sidecar_consistent": consistent, "source_untouched": ok}
+
+
+def _base_row(engine: str, cfg: MatrixConfig, rate: float, repetition: int) -> Row:
+    return {
+        "engine": engine, "pattern": cfg.pattern, "rate_requested": rate,
+        "rate_requested_mib": rate / MiB, "repetition": repetition, "writers": cfg.writers,
+        "write_size": cfg.write_size, "granularity": cfg.granularity,
+        "image_size": cfg.image_size, "copy_cap": cfg.copy_cap or 0,
+        "target_downtime_s": cfg.target_downtime,
+    }
+
+
+def _fill_passes(row: Row, passes: Sequence[Any]) -> None:
+    plist = []
+    for p in passes:
+        plist.append({"index": p.index, "kind": p.kind, "bytes": p.bytes,
+                      "seconds": round(p.seconds, 6), "dirty_left": p.dirty_left,
+                      "throughput": round(p.throughput, 1), "write_rate": round(p.write_rate, 1)})
+    row["pass_list"] = plist
+    row["passes"] = len(plist)
+    row["dirty_passes"] = sum(1 for p in plist if p["kind"] == "dirty")
+    bulk = [p for p in plist if p["kind"] == "bulk"]
+    row["bulk_throughput"] = bulk[0]["throughput"] if bulk else 0.0
+
+
+def _derive(row: Row, cfg: MatrixConfig) -> None:
+    """Ratios, and the model fed with this run's own C and W."""
+    size = row["image_size"]
+    row["amplification"] = row["bytes_copied"] / size
+    first = row["pass_list"][0]["bytes"] if row["pass_list"] else 0
+    row["recopied_bytes"] = row["bytes_copied"] - first
+    row["recopied_ratio"] = row["recopied_bytes"] / size
+    row["switchover_s"] = row["decision_s"] if row["converged"] else None
+    c = row.get("bulk_throughput") or (cfg.copy_cap or 0)
+    # A: what the bulk pass copied (writers fill holes before the sync starts).
+    allocated = first or row["allocated_bytes"]
+    if c > 0:
+        pred = predict_row(cfg, allocated, c, row["writer_rate"])
+        row["model_converged"] = pred.converged
+        row["model_reason"] = pred.reason
+        row["model_passes"] = pred.passes
+        row["model_switchover_s"] = pred.switchover_s
+        row["model_bytes"] = pred.bytes_copied
+        row["model_downtime_s"] = pred.downtime_s
+        row["model_fixed_point"] = pred.fixed_point
+        row["passes_minus_model"] = row["passes"] - pred.passes
+
+
+def predict_row(cfg: MatrixConfig, allocated: float, copy_throughput: float,
+                write_rate: float) -> _model.Prediction:
+    """The model's prediction for one point of CFG."""
+    wl = _model.Workload(image_size=cfg.image_size, write_rate=max(0.0, write_rate),
+                         write_size=cfg.write_size, pattern=cfg.pattern, writers=cfg.writers,
+                         granularity=cfg.granularity, zipf_exponent=cfg.zipf_exponent)
+    return _model.predict(wl, allocated=allocated, copy_throughput=copy_throughput,
+                          target_downtime=cfg.target_downtime, max_passes=cfg.max_passes)
+
+
+# -- the matrix ---------------------------------------------------------------------------
+
+
+def run_matrix(cfg: MatrixConfig, *, log: Log = print, command: str = "") -> MatrixResult:
+    """Run every point of CFG, write the outputs, return everything."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    notes = [f"{platform.node()}: Linux {platform.release()}, Python "
+             f"{platform.python_version()}, {os.cpu_count()} CPUs; writers, copier and "
+             "harness share them, so expect noise: repeat points"]
+    own_workdir = cfg.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="bm-conv-")) if own_workdir else Path(cfg.workdir)  # type: ignore[arg-type]
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    qemu = None
+    if cfg.qemu:
+        from . import qemu_peer
+
+        missing = qemu_peer.missing_tools()
+        if missing:
+            msg = f"QEMU peer skipped: {missing}"
+            log(msg)
+            notes.append(msg)
+        else:
+            qemu = qemu_peer
+    try:
+        for repetition in range(cfg.repetitions):
+            for rate in cfg.rates:
+                # Both engines back to back at each point (ANCHORS: same run).
+                log(f"blockmirror  rate {rate / MiB:6.1f} MiB/s  rep {repetition + 1}/"
+                    f"{cfg.repetitions} ...")
+                rows.append(_guarded(run_blockmirror_point, cfg, rate, repetition, workdir,
+                                     "blockmirror"))
+                log("  " + _one_line(rows[-1]))
+                if qemu is not None:
+                    log(f"qemu-mirror  rate {rate / MiB:6.1f} MiB/s  rep {repetition + 1}/"
+                        f"{cfg.repetitions} ...")
+                    rows.append(_guarded(qemu.run_point, cfg, rate, repetition, workdir,
+                                         "qemu-mirror"))
+                    log("  " + _one_line(rows[-1]))
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    c = measured_copy_throughput(rows, cfg)
+    targets = evaluate_targets(rows, cfg, c)
+    result = MatrixResult(cfg, rows, c, targets, {}, notes, started, command)
+    write_outputs(result)
+    if cfg.plots:
+        from . import plots
+
+        made = plots.make_plots(result)
+        if isinstance(made, str):
+            log(made)
+            result.notes.append(made)
+        else:
+            for path in made:
+                result.files[path.stem] = path
+    write_summary(result)  # again: with the plot files listed
+    return result
+
+
+def _guarded(fn: Callable[..., Row], cfg: MatrixConfig, rate: float, repetition: int,
+             workdir: Path, engine: str) -> Row:
+    """A failing point becomes an "error" row; the matrix goes on."""
+    try:
+        return fn(cfg, rate, repetition, workdir)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # reported in the row
+        row = _base_row(engine, cfg, rate, repetition)
+        row.update(outcome="error", converged=False, notes=f"{type(e).__name__}: {e}",
+                   passes=0, pass_list=[])
+        return row
+
+
+def _one_line(row: Row) -> str:
+    if row["outcome"] == "error":
+        return f"ERROR {row['notes']}"
+    parts = [row["outcome"], f"writers {row.get('writer_rate', 0) / MiB:.1f} MiB/s"]
+    if row["engine"] == "blockmirror":
+        parts += [f"passes {row['passes']} (model {row.get('model_passes', '?')})",
+                  f"decided at {row['decision_s']:.2f} s",
+                  f"copied {row['amplification']:.2f}x image",
+                  f"downtime {row['downtime_s'] * 1000:.0f} ms"]
+        if not row["converged"]:
+            parts.append(f"source untouched: {row.get('source_untouched')}")
+    else:
+        ready = row.get("ready_s")
+        parts += [f"ready at {ready:.2f} s" if ready is not None else "never ready",
+                  f"copied {row.get('amplification', 0):.2f}x image",
+                  f"complete {row.get('downtime_s', 0) * 1000:.0f} ms"]
+    return ", ".join(parts)
+
+
+def measured_copy_throughput(rows: Sequence[Row], cfg: MatrixConfig) -> float:
+    """C: the median bulk-pass throughput of blockmirror's rate-0 runs, else of
+    all its runs, else the cap."""
+    bm = [r for r in rows if r["engine"] == "blockmirror" and r.get("bulk_throughput")]
+    idle = [r["bulk_throughput"] for r in bm if r["rate_requested"] == 0]
+    values = idle or [r["bulk_throughput"] for r in bm]
+    if values:
+        return float(statistics.median(values))
+    return float(cfg.copy_cap or 0.0)
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def evaluate_targets(rows: Sequence[Row], cfg: MatrixConfig, c: float) -> dict[str, Any]:
+    """Where the runs stand on each target of issue 4."""
+    bm = [r for r in rows if r["engine"] == "blockmirror" and r["outcome"] != "error"]
+    out: dict[str, Any] = {"copy_throughput": c}
+    # 1. converges at every rate <= 0.8 C, downtime <= target
+    low = [r for r in bm if r["writer_rate"] <= 0.8 * c]
+    bad = [r for r in low if not (r["converged"] and r["downtime_s"] <= cfg.target_downtime)]
+    out["converge_below_0.8C"] = {
+        "runs": len(low), "failed": len(bad), "met": bool(low) and not bad,
+        "worst_downtime_s": max((r["downtime_s"] for r in low if r["converged"]), default=None),
+        "failures": [_ident(r) for r in bad],
+    }
+    # 2. passes within +-1 of the model
+    with_model = [r for r in bm if "model_passes" in r]
+    off = [r for r in with_model if abs(r["passes"] - r["model_passes"]) > 1]
+    out["passes_vs_model"] = {
+        "runs": len(with_model), "outside_1": len(off), "met": bool(with_model) and not off,
+        "outside": [f"{_ident(r)}: {r['passes']} vs model {r['model_passes']}" for r in off],
+    }
+    # 3. past the copy rate: declared within 3 dirty passes, source untouched
+    high = [r for r in bm if r["writer_rate"] > c]
+    failed = [r for r in high if not r["converged"]]
+    slow = [r for r in failed if r["dirty_passes"] > 3]
+    dirty_src = [r for r in failed if not r.get("source_untouched")]
+    out["non_convergence_within_3"] = {
+        "runs_past_C": len(high), "converged_anyway": len(high) - len(failed),
+        "declared": len(failed), "declared_late": len(slow), "source_not_untouched":
+        len(dirty_src), "met": bool(failed) and not slow and not dirty_src,
+        "late": [f"{_ident(r)}: {r['dirty_passes']} dirty passes ({r['decision']})"
+                 for r in slow],
+    }
+    # 4. against QEMU at the same rate: bytes copied and time to switchover
+    q = [r for r in rows if r["engine"] == "qemu-mirror" and r["outcome"] != "error"]
+    if q:
+        comparisons = []
+        for rate in sorted({r["rate_requested"] for r in q}):
+            b = [r for r in bm if r["rate_requested"] == rate]
+            e = [r for r in q if r["rate_requested"] == rate]
+            if not b or not e:
+                continue
+            comparisons.append(_compare_at(rate, b, e))
+        worse = [x for x in comparisons if not x["no_worse"]]
+        out["vs_qemu"] = {"rates": len(comparisons), "worse_at": [x["rate_mib"] for x in worse],
+                          "met": bool(comparisons) and not worse, "points": comparisons}
+    else:
+        out["vs_qemu"] = {"met": None, "note": "QEMU peer not run (use --qemu)"}
+    return out
+
+
+def _compare_at(rate: float, bm: Sequence[Row], qm: Sequence[Row]) -> dict[str, Any]:
+    """Medians at one rate. A run that never switched counts as infinitely slow."""
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values)) if values else math.inf
+
+    bm_time = med([r["switchover_s"] if r["converged"] else math.inf for r in bm])
+    q_time = med([r["ready_s"] if r.get("ready_s") is not None else math.inf for r in qm])
+    bm_bytes = med([r["bytes_copied"] for r in bm if r["converged"]])
+    q_bytes = med([r["bytes_copied"] for r in qm if r["converged"]])
+    bm_re = med([r["recopied_bytes"] for r in bm if r["converged"]])
+    q_re = med([r["recopied_bytes"] for r in qm if r["converged"]])
+    both_never = math.isinf(bm_time) and math.isinf(q_time)
+    no_worse = both_never or (bm_time <= q_time and bm_bytes <= q_bytes)
+    return {"rate_mib": rate / MiB, "bm_switchover_s": bm_time, "qemu_ready_s": q_time,
+            "bm_bytes": bm_bytes, "qemu_bytes": q_bytes, "bm_recopied": bm_re,
+            "qemu_recopied": q_re, "no_worse": no_worse}
+
+
+def _ident(r: Row) -> str:
+    return (f"{r['engine']} {r['rate_requested'] / MiB:g} MiB/s rep {r['repetition']} "
+            f"(writers {r.get('writer_rate', 0) / MiB:.1f})")
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+CSV_COLUMNS = [
+    "engine", "pattern", "rate_requested_mib", "repetition", "writers", "writer_rate_mib",
+    "writer_rate_overall_mib", "outcome", "converged", "decision", "passes", "dirty_passes",
+    "decision_s", "switchover_s", "ready_s", "le_2mib_s", "predicate_s", "elapsed_s",
+    "downtime_s", "writer_max_write_s", "bytes_copied", "amplification", "recopied_ratio",
+    "allocated_bytes", "image_size", "bulk_throughput_mib", "copy_cap", "target_downtime_s",
+    "verified", "identical", "source_untouched", "model_converged", "model_reason",
+    "model_passes", "passes_minus_model", "model_switchover_s", "model_bytes",
+    "model_downtime_s", "pass_bytes",
+    "pass_seconds", "pass_throughput_mib", "pass_dirty_left", "pass_write_rate_mib", "notes",
+]
+
+
+def _csv_row(row: Row) -> Row:
+    out = {k: row.get(k) for k in CSV_COLUMNS}
+    out["writer_rate_mib"] = _r(row.get("writer_rate", 0.0) / MiB)
+    out["writer_rate_overall_mib"] = _r(row.get("writer_rate_overall", 0.0) / MiB)
+    out["bulk_throughput_mib"] = _r((row.get("bulk_throughput") or 0.0) / MiB)
+    plist = row.get("pass_list") or []
+    out["pass_bytes"] = ";".join(str(p["bytes"]) for p in plist)
+    out["pass_seconds"] = ";".join(f"{p['seconds']:.4f}" for p in plist)
+    out["pass_throughput_mib"] = ";".join(f"{p['throughput'] / MiB:.1f}" for p in plist)
+    out["pass_dirty_left"] = ";".join(str(p["dirty_left"]) for p in plist)
+    out["pass_write_rate_mib"] = ";".join(f"{p['write_rate'] / MiB:.1f}" for p in plist)
+    for k, v in out.items():
+        if isinstance(v, float):
+            out[k] = _r(v)
+    return out
+
+
+def _r(x: float) -> float:
+    return round(x, 6) if math.isfinite(x) else x
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def model_curves(result: MatrixResult, points: int = 81) -> dict[str, Any]:
+    """The model over a fine grid of write rates, at the measured C, for plots."""
+    cfg = result.config
+    c = result.copy_throughput or (cfg.copy_cap or 0)
+    if c <= 0:
+        return {}
+    allocated = statistics.median(
+        [r["allocated_bytes"] for r in result.rows if r.get("allocated_bytes")] or
+        [cfg.image_size * cfg.allocated_fraction])
+    top = max(max(cfg.rates), max((r.get("writer_rate", 0) for r in result.rows), default=0))
+    top = max(top, 1.2 * c)
+    grid = [top * i / (points - 1) for i in range(points)]
+    preds = [predict_row(cfg, allocated, c, w) for w in grid]
+    return {
+        "copy_throughput": c, "allocated": allocated,
+        "rate": grid,
+        "converged": [p.converged for p in preds],
+        "reason": [p.reason for p in preds],
+        "passes": [p.passes for p in preds],
+        "switchover_s": [p.switchover_s for p in preds],
+        "bytes_copied": [p.bytes_copied for p in preds],
+        "downtime_s": [p.downtime_s for p in preds],
+        "fixed_point": [p.fixed_point for p in preds],
+    }
+
+
+def summarize(rows: Sequence[Row]) -> list[Row]:
+    """Medians per engine and requested rate."""
+    out = []
+    keys = sorted({(r["engine"], r["rate_requested"]) for r in rows},
+                  key=lambda k: (k[0] != "blockmirror", k[1]))
+    for engine, rate in keys:
+        group = [r for r in rows if r["engine"] == engine and r["rate_requested"] == rate
+                 and r["outcome"] != "error"]
+        errors = sum(1 for r in rows if r["engine"] == engine and r["rate_requested"] == rate
+                     and r["outcome"] == "error")
+        ok = [r for r in group if r["converged"]]
+
+        def med(key: str, rs: Sequence[Row] = group) -> float | None:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return float(statistics.median(vals)) if vals else None
+
+        out.append({
+            "engine": engine, "rate_requested_mib": rate / MiB, "runs": len(group),
+            "errors": errors, "converged": len(ok),
+            "writer_rate_mib": (med("writer_rate") or 0.0) / MiB,
+            "passes": med("passes"), "model_passes": med("model_passes"),
+            "decision_s": med("decision_s"), "switchover_s": med("switchover_s", ok),
+            "ready_s": med("ready_s"), "le_2mib_s": med("le_2mib_s"),
+            "model_switchover_s": med("model_switchover_s"),
+            "amplification": med("amplification"), "model_bytes_ratio":
+            (med("model_bytes") or 0.0) / group[0]["image_size"] if group else None,
+            "recopied_ratio": med("recopied_ratio"),
+            "downtime_ms": (med("downtime_s", ok) or 0.0) * 1000 if ok else None,
+            "model_downtime_ms": (med("model_downtime_s") or 0.0) * 1000,
+            "writer_max_write_ms": (med("writer_max_write_s") or 0.0) * 1000,
+            "bulk_throughput_mib": (med("bulk_throughput") or 0.0) / MiB,
+            "source_untouched": all(r.get("source_untouched", True) for r in group
+                                    if not r["converged"]),
+        })
+    return out
+
+
+def write_outputs(result: MatrixResult) -> None:
+    out = result.config.output
+    out.mkdir(parents=True, exist_ok=True)
+    runs_json = out / "runs.json"
+    runs_json.write_text(json.dumps(_json_safe({
+        "started": result.started, "command": result.command,
+        "config": result.config.to_dict(), "copy_throughput": result.copy_throughput,
+        "notes": result.notes, "targets": result.targets, "runs": result.rows,
+    }), indent=1))
+    runs_csv = out / "runs.csv"
+    with open(runs_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for row in result.rows:
+            w.writerow(_csv_row(row))
+    summary = summarize(result.rows)
+    summary_csv = out / "summary.csv"
+    with open(summary_csv, "w", newline="") as f:
+        if summary:
+            w2 = csv.DictWriter(f, fieldnames=list(summary[0]))
+            w2.writeheader()
+            for s in summary:
+                w2.writerow({k: _r(v) if isinstance(v, float) else v for k, v in s.items()})
+    model_json = out / "model.json"
+    model_json.write_text(json.dumps(_json_safe(model_curves(result)), indent=1))
+    result.files.update(runs_json=runs_json, runs_csv=runs_csv, summary_csv=summary_csv,
+                        model_json=model_json)
+    write_summary(result)
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "never"
+        return format(v, spec)
+    return str(v)
+
+
+def summary_markdown(result: MatrixResult) -> str:
+    cfg = result.config
+    c = result.copy_throughput
+    lines = [
+        f"# Convergence versus write rate ({result.started})",
+        "",
+        f"`{result.command}`" if result.command else "",
+        "",
+        f"Image {cfg.image_size / MiB:g} MiB, {cfg.allocated_fraction:g} allocated; "
+        f"granularity {cfg.granularity / KiB:g} KiB; pattern {cfg.pattern}; "
+        f"{cfg.writers} writer processes, {cfg.write_size / KiB:g} KiB writes; target downtime "
+        f"{cfg.target_downtime:g} s; copy cap "
+        f"{(cfg.copy_cap or 0) / MiB:g} MiB/s; measured copy throughput C = {c / MiB:.1f} MiB/s; "
+        f"{cfg.repetitions} repetition(s); max passes {cfg.max_passes}.",
+        "",
+        *[f"- {n}" for n in result.notes],
+        "",
+        "Medians per point. passes = pass records incl. bulk and final; switch s = time "
+        "to the switchover decision (QEMU: to \"ready\"); copied = bytes copied ÷ image size; "
+        "downtime = writers paused (QEMU: job-complete with the guest disconnected); model = "
+        "model.py fed the measured C and the writers' achieved rate.",
+        "",
+        "| engine | rate MiB/s | writers got MiB/s | converged | passes (model) | switch s "
+        "(model) | copied ÷ image (model) | re-copied ÷ image | downtime ms (model) | longest "
+        "write ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summarize(result.rows):
+        qemu = s["engine"] != "blockmirror"
+        switch = s["ready_s"] if qemu else s["switchover_s"]
+        lines.append(
+            f"| {s['engine']} | {s['rate_requested_mib']:g} | {s['writer_rate_mib']:.1f} | "
+            f"{s['converged']}/{s['runs']}{_errors(s['errors'])} | "
+            + (f"- | {_fmt(switch)} (-) | {_fmt(s['amplification'])} (-) | "
+               if qemu else
+               f"{_fmt(s['passes'], '.0f')} ({_fmt(s['model_passes'], '.0f')}) | "
+               f"{_fmt(switch)} ({_fmt(s['model_switchover_s'])}) | "
+               f"{_fmt(s['amplification'])} ({_fmt(s['model_bytes_ratio'])}) | ")
+            + f"{_fmt(s['recopied_ratio'])} | "
+            + (f"{_fmt(s['downtime_ms'], '.1f')} (-) | " if qemu else
+               f"{_fmt(s['downtime_ms'], '.1f')} ({_fmt(s['model_downtime_ms'], '.1f')}) | ")
+            + f"{_fmt(s['writer_max_write_ms'], '.1f')} |"
+        )
+    lines += ["", "## Targets", ""]
+    t = result.targets
+    a = t["converge_below_0.8C"]
+    lines.append(f"- converges at every rate ≤ 0.8 x C with downtime ≤ target: "
+                 f"{_verdict(a['met'])} ({a['runs'] - a['failed']}/{a['runs']} runs; worst "
+                 f"downtime {_fmt(a['worst_downtime_s'], '.3f')} s)"
+                 + (f"; failed: {', '.join(a['failures'])}" if a["failures"] else ""))
+    b = t["passes_vs_model"]
+    lines.append(f"- passes within ±1 of the model: {_verdict(b['met'])} "
+                 f"({b['runs'] - b['outside_1']}/{b['runs']} runs)"
+                 + (f"; outside: {', '.join(b['outside'])}" if b["outside"] else ""))
+    d = t["non_convergence_within_3"]
+    lines.append(f"- non-convergence declared within 3 dirty passes past C, source untouched: "
+                 f"{_verdict(d['met'])} ({d['runs_past_C']} runs past C: "
+                 f"{d['converged_anyway']} converged anyway, {d['declared']} declared, "
+                 f"{d['declared_late']} late, {d['source_not_untouched']} with the source "
+                 "not as promised)" + (f"; late: {', '.join(d['late'])}" if d["late"] else ""))
+    q = t["vs_qemu"]
+    if q.get("met") is None:
+        lines.append(f"- vs QEMU: {q['note']}")
+    else:
+        lines.append(f"- bytes copied and time to switchover no worse than QEMU: "
+                     f"{_verdict(q['met'])}"
+                     + (f" (worse at {', '.join(f'{x:g}' for x in q['worse_at'])} MiB/s)"
+                        if q["worse_at"] else ""))
+        lines += ["", "| rate MiB/s | blockmirror switch s | QEMU ready s | blockmirror copied "
+                  "MiB | QEMU copied MiB | blockmirror re-copied MiB | QEMU re-copied MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for x in q["points"]:
+            lines.append(
+                f"| {x['rate_mib']:g} | {_fmt(x['bm_switchover_s'])} | "
+                f"{_fmt(x['qemu_ready_s'])} | {_fmt(x['bm_bytes'] / MiB, '.0f')} | "
+                f"{_fmt(x['qemu_bytes'] / MiB, '.0f')} | {_fmt(x['bm_recopied'] / MiB, '.0f')} | "
+                f"{_fmt(x['qemu_recopied'] / MiB, '.0f')} |")
+    plots = [p for k, p in result.files.items() if str(p).endswith(".png")]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _errors(n: int) -> str:
+    return f" (+{n} err)" if n else ""
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else ("MET" if met else "NOT MET")
+
+
+def write_summary(result: MatrixResult) -> None:
+    path = result.config.output / "summary.md"
+    path.write_text(summary_markdown(result))
+    result.files["summary_md"] = path
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    from blockmirror.units import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of MiB/s values: {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("rates must be numbers >= 0")
+    return [v * MiB for v in values]
+
+
+def _duration(text: str) -> float:
+    from blockmirror.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser(prog: str = "blockmirror bench convergence") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Convergence versus write rate: sync a live image under writers at each "
+        "rate, against the analytical pre-copy model and (with --qemu) QEMU's block mirror. "
+        "Writes runs.csv, runs.json, summary.csv, summary.md, model.json and PNG plots.",
+    )
+    p.add_argument("--size", type=_size, default=256 * MiB, help="image size (default 256M)")
+    p.add_argument("--allocated", type=float, default=0.5, metavar="FRACTION",
+                   help="fraction of the image holding data (default 0.5)")
+    p.add_argument("--granularity", type=_size, default=64 * KiB,
+                   help="tracking granularity (default 64k)")
+    p.add_argument("--rates", type=_rates, default=[r * MiB for r in DEFAULT_RATES_MIB],
+                   help="write rates in MiB/s, comma separated (default "
+                   f"{','.join(str(r) for r in DEFAULT_RATES_MIB)})")
+    p.add_argument("--pattern", choices=_model.PATTERNS, default="uniform")
+    p.add_argument("--zipf-exponent", type=float, default=_model.DEFAULT_ZIPF_EXPONENT)
+    p.add_argument("--write-size", type=_size, default=64 * KiB, help="default 64k")
+    p.add_argument("--writers", type=int, default=2, help="writer processes (default 2)")
+    p.add_argument("--target-downtime", type=_duration, default=0.5,
+                   help="e.g. 500ms, 2s (default 500ms)")
+    p.add_argument("--copy-cap", type=float, default=64.0, metavar="MIB_PER_S",
+                   help="cap on copy throughput in MiB/s, 0 for none (default 64)")
+    p.add_argument("--repetitions", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-passes", type=int, default=DEFAULT_MAX_PASSES,
+                   help=f"sync's max_passes (default {DEFAULT_MAX_PASSES})")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                   help="output folder (default bench/results/convergence in the repository)")
+    p.add_argument("--workdir", type=Path,
+                   help="where the images go (default: a temporary folder, removed)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip sync's verify after a switchover")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--qemu", action="store_true",
+                   help="also run every point against QEMU's block mirror (needs "
+                   "qemu-storage-daemon, fio with the nbd engine, qemu-img)")
+    p.add_argument("--qemu-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give QEMU this long to become ready (default 30)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> MatrixConfig:
+    return MatrixConfig(
+        image_size=args.size, allocated_fraction=args.allocated, granularity=args.granularity,
+        rates=args.rates, pattern=args.pattern, write_size=args.write_size,
+        writers=args.writers, target_downtime=args.target_downtime,
+        copy_cap=args.copy_cap * MiB if args.copy_cap > 0 else None,
+        repetitions=args.repetitions, seed=args.seed, output=args.output,
+        max_passes=args.max_passes, verify=not args.no_verify,
+        zipf_exponent=args.zipf_exponent, qemu=args.qemu, qemu_timeout_s=args.qemu_timeout,
+        workdir=args.workdir, plots=not args.no_plots,
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "blockmirror bench convergence") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+    result = run_matrix(cfg, command=command)
+    print(f"\n{summary_markdown(result)}")
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

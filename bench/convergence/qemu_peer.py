@@ -1,0 +1,330 @@
+"""The peer: QEMU's block mirror at the same point of the matrix.
+
+The method of ANCHORS.md ("Convergence versus write rate: QEMU's block
+mirror"), at the matrix's size, pattern, rates and copy cap:
+
+- ``qemu-storage-daemon`` (Debian ``qemu-system-common``) with the source as a
+  raw blockdev (``cache.direct=on``, ``aio=threads``) exported writable over NBD
+  on a unix socket, plus a QMP socket;
+- ``fio --ioengine=nbd`` as the guest, ``--numjobs`` = the matrix's writers, each
+  at rate/N, ``--bs`` = write size, ``--iodepth=8``; uniform is ``randwrite
+  --norandommap`` (picks with replacement, as blockmirror's writers do),
+  hotspot ``--random_distribution=zoned:90/10:10/90``, zipf
+  ``--random_distribution=zipf:S``, sequential ``--rw=write``;
+- QMP ``blockdev-add`` of the raw target (an empty sparse file of the same size,
+  ``discard=unmap`` so zeros stay holes) and ``blockdev-mirror sync=full``
+  with the matrix's granularity and ``speed`` = the copy cap;
+- ``query-jobs`` every 0.25 s until ``ready`` (or the time limit): the time to
+  ready, and on the way the first time at most 2 MiB were left and the first
+  time ``remaining ÷ throughput < target downtime`` (the moment a time-based
+  predicate such as blockmirror's would have switched over);
+- to pause the guest: SIGTERM to fio, which completes its requests in flight
+  and exits (so nothing lands after the switch), then ``block-export-del
+  mode=hard`` as in ANCHORS (the guest is already gone: cutting the connection
+  under fio first leaves it spinning on the dead socket and unable to report),
+  then ``job-complete``: its duration is the downtime; ``pause_s`` is the whole
+  pause from the SIGTERM; bytes copied from the job's final progress (which
+  counts the image's holes and zeros as well);
+- ``qemu-img compare`` of source and copy.
+
+The guest's achieved rate is fio's own (whole run, warm-up included: QEMU
+keeps no per-export write statistics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .harness import MatrixConfig, Row
+
+MiB = 1 << 20
+POLL_S = 0.25
+TOOLS = ("qemu-storage-daemon", "fio", "qemu-img")
+
+
+def missing_tools() -> str | None:
+    """None when the peer can run, else what is missing and how to get it."""
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if not missing:
+        try:
+            engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True,
+                                     timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            engines = ""
+        if "nbd" not in engines.split():
+            missing.append("fio's nbd engine")
+    if not missing:
+        return None
+    return (f"missing {', '.join(missing)} (Debian: apt-get install qemu-system-common "
+            "qemu-utils fio)")
+
+
+class QMPError(RuntimeError):
+    pass
+
+
+class QMP:
+    """A minimal QMP client on a unix socket: commands, and events kept aside."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rw", encoding="utf-8")
+        self.events: list[tuple[float, dict[str, Any]]] = []  # (monotonic at receipt, event)
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise QMPError(f"not a QMP greeting: {greeting}")
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise QMPError("QMP connection closed")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg) + "\n")
+        self.file.flush()
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append((time.monotonic(), reply))
+                continue
+            if "error" in reply:
+                raise QMPError(f"{name}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    def event(self, name: str) -> tuple[float, dict[str, Any]] | None:
+        for at, ev in self.events:
+            if ev.get("event") == name:
+                return at, ev
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def fio_pattern_args(pattern: str, zipf_exponent: float) -> list[str]:
+    if pattern == "sequential":
+        return ["--rw=write"]
+    args = ["--rw=randwrite", "--norandommap", "--randrepeat=0"]
+    if pattern == "hotspot":
+        args.append("--random_distribution=zoned:90/10:10/90")
+    elif pattern == "zipf":
+        args.append(f"--random_distribution=zipf:{zipf_exponent:g}")
+    return args
+
+
+def _guest_started(qmp: QMP, node: str = "src") -> bool:
+    """Whether anything was written to NODE yet (its highest written offset)."""
+    for entry in qmp.cmd("query-blockstats", **{"query-nodes": True}):
+        if entry.get("node-name") == node:
+            return int(entry["stats"].get("wr_highest_offset", 0)) > 0
+    return False
+
+
+def _fio_rate(path: Path) -> float:
+    """Bytes/s fio wrote, from its JSON report (after any message lines)."""
+    try:
+        text = path.read_text()
+        report = json.loads(text[text.index("{"):])
+    except (OSError, ValueError):
+        return 0.0
+    return float(sum(job["write"]["bw_bytes"] for job in report.get("jobs", [])))
+
+
+def _stop(proc: subprocess.Popen[Any] | None, grace: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL: fio spins on a dead NBD connection and may not
+    notice SIGTERM."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) -> Row:
+    """One QEMU mirror of a fresh image under fio at RATE bytes/s."""
+    from .harness import _base_row, make_source
+
+    folder = workdir / f"qemu-{rate / MiB:g}M-{repetition}"
+    shutil.rmtree(folder, ignore_errors=True)
+    image, allocated = make_source(folder / "src", cfg, cfg.seed + repetition, tracked=False)
+    target = folder / "dst" / "image.img"
+    target.parent.mkdir(parents=True)
+    with open(target, "wb") as f:
+        f.truncate(cfg.image_size)
+    # Unix socket paths must stay short (108 bytes): not under the workdir.
+    sockets = Path(tempfile.mkdtemp(prefix="bmq-"))
+    nbd_sock, qmp_sock = sockets / "nbd.sock", sockets / "qmp.sock"
+    row = _base_row("qemu-mirror", cfg, rate, repetition)
+    row.update(allocated_bytes=allocated, passes=None, pass_list=[])
+    qsd = fio = None
+    fio_report = folder / "fio.json"
+    qmp: QMP | None = None
+    try:
+        qsd = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--blockdev", f"driver=file,filename={image},node-name=src-file,"
+             "cache.direct=on,aio=threads",
+             "--blockdev", "driver=raw,file=src-file,node-name=src",
+             "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+             "--export", "type=nbd,id=exp0,node-name=src,name=src,writable=on",
+             "--chardev", f"socket,path={qmp_sock},server=on,wait=off,id=qmp0",
+             "--monitor", "chardev=qmp0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        qmp = QMP(qmp_sock)
+        if rate > 0:
+            fio = subprocess.Popen(
+                ["fio", "--name=guest", "--ioengine=nbd",
+                 f"--uri=nbd+unix:///src?socket={nbd_sock}",
+                 *fio_pattern_args(cfg.pattern, cfg.zipf_exponent),
+                 f"--bs={cfg.write_size}", "--iodepth=8",
+                 f"--rate={max(1, int(rate / cfg.writers))}", f"--numjobs={cfg.writers}",
+                 f"--randseed={cfg.seed + repetition}", "--time_based", "--runtime=3600",
+                 "--group_reporting", "--output-format=json", f"--output={fio_report}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 20
+            while not _guest_started(qmp):
+                if fio.poll() is not None:
+                    raise RuntimeError(f"fio exited early (status {fio.returncode})")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("fio did not start writing within 20 s")
+                time.sleep(0.05)
+        time.sleep(cfg.warmup_s)
+        qmp.cmd("blockdev-add", driver="file", filename=str(target), **{"node-name": "dst-file"},
+                cache={"direct": True}, aio="threads", discard="unmap")
+        qmp.cmd("blockdev-add", driver="raw", file="dst-file", **{"node-name": "dst"},
+                discard="unmap")
+        mirror: dict[str, Any] = {"job-id": "mirror", "device": "src", "target": "dst",
+                                  "sync": "full", "granularity": cfg.granularity}
+        if cfg.copy_cap:
+            mirror["speed"] = int(cfg.copy_cap)
+        t0 = time.monotonic()
+        qmp.cmd("blockdev-mirror", **mirror)
+        samples: list[tuple[float, int, int]] = []
+        le_2mib = predicate = ready = None
+        status = ""
+        while True:
+            jobs = {j["id"]: j for j in qmp.cmd("query-jobs")}
+            job = jobs.get("mirror")
+            now = time.monotonic() - t0
+            if job is None:
+                raise RuntimeError("the mirror job vanished")
+            status = job["status"]
+            cur, tot = int(job["current-progress"]), int(job["total-progress"])
+            samples.append((now, cur, tot))
+            left = tot - cur
+            if le_2mib is None and left <= 2 * MiB and now > 0:
+                le_2mib = now
+            throughput = cfg.copy_cap or (cur / now if now > 0 else 0.0)
+            if predicate is None and now > 0 and throughput > 0 and \
+                    left / throughput < cfg.target_downtime:
+                predicate = now
+            if status == "ready":
+                ev = qmp.event("BLOCK_JOB_READY")
+                ready = (ev[0] - t0) if ev else now
+                break
+            if status in ("aborting", "concluded", "null"):
+                raise RuntimeError(f"mirror job ended early: {status}")
+            if now > cfg.qemu_timeout_s:
+                break
+            time.sleep(POLL_S)
+        t_decided = time.monotonic()
+        row.update(ready_s=ready, le_2mib_s=le_2mib, predicate_s=predicate,
+                   decision_s=ready if ready is not None else t_decided - t0,
+                   initial_total=samples[0][2] if samples else cfg.image_size,
+                   progress=[[round(t, 3), c, tt] for t, c, tt in samples])
+        paused = time.monotonic()
+        _stop(fio, grace=10)  # the guest completes its requests in flight and exits
+        fio = None
+        row["writer_rate"] = row["writer_rate_overall"] = _fio_rate(fio_report)
+        if ready is not None:
+            qmp.cmd("block-export-del", id="exp0", mode="hard")
+            completing = time.monotonic()
+            qmp.cmd("job-complete", id="mirror")
+            while True:
+                done = qmp.event("BLOCK_JOB_COMPLETED")
+                if done is not None:
+                    break
+                jobs = {j["id"]: j for j in qmp.cmd("query-jobs")}
+                if "mirror" not in jobs or jobs["mirror"]["status"] in ("concluded", "null"):
+                    done = qmp.event("BLOCK_JOB_COMPLETED")
+                    break
+                time.sleep(0.001)
+            finished = done[0] if done else time.monotonic()
+            copied = int(done[1]["data"]["offset"]) if done else samples[-1][1]
+            if done and done[1]["data"].get("error"):
+                raise RuntimeError(f"mirror failed: {done[1]['data']['error']}")
+            row.update(outcome="converged", converged=True, downtime_s=finished - completing,
+                       pause_s=finished - paused, bytes_copied=copied)
+        else:
+            qmp.cmd("block-job-cancel", device="mirror", force=True)
+            row.update(outcome="not_converged", converged=False, downtime_s=0.0,
+                       bytes_copied=samples[-1][1] if samples else 0,
+                       notes=f"not ready within {cfg.qemu_timeout_s:g} s")
+        with contextlib.suppress(QMPError, OSError):
+            qmp.cmd("quit")
+        qmp.close()
+        qmp = None
+        if qsd.wait(timeout=30) != 0:
+            err = qsd.stderr.read().decode(errors="replace") if qsd.stderr else ""
+            row["notes"] = (row.get("notes", "") + f" qemu-storage-daemon: {err[-300:]}").strip()
+        if row["converged"]:
+            cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image),
+                                  str(target)], capture_output=True, text=True)
+            row["identical"] = cmp.returncode == 0
+            if cmp.returncode != 0:
+                row["notes"] = (row.get("notes", "") + " " + cmp.stdout.strip()).strip()
+        row["writer_max_write_s"] = None
+        row["elapsed_s"] = time.monotonic() - t0
+        row["switchover_s"] = row["ready_s"] if row["converged"] else None
+        row["amplification"] = row["bytes_copied"] / cfg.image_size
+        row["recopied_bytes"] = row["bytes_copied"] - row["initial_total"]
+        row["recopied_ratio"] = row["recopied_bytes"] / cfg.image_size
+        row["dst_allocated"] = os.stat(target).st_blocks * 512
+        return row
+    finally:
+        _stop(fio)
+        if qmp is not None:
+            with contextlib.suppress(QMPError, OSError):
+                qmp.cmd("quit")
+            qmp.close()
+        if qsd is not None:
+            _stop(qsd, grace=10)
+            if qsd.stderr:
+                qsd.stderr.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(sockets, ignore_errors=True)
