@@ -9,15 +9,18 @@ re-reading the copy.
 
 Layout: a 4096-byte header (magic line, then JSON padded with spaces, then a
 line with the xxh3-64 of the JSON), then ``granules`` little-endian uint64
-digests. While a sync rewrites the copy the header says ``updating`` and the
-digests of every granule about to change are set to UNKNOWN first (and made
+digests. The digests are held in memory and written back with pwrite, never
+memory-mapped: the copy may sit on NFS or FUSE, where shared mappings can be
+refused (FUSE direct_io) or incoherent.
+
+While a sync rewrites the copy the header says ``updating`` and the digests
+of every granule about to change are set to UNKNOWN first (and made
 durable), so a crash mid-update can only leave granules marked unknown —
 never a digest that lies about the copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -67,7 +70,7 @@ class Manifest:
     generation: int
     state: str
     source: str
-    digests: np.ndarray  # uint64 memmap, one per granule
+    digests: np.ndarray  # uint64, one per granule, in memory; written back with pwrite
 
     @property
     def change_id(self) -> str:
@@ -84,8 +87,7 @@ class Manifest:
             f.truncate(HEADER_BYTES + 8 * granules)
         m = cls(path=tmp, granularity=granularity, image_size=image_size, series="",
                 generation=0, state=STATE_UPDATING, source=source,
-                digests=np.memmap(tmp, dtype="<u8", mode="r+", offset=HEADER_BYTES,
-                                  shape=(granules,)))
+                digests=np.zeros(granules, dtype="<u8"))
         m.write_header()
         os.replace(tmp, path)
         m.path = path
@@ -113,8 +115,11 @@ class Manifest:
         granules = -(-image_size // granularity) if granularity > 0 else -1
         if granules < 0 or size != HEADER_BYTES + 8 * granules:
             raise ManifestError(f"manifest {path} is truncated or has the wrong size")
-        digests = np.memmap(path, dtype="<u8", mode="r+", offset=HEADER_BYTES,
-                            shape=(granules,)) if granules else np.zeros(0, dtype="<u8")
+        with open(path, "rb") as f:
+            f.seek(HEADER_BYTES)
+            digests = np.frombuffer(f.read(8 * granules), dtype="<u8").copy()
+        if len(digests) != granules:
+            raise ManifestError(f"manifest {path} is truncated")
         m = cls(path=path, granularity=granularity, image_size=image_size,
                 series=str(meta["series"]), generation=int(meta["generation"]),
                 state=str(meta["state"]), source=str(meta.get("source", "")), digests=digests)
@@ -142,23 +147,22 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
 
-    def flush(self) -> None:
-        if isinstance(self.digests, np.memmap):
-            self.digests.flush()
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+    def write_digests(self, first: int = 0, last: int | None = None) -> None:
+        """Write digest slots [FIRST, LAST) back to the file and fsync."""
+        last = len(self.digests) if last is None else last
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
+            data = np.ascontiguousarray(self.digests[first:last]).tobytes()
+            offset = HEADER_BYTES + 8 * first
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def close(self) -> None:
-        if isinstance(self.digests, np.memmap):
-            self.digests.flush()
-            mm = getattr(self.digests, "_mmap", None)
-            self.digests = np.zeros(0, dtype="<u8")
-            if mm is not None:
-                with contextlib.suppress(BufferError):
-                    mm.close()
+        """Nothing is held open between calls; kept for symmetry."""
 
     # -- the update protocol ----------------------------------------------------
 
@@ -167,15 +171,19 @@ class Manifest:
         if image_size == self.image_size:
             return
         granules = -(-image_size // self.granularity)
-        self.close()
+        old = len(self.digests)
+        resized = np.zeros(granules, dtype="<u8")
+        keep = min(old, granules)
+        resized[:keep] = self.digests[:keep]
+        # The old last granule may have grown or been cut: its digest no
+        # longer holds; new granules start unknown (zeros).
+        if keep:
+            resized[keep - 1] = UNKNOWN
+        self.digests = resized
+        self.image_size = image_size
         with open(self.path, "r+b") as f:
             f.truncate(HEADER_BYTES + 8 * granules)
-        self.image_size = image_size
-        self.digests = np.memmap(self.path, dtype="<u8", mode="r+", offset=HEADER_BYTES,
-                                 shape=(granules,))
-        # The old last granule may have grown: its digest no longer holds.
-        if granules:
-            self.digests[-1] = UNKNOWN
+        self.write_digests(max(0, keep - 1))
 
     def begin_update(self) -> None:
         """Say, durably, that the copy is about to change."""
@@ -186,33 +194,38 @@ class Manifest:
     def forget(self, extents: Iterable[tuple[int, int]]) -> None:
         """Mark the granules under EXTENTS unknown and make it durable; call
         before those bytes of the copy are rewritten."""
-        for first, last in self._granule_ranges(extents):
+        ranges = list(self._granule_ranges(extents))
+        for first, last in ranges:
             self.digests[first:last] = UNKNOWN
-        self.flush()
+        if len(ranges) <= 64:
+            for first, last in ranges:
+                self.write_digests(first, last)
+        else:  # many small ranges: one write over their span costs less
+            self.write_digests(ranges[0][0], max(last for _, last in ranges))
 
     def record(self, fd: int, extents: Iterable[tuple[int, int]], workers: int = 4) -> None:
-        """Digest the copy's granules under EXTENTS (read from FD)."""
-        ranges = list(self._granule_ranges(extents))
+        """Digest the copy's granules under EXTENTS (read from FD), several
+        chunks in flight: on NFS each read pays a round trip."""
         g = self.granularity
+        step = max(1, HASH_CHUNK // g)
+        spans = [(start, min(last, start + step))
+                 for first, last in self._granule_ranges(extents)
+                 for start in range(first, last, step)]
 
         def work(span: tuple[int, int]) -> None:
-            first, last = span
-            for start in range(first, last, HASH_CHUNK // g):
-                stop = min(last, start + HASH_CHUNK // g)
-                offset = start * g
-                length = min(self.image_size, stop * g) - offset
-                data = _pread_full(fd, length, offset)
-                view = memoryview(data)
-                for i in range(stop - start):
-                    block = view[i * g:(i + 1) * g]
-                    self.digests[start + i] = digest(block)
+            start, stop = span
+            offset = start * g
+            length = min(self.image_size, stop * g) - offset
+            view = memoryview(_pread_full(fd, length, offset))
+            for i in range(stop - start):
+                self.digests[start + i] = digest(view[i * g:(i + 1) * g])
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(work, ranges))
+            list(pool.map(work, spans))
 
     def commit(self, series: str, generation: int) -> None:
         """The copy is now exactly the source at change id SERIES:GENERATION."""
-        self.flush()
+        self.write_digests()
         self.series, self.generation, self.state = series, generation, STATE_CLEAN
         self.write_header()
 

@@ -535,20 +535,17 @@ class _FileSync:
     def _write_manifest(self) -> None:
         """Digest what this run wrote (a new copy: all of it) and record the
         change id the copy is exact at, for the next incremental sync."""
-        from blockmirror.verify import data_extents
-
         dst = self.plan.destination
         size = os.fstat(self.dst_fd).st_size
         if self.manifest is None:
             granularity = self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY
             self.manifest = Manifest.create(manifest_path(dst), granularity=granularity,
                                             image_size=size, source=self.plan.source)
+            # A new copy started as one hole: what no pass wrote is zeros.
             self.manifest.digests[:] = zero_digest(granularity)
             if size % granularity:
                 self.manifest.digests[-1] = zero_digest(size % granularity)
-            regions: Any = data_extents(self.dst_fd, size)
-        else:
-            regions = [pair for extents in self.touched for pair in _pairs(extents)]
+        regions = _union_extents([], [p for extents in self.touched for p in _pairs(extents)])
         self.manifest.record(self.dst_fd, regions, workers=self.workers)
         series, _, generation = (self.result.change_id or ":0").partition(":")
         self.manifest.commit(series, int(generation))

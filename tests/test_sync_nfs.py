@@ -1,0 +1,131 @@
+"""sync to and from the NFS stand-in (tests/nfs_standin.py): no SEEK_HOLE, no
+hole punching, no copy_file_range, a round trip per request. The copy must be
+exact and sparse, parallel requests must pay off, and where the destination
+refuses what move mode needs, the failure must be clean."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nfs_standin
+import pytest
+from imagetools import MiB, WriterProcess, applied_prefix, make_data_image, replay
+
+from blockmirror import Tracker
+from blockmirror.sync import sync
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(nfs_standin.skip_reason() is not None,
+                       reason=str(nfs_standin.skip_reason())),
+]
+
+
+@pytest.fixture
+def nfs(tmp_path):
+    backing = tmp_path / "export"
+    backing.mkdir()
+    with nfs_standin.mounted(backing, latency=0.002) as fs:
+        yield fs, backing
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_copy_onto_nfs_under_a_writer_is_exact_and_sparse(nfs, tmp_path):
+    fs, backing = nfs
+    image = tmp_path / "vm.img"
+    initial = make_data_image(image, 32 * MiB, extents=8)
+    Tracker.create(image).close()
+    writer = WriterProcess(image, tmp_path / "writes.log", rate="4M")
+    try:
+        writer.wait_for_writes(5)
+        result = sync(image, fs.mountpoint, target_downtime=0.5)
+        # and an incremental update of that copy, over the same mount
+        writer.wait_for_writes(len(writer.writes()) + 10)
+        again = sync(image, fs.mountpoint, target_downtime=0.5)
+    finally:
+        assert writer.stop() == 0
+    assert result.status == "ok" and again.incremental
+    copy = (backing / "vm.img").read_bytes()
+    writes = writer.writes()
+    assert copy == replay(initial, writes[:applied_prefix(copy, writes)], writer.seed)
+    # 8 MiB of data plus the writer's blocks: far below the 32 MiB apparent size.
+    assert allocated(backing / "vm.img") < 16 * MiB
+
+
+def test_copy_from_nfs_stays_sparse_by_zero_detection(nfs, tmp_path):
+    """Reading from the stand-in, every byte looks like data; all-zero blocks
+    must still become holes."""
+    fs, backing = nfs
+    content = make_data_image(backing / "remote.img", 32 * MiB, extents=4)
+    dst = tmp_path / "local.img"
+    result = sync(Path(fs.mountpoint) / "remote.img", dst)
+    assert dst.read_bytes() == content
+    assert allocated(dst) <= 4 * MiB + 65536
+    assert result.passes[0].bytes == 32 * MiB  # the whole file was read: no SEEK_HOLE
+
+
+def test_parallel_requests_make_sync_faster(nfs, tmp_path):
+    """Reading from the stand-in, each request pays 2 ms; four in flight
+    must pay off. (Writes into one file on a FUSE direct_io mount are
+    serialised by the kernel, unlike NFS, so the read side is measured.)"""
+    fs, backing = nfs
+    make_data_image(backing / "p.img", 32 * MiB, extents=12)
+    times = {}
+    for workers in (1, 4):
+        start = time.perf_counter()
+        sync(Path(fs.mountpoint) / "p.img", tmp_path / f"w{workers}.img", workers=workers)
+        times[workers] = time.perf_counter() - start
+    assert times[1] / times[4] >= 1.5, times
+
+
+def test_move_onto_a_mount_that_refuses_shared_mmap_fails_cleanly(nfs, tmp_path):
+    """The stand-in's direct_io files refuse MAP_SHARED (ENODEV), which the
+    destination's sidecar needs. The move must fail before the switch: the
+    destination side removed, the source and its writer untouched."""
+    fs, backing = nfs
+    image = tmp_path / "m.img"
+    initial = make_data_image(image, 16 * MiB, extents=4)
+    Tracker.create(image).close()
+    writer = WriterProcess(image, tmp_path / "writes.log", rate="2M")
+    try:
+        writer.wait_for_writes(3)
+        proc = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(image),
+                               str(fs.mountpoint), "--move"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert "No such device" in proc.stderr or "map" in proc.stderr
+        n = len(writer.writes())
+        writer.wait_for_writes(n + 3)  # not frozen, not redirected
+    finally:
+        assert writer.stop() == 0
+    assert os.listdir(backing) == []
+    assert image.read_bytes() == replay(initial, writer.writes(), writer.seed)
+
+
+def test_move_onto_an_mmap_capable_mount(tmp_path):
+    """Without direct_io the stand-in allows shared mappings, as NFS does:
+    move mode works and the writer follows the image there."""
+    backing = tmp_path / "export"
+    backing.mkdir()
+    image = tmp_path / "mv.img"
+    initial = make_data_image(image, 16 * MiB, extents=4)
+    Tracker.create(image).close()
+    with nfs_standin.mounted(backing, latency=0.001, direct_io=False) as fs:
+        writer = WriterProcess(image, tmp_path / "writes.log", rate="2M")
+        try:
+            writer.wait_for_writes(3)
+            result = sync(image, fs.mountpoint, mode="move", target_downtime=0.5)
+            writer.wait_for_writes(len(writer.writes()) + 5)
+        finally:
+            assert writer.stop() == 0
+        assert result.status == "ok"
+        moved = (Path(fs.mountpoint) / "mv.img").read_bytes()
+    assert not image.exists()
+    assert moved == replay(initial, writer.writes(), writer.seed)
