@@ -116,12 +116,16 @@ def run_writer(
     region: int | None = None,
     zipf_exponent: float = DEFAULT_ZIPF_EXPONENT,
     timeline_interval: float | None = None,
+    burst: float = 0.0,
 ) -> WriterStats:
     """Write to IMAGE at RATE bytes/s (0: as fast as possible) until SECONDS
     pass, MAX_WRITES are done, or SIGTERM/SIGINT arrives.
 
     With TIMELINE_INTERVAL, (time.monotonic(), bytes written) is sampled about
-    that often into the returned stats."""
+    that often into the returned stats. BURST (seconds) lets a writer that fell
+    behind its schedule (a late wake-up on a busy machine) catch up on that
+    much lost time at full speed; 0 (the default) never runs ahead by more than
+    one write."""
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -166,9 +170,9 @@ def run_writer(
             writes += 1
             written += write_size
             if rate > 0:
-                # Token bucket without burst: the schedule never runs ahead of
-                # real time by more than one write.
-                next_at = max(next_at, now - write_size / rate) + write_size / rate
+                # Token bucket: by default without burst, so the schedule never
+                # runs ahead of real time by more than one write.
+                next_at = max(next_at, now - burst - write_size / rate) + write_size / rate
         elapsed = time.monotonic() - start
         if timeline is not None:
             timeline.append((start + elapsed, written))
@@ -200,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats", help="write achieved rate as JSON here on exit")
     parser.add_argument("--zipf-exponent", type=float, default=DEFAULT_ZIPF_EXPONENT,
                         help="skew of the zipf pattern (default %(default)s)")
+    parser.add_argument("--burst", type=float, default=0.0, metavar="SECONDS",
+                        help="let a writer that fell behind catch up on up to this much "
+                        "lost time (default 0: no catching up)")
     parser.add_argument("--timeline", type=float, metavar="SECONDS",
                         help="with --stats: also sample (monotonic time, bytes written) this "
                         "often, and time each write (the longest one is reported)")
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         args.image, rate=parse_size(args.rate), write_size=parse_size(args.write_size),
         pattern=args.pattern, seed=args.seed, seconds=args.seconds, max_writes=args.max_writes,
         log_path=args.log, region=parse_size(args.region) if args.region else None,
-        zipf_exponent=args.zipf_exponent, timeline_interval=args.timeline,
+        zipf_exponent=args.zipf_exponent, timeline_interval=args.timeline, burst=args.burst,
     )
     if args.stats:
         tmp = args.stats + ".tmp"

@@ -105,6 +105,9 @@ def test_rows_are_internally_consistent(matrix: harness.MatrixResult) -> None:
         if row["converged"]:
             assert row["pass_list"][-1]["kind"] == "final"
             assert row["bytes_copied"] >= row["allocated_bytes"] > 0
+            # the bitmap only gains bits between the decision and the freeze
+            assert row["final_extra_bytes"] >= 0
+            assert row["predicted_downtime_s"] < matrix.config.target_downtime
         else:
             assert all(p["kind"] != "final" for p in row["pass_list"])
         assert row["model_passes"] >= 2
