@@ -236,3 +236,52 @@ def test_one_sync_per_source_at_a_time(dirs, tmp_path):
         assert os.listdir(other) == []
     finally:
         assert first.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("change", ["grow", "shrink"])
+def test_copy_follows_an_image_resized_during_sync(dirs, change):
+    """A writer thread resizes the image while sync runs; the copy must have
+    the size and bytes the source had at the freeze."""
+    import threading
+
+    from blockmirror import TrackedImage
+
+    src, dst = dirs
+    image = src / "r.img"
+    make_data_image(image, 16 * MiB, extents=4)
+    Tracker.create(image).close()
+    stop = threading.Event()
+    snapshots = []
+
+    def resize_loop():
+        with TrackedImage(image) as w:
+            size = w.size
+            while not stop.is_set():
+                if change == "grow":
+                    w.pwrite(os.urandom(65536), size)  # append past the end
+                    size += 65536
+                else:
+                    size = max(1 * MiB, size - 65536 - 123)
+                    w.truncate(size)
+                    w.pwrite(os.urandom(100), size - 100)
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=resize_loop)
+    thread.start()
+    try:
+        time.sleep(0.05)
+
+        def on_progress(p):
+            if p.phase == "final":
+                snapshots.append(p)
+
+        result = sync(image, dst, target_downtime=0.2, verify=True, progress=on_progress)
+    finally:
+        stop.set()
+        thread.join()
+    assert result.verified
+    assert os.path.getsize(dst / "r.img") == result.image_size
+    if change == "grow":
+        assert result.image_size > 16 * MiB
+    else:
+        assert result.image_size < 16 * MiB

@@ -155,7 +155,7 @@ def test_sync_killed_during_freeze(tmp_path):
                                capture_output=True, text=True, timeout=120)
         assert rerun.returncode == 0, rerun.stderr
         assert json.loads(rerun.stdout)["status"] == "ok"
-        assert sorted(os.listdir(dst)) == ["k.img"]
+        assert sorted(os.listdir(dst)) == ["k.img", "k.img.bm-manifest"]
     finally:
         assert writer.stop() == 0
     assert image.read_bytes() == replay(initial, writer.writes(), writer.seed)
