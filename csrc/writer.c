@@ -100,7 +100,20 @@ static int writer_enter(bm_tracker *t)
             __atomic_compare_exchange_n(state, &st, BM_STATE_RUNNING, 0, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST);
             __atomic_fetch_add(inflight, 1, __ATOMIC_SEQ_CST);
-            return 0;
+            /* Dekker again, as on the fast path: a new freeze may have begun
+             * since we judged the old one void, and its drain may already
+             * have read our count as zero. bm_freeze publishes its pid and
+             * deadline before its state, so with our count now visible, a
+             * fresh look at the state either finds no binding freeze or
+             * finds the new one - then back out and wait for it. Without
+             * this a write could land inside a freeze that bm_freeze_check
+             * still reports as holding. */
+            uint32_t st2 = __atomic_load_n(state, __ATOMIC_SEQ_CST);
+            if (st2 == BM_STATE_RUNNING ||
+                (st2 != BM_STATE_REDIRECTED && !freeze_binds(t, bm_now_ns(), wait_start)))
+                return 0;
+            __atomic_fetch_sub(inflight, 1, __ATOMIC_SEQ_CST);
+            continue;
         }
         uint64_t deadline = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
         uint64_t nap = deadline - now;
