@@ -211,6 +211,11 @@ def redirect(handle: Handle, target: str) -> None:
     _check(lib.bm_redirect(handle, os.fsencode(target)))
 
 
+def redirected(handle: Handle) -> bool:
+    """True once writers were sent elsewhere (one atomic load in C)."""
+    return bool(lib.bm_get_state(handle) == lib.BM_STATE_REDIRECTED)
+
+
 def redirect_target(handle: Handle) -> str:
     buf = ffi.new("char[]", lib.BM_REDIRECT_MAX)
     _check(lib.bm_get_redirect(handle, buf, lib.BM_REDIRECT_MAX))

@@ -120,7 +120,12 @@ class TrackedImage:
         return self._pwrite(data, offset)  # type: ignore[no-any-return]
 
     def pread(self, length: int, offset: int) -> bytes:
-        """Read up to LENGTH bytes at OFFSET (short only at end of file)."""
+        """Read up to LENGTH bytes at OFFSET (short only at end of file).
+
+        After a move, reads follow the image too: the old file no longer
+        sees other writers' writes."""
+        if _binding.redirected(self.tracker.handle):
+            self._follow_redirect()
         parts = []
         while length > 0:
             chunk = os.pread(self._fd, length, offset)

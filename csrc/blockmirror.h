@@ -182,6 +182,9 @@ int bm_thaw(bm_tracker *t);
  * ESTALE so they reopen it. Only valid while frozen by this process. */
 int bm_redirect(bm_tracker *t, const char *target);
 
+/* The control-block state (BM_STATE_*), cheaply: one atomic load. */
+int bm_get_state(bm_tracker *t);
+
 /* Copy the redirect target into BUF (at most LEN bytes with the NUL). */
 int bm_get_redirect(bm_tracker *t, char *buf, uint64_t len);
 

@@ -114,6 +114,11 @@ int bm_redirect(bm_tracker *t, const char *target)
     return 0;
 }
 
+int bm_get_state(bm_tracker *t)
+{
+    return (int)__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST);
+}
+
 int bm_get_redirect(bm_tracker *t, char *buf, uint64_t len)
 {
     if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) != BM_STATE_REDIRECTED)

@@ -285,3 +285,19 @@ def test_copy_follows_an_image_resized_during_sync(dirs, change):
         assert result.image_size > 16 * MiB
     else:
         assert result.image_size < 16 * MiB
+
+
+def test_reader_follows_a_move(dirs):
+    """A handle opened before a move reads the moved image afterwards, so it
+    sees what other writers wrote there (not the stale source)."""
+    from blockmirror import TrackedImage
+
+    src, dst = dirs
+    image = src / "follow.img"
+    make_data_image(image, 8 * MiB, extents=2)
+    Tracker.create(image).close()
+    with TrackedImage(image) as reader, TrackedImage(image) as writer:
+        sync(image, dst, mode="move", target_downtime=0.5)
+        writer.pwrite(b"after the move", 4096)  # follows the redirect
+        assert reader.pread(14, 4096) == b"after the move"
+        assert reader.path == str(dst / "follow.img")
