@@ -65,7 +65,10 @@ def _start_and_kill(image, how: str, reap: bool = True):
     p = CTX.Process(target=_write_until_killed, args=(os.fspath(image), ready, how))
     p.start()
     try:
-        assert ready.wait(30), "writer never got going"
+        deadline = time.monotonic() + 30
+        while not ready.wait(0.05):
+            assert p.is_alive(), f"writer died before it got going (exit {p.exitcode})"
+            assert time.monotonic() < deadline, "writer never got going"
         time.sleep(0.02)  # let it get deeper into the stream
         os.kill(p.pid, signal.SIGKILL)
         if reap:

@@ -5,7 +5,9 @@ with a clear error, never a crash and never a silently usable tracker."""
 from __future__ import annotations
 
 import errno
+import multiprocessing as mp
 import os
+import queue
 import stat
 import struct
 
@@ -330,3 +332,40 @@ def test_refusal_is_never_silently_usable(tracked_image, side):
     with TrackedImage(tracked_image) as img:
         img.pwrite(b"ok", 0)
         assert img.tracker.dirty_extents() == [(0, 65536)]
+
+
+# -- a damaged control block ------------------------------------------------------
+
+CONTROL_OFFSET = 4096
+
+
+def _write_once(image: str, results) -> None:
+    try:
+        with TrackedImage(image) as img:
+            img.pwrite(b"still works", 0)
+        results.put("done")
+    except OSError as e:
+        results.put(f"error {e.errno}")
+
+
+@pytest.mark.parametrize("fill", [b"\xff", b"\x01", b"\x03"])
+def test_garbage_control_block(tracked_image, side, fill):
+    """The control block is not checksummed (it changes all the time). Garbage
+    there - dead writer slots, an absurd state, lease, throttle or redirect -
+    must not crash, hang or silently pass for clean: the writer either writes
+    or fails with an error, and the sidecar reads as inconsistent."""
+    patch(side, CONTROL_OFFSET, fill * 4096)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    p = ctx.Process(target=_write_once, args=(os.fspath(tracked_image), results))
+    p.start()
+    try:
+        outcome = results.get(timeout=20)
+    except queue.Empty:
+        pytest.fail("a writer hung on a garbage control block")
+    finally:
+        p.kill()
+        p.join()
+    assert outcome == "done" or outcome.startswith("error ")
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent is False  # the garbage writer slots are dead writers
