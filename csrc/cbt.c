@@ -114,6 +114,13 @@ int bm_process_alive(uint32_t pid, uint64_t start_time)
     return 1;
 }
 
+/* Is some process PID running (whatever its start time)? */
+static int pid_running(uint32_t pid)
+{
+    uint64_t start = bm_proc_start_time((pid_t)pid);
+    return start != 0 && bm_process_alive(pid, start);
+}
+
 static uint64_t fnv1a64(const void *data, size_t len)
 {
     const unsigned char *p = data;
@@ -227,9 +234,17 @@ static int sweep_slots(bm_tracker *t)
         if (pid == 0)
             continue;
         uint64_t start = __atomic_load_n(&s->start_time, __ATOMIC_ACQUIRE);
-        if (start == 0) /* being claimed right now */
-            live++;
-        else if (bm_process_alive(pid, start))
+        if (start == 0) {
+            /* Being claimed (or released) right now - unless the claimant
+             * died inside bm_open, between taking the slot and stamping its
+             * start time. Such a slot used to count as a live writer for
+             * ever. Its owner never wrote, so freeing it is no crash (I4). */
+            if (pid_running(pid))
+                live++;
+            else
+                __atomic_compare_exchange_n(&s->pid, &pid, 0, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST);
+        } else if (bm_process_alive(pid, start))
             live++;
         else {
             __atomic_fetch_or(&t->hdr->flags, BM_FLAG_UNCLEAN, __ATOMIC_SEQ_CST);

@@ -7,6 +7,8 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import struct
+import subprocess
 import time
 
 import pytest
@@ -201,3 +203,40 @@ def test_untracked_growth_seen_by_writer(tracked_image):
     os.truncate(tracked_image, 5 * MiB)
     with TrackedImage(tracked_image) as img:
         assert img.tracker.consistent is False
+
+
+# struct bm_control's writer slots (csrc/bm_internal.h): {u32 pid, u32
+# inflight, u64 start_time} x 64, 1080 bytes into the control page at 4096.
+SLOTS = 4096 + 1080
+
+
+def _poke_slot(image, index: int, pid: int, start_time: int) -> None:
+    fd = os.open(os.fspath(image) + ".cbt", os.O_RDWR)
+    try:
+        os.pwrite(fd, struct.pack("<IIQ", pid, 0, start_time), SLOTS + 16 * index)
+    finally:
+        os.close(fd)
+
+
+def test_writer_dead_mid_claim_frees_its_slot(tracked_image):
+    """A writer that died inside open, between taking a slot and stamping its
+    start time, never wrote: its slot is freed, not counted as a live writer
+    for ever (which would keep a move from ever seeing its writers gone)."""
+    with TrackedImage(tracked_image) as img:  # check the layout on a real slot
+        with open(os.fspath(tracked_image) + ".cbt", "rb") as f:
+            raw = f.read(SLOTS + 16)[SLOTS:]
+        assert struct.unpack("<IIQ", raw)[0] == os.getpid()
+        img.pwrite(b"x", 0)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        _poke_slot(tracked_image, 5, sleeper.pid, 0)  # claiming right now
+        with Tracker.open(tracked_image) as t:
+            assert t.live_writers() == 1
+        sleeper.kill()
+        sleeper.wait()
+        with Tracker.open(tracked_image) as t:
+            assert t.live_writers() == 0
+            assert t.consistent  # it never wrote: no crash to report
+    finally:
+        sleeper.kill()
+        sleeper.wait()
