@@ -144,9 +144,16 @@ class Tracker:
         """False when a writer died with the sidecar open, or the image grew
         untracked: the bitmap may miss writes, so treat every allocated block
         as dirty (see :meth:`reset`)."""
-        if not self._consistent:
+        info = _binding.info(self._h)
+        if info["flags"] & _binding.FLAG_UNCLEAN:
             return False
-        return not (_binding.info(self._h)["flags"] & _binding.FLAG_UNCLEAN)
+        # Checked now, not only at open: a consumer holding the tracker must
+        # see growth that happened behind it. Tracked writers grow the
+        # tracked size before the file, so they never trip this.
+        try:
+            return os.stat(self.image_path).st_size <= int(info["image_size"])
+        except FileNotFoundError:  # moved away: only the flag can tell
+            return True
 
     def info(self) -> dict[str, object]:
         """Everything the header and control block say, for status displays."""

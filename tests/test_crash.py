@@ -240,3 +240,16 @@ def test_writer_dead_mid_claim_frees_its_slot(tracked_image):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_untracked_growth_seen_by_an_open_tracker(tracked_image):
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent
+        os.truncate(tracked_image, 5 * MiB)  # grown behind the tracker's back
+        assert t.consistent is False
+        with TrackedImage(tracked_image) as img:
+            # a tracked write past the end grows the tracked size over the
+            # untracked part, marking all of it dirty: nothing is missed now
+            img.pwrite(b"end", 5 * MiB)
+        assert t.consistent is True
+        assert t.dirty_extents() == [(4 * MiB, MiB + 3)]
