@@ -70,6 +70,11 @@ struct bm_control {
     uint64_t freeze_count;
     char redirect_target[BM_REDIRECT_MAX];
     struct bm_writer_slot slots[BM_MAX_WRITERS];
+    /* Who set the throttle: it binds writers only while that process lives,
+     * so a copier that dies mid-sync never leaves writers slowed (I6). */
+    uint32_t throttle_owner_pid;
+    uint32_t reserved1;
+    uint64_t throttle_owner_start;
 };
 
 struct bm_tracker {
@@ -83,6 +88,7 @@ struct bm_tracker {
     struct bm_control *ctl;
     unsigned char *data;        /* the first chunk (map + BM_BITMAP_OFFSET) */
     uint32_t shift;             /* log2(granularity) */
+    uint64_t throttle_checked_ns;   /* when this handle last saw the throttle's owner alive */
     pthread_mutex_t grow_lock;  /* serialises ftruncate of the sidecar in this process */
 };
 

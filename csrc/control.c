@@ -133,6 +133,10 @@ int bm_get_redirect(bm_tracker *t, char *buf, uint64_t len)
 
 int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s)
 {
+    uint32_t me = bytes_per_s ? (uint32_t)getpid() : 0;
+    __atomic_store_n(&t->ctl->throttle_owner_start, me ? bm_proc_start_time((pid_t)me) : 0,
+                     __ATOMIC_SEQ_CST);
+    __atomic_store_n(&t->ctl->throttle_owner_pid, me, __ATOMIC_SEQ_CST);
     __atomic_store_n(&t->ctl->throttle_bytes_per_s, bytes_per_s, __ATOMIC_SEQ_CST);
     __atomic_store_n(&t->ctl->throttle_next_ns, 0, __ATOMIC_SEQ_CST);
     return 0;

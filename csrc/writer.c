@@ -50,6 +50,20 @@ static void throttle(bm_tracker *t, uint64_t len)
     uint64_t rate = __atomic_load_n(&t->ctl->throttle_bytes_per_s, __ATOMIC_ACQUIRE);
     if (rate == 0)
         return;
+    /* The throttle binds only while whoever set it lives; look at most every
+     * 100 ms (a /proc read), and lift it for everyone once the owner is gone. */
+    uint64_t checked = __atomic_load_n(&t->throttle_checked_ns, __ATOMIC_RELAXED);
+    uint64_t clock = bm_now_ns();
+    if (clock - checked > 100000000u) {
+        uint32_t owner = __atomic_load_n(&t->ctl->throttle_owner_pid, __ATOMIC_ACQUIRE);
+        uint64_t start = __atomic_load_n(&t->ctl->throttle_owner_start, __ATOMIC_ACQUIRE);
+        if (!bm_process_alive(owner, start)) {
+            __atomic_compare_exchange_n(&t->ctl->throttle_bytes_per_s, &rate, 0, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+            return;
+        }
+        __atomic_store_n(&t->throttle_checked_ns, clock, __ATOMIC_RELAXED);
+    }
     /* GCRA: a shared virtual clock advanced by each write's cost. */
     uint64_t cost = (uint64_t)((double)len * 1e9 / (double)rate);
     uint64_t now = bm_now_ns();

@@ -159,3 +159,35 @@ def test_sync_killed_during_freeze(tmp_path):
     finally:
         assert writer.stop() == 0
     assert image.read_bytes() == replay(initial, writer.writes(), writer.seed)
+
+
+def test_throttle_dies_with_whoever_set_it(tmp_path):
+    """converge="throttle" slows writers through the sidecar; if the copier
+    that set the limit dies (SIGKILL: no cleanup), writers must not stay slow."""
+    from blockmirror import TrackedImage
+
+    image = tmp_path / "th.img"
+    make_data_image(image, 4 * MiB, extents=1)
+    Tracker.create(image).close()
+
+    def timed_mib():
+        with TrackedImage(image) as w:
+            start = time.monotonic()
+            for i in range(16):
+                w.pwrite(b"\x07" * 65536, i * 65536)
+            return time.monotonic() - start
+
+    with Tracker.open(image) as t:  # a live owner: the limit holds
+        t.set_throttle(2 * MiB)
+        assert timed_mib() >= 0.3
+        t.set_throttle(0)
+    code = ("import os, sys, blockmirror\n"
+            "blockmirror.Tracker.open(sys.argv[1]).set_throttle(1 << 20)\n"
+            "os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(image)])
+    assert proc.returncode == -signal.SIGKILL
+    with Tracker.open(image) as t:
+        assert t.info()["throttle_bytes_per_s"] == 1 << 20  # left behind
+    assert timed_mib() < 0.3  # ... but not obeyed: its owner is gone
+    with Tracker.open(image) as t:
+        assert t.info()["throttle_bytes_per_s"] == 0  # and lifted for everyone
