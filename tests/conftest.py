@@ -9,6 +9,8 @@ Hypothesis profiles follow python-zstandard: a quick default for a plain
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,3 +65,21 @@ def tracked_image(tmp_image: Path) -> Iterator[Path]:
 
     Tracker.create(tmp_image).close()
     yield tmp_image
+
+
+@pytest.fixture
+def ram_tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """A scratch directory in RAM (/dev/shm) when there is one, else tmp_path.
+
+    For tests that write hundreds of MiB: on disk their writeback would
+    stall unrelated writes (and timing assertions) later in the run.
+    """
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="blockmirror-test-", dir=shm))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -115,7 +115,7 @@ def read_at(path, offset: int, n: int) -> bytes:
 
 def test_freeze_blocks_writer_until_thaw(tracked_image, writer):
     with Tracker.open(tracked_image) as copier:
-        copier.freeze(10)
+        copier.freeze(60)
         assert copier.freeze_holds()
         assert copier.state == "frozen"
         assert copier.info()["copier_pid"] == os.getpid()
@@ -127,9 +127,9 @@ def test_freeze_blocks_writer_until_thaw(tracked_image, writer):
         assert copier.freeze_holds()
         copier.thaw()
         assert copier.state == "running"
-        kind, waited, _ = writer.result(10)
+        kind, waited, _ = writer.result(30)
         assert kind == "done"
-        assert waited >= 0.4
+        assert 0.4 <= waited < 30  # released by the thaw, not by the 60 s lease
         assert read_at(tracked_image, 3 * G, 17) == b"during the freeze"
         assert copier.dirty_extents() == [(3 * G, G)]
         copier.thaw()  # idempotent
@@ -142,7 +142,7 @@ def test_lease_expiry_lets_writers_go(tracked_image, writer):
         writer.write(0, b"late")
         kind, waited, _ = writer.result(20)  # the copier never thaws
         assert kind == "done"
-        assert 0.3 <= waited < 10
+        assert waited >= 0.3
         assert copier.freeze_holds() is False  # the copier must not switch over now
         assert read_at(tracked_image, 0, 4) == b"late"
         copier.thaw()
@@ -164,7 +164,7 @@ def test_freeze_holds_false_after_lease(tracked_image):
 def test_killed_copier_releases_writers(tracked_image, writer):
     frozen = CTX.Event()
     copier = CTX.Process(
-        target=_copier_freezes_and_hangs, args=(os.fspath(tracked_image), 30.0, frozen)
+        target=_copier_freezes_and_hangs, args=(os.fspath(tracked_image), 60.0, frozen)
     )
     copier.start()
     try:
@@ -178,8 +178,8 @@ def test_killed_copier_releases_writers(tracked_image, writer):
         t_kill = time.monotonic()
         os.kill(copier.pid, signal.SIGKILL)
         # not reaped yet: writers must not wait on a zombie either
-        assert writer.result(10)[0] == "done"
-        assert time.monotonic() - t_kill < 5  # far sooner than the 30 s lease
+        assert writer.result(40)[0] == "done"
+        assert time.monotonic() - t_kill < 30  # far sooner than the 60 s lease
         assert copier.is_alive() or copier.exitcode == -signal.SIGKILL
         with Tracker.open(tracked_image) as other:
             other.freeze(5)  # a dead copier's freeze is no obstacle
@@ -191,11 +191,11 @@ def test_killed_copier_releases_writers(tracked_image, writer):
 
 def test_closing_copier_thaws(tracked_image, writer):
     copier = Tracker.open(tracked_image)
-    copier.freeze(30)
+    copier.freeze(60)
     writer.write(0, b"x")
     writer.assert_blocked(0.2)
     copier.close()  # closing while frozen must never leave writers frozen
-    assert writer.result(5)[0] == "done"
+    assert writer.result(30)[0] == "done"  # long before the 60 s lease
 
 
 def test_no_writer_freeze_is_fast(tracked_image):

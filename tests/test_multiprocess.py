@@ -110,7 +110,8 @@ def granule_mask(offset, length, ngranules):
         ("pwrite", "sweep", WRITERS * 4_000, 3, 2 * G + 100),
     ],
 )
-def test_no_granule_lost(tmp_path, how, order, blocks, block_granules, max_len):
+def test_no_granule_lost(ram_tmp_path, how, order, blocks, block_granules, max_len):
+    tmp_path = ram_tmp_path
     plan = (blocks, block_granules, max_len, order)
     ngranules = blocks * block_granules
     image = tmp_path / "disk.img"

@@ -40,9 +40,11 @@ def copy_pass(tracker: Tracker, src_fd: int, dst_fd: int) -> int:
     return copied
 
 
-def test_copier_racing_writer_ends_exact(make_image, tmp_path):
-    src = make_image(REGION * ROUNDS)
-    dst = make_image(REGION * ROUNDS, "copy.img")
+def test_copier_racing_writer_ends_exact(ram_tmp_path):
+    src, dst = ram_tmp_path / "disk.img", ram_tmp_path / "copy.img"
+    for path in (src, dst):
+        with open(path, "wb") as f:
+            f.truncate(REGION * ROUNDS)
     Tracker.create(src, granularity=65536).close()
     go, done = CTX.Event(), CTX.Event()
     writer = CTX.Process(target=_rewrite, args=(os.fspath(src), go, done))
