@@ -92,7 +92,18 @@ struct bm_tracker {
     pthread_mutex_t grow_lock;  /* serialises ftruncate of the sidecar in this process */
 };
 
+/* At most 2^34 granules per sidecar: the largest image is 1 PiB at 64 KiB
+ * granules and above, 64 TiB at 4 KiB. Bounds the address space each handle
+ * reserves (about 70 GB), so a process can hold thousands of trackers. */
+#define BM_MAX_GRANULE_SHIFT 34u
+static inline uint64_t bm_max_image_for(uint32_t shift)
+{
+    uint64_t by_granules = (uint64_t)1 << (shift + BM_MAX_GRANULE_SHIFT);
+    return by_granules < BM_MAX_IMAGE_SIZE ? by_granules : BM_MAX_IMAGE_SIZE;
+}
+
 /* cbt.c */
+int bm_fail_too_big(uint32_t shift, uint64_t size);
 int bm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 uint64_t bm_now_ns(void);
 uint64_t bm_proc_start_time(pid_t pid);

@@ -1,7 +1,7 @@
 /* cbt.c - the sidecar file: create, validate, map, writer slots, reset.
  *
  * The sidecar is mapped MAP_SHARED over a reservation sized for the largest
- * image (BM_MAX_IMAGE_SIZE), not just the current file: when any process
+ * image (bm_max_image_for), not just the current file: when any process
  * grows the file, every other process's mapping already covers the new pages,
  * so nobody ever remaps and no pointer ever moves under a concurrent writer.
  */
@@ -31,6 +31,15 @@ int bm_fail(int err, const char *fmt, ...)
     va_end(ap);
     errno = err;
     return -1;
+}
+
+int bm_fail_too_big(uint32_t shift, uint64_t size)
+{
+    uint64_t limit = bm_max_image_for(shift);
+    if (limit == BM_MAX_IMAGE_SIZE)
+        return bm_fail(EFBIG, "size %llu is past the 1 PiB limit", (unsigned long long)size);
+    return bm_fail(EFBIG, "size %llu is past the %llu TiB limit for %u-byte granules",
+                   (unsigned long long)size, (unsigned long long)(limit >> 40), 1u << shift);
 }
 
 uint64_t bm_now_ns(void)
@@ -148,7 +157,7 @@ static uint64_t bitmap_bytes_for(uint64_t image_size, uint32_t shift)
 
 static size_t reservation_for(uint32_t shift)
 {
-    return BM_BITMAP_OFFSET + bitmap_bytes_for(BM_MAX_IMAGE_SIZE, shift);
+    return BM_BITMAP_OFFSET + bitmap_bytes_for(bm_max_image_for(shift), shift);
 }
 
 static int shift_of(uint32_t granularity)
@@ -165,9 +174,8 @@ int bm_create(const char *path, uint64_t image_size, uint32_t granularity, int64
     if (shift < 0)
         return bm_fail(EINVAL, "granularity %u is not a power of two between %u and %u",
                        granularity, BM_MIN_GRANULARITY, BM_MAX_GRANULARITY);
-    if (image_size > BM_MAX_IMAGE_SIZE)
-        return bm_fail(EFBIG, "image size %llu is past the 1 PiB limit",
-                       (unsigned long long)image_size);
+    if (image_size > bm_max_image_for((uint32_t)shift))
+        return bm_fail_too_big((uint32_t)shift, image_size);
 
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
@@ -331,7 +339,7 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
         bm_fail(EUCLEAN, "sidecar %s header is corrupt (checksum mismatch)", path);
         goto fail;
     }
-    if (h.image_size > BM_MAX_IMAGE_SIZE ||
+    if (h.image_size > bm_max_image_for((uint32_t)shift) ||
         (uint64_t)st.st_size < BM_BITMAP_OFFSET + bitmap_bytes_for(h.image_size, (uint32_t)shift)) {
         bm_fail(EUCLEAN, "sidecar %s is truncated: its bitmap cannot cover %llu bytes", path,
                 (unsigned long long)h.image_size);
@@ -463,9 +471,8 @@ int bm_reset(bm_tracker *t)
  * for every process to see the new words. */
 int bm_ensure_capacity(bm_tracker *t, uint64_t image_size)
 {
-    if (image_size > BM_MAX_IMAGE_SIZE)
-        return bm_fail(EFBIG, "image size %llu is past the 1 PiB limit",
-                       (unsigned long long)image_size);
+    if (image_size > bm_max_image_for(t->shift))
+        return bm_fail_too_big(t->shift, image_size);
     off_t want = (off_t)(BM_BITMAP_OFFSET + bitmap_bytes_for(image_size, t->shift));
     pthread_mutex_lock(&t->grow_lock);
     struct stat st;

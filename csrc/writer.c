@@ -171,8 +171,9 @@ int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t
 {
     if (len == 0)
         return 0;
-    if (offset > BM_MAX_IMAGE_SIZE || len > BM_MAX_IMAGE_SIZE - offset)
-        return bm_fail(EFBIG, "write past the 1 PiB limit");
+    uint64_t limit = bm_max_image_for(t->shift);
+    if (offset > limit || len > limit - offset)
+        return bm_fail_too_big(t->shift, offset > limit ? offset : offset + len);
     throttle(t, len);
     if (writer_enter(t) < 0)
         return -1;
@@ -250,8 +251,8 @@ int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
 
 int bm_truncate(bm_tracker *t, int fd, uint64_t size)
 {
-    if (size > BM_MAX_IMAGE_SIZE)
-        return bm_fail(EFBIG, "size %llu is past the 1 PiB limit", (unsigned long long)size);
+    if (size > bm_max_image_for(t->shift))
+        return bm_fail_too_big(t->shift, size);
     if (writer_enter(t) < 0)
         return -1;
     /* Grow the tracker before the file and shrink it after, so the bitmap
