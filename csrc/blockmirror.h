@@ -17,8 +17,9 @@
 #define BM_DEFAULT_GRANULARITY 65536
 #define BM_MIN_GRANULARITY 4096
 #define BM_MAX_GRANULARITY 67108864
-/* Largest image a sidecar can describe: 1 PiB. Bounds the address space
- * each handle reserves for the bitmap, so the bitmap can grow in place. */
+/* Largest image a sidecar can describe: 1 PiB, and at most 2^34 granules
+ * (so 64 TiB at 4 KiB granules). Bounds the address space each handle
+ * reserves for the bitmap, so the bitmap can grow in place. */
 #define BM_MAX_IMAGE_SIZE 1125899906842624
 #define BM_MAX_WRITERS 64
 #define BM_REDIRECT_MAX 1024
