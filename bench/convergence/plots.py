@@ -27,7 +27,7 @@ def make_plots(result: MatrixResult) -> list[Path] | str:
     except ImportError:
         return ("plots skipped: matplotlib is not installed "
                 "(pip install matplotlib, or the 'bench' extra)")
-    from .harness import model_curves
+    from .report import model_curves
 
     curves = model_curves(result)
     out = result.config.output
