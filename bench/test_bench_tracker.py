@@ -4,8 +4,8 @@ Every figure is paired with a baseline timed in the same run:
 
 - ``TrackedImage.pwrite`` against ``os.pwrite`` on the same pre-written file,
   4 KiB and 1 MiB writes cycling over 64 MiB of page cache (target <= 1.10x at
-  4 KiB); a direct call of the C function without the Python wrapper shows
-  what the binding layers cost;
+  4 KiB); the cffi fallback of the same write, and a direct cffi call of the C
+  function without the Python wrapper, show what the binding layers cost;
 - ``Tracker.fetch_and_clear`` / ``fetch_and_clear_array`` over the bitmap of a
   1 TiB sparse image, 64 KiB granules, 0.1 % dirty (target <= 5 ms), against
   the same scan of a clean bitmap; the dirty set is re-marked before each
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from blockmirror import TrackedImage
+from blockmirror import TrackedImage, _binding
 from blockmirror._binding import lib  # diagnostic floors only: the raw C calls
 
 MiB = 1 << 20
@@ -76,6 +76,14 @@ def _pwrite_round(variant: str, size: int, w: dict[str, Any]) -> Callable[[], No
             for off in next(rounds):
                 tracked(data, off)
 
+    elif variant == "cffi":  # what TrackedImage.pwrite is without blockmirror._fastwrite
+        image = w["image"]
+        fallback = _binding.cffi_pwrite_function(image.tracker.handle, image._fd, image.path)
+
+        def run() -> None:
+            for off in next(rounds):
+                fallback(data, off)
+
     else:  # "c": the C function called straight, no Python wrapper (a floor)
         bm_pwrite = lib.bm_pwrite
         handle, fd = w["image"].tracker.handle, w["image"]._fd
@@ -87,7 +95,7 @@ def _pwrite_round(variant: str, size: int, w: dict[str, Any]) -> Callable[[], No
     return run
 
 
-@pytest.mark.parametrize("variant", ["os", "tracked", "c"])
+@pytest.mark.parametrize("variant", ["os", "tracked", "cffi", "c"])
 @pytest.mark.parametrize("size", [4096, MiB], ids=["4KiB", "1MiB"])
 def test_pwrite(benchmark, report, writers, variant: str, size: int) -> None:
     label = SIZE_LABEL[size]
@@ -95,7 +103,9 @@ def test_pwrite(benchmark, report, writers, variant: str, size: int) -> None:
     benchmark(_pwrite_round(variant, size, writers))
     names = {
         "os": f"os.pwrite {label} (baseline)",
-        "tracked": f"TrackedImage.pwrite {label}",
+        "tracked": f"TrackedImage.pwrite {label}"
+        + ("" if _binding._fastwrite else " [_fastwrite not built: cffi]"),
+        "cffi": f"  TrackedImage.pwrite {label}, cffi fallback",
         "c": f"  lib.bm_pwrite {label}, no Python layer (floor)",
     }
     report(

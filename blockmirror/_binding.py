@@ -3,7 +3,8 @@
 One small wrapper per C call: it converts arguments, calls C (cffi releases
 the GIL for the call) and turns a -1 return into an exception built from the
 C errno and the thread's last-error message. Nothing above this module knows
-about cffi.
+about cffi. The one exception to cffi is the tracked write's hot path,
+``blockmirror._fastwrite`` (see ``pwrite_function``), also imported only here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import numpy as np
 
 from blockmirror._core import ffi, lib
 from blockmirror.errors import SidecarCorruptError, SidecarUnsafeError
+
+try:
+    from blockmirror import _fastwrite
+except ImportError:  # not built: every write goes through cffi, a little slower
+    _fastwrite = None
 
 Handle = Any  # a cffi ``bm_tracker *`` owned by ffi.gc
 
@@ -161,14 +167,31 @@ def changed_since(handle: Handle, since: int, chunk: int = 65536) -> np.ndarray:
     return _merge_touching(np.concatenate(parts)) if len(parts) > 1 else parts[0]
 
 
+# The fast path calls the one copy of the C core, in _core, through these
+# pointers (csrc/python/fastwrite.c says why it is not cffi).
+_BM_PWRITE_ADDR = int(ffi.cast("uintptr_t", ffi.addressof(lib, "bm_pwrite")))
+_BM_LAST_ERROR_ADDR = int(ffi.cast("uintptr_t", ffi.addressof(lib, "bm_last_error")))
+
+
 def pwrite_function(handle: Handle, fd: int, path: str, on_stale=None):  # type: ignore[no-untyped-def]
     """A fast ``pwrite(data, offset) -> int`` bound to one handle and fd.
 
-    Built once per image so the hot path is one Python frame and one C call.
+    Built once per image so a write is one C call: a ``_fastwrite.Writer``
+    (no Python frame; about as cheap to call as ``os.pwrite``), or, where the
+    extension is not built, the cffi closure of ``cffi_pwrite_function``.
     When the write fails with ESTALE (the image was redirected) and ON_STALE
     is given, the result of ``on_stale(data, offset)`` is returned instead of
     raising, so the caller needs no frame of its own around the fast path.
+    Call ``retire_pwrite_function`` on it before the handle is closed.
     """
+    if _fastwrite is None:
+        return cffi_pwrite_function(handle, fd, path, on_stale)
+    return _fastwrite.Writer(_BM_PWRITE_ADDR, _BM_LAST_ERROR_ADDR,
+                             int(ffi.cast("uintptr_t", handle)), handle, fd, path, on_stale)
+
+
+def cffi_pwrite_function(handle: Handle, fd: int, path: str, on_stale=None):  # type: ignore[no-untyped-def]
+    """``pwrite_function`` through cffi: one Python frame and one cffi call."""
     bm_pwrite = lib.bm_pwrite
     from_buffer = ffi.from_buffer
 
@@ -185,6 +208,16 @@ def pwrite_function(handle: Handle, fd: int, path: str, on_stale=None):  # type:
         return n
 
     return pwrite
+
+
+def retire_pwrite_function(pwrite) -> None:  # type: ignore[no-untyped-def]
+    """Detach a ``pwrite_function`` from its handle before the handle is
+    closed: a fast-path Writer then raises ValueError if called again, even
+    through a reference taken earlier. (A cffi closure cannot be detached;
+    its owner must drop it.)"""
+    close = getattr(pwrite, "close", None)
+    if close is not None:
+        close()
 
 
 def discard(handle: Handle, fd: int, offset: int, length: int, path: str) -> None:

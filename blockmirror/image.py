@@ -73,14 +73,25 @@ class TrackedImage:
         self._tracker = tracker
         # Writes without the redirect handling, for the one retry after a redirect.
         self._pwrite = _binding.pwrite_function(tracker.handle, fd, path)
-        # The hot path: the C-backed closure is bound on the instance and
-        # shadows the pwrite method below, so a tracked write costs one Python
-        # frame and one C call. Going through the method added a frame: ~75 ns,
-        # 5-7 % of a 4 KiB page-cache write (bench/README.md). ESTALE comes back
-        # through _write_after_redirect.
+        # The hot path: a C callable (blockmirror._fastwrite.Writer, or the
+        # cffi closure where that is not built) is bound on the instance and
+        # shadows the pwrite method below, so a tracked write is one C-level
+        # call, no Python frame, like os.pwrite (bench/README.md). ESTALE comes
+        # back through _write_after_redirect.
         self.pwrite = _binding.pwrite_function(  # type: ignore[method-assign]
             tracker.handle, fd, path, on_stale=_redirect_handler(self)
         )
+
+    def _bound_writes(self) -> tuple[object, ...]:
+        return self.__dict__.get("pwrite"), self.__dict__.get("_pwrite")
+
+    @staticmethod
+    def _retire(writes: tuple[object, ...]) -> None:
+        """Detach bound write paths from the tracker about to be closed: they
+        hold its raw C handle, and a write through one (even through a
+        reference taken earlier) must raise, not use freed memory."""
+        for write in writes:
+            _binding.retire_pwrite_function(write)
 
     @property
     def tracker(self) -> Tracker:
@@ -96,7 +107,9 @@ class TrackedImage:
         # symlink there, a swapped link would let our writes escape (I5).
         fd = os.open(target, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         os.close(fd)
+        old_writes = self._bound_writes()
         self._attach(target, create_sidecar=False)
+        self._retire(old_writes)
         assert old_tracker is not None
         old_tracker.close()
         os.close(old_fd)
@@ -167,8 +180,9 @@ class TrackedImage:
     def close(self) -> None:
         """Close the image and, cleanly, the sidecar (I4)."""
         # The bound fast path holds the raw C handle, which close() frees:
-        # swap it out first so a write after close raises instead of using
-        # freed memory (it used to segfault).
+        # detach it and swap it out first so a write after close raises
+        # instead of using freed memory (it used to segfault).
+        self._retire(self._bound_writes())
         self._pwrite = self.pwrite = _closed_pwrite  # type: ignore[method-assign]
         if self._tracker is not None:
             self._tracker.close()

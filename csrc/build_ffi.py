@@ -19,6 +19,7 @@ ffibuilder.set_source(
     "blockmirror._core",
     '#include "bm_internal.h"',
     # Relative paths keep setuptools happy when building from an sdist copy.
+    # csrc/*.c only: csrc/python/ is the CPython extension setup.py builds.
     sources=[os.path.relpath(p) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[os.path.relpath(CSRC)],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

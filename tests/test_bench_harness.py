@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +42,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> harness.MatrixResult:
     return harness.run_matrix(cfg, log=lambda line: None)
 
 
-def _row(result: harness.MatrixResult, rate: float) -> dict:
+def _row(result: harness.MatrixResult, rate: float) -> dict[str, Any]:
     rows = [r for r in result.rows if r["rate_requested"] == rate]
     assert len(rows) == 1, rows
     return rows[0]
@@ -181,6 +183,6 @@ def test_cli_entry_hands_over_to_the_harness(capsys: pytest.CaptureFixture[str])
 
 
 def test_qemu_peer_reports_missing_tools(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu_peer.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     message = qemu_peer.missing_tools()
     assert message is not None and "qemu-storage-daemon" in message and "fio" in message

@@ -175,11 +175,11 @@ def observe_policy() -> Iterator[PolicyLog]:
             log.passes[:] = list(passes)
             return decision
 
-    sync_module.ConvergencePolicy = ObservedPolicy  # type: ignore[misc]
+    setattr(sync_module, "ConvergencePolicy", ObservedPolicy)  # noqa: B010
     try:
         yield log
     finally:
-        sync_module.ConvergencePolicy = base  # type: ignore[misc]
+        setattr(sync_module, "ConvergencePolicy", base)  # noqa: B010
 
 
 # -- writers --------------------------------------------------------------------------

@@ -144,7 +144,8 @@ class DirtyModel:
         pad = (-len(p)) % per_unit
         if pad:
             p = np.concatenate([p, np.zeros(pad)])
-        return p.reshape(-1, per_unit).sum(axis=1)
+        units: np.ndarray = p.reshape(-1, per_unit).sum(axis=1)
+        return units
 
     def dirty_after_writes(self, writes: float) -> float:
         """Expected dirty bytes after WRITES writes (all writers together)."""
