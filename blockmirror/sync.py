@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from blockmirror import precheck
@@ -122,7 +123,8 @@ class SyncResult:
         verb = "moved" if self.mode == "move" else "copied"
         line = (
             f"{verb} {self.source} -> {self.destination}: "
-            f"{format_bytes(self.bytes_copied)} in {len(self.passes)} passes, "
+            f"{format_bytes(self.bytes_copied)} in {len(self.passes)} "
+            f"{'pass' if len(self.passes) == 1 else 'passes'}, "
             f"{format_seconds(self.elapsed)}"
         )
         if self.tracked:
@@ -180,6 +182,12 @@ def sync(
     job = _FileSync(plan, policy, mode=mode, verify=verify, progress=progress, workers=workers,
                     rate_limit=rate_limit, converge=converge)
     return job.run()
+
+
+class _Switch(Enum):
+    DONE = "done"
+    NOT_READY = "not_ready"
+    LEASE_RAN_OUT = "lease_ran_out"
 
 
 class _FileSync:
@@ -347,9 +355,11 @@ class _FileSync:
         while True:
             decision = self.policy.decide(self.result.passes, stall_from=self.stall_from)
             if decision is Decision.SWITCHOVER:
-                if self._switchover():
+                outcome = self._switchover()
+                if outcome is _Switch.DONE:
                     break
-                attempts += 1
+                if outcome is _Switch.LEASE_RAN_OUT:
+                    attempts += 1
                 if attempts >= MAX_SWITCHOVER_ATTEMPTS:
                     raise NotConvergedError(
                         f"switchover failed {attempts} times: the final pass outlasted the "
@@ -455,14 +465,24 @@ class _FileSync:
 
     # -- switchover ---------------------------------------------------------
 
-    def _switchover(self) -> bool:
-        """Freeze, final pass, commit. False if the lease ran out first (the
-        writers were thawed and the loop goes on)."""
+    def _switchover(self) -> _Switch:
+        """Freeze, final pass, commit. NOT_READY if the dirty set grew past
+        the target before the freeze (no freeze happened); LEASE_RAN_OUT if the
+        final pass outlasted the lease (writers were thawed). Either way the
+        loop goes on with dirty passes."""
         assert self.tracker is not None
         tracker = self.tracker
-        # Flush what the passes wrote while writers still run, so the fsync
-        # inside the freeze only has the last pass's blocks to write.
-        os.fdatasync(self.dst_fd)
+        if self.mode == "move":
+            # Move mode fsyncs inside the freeze (the copy must be durable
+            # before writers go there): flush what the passes wrote first,
+            # while writers still run, so that fsync has little left to do.
+            # Copy mode fsyncs after the thaw, so it skips this.
+            os.fdatasync(self.dst_fd)
+            # Writers went on during the flush: decide again on what is dirty
+            # now, or the pause would outlast the target.
+            throughput = self.policy.copy_throughput(self.result.passes)
+            if not self.policy.fits(tracker.dirty_bytes(), throughput):
+                return _Switch.NOT_READY
         lease = min(60.0, max(2.0, 4 * self.policy.target_downtime))
         frozen_at = time.perf_counter()
         try:
@@ -486,7 +506,7 @@ class _FileSync:
                 tracker.mark(int(offset), int(length))
             self._thaw()
             self.result.notes.append("freeze lease ran out during the final pass; retried")
-            return False
+            return _Switch.LEASE_RAN_OUT
         if self.mode == "copy":
             # The copy is exact at this instant: name it for backup tools.
             self.result.change_id = tracker.change_id()
@@ -507,7 +527,7 @@ class _FileSync:
             self._verify()
         if self.mode == "move":
             self._remove_source()
-        return True
+        return _Switch.DONE
 
     def _durable_commit(self) -> None:
         """fsync the shadow copy, give it the source's mode and its final
