@@ -101,6 +101,12 @@ def mark(handle: Handle, offset: int, length: int) -> None:
     _check(lib.bm_mark(handle, offset, length))
 
 
+def clear_range(handle: Handle, offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
+    _check(lib.bm_clear_range(handle, offset, length))
+
+
 def mark_all(handle: Handle) -> None:
     _check(lib.bm_mark_all(handle))
 

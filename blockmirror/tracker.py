@@ -179,6 +179,12 @@ class Tracker:
         """Mark [offset, offset+length) dirty, rounded out to whole granules."""
         _binding.mark(self._h, offset, length)
 
+    def clear_range(self, offset: int, length: int) -> None:
+        """Clear the dirty bits of granules wholly inside [offset,
+        offset+length), just before reading that range (I2). For copiers
+        that take the image in ranges, like the bulk pass."""
+        _binding.clear_range(self._h, offset, length)
+
     def mark_all(self) -> None:
         """Mark every granule of the image dirty."""
         _binding.mark_all(self._h)

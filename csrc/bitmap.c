@@ -65,6 +65,33 @@ int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length)
     return 0;
 }
 
+int bm_clear_range(bm_tracker *t, uint64_t offset, uint64_t length)
+{
+    uint64_t size = bm_image_size(t);
+    if (offset > size || length > size - offset)
+        return bm_fail(EINVAL, "range %llu+%llu is past the image end %llu",
+                       (unsigned long long)offset, (unsigned long long)length,
+                       (unsigned long long)size);
+    /* Only granules the range covers whole: a write to the rest of a
+     * granule at the edge was not copied with this range, so its bit stays.
+     * The granule holding the image's end counts as whole up to the end. */
+    uint64_t g_size = (uint64_t)1 << t->shift;
+    uint64_t first = (offset + g_size - 1) >> t->shift;
+    uint64_t end = offset + length;
+    uint64_t last_excl = end == size ? bm_granules(t, size) : end >> t->shift;
+    if (first >= last_excl)
+        return 0;
+    uint64_t w0 = first / 64, w1 = (last_excl - 1) / 64;
+    for (uint64_t w = w0; w <= w1; w++) {
+        unsigned from = w == w0 ? (unsigned)(first % 64) : 0;
+        unsigned to = w == w1 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
+        uint64_t m = run_mask(from, to);
+        if (__atomic_load_n(bm_word(t, w), __ATOMIC_RELAXED) & m)
+            __atomic_fetch_and(bm_word(t, w), ~m, __ATOMIC_SEQ_CST);
+    }
+    return 0;
+}
+
 int bm_mark_all(bm_tracker *t)
 {
     bm_mark_granules(t, 0, bm_granules(t, bm_image_size(t)));

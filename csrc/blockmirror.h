@@ -99,6 +99,13 @@ int bm_reset(bm_tracker *t);
  * length is a no-op; a range past the image size is EINVAL. */
 int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length);
 
+/* Clear the dirty bits of the granules lying wholly inside [OFFSET,
+ * OFFSET+LENGTH) (the image's last granule counts as whole up to its end),
+ * just before the caller reads that range (I2): the bulk pass clears each
+ * range as it reaches it, so a block written ahead of it is copied once, not
+ * twice. Bits of granules the range only partly covers stay set. */
+int bm_clear_range(bm_tracker *t, uint64_t offset, uint64_t length);
+
 /* Mark every granule of the image dirty. */
 int bm_mark_all(bm_tracker *t);
 

@@ -26,6 +26,8 @@ def write_path(request, monkeypatch) -> str:
     when the extension is not built."""
     if request.param == "cffi":
         monkeypatch.setattr(_binding, "_fastwrite", None)
+    else:
+        assert _binding._fastwrite is not None, "blockmirror._fastwrite was not built"
     return str(request.param)
 
 
