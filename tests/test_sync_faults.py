@@ -135,7 +135,7 @@ def test_sync_killed_during_freeze(tmp_path):
     image = src_dir / "k.img"
     initial = make_data_image(image, 32 * MiB, extents=8)
     Tracker.create(image).close()
-    writer = WriterProcess(image, tmp_path / "writes.log", rate="2M", write_size="64k")
+    writer = WriterProcess(image, tmp_path / "writes.log", rate="1M", write_size="64k")
     try:
         writer.wait_for_writes(5)
         # A slow copy and a long target downtime: the final pass runs ~1 s.
