@@ -279,6 +279,7 @@ COPY_DST_FRESH: int = lib.BM_COPY_DST_FRESH
 COPY_FILE_RANGE: int = lib.BM_COPY_FILE_RANGE
 COPY_NO_SEEK: int = lib.BM_COPY_NO_SEEK
 COPY_NO_PUNCH: int = lib.BM_COPY_NO_PUNCH
+COPY_START_WRITEBACK: int = lib.BM_COPY_START_WRITEBACK
 COPY_FILE_RANGE_FAILED: int = lib.BM_COPY_FILE_RANGE_FAILED
 COPY_PUNCH_FAILED: int = lib.BM_COPY_PUNCH_FAILED
 COPY_SEEK_FAILED: int = lib.BM_COPY_SEEK_FAILED
@@ -356,6 +357,51 @@ def data_extents(fd: int, end: int, chunk: int = 65536) -> np.ndarray:
         n = _check(lib.bm_data_extents(fd, cursor, end, out, chunk))
         parts.append(buf[:n])
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+COMPARE_DEFAULT_BUFFER: int = lib.BM_COMPARE_DEFAULT_BUFFER
+
+
+def compare_extents(
+    a_fd: int,
+    b_fd: int,
+    extents: np.ndarray,
+    block_size: int,
+    buf: Any = None,
+    cancel: Any = None,
+    a_path: str | None = None,
+    b_path: str | None = None,
+) -> np.ndarray:
+    """The BLOCK_SIZE blocks where A and B differ over EXTENTS (a C-contiguous
+    EXTENT_DTYPE array, ascending), one C call: an EXTENT_DTYPE array, merged,
+    empty if identical. BUF is scratch from new_copy_buffer (None: the call
+    allocates its own). Errors raise OSError naming the side that failed."""
+    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
+        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
+    # Each extent holds at most length // block + 2 (partial) blocks.
+    room = int((extents["length"] // np.uint64(block_size)).sum()) + 2 * len(extents)
+    out = np.empty(room, dtype=EXTENT_DTYPE)
+    side = ffi.new("uint32_t *")
+    n = lib.bm_compare_extents(
+        a_fd,
+        b_fd,
+        ffi.cast("bm_extent *", ffi.from_buffer(extents)) if len(extents) else ffi.NULL,
+        len(extents),
+        ffi.NULL if buf is None else buf,
+        0 if buf is None else len(buf),
+        block_size,
+        ffi.NULL if cancel is None else cancel,
+        ffi.cast("bm_extent *", ffi.from_buffer(out)) if room else ffi.NULL,
+        room,
+        side,
+    )
+    if n < 0:
+        failed = side[0]
+        raise error_from_c(
+            a_path if failed == lib.BM_COMPARE_SIDE_A
+            else b_path if failed == lib.BM_COMPARE_SIDE_B else None
+        )
+    return out[:n].copy()
 
 
 def buffer_is_zero(data: bytes | bytearray | memoryview) -> bool:

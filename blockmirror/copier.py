@@ -334,6 +334,7 @@ class Copier:
         *,
         dst_fresh: bool = False,
         progress: Callable[[int], None] | None = None,
+        start_writeback: bool = False,
     ) -> CopyStats:
         """Copy EXTENTS of the source to the same offsets of the destination.
 
@@ -343,6 +344,12 @@ class Copier:
 
         PROGRESS, if given, is called in this thread as work items finish,
         with the number of source bytes that item processed (an increment).
+
+        START_WRITEBACK queues each data write for writeback at once (no
+        wait), so the disk works while the copy goes on and a caller that
+        fsyncs at the end waits only for the tail (a durable 1 GiB bulk copy
+        went from 0.76 s to 0.46 s here, see bench/README.md). It is no use,
+        and may write blocks twice, when the same range is rewritten soon.
 
         Raises the first OSError of any work item (ENOSPC, EIO, ...) after
         stopping the others; the destination is then partly copied. Nothing
@@ -374,7 +381,9 @@ class Copier:
                 while len(pending) >= window:
                     done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                     collect(done)
-                pending.add(executor.submit(self._copy_item, item, dst_fresh, cancel))
+                pending.add(
+                    executor.submit(self._copy_item, item, dst_fresh, cancel, start_writeback)
+                )
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 collect(done)
@@ -393,10 +402,12 @@ class Copier:
         share = -(-total_bytes // (self.workers * 4))
         return max(1, min(self.batch_bytes, max(MIN_ITEM_BYTES, share)))
 
-    def _flags(self, dst_fresh: bool) -> int:
+    def _flags(self, dst_fresh: bool, start_writeback: bool = False) -> int:
         flags = 0
         if dst_fresh:
             flags |= _binding.COPY_DST_FRESH
+        if start_writeback:
+            flags |= _binding.COPY_START_WRITEBACK
         if self._use_cfr:
             flags |= _binding.COPY_FILE_RANGE
         if self._no_punch:
@@ -405,7 +416,9 @@ class Copier:
             flags |= _binding.COPY_NO_SEEK
         return flags
 
-    def _copy_item(self, item: ExtentArray, dst_fresh: bool, cancel: Any) -> CopyStats:
+    def _copy_item(
+        self, item: ExtentArray, dst_fresh: bool, cancel: Any, start_writeback: bool = False
+    ) -> CopyStats:
         """One C call, on a worker thread."""
         buf = getattr(self._local, "buf", None)
         if buf is None:
@@ -416,7 +429,7 @@ class Copier:
             item,
             buf,
             self.block_size,
-            self._flags(dst_fresh),
+            self._flags(dst_fresh, start_writeback),
             self._throttle,
             cancel,
             self.src_path,

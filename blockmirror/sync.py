@@ -378,7 +378,10 @@ class _FileSync:
         assert self.copier is not None
         extents = self.copier.allocated_extents()
         total = sum(int(length) for _, length in _pairs(extents))
-        stats = self._copy("bulk", extents, total, dirty=0, dst_fresh=True)
+        # Everything the bulk pass writes is fsynced before the commit:
+        # start its writeback as it goes (see Copier.copy_extents).
+        stats = self._copy("bulk", extents, total, dirty=0, dst_fresh=True,
+                           start_writeback=True)
         self._record("bulk", stats, dirty_left())
 
     def _incremental_pass(self, dirty_left: Callable[[], int]) -> None:
@@ -409,7 +412,8 @@ class _FileSync:
         else:
             extents = _union_extents(_pairs(extents), manifest.unknown_extents())
         total = sum(length for _, length in _pairs(extents))
-        stats = self._copy("incremental", extents, total, dirty=0, dst_fresh=False)
+        stats = self._copy("incremental", extents, total, dirty=0, dst_fresh=False,
+                           start_writeback=True)
         self._record("incremental", stats, dirty_left())
 
     def _dirty_pass(self) -> None:
@@ -422,7 +426,7 @@ class _FileSync:
         self._record("dirty", stats, self.tracker.dirty_bytes())
 
     def _copy(self, phase: str, extents: Any, total: int, *, dirty: int,
-              dst_fresh: bool) -> CopyStats:
+              dst_fresh: bool, start_writeback: bool = False) -> CopyStats:
         assert self.copier is not None
         if self.manifest is not None and self.plan.incremental:
             # The copy is about to change under these digests: forget them
@@ -441,7 +445,8 @@ class _FileSync:
                          dirty)
 
         return self.copier.copy_extents(
-            extents, dst_fresh=dst_fresh, progress=on_progress if self.progress else None
+            extents, dst_fresh=dst_fresh, progress=on_progress if self.progress else None,
+            start_writeback=start_writeback,
         )
 
     def _record(self, kind: str, stats: CopyStats, dirty_left: int) -> PassRecord:

@@ -4,16 +4,30 @@ Only ranges where at least one side holds data are read (SEEK_DATA/SEEK_HOLE;
 a filesystem without them reports everything as data, which is still right),
 several chunks in flight at once, and the answer is the list of differing
 extents at BLOCK granularity, merged. Different sizes differ past the shorter.
+
+The comparing itself is one C call per chunk (``bm_compare_extents``): it
+reads both sides into a small cache-resident buffer and compares there
+without the GIL, so the threads really run in parallel. (Python reads into
+fresh 4 MiB bytes and a GIL-held ``==`` only matched ``qemu-img compare``.)
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from blockmirror import _binding
 
 Extent = tuple[int, int]
 
-CHUNK = 4 << 20
+# Bytes per work item (one C call); big enough that the call overhead is
+# nothing, small enough that every worker gets several.
+CHUNK = 32 << 20
+MIN_ITEM = 1 << 20
 
 
 def data_extents(fd: int, size: int) -> list[Extent]:
@@ -72,40 +86,51 @@ def compare_files(path_a: str, path_b: str, *, block: int = 65536, workers: int 
     try:
         fd_b = os.open(path_b, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return compare_fds(fd_a, fd_b, block=block, workers=workers)
+            return compare_fds(fd_a, fd_b, block=block, workers=workers, path_a=path_a,
+                               path_b=path_b)
         finally:
             os.close(fd_b)
     finally:
         os.close(fd_a)
 
 
-def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4) -> list[Extent]:
+def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
+                path_a: str | None = None, path_b: str | None = None) -> list[Extent]:
+    """Extents (BLOCK-aligned, merged) where FD_A and FD_B differ. BLOCK is a
+    power of two from 512 B to 16 MiB; PATH_A/PATH_B name the files in errors."""
+    if block < _binding.COPY_MIN_BLOCK or block > _binding.COPY_MAX_BLOCK or block & (block - 1):
+        raise ValueError(f"block {block} is not a power of two between "
+                         f"{_binding.COPY_MIN_BLOCK} and {_binding.COPY_MAX_BLOCK}")
     size_a, size_b = os.fstat(fd_a).st_size, os.fstat(fd_b).st_size
     common = min(size_a, size_b)
     regions = _union(data_extents(fd_a, common), data_extents(fd_b, common))
+    # Align to BLOCK so a difference is reported in whole blocks.
+    aligned = [(off - off % block, min(common, -(-(off + length) // block) * block))
+               for off, length in regions]
+    # Work items of CHUNK bytes, cut finer for small comparisons so every
+    # worker gets a share; a multiple of BLOCK, so blocks stay whole.
+    total = sum(end - start for start, end in aligned)
+    limit = min(CHUNK, max(MIN_ITEM, -(-total // (4 * workers))))
+    limit = max(block, limit - limit % block)
     chunks: list[Extent] = []
-    for off, length in regions:
-        # Align to BLOCK so a difference is reported in whole blocks.
-        start = off - off % block
-        end = min(common, -(-(off + length) // block) * block)
-        for pos in range(start, end, CHUNK):
-            chunks.append((pos, min(CHUNK, end - pos)))
+    for start, end in aligned:
+        for pos in range(start, end, limit):
+            chunks.append((pos, min(limit, end - pos)))
 
-    def compare_chunk(chunk: Extent) -> list[Extent]:
-        off, length = chunk
-        a = _pread_full(fd_a, length, off)
-        b = _pread_full(fd_b, length, off)
-        if a == b:
-            return []
-        diffs = []
-        for rel in range(0, length, block):
-            if a[rel : rel + block] != b[rel : rel + block]:
-                diffs.append((off + rel, min(block, length - rel)))
-        return diffs
+    local = threading.local()
+
+    def compare_batch(batch: list[Extent]) -> list[Extent]:
+        buf = getattr(local, "buf", None)
+        if buf is None:  # one cache-sized scratch buffer per worker thread
+            buf = local.buf = _binding.new_copy_buffer(_binding.COMPARE_DEFAULT_BUFFER)
+        extents = np.array(batch, dtype=_binding.EXTENT_DTYPE)
+        diffs = _binding.compare_extents(fd_a, fd_b, extents, block, buf,
+                                         a_path=path_a, b_path=path_b)
+        return list(zip(diffs["offset"].tolist(), diffs["length"].tolist(), strict=True))
 
     differing: list[Extent] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for diffs in pool.map(compare_chunk, _dedupe(chunks)):
+        for diffs in pool.map(compare_batch, _batches(_dedupe(chunks), limit)):
             differing.extend(diffs)
     if size_a != size_b:
         differing.append((common, max(size_a, size_b) - common))
@@ -127,16 +152,16 @@ def _dedupe(chunks: list[Extent]) -> list[Extent]:
     return out
 
 
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+def _batches(chunks: list[Extent], limit: int) -> Iterator[list[Extent]]:
+    """Consecutive CHUNKS grouped into work items of at most LIMIT bytes
+    (a chunk is never split), so many small regions share one C call."""
+    batch: list[Extent] = []
+    total = 0
+    for off, length in chunks:
+        if batch and total + length > limit:
+            yield batch
+            batch, total = [], 0
+        batch.append((off, length))
+        total += length
+    if batch:
+        yield batch

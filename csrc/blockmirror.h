@@ -214,6 +214,11 @@ int bm_live_writers(bm_tracker *t);
 #define BM_COPY_NO_SEEK 4       /* don't ask the source for holes: treat every byte as data */
 #define BM_COPY_NO_PUNCH 8      /* dst can't punch holes (known from an earlier call):
                                  * write zeros instead of trying */
+#define BM_COPY_START_WRITEBACK 16 /* after each data write to dst, start writing those
+                                   * pages back (sync_file_range SYNC_FILE_RANGE_WRITE,
+                                   * no wait), so a later fsync finds them on their way to
+                                   * disk instead of starting it all then; for callers that
+                                   * fsync at the end anyway. A hint: failures are ignored */
 
 /* bm_copy_stats.flags (out): what this call found unsupported, so the caller
  * can stop asking on later calls. */
@@ -299,3 +304,36 @@ int64_t bm_data_extents(int fd, uint64_t *cursor, uint64_t end, bm_extent *out,
 
 /* 1 if LEN bytes at BUF are all zero, else 0. */
 int bm_buffer_is_zero(const char *buf, uint64_t len);
+
+/* ---------------------------------------------------------------------- */
+/* Block comparison (compare.c): the verify kernel                         */
+
+/* bm_compare_extents *error_side (out): which file the failing read was on. */
+#define BM_COMPARE_SIDE_NONE 0
+#define BM_COMPARE_SIDE_A 1
+#define BM_COMPARE_SIDE_B 2
+
+#define BM_COMPARE_DEFAULT_BUFFER 524288
+
+/* Compare A_FD with B_FD over each extent [offset, offset+length) of EXTENTS
+ * (ascending, not overlapping): both are read BUF_LEN/2 bytes at a time into
+ * the two halves of BUF (caller-owned scratch, or NULL: the call mallocs
+ * BUF_LEN bytes, BM_COMPARE_DEFAULT_BUFFER if 0, and frees them) and compared.
+ * Small halves (a few hundred KiB) stay in the CPU cache: that is the speed.
+ * Writes to OUT the BLOCK_SIZE blocks (aligned to file offsets, a power of two
+ * between BM_COPY_MIN_BLOCK and BM_COPY_MAX_BLOCK; clipped to their extent)
+ * that hold a difference, ascending, touching ones merged, and returns their
+ * count: 0 means identical over the extents. A side that ends early (a short
+ * read: the file is shorter, or shrank) differs wherever the other still has
+ * bytes; where both have ended nothing differs.
+ * OUT holds MAX extents; needing more fails with EOVERFLOW (the sum over the
+ * extents of length / BLOCK_SIZE + 2 always suffices). CANCEL (may be NULL) is
+ * polled before each read: non-zero stops the call with ECANCELED.
+ * On failure returns -1 with errno set, bm_last_error() naming the read and
+ * its offset, and *ERROR_SIDE (required) the BM_COMPARE_SIDE_* that failed;
+ * OUT then holds nothing useful. Never writes either file. Thread-safe: all
+ * I/O is pread, so calls on the same fds may run in parallel. */
+int64_t bm_compare_extents(int a_fd, int b_fd, const bm_extent *extents, uint64_t count,
+                           char *buf, uint64_t buf_len, uint32_t block_size,
+                           const uint32_t *cancel, bm_extent *out, uint64_t max,
+                           uint32_t *error_side);
