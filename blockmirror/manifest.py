@@ -9,7 +9,9 @@ re-reading the copy.
 
 Layout: a 4096-byte header (magic line, then JSON padded with spaces, then a
 line with the xxh3-64 of the JSON), then ``granules`` little-endian uint64
-digests. The digests are held in memory and written back with pwrite, never
+digests, each stored XOR the digest of an all-zero granule so that zero
+granules are stored as 0 and a sparse image's manifest stays sparse too
+(all ones on disk means UNKNOWN). The digests are held in memory and written back with pwrite, never
 memory-mapped: the copy may sit on NFS or FUSE, where shared mappings can be
 refused (FUSE direct_io) or incoherent.
 
@@ -37,6 +39,8 @@ MAGIC = b"BMMANIFEST 1\n"
 HEADER_BYTES = 4096
 SUFFIX = ".bm-manifest"
 UNKNOWN = 0  # a digest slot that says nothing; real digests are never 0
+STORED_UNKNOWN = np.uint64(2**64 - 1)  # how UNKNOWN is stored (0 means "zero granule")
+WRITE_CHUNK = 1 << 17  # digest slots per write: 1 MiB
 STATE_CLEAN = "clean"
 STATE_UPDATING = "updating"
 HASH_CHUNK = 8 << 20
@@ -71,6 +75,7 @@ class Manifest:
     state: str
     source: str
     digests: np.ndarray  # uint64, one per granule, in memory; written back with pwrite
+    publish_to: str | None = None  # a new manifest's final name, taken at commit
 
     @property
     def change_id(self) -> str:
@@ -80,17 +85,21 @@ class Manifest:
 
     @classmethod
     def create(cls, path: str, *, granularity: int, image_size: int, source: str) -> Manifest:
-        """A new manifest, state ``updating``, every digest UNKNOWN."""
+        """A new manifest for a new copy: every granule taken for zeros (a new
+        copy starts as one hole) until :meth:`record` says otherwise. It is
+        built under a temporary name and takes PATH only at :meth:`commit`,
+        so no half-made manifest can ever vouch for a copy."""
         granules = -(-image_size // granularity)
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
-            f.truncate(HEADER_BYTES + 8 * granules)
+            f.truncate(HEADER_BYTES + 8 * granules)  # holes: stored zeros
+        digests = np.full(granules, zero_digest(granularity), dtype="<u8")
+        if granules and image_size % granularity:
+            digests[-1] = zero_digest(image_size % granularity)
         m = cls(path=tmp, granularity=granularity, image_size=image_size, series="",
-                generation=0, state=STATE_UPDATING, source=source,
-                digests=np.zeros(granules, dtype="<u8"))
+                generation=0, state=STATE_UPDATING, source=source, digests=digests)
+        m.publish_to = path
         m.write_header()
-        os.replace(tmp, path)
-        m.path = path
         return m
 
     @classmethod
@@ -117,9 +126,10 @@ class Manifest:
             raise ManifestError(f"manifest {path} is truncated or has the wrong size")
         with open(path, "rb") as f:
             f.seek(HEADER_BYTES)
-            digests = np.frombuffer(f.read(8 * granules), dtype="<u8").copy()
-        if len(digests) != granules:
+            stored = np.frombuffer(f.read(8 * granules), dtype="<u8")
+        if len(stored) != granules:
             raise ManifestError(f"manifest {path} is truncated")
+        digests = _decode(stored, granularity)
         m = cls(path=path, granularity=granularity, image_size=image_size,
                 series=str(meta["series"]), generation=int(meta["generation"]),
                 state=str(meta["state"]), source=str(meta.get("source", "")), digests=digests)
@@ -147,16 +157,24 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
 
-    def write_digests(self, first: int = 0, last: int | None = None) -> None:
-        """Write digest slots [FIRST, LAST) back to the file and fsync."""
+    def write_digests(self, first: int = 0, last: int | None = None, *,
+                      skip_zeros: bool = False) -> None:
+        """Write digest slots [FIRST, LAST) back to the file and fsync. With
+        SKIP_ZEROS (a new file, all holes) chunks of zero granules are left
+        unwritten, so they stay holes."""
         last = len(self.digests) if last is None else last
         fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            data = np.ascontiguousarray(self.digests[first:last]).tobytes()
-            offset = HEADER_BYTES + 8 * first
-            while data:
-                n = os.pwrite(fd, data, offset)
-                data, offset = data[n:], offset + n
+            for start in range(first, last, WRITE_CHUNK):
+                stored = _encode(self.digests[start:min(last, start + WRITE_CHUNK)],
+                                 self.granularity)
+                if skip_zeros and not stored.any():
+                    continue
+                data = stored.tobytes()
+                offset = HEADER_BYTES + 8 * start
+                while data:
+                    n = os.pwrite(fd, data, offset)
+                    data, offset = data[n:], offset + n
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -223,11 +241,30 @@ class Manifest:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(work, spans))
 
-    def commit(self, series: str, generation: int) -> None:
-        """The copy is now exactly the source at change id SERIES:GENERATION."""
-        self.write_digests()
+    def commit(self, series: str, generation: int,
+               recorded: Iterable[tuple[int, int]] | None = None) -> None:
+        """The copy is now exactly the source at change id SERIES:GENERATION.
+
+        Writes back the digests under RECORDED (byte extents; all of them
+        when None), then the header; a new manifest then takes its name."""
+        if self.publish_to is not None:
+            self.write_digests(skip_zeros=True)
+        elif recorded is None:
+            self.write_digests()
+        else:
+            for first, last in self._granule_ranges(recorded):
+                self.write_digests(first, last)
         self.series, self.generation, self.state = series, generation, STATE_CLEAN
         self.write_header()
+        if self.publish_to is not None:
+            os.replace(self.path, self.publish_to)
+            self.path, self.publish_to = self.publish_to, None
+            folder = os.open(os.path.dirname(os.path.abspath(self.path)) or ".",
+                             os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
     def unknown_extents(self) -> list[tuple[int, int]]:
         """Byte extents of granules whose digest is UNKNOWN."""
@@ -243,6 +280,19 @@ class Manifest:
             last = min(total, -(-(int(offset) + int(length)) // g))
             if first < last:
                 yield first, last
+
+
+def _encode(digests: np.ndarray, granularity: int) -> np.ndarray:
+    """In-memory digests -> stored form (see the module's docstring)."""
+    stored = digests ^ np.uint64(zero_digest(granularity))
+    stored[digests == UNKNOWN] = STORED_UNKNOWN
+    return stored.astype("<u8", copy=False)
+
+
+def _decode(stored: np.ndarray, granularity: int) -> np.ndarray:
+    digests = stored ^ np.uint64(zero_digest(granularity))
+    digests[stored == STORED_UNKNOWN] = UNKNOWN
+    return digests.astype("<u8", copy=False)
 
 
 def source_digests(fd: int, size: int, granularity: int, workers: int = 4) -> np.ndarray:

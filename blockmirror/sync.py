@@ -39,7 +39,6 @@ from blockmirror.manifest import (
     ManifestError,
     differing_extents,
     manifest_path,
-    zero_digest,
 )
 from blockmirror.policy import ConvergencePolicy, Decision, PassRecord, predict_downtime
 from blockmirror.tracker import Tracker, sidecar_path
@@ -563,17 +562,14 @@ class _FileSync:
         dst = self.plan.destination
         size = os.fstat(self.dst_fd).st_size
         if self.manifest is None:
+            # A new copy started as one hole: what no pass wrote is zeros.
             granularity = self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY
             self.manifest = Manifest.create(manifest_path(dst), granularity=granularity,
                                             image_size=size, source=self.plan.source)
-            # A new copy started as one hole: what no pass wrote is zeros.
-            self.manifest.digests[:] = zero_digest(granularity)
-            if size % granularity:
-                self.manifest.digests[-1] = zero_digest(size % granularity)
         regions = _union_extents([], [p for extents in self.touched for p in _pairs(extents)])
         self.manifest.record(self.dst_fd, regions, workers=self.workers)
         series, _, generation = (self.result.change_id or ":0").partition(":")
-        self.manifest.commit(series, int(generation))
+        self.manifest.commit(series, int(generation), recorded=regions)
         self.manifest.close()
 
     def _attach_destination_tracker(self) -> None:
@@ -687,6 +683,8 @@ class _FileSync:
                 os.unlink(sidecar_path(self.plan.destination))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(manifest_path(self.plan.destination))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(manifest_path(self.plan.destination) + ".tmp")  # a new one, unpublished
 
     def _release(self) -> None:
         if self.copier is not None:
