@@ -380,7 +380,7 @@ class _FileSync:
         # Everything the bulk pass writes is fsynced before the commit:
         # start its writeback as it goes (see Copier.copy_extents).
         stats = self._copy("bulk", extents, total, dirty=0, dst_fresh=True,
-                           start_writeback=True)
+                           start_writeback=True, before_item=self._clear_before_read)
         self._record("bulk", stats, dirty_left())
 
     def _incremental_pass(self, dirty_left: Callable[[], int]) -> None:
@@ -424,8 +424,18 @@ class _FileSync:
         stats = self._copy("dirty", extents, total, dirty=dirty, dst_fresh=False)
         self._record("dirty", stats, self.tracker.dirty_bytes())
 
+    def _clear_before_read(self, item: Any) -> None:
+        """Bulk pass, on a copy worker: the bits of this item's granules go
+        just before it is read, so a block written since the pass began but
+        before the pass reached it is copied once, not again by a dirty
+        pass (QEMU's mirror clears per chunk the same way)."""
+        if self.tracker is not None:
+            for offset, length in _pairs(item):
+                self.tracker.clear_range(offset, length)
+
     def _copy(self, phase: str, extents: Any, total: int, *, dirty: int,
-              dst_fresh: bool, start_writeback: bool = False) -> CopyStats:
+              dst_fresh: bool, start_writeback: bool = False,
+              before_item: Callable[[Any], None] | None = None) -> CopyStats:
         assert self.copier is not None
         if self.manifest is not None and self.plan.incremental:
             # The copy is about to change under these digests: forget them
@@ -445,7 +455,7 @@ class _FileSync:
 
         return self.copier.copy_extents(
             extents, dst_fresh=dst_fresh, progress=on_progress if self.progress else None,
-            start_writeback=start_writeback,
+            start_writeback=start_writeback, before_item=before_item,
         )
 
     def _record(self, kind: str, stats: CopyStats, dirty_left: int) -> PassRecord:

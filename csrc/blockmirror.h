@@ -103,7 +103,8 @@ int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length);
  * OFFSET+LENGTH) (the image's last granule counts as whole up to its end),
  * just before the caller reads that range (I2): the bulk pass clears each
  * range as it reaches it, so a block written ahead of it is copied once, not
- * twice. Bits of granules the range only partly covers stay set. */
+ * twice. Bits of granules the range only partly covers stay set. The range
+ * is clipped to the image (it may have shrunk since it was listed). */
 int bm_clear_range(bm_tracker *t, uint64_t offset, uint64_t length);
 
 /* Mark every granule of the image dirty. */
