@@ -370,7 +370,7 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
         row.update(outcome="not_converged", converged=False, downtime_s=0.0,
                    bytes_copied=sum(p["bytes"] for p in row["pass_list"]), verified=False,
                    notes=str(error))
-    _derive(row, cfg)
+    derive_row(row, cfg)
     shutil.rmtree(folder, ignore_errors=True)
     return row
 
@@ -424,7 +424,7 @@ def _fill_passes(row: Row, passes: Sequence[Any]) -> None:
         row["final_extra_bytes"] = finals[-1]["bytes"] - rounds[-1].dirty_left
 
 
-def _derive(row: Row, cfg: MatrixConfig) -> None:
+def derive_row(row: Row, cfg: MatrixConfig) -> None:
     """Ratios, and the model fed with this run's own C and W."""
     size = row["image_size"]
     row["amplification"] = row["bytes_copied"] / size

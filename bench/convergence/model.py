@@ -37,11 +37,20 @@ only the sequential pattern depends on N.
 
 The passes, judged by the real policy
 -------------------------------------
-    pass 0 (bulk):   copies A in t_0 = A / C;              D_0 = D(t_0)
+    pass 0 (bulk):   copies A in t_0 = A / C;              D_0 = D_bulk(t_0)
     pass i >= 1:     copies D_{i-1} in t_i = D_{i-1} / C;  D_i = D(t_i)
 
-(the copy fetches and clears the bitmap as a pass starts, so D_i counts the
-units written during pass i). After each pass the model asks
+(a dirty pass fetches and clears the bitmap as it starts, so D_i counts the
+units written during pass i). The bulk pass instead clears each work item's
+bits just before it reads it, so a write to allocated data the pass has not
+reached yet costs nothing: only units hit after the pass went by stay dirty.
+With the allocation spread evenly (a = A / S) and the pass moving through it
+in offset order, unit k at position x_k = (k + 1/2) / units is data with
+probability a and then stays dirty only if hit in the last (1 - x_k) t_0:
+
+    D_bulk(t) = u * sum_k [(1 - a)(1 - (1 - P_k)^n) + a (1 - (1 - P_k)^(n (1 - x_k)))]
+
+(sequential writers: the written span, as D(t), an upper bound). After each pass the model asks
 ``blockmirror.policy.ConvergencePolicy.decide`` itself, given these expected
 passes as PassRecords, so model and engine can never follow different rules.
 With the policy as it stands:
@@ -163,6 +172,22 @@ class DirtyModel:
         """D(t) for the workload's write rate."""
         return self.dirty_after_writes(self.w.write_rate * max(0.0, seconds) / self.w.write_size)
 
+    def dirty_after_bulk(self, seconds: float, allocated_fraction: float) -> float:
+        """D_bulk(t): dirty bytes left by a bulk pass of SECONDS that clears
+        each range as it reaches it (see the module docstring)."""
+        writes = self.w.write_rate * max(0.0, seconds) / self.w.write_size
+        if writes <= 0:
+            return 0.0
+        if self.w.pattern == "sequential":
+            return self.dirty_after_writes(writes)
+        assert self._log_miss is not None
+        a = min(1.0, max(0.0, allocated_fraction))
+        behind = 1.0 - (np.arange(self.units) + 0.5) / self.units
+        hit_anywhere = -np.expm1(writes * self._log_miss)
+        hit_behind = -np.expm1(writes * behind * self._log_miss)
+        expected = (1.0 - a) * hit_anywhere + a * hit_behind
+        return min(float(self.w.image_size), float(expected.sum()) * self.unit)
+
     def fixed_point(self, copy_throughput: float) -> float:
         """D* = D(D*/C): where the dirty set settles when every pass copies
         what the previous one let the writers dirty (0 when W <= C, roughly)."""
@@ -223,7 +248,8 @@ def predict(
     dirty = DirtyModel(workload)
     c = copy_throughput
     t = allocated / c
-    passes = [ModelPass(0, "bulk", allocated, t, dirty.dirty_after(t))]
+    bulk_left = dirty.dirty_after_bulk(t, allocated / max(1, workload.image_size))
+    passes = [ModelPass(0, "bulk", allocated, t, bulk_left)]
     elapsed = t
     fixed = dirty.fixed_point(c)
     while True:
