@@ -33,6 +33,7 @@ from blockmirror.errors import (
     OutOfSpaceError,
     SourceChangedError,
 )
+from blockmirror.extents import pairs, subtract, union
 from blockmirror.manifest import (
     STATE_CLEAN,
     Manifest,
@@ -376,7 +377,7 @@ class _FileSync:
     def _bulk_pass(self, dirty_left: Callable[[], int]) -> None:
         assert self.copier is not None
         extents = self.copier.allocated_extents()
-        total = sum(int(length) for _, length in _pairs(extents))
+        total = sum(int(length) for _, length in pairs(extents))
         # Everything the bulk pass writes is fsynced before the commit:
         # start its writeback as it goes (see Copier.copy_extents).
         stats = self._copy("bulk", extents, total, dirty=0, dst_fresh=True,
@@ -409,8 +410,8 @@ class _FileSync:
         if extents is None:
             extents = differing_extents(manifest, self.src_fd, size, workers=self.workers)
         else:
-            extents = _union_extents(_pairs(extents), manifest.unknown_extents())
-        total = sum(length for _, length in _pairs(extents))
+            extents = union(pairs(extents), manifest.unknown_extents())
+        total = sum(length for _, length in pairs(extents))
         stats = self._copy("incremental", extents, total, dirty=0, dst_fresh=False,
                            start_writeback=True)
         self._record("incremental", stats, dirty_left())
@@ -430,7 +431,7 @@ class _FileSync:
         before the pass reached it is copied once, not again by a dirty
         pass (QEMU's mirror clears per chunk the same way)."""
         if self.tracker is not None:
-            for offset, length in _pairs(item):
+            for offset, length in pairs(item):
                 self.tracker.clear_range(offset, length)
 
     def _copy(self, phase: str, extents: Any, total: int, *, dirty: int,
@@ -440,7 +441,7 @@ class _FileSync:
         if self.manifest is not None and self.plan.incremental:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
-            self.manifest.forget(_pairs(extents))
+            self.manifest.forget(pairs(extents))
         self.touched.append(extents)
         index = len(self.result.passes)
         start = time.perf_counter()
@@ -516,7 +517,7 @@ class _FileSync:
             # Writers may have resumed mid-pass: this is no point-in-time copy.
             # Everything this pass copied is still valid pre-copy; re-mark it
             # so nothing is lost, and go on with dirty passes.
-            for offset, length in _pairs(extents):
+            for offset, length in pairs(extents):
                 tracker.mark(int(offset), int(length))
             self._thaw()
             self.result.notes.append("freeze lease ran out during the final pass; retried")
@@ -576,7 +577,7 @@ class _FileSync:
             granularity = self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY
             self.manifest = Manifest.create(manifest_path(dst), granularity=granularity,
                                             image_size=size, source=self.plan.source)
-        regions = _union_extents([], [p for extents in self.touched for p in _pairs(extents)])
+        regions = union(*(pairs(extents) for extents in self.touched))
         self.manifest.record(self.dst_fd, regions, workers=self.workers)
         series, _, generation = (self.result.change_id or ":0").partition(":")
         self.manifest.commit(series, int(generation), recorded=regions)
@@ -620,7 +621,7 @@ class _FileSync:
             else:
                 with Tracker.open(self.plan.destination) as dst_tracker:
                     changed = dst_tracker.dirty_extents()
-            unexplained = _subtract(differing, changed)
+            unexplained = subtract(differing, changed)
             if unexplained:
                 off, length = unexplained[0]
                 raise FreezeError(
@@ -712,47 +713,6 @@ class _FileSync:
         if self.progress is not None:
             self.progress(SyncProgress(phase, index, done, total, rate, dirty,
                                        time.perf_counter() - self.started))
-
-
-def _pairs(extents: Any) -> list[tuple[int, int]]:
-    if hasattr(extents, "dtype"):
-        return list(zip(extents["offset"].tolist(), extents["length"].tolist(), strict=False))
-    return [(int(o), int(n)) for o, n in extents]
-
-
-def _subtract(extents: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[
-    tuple[int, int]
-]:
-    """Parts of EXTENTS not covered by HOLES (both sorted, non-overlapping)."""
-    out: list[tuple[int, int]] = []
-    j = 0
-    for off, length in extents:
-        pos, end = off, off + length
-        while j < len(holes) and holes[j][0] + holes[j][1] <= pos:
-            j += 1
-        k = j
-        while pos < end:
-            if k < len(holes) and holes[k][0] <= pos:
-                pos = max(pos, holes[k][0] + holes[k][1])
-                k += 1
-                continue
-            nxt = holes[k][0] if k < len(holes) else end
-            stop = min(nxt, end)
-            if stop > pos:
-                out.append((pos, stop - pos))
-            pos = stop
-    return out
-
-
-def _union_extents(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for off, length in sorted(a + b):
-        if merged and off <= merged[-1][0] + merged[-1][1]:
-            last_off, last_len = merged[-1]
-            merged[-1] = (last_off, max(last_off + last_len, off + length) - last_off)
-        else:
-            merged.append((off, length))
-    return merged
 
 
 def _fsync_folder(folder: str) -> None:

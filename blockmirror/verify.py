@@ -21,8 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from blockmirror import _binding
-
-Extent = tuple[int, int]
+from blockmirror.extents import Extent, union
 
 # Bytes per work item (one C call); big enough that the call overhead is
 # nothing, small enough that every worker gets several.
@@ -55,17 +54,6 @@ def _lseek_unsupported(fd: int) -> bool:
     except OSError:
         return True
     return False
-
-
-def _union(a: list[Extent], b: list[Extent]) -> list[Extent]:
-    merged: list[Extent] = []
-    for off, length in sorted(a + b):
-        if merged and off <= merged[-1][0] + merged[-1][1]:
-            last_off, last_len = merged[-1]
-            merged[-1] = (last_off, max(last_off + last_len, off + length) - last_off)
-        else:
-            merged.append((off, length))
-    return merged
 
 
 def _merge_adjacent(extents: list[Extent]) -> list[Extent]:
@@ -103,7 +91,7 @@ def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
                          f"{_binding.COPY_MIN_BLOCK} and {_binding.COPY_MAX_BLOCK}")
     size_a, size_b = os.fstat(fd_a).st_size, os.fstat(fd_b).st_size
     common = min(size_a, size_b)
-    regions = _union(data_extents(fd_a, common), data_extents(fd_b, common))
+    regions = union(data_extents(fd_a, common), data_extents(fd_b, common))
     # Align to BLOCK so a difference is reported in whole blocks.
     aligned = [(off - off % block, min(common, -(-(off + length) // block) * block))
                for off, length in regions]
