@@ -23,8 +23,10 @@ never a digest that lies about the copy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,7 +93,13 @@ class Manifest:
         so no half-made manifest can ever vouch for a copy."""
         granules = -(-image_size // granularity)
         tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        # 0600 and never through a link: whoever can edit the digests can make
+        # a hash resync skip blocks (the same trust rule as the sidecar, I5).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "wb") as f:
             f.truncate(HEADER_BYTES + 8 * granules)  # holes: stored zeros
         digests = np.full(granules, zero_digest(granularity), dtype="<u8")
         if granules and image_size % granularity:
@@ -105,11 +113,20 @@ class Manifest:
     @classmethod
     def open(cls, path: str) -> Manifest:
         try:
-            with open(path, "rb") as f:
-                header = f.read(HEADER_BYTES)
-                size = os.fstat(f.fileno()).st_size
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ManifestError(f"no manifest at {path}") from None
+        except OSError as e:
+            raise ManifestError(f"manifest {path} cannot be opened: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, os.geteuid()):
+                raise ManifestError(
+                    f"manifest {path} is writable by others or owned by uid {st.st_uid}: its "
+                    "digests could make a resync skip blocks, so it is not trusted"
+                )
+            header = f.read(HEADER_BYTES)
+            size = st.st_size
         if not header.startswith(MAGIC):
             raise ManifestError(f"{path} is not a blockmirror manifest")
         try:

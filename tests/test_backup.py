@@ -208,3 +208,23 @@ def test_changed_command(live):
     proc = subprocess.run([sys.executable, "-m", "blockmirror", "changed", str(image),
                            "--since", "0" * 32 + ":0"], capture_output=True, text=True)
     assert proc.returncode == 2 and "full copy" in proc.stderr
+
+
+def test_manifest_is_a_trust_boundary(live):
+    """Whoever can edit the digests can make a hash resync skip blocks: the
+    manifest is created 0600 and refused when others can write it."""
+    import stat as stat_mod
+
+    image, _initial, backup = live
+    sync(image, backup)
+    path = manifest_path(str(backup))
+    assert stat_mod.S_IMODE(os.stat(path).st_mode) == 0o600
+    os.chmod(path, 0o666)
+    with pytest.raises(blockmirror.InvalidInputError, match="not trusted"):
+        sync(image, backup)
+    os.chmod(path, 0o600)
+    link = str(backup) + ".link"
+    os.rename(path, link)
+    os.symlink(link, path)
+    with pytest.raises(blockmirror.InvalidInputError, match="cannot be opened"):
+        sync(image, backup)
