@@ -91,6 +91,7 @@ class MatrixConfig:
     seed: int = 1
     output: Path = DEFAULT_OUTPUT
     max_passes: int = DEFAULT_MAX_PASSES
+    converge: str = "fail"  # sync's answer when writes outpace the copy: fail | throttle
     copy_workers: int = 4
     warmup_s: float = 0.5
     verify: bool = True
@@ -333,7 +334,8 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
             with observe_policy() as policy:
                 result = sync(image, dst_dir, target_downtime=cfg.target_downtime,
                               max_passes=cfg.max_passes, verify=cfg.verify,
-                              workers=cfg.copy_workers, rate_limit=cfg.copy_cap)
+                              workers=cfg.copy_workers, rate_limit=cfg.copy_cap,
+                              converge=cfg.converge)
         except NotConvergedError as e:
             error = e
         t_end = time.perf_counter()
@@ -620,6 +622,9 @@ def build_parser(prog: str = "blockmirror bench convergence") -> argparse.Argume
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-passes", type=int, default=DEFAULT_MAX_PASSES,
                    help=f"sync's max_passes (default {DEFAULT_MAX_PASSES})")
+    p.add_argument("--converge", choices=("fail", "throttle"), default="fail",
+                   help="sync's answer when writes outpace the copy (default fail); with "
+                   "throttle, read the writers' achieved rate: that is what they paid")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help="output folder (default bench/results/convergence in the repository)")
     p.add_argument("--workdir", type=Path,
@@ -645,7 +650,7 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
         writers=args.writers, target_downtime=args.target_downtime,
         copy_cap=args.copy_cap * MiB if args.copy_cap > 0 else None,
         repetitions=args.repetitions, seed=args.seed, output=args.output,
-        max_passes=args.max_passes, verify=not args.no_verify,
+        max_passes=args.max_passes, verify=not args.no_verify, converge=args.converge,
         zipf_exponent=args.zipf_exponent, qemu=args.qemu, qemu_timeout_s=args.qemu_timeout,
         workdir=args.workdir, plots=not args.no_plots,
     )
