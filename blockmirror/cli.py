@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     t = sub.add_parser("track", help="enable, disable or show change tracking of an image")
-    t.add_argument("action", choices=("enable", "disable", "status"))
+    t.add_argument("action", choices=("enable", "disable", "status", "reset"),
+                   help="reset: accept an unclean sidecar (a writer died): a new series with "
+                   "every block dirty; earlier change ids become invalid")
     t.add_argument("image")
     t.add_argument("--granularity", type=_granularity, default=_binding.DEFAULT_GRANULARITY,
                    help="bytes per tracked block, a power of two (default 64k)")
@@ -305,6 +307,16 @@ def _cmd_track(args: argparse.Namespace) -> int:
         os.unlink(sidecar_path(args.image))
         print(f"tracking of {args.image} disabled")
         return EXIT_OK
+    if args.action == "reset":
+        with Tracker.open(args.image) as tracker:
+            was_clean = tracker.consistent
+            tracker.reset()
+            series = tracker.series
+        if not args.json:
+            state = "was consistent" if was_clean else "was unclean"
+            print(f"tracking of {args.image} reset ({state}); new series {series}, "
+                  "every block dirty")
+        return EXIT_OK
     with Tracker.open(args.image) as tracker:
         info = tracker.info()
     info["sidecar"] = sidecar_path(args.image)
@@ -315,7 +327,8 @@ def _cmd_track(args: argparse.Namespace) -> int:
         print(f"sidecar      {info['sidecar']}")
         print(f"consistent   {'yes' if info['consistent'] else 'NO: a writer died; reset needed'}")
         print(f"series       {info['series']}  generation {info['generation']}")
-        print("change ids   valid" if info["consistent"] else "change ids   all invalid")
+        print("change ids   valid" if info["consistent"] else
+              "change ids   all invalid (blockmirror track reset IMG, then take a full copy)")
         print(f"granularity  {format_bytes(int(info['granularity']))}")  # type: ignore[call-overload]
         print(f"image size   {format_bytes(int(info['image_size']))}")  # type: ignore[call-overload]
         print(f"dirty        {format_bytes(int(info['dirty_bytes']))}")  # type: ignore[call-overload]

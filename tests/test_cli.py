@@ -196,3 +196,18 @@ def test_help_documents_exit_codes():
     assert proc.returncode == 0
     for code in ("0 ", "1 ", "2 ", "3 ", "4 ", "130", "143"):
         assert code in proc.stdout
+
+
+def test_track_reset_accepts_an_unclean_sidecar(src_img):
+    assert run("track", "enable", src_img).returncode == 0
+    code = ("import os, sys, blockmirror\n"
+            "w = blockmirror.TrackedImage(sys.argv[1])\n"
+            "w.pwrite(b'x', 0)\n"
+            "os.kill(os.getpid(), 9)\n")
+    subprocess.run([sys.executable, "-c", code, str(src_img)])
+    assert "all invalid" in run("track", "status", src_img).stdout
+    proc = run("track", "reset", src_img)
+    assert proc.returncode == 0 and "was unclean" in proc.stdout
+    info = json.loads(run("track", "status", src_img, "--json").stdout)
+    assert info["consistent"] is True
+    assert info["dirty_bytes"] == os.path.getsize(src_img)
