@@ -211,3 +211,13 @@ def test_track_reset_accepts_an_unclean_sidecar(src_img):
     info = json.loads(run("track", "status", src_img, "--json").stdout)
     assert info["consistent"] is True
     assert info["dirty_bytes"] == os.path.getsize(src_img)
+
+
+def test_demo_runs(tmp_path):
+    """The README's main-job command, smaller: a live writer, a sync with
+    verify, one JSON result."""
+    proc = run("demo", "--size", "64M", "--rate", "8M", "--dir", tmp_path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["status"] == "ok" and out["verified"] is True
+    assert out["downtime"] < 2.0 and out["writer_rate"] > 0  # 2 s: the freeze lease
