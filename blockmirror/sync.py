@@ -225,7 +225,7 @@ class _FileSync:
         self.tracker: Tracker | None = None
         self.copier: Copier | None = None
         self.frozen = False
-        self.throttled = False
+        self.throttle_rate = 0  # bytes/s this sync holds writers to (0: none)
         self.committed = False  # the destination has its final name
         self.redirected = False  # move mode: writers now write the destination
         self.stall_from = 0  # passes before this index don't count as stalls
@@ -377,10 +377,9 @@ class _FileSync:
     def _bulk_pass(self, dirty_left: Callable[[], int]) -> None:
         assert self.copier is not None
         extents = self.copier.allocated_extents()
-        total = sum(int(length) for _, length in pairs(extents))
         # Everything the bulk pass writes is fsynced before the commit:
         # start its writeback as it goes (see Copier.copy_extents).
-        stats = self._copy("bulk", extents, total, dirty=0, dst_fresh=True,
+        stats = self._copy("bulk", extents, dirty=0, dst_fresh=True,
                            start_writeback=True, before_item=self._clear_before_read)
         self._record("bulk", stats, dirty_left())
 
@@ -411,19 +410,23 @@ class _FileSync:
             extents = differing_extents(manifest, self.src_fd, size, workers=self.workers)
         else:
             extents = union(pairs(extents), manifest.unknown_extents())
-        total = sum(length for _, length in pairs(extents))
-        stats = self._copy("incremental", extents, total, dirty=0, dst_fresh=False,
+        stats = self._copy("incremental", extents, dirty=0, dst_fresh=False,
                            start_writeback=True)
         self._record("incremental", stats, dirty_left())
 
     def _dirty_pass(self) -> None:
         assert self.tracker is not None
+        _, stats = self._take_dirty_and_copy("dirty")
+        self._record("dirty", stats, self.tracker.dirty_bytes())
+
+    def _take_dirty_and_copy(self, phase: str) -> tuple[Any, CopyStats]:
+        """Follow the source's size, take the dirty set (clear before read,
+        I2) and copy it; returns the extents taken and what the copy did."""
+        assert self.tracker is not None
         self._follow_source_size()
         dirty = self.tracker.dirty_bytes()
         extents = self.tracker.fetch_and_clear_array()
-        total = int(extents["length"].sum()) if len(extents) else 0
-        stats = self._copy("dirty", extents, total, dirty=dirty, dst_fresh=False)
-        self._record("dirty", stats, self.tracker.dirty_bytes())
+        return extents, self._copy(phase, extents, dirty=dirty, dst_fresh=False)
 
     def _clear_before_read(self, item: Any) -> None:
         """Bulk pass, on a copy worker: the bits of this item's granules go
@@ -434,14 +437,16 @@ class _FileSync:
             for offset, length in pairs(item):
                 self.tracker.clear_range(offset, length)
 
-    def _copy(self, phase: str, extents: Any, total: int, *, dirty: int,
-              dst_fresh: bool, start_writeback: bool = False,
+    def _copy(self, phase: str, extents: Any, *, dirty: int, dst_fresh: bool,
+              start_writeback: bool = False,
               before_item: Callable[[Any], None] | None = None) -> CopyStats:
         assert self.copier is not None
+        extent_list = pairs(extents)
+        total = sum(length for _, length in extent_list)
         if self.manifest is not None and self.plan.incremental:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
-            self.manifest.forget(pairs(extents))
+            self.manifest.forget(extent_list)
         self.touched.append(extents)
         index = len(self.result.passes)
         start = time.perf_counter()
@@ -502,16 +507,10 @@ class _FileSync:
         frozen_at = time.perf_counter()
         try:
             tracker.freeze(lease)
-        except TimeoutError as e:
-            raise FreezeError(e.errno, f"could not pause writers: {e.strerror}") from None
-        except OSError as e:
+        except OSError as e:  # ETIMEDOUT (writes did not drain), EBUSY (another copier)
             raise FreezeError(e.errno, f"could not pause writers: {e.strerror}") from None
         self.frozen = True
-        self._follow_source_size()
-        dirty = tracker.dirty_bytes()
-        extents = tracker.fetch_and_clear_array()
-        total = int(extents["length"].sum()) if len(extents) else 0
-        stats = self._copy("final", extents, total, dirty=dirty, dst_fresh=False)
+        extents, stats = self._take_dirty_and_copy("final")
         self._record("final", stats, 0)
         if not tracker.freeze_holds():
             # Writers may have resumed mid-pass: this is no point-in-time copy.
@@ -535,9 +534,9 @@ class _FileSync:
             self.redirected = True
             self.frozen = False
             self.result.downtime = time.perf_counter() - frozen_at
-        if self.throttled:
+        if self.throttle_rate:
             tracker.set_throttle(0)
-            self.throttled = False
+            self.throttle_rate = 0
         if self.verify:
             self._verify()
         if self.mode == "move":
@@ -636,10 +635,9 @@ class _FileSync:
         half again at each further stall), like QEMU's auto-converge."""
         assert self.tracker is not None
         throughput = self.policy.copy_throughput(self.result.passes)
-        current = int(self.tracker.info()["throttle_bytes_per_s"])  # type: ignore[call-overload]
-        rate = max(1 << 20, int((current or throughput) / 2))
+        rate = max(1 << 20, int((self.throttle_rate or throughput) / 2))
         self.tracker.set_throttle(rate)
-        self.throttled = True
+        self.throttle_rate = rate
         self.result.notes.append(f"writers throttled to {format_rate(rate)}")
         self.stall_from = len(self.result.passes) - 1  # judge the new rate afresh
 
@@ -672,7 +670,7 @@ class _FileSync:
         frozen or throttled (I6). Each step runs even if another fails."""
         if self.tracker is not None:
             with contextlib.suppress(Exception):
-                if self.throttled:
+                if self.throttle_rate:
                     self.tracker.set_throttle(0)
             with contextlib.suppress(Exception):
                 self._thaw()

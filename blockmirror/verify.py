@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from blockmirror import _binding
-from blockmirror.extents import Extent, union
+from blockmirror.extents import Extent, pairs, union
 
 # Bytes per work item (one C call); big enough that the call overhead is
 # nothing, small enough that every worker gets several.
@@ -30,30 +30,9 @@ MIN_ITEM = 1 << 20
 
 
 def data_extents(fd: int, size: int) -> list[Extent]:
-    """(offset, length) of every data range of FD below SIZE."""
-    out: list[Extent] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data past pos (EINVAL: lseek unsupported)
-            if pos == 0 and not out:
-                return [(0, size)] if _lseek_unsupported(fd) else []
-            break
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end - start))
-        pos = end
-    return out
-
-
-def _lseek_unsupported(fd: int) -> bool:
-    try:
-        os.lseek(fd, 0, os.SEEK_HOLE)
-    except OSError:
-        return True
-    return False
+    """(offset, length) of every data range of FD below SIZE (the whole
+    range where the filesystem reports no holes)."""
+    return pairs(_binding.data_extents(fd, size))
 
 
 def _merge_adjacent(extents: list[Extent]) -> list[Extent]:
