@@ -78,13 +78,13 @@ from typing import Any
 import numpy as np
 
 from blockmirror import TrackedImage, Tracker
-from blockmirror.copier import Copier
-from blockmirror.demo import make_demo_image
-from blockmirror.manifest import Manifest, manifest_path
-from blockmirror.sync import SyncResult
-from blockmirror.sync import sync as bm_sync
+from blockmirror.cli.demo import make_demo_image
+from blockmirror.copying.copier import Copier
+from blockmirror.copying.verify import compare_files, data_extents
+from blockmirror.migration import SyncResult
+from blockmirror.migration import sync as bm_sync
+from blockmirror.migration.manifest import Manifest, manifest_path
 from blockmirror.units import parse_size
-from blockmirror.verify import compare_files, data_extents
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 EXTENT = 4 * MiB
@@ -394,7 +394,7 @@ def section_bulk(b: Bench, d: Path, size: int, data: int, workers: int) -> str:
 
     out = [f"Source: {size / GiB:g} GiB apparent, {data / MiB:.0f} MiB of random data written "
            f"as {data // EXTENT} extents of 4 MiB at random 4 MiB slots "
-           f"(blockmirror.demo.make_demo_image; neighbours merge, so SEEK_DATA sees "
+           f"(blockmirror.cli.demo.make_demo_image; neighbours merge, so SEEK_DATA sees "
            f"{len(extents)} runs), page-cached. {b.reps} rounds, median wall seconds.\n"]
     for kind, base_label in (("durable", "nbdcopy --flush"), ("cached", "nbdcopy")):
         base = rows.get(base_label)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_tools as ct  # bench/ is not a package: imported by path
 
 from blockmirror import TrackedImage, Tracker
-from blockmirror.sync import sync as bm_sync
-from blockmirror.verify import compare_files
+from blockmirror.copying.verify import compare_files
+from blockmirror.migration import sync as bm_sync
 
 MiB, GiB = 1 << 20, 1 << 30
 GRANULE = 64 * 1024

@@ -34,9 +34,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_tools as ct  # bench/ is not a package: imported by path
 
-from blockmirror.copier import Copier
-from blockmirror.demo import make_demo_image
-from blockmirror.sync import sync as bm_sync
+from blockmirror.cli.demo import make_demo_image
+from blockmirror.copying.copier import Copier
+from blockmirror.migration import sync as bm_sync
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 BULK_SIZE = 1 * GiB

@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
-from blockmirror import TrackedImage, _binding
-from blockmirror._binding import lib  # diagnostic floors only: the raw C calls
+from blockmirror import TrackedImage
+from blockmirror._bindings import writer as _writer
+from blockmirror._bindings._ffi import lib
 
 MiB = 1 << 20
 
@@ -78,7 +79,7 @@ def _pwrite_round(variant: str, size: int, w: dict[str, Any]) -> Callable[[], No
 
     elif variant == "cffi":  # what TrackedImage.pwrite is without blockmirror._fastwrite
         image = w["image"]
-        fallback = _binding.cffi_pwrite_function(image.tracker.handle, image._fd, image.path)
+        fallback = _writer.cffi_pwrite_function(image.tracker._h, image._fd, image.path)
 
         def run() -> None:
             for off in next(rounds):
@@ -86,7 +87,7 @@ def _pwrite_round(variant: str, size: int, w: dict[str, Any]) -> Callable[[], No
 
     else:  # "c": the C function called straight, no Python wrapper (a floor)
         bm_pwrite = lib.bm_pwrite
-        handle, fd = w["image"].tracker.handle, w["image"]._fd
+        handle, fd = w["image"].tracker._h, w["image"]._fd
 
         def run() -> None:
             for off in next(rounds):
@@ -104,7 +105,7 @@ def test_pwrite(benchmark, report, writers, variant: str, size: int) -> None:
     names = {
         "os": f"os.pwrite {label} (baseline)",
         "tracked": f"TrackedImage.pwrite {label}"
-        + ("" if _binding._fastwrite else " [_fastwrite not built: cffi]"),
+        + ("" if _writer._fastwrite else " [_fastwrite not built: cffi]"),
         "cffi": f"  TrackedImage.pwrite {label}, cffi fallback",
         "c": f"  lib.bm_pwrite {label}, no Python layer (floor)",
     }

@@ -13,9 +13,9 @@ from blockmirror.errors import (
     SidecarUnsafeError,
     SourceChangedError,
 )
-from blockmirror.image import TrackedImage
-from blockmirror.sync import SyncProgress, SyncResult, sync
-from blockmirror.tracker import Tracker, sidecar_path
+from blockmirror.migration import SyncOptions, SyncProgress, SyncResult, sync
+from blockmirror.tracking.image import TrackedImage
+from blockmirror.tracking.tracker import Tracker, sidecar_path
 
 __all__ = [
     "BlockMirrorError",
@@ -28,6 +28,7 @@ __all__ = [
     "SidecarError",
     "SidecarUnsafeError",
     "SourceChangedError",
+    "SyncOptions",
     "SyncProgress",
     "SyncResult",
     "TrackedImage",

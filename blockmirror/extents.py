@@ -1,23 +1,146 @@
-"""Arithmetic on lists of byte extents: ``(offset, length)`` pairs.
+"""Byte extents, the vocabulary every layer shares: ``(offset, length)``.
 
-The tracker, the copier and numpy hand extents around as structured arrays
-(fields ``offset`` and ``length``); the passes and checks above them reason
-with sorted lists of pairs. One home for the few operations they share.
+Two spellings of the same thing: the C core, the tracker and the copier hand
+extents around as numpy structured arrays (``EXTENT_DTYPE``, the layout of
+``bm_extent``); the passes and checks above them reason with sorted lists of
+pairs. This module is the one home of both and of every operation on them:
+conversion, merging, union, subtraction and cutting into work items.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+EXTENT_DTYPE = np.dtype([("offset", np.uint64), ("length", np.uint64)])
+"""The layout of ``bm_extent``: what every extent array holds."""
+
+ExtentArray = npt.NDArray[np.void]
+"""A structured array with uint64 fields ``offset`` and ``length``."""
 
 Extent = tuple[int, int]
 
+Extents = ExtentArray | Iterable[Extent]
+"""What the copier accepts: an extent array, or ``(offset, length)`` pairs."""
 
-def pairs(extents: Any) -> list[Extent]:
+_MAX_OFFSET = 2**63 - 1
+
+
+def pairs(extents: Extents) -> list[Extent]:
     """EXTENTS (a structured array or an iterable of pairs) as a list of ints."""
-    if hasattr(extents, "dtype"):
+    if isinstance(extents, np.ndarray):
         return list(zip(extents["offset"].tolist(), extents["length"].tolist(), strict=True))
     return [(int(o), int(n)) for o, n in extents]
+
+
+def total_bytes(extents: Extents) -> int:
+    """The bytes EXTENTS cover, counted with overlaps."""
+    if isinstance(extents, np.ndarray):
+        return int(extents["length"].sum(dtype=np.uint64)) if len(extents) else 0
+    return sum(int(n) for _, n in extents)
+
+
+def as_extent_array(extents: Extents) -> ExtentArray:
+    """EXTENTS as a C-contiguous ``EXTENT_DTYPE`` array, checked.
+
+    Accepts an extent array (any structured array with ``offset`` and
+    ``length`` fields) or an iterable of ``(offset, length)`` pairs.
+    Raises ValueError for a negative value or a range ending past 2**63 - 1.
+    """
+    bad = "extents must have offset, length >= 0 and end before 2**63"
+    if isinstance(extents, np.ndarray) and extents.dtype == EXTENT_DTYPE:
+        arr: ExtentArray = np.ascontiguousarray(extents)
+        if len(arr):
+            # Each below 2**63, so their uint64 sum cannot wrap.
+            if max(int(arr["offset"].max()), int(arr["length"].max())) > _MAX_OFFSET:
+                raise ValueError(bad)
+            if int((arr["offset"] + arr["length"]).max()) > _MAX_OFFSET:
+                raise ValueError(bad)
+        return arr
+    offsets: list[int] = []
+    lengths: list[int] = []
+    for offset, length in pairs(extents):
+        if offset < 0 or length < 0 or offset + length > _MAX_OFFSET:
+            raise ValueError(bad)
+        offsets.append(offset)
+        lengths.append(length)
+    arr = np.empty(len(offsets), dtype=EXTENT_DTYPE)
+    arr["offset"] = offsets
+    arr["length"] = lengths
+    return arr
+
+
+def merge_touching(extents: ExtentArray) -> ExtentArray:
+    """EXTENTS with runs of touching extents (one ending where the next
+    starts) merged into one, so no work item boundary splits a range that
+    is really contiguous. Empty extents are dropped; order is kept."""
+    ext = extents[extents["length"] > 0]
+    if len(ext) < 2:
+        return np.ascontiguousarray(ext)
+    ends = ext["offset"] + ext["length"]
+    touching = ends[:-1] == ext["offset"][1:]
+    if not touching.any():
+        return np.ascontiguousarray(ext)
+    starts = np.flatnonzero(np.concatenate(([True], ~touching)))
+    last = np.concatenate((starts[1:], [len(ext)])) - 1
+    out = np.empty(len(starts), dtype=EXTENT_DTYPE)
+    out["offset"] = ext["offset"][starts]
+    out["length"] = ends[last] - out["offset"]
+    return out
+
+
+def split_extents(extents: ExtentArray, item_bytes: int, align: int = 1) -> list[ExtentArray]:
+    """Cut EXTENTS into work items of about ITEM_BYTES each, in order.
+
+    The extents are laid end to end and cut every ITEM_BYTES; an extent
+    crossing a cut is split there. With ALIGN > 1 such a split is moved down
+    to a multiple of ALIGN in file offsets (within the extent), so zero runs
+    on both sides of it are punched in whole blocks; an item then holds up to
+    ALIGN - 1 bytes more or less. Empty extents are dropped. Each item is a
+    non-empty contiguous array.
+    """
+    if item_bytes <= 0 or align <= 0:
+        raise ValueError(f"item_bytes and align must be > 0, got {item_bytes}, {align}")
+    ext = extents[extents["length"] > 0]
+    if len(ext) == 0:
+        return []
+    lengths = ext["length"].astype(np.uint64)
+    ends = np.cumsum(lengths, dtype=np.uint64)
+    if int(ends[-1]) <= item_bytes:
+        return [np.ascontiguousarray(ext)]
+    starts = ends - lengths
+    size = np.uint64(item_bytes)
+    first = starts // size
+    count = ((ends - np.uint64(1)) // size - first + np.uint64(1)).astype(np.int64)
+    owner = np.repeat(np.arange(len(ext)), count)
+    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    item = first[owner] + within.astype(np.uint64)
+    piece_start = np.maximum(starts[owner], item * size)
+    piece_end = np.minimum(ends[owner], (item + np.uint64(1)) * size)
+    ext_offset = ext["offset"][owner]
+    file_start = ext_offset + (piece_start - starts[owner])
+    file_end = ext_offset + (piece_end - starts[owner])
+    if align > 1:
+        interior = piece_start > starts[owner]  # a cut inside an extent
+        step = np.uint64(align)
+        snapped = np.maximum(file_start - file_start % step, ext_offset)
+        file_start = np.where(interior, snapped, file_start)
+        # Each piece now ends where the next piece of its extent starts.
+        same_next = np.zeros(len(owner), dtype=bool)
+        same_next[:-1] = owner[1:] == owner[:-1]
+        next_start = np.empty_like(file_start)
+        next_start[:-1] = file_start[1:]
+        next_start[-1:] = file_end[-1:]
+        file_end = np.where(same_next, next_start, file_end)
+    pieces = np.empty(len(owner), dtype=EXTENT_DTYPE)
+    pieces["offset"] = file_start
+    pieces["length"] = file_end - file_start
+    keep = pieces["length"] > 0
+    pieces, item = pieces[keep], item[keep]
+    cuts = np.flatnonzero(np.diff(item)) + 1
+    return [part for part in np.split(pieces, cuts) if len(part)]
 
 
 def union(*groups: Iterable[Extent]) -> list[Extent]:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from blockmirror.workload import block_payload, read_log
+from blockmirror.cli.workload import block_payload, read_log
 
 MiB = 1 << 20
 
@@ -39,7 +39,7 @@ def is_sparse(path: Path | str) -> bool:
 
 
 class WriterProcess:
-    """``python -m blockmirror.workload`` in its own process, logging writes."""
+    """``python -m blockmirror.cli.workload`` in its own process, logging writes."""
 
     def __init__(self, image: Path | str, log: Path | str, *, rate: str = "8M",
                  write_size: str = "64k", pattern: str = "uniform", seed: int = 3,
@@ -47,7 +47,7 @@ class WriterProcess:
         self.log = str(log)
         self.seed = seed
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blockmirror.workload", str(image), "--rate", rate,
+            [sys.executable, "-m", "blockmirror.cli.workload", str(image), "--rate", rate,
              "--write-size", write_size, "--pattern", pattern, "--seed", str(seed),
              "--log", self.log, *(extra or [])],
         )

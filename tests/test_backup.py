@@ -16,8 +16,8 @@ from imagetools import MiB, WriterProcess, applied_prefix, make_data_image, repl
 
 import blockmirror
 from blockmirror import ChangeIdInvalidError, TrackedImage, Tracker
-from blockmirror.manifest import Manifest, manifest_path
-from blockmirror.sync import sync
+from blockmirror.migration import sync
+from blockmirror.migration.manifest import Manifest, manifest_path
 
 G = 65536
 

@@ -146,7 +146,8 @@ def test_garbage_target_downtime(src_img, tmp_path, garbage):
 def test_not_enough_space_at_precheck(src_img, tmp_path, monkeypatch):
     """The pre-check compares free space with the source's allocated bytes
     (here: faked free space through a tiny statvfs, in-process)."""
-    from blockmirror import OutOfSpaceError, precheck
+    from blockmirror import OutOfSpaceError
+    from blockmirror.migration import precheck
 
     monkeypatch.setattr(precheck, "free_bytes", lambda folder: 1 * MiB)
     with pytest.raises(OutOfSpaceError, match=r"need 2\.0 MiB at .*, 1\.0 MiB free"):

@@ -14,8 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockmirror import _binding
-from blockmirror.verify import compare_fds, compare_files
+from blockmirror._bindings import compare as _compare
+from blockmirror._bindings import copy as _copy
+from blockmirror.copying.verify import compare_fds, compare_files
+from blockmirror.extents import EXTENT_DTYPE
 
 KiB = 1024
 
@@ -125,12 +127,12 @@ def test_compare_extents_matches_python(tmp_path_factory: pytest.TempPathFactory
     write(d / "b", b, sparse=False)
     fa, fb = os.open(d / "a", os.O_RDONLY), os.open(d / "b", os.O_RDONLY)
     try:
-        arr = np.array(extents, dtype=_binding.EXTENT_DTYPE)
-        got = _binding.compare_extents(fa, fb, arr, block, _binding.new_copy_buffer(buf_len))
+        arr = np.array(extents, dtype=EXTENT_DTYPE)
+        got = _compare.compare_extents(fa, fb, arr, block, _copy.new_buffer(buf_len))
         got_pairs = [(int(o), int(n)) for o, n in got]
         assert got_pairs == py_compare_extents(a, b, extents, block)
         # Without a caller buffer the call allocates its own: same answer.
-        again = _binding.compare_extents(fa, fb, arr, block)
+        again = _compare.compare_extents(fa, fb, arr, block)
         assert [(int(o), int(n)) for o, n in again] == got_pairs
     finally:
         os.close(fa)
@@ -149,8 +151,8 @@ def test_compare_extents_reports_every_other_block(tmp_path: Path) -> None:
     fa, fb = os.open(tmp_path / "a", os.O_RDONLY), os.open(tmp_path / "b", os.O_RDONLY)
     try:
         # Unaligned ends: partial first and last blocks.
-        arr = np.array([(100, len(a) - 200)], dtype=_binding.EXTENT_DTYPE)
-        got = _binding.compare_extents(fa, fb, arr, block)
+        arr = np.array([(100, len(a) - 200)], dtype=EXTENT_DTYPE)
+        got = _compare.compare_extents(fa, fb, arr, block)
         assert [(int(o), int(n)) for o, n in got] == py_compare_extents(
             a, bytes(b), [(100, len(a) - 200)], block)
         assert len(got) == 129
@@ -165,13 +167,13 @@ def test_compare_extents_errors_name_the_failing_side(tmp_path: Path) -> None:
     fa = os.open(tmp_path / "a", os.O_RDONLY)
     fb = os.open(tmp_path / "b", os.O_WRONLY)  # unreadable: EBADF on B's read
     try:
-        arr = np.array([(0, 8192)], dtype=_binding.EXTENT_DTYPE)
+        arr = np.array([(0, 8192)], dtype=EXTENT_DTYPE)
         with pytest.raises(OSError) as info:
-            _binding.compare_extents(fa, fb, arr, 4096, a_path="A", b_path="B")
+            _compare.compare_extents(fa, fb, arr, 4096, a_path="A", b_path="B")
         assert info.value.errno == errno.EBADF
         assert info.value.filename == "B"
         with pytest.raises(OSError) as info:
-            _binding.compare_extents(fa, fa, arr, 3000)
+            _compare.compare_extents(fa, fa, arr, 3000)
         assert info.value.errno == errno.EINVAL
     finally:
         os.close(fa)

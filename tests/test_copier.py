@@ -18,14 +18,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockmirror import _binding
-from blockmirror.copier import (
+from blockmirror._bindings import copy as _copy
+from blockmirror.copying.copier import (
     Copier,
     CopyStats,
-    as_extent_array,
-    coalesce_extents,
-    split_extents,
 )
+from blockmirror.extents import EXTENT_DTYPE, as_extent_array, merge_touching, split_extents
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -206,16 +204,16 @@ def test_buffer_is_zero_matches_python(length: int, nonzero_at: list[int]) -> No
     for pos in nonzero_at:
         if pos < length:
             buf[pos] = 0x80
-    assert _binding.buffer_is_zero(buf) == (not any(buf))
+    assert _copy.buffer_is_zero(buf) == (not any(buf))
 
 
 def test_buffer_is_zero_every_position() -> None:
     for length in (1, 15, 16, 17, 31, 32, 33, 4096):
-        assert _binding.buffer_is_zero(bytes(length))
+        assert _copy.buffer_is_zero(bytes(length))
         for pos in range(length):
             buf = bytearray(length)
             buf[pos] = 1
-            assert not _binding.buffer_is_zero(buf), (length, pos)
+            assert not _copy.buffer_is_zero(buf), (length, pos)
 
 
 @given(st.lists(SEGMENT, min_size=1, max_size=8))
@@ -224,7 +222,7 @@ def test_data_extents_match_seek_walk(tmp_path_factory: pytest.TempPathFactory, 
     content = write_layout(path, segments)
     fd = os.open(path, os.O_RDONLY)
     try:
-        got = [(int(o), int(n)) for o, n in _binding.data_extents(fd, len(content), chunk=2)]
+        got = [(int(o), int(n)) for o, n in _copy.data_extents(fd, len(content), chunk=2)]
         assert got == py_data_extents(fd, len(content))
     finally:
         os.close(fd)
@@ -270,10 +268,11 @@ def test_single_call_matches_reference(
 
     src_fd, dst_fd = open_pair(src_path, dst_path)
     try:
-        flags = (_binding.COPY_DST_FRESH if fresh else 0) | (_binding.COPY_FILE_RANGE if cfr else 0)
-        buf = _binding.new_copy_buffer(block * buffer_blocks)
+        flags = (_copy.DST_FRESH if fresh else 0) | (_copy.FILE_RANGE if cfr else 0)
+        buf = _copy.new_buffer(block * buffer_blocks)
         arr = as_extent_array(extents)
-        stats, found = _binding.copy_extents(src_fd, dst_fd, arr, buf, block, flags)
+        counts = _copy.copy_extents(src_fd, dst_fd, arr, buf, block, flags)
+        stats, found = vars(counts), counts.found_unsupported
         seg = py_data_extents(src_fd, len(src))
     finally:
         os.close(src_fd)
@@ -411,7 +410,7 @@ def test_split_extents_cuts_the_stream_evenly(size: int, align: int) -> None:
     assert all(0 < n <= size + align - 1 for n in sums)
     if align == 1:
         assert all(n == size for n in sums[:-1])
-    assert all(it.flags.c_contiguous and it.dtype == _binding.EXTENT_DTYPE for it in items)
+    assert all(it.flags.c_contiguous and it.dtype == EXTENT_DTYPE for it in items)
     flat = [(int(o), int(n)) for it in items for o, n in it]
     nonempty = [(o, n) for o, n in pairs if n]
     # The pieces, in order, tile the non-empty input extents exactly, and a
@@ -426,11 +425,11 @@ def test_split_extents_cuts_the_stream_evenly(size: int, align: int) -> None:
     assert (j, pos) == (len(nonempty) - 1, sum(nonempty[-1]))
 
 
-def test_coalesce_extents_merges_only_touching_runs() -> None:
+def test_merge_touching_merges_only_touching_runs() -> None:
     arr = as_extent_array([(0, 10), (10, 5), (15, 0), (15, 1), (20, 4), (30, 2), (32, 2), (5, 1)])
-    got = [(int(o), int(n)) for o, n in coalesce_extents(arr)]
+    got = [(int(o), int(n)) for o, n in merge_touching(arr)]
     assert got == [(0, 16), (20, 4), (30, 4), (5, 1)]
-    assert len(coalesce_extents(as_extent_array([]))) == 0
+    assert len(merge_touching(as_extent_array([]))) == 0
 
 
 def test_copy_stats_add_up() -> None:
@@ -646,12 +645,12 @@ def test_cancel_flag_stops_a_call(image_pair) -> None:
     src, dst, content = image_pair
     dst.write_bytes(b"")
     src_fd, dst_fd = open_pair(src, dst)
-    cancel = _binding.new_cancel_flag()
+    cancel = _copy.new_cancel_flag()
     cancel[0] = 1
     try:
         with pytest.raises(OSError) as info:
             extents = as_extent_array([(0, len(content))])
-            _binding.copy_extents(src_fd, dst_fd, extents, None, 65536, 0, cancel=cancel)
+            _copy.copy_extents(src_fd, dst_fd, extents, None, 65536, 0, cancel=cancel)
         assert info.value.errno == errno.ECANCELED
     finally:
         os.close(src_fd)
@@ -764,7 +763,7 @@ def test_empty_and_structured_inputs(image_pair) -> None:
     try:
         with Copier(src_fd, dst_fd) as copier:
             assert copier.copy_extents([]).copied == 0
-            assert copier.copy_extents(np.empty(0, dtype=_binding.EXTENT_DTYPE)).copied == 0
+            assert copier.copy_extents(np.empty(0, dtype=EXTENT_DTYPE)).copied == 0
             other = np.array([(0, MiB)], dtype=[("offset", np.int64), ("length", np.int64)])
             assert copier.copy_extents(other).copied == MiB
     finally:
@@ -783,7 +782,8 @@ def test_touching_extents_merge_into_one_punch(tmp_path: Path) -> None:
     src_fd, dst_fd = open_pair(src, dst)
     try:
         extents = as_extent_array([(0, 5000), (5000, 5 * FS_BLOCK - 5000)])
-        stats, _ = _binding.copy_extents(src_fd, dst_fd, extents, None, 4096, 0)
+        counts = _copy.copy_extents(src_fd, dst_fd, extents, None, 4096, 0)
+        stats = vars(counts)
     finally:
         os.close(src_fd)
         os.close(dst_fd)

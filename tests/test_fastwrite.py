@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from blockmirror import TrackedImage, Tracker, _binding
-from blockmirror.sync import sync
+from blockmirror import TrackedImage, Tracker
+from blockmirror._bindings import writer as _writer
+from blockmirror.migration import sync
 
 MiB = 1 << 20
 G = 65536  # the default granularity
@@ -25,9 +26,9 @@ def write_path(request, monkeypatch) -> str:
     """Images opened in the test use the fast path, or the cffi fallback as
     when the extension is not built."""
     if request.param == "cffi":
-        monkeypatch.setattr(_binding, "_fastwrite", None)
+        monkeypatch.setattr(_writer, "_fastwrite", None)
     else:
-        assert _binding._fastwrite is not None, "blockmirror._fastwrite was not built"
+        assert _writer._fastwrite is not None, "blockmirror._fastwrite was not built"
     return str(request.param)
 
 
@@ -47,7 +48,7 @@ def test_fast_path_is_built_and_used(tracked_image):
 
 
 def test_fallback_is_the_cffi_closure(tracked_image, monkeypatch):
-    monkeypatch.setattr(_binding, "_fastwrite", None)
+    monkeypatch.setattr(_writer, "_fastwrite", None)
     with TrackedImage(tracked_image) as img:
         assert img.pwrite.__name__ == "pwrite"  # a Python function
         assert img.pwrite(b"cffi", 0) == 4
@@ -82,7 +83,7 @@ def test_writes_all_buffer_types_and_tracks_them(tracked_image, write_path, data
 def test_fast_and_cffi_paths_write_the_same(tracked_image):
     data = os.urandom(4096)
     with TrackedImage(tracked_image) as img:
-        cffi = _binding.cffi_pwrite_function(img.tracker.handle, img._fd, img.path)
+        cffi = _writer.cffi_pwrite_function(img.tracker._h, img._fd, img.path)
         assert img.pwrite(data, 0) == cffi(data, 5 * G) == 4096
         assert img.pread(4096, 0) == img.pread(4096, 5 * G) == data
         assert img.tracker.dirty_extents() == [(0, G), (5 * G, G)]
@@ -175,18 +176,18 @@ def test_estale_goes_to_on_stale_with_the_same_arguments(tracked_image, make_ima
     with TrackedImage(tracked_image) as img, Tracker.open(tracked_image) as copier:
         copier.freeze(10)
         copier.redirect(target)
-        handle, fd = img.tracker.handle, img._fd
+        handle, fd = img.tracker._h, img._fd
         data, offset = bytearray(b"moved"), 7
-        follow = _binding.pwrite_function(handle, fd, img.path, on_stale=on_stale)
+        follow = _writer.pwrite_function(handle, fd, img.path, on_stale=on_stale)
         assert follow(data, offset) == "redirected"
         assert calls == [(data, offset)] and calls[0][0] is data
-        plain = _binding.pwrite_function(handle, fd, img.path)
+        plain = _writer.pwrite_function(handle, fd, img.path)
         with pytest.raises(OSError) as ei:
             plain(data, offset)
         assert ei.value.errno == errno.ESTALE
         assert ei.value.filename == img.path
-        _binding.retire_pwrite_function(follow)
-        _binding.retire_pwrite_function(plain)
+        _writer.retire_pwrite_function(follow)
+        _writer.retire_pwrite_function(plain)
     assert read_at(tracked_image, 0, 16) == b"\0" * 16
 
 

@@ -118,7 +118,7 @@ def test_freeze_blocks_writer_until_thaw(tracked_image, writer):
         copier.freeze(60)
         assert copier.freeze_holds()
         assert copier.state == "frozen"
-        assert copier.info()["copier_pid"] == os.getpid()
+        assert copier.info().copier_pid == os.getpid()
         writer.write(3 * G, b"during the freeze")
         writer.assert_blocked(0.5)
         # nothing slipped into the frozen image: not the data, not a mark
@@ -347,14 +347,14 @@ def test_relative_redirect_is_made_absolute(tracked_image, make_image, monkeypat
 def test_throttle_limits_rate(tracked_image):
     with Tracker.open(tracked_image) as copier, TrackedImage(tracked_image) as img:
         copier.set_throttle(4 * MiB)
-        assert copier.info()["throttle_bytes_per_s"] == 4 * MiB
+        assert copier.info().throttle_bytes_per_s == 4 * MiB
         chunk = b"t" * G
         t0 = time.monotonic()
         for i in range(16):  # 1 MiB at 4 MiB/s: at least 15/16 of 0.25 s
             img.pwrite(chunk, i * G)
         assert time.monotonic() - t0 >= 0.2
         copier.set_throttle(0)
-        assert copier.info()["throttle_bytes_per_s"] == 0
+        assert copier.info().throttle_bytes_per_s == 0
         for i in range(16):
             img.pwrite(chunk, i * G)
         assert img.pread(G, 15 * G) == chunk

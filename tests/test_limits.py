@@ -6,18 +6,19 @@ import errno
 
 import pytest
 
-from blockmirror import TrackedImage, Tracker, _binding
+from blockmirror import TrackedImage, Tracker
+from blockmirror._bindings import tracker as _tracker_c
 
 
 def test_granule_count_limit_scales_with_granularity(make_image):
     img = make_image(4096)
     with pytest.raises(OSError) as ei:
-        _binding.create(str(img) + ".cbt", 65 << 40, 4096, -1)  # 65 TiB at 4 KiB
+        _tracker_c.create(str(img) + ".cbt", 65 << 40, 4096, -1)  # 65 TiB at 4 KiB
     assert ei.value.errno == errno.EFBIG and "64 TiB limit" in ei.value.strerror
     # At 64 KiB granules the same size is within the limit (2^30 granules);
     # its 4 GiB sidecar is not made here, only the 1 PiB bound checked.
     with pytest.raises(OSError) as ei:
-        _binding.create(str(img) + ".cbt", (1 << 50) + 1, 65536, -1)
+        _tracker_c.create(str(img) + ".cbt", (1 << 50) + 1, 65536, -1)
     assert "1 PiB limit" in ei.value.strerror
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from blockmirror.policy import ConvergencePolicy, Decision, PassRecord, predict_downtime
+from blockmirror.migration.policy import ConvergencePolicy, Decision, PassRecord, predict_downtime
 
 MiB = 1 << 20
 

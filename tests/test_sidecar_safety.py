@@ -19,9 +19,11 @@ from blockmirror import (
     SidecarUnsafeError,
     TrackedImage,
     Tracker,
-    _binding,
     sidecar_path,
 )
+from blockmirror._bindings import tracker as _tracker_c
+from blockmirror._bindings._ffi import lib
+from blockmirror.tracking.tracker import MAX_IMAGE_SIZE
 
 MiB = 1024 * 1024
 NOBODY = 65534
@@ -35,7 +37,7 @@ OFF_SERIES = 40
 OFF_CHECKSUM = 64
 OFF_IMAGE_SIZE = 72
 BITMAP_OFFSET = 8192
-FORMAT_VERSION = _binding.lib.BM_FORMAT_VERSION
+FORMAT_VERSION = lib.BM_FORMAT_VERSION
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
@@ -169,10 +171,10 @@ def test_bad_granularity(tmp_image, granularity):
 def test_bad_granularity_in_c(tmp_image):
     # the C layer checks on its own too, and leaves nothing behind
     with pytest.raises(OSError) as ei:
-        _binding.create(sidecar_path(tmp_image), 4 * MiB, 3000, -1)
+        _tracker_c.create(sidecar_path(tmp_image), 4 * MiB, 3000, -1)
     assert ei.value.errno == errno.EINVAL
     with pytest.raises(OSError) as ei:
-        _binding.create(sidecar_path(tmp_image), _binding.MAX_IMAGE_SIZE + 1, 65536, -1)
+        _tracker_c.create(sidecar_path(tmp_image), MAX_IMAGE_SIZE + 1, 65536, -1)
     assert ei.value.errno == errno.EFBIG
     assert not os.path.exists(sidecar_path(tmp_image))
 

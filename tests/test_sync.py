@@ -20,7 +20,7 @@ from imagetools import (
 
 import blockmirror
 from blockmirror import Tracker
-from blockmirror.sync import sync
+from blockmirror.migration import sync
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_not_converged_leaves_source_untouched(dirs):
     assert os.listdir(dst) == []
     with Tracker.open(image) as t:
         assert t.state == "running"
-        assert t.info()["throttle_bytes_per_s"] == 0
+        assert t.info().throttle_bytes_per_s == 0
 
 
 def test_throttle_strategy_converges_where_fail_would_not(dirs):
@@ -198,7 +198,7 @@ def test_throttle_strategy_converges_where_fail_would_not(dirs):
     assert result.status == "ok"
     assert any("throttled" in n for n in result.notes)
     with Tracker.open(image) as t:
-        assert t.info()["throttle_bytes_per_s"] == 0  # lifted after the switch
+        assert t.info().throttle_bytes_per_s == 0  # lifted after the switch
 
 
 def test_directory_mode_copies_home_files_first(dirs, tmp_path):

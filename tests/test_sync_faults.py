@@ -17,7 +17,7 @@ from imagetools import MiB, WriterProcess, make_data_image, replay
 
 import blockmirror
 from blockmirror import Tracker
-from blockmirror.sync import sync
+from blockmirror.migration import sync
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
 
@@ -187,7 +187,7 @@ def test_throttle_dies_with_whoever_set_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(image)])
     assert proc.returncode == -signal.SIGKILL
     with Tracker.open(image) as t:
-        assert t.info()["throttle_bytes_per_s"] == 1 << 20  # left behind
+        assert t.info().throttle_bytes_per_s == 1 << 20  # left behind
     assert timed_mib() < 0.3  # ... but not obeyed: its owner is gone
     with Tracker.open(image) as t:
-        assert t.info()["throttle_bytes_per_s"] == 0  # and lifted for everyone
+        assert t.info().throttle_bytes_per_s == 0  # and lifted for everyone

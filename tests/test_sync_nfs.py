@@ -16,7 +16,7 @@ import pytest
 from imagetools import MiB, WriterProcess, applied_prefix, make_data_image, replay
 
 from blockmirror import Tracker
-from blockmirror.sync import sync
+from blockmirror.migration import sync
 
 pytestmark = [
     pytest.mark.root,

@@ -10,7 +10,9 @@ import stat
 import pytest
 
 import blockmirror
-from blockmirror import BlockMirrorError, TrackedImage, Tracker, _binding, sidecar_path
+from blockmirror import BlockMirrorError, TrackedImage, Tracker, sidecar_path
+from blockmirror._bindings import writer as _writer
+from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, MAX_IMAGE_SIZE
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -22,7 +24,7 @@ G = 65536  # default granularity
 
 def test_create_defaults(tmp_image):
     with Tracker.create(tmp_image) as t:
-        assert t.granularity == G == _binding.DEFAULT_GRANULARITY
+        assert t.granularity == G == DEFAULT_GRANULARITY
         assert t.generation == 0
         assert t.image_size == 4 * MiB
         assert t.consistent is True
@@ -32,10 +34,10 @@ def test_create_defaults(tmp_image):
         assert t.path == sidecar_path(tmp_image) == os.fspath(tmp_image) + ".cbt"
         assert len(t.series) == 32
         info = t.info()
-        assert info["state"] == "running"
-        assert info["live_writers"] == 0
-        assert info["consistent"] is True
-        assert info["dirty_bytes"] == 0
+        assert info.state == "running"
+        assert info.live_writers == 0
+        assert t.consistent is True
+        assert t.dirty_bytes() == 0
     assert os.path.exists(sidecar_path(tmp_image))
 
 
@@ -363,7 +365,7 @@ def test_reader_handle_cannot_write(tracked_image):
     with Tracker.open(tracked_image) as t:
         fd = os.open(tracked_image, os.O_RDWR)
         try:
-            pwrite = _binding.pwrite_function(t.handle, fd, os.fspath(tracked_image))
+            pwrite = _writer.pwrite_function(t._h, fd, os.fspath(tracked_image))
             with pytest.raises(OSError) as ei:
                 pwrite(b"x", 0)
             assert ei.value.errno == errno.EBADF
@@ -376,7 +378,7 @@ def test_writers_are_counted(tracked_image):
     with TrackedImage(tracked_image) as a, Tracker.open(tracked_image, writer=True) as b:
         assert b.live_writers() == 2
         a.pwrite(b"x", 0)
-        assert b.info()["live_writers"] == 2
+        assert b.info().live_writers == 2
     with Tracker.open(tracked_image) as t:
         assert t.live_writers() == 0
 
@@ -398,12 +400,12 @@ def test_error_classes():
 def test_pwrite_error_carries_errno_and_path(tracked_image):
     with TrackedImage(tracked_image) as img:
         with pytest.raises(OSError) as ei:
-            img.pwrite(b"x", _binding.MAX_IMAGE_SIZE)
+            img.pwrite(b"x", MAX_IMAGE_SIZE)
         assert ei.value.errno == errno.EFBIG
         assert ei.value.filename == os.fspath(tracked_image)
         assert "1 PiB" in ei.value.strerror
         with pytest.raises(OSError) as ei:
-            img.truncate(_binding.MAX_IMAGE_SIZE + 1)
+            img.truncate(MAX_IMAGE_SIZE + 1)
         assert ei.value.errno == errno.EFBIG
         assert ei.value.filename == os.fspath(tracked_image)
         assert img.tracker.dirty_bytes() == 0
@@ -415,7 +417,7 @@ def test_pwrite_to_readonly_fd_fails_but_marks(tracked_image):
     with Tracker.open(tracked_image, writer=True) as t:
         fd = os.open(tracked_image, os.O_RDONLY)
         try:
-            pwrite = _binding.pwrite_function(t.handle, fd, os.fspath(tracked_image))
+            pwrite = _writer.pwrite_function(t._h, fd, os.fspath(tracked_image))
             with pytest.raises(OSError) as ei:
                 pwrite(b"x" * 10, 2 * G)
             assert ei.value.errno == errno.EBADF
@@ -428,6 +430,6 @@ def test_pwrite_to_readonly_fd_fails_but_marks(tracked_image):
 def test_resize_past_limit(tracked_image):
     with Tracker.open(tracked_image) as t:
         with pytest.raises(OSError) as ei:
-            t.resize(_binding.MAX_IMAGE_SIZE + 1)
+            t.resize(MAX_IMAGE_SIZE + 1)
         assert ei.value.errno == errno.EFBIG
         assert t.image_size == 4 * MiB

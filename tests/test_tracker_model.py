@@ -20,8 +20,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from blockmirror import TrackedImage, Tracker, _binding
-from blockmirror._binding import ffi, lib
+from blockmirror import TrackedImage, Tracker
+from blockmirror._bindings import tracker as _tracker_c
+from blockmirror._bindings._ffi import SCAN_DONE, ffi, lib
 
 # -- the model --------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(chunk=st.integers(1, 4))
     def fetch_and_clear_chunked(self, chunk):
-        got = _binding.scan_extents(self.tracker.handle, clear=True, chunk=chunk).tolist()
+        got = _tracker_c.scan_extents(self.tracker._h, clear=True, chunk=chunk).tolist()
         assert [tuple(e) for e in got] == self.model.fetch_and_clear()
         assert self.tracker.generation == self.model.generation
 
@@ -210,7 +211,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(chunk=st.integers(1, 3))
     def snapshot_chunked(self, chunk):
-        got = _binding.scan_extents(self.tracker.handle, clear=False, chunk=chunk).tolist()
+        got = _tracker_c.scan_extents(self.tracker._h, clear=False, chunk=chunk).tolist()
         assert [tuple(e) for e in got] == self.model.extents()
 
     @rule(granules=GRANULE_COUNTS, extra=st.integers(0, 65535))
@@ -340,11 +341,11 @@ def test_chunked_scan_matches_big_chunk(tmp_path_factory, granule_set, runs, chu
     for start, n in runs:  # long runs that cross word boundaries
         granule_set |= set(range(start, min(start + n, granules)))
     with _tracker_with(tmp, granule_set, granules) as t:
-        big = _binding.scan_extents(t.handle, clear=False).tolist()
-        small = _binding.scan_extents(t.handle, clear=False, chunk=chunk).tolist()
+        big = _tracker_c.scan_extents(t._h, clear=False).tolist()
+        small = _tracker_c.scan_extents(t._h, clear=False, chunk=chunk).tolist()
         assert small == big
         assert [tuple(e) for e in big] == extents_of(granule_set, granules * 4096, 4096)
-        taken = _binding.scan_extents(t.handle, clear=True, chunk=chunk).tolist()
+        taken = _tracker_c.scan_extents(t._h, clear=True, chunk=chunk).tolist()
         assert taken == big  # nothing lost, nothing invented
         assert t.dirty_bytes() == 0
         assert t.generation == 1  # one full scan, however many calls it took
@@ -358,15 +359,15 @@ def test_fetch_and_clear_puts_back_overflow(tmp_path):
     with _tracker_with(tmp_path, dirty, 300, g) as t:
         cursor = ffi.new("uint64_t *", 0)
         out = ffi.new("bm_extent[1]")
-        n = lib.bm_fetch_and_clear(t.handle, cursor, out, 1)
+        n = lib.bm_fetch_and_clear(t._h, cursor, out, 1)
         assert n == 1
         assert (out[0].offset, out[0].length) == (g, g)
         assert cursor[0] == 3  # resumes at the first run it could not return
         # granules 3 and 5 share the word that was exchanged; they are back
         assert t.dirty_extents() == extents_of(dirty - {1}, 300 * g, g)
         got = []
-        while cursor[0] != _binding.SCAN_DONE:
-            n = lib.bm_fetch_and_clear(t.handle, cursor, out, 1)
+        while cursor[0] != SCAN_DONE:
+            n = lib.bm_fetch_and_clear(t._h, cursor, out, 1)
             assert n >= 0
             got += [(out[i].offset, out[i].length) for i in range(n)]
         # the run 62..65 crosses a word boundary and still comes back whole
@@ -380,6 +381,6 @@ def test_fetch_and_clear_zero_room_is_einval(tracked_image):
         t.mark(0, 1)
         cursor = ffi.new("uint64_t *", 0)
         out = ffi.new("bm_extent[1]")
-        assert lib.bm_fetch_and_clear(t.handle, cursor, out, 0) == -1
+        assert lib.bm_fetch_and_clear(t._h, cursor, out, 0) == -1
         assert ffi.errno == errno.EINVAL
         assert t.dirty_bytes() == 65536

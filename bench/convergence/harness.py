@@ -2,9 +2,9 @@
 
 For every write rate of the matrix (and every repetition) the harness
 
-1. makes a fresh sparse image (``blockmirror.demo.make_demo_image``: the
+1. makes a fresh sparse image (``blockmirror.cli.demo.make_demo_image``: the
    allocated fraction in 4 MiB extents of random data) and turns tracking on;
-2. starts N writer processes (``python -m blockmirror.workload``), each at
+2. starts N writer processes (``python -m blockmirror.cli.workload``), each at
    rate/N, waits until all of them write, lets them run a moment;
 3. calls ``blockmirror.sync.sync`` in this process with the copy throughput
    capped (``rate_limit``: the stand-in for slower storage or NFS) and
@@ -141,7 +141,7 @@ class MatrixResult:
 @dataclass
 class Decision:
     at: float  # time.perf_counter()
-    decision: str  # a blockmirror.policy.Decision value
+    decision: str  # a blockmirror.migration.policy.Decision value
     passes: int  # passes the policy had seen
 
 
@@ -160,12 +160,11 @@ def observe_policy() -> Iterator[PolicyLog]:
     policy sees them all, so the harness watches it. Installed only around one
     sync() call in this process (not thread-safe: one sync at a time).
     """
-    # importlib, not "import blockmirror.sync as ...": the package exports a
-    # function named sync, which that spelling would find first.
-    sync_module = importlib.import_module("blockmirror.sync")
-    base = getattr(sync_module, "ConvergencePolicy", None)
+    # The sync builds its policy through blockmirror.migration.options (SyncOptions.policy).
+    options_module = importlib.import_module("blockmirror.migration.options")
+    base = getattr(options_module, "ConvergencePolicy", None)
     if base is None:
-        raise RuntimeError("blockmirror.sync has no ConvergencePolicy to observe; "
+        raise RuntimeError("blockmirror.migration.options has no ConvergencePolicy to observe; "
                            "the harness needs updating")
     log = PolicyLog()
 
@@ -176,11 +175,11 @@ def observe_policy() -> Iterator[PolicyLog]:
             log.passes[:] = list(passes)
             return decision
 
-    setattr(sync_module, "ConvergencePolicy", ObservedPolicy)  # noqa: B010
+    setattr(options_module, "ConvergencePolicy", ObservedPolicy)  # noqa: B010
     try:
         yield log
     finally:
-        setattr(sync_module, "ConvergencePolicy", base)  # noqa: B010
+        setattr(options_module, "ConvergencePolicy", base)  # noqa: B010
 
 
 # -- writers --------------------------------------------------------------------------
@@ -206,7 +205,7 @@ class WriterGroup:
             stats = folder / f"writer{i}.json"
             paths.append(stats)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "blockmirror.workload", str(image), "--rate", str(each),
+                [sys.executable, "-m", "blockmirror.cli.workload", str(image), "--rate", str(each),
                  "--write-size", str(cfg.write_size), "--pattern", cfg.pattern,
                  "--zipf-exponent", str(cfg.zipf_exponent), "--seed", str(seed * 1000 + i),
                  "--stats", str(stats), "--timeline", str(WRITER_TIMELINE_S),
@@ -219,7 +218,7 @@ class WriterGroup:
         """Until every writer has the sidecar open (it registers as a writer)."""
         if not self.procs:
             return
-        from blockmirror.tracker import Tracker
+        from blockmirror.tracking.tracker import Tracker
 
         deadline = time.monotonic() + timeout
         while True:
@@ -291,7 +290,7 @@ def _interpolate(timeline: Sequence[Sequence[float]], t: float) -> float:
 
 def make_source(folder: Path, cfg: MatrixConfig, seed: int, *, tracked: bool) -> tuple[Path, int]:
     """A fresh source image (and sidecar); returns its path and allocated bytes."""
-    from blockmirror.demo import make_demo_image
+    from blockmirror.cli.demo import make_demo_image
 
     folder.mkdir(parents=True, exist_ok=True)
     image = folder / "image.img"
@@ -301,7 +300,7 @@ def make_source(folder: Path, cfg: MatrixConfig, seed: int, *, tracked: bool) ->
     allocated = make_demo_image(str(image), cfg.image_size, cfg.allocated_fraction, seed)
     os.chmod(image, 0o600)
     if tracked:
-        from blockmirror.tracker import Tracker
+        from blockmirror.tracking.tracker import Tracker
 
         Tracker.create(image, cfg.granularity).close()
     return image, allocated
@@ -311,7 +310,7 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
                           workdir: Path) -> Row:
     """One sync of a fresh image under writers at RATE bytes/s."""
     from blockmirror.errors import NotConvergedError
-    from blockmirror.sync import sync
+    from blockmirror.migration import sync
 
     folder = workdir / f"bm-{rate / MiB:g}M-{repetition}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -378,14 +377,14 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
 
 
 def _source_checks(image: Path, dst_dir: Path, writers: WriterGroup) -> Row:
-    from blockmirror.tracker import Tracker
+    from blockmirror.tracking.tracker import Tracker
 
     left = sorted(p.name for p in dst_dir.iterdir())
     with Tracker.open(image) as tracker:
         info = tracker.info()
-    state = str(info.get("state"))
-    throttle = int(info.get("throttle_bytes_per_s", 0) or 0)  # type: ignore[call-overload]
-    consistent = bool(info.get("consistent"))
+        consistent = tracker.consistent
+    state = info.state
+    throttle = info.throttle_bytes_per_s
     ok = not left and state == "running" and throttle == 0 and consistent and (
         writers.alive() or not writers.procs)
     return {"dst_left": ";".join(left), "tracker_state": state, "throttle_after": throttle,
@@ -418,7 +417,7 @@ def _fill_passes(row: Row, passes: Sequence[Any]) -> None:
     rounds = [p for p in passes if p.kind != "final"]
     finals = [p for p in plist if p["kind"] == "final"]
     if rounds and finals:
-        from blockmirror.policy import ConvergencePolicy
+        from blockmirror.migration.policy import ConvergencePolicy
 
         c = ConvergencePolicy.copy_throughput(rounds)
         row["predicted_downtime_s"] = rounds[-1].dirty_left / c if c > 0 else None

@@ -2,7 +2,7 @@
 
 Each pass copies what the previous pass let the writers dirty; the dirty set
 is bounded by the working set of the write pattern. The model runs the same
-policy as ``blockmirror.policy.ConvergencePolicy`` over these expected values,
+policy as ``blockmirror.migration.policy.ConvergencePolicy`` over these expected values,
 so its passes, time, bytes and downtime can be put next to a measured run.
 
 Symbols
@@ -23,7 +23,7 @@ dirty once any write hit it, so with P_k = sum of p_b over the blocks of unit k:
 
 - uniform: P_k = u / S, so D(t) = S (1 - (1 - u/S)^n) ~= S (1 - exp(-n u / S)):
   linear (= W t) while n is small, saturating at S;
-- hotspot (``blockmirror.workload``: 90 % of writes to the first 10 % of the
+- hotspot (``blockmirror.cli.workload``: 90 % of writes to the first 10 % of the
   blocks, 10 % anywhere): D(t) ~= H (1 - exp(-n (0.9/Nh + 0.1/Nu))) +
   (S - H)(1 - exp(-0.1 n / Nu)) with H the hot region, Nh = H/u, Nu = S/u:
   about the hot region for a long time, creeping towards S;
@@ -51,7 +51,7 @@ probability a and then stays dirty only if hit in the last (1 - x_k) t_0:
     D_bulk(t) = u * sum_k [(1 - a)(1 - (1 - P_k)^n) + a (1 - (1 - P_k)^(n (1 - x_k)))]
 
 (sequential writers: the written span, as D(t), an upper bound). After each pass the model asks
-``blockmirror.policy.ConvergencePolicy.decide`` itself, given these expected
+``blockmirror.migration.policy.ConvergencePolicy.decide`` itself, given these expected
 passes as PassRecords, so model and engine can never follow different rules.
 With the policy as it stands:
 
@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 
 PATTERNS = ("uniform", "hotspot", "sequential", "zipf")
-HOT_FRACTION = 0.1  # blockmirror.workload: the hot 10 % of blocks ...
+HOT_FRACTION = 0.1  # blockmirror.cli.workload: the hot 10 % of blocks ...
 HOT_SHARE = 0.9  # ... take 90 % of the writes
 DEFAULT_ZIPF_EXPONENT = 1.1
 
@@ -134,8 +134,8 @@ class DirtyModel:
             p = np.full(blocks, (1.0 - HOT_SHARE) / blocks)
             p[:hot] += HOT_SHARE / hot
             return p
-        # zipf: weights by rank, the ranks scattered as blockmirror.workload does
-        from blockmirror.workload import zipf_permutation
+        # zipf: weights by rank, the ranks scattered as blockmirror.cli.workload does
+        from blockmirror.cli.workload import zipf_permutation
 
         ranks = np.arange(1, blocks + 1, dtype=np.float64)
         weights = ranks ** -wl.zipf_exponent
@@ -240,7 +240,7 @@ def predict(
 ) -> Prediction:
     """Run the pass loop of blockmirror.sync on expected values, with the
     decisions taken by blockmirror's own ConvergencePolicy."""
-    from blockmirror.policy import ConvergencePolicy, Decision, PassRecord
+    from blockmirror.migration.policy import ConvergencePolicy, Decision, PassRecord
 
     if copy_throughput <= 0:
         raise ValueError("copy throughput must be > 0")

@@ -18,13 +18,10 @@ import fcntl
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from blockmirror import precheck
-from blockmirror._binding import DEFAULT_GRANULARITY
-from blockmirror.copier import Copier, CopyStats
+from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.errors import (
     ChangeIdInvalidError,
     FreezeError,
@@ -34,154 +31,23 @@ from blockmirror.errors import (
     SourceChangedError,
 )
 from blockmirror.extents import pairs, subtract, union
-from blockmirror.manifest import (
+from blockmirror.migration import precheck
+from blockmirror.migration.manifest import (
     STATE_CLEAN,
     Manifest,
     ManifestError,
     differing_extents,
     manifest_path,
 )
-from blockmirror.policy import ConvergencePolicy, Decision, PassRecord, predict_downtime
-from blockmirror.tracker import Tracker, sidecar_path
+from blockmirror.migration.options import SyncOptions
+from blockmirror.migration.policy import Decision, PassRecord, predict_downtime
+from blockmirror.migration.result import SyncProgress, SyncResult
+from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker, sidecar_path
 from blockmirror.units import format_bytes, format_rate, format_seconds
 
-MODES = ("copy", "move")
-CONVERGE_STRATEGIES = ("fail", "throttle")
 # A failed switchover (lease ran out mid final pass) goes back to dirty
 # passes; this many failures in one run are declared non-convergence.
 MAX_SWITCHOVER_ATTEMPTS = 3
-
-
-@dataclass
-class SyncProgress:
-    """What a progress display needs, sent as the copy advances."""
-
-    phase: str  # "bulk", "dirty", "final", "verify", "done"
-    pass_index: int
-    bytes_done: int
-    bytes_total: int
-    rate: float  # bytes/s in this pass so far
-    dirty_bytes: int  # dirty bytes waiting (at the start of this pass)
-    elapsed: float
-
-    @property
-    def eta(self) -> float:
-        """Seconds until this pass ends at the current rate."""
-        left = self.bytes_total - self.bytes_done
-        return left / self.rate if self.rate > 0 else float("inf")
-
-
-ProgressCallback = Callable[[SyncProgress], None]
-
-
-@dataclass
-class SyncResult:
-    """What a finished sync did."""
-
-    status: str
-    source: str
-    destination: str
-    mode: str
-    tracked: bool
-    image_size: int
-    allocated_bytes: int
-    target_downtime: float
-    passes: list[PassRecord] = field(default_factory=list)
-    bytes_copied: int = 0
-    bytes_written: int = 0
-    downtime: float = 0.0
-    elapsed: float = 0.0
-    verified: bool = False
-    notes: list[str] = field(default_factory=list)
-    incremental: bool = False  # an earlier copy was updated in place
-    change_id: str | None = None  # the source's change id the copy is exact at
-    children: list[SyncResult] = field(default_factory=list)  # directory mode: one per image
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "source": self.source,
-            "destination": self.destination,
-            "mode": self.mode,
-            "tracked": self.tracked,
-            "image_size": self.image_size,
-            "allocated_bytes": self.allocated_bytes,
-            "target_downtime": self.target_downtime,
-            "passes": [p.to_dict() for p in self.passes],
-            "bytes_copied": self.bytes_copied,
-            "bytes_written": self.bytes_written,
-            "downtime": round(self.downtime, 6),
-            "elapsed": round(self.elapsed, 6),
-            "verified": self.verified,
-            "incremental": self.incremental,
-            "change_id": self.change_id,
-            "notes": self.notes,
-            "children": [c.to_dict() for c in self.children],
-        }
-
-    def summary(self) -> str:
-        verb = "moved" if self.mode == "move" else "copied"
-        line = (
-            f"{verb} {self.source} -> {self.destination}: "
-            f"{format_bytes(self.bytes_copied)} in {len(self.passes)} "
-            f"{'pass' if len(self.passes) == 1 else 'passes'}, "
-            f"{format_seconds(self.elapsed)}"
-        )
-        if self.tracked:
-            line += f", writers paused {format_seconds(self.downtime)}"
-        if self.verified:
-            line += ", verified"
-        return line
-
-
-def sync(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    target_downtime: float = 5.0,
-    mode: str = "copy",
-    max_passes: int = 30,
-    verify: bool = False,
-    progress: ProgressCallback | None = None,
-    force: bool = False,
-    workers: int = 4,
-    rate_limit: float | None = None,
-    converge: str = "fail",
-) -> SyncResult:
-    """Copy (or move) the live image SRC to DST, exact at one instant.
-
-    DST may be an existing folder (the image keeps its name). Raises
-    ``InvalidInputError`` for bad input, ``OutOfSpaceError``,
-    ``NotConvergedError`` when writes outpace the copy, ``FreezeError`` when
-    writers cannot be paused, or an ``OSError``. On every failure the source
-    is untouched, writers run on, and the destination side is removed.
-
-    ``converge="throttle"`` slows writers down (the shared throttle in the
-    sidecar) instead of failing when the dirty set stops shrinking.
-    """
-    if mode not in MODES:
-        raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
-    if converge not in CONVERGE_STRATEGIES:
-        raise InvalidInputError(f"converge must be one of {CONVERGE_STRATEGIES}, got {converge!r}")
-    if workers < 1:
-        raise InvalidInputError(f"workers must be >= 1, got {workers}")
-    try:
-        policy = ConvergencePolicy(target_downtime=target_downtime, max_passes=max_passes)
-    except ValueError as e:
-        raise InvalidInputError(str(e)) from None
-    src_s, dst_s = os.fspath(src), os.fspath(dst)
-    if os.path.isdir(src_s):
-        from blockmirror.directory import sync_directory
-
-        return sync_directory(
-            src_s, dst_s, target_downtime=target_downtime, mode=mode, max_passes=max_passes,
-            verify=verify, progress=progress, force=force, workers=workers,
-            rate_limit=rate_limit, converge=converge,
-        )
-    plan = precheck.plan_file_sync(src_s, dst_s, force=force, move=mode == "move")
-    job = _FileSync(plan, policy, mode=mode, verify=verify, progress=progress, workers=workers,
-                    rate_limit=rate_limit, converge=converge)
-    return job.run()
 
 
 class _Switch(Enum):
@@ -190,34 +56,24 @@ class _Switch(Enum):
     LEASE_RAN_OUT = "lease_ran_out"
 
 
-class _FileSync:
+class FileSyncJob:
     """One file-mode sync. Holds every resource the cleanup must release."""
 
-    def __init__(
-        self,
-        plan: precheck.Plan,
-        policy: ConvergencePolicy,
-        *,
-        mode: str,
-        verify: bool,
-        progress: ProgressCallback | None,
-        workers: int,
-        rate_limit: float | None,
-        converge: str,
-    ) -> None:
+    def __init__(self, plan: precheck.Plan, options: SyncOptions) -> None:
         self.plan = plan
-        self.policy = policy
+        self.policy = options.policy()
+        mode = options.mode
         self.mode = mode
-        self.verify = verify
-        self.progress = progress
-        self.workers = workers
-        self.rate_limit = rate_limit
-        self.converge = converge
+        self.verify = options.verify
+        self.progress = options.progress
+        self.workers = options.workers
+        self.rate_limit = options.rate_limit
+        self.converge = options.converge
         self.started = time.perf_counter()
         self.result = SyncResult(
             status="running", source=plan.source, destination=plan.destination, mode=mode,
             tracked=False, image_size=plan.size, allocated_bytes=plan.allocated,
-            target_downtime=policy.target_downtime,
+            target_downtime=self.policy.target_downtime,
         )
         self.src_fd = -1
         self.dst_fd = -1
@@ -600,7 +456,7 @@ class _FileSync:
     def _verify(self) -> None:
         """Compare the copy with the source, excusing blocks written since the
         switch (the tracker says which); anything else that differs is a bug."""
-        from blockmirror.verify import compare_files
+        from blockmirror.copying.verify import compare_files
 
         self._report("verify", len(self.result.passes), 0, self.result.image_size, 0.0, 0)
         differing = compare_files(self.plan.source, self.plan.destination)

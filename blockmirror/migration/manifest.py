@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from blockmirror.copying.copier import data_extents
 from blockmirror.errors import BlockMirrorError
+from blockmirror.extents import pairs
 
 MAGIC = b"BMMANIFEST 1\n"
 HEADER_BYTES = 4096
@@ -314,8 +316,6 @@ def _decode(stored: np.ndarray, granularity: int) -> np.ndarray:
 
 def source_digests(fd: int, size: int, granularity: int, workers: int = 4) -> np.ndarray:
     """Digest every granule of the source FD (holes are not read)."""
-    from blockmirror.verify import data_extents
-
     granules = -(-size // granularity)
     out = np.empty(granules, dtype="<u8")
     out[:] = zero_digest(granularity)
@@ -323,7 +323,7 @@ def source_digests(fd: int, size: int, granularity: int, workers: int = 4) -> np
         out[-1] = zero_digest(size % granularity)
     m = Manifest(path="", granularity=granularity, image_size=size, series="", generation=0,
                  state=STATE_UPDATING, source="", digests=out)
-    m.record(fd, data_extents(fd, size), workers=workers)
+    m.record(fd, pairs(data_extents(fd, size)), workers=workers)
     return out
 
 

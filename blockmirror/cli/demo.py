@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from blockmirror.tracker import Tracker
+from blockmirror.tracking.tracker import Tracker
 from blockmirror.units import format_bytes, format_rate, format_seconds, parse_size
 
 EXTENT = 4 << 20
@@ -42,8 +42,8 @@ def make_demo_image(path: str, size: int, data_fraction: float = 0.25, seed: int
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from blockmirror.cli import ProgressLine
-    from blockmirror.sync import sync
+    from blockmirror.cli.progress import ProgressLine
+    from blockmirror.migration import sync
 
     size = parse_size(args.size)
     if size < 16 << 20:
@@ -66,7 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "(64 KiB random writes, hot spot)")
     stats_path = os.path.join(workdir, "writer-stats.json")
     writer = subprocess.Popen(
-        [sys.executable, "-m", "blockmirror.workload", image, "--rate", str(rate),
+        [sys.executable, "-m", "blockmirror.cli.workload", image, "--rate", str(rate),
          "--write-size", "64k", "--pattern", "hotspot", "--seed", "1", "--stats", stats_path],
     )
     try:

@@ -16,8 +16,12 @@ import weakref
 from collections.abc import Callable
 from types import TracebackType
 
-from blockmirror import _binding
-from blockmirror.tracker import Tracker, sidecar_path
+from blockmirror.tracking.tracker import (
+    DEFAULT_GRANULARITY,
+    Tracker,
+    retire_pwrite_function,
+    sidecar_path,
+)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -50,7 +54,7 @@ class TrackedImage:
     """
 
     def __init__(
-        self, image_path: str | os.PathLike[str], *, granularity: int = _binding.DEFAULT_GRANULARITY
+        self, image_path: str | os.PathLike[str], *, granularity: int = DEFAULT_GRANULARITY
     ) -> None:
         self._granularity = granularity
         self._tracker: Tracker | None = None
@@ -72,14 +76,14 @@ class TrackedImage:
         self._fd = fd
         self._tracker = tracker
         # Writes without the redirect handling, for the one retry after a redirect.
-        self._pwrite = _binding.pwrite_function(tracker.handle, fd, path)
+        self._pwrite = tracker.pwrite_function(fd, path)
         # The hot path: a C callable (blockmirror._fastwrite.Writer, or the
         # cffi closure where that is not built) is bound on the instance and
         # shadows the pwrite method below, so a tracked write is one C-level
         # call, no Python frame, like os.pwrite (bench/README.md). ESTALE comes
         # back through _write_after_redirect.
-        self.pwrite = _binding.pwrite_function(  # type: ignore[method-assign]
-            tracker.handle, fd, path, on_stale=_redirect_handler(self)
+        self.pwrite = tracker.pwrite_function(  # type: ignore[method-assign]
+            fd, path, on_stale=_redirect_handler(self)
         )
 
     def _bound_writes(self) -> tuple[object, ...]:
@@ -91,7 +95,7 @@ class TrackedImage:
         hold its raw C handle, and a write through one (even through a
         reference taken earlier) must raise, not use freed memory."""
         for write in writes:
-            _binding.retire_pwrite_function(write)
+            retire_pwrite_function(write)
 
     @property
     def tracker(self) -> Tracker:
@@ -121,7 +125,7 @@ class TrackedImage:
         ``_attach``), which behaves exactly like this body.
         """
         try:
-            return self._pwrite(data, offset)  # type: ignore[no-any-return]
+            return self._pwrite(data, offset)
         except OSError as e:
             if e.errno != errno.ESTALE:
                 raise
@@ -130,14 +134,14 @@ class TrackedImage:
     def _write_after_redirect(self, data: Buffer, offset: int) -> int:
         """ESTALE: follow the redirect once and write there (no second follow)."""
         self._follow_redirect()
-        return self._pwrite(data, offset)  # type: ignore[no-any-return]
+        return self._pwrite(data, offset)
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read up to LENGTH bytes at OFFSET (short only at end of file).
 
         After a move, reads follow the image too: the old file no longer
         sees other writers' writes."""
-        if _binding.redirected(self.tracker.handle):
+        if self.tracker.redirected:
             self._follow_redirect()
         parts = []
         while length > 0:
@@ -151,13 +155,13 @@ class TrackedImage:
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate [offset, offset+length): it reads back as zeros."""
-        self._retry_on_redirect(lambda: _binding.discard(
-            self.tracker.handle, self._fd, offset, length, self.path))
+        self._retry_on_redirect(lambda: self.tracker.discard(
+            self._fd, offset, length, self.path))
 
     def truncate(self, size: int) -> None:
         """Resize the image to SIZE bytes, tracked."""
-        self._retry_on_redirect(lambda: _binding.truncate(
-            self.tracker.handle, self._fd, size, self.path))
+        self._retry_on_redirect(lambda: self.tracker.truncate(
+            self._fd, size, self.path))
 
     def _retry_on_redirect(self, op) -> None:  # type: ignore[no-untyped-def]
         try:

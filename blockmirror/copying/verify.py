@@ -20,29 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from blockmirror import _binding
-from blockmirror.extents import Extent, pairs, union
+from blockmirror._bindings import compare as _compare
+from blockmirror._bindings import copy as _copy
+from blockmirror.copying.copier import data_extents
+from blockmirror.extents import EXTENT_DTYPE, Extent, pairs, union
 
 # Bytes per work item (one C call); big enough that the call overhead is
 # nothing, small enough that every worker gets several.
 CHUNK = 32 << 20
 MIN_ITEM = 1 << 20
-
-
-def data_extents(fd: int, size: int) -> list[Extent]:
-    """(offset, length) of every data range of FD below SIZE (the whole
-    range where the filesystem reports no holes)."""
-    return pairs(_binding.data_extents(fd, size))
-
-
-def _merge_adjacent(extents: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for off, length in sorted(extents):
-        if out and out[-1][0] + out[-1][1] == off:
-            out[-1] = (out[-1][0], out[-1][1] + length)
-        else:
-            out.append((off, length))
-    return out
 
 
 def compare_files(path_a: str, path_b: str, *, block: int = 65536, workers: int = 4) -> list[
@@ -65,12 +51,12 @@ def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
                 path_a: str | None = None, path_b: str | None = None) -> list[Extent]:
     """Extents (BLOCK-aligned, merged) where FD_A and FD_B differ. BLOCK is a
     power of two from 512 B to 16 MiB; PATH_A/PATH_B name the files in errors."""
-    if block < _binding.COPY_MIN_BLOCK or block > _binding.COPY_MAX_BLOCK or block & (block - 1):
+    if block < _copy.MIN_BLOCK or block > _copy.MAX_BLOCK or block & (block - 1):
         raise ValueError(f"block {block} is not a power of two between "
-                         f"{_binding.COPY_MIN_BLOCK} and {_binding.COPY_MAX_BLOCK}")
+                         f"{_copy.MIN_BLOCK} and {_copy.MAX_BLOCK}")
     size_a, size_b = os.fstat(fd_a).st_size, os.fstat(fd_b).st_size
     common = min(size_a, size_b)
-    regions = union(data_extents(fd_a, common), data_extents(fd_b, common))
+    regions = union(pairs(data_extents(fd_a, common)), pairs(data_extents(fd_b, common)))
     # Align to BLOCK so a difference is reported in whole blocks.
     aligned = [(off - off % block, min(common, -(-(off + length) // block) * block))
                for off, length in regions]
@@ -89,11 +75,11 @@ def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
     def compare_batch(batch: list[Extent]) -> list[Extent]:
         buf = getattr(local, "buf", None)
         if buf is None:  # one cache-sized scratch buffer per worker thread
-            buf = local.buf = _binding.new_copy_buffer(_binding.COMPARE_DEFAULT_BUFFER)
-        extents = np.array(batch, dtype=_binding.EXTENT_DTYPE)
-        diffs = _binding.compare_extents(fd_a, fd_b, extents, block, buf,
+            buf = local.buf = _copy.new_buffer(_compare.DEFAULT_BUFFER)
+        extents = np.array(batch, dtype=EXTENT_DTYPE)
+        diffs = _compare.compare_extents(fd_a, fd_b, extents, block, buf,
                                          a_path=path_a, b_path=path_b)
-        return list(zip(diffs["offset"].tolist(), diffs["length"].tolist(), strict=True))
+        return pairs(diffs)
 
     differing: list[Extent] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -101,7 +87,7 @@ def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
             differing.extend(diffs)
     if size_a != size_b:
         differing.append((common, max(size_a, size_b) - common))
-    return _merge_adjacent(differing)
+    return union(differing)
 
 
 def _dedupe(chunks: list[Extent]) -> list[Extent]:

@@ -32,26 +32,25 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from blockmirror import _binding
+from blockmirror._bindings import copy as _c
+from blockmirror.extents import (
+    ExtentArray,
+    Extents,
+    as_extent_array,
+    merge_touching,
+    split_extents,
+)
 
 MiB = 1 << 20
 DEFAULT_BATCH_BYTES = 32 * MiB
 DEFAULT_BLOCK_SIZE = 65536
-DEFAULT_BUFFER_BYTES = _binding.COPY_DEFAULT_BUFFER
-MIN_BLOCK_SIZE = _binding.COPY_MIN_BLOCK
-MAX_BLOCK_SIZE = _binding.COPY_MAX_BLOCK
+DEFAULT_BUFFER_BYTES = _c.DEFAULT_BUFFER
+MIN_BLOCK_SIZE = _c.MIN_BLOCK
+MAX_BLOCK_SIZE = _c.MAX_BLOCK
 # Small copies are cut finer than batch_bytes so every worker gets work,
 # but never below this.
 MIN_ITEM_BYTES = 1 * MiB
-_MAX_OFFSET = 2**63 - 1
-
-ExtentArray = npt.NDArray[np.void]
-"""A structured array with uint64 fields ``offset`` and ``length``."""
-
-Extents = ExtentArray | Iterable[tuple[int, int]]
-"""What the copier accepts: an extent array, or ``(offset, length)`` pairs."""
 
 
 @dataclass
@@ -94,111 +93,10 @@ class CopyStats:
         )
 
 
-def as_extent_array(extents: Extents) -> ExtentArray:
-    """EXTENTS as a C-contiguous ``_binding.EXTENT_DTYPE`` array, checked.
-
-    Accepts an extent array (any structured array with ``offset`` and
-    ``length`` fields) or an iterable of ``(offset, length)`` pairs.
-    Raises ValueError for a negative value or a range ending past 2**63 - 1.
-    """
-    bad = "extents must have offset, length >= 0 and end before 2**63"
-    if isinstance(extents, np.ndarray) and extents.dtype == _binding.EXTENT_DTYPE:
-        arr: ExtentArray = np.ascontiguousarray(extents)
-        if len(arr):
-            # Each below 2**63, so their uint64 sum cannot wrap.
-            if max(int(arr["offset"].max()), int(arr["length"].max())) > _MAX_OFFSET:
-                raise ValueError(bad)
-            if int((arr["offset"] + arr["length"]).max()) > _MAX_OFFSET:
-                raise ValueError(bad)
-        return arr
-    pairs: Iterable[tuple[int, int]]
-    if isinstance(extents, np.ndarray) and extents.dtype.names is not None:
-        pairs = zip(extents["offset"].tolist(), extents["length"].tolist(), strict=True)
-    else:
-        pairs = extents
-    offsets: list[int] = []
-    lengths: list[int] = []
-    for offset, length in pairs:
-        offset, length = int(offset), int(length)
-        if offset < 0 or length < 0 or offset + length > _MAX_OFFSET:
-            raise ValueError(bad)
-        offsets.append(offset)
-        lengths.append(length)
-    arr = np.empty(len(offsets), dtype=_binding.EXTENT_DTYPE)
-    arr["offset"] = offsets
-    arr["length"] = lengths
-    return arr
-
-
-def coalesce_extents(extents: ExtentArray) -> ExtentArray:
-    """EXTENTS with runs of touching extents (one ending where the next
-    starts) merged into one, so no work item boundary splits a range that
-    is really contiguous. Empty extents are dropped; order is kept."""
-    ext = extents[extents["length"] > 0]
-    if len(ext) < 2:
-        return np.ascontiguousarray(ext)
-    ends = ext["offset"] + ext["length"]
-    touching = ends[:-1] == ext["offset"][1:]
-    if not touching.any():
-        return np.ascontiguousarray(ext)
-    starts = np.flatnonzero(np.concatenate(([True], ~touching)))
-    last = np.concatenate((starts[1:], [len(ext)])) - 1
-    out = np.empty(len(starts), dtype=_binding.EXTENT_DTYPE)
-    out["offset"] = ext["offset"][starts]
-    out["length"] = ends[last] - out["offset"]
-    return out
-
-
-def split_extents(extents: ExtentArray, item_bytes: int, align: int = 1) -> list[ExtentArray]:
-    """Cut EXTENTS into work items of about ITEM_BYTES each, in order.
-
-    The extents are laid end to end and cut every ITEM_BYTES; an extent
-    crossing a cut is split there. With ALIGN > 1 such a split is moved down
-    to a multiple of ALIGN in file offsets (within the extent), so zero runs
-    on both sides of it are punched in whole blocks; an item then holds up to
-    ALIGN - 1 bytes more or less. Empty extents are dropped. Each item is a
-    non-empty contiguous array.
-    """
-    if item_bytes <= 0 or align <= 0:
-        raise ValueError(f"item_bytes and align must be > 0, got {item_bytes}, {align}")
-    ext = extents[extents["length"] > 0]
-    if len(ext) == 0:
-        return []
-    lengths = ext["length"].astype(np.uint64)
-    ends = np.cumsum(lengths, dtype=np.uint64)
-    if int(ends[-1]) <= item_bytes:
-        return [np.ascontiguousarray(ext)]
-    starts = ends - lengths
-    size = np.uint64(item_bytes)
-    first = starts // size
-    count = ((ends - np.uint64(1)) // size - first + np.uint64(1)).astype(np.int64)
-    owner = np.repeat(np.arange(len(ext)), count)
-    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-    item = first[owner] + within.astype(np.uint64)
-    piece_start = np.maximum(starts[owner], item * size)
-    piece_end = np.minimum(ends[owner], (item + np.uint64(1)) * size)
-    ext_offset = ext["offset"][owner]
-    file_start = ext_offset + (piece_start - starts[owner])
-    file_end = ext_offset + (piece_end - starts[owner])
-    if align > 1:
-        interior = piece_start > starts[owner]  # a cut inside an extent
-        step = np.uint64(align)
-        snapped = np.maximum(file_start - file_start % step, ext_offset)
-        file_start = np.where(interior, snapped, file_start)
-        # Each piece now ends where the next piece of its extent starts.
-        same_next = np.zeros(len(owner), dtype=bool)
-        same_next[:-1] = owner[1:] == owner[:-1]
-        next_start = np.empty_like(file_start)
-        next_start[:-1] = file_start[1:]
-        next_start[-1:] = file_end[-1:]
-        file_end = np.where(same_next, next_start, file_end)
-    pieces = np.empty(len(owner), dtype=_binding.EXTENT_DTYPE)
-    pieces["offset"] = file_start
-    pieces["length"] = file_end - file_start
-    keep = pieces["length"] > 0
-    pieces, item = pieces[keep], item[keep]
-    cuts = np.flatnonzero(np.diff(item)) + 1
-    return [part for part in np.split(pieces, cuts) if len(part)]
+def data_extents(fd: int, end: int) -> ExtentArray:
+    """The data extents of FD over [0, END) (SEEK_DATA/SEEK_HOLE, in C); the
+    whole range is one extent where the filesystem reports no holes."""
+    return _c.data_extents(fd, end)
 
 
 def _drain(futures: set[cf.Future[Any]]) -> None:
@@ -284,7 +182,7 @@ class Copier:
         self._no_punch = False
         self._no_seek = False
         self._throttle = (
-            _binding.new_copy_throttle(max(1, round(rate_limit))) if rate_limit else None
+            _c.new_rate_cap(max(1, round(rate_limit))) if rate_limit else None
         )
         self._local = threading.local()
         # Work items are cut at multiples of this, so punches cover whole
@@ -318,8 +216,7 @@ class Copier:
         The whole file is one extent where the filesystem reports no holes.
         """
         size = os.fstat(self.src_fd).st_size
-        extents: ExtentArray = _binding.data_extents(self.src_fd, size)
-        return extents
+        return data_extents(self.src_fd, size)
 
     @property
     def uses_copy_file_range(self) -> bool:
@@ -365,10 +262,10 @@ class Copier:
             raise ValueError("copier is closed")
         executor = self._executor
         started = time.perf_counter()
-        arr = coalesce_extents(as_extent_array(extents))
+        arr = merge_touching(as_extent_array(extents))
         total_bytes = int(arr["length"].sum(dtype=np.uint64)) if len(arr) else 0
         items = split_extents(arr, self._item_bytes(total_bytes), self._align)
-        cancel = _binding.new_cancel_flag()
+        cancel = _c.new_cancel_flag()
         window = 2 * self.workers
         result = CopyStats()
         pending: set[cf.Future[CopyStats]] = set()
@@ -412,15 +309,15 @@ class Copier:
     def _flags(self, dst_fresh: bool, start_writeback: bool = False) -> int:
         flags = 0
         if dst_fresh:
-            flags |= _binding.COPY_DST_FRESH
+            flags |= _c.DST_FRESH
         if start_writeback:
-            flags |= _binding.COPY_START_WRITEBACK
+            flags |= _c.START_WRITEBACK
         if self._use_cfr:
-            flags |= _binding.COPY_FILE_RANGE
+            flags |= _c.FILE_RANGE
         if self._no_punch:
-            flags |= _binding.COPY_NO_PUNCH
+            flags |= _c.NO_PUNCH
         if self._no_seek:
-            flags |= _binding.COPY_NO_SEEK
+            flags |= _c.NO_SEEK
         return flags
 
     def _copy_item(
@@ -432,8 +329,8 @@ class Copier:
             before_item(item)
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            buf = self._local.buf = _binding.new_copy_buffer(self.buffer_bytes)
-        counts, found = _binding.copy_extents(
+            buf = self._local.buf = _c.new_buffer(self.buffer_bytes)
+        counts = _c.copy_extents(
             self.src_fd,
             self.dst_fd,
             item,
@@ -445,14 +342,16 @@ class Copier:
             self.src_path,
             self.dst_path,
         )
+        found = counts.found_unsupported
         # Plain stores of bools: safe from any thread, and only ever turn off.
-        if found & _binding.COPY_FILE_RANGE_FAILED:
+        if found & _c.FILE_RANGE_FAILED:
             self._use_cfr = False
-        if found & _binding.COPY_PUNCH_FAILED:
+        if found & _c.PUNCH_FAILED:
             self._no_punch = True
-        if found & _binding.COPY_SEEK_FAILED:
+        if found & _c.SEEK_FAILED:
             self._no_seek = True
-        return CopyStats(**counts)
+        return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
+                         counts.bytes_hole, counts.bytes_punched)
 
     # -- lifetime -------------------------------------------------------------
 

@@ -8,17 +8,16 @@ Exit codes (also in --help and the README):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any
 
-from blockmirror import _binding
 from blockmirror.errors import (
     BlockMirrorError,
     ChangeIdInvalidError,
@@ -27,10 +26,9 @@ from blockmirror.errors import (
     OutOfSpaceError,
     SidecarError,
 )
+from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY
 from blockmirror.units import (
     format_bytes,
-    format_rate,
-    format_seconds,
     parse_duration,
     parse_size,
 )
@@ -61,36 +59,6 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
-
-
-class ProgressLine:
-    """One self-rewriting status line on a terminal; silent when not a tty."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self.last = 0.0
-
-    def __call__(self, p: Any) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if p.phase not in ("done", "final") and now - self.last < 0.2:
-            return
-        self.last = now
-        if p.phase == "done":
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            return
-        pct = 100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0
-        line = (
-            f"pass {p.pass_index} {p.phase:<6} {format_bytes(p.bytes_done)}/"
-            f"{format_bytes(p.bytes_total)} ({pct:4.1f}%) {format_rate(p.rate)}"
-            f"  dirty {format_bytes(p.dirty_bytes)}  ETA {format_seconds(p.eta)}"
-            f"  elapsed {format_seconds(p.elapsed)}"
-        )
-        self.stream.write("\r\033[K" + line)
-        self.stream.flush()
 
 
 def _duration(text: str) -> float:
@@ -126,8 +94,8 @@ def _granularity(text: str) -> int:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if (
-        value < _binding.MIN_GRANULARITY
-        or value > _binding.MAX_GRANULARITY
+        value < MIN_GRANULARITY
+        or value > MAX_GRANULARITY
         or value & (value - 1)
     ):
         raise argparse.ArgumentTypeError(
@@ -175,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reset: accept an unclean sidecar (a writer died): a new series with "
                    "every block dirty; earlier change ids become invalid")
     t.add_argument("image")
-    t.add_argument("--granularity", type=_granularity, default=_binding.DEFAULT_GRANULARITY,
+    t.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY,
                    help="bytes per tracked block, a power of two (default 64k)")
     t.add_argument("--json", action="store_true")
 
@@ -220,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "changed":
             return _cmd_changed(args)
         if args.command == "demo":
-            from blockmirror.demo import run_demo
+            from blockmirror.cli.demo import run_demo  # late: most commands never need it
 
             return run_demo(args)
         if args.command == "bench":
@@ -271,7 +239,8 @@ def _err(message: str) -> None:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from blockmirror.sync import sync
+    from blockmirror.cli.progress import ProgressLine
+    from blockmirror.migration import sync
 
     progress = None if (args.quiet or args.json) else ProgressLine(sys.stderr)
     result = sync(
@@ -290,7 +259,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _cmd_track(args: argparse.Namespace) -> int:
-    from blockmirror.tracker import Tracker, sidecar_path
+    from blockmirror.tracking.tracker import Tracker, sidecar_path
 
     if args.action == "enable":
         Tracker.create(args.image, args.granularity).close()
@@ -318,7 +287,9 @@ def _cmd_track(args: argparse.Namespace) -> int:
                   "every block dirty")
         return EXIT_OK
     with Tracker.open(args.image) as tracker:
-        info = tracker.info()
+        info: dict[str, Any] = dataclasses.asdict(tracker.info())
+        info["consistent"] = tracker.consistent
+        info["dirty_bytes"] = tracker.dirty_bytes()
     info["sidecar"] = sidecar_path(args.image)
     if args.json:
         print(json.dumps(info))
@@ -329,15 +300,15 @@ def _cmd_track(args: argparse.Namespace) -> int:
         print(f"series       {info['series']}  generation {info['generation']}")
         print("change ids   valid" if info["consistent"] else
               "change ids   all invalid (blockmirror track reset IMG, then take a full copy)")
-        print(f"granularity  {format_bytes(int(info['granularity']))}")  # type: ignore[call-overload]
-        print(f"image size   {format_bytes(int(info['image_size']))}")  # type: ignore[call-overload]
-        print(f"dirty        {format_bytes(int(info['dirty_bytes']))}")  # type: ignore[call-overload]
+        print(f"granularity  {format_bytes(int(info['granularity']))}")
+        print(f"image size   {format_bytes(int(info['image_size']))}")
+        print(f"dirty        {format_bytes(int(info['dirty_bytes']))}")
         print(f"state        {info['state']}, {info['live_writers']} live writers")
     return EXIT_OK
 
 
 def _cmd_changed(args: argparse.Namespace) -> int:
-    from blockmirror.tracker import Tracker
+    from blockmirror.tracking.tracker import Tracker
 
     with Tracker.open(args.image) as tracker:
         new_id = tracker.change_id() if args.new_id else None
@@ -357,7 +328,7 @@ def _cmd_changed(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from blockmirror.verify import compare_files
+    from blockmirror.copying.verify import compare_files
 
     for path in (args.a, args.b):
         if not os.path.isfile(path):

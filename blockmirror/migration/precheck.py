@@ -12,8 +12,8 @@ import stat
 from dataclasses import dataclass
 
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
-from blockmirror.manifest import SUFFIX as MANIFEST_SUFFIX
-from blockmirror.tracker import SIDECAR_SUFFIX
+from blockmirror.migration.manifest import SUFFIX as MANIFEST_SUFFIX
+from blockmirror.tracking.tracker import SIDECAR_SUFFIX
 from blockmirror.units import format_bytes
 
 PARTIAL_SUFFIX = ".bm-partial"

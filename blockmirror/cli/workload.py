@@ -5,7 +5,7 @@ four patterns, and can log every completed write so a test can replay them.
 With ``--stats`` it reports what it achieved; ``--timeline`` adds samples of
 (monotonic time, bytes written) so a benchmark can tell the rate during a copy.
 Used by the demo, the tests and the benchmark harness, always in a separate
-process (``python -m blockmirror.workload``), because real writers are.
+process (``python -m blockmirror.cli.workload``), because real writers are.
 
 Every block written carries its sequence number in its first 8 bytes and
 bytes derived from (seed, sequence) after that, so the content of any copy
@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from blockmirror.image import TrackedImage
+from blockmirror.tracking.image import TrackedImage
 from blockmirror.units import parse_size
 
 PATTERNS = ("uniform", "hotspot", "sequential", "zipf")
@@ -190,7 +190,7 @@ def read_log(path: str) -> list[tuple[int, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blockmirror.workload",
+    parser = argparse.ArgumentParser(prog="python -m blockmirror.cli.workload",
                                      description="steady tracked writer for tests and benchmarks")
     parser.add_argument("image")
     parser.add_argument("--rate", default="8M", help="bytes per second (0: unlimited), e.g. 8M")

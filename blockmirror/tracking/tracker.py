@@ -11,14 +11,22 @@ import os
 import stat
 from types import TracebackType
 
-import numpy as np
-
-from blockmirror import _binding
+from blockmirror._bindings import copy as _copy
+from blockmirror._bindings import tracker as _c
+from blockmirror._bindings import writer as _w
+from blockmirror._bindings.tracker import (
+    DEFAULT_GRANULARITY,
+    MAX_GRANULARITY,
+    MAX_IMAGE_SIZE,
+    MIN_GRANULARITY,
+    TrackerInfo,
+)
+from blockmirror._bindings.writer import PwriteFunction, StaleHandler
 from blockmirror.errors import ChangeIdInvalidError, SidecarError
+from blockmirror.extents import Extent, ExtentArray, pairs
+from blockmirror.tracking.changeid import ChangeId
 
 SIDECAR_SUFFIX = ".cbt"
-
-Extent = tuple[int, int]
 
 
 def sidecar_path(image_path: str | os.PathLike[str]) -> str:
@@ -42,12 +50,12 @@ class Tracker:
     :meth:`open` (existing sidecar, validated). Use as a context manager.
     """
 
-    def __init__(self, handle: _binding.Handle, image_path: str, consistent: bool) -> None:
-        self._handle = handle
+    def __init__(self, handle: _c.Handle, image_path: str, consistent: bool) -> None:
+        self._handle: _c.Handle | None = handle
         self.image_path = image_path
         self.path = sidecar_path(image_path)
         self._consistent = consistent
-        self._granularity = int(_binding.info(handle)["granularity"])
+        self._granularity = _c.info(handle).granularity
 
     # -- lifetime -----------------------------------------------------------
 
@@ -55,7 +63,7 @@ class Tracker:
     def create(
         cls,
         image_path: str | os.PathLike[str],
-        granularity: int = _binding.DEFAULT_GRANULARITY,
+        granularity: int = DEFAULT_GRANULARITY,
     ) -> Tracker:
         """Start tracking IMAGE_PATH: a new sidecar, every granule clean.
 
@@ -64,15 +72,15 @@ class Tracker:
         image = os.fspath(image_path)
         owner = _image_owner(image)
         if (
-            granularity < _binding.MIN_GRANULARITY
-            or granularity > _binding.MAX_GRANULARITY
+            granularity < MIN_GRANULARITY
+            or granularity > MAX_GRANULARITY
             or granularity & (granularity - 1)
         ):
             raise ValueError(
                 f"granularity {granularity} is not a power of two between "
-                f"{_binding.MIN_GRANULARITY} and {_binding.MAX_GRANULARITY}"
+                f"{MIN_GRANULARITY} and {MAX_GRANULARITY}"
             )
-        _binding.create(sidecar_path(image), os.stat(image).st_size, granularity, owner)
+        _c.create(sidecar_path(image), os.stat(image).st_size, granularity, owner)
         return cls.open(image)
 
     @classmethod
@@ -85,18 +93,16 @@ class Tracker:
         """
         image = os.fspath(image_path)
         owner = _image_owner(image)
-        handle = _binding.open_tracker(sidecar_path(image), writer, owner)
-        info = _binding.info(handle)
+        handle = _c.open_tracker(sidecar_path(image), writer, owner)
+        info = _c.info(handle)
         # A file larger than the tracked size was written without tracking.
-        consistent = not (info["flags"] & _binding.FLAG_UNCLEAN) and os.stat(
-            image
-        ).st_size <= int(info["image_size"])
+        consistent = not info.unclean and os.stat(image).st_size <= info.image_size
         return cls(handle, image, consistent)
 
     def close(self) -> None:
         """Release the handle; for a writer this is the clean close (I4)."""
         if self._handle is not None:
-            _binding.close(self._handle)
+            _c.close(self._handle)
             self._handle = None
 
     def __enter__(self) -> Tracker:
@@ -111,7 +117,7 @@ class Tracker:
         self.close()
 
     @property
-    def _h(self) -> _binding.Handle:
+    def _h(self) -> _c.Handle:
         if self._handle is None:
             raise ValueError("tracker is closed")
         return self._handle
@@ -127,40 +133,37 @@ class Tracker:
     def generation(self) -> int:
         """The generation counter of this series: moved on by each change id
         taken and each full fetch-and-clear scan; 0 after a reset."""
-        return int(_binding.info(self._h)["generation"])
+        return _c.info(self._h).generation
 
     @property
     def series(self) -> str:
         """Hex id of the current series; a reset starts a new one."""
-        return str(_binding.info(self._h)["series"])
+        return _c.info(self._h).series
 
     @property
     def image_size(self) -> int:
         """The image size the bitmap covers."""
-        return int(_binding.info(self._h)["image_size"])
+        return _c.info(self._h).image_size
 
     @property
     def consistent(self) -> bool:
         """False when a writer died with the sidecar open, or the image grew
         untracked: the bitmap may miss writes, so treat every allocated block
         as dirty (see :meth:`reset`)."""
-        info = _binding.info(self._h)
-        if info["flags"] & _binding.FLAG_UNCLEAN:
+        info = _c.info(self._h)
+        if info.unclean:
             return False
         # Checked now, not only at open: a consumer holding the tracker must
         # see growth that happened behind it. Tracked writers grow the
         # tracked size before the file, so they never trip this.
         try:
-            return os.stat(self.image_path).st_size <= int(info["image_size"])
+            return os.stat(self.image_path).st_size <= info.image_size
         except FileNotFoundError:  # moved away: only the flag can tell
             return True
 
-    def info(self) -> dict[str, object]:
+    def info(self) -> TrackerInfo:
         """Everything the header and control block say, for status displays."""
-        out: dict[str, object] = dict(_binding.info(self._h))
-        out["consistent"] = self.consistent
-        out["dirty_bytes"] = self.dirty_bytes()
-        return out
+        return _c.info(self._h)
 
     def reset(self) -> None:
         """Accept an unclean sidecar: start a new series with every granule dirty."""
@@ -168,34 +171,34 @@ class Tracker:
         # to be inconsistent), "every granule" must include the grown part,
         # or the reset would leave those bytes outside the bitmap for good.
         size = os.stat(self.image_path).st_size
-        if size > int(_binding.info(self._h)["image_size"]):
-            _binding.resize(self._h, size)
-        _binding.reset(self._h)
+        if size > _c.info(self._h).image_size:
+            _c.resize(self._h, size)
+        _c.reset(self._h)
         self._consistent = True
 
     # -- the bitmap ---------------------------------------------------------
 
     def mark(self, offset: int, length: int) -> None:
         """Mark [offset, offset+length) dirty, rounded out to whole granules."""
-        _binding.mark(self._h, offset, length)
+        _c.mark(self._h, offset, length)
 
     def clear_range(self, offset: int, length: int) -> None:
         """Clear the dirty bits of granules wholly inside [offset,
         offset+length), just before reading that range (I2). For copiers
         that take the image in ranges, like the bulk pass."""
-        _binding.clear_range(self._h, offset, length)
+        _c.clear_range(self._h, offset, length)
 
     def mark_all(self) -> None:
         """Mark every granule of the image dirty."""
-        _binding.mark_all(self._h)
+        _c.mark_all(self._h)
 
     def dirty_bytes(self) -> int:
         """Bytes covered by dirty granules (the last granule clipped to the image)."""
-        return _binding.dirty_bytes(self._h)
+        return _c.dirty_bytes(self._h)
 
     def dirty_extents(self) -> list[Extent]:
         """The dirty set as merged ``(offset, length)`` extents, left dirty."""
-        return _to_list(_binding.scan_extents(self._h, clear=False))
+        return pairs(_c.scan_extents(self._h, clear=False))
 
     def fetch_and_clear(self) -> list[Extent]:
         """Atomically take the dirty set as merged ``(offset, length)`` extents.
@@ -203,11 +206,11 @@ class Tracker:
         Bits are cleared before their blocks are read (I2), so a write that
         lands after this call is marked again and seen by the next one.
         """
-        return _to_list(_binding.scan_extents(self._h, clear=True))
+        return pairs(_c.scan_extents(self._h, clear=True))
 
-    def fetch_and_clear_array(self) -> np.ndarray:
+    def fetch_and_clear_array(self) -> ExtentArray:
         """:meth:`fetch_and_clear` as a numpy structured array (offset, length)."""
-        return _binding.scan_extents(self._h, clear=True)
+        return _c.scan_extents(self._h, clear=True)
 
     # -- change ids (backup tools) ---------------------------------------------
 
@@ -221,8 +224,8 @@ class Tracker:
         them, nor a ``sync`` clearing the dirty bitmap, hides changes from
         another.
         """
-        generation = _binding.new_change_id(self._h)
-        return f"{self.series}:{generation}"
+        generation = _c.new_change_id(self._h)
+        return str(ChangeId(self.series, generation))
 
     def changed_extents(self, since: str) -> list[Extent]:
         """``(offset, length)`` of everything written since change id SINCE.
@@ -236,18 +239,16 @@ class Tracker:
         """
         if since == "*":
             return _allocated_extents(self.image_path)
-        return _to_list(_binding.changed_since(self._h, self._validate_change_id(since)))
+        return pairs(_c.changed_since(self._h, self._validate_change_id(since)))
 
-    def changed_extents_array(self, since: str) -> np.ndarray:
+    def changed_extents_array(self, since: str) -> ExtentArray:
         """:meth:`changed_extents` as a numpy structured array (offset, length)."""
-        return _binding.changed_since(self._h, self._validate_change_id(since))
+        return _c.changed_since(self._h, self._validate_change_id(since))
 
     def _validate_change_id(self, change_id: str) -> int:
-        series, sep, generation_text = str(change_id).partition(":")
-        if not sep or len(series) != 32 or not generation_text.isdigit():
-            raise ChangeIdInvalidError(f"{change_id!r} is not a blockmirror change id")
-        info = _binding.info(self._h)
-        if series != info["series"]:
+        parsed = ChangeId.parse(change_id)
+        info = _c.info(self._h)
+        if parsed.series != info.series:
             raise ChangeIdInvalidError(
                 f"change id {change_id} is from another series (the sidecar was reset or "
                 "recreated since): take a full copy"
@@ -257,8 +258,8 @@ class Tracker:
                 f"change tracking of {self.image_path} is unclean (a writer died, or the "
                 "image was written untracked): no change id can be trusted; take a full copy"
             )
-        generation = int(generation_text)
-        if generation >= int(info["generation"]):
+        generation = parsed.generation
+        if generation >= info.generation:
             raise ChangeIdInvalidError(
                 f"change id {change_id} was never handed out by this sidecar (restored from "
                 "an older copy?): take a full copy"
@@ -267,63 +268,87 @@ class Tracker:
 
     def resize(self, size: int) -> None:
         """Follow an image that was resized outside :class:`TrackedImage`."""
-        _binding.resize(self._h, size)
+        _c.resize(self._h, size)
 
     # -- the copier's control block ------------------------------------------
 
     def freeze(self, lease_s: float) -> None:
         """Pause writers for at most LEASE_S seconds and wait for in-flight
         writes to drain. Raises ``TimeoutError`` if they don't within the lease."""
-        _binding.freeze(self._h, lease_s)
+        _c.freeze(self._h, lease_s)
 
     def freeze_holds(self) -> bool:
         """True while this process's freeze still binds every writer."""
         try:
-            _binding.freeze_check(self._h)
+            _c.freeze_check(self._h)
         except OSError:
             return False
         return True
 
     def thaw(self) -> None:
         """Let writers continue against the source."""
-        _binding.thaw(self._h)
+        _c.thaw(self._h)
 
     def redirect(self, target: str | os.PathLike[str]) -> None:
         """Send frozen writers to TARGET: their next write lands there."""
-        _binding.redirect(self._h, os.path.abspath(os.fspath(target)))
+        _c.redirect(self._h, os.path.abspath(os.fspath(target)))
 
     def redirect_target(self) -> str:
-        return _binding.redirect_target(self._h)
+        return _c.redirect_target(self._h)
 
     def set_throttle(self, bytes_per_s: float) -> None:
         """Limit all writers together to BYTES_PER_S (0 lifts the limit)."""
-        _binding.set_throttle(self._h, int(bytes_per_s))
+        _c.set_throttle(self._h, int(bytes_per_s))
 
     def live_writers(self) -> int:
-        return _binding.live_writers(self._h)
+        return _c.live_writers(self._h)
 
     @property
     def state(self) -> str:
-        return str(_binding.info(self._h)["state"])
+        return _c.info(self._h).state
+
+    # -- the writer's side (TrackedImage; one tracked C call each) -----------
+
+    def pwrite_function(self, fd: int, path: str,
+                        on_stale: StaleHandler | None = None) -> PwriteFunction:
+        """A tracked ``pwrite(data, offset)`` of FD bound to this handle: one C
+        call per write. ESTALE (the image was redirected) calls ON_STALE when
+        given. Retire it with :func:`retire_pwrite_function` before closing."""
+        return _w.pwrite_function(self._h, fd, path, on_stale)
+
+    def discard(self, fd: int, offset: int, length: int, path: str) -> None:
+        """Punch [offset, offset+length) of FD as a tracked write."""
+        _w.discard(self._h, fd, offset, length, path)
+
+    def truncate(self, fd: int, size: int, path: str) -> None:
+        """Truncate FD to SIZE as a tracked write."""
+        _w.truncate(self._h, fd, size, path)
 
     @property
-    def handle(self) -> _binding.Handle:
-        """The raw C handle, for blockmirror's own modules."""
-        return self._h
+    def redirected(self) -> bool:
+        """True once writers were sent elsewhere (one atomic load)."""
+        return _c.redirected(self._h)
+
+
+retire_pwrite_function = _w.retire_pwrite_function
 
 
 def _allocated_extents(image_path: str) -> list[Extent]:
-    from blockmirror.verify import data_extents
-
     fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return data_extents(fd, os.fstat(fd).st_size)
+        return pairs(_copy.data_extents(fd, os.fstat(fd).st_size))
     finally:
         os.close(fd)
 
 
-def _to_list(extents: np.ndarray) -> list[Extent]:
-    return list(zip(extents["offset"].tolist(), extents["length"].tolist(), strict=False))
-
-
-__all__ = ["SidecarError", "Tracker", "sidecar_path"]
+__all__ = [
+    "DEFAULT_GRANULARITY",
+    "MAX_GRANULARITY",
+    "MAX_IMAGE_SIZE",
+    "MIN_GRANULARITY",
+    "SidecarError",
+    "Tracker",
+    "TrackerInfo",
+    "retire_pwrite_function",
+    "sidecar_path",
+]

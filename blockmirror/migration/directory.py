@@ -9,19 +9,21 @@ change-tracking sidecar, or any file of at least IMAGE_MIN_BYTES.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
-from blockmirror.precheck import PARTIAL_SUFFIX, free_bytes
-from blockmirror.tracker import SIDECAR_SUFFIX
+from blockmirror.migration.options import SyncOptions
+from blockmirror.migration.precheck import PARTIAL_SUFFIX, free_bytes
+from blockmirror.migration.result import SyncResult
+from blockmirror.tracking.tracker import SIDECAR_SUFFIX
 from blockmirror.units import format_bytes
 
-if TYPE_CHECKING:
-    from blockmirror.sync import SyncResult
+FileSync = Callable[[str, str, SyncOptions], SyncResult]
 
 IMAGE_MIN_BYTES = 64 << 20
 
@@ -44,13 +46,13 @@ def classify(folder: str) -> tuple[list[str], list[str]]:
     return home, images
 
 
-def sync_directory(src: str, dst: str, **options: Any) -> SyncResult:
-    """Sync every file of folder SRC into folder DST (created if missing)."""
-    from blockmirror.sync import SyncResult, sync  # late: sync imports this module
-
+def sync_directory(src: str, dst: str, options: SyncOptions, *,
+                   sync_file: FileSync) -> SyncResult:
+    """Sync every file of folder SRC into folder DST (created if missing),
+    each image with SYNC_FILE."""
     src, dst = os.path.abspath(src), os.path.abspath(dst)
-    force = bool(options.get("force"))
-    mode = str(options.get("mode", "copy"))
+    force = options.force
+    mode = options.mode
     if os.path.lexists(dst) and not os.path.isdir(dst):
         raise InvalidInputError(f"source {src} is a folder but destination {dst} is not")
     if os.path.realpath(src) == os.path.realpath(dst):
@@ -85,10 +87,10 @@ def sync_directory(src: str, dst: str, **options: Any) -> SyncResult:
         for name in home:
             _copy_small_file(os.path.join(src, name), os.path.join(dst, name))
             created.append(name)
-        child_options = dict(options, force=True)
+        child_options = dataclasses.replace(options, force=True)
         for name in images:
-            children.append(sync(os.path.join(src, name), os.path.join(dst, name),
-                                 **child_options))
+            children.append(sync_file(os.path.join(src, name), os.path.join(dst, name),
+                                      child_options))
             created.append(name)
     except BaseException:
         # Undo what this run made, except images already moved: their
@@ -112,7 +114,7 @@ def sync_directory(src: str, dst: str, **options: Any) -> SyncResult:
         status="ok", source=src, destination=dst, mode=mode,
         tracked=any(c.tracked for c in children),
         image_size=sum(c.image_size for c in children),
-        allocated_bytes=need, target_downtime=float(options.get("target_downtime", 5.0)),
+        allocated_bytes=need, target_downtime=options.target_downtime,
         bytes_copied=sum(c.bytes_copied for c in children),
         bytes_written=sum(c.bytes_written for c in children),
         downtime=max((c.downtime for c in children), default=0.0),

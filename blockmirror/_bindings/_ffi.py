@@ -1,0 +1,75 @@
+"""What every binding module shares: the cffi objects, errno to exception,
+and the resumable extent scans of the C core."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
+
+import numpy as np
+
+from blockmirror._core import ffi, lib
+from blockmirror.errors import SidecarCorruptError, SidecarUnsafeError
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray, merge_touching
+
+if TYPE_CHECKING:
+    from cffi import FFI
+
+__all__ = ["EXTENT_DTYPE", "SCAN_DONE", "CData", "check", "error_from_c", "ffi", "lib", "scan_all"]
+
+if TYPE_CHECKING:  # the stubs' name for a cffi pointer or array (types-cffi)
+    CData: TypeAlias = FFI.CData
+else:
+    CData = ffi.CData
+
+SCAN_DONE = 2**64 - 1
+SCAN_CHUNK = 65536
+
+
+def error_from_c(path: str | None = None, *, sidecar: bool = False) -> OSError:
+    """The exception for the C call that just failed on this thread. SIDECAR
+    says PATH is a sidecar, so EPERM there means "unsafe to trust"."""
+    err = ffi.errno
+    raw = ffi.string(lib.bm_last_error())
+    message = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if err == errno.EUCLEAN:
+        return SidecarCorruptError(message, path)
+    if err == errno.EPERM and sidecar:
+        return SidecarUnsafeError(message, path)
+    return OSError(err, message or os.strerror(err), path)
+
+
+def check(rc: int, path: str | None = None) -> int:
+    """RC, or the C error as an exception when RC is negative."""
+    if rc < 0:
+        raise error_from_c(path)
+    return int(rc)
+
+
+ScanStep = Callable[[CData, CData, int], int]
+"""One resumable C scan call: (cursor, out, max) -> count."""
+
+
+def scan_all(step: ScanStep, chunk: int = SCAN_CHUNK) -> ExtentArray:
+    """Run a resumable C scan (cursor from 0 to SCAN_DONE) to its end, straight
+    into numpy memory. The C scans merge runs within a call, and a run split
+    across two calls is joined here, so the answer never depends on the
+    chunk size (CHUNK extents per call; tests use small ones)."""
+    cursor = ffi.new("uint64_t *", 0)
+    parts: list[ExtentArray] = []
+    while cursor[0] != SCAN_DONE:
+        buf = np.empty(chunk, dtype=EXTENT_DTYPE)
+        n = check(step(cursor, ffi.cast("bm_extent *", ffi.from_buffer(buf.data)), chunk))
+        parts.append(buf[:n])
+    if len(parts) == 1:
+        return parts[0]
+    return merge_touching(np.concatenate(parts))
+
+
+def extents_pointer(extents: ExtentArray) -> CData:
+    """A ``bm_extent *`` over EXTENTS (NULL when empty), checked."""
+    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
+        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
+    return ffi.cast("bm_extent *", ffi.from_buffer(extents.data)) if len(extents) else ffi.NULL

@@ -1,0 +1,167 @@
+"""Bindings of the sidecar, the dirty bitmap, change ids and the copier's
+control block (csrc/cbt.c, bitmap.c, control.c)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from blockmirror._bindings._ffi import SCAN_CHUNK, CData, check, error_from_c, ffi, lib, scan_all
+from blockmirror.extents import ExtentArray
+
+Handle: TypeAlias = CData
+"""A ``bm_tracker *`` owned by ffi.gc: bm_close runs with its last reference."""
+
+DEFAULT_GRANULARITY: int = lib.BM_DEFAULT_GRANULARITY
+MIN_GRANULARITY: int = lib.BM_MIN_GRANULARITY
+MAX_GRANULARITY: int = lib.BM_MAX_GRANULARITY
+MAX_IMAGE_SIZE: int = lib.BM_MAX_IMAGE_SIZE
+FLAG_UNCLEAN: int = lib.BM_FLAG_UNCLEAN
+STATE_NAMES = {
+    lib.BM_STATE_RUNNING: "running",
+    lib.BM_STATE_FREEZING: "freezing",
+    lib.BM_STATE_FROZEN: "frozen",
+    lib.BM_STATE_REDIRECTED: "redirected",
+}
+
+
+@dataclass(frozen=True)
+class TrackerInfo:
+    """What the sidecar's header and control block say (``bm_info``)."""
+
+    version: int
+    granularity: int
+    image_size: int
+    generation: int
+    series: str  # 32 hex digits
+    flags: int  # FLAG_*
+    state: str  # a STATE_NAMES value
+    live_writers: int
+    copier_pid: int  # 0: no copier holds a freeze
+    throttle_bytes_per_s: int  # the writers' throttle (0: none)
+
+    @property
+    def unclean(self) -> bool:
+        return bool(self.flags & FLAG_UNCLEAN)
+
+
+def create(path: str, image_size: int, granularity: int, owner_uid: int) -> None:
+    if lib.bm_create(os.fsencode(path), image_size, granularity, owner_uid) < 0:
+        raise error_from_c(path, sidecar=True)
+
+
+def open_tracker(path: str, writer: bool, expected_uid: int) -> Handle:
+    flags = lib.BM_OPEN_WRITER if writer else lib.BM_OPEN_READER
+    handle = lib.bm_open(os.fsencode(path), flags, expected_uid)
+    if handle == ffi.NULL:
+        raise error_from_c(path, sidecar=True)
+    owned: Handle = ffi.gc(handle, lib.bm_close)
+    return owned
+
+
+def close(handle: Handle) -> None:
+    ffi.release(handle)  # runs bm_close now instead of at garbage collection
+
+
+def info(handle: Handle) -> TrackerInfo:
+    out: Any = ffi.new("bm_info *")  # a C struct: fields typed in blockmirror.h
+    check(lib.bm_get_info(handle, out))
+    return TrackerInfo(
+        version=int(out.version),
+        granularity=int(out.granularity),
+        image_size=int(out.image_size),
+        generation=int(out.generation),
+        series=bytes(ffi.buffer(out.series, 16)).hex(),
+        flags=int(out.flags),
+        state=STATE_NAMES.get(out.state, f"unknown({out.state})"),
+        live_writers=int(out.live_writers),
+        copier_pid=int(out.copier_pid),
+        throttle_bytes_per_s=int(out.throttle_bytes_per_s),
+    )
+
+
+def reset(handle: Handle) -> None:
+    check(lib.bm_reset(handle))
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
+
+
+def mark(handle: Handle, offset: int, length: int) -> None:
+    _check_range(offset, length)
+    check(lib.bm_mark(handle, offset, length))
+
+
+def clear_range(handle: Handle, offset: int, length: int) -> None:
+    _check_range(offset, length)
+    check(lib.bm_clear_range(handle, offset, length))
+
+
+def mark_all(handle: Handle) -> None:
+    check(lib.bm_mark_all(handle))
+
+
+def dirty_bytes(handle: Handle) -> int:
+    return check(lib.bm_dirty_bytes(handle))
+
+
+def resize(handle: Handle, size: int) -> None:
+    check(lib.bm_resize(handle, size))
+
+
+def scan_extents(handle: Handle, clear: bool, chunk: int = SCAN_CHUNK) -> ExtentArray:
+    """All dirty extents; with CLEAR taken atomically (bm_fetch_and_clear),
+    otherwise only read (bm_snapshot)."""
+    scan = lib.bm_fetch_and_clear if clear else lib.bm_snapshot
+    return scan_all(lambda cursor, out, room: scan(handle, cursor, out, room), chunk)
+
+
+def new_change_id(handle: Handle) -> int:
+    """Take a change id: the generation now, which then moves on."""
+    out = ffi.new("uint64_t *")
+    check(lib.bm_new_change_id(handle, out))
+    return int(out[0])
+
+
+def changed_since(handle: Handle, since: int, chunk: int = SCAN_CHUNK) -> ExtentArray:
+    """Extents of granules marked after generation SINCE (eras > SINCE)."""
+    return scan_all(
+        lambda cursor, out, room: lib.bm_changed_since(handle, since, cursor, out, room), chunk)
+
+
+def freeze(handle: Handle, lease_s: float) -> None:
+    check(lib.bm_freeze(handle, int(lease_s * 1e9)))
+
+
+def freeze_check(handle: Handle) -> None:
+    check(lib.bm_freeze_check(handle))
+
+
+def thaw(handle: Handle) -> None:
+    check(lib.bm_thaw(handle))
+
+
+def redirect(handle: Handle, target: str) -> None:
+    check(lib.bm_redirect(handle, os.fsencode(target)))
+
+
+def redirected(handle: Handle) -> bool:
+    """True once writers were sent elsewhere (one atomic load in C)."""
+    return bool(lib.bm_get_state(handle) == lib.BM_STATE_REDIRECTED)
+
+
+def redirect_target(handle: Handle) -> str:
+    buf = ffi.new("char[]", lib.BM_REDIRECT_MAX)
+    check(lib.bm_get_redirect(handle, buf, lib.BM_REDIRECT_MAX))
+    return os.fsdecode(ffi.string(buf))
+
+
+def set_throttle(handle: Handle, bytes_per_s: int) -> None:
+    check(lib.bm_set_throttle(handle, max(0, int(bytes_per_s))))
+
+
+def live_writers(handle: Handle) -> int:
+    return check(lib.bm_live_writers(handle))

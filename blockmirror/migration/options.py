@@ -1,0 +1,56 @@
+"""The settings of one sync, checked once and shared by file and directory mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blockmirror.errors import InvalidInputError
+from blockmirror.migration.policy import ConvergencePolicy
+from blockmirror.migration.result import ProgressCallback
+
+MODES = ("copy", "move")
+CONVERGE_STRATEGIES = ("fail", "throttle")
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """How to sync: every keyword of :func:`blockmirror.sync` but the paths.
+
+    ``rate_limit`` caps the copier's own data rate (``--bwlimit``); the
+    writers' throttle is what ``converge="throttle"`` sets.
+    """
+
+    target_downtime: float = 5.0
+    mode: str = "copy"  # "copy" or "move"
+    max_passes: int = 30
+    verify: bool = False
+    progress: ProgressCallback | None = None
+    force: bool = False
+    workers: int = 4
+    rate_limit: float | None = None  # bytes/s the copier may move (None: no cap)
+    converge: str = "fail"  # what to do when writes outpace the copy
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.converge not in CONVERGE_STRATEGIES:
+            raise InvalidInputError(
+                f"converge must be one of {CONVERGE_STRATEGIES}, got {self.converge!r}"
+            )
+        if self.workers < 1:
+            raise InvalidInputError(f"workers must be >= 1, got {self.workers}")
+        if self.rate_limit is not None and not 0 <= self.rate_limit < 2**63:
+            raise InvalidInputError(f"rate limit must be >= 0 and < 2**63, got {self.rate_limit}")
+        self.policy()  # the policy checks the downtime and pass limits
+
+    def policy(self) -> ConvergencePolicy:
+        """The switchover and stall rules these options ask for."""
+        try:
+            return ConvergencePolicy(target_downtime=self.target_downtime,
+                                     max_passes=self.max_passes)
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+
+    @property
+    def move(self) -> bool:
+        return self.mode == "move"

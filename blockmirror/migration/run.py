@@ -1,0 +1,53 @@
+"""The entry point of a sync: file mode or directory mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from blockmirror.migration import precheck
+from blockmirror.migration.directory import sync_directory
+from blockmirror.migration.job import FileSyncJob
+from blockmirror.migration.options import SyncOptions
+from blockmirror.migration.result import SyncResult
+
+
+def sync(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    options: SyncOptions | None = None,
+    /,
+    **settings: Any,
+) -> SyncResult:
+    """Copy (or move) the live image SRC to DST, exact at one instant.
+
+    Settings are those of :class:`SyncOptions` (``target_downtime=5.0``,
+    ``mode="copy"``, ``max_passes=30``, ``verify=False``, ``progress=None``,
+    ``force=False``, ``workers=4``, ``rate_limit=None``, ``converge="fail"``),
+    given as keywords or as one SyncOptions.
+
+    DST may be an existing folder (the image keeps its name); a folder SRC
+    is synced in directory mode. Raises ``InvalidInputError`` for bad input,
+    ``OutOfSpaceError``, ``NotConvergedError`` when writes outpace the copy,
+    ``FreezeError`` when writers cannot be paused, or an ``OSError``. On
+    every failure the source is untouched, writers run on, and the
+    destination side is removed.
+
+    ``converge="throttle"`` slows writers down (the shared throttle in the
+    sidecar) instead of failing when the dirty set stops shrinking.
+    """
+    try:
+        opts = dataclasses.replace(options or SyncOptions(), **settings)
+    except TypeError as e:  # an unknown keyword
+        raise TypeError(f"sync() {e}") from None
+    src_s, dst_s = os.fspath(src), os.fspath(dst)
+    if os.path.isdir(src_s):
+        return sync_directory(src_s, dst_s, opts, sync_file=sync_file)
+    return sync_file(src_s, dst_s, opts)
+
+
+def sync_file(src: str, dst: str, options: SyncOptions) -> SyncResult:
+    """File mode: one image."""
+    plan = precheck.plan_file_sync(src, dst, force=options.force, move=options.move)
+    return FileSyncJob(plan, options).run()
