@@ -12,6 +12,7 @@ from blockmirror.errors import (
     SidecarError,
     SidecarUnsafeError,
     SourceChangedError,
+    VerifyError,
 )
 from blockmirror.migration import SyncOptions, SyncProgress, SyncResult, sync
 from blockmirror.tracking.image import TrackedImage
@@ -33,6 +34,7 @@ __all__ = [
     "SyncResult",
     "TrackedImage",
     "Tracker",
+    "VerifyError",
     "__version__",
     "sidecar_path",
     "sync",

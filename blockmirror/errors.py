@@ -47,6 +47,14 @@ class FreezeError(BlockMirrorError, OSError):
     """Writers could not be frozen, or the freeze lease ran out before switchover."""
 
 
+class VerifyError(BlockMirrorError, OSError):
+    """``sync --verify`` found the copy differs from the source where no
+    write since the switch explains it; the copy was removed (copy mode)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(_errno.EIO, message, path)
+
+
 class ChangeIdInvalidError(BlockMirrorError):
     """A change id cannot be answered truthfully; the caller must take a full copy."""
 

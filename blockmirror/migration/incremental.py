@@ -1,0 +1,78 @@
+"""Incremental sync: updating an earlier blockmirror copy in place.
+
+The earlier copy's manifest says which change id of the source it is exact
+at. What the first pass must copy is what changed since that id; when the id
+cannot be trusted (a writer crashed, the sidecar was reset, an earlier update
+died midway) it is every granule whose digest differs from the manifest
+(hash resync). The manifest says "updating" before the first byte changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from blockmirror.errors import ChangeIdInvalidError, InvalidInputError
+from blockmirror.extents import Extents, pairs, union
+from blockmirror.migration.manifest import (
+    STATE_CLEAN,
+    Manifest,
+    ManifestError,
+    differing_extents,
+    manifest_path,
+)
+from blockmirror.tracking.tracker import Tracker
+
+
+def open_earlier_copy(destination: str) -> tuple[Manifest, int]:
+    """The earlier copy's manifest and a read-write fd on the copy, locked
+    against other syncs for as long as the fd is open."""
+    try:
+        manifest = Manifest.open(manifest_path(destination))
+    except ManifestError as e:
+        raise InvalidInputError(f"{e}; use --force for a full copy") from None
+    fd = os.open(destination, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InvalidInputError(f"another sync is writing {destination}") from None
+    return manifest, fd
+
+
+def changed_extents(tracker: Tracker | None, manifest: Manifest,
+                    notes: list[str]) -> Extents | None:
+    """What changed since the copy's change id, or None when only a hash
+    resync can tell (the reason goes into NOTES)."""
+    if tracker is not None and manifest.state == STATE_CLEAN and manifest.series:
+        try:
+            extents = tracker.changed_extents_array(manifest.change_id)
+        except ChangeIdInvalidError as e:
+            notes.append(f"hash resync: {e}")
+            return None
+        notes.append(f"incremental since change id {manifest.change_id}")
+        return extents
+    if manifest.state != STATE_CLEAN:
+        notes.append("hash resync: the earlier update of the copy did not finish")
+    else:
+        notes.append("hash resync: the copy has no change id to start from")
+    return None
+
+
+def first_pass_extents(tracker: Tracker | None, manifest: Manifest, src_fd: int, copy_fd: int,
+                       *, workers: int, notes: list[str]) -> Extents:
+    """Prepare the copy for its update and say what the first pass copies.
+
+    Decides between change id and hash resync, says "updating" durably,
+    follows the source's size, and adds every granule the manifest knows
+    nothing about (a crash mid-update leaves such granules)."""
+    extents = changed_extents(tracker, manifest, notes)
+    size = os.fstat(src_fd).st_size
+    manifest.begin_update()
+    if size != manifest.image_size:
+        manifest.resize(size)
+    if os.fstat(copy_fd).st_size != size:
+        os.ftruncate(copy_fd, size)
+    if extents is None:
+        return differing_extents(manifest, src_fd, size, workers=workers)
+    return union(pairs(extents), manifest.unknown_extents())

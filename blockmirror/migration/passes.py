@@ -1,0 +1,146 @@
+"""The copy passes of one sync, each measured: bulk, incremental, dirty, final.
+
+A :class:`PassRunner` copies and records; it knows nothing of freezes,
+commits or convergence rules (the job and the policy decide those). Every
+pass follows the clear-before-read rule (I2): dirty bits are taken before
+their blocks are read, so a write landing meanwhile is marked again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from blockmirror.copying.copier import Copier, CopyStats
+from blockmirror.extents import Extent, ExtentArray, Extents, pairs, total_bytes, union
+from blockmirror.migration.manifest import Manifest
+from blockmirror.migration.policy import PassRecord
+from blockmirror.migration.result import ProgressCallback, SyncProgress, SyncResult
+from blockmirror.tracking.tracker import Tracker
+
+
+class ProgressReporter:
+    """Sends SyncProgress to the caller's callback, if any."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+        self.started = time.perf_counter()
+
+    def __call__(self, phase: str, index: int, done: int = 0, total: int = 0,
+                 rate: float = 0.0, dirty: int = 0) -> None:
+        if self.callback is not None:
+            self.callback(SyncProgress(phase, index, done, total, rate, dirty,
+                                       time.perf_counter() - self.started))
+
+
+class PassRunner:
+    """Runs the passes of one sync from SRC_FD into DST_FD and records each
+    in RESULT. MANIFEST, when updating an earlier copy in place, has the
+    digests of every range forgotten before that range is rewritten."""
+
+    def __init__(self, copier: Copier, tracker: Tracker | None, src_fd: int, dst_fd: int,
+                 result: SyncResult, report: ProgressReporter,
+                 manifest: Manifest | None = None) -> None:
+        self.copier = copier
+        self.tracker = tracker
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
+        self.result = result
+        self.report = report
+        self.manifest = manifest
+        self._touched: list[Extents] = []  # what this run wrote into the copy
+
+    def touched(self) -> list[Extent]:
+        """Every range written into the copy so far, merged."""
+        return union(*(pairs(extents) for extents in self._touched))
+
+    # -- the passes ---------------------------------------------------------
+
+    def bulk(self) -> None:
+        """Everything allocated in the source, into a fresh sparse copy. Each
+        work item's dirty bits are cleared just before it is read, so a block
+        written ahead of the pass is copied once, not again by a dirty pass
+        (QEMU's mirror clears per chunk the same way). Its writeback starts as
+        it goes: all of it is fsynced before the commit."""
+        extents = self.copier.allocated_extents()
+        stats = self._copy("bulk", extents, dst_fresh=True, start_writeback=True,
+                           before_item=self._clear_before_read if self.tracker else None)
+        self._record("bulk", stats)
+
+    def incremental(self, extents: Extents) -> None:
+        """The first pass onto an earlier copy: EXTENTS, copied in place."""
+        stats = self._copy("incremental", extents, dst_fresh=False, start_writeback=True)
+        self._record("incremental", stats)
+
+    def dirty(self) -> None:
+        """Copy what writers dirtied since the last pass."""
+        _, stats = self.take_dirty_and_copy("dirty")
+        self._record("dirty", stats)
+
+    def final(self) -> ExtentArray:
+        """The last dirty blocks, with writers frozen; returns what it took,
+        so a switchover that fails can put it back."""
+        extents, stats = self.take_dirty_and_copy("final")
+        self._record("final", stats, dirty_left=0)
+        return extents
+
+    def take_dirty_and_copy(self, phase: str) -> tuple[ExtentArray, CopyStats]:
+        """Follow the source's size, take the dirty set (clear before read,
+        I2) and copy it; returns the extents taken and what the copy did."""
+        assert self.tracker is not None, "only a tracked source has dirty passes"
+        self.follow_source_size()
+        dirty = self.tracker.dirty_bytes()
+        extents = self.tracker.fetch_and_clear_array()
+        return extents, self._copy(phase, extents, dst_fresh=False, dirty=dirty)
+
+    def follow_source_size(self) -> None:
+        """Writers may grow or shrink the image; the copy follows its size."""
+        size = os.fstat(self.src_fd).st_size
+        if size != os.fstat(self.dst_fd).st_size:
+            if self.manifest is not None:
+                self.manifest.resize(size)
+            os.ftruncate(self.dst_fd, size)
+        self.result.image_size = size
+
+    # -- one pass -----------------------------------------------------------
+
+    def _clear_before_read(self, item: ExtentArray) -> None:
+        assert self.tracker is not None
+        for offset, length in pairs(item):
+            self.tracker.clear_range(offset, length)
+
+    def _copy(self, phase: str, extents: Extents, *, dst_fresh: bool, dirty: int = 0,
+              start_writeback: bool = False,
+              before_item: Callable[[ExtentArray], None] | None = None) -> CopyStats:
+        if self.manifest is not None:
+            # The copy is about to change under these digests: forget them
+            # durably first, so a crash can never leave one that lies.
+            self.manifest.forget(pairs(extents))
+        self._touched.append(extents)
+        index = len(self.result.passes)
+        total = total_bytes(extents)
+        start = time.perf_counter()
+        done = 0
+
+        def on_progress(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            elapsed = time.perf_counter() - start
+            self.report(phase, index, done, total, done / elapsed if elapsed > 0 else 0.0, dirty)
+
+        return self.copier.copy_extents(
+            extents, dst_fresh=dst_fresh,
+            progress=on_progress if self.report.callback else None,
+            start_writeback=start_writeback, before_item=before_item,
+        )
+
+    def _record(self, kind: str, stats: CopyStats, dirty_left: int | None = None) -> None:
+        if dirty_left is None:
+            dirty_left = self.tracker.dirty_bytes() if self.tracker is not None else 0
+        self.result.passes.append(PassRecord(
+            index=len(self.result.passes), kind=kind, bytes=stats.copied,
+            seconds=stats.seconds, dirty_left=dirty_left, bytes_written=stats.bytes_written,
+        ))
+        self.result.bytes_copied += stats.copied
+        self.result.bytes_written += stats.bytes_written
