@@ -68,3 +68,34 @@ def test_states_of_a_copy_and_of_a_failure(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["a.img", "a.img.cbt", "b.img", "b.img.bm-manifest"]
     with Tracker.open(image) as t:
         assert t.state == "running"
+
+
+def test_untracked_growth_during_a_sync_is_caught_inside_the_freeze(tmp_path):
+    """Issue 13 item 7: a program that grows and writes the image without the
+    tracker while a sync runs must fail the sync (exit 3, nothing left at the
+    destination, source untouched), not commit a copy that misses its data."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    image = src / "g.img"
+    make_data_image(image, 32 * MiB, extents=24)
+    Tracker.create(image).close()
+    proc = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", str(image), str(dst),
+                             "--bwlimit", "16M", "--target-downtime", "2s", "--quiet"],
+                            stderr=subprocess.PIPE)
+    shadow = partial_path(str(dst / "g.img"))
+    deadline = time.monotonic() + 20
+    while not os.path.exists(shadow):
+        assert time.monotonic() < deadline, "the sync never started copying"
+        time.sleep(0.01)
+    with open(image, "r+b") as f:  # untracked: plain writes past the tracked end
+        f.seek(32 * MiB)
+        f.write(b"untracked!" * 100_000)
+    grown = image.read_bytes()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err.decode()
+    assert b"written behind the tracker" in err
+    assert os.listdir(dst) == []
+    assert image.read_bytes() == grown
+    with Tracker.open(image) as t:
+        assert t.state == "running"

@@ -242,6 +242,7 @@ class FileSyncJob:
             self._thaw()
             self.result.notes.append("freeze lease ran out during the final pass; retried")
             return _Switch.LEASE_RAN_OUT
+        self._check_still_tracked()
         if self.options.move:
             self._commit()  # durable before any writer is sent there
             self._redirect()
@@ -265,6 +266,21 @@ class FileSyncJob:
         except OSError as e:  # ETIMEDOUT (writes did not drain), EBUSY (another copier)
             raise FreezeError(e.errno, f"could not pause writers: {e.strerror}") from None
         self.state = JobState.FROZEN
+
+    def _check_still_tracked(self) -> None:
+        """Inside the freeze, before anything is committed: the tracker must
+        still account for every write since the sync began (I4). A tracked
+        writer that died leaves its slot behind (found by the sweep); a
+        program that grew the image without the tracker leaves it larger than
+        the tracked size. Either way the copy may miss writes: it is dropped."""
+        assert self.tracker is not None
+        self.tracker.live_writers()  # the sweep: dead writer slots mark the sidecar unclean
+        if not self.tracker.consistent:
+            raise SourceChangedError(
+                f"source {self.plan.source} was written behind the tracker during the sync (a "
+                "writer died, or a program wrote it without blockmirror); the copy was "
+                "discarded and the source is untouched; sync again to copy it afresh"
+            )
 
     def _thaw(self) -> None:
         assert self.tracker is not None
