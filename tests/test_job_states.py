@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,31 +72,99 @@ def test_states_of_a_copy_and_of_a_failure(tmp_path, monkeypatch):
 
 
 def test_untracked_growth_during_a_sync_is_caught_inside_the_freeze(tmp_path):
-    """Issue 13 item 7: a program that grows and writes the image without the
-    tracker while a sync runs must fail the sync (exit 3, nothing left at the
-    destination, source untouched), not commit a copy that misses its data."""
+    """Issue 13 item 7: an image grown and written without the tracker while
+    a sync runs must fail the sync (not converged, nothing left at the
+    destination, source untouched), not commit a copy that misses its data.
+    The write comes from this process, which the bypass watch (item 8)
+    cannot tell from the copier, so the consistency check in the freeze is
+    what must catch it."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
     image = src / "g.img"
     make_data_image(image, 32 * MiB, extents=24)
     Tracker.create(image).close()
+    grown: list[bytes] = []
+
+    def grow_once(progress: blockmirror.SyncProgress) -> None:
+        if not grown:
+            with open(image, "r+b") as f:  # untracked: plain writes past the tracked end
+                f.seek(32 * MiB)
+                f.write(b"untracked!" * 100_000)
+            grown.append(image.read_bytes())
+
+    with pytest.raises(blockmirror.SourceChangedError, match="written behind the tracker"):
+        sync(image, dst, rate_limit=16 * MiB, target_downtime=2.0, progress=grow_once)
+    assert grown, "the sync reported no progress"
+    assert os.listdir(dst) == []
+    assert image.read_bytes() == grown[0]
+    with Tracker.open(image) as t:
+        assert t.state == "running"
+
+
+def _sync_while(tmp_path, write_untracked, *extra):
+    """Run a slow CLI sync of a tracked image while WRITE_UNTRACKED(image)
+    writes it; return (exit code, stderr, destination folder, image)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    image = src / "b.img"
+    make_data_image(image, 32 * MiB, extents=24)
+    Tracker.create(image).close()
     proc = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", str(image), str(dst),
-                             "--bwlimit", "16M", "--target-downtime", "2s", "--quiet"],
-                            stderr=subprocess.PIPE)
-    shadow = partial_path(str(dst / "g.img"))
+                             "--bwlimit", "16M", "--quiet", *extra], stderr=subprocess.PIPE)
+    shadow = partial_path(str(dst / "b.img"))
     deadline = time.monotonic() + 20
     while not os.path.exists(shadow):
         assert time.monotonic() < deadline, "the sync never started copying"
         time.sleep(0.01)
-    with open(image, "r+b") as f:  # untracked: plain writes past the tracked end
-        f.seek(32 * MiB)
-        f.write(b"untracked!" * 100_000)
-    grown = image.read_bytes()
+    write_untracked(image)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 3, err.decode()
-    assert b"written behind the tracker" in err
+    return proc.returncode, err.decode(), dst, image
+
+
+def _python_pwrite(image):
+    subprocess.run([sys.executable, "-c",
+                    "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                    "[os.pwrite(fd, b'bypass!!' * 131072, i << 20) for i in range(10)]",
+                    str(image)], check=True)
+
+
+def _qemu_io_write(image):
+    for i in range(10):
+        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a {i}M 1M", str(image)],
+                       check=True, capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fanotify needs root")
+@pytest.mark.parametrize("writer", [
+    _python_pwrite,
+    pytest.param(_qemu_io_write, marks=pytest.mark.skipif(
+        shutil.which("qemu-io") is None, reason="qemu-io (qemu-utils) is not installed")),
+], ids=["pwrite", "qemu-io"])
+def test_a_writer_that_bypasses_the_tracker_fails_the_sync(tmp_path, writer):
+    """Issue 13 item 8: ten 1 MiB writes straight to a tracked image during a
+    sync (the issue's own case is qemu-io) must fail it with exit 3 and
+    nothing at the destination, instead of a copy that misses them."""
+    code, err, dst, image = _sync_while(tmp_path, writer)
+    assert code == 3, err
+    assert "written without the tracker" in err
     assert os.listdir(dst) == []
-    assert image.read_bytes() == grown
     with Tracker.open(image) as t:
         assert t.state == "running"
+
+
+def test_tracked_writer_processes_are_not_taken_for_bypassing_ones(tmp_path):
+    """The other side of the same check: writes through TrackedImage from
+    another process during the sync must not fail it."""
+    def tracked_writes(image):
+        subprocess.run([sys.executable, "-c",
+                        "import sys, blockmirror\n"
+                        "with blockmirror.TrackedImage(sys.argv[1]) as img:\n"
+                        "    for i in range(10):\n"
+                        "        img.pwrite(b'tracked!' * 131072, i << 20)\n",
+                        str(image)], check=True)
+
+    code, err, dst, image = _sync_while(tmp_path, tracked_writes, "--verify")
+    assert code == 0, err
+    assert (dst / "b.img").read_bytes() == image.read_bytes()

@@ -39,6 +39,7 @@ from blockmirror.migration.passes import PassRunner, ProgressReporter
 from blockmirror.migration.policy import Decision, predict_downtime
 from blockmirror.migration.precheck import Plan, claim_partial
 from blockmirror.migration.result import SyncResult
+from blockmirror.tracking.bypass import BypassWatch
 from blockmirror.tracking.changeid import ChangeId
 from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker, sidecar_path
 from blockmirror.units import format_bytes, format_rate, format_seconds
@@ -81,6 +82,7 @@ class FileSyncJob:
         )
         self.src_fd = self.dst_fd = self.lock_fd = -1
         self.tracker: Tracker | None = None
+        self.bypass: BypassWatch | None = None  # writes that skip the tracker (root only)
         self.copier: Copier | None = None
         self.passes: PassRunner | None = None
         # The earlier copy's manifest when updating it in place, else the
@@ -137,6 +139,10 @@ class FileSyncJob:
         self._lock_source()
         self.tracker = tracker = Tracker.open(self.plan.source)
         self.result.tracked = True
+        self.bypass = BypassWatch.start(self.plan.source, tracker.path)
+        if self.bypass is None:
+            self.result.notes.append("writes that bypass the tracker are not watched "
+                                     "(fanotify needs root); see the README")
         if not tracker.consistent:
             # I4: an unclean bitmap is never trusted. This run copies
             # everything allocated anyway; reset so later runs can trust it.
@@ -201,6 +207,7 @@ class FileSyncJob:
                 raise NotConvergedError(self._not_converged_message(decision))
             assert self.passes is not None
             self.passes.dirty()
+            self._check_no_bypass()
 
     def _first_pass(self) -> None:
         assert self.passes is not None
@@ -274,12 +281,25 @@ class FileSyncJob:
         program that grew the image without the tracker leaves it larger than
         the tracked size. Either way the copy may miss writes: it is dropped."""
         assert self.tracker is not None
+        self._check_no_bypass()
         self.tracker.live_writers()  # the sweep: dead writer slots mark the sidecar unclean
         if not self.tracker.consistent:
             raise SourceChangedError(
                 f"source {self.plan.source} was written behind the tracker during the sync (a "
                 "writer died, or a program wrote it without blockmirror); the copy was "
                 "discarded and the source is untouched; sync again to copy it afresh"
+            )
+
+    def _check_no_bypass(self) -> None:
+        """Fail (not converged, source untouched) once a process was seen
+        writing the image without the tracker: the copy would miss it."""
+        found = self.bypass.bypassing_writers() if self.bypass is not None else []
+        if found:
+            who = ", ".join(f"pid {w.pid} ({w.command})" for w in found[:3])
+            raise SourceChangedError(
+                f"source {self.plan.source} was written without the tracker by {who}; every "
+                "writer must write through blockmirror (TrackedImage or blockmirror serve); "
+                "the copy was discarded and the source is untouched"
             )
 
     def _thaw(self) -> None:
@@ -431,6 +451,8 @@ class FileSyncJob:
                 os.unlink(self.manifest.path)  # a new manifest, never published
 
     def _release(self) -> None:
+        if self.bypass is not None:
+            self.bypass.close()
         if self.copier is not None:
             self.copier.close()
         if self.tracker is not None:
