@@ -277,7 +277,7 @@ def test_mark(benchmark, report, sparse_tib, variant: str) -> None:
     really sets a bit."""
     tracker = sparse_tib.tracker
     offs = sparse_tib.offsets[:MARKS_PER_ROUND]
-    handle, c_mark = tracker.handle, lib.bm_mark
+    handle, c_mark = tracker._h, lib.bm_mark
     if variant == "empty-method":
         mark = _Empty().mark
 
