@@ -52,7 +52,9 @@ typedef struct {
     uint8_t series[16];
     uint32_t flags;          /* BM_FLAG_* */
     uint32_t state;          /* BM_STATE_* */
-    uint32_t live_writers;   /* writer slots held by live processes */
+    uint32_t live_writers;   /* writer slots claimed, as the control block holds them:
+                              * a writer that died since the last sweep still counts
+                              * (bm_sweep_writers, or bm_open, frees its slot) */
     uint32_t copier_pid;     /* 0 when no copier holds a freeze */
     uint64_t throttle_bytes_per_s;
     uint64_t lease_deadline_ns;  /* CLOCK_MONOTONIC */
@@ -85,6 +87,11 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid);
 /* Release the writer slot (a clean close) and unmap. Always frees T. */
 int bm_close(bm_tracker *t);
 
+/* What the header and control block hold now, into OUT. Reads only: it
+ * neither checks writers' liveness nor changes anything, so a writer killed
+ * since the last sweep is still in live_writers and not yet in
+ * BM_FLAG_UNCLEAN; call bm_sweep_writers first where that matters (I4).
+ * Thread-safe (atomic loads; the fields are not one snapshot). */
 int bm_get_info(bm_tracker *t, bm_info *out);
 
 /* Start a new series: new series id, generation 0, UNCLEAN cleared, dead
@@ -200,29 +207,40 @@ int bm_get_redirect(bm_tracker *t, char *buf, uint64_t len);
 /* Limit all writers together to BYTES_PER_S (0: no limit). */
 int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s);
 
-/* Count the live writer slots (dead ones are reported via UNCLEAN). */
-int bm_live_writers(bm_tracker *t);
+/* Sweep the writer slots: each slot whose process is gone (looked up in
+ * /proc, by pid and start time) is freed and, if that writer had the
+ * sidecar open, the sidecar is marked BM_FLAG_UNCLEAN (I4). Returns the
+ * number of live writer slots. bm_open sweeps too; bm_get_info never does.
+ * Thread- and process-safe (compare-and-swap per slot). */
+int bm_sweep_writers(bm_tracker *t);
 
 /* ---------------------------------------------------------------------- */
 /* Extent copy (copy.c)                                                    */
 
-/* bm_copy_extents flags (in). */
+/* A copier: one source and one destination file and what their filesystems
+ * turned out not to support. Capability bits (bm_copier_new, bm_copier_caps)
+ * say what the copier still uses; a bit is cleared by the first call that
+ * meets a refusal and stays cleared for every later call on the handle. */
+typedef struct bm_copier bm_copier;
+
+#define BM_COPIER_CAN_PUNCH 1       /* punch zero runs out of dst (else write zeros) */
+#define BM_COPIER_CAN_SEEK 2        /* ask src for holes (SEEK_DATA/SEEK_HOLE; else all
+                                     * of it is data) */
+#define BM_COPIER_CAN_FILE_RANGE 4  /* move data segments with copy_file_range(2); those
+                                     * bytes get no zero detection */
+
+/* bm_copy_extents flags (in, per call). */
 #define BM_COPY_DST_FRESH 1     /* dst holds only zeros over the extents (a new sparse
                                  * file): zero blocks and source holes are skipped, never
                                  * punched */
-#define BM_COPY_FILE_RANGE 2    /* move data segments with copy_file_range(2); those bytes
-                                 * get no zero detection */
-#define BM_COPY_NO_SEEK 4       /* don't ask the source for holes: treat every byte as data */
-#define BM_COPY_NO_PUNCH 8      /* dst can't punch holes (known from an earlier call):
-                                 * write zeros instead of trying */
-#define BM_COPY_START_WRITEBACK 16 /* after each data write to dst, start writing those
+#define BM_COPY_START_WRITEBACK 2  /* after each data write to dst, start writing those
                                    * pages back (sync_file_range SYNC_FILE_RANGE_WRITE,
                                    * no wait), so a later fsync finds them on their way to
                                    * disk instead of starting it all then; for callers that
                                    * fsync at the end anyway. A hint: failures are ignored */
 
-/* bm_copy_stats.flags (out): what this call found unsupported, so the caller
- * can stop asking on later calls. */
+/* bm_copy_stats.flags (out): what this call found unsupported (the handle
+ * has already dropped the matching BM_COPIER_CAN_* bit). */
 #define BM_COPY_FILE_RANGE_FAILED 1  /* copy_file_range refused; read/write used */
 #define BM_COPY_PUNCH_FAILED 2       /* punching refused; zeros were written */
 #define BM_COPY_SEEK_FAILED 4        /* SEEK_DATA refused; everything treated as data */
@@ -250,50 +268,68 @@ typedef struct {
     uint32_t error_side;     /* BM_COPY_SIDE_* of the failure, when the call failed */
 } bm_copy_stats;
 
-/* A rate cap shared by every call handed the same struct (any thread):
- * data segments are charged before they are moved; holes cost nothing.
- * Zero-initialise next_ns; 0 bytes_per_s means no cap. */
+/* A rate cap on a copy (--bwlimit), shared by every call handed the same
+ * struct (any thread, any copier): data segments are charged before they
+ * are moved; holes cost nothing. Not the writers' throttle (bm_set_throttle),
+ * which slows the image's writers. Zero-initialise next_ns; 0 bytes_per_s
+ * means no cap. */
 typedef struct {
     uint64_t bytes_per_s;
     uint64_t next_ns;        /* GCRA virtual time, CLOCK_MONOTONIC; updated atomically */
-} bm_copy_throttle;
+} bm_rate_cap;
 
-/* Copy each extent [offset, offset+length) of SRC_FD to the same offset of
- * DST_FD: after success, dst reads back exactly what src held there when it
- * was read (bytes past the source's end read as zeros).
+/* A copier from SRC_FD to DST_FD with zero-detection blocks of BLOCK_SIZE
+ * bytes (aligned to file offsets; a power of two, BM_COPY_MIN_BLOCK ..
+ * BM_COPY_MAX_BLOCK), starting with the BM_COPIER_CAN_* bits of CAPS. The
+ * fds stay the caller's: they must stay open while the copier is used and
+ * are never closed by it. NULL with EINVAL on a bad block size or unknown
+ * bits. Free with bm_copier_free. */
+bm_copier *bm_copier_new(int src_fd, int dst_fd, uint32_t block_size, uint32_t caps);
+
+/* The BM_COPIER_CAN_* bits still in use: one atomic load, any thread. */
+uint32_t bm_copier_caps(const bm_copier *copier);
+
+/* Free COPIER (NULL is a no-op). No call on it may be running. */
+void bm_copier_free(bm_copier *copier);
+
+/* Copy each extent [offset, offset+length) of COPIER's src to the same
+ * offset of its dst: after success, dst reads back exactly what src held
+ * there when it was read (bytes past the source's end read as zeros).
  *
- * Holes: unless BM_COPY_NO_SEEK, source holes inside the extents are found
+ * Holes: with BM_COPIER_CAN_SEEK, source holes inside the extents are found
  * with SEEK_DATA/SEEK_HOLE and not read. Where the filesystem reports the
  * whole file as data (FUSE, NFS before 4.2) that costs nothing and zero
  * detection still keeps dst sparse.
- * Zeros: data read is checked in BLOCK_SIZE blocks aligned to file offsets
- * (a power of two, BM_COPY_MIN_BLOCK..BM_COPY_MAX_BLOCK); all-zero blocks are
+ * Zeros: data read is checked in the copier's blocks; all-zero blocks are
  * not written. Adjacent zero blocks and holes merge into one run, adjacent
  * data blocks into one write. With BM_COPY_DST_FRESH zero runs are skipped;
- * otherwise they are punched in dst (FALLOC_FL_PUNCH_HOLE|KEEP_SIZE), or,
- * where punching is unsupported, overwritten with zeros up to dst's current
- * end (never extending it). Data is written with pwrite, which extends dst;
- * a zero run at the end is not written, so sizing dst is the caller's job.
- * copy_file_range: with BM_COPY_FILE_RANGE, data segments are moved in the
- * kernel (no zero detection). On EXDEV, EOPNOTSUPP, ENOSYS or EINVAL the call
- * falls back to read/write for the rest of the call and reports
- * BM_COPY_FILE_RANGE_FAILED.
- * Buffer: BUF of BUF_LEN bytes (>= BLOCK_SIZE) is caller-owned scratch, used
- * only during the call; with BUF NULL the call mallocs BUF_LEN bytes
+ * otherwise they are punched in dst (FALLOC_FL_PUNCH_HOLE|KEEP_SIZE) with
+ * BM_COPIER_CAN_PUNCH, or overwritten with zeros up to dst's current end
+ * (never extending it). Data is written with pwrite, which extends dst; a
+ * zero run at the end is not written, so sizing dst is the caller's job.
+ * copy_file_range: with BM_COPIER_CAN_FILE_RANGE, data segments are moved in
+ * the kernel (no zero detection).
+ * Refusals: an errno meaning "unsupported" (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL
+ * for copy_file_range; EOPNOTSUPP, ENOSYS, ENODEV for punching; EINVAL,
+ * EOPNOTSUPP, ENOSYS for SEEK_DATA) clears the capability on the handle,
+ * reports BM_COPY_*_FAILED in STATS and falls back, for the rest of this call
+ * and every later one.
+ * Buffer: BUF of BUF_LEN bytes (>= the block size) is caller-owned scratch,
+ * used only during the call; with BUF NULL the call mallocs BUF_LEN bytes
  * (BM_COPY_DEFAULT_BUFFER if 0) when it first needs them and frees them.
- * THROTTLE (may be NULL) caps the rate. CANCEL (may be NULL) is polled before
+ * RATE_CAP (may be NULL) caps the rate. CANCEL (may be NULL) is polled before
  * each buffer-sized step: once another thread stores non-zero there the call
- * stops with ECANCELED.
+ * stops with ECANCELED. FLAGS are BM_COPY_* (others: EINVAL).
  * Short reads/writes and EINTR are retried. On failure returns -1 with errno
  * set, bm_last_error() naming the operation and offset, STATS holding what
  * was done and error_side the failing file; dst is then partly copied. src is
  * never written. STATS (required) is zeroed on entry. Thread-safe: calls on
- * the same fds may run in parallel on disjoint extents: all I/O takes explicit
- * offsets (lseek moves src's file offset; only its result is used). */
-int bm_copy_extents(int src_fd, int dst_fd, const bm_extent *extents, uint64_t count,
-                    char *buf, uint64_t buf_len, uint32_t block_size, uint32_t flags,
-                    bm_copy_throttle *throttle, const uint32_t *cancel,
-                    bm_copy_stats *stats);
+ * the same copier may run in parallel on disjoint extents: all I/O takes
+ * explicit offsets (lseek moves src's file offset; only its result is used)
+ * and the capability bits are atomic. */
+int bm_copy_extents(bm_copier *copier, const bm_extent *extents, uint64_t count, char *buf,
+                    uint64_t buf_len, uint32_t flags, bm_rate_cap *rate_cap,
+                    const uint32_t *cancel, bm_copy_stats *stats);
 
 /* The data extents of FD over [*CURSOR, END), by SEEK_DATA/SEEK_HOLE, in
  * ascending order, clipped to END. Fills at most MAX extents into OUT and

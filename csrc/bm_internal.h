@@ -5,7 +5,9 @@
 #ifndef BM_INTERNAL_H
 #define BM_INTERNAL_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -130,5 +132,46 @@ static inline uint32_t *bm_era(const bm_tracker *t, uint64_t g)
                         BM_CHUNK_WORDS * 8u) + (g % BM_CHUNK_GRANULES);
 }
 void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl);
+
+/* pace.c */
+
+/* Sleep NS nanoseconds, resuming after signals. */
+void bm_sleep_ns(uint64_t ns);
+
+/* GCRA: claim LEN bytes at BYTES_PER_S of the virtual clock *NEXT_NS
+ * (CLOCK_MONOTONIC ns; shared by every caller pacing against it, updated
+ * with compare-and-swap, so any threads or processes may call at once) and
+ * return how long the caller must sleep before its claim starts (0: go now;
+ * also for BYTES_PER_S 0). A clock more than MAX_AHEAD_NS ahead of now is
+ * taken for stale (CLOCK_MONOTONIC restarts at boot while a sidecar holding
+ * it persists) and restarted from now. */
+uint64_t bm_gcra_claim(uint64_t *next_ns, uint64_t bytes_per_s, uint64_t len,
+                       uint64_t max_ahead_ns);
+
+/* fsio.c */
+
+/* Operations whose refusal means "the filesystem can't", for
+ * bm_errno_unsupported. */
+#define BM_OP_PUNCH 1           /* fallocate(FALLOC_FL_PUNCH_HOLE) */
+#define BM_OP_SEEK_HOLES 2      /* lseek(SEEK_DATA / SEEK_HOLE) */
+#define BM_OP_COPY_RANGE 3      /* copy_file_range */
+
+/* 1 if ERR from operation OP (BM_OP_*) means the filesystem does not support
+ * it (the caller falls back for good), 0 if it is a real failure. The one
+ * place that decides this. */
+int bm_errno_unsupported(int op, int err);
+
+/* Punch [OFFSET, OFFSET+LEN) of FD (PUNCH_HOLE|KEEP_SIZE), retrying EINTR.
+ * -1 with errno EOPNOTSUPP when the filesystem can't (whatever errno it
+ * gave), else its errno; sets no bm_fail message (callers name the range). */
+int bm_punch_hole(int fd, uint64_t offset, uint64_t len);
+
+/* Most bytes bm_write_zeros hands one pwrite. */
+#define BM_ZERO_CHUNK (256u << 10)
+
+/* Write LEN zero bytes at OFFSET of FD (extending it if the range passes its
+ * end), retrying short writes and EINTR. -1 with errno and bm_fail on
+ * failure, part of the range then written. Thread-safe. */
+int bm_write_zeros(int fd, uint64_t offset, uint64_t len);
 
 #endif

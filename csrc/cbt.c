@@ -264,7 +264,7 @@ static int sweep_slots(bm_tracker *t)
     return live;
 }
 
-int bm_live_writers(bm_tracker *t) { return sweep_slots(t); }
+int bm_sweep_writers(bm_tracker *t) { return sweep_slots(t); }
 
 static int claim_slot(bm_tracker *t)
 {
@@ -432,7 +432,13 @@ int bm_get_info(bm_tracker *t, bm_info *out)
     out->image_size = bm_image_size(t);
     out->generation = __atomic_load_n(&t->hdr->generation, __ATOMIC_ACQUIRE);
     memcpy(out->series, t->hdr->series, sizeof out->series);
-    out->live_writers = (uint32_t)sweep_slots(t);
+    /* What the slots say, without asking /proc: a read must not change the
+     * sidecar (bm_sweep_writers does that, explicitly). */
+    uint32_t claimed = 0;
+    for (int i = 0; i < BM_MAX_WRITERS; i++)
+        if (__atomic_load_n(&t->ctl->slots[i].pid, __ATOMIC_ACQUIRE) != 0)
+            claimed++;
+    out->live_writers = claimed;
     out->flags = __atomic_load_n(&t->hdr->flags, __ATOMIC_ACQUIRE);
     out->state = __atomic_load_n(&t->ctl->state, __ATOMIC_ACQUIRE);
     out->copier_pid = __atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE);

@@ -7,6 +7,11 @@
  * holes are collected in one pending range that grows while they touch, so a
  * long stretch of zeros, holes and extent boundaries costs one punch.
  *
+ * A bm_copier handle names the pair of files and remembers what their
+ * filesystems refused (punching, SEEK_DATA, copy_file_range): the first
+ * refusal clears the capability bit for every later call, on any thread, so
+ * nobody asks again (the idea of nbdkit's file plugin's can_punch_hole).
+ *
  * Nothing here touches a file offset (pread/pwrite/copy_file_range all take
  * explicit offsets), so many threads may copy disjoint extents of the same
  * pair of fds at once; cffi drops the GIL around the call. */
@@ -17,30 +22,83 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 /* copy_file_range is asked for at most this much at a time, so the cancel
- * flag and the throttle are looked at now and then. */
+ * flag and the rate cap are looked at now and then. */
 #define CFR_STEP (8u << 20)
-/* Largest zero buffer the punch fallback writes from. */
-#define ZERO_FILL_MAX (1u << 20)
+#define ALL_CAPS (BM_COPIER_CAN_PUNCH | BM_COPIER_CAN_SEEK | BM_COPIER_CAN_FILE_RANGE)
+#define ALL_CALL_FLAGS (BM_COPY_DST_FRESH | BM_COPY_START_WRITEBACK)
 
+struct bm_copier {
+    int src, dst;            /* not owned */
+    uint32_t block;
+    uint32_t caps;           /* BM_COPIER_CAN_*; bits are only ever cleared, atomically */
+};
+
+/* The state of one bm_copy_extents call (one thread). */
 struct copier {
+    bm_copier *handle;
     int src, dst;
-    uint32_t flags;          /* BM_COPY_* in, updated as things turn out unsupported */
+    uint32_t flags;          /* BM_COPY_* of this call */
+    uint32_t caps;           /* the handle's caps at entry, cleared here as things fail */
     uint32_t block;
     char *buf;
     uint64_t buf_len;
     int buf_owned;
-    char *zeros;             /* calloc'd on first need: the zero-write fallback's source */
-    uint64_t zeros_len;
-    bm_copy_throttle *throttle;
+    bm_rate_cap *rate_cap;
     const uint32_t *cancel;
     bm_copy_stats *st;
     /* pending zero run [zero_start, zero_end) not yet punched */
     uint64_t zero_start, zero_end;
 };
+
+bm_copier *bm_copier_new(int src_fd, int dst_fd, uint32_t block_size, uint32_t caps)
+{
+    if (block_size < BM_COPY_MIN_BLOCK || block_size > BM_COPY_MAX_BLOCK ||
+        (block_size & (block_size - 1))) {
+        bm_fail(EINVAL, "block size %u is not a power of two between %u and %u", block_size,
+                BM_COPY_MIN_BLOCK, BM_COPY_MAX_BLOCK);
+        return NULL;
+    }
+    if (caps & ~(uint32_t)ALL_CAPS) {
+        bm_fail(EINVAL, "unknown copier capability bits %#x", caps & ~(uint32_t)ALL_CAPS);
+        return NULL;
+    }
+    if (src_fd < 0 || dst_fd < 0) {
+        bm_fail(EBADF, "copier needs two open file descriptors");
+        return NULL;
+    }
+    bm_copier *c = malloc(sizeof *c);
+    if (!c) {
+        bm_fail(ENOMEM, "out of memory");
+        return NULL;
+    }
+    c->src = src_fd;
+    c->dst = dst_fd;
+    c->block = block_size;
+    c->caps = caps;
+    return c;
+}
+
+uint32_t bm_copier_caps(const bm_copier *copier)
+{
+    return __atomic_load_n(&copier->caps, __ATOMIC_ACQUIRE);
+}
+
+void bm_copier_free(bm_copier *copier)
+{
+    free(copier);
+}
+
+/* The filesystem refused CAP: stop using it in this call and, for every
+ * later call on the handle, in any thread; report STAT_FLAG for this call. */
+static void lose_cap(struct copier *c, uint32_t cap, uint32_t stat_flag)
+{
+    c->caps &= ~cap;
+    __atomic_fetch_and(&c->handle->caps, ~cap, __ATOMIC_ACQ_REL);
+    c->st->flags |= stat_flag;
+}
 
 int bm_buffer_is_zero(const char *buf, uint64_t len)
 {
@@ -76,33 +134,17 @@ static int check_cancel(struct copier *c)
     return 0;
 }
 
-static void sleep_ns(uint64_t ns)
+/* Charge LEN bytes to the rate cap and sleep until they may move. The cap
+ * lives in this process's memory, so its clock is never stale. */
+static void pace(struct copier *c, uint64_t len)
 {
-    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
-/* GCRA, as the writers' throttle: claim LEN bytes of the shared virtual
- * clock, then sleep until the claimed slot starts. */
-static void throttle(struct copier *c, uint64_t len)
-{
-    bm_copy_throttle *t = c->throttle;
-    if (!t)
+    bm_rate_cap *cap = c->rate_cap;
+    if (!cap)
         return;
-    uint64_t rate = __atomic_load_n(&t->bytes_per_s, __ATOMIC_ACQUIRE);
-    if (rate == 0)
-        return;
-    uint64_t cost = (uint64_t)((double)len * 1e9 / (double)rate);
-    uint64_t now = bm_now_ns();
-    uint64_t next = __atomic_load_n(&t->next_ns, __ATOMIC_ACQUIRE);
-    uint64_t start;
-    do {
-        start = next > now ? next : now;
-    } while (!__atomic_compare_exchange_n(&t->next_ns, &next, start + cost, 0, __ATOMIC_ACQ_REL,
-                                          __ATOMIC_ACQUIRE));
-    if (start > now)
-        sleep_ns(start - now);
+    uint64_t rate = __atomic_load_n(&cap->bytes_per_s, __ATOMIC_ACQUIRE);
+    uint64_t wait = bm_gcra_claim(&cap->next_ns, rate, len, UINT64_MAX);
+    if (wait)
+        bm_sleep_ns(wait);
 }
 
 /* Read up to LEN bytes at OFFSET; fewer only at the source's end. */
@@ -156,7 +198,7 @@ static int ensure_buffer(struct copier *c)
 /* Zero [OFFSET, OFFSET+LEN) of dst by writing zeros, clipped to dst's
  * current end: past it the file reads as zeros already, and writing there
  * would change its size. */
-static int write_zeros(struct copier *c, uint64_t offset, uint64_t len)
+static int zero_in_place(struct copier *c, uint64_t offset, uint64_t len)
 {
     struct stat sb;
     if (fstat(c->dst, &sb) < 0)
@@ -166,20 +208,9 @@ static int write_zeros(struct copier *c, uint64_t offset, uint64_t len)
         return 0;
     if (len > size - offset)
         len = size - offset;
-    /* Not the read buffer: this may run while it still holds data to write. */
-    if (!c->zeros) {
-        c->zeros_len = c->buf_len < ZERO_FILL_MAX ? c->buf_len : ZERO_FILL_MAX;
-        c->zeros = calloc(1, (size_t)c->zeros_len);
-        if (!c->zeros)
-            return bm_fail(ENOMEM, "cannot allocate a %llu-byte zero buffer",
-                           (unsigned long long)c->zeros_len);
-    }
-    while (len) {
-        uint64_t n = len < c->zeros_len ? len : c->zeros_len;
-        if (write_full(c, c->zeros, n, offset) < 0)
-            return -1;
-        offset += n;
-        len -= n;
+    if (bm_write_zeros(c->dst, offset, len) < 0) {
+        c->st->error_side = BM_COPY_SIDE_DST;
+        return -1;
     }
     return 0;
 }
@@ -191,22 +222,16 @@ static int flush_zeros(struct copier *c)
     c->zero_start = c->zero_end = 0;
     if (len == 0 || (c->flags & BM_COPY_DST_FRESH))
         return 0;
-    if (!(c->flags & BM_COPY_NO_PUNCH)) {
-        int rc;
-        do {
-            rc = fallocate(c->dst, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset,
-                           (off_t)len);
-        } while (rc < 0 && errno == EINTR);
-        if (rc == 0) {
+    if (c->caps & BM_COPIER_CAN_PUNCH) {
+        if (bm_punch_hole(c->dst, offset, len) == 0) {
             c->st->bytes_punched += len;
             return 0;
         }
-        if (errno != EOPNOTSUPP && errno != ENOSYS)
+        if (errno != EOPNOTSUPP)
             return fail_on(c, BM_COPY_SIDE_DST, errno, "punch hole", offset, len);
-        c->flags |= BM_COPY_NO_PUNCH;
-        c->st->flags |= BM_COPY_PUNCH_FAILED;
+        lose_cap(c, BM_COPIER_CAN_PUNCH, BM_COPY_PUNCH_FAILED);
     }
-    if (write_zeros(c, offset, len) < 0)
+    if (zero_in_place(c, offset, len) < 0)
         return -1;
     c->st->bytes_punched += len;
     return 0;
@@ -311,7 +336,7 @@ static int copy_by_reading(struct copier *c, uint64_t offset, uint64_t end)
                 step_end = offset + c->buf_len;
         }
         uint64_t want = step_end - offset;
-        throttle(c, want);
+        pace(c, want);
         int64_t got = read_full(c, c->buf, want, offset);
         if (got < 0)
             return -1;
@@ -333,15 +358,14 @@ static int copy_in_kernel(struct copier *c, uint64_t offset, uint64_t end)
         if (check_cancel(c) < 0)
             return -1;
         uint64_t want = end - offset < CFR_STEP ? end - offset : CFR_STEP;
-        throttle(c, want);
+        pace(c, want);
         loff_t in = (loff_t)offset, out = (loff_t)offset;
         ssize_t n = copy_file_range(c->src, &in, c->dst, &out, (size_t)want, 0);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
-                c->flags &= ~(uint32_t)BM_COPY_FILE_RANGE;
-                c->st->flags |= BM_COPY_FILE_RANGE_FAILED;
+            if (bm_errno_unsupported(BM_OP_COPY_RANGE, errno)) {
+                lose_cap(c, BM_COPIER_CAN_FILE_RANGE, BM_COPY_FILE_RANGE_FAILED);
                 return copy_by_reading(c, offset, end);
             }
             /* Which side failed is not known; EBADF/ENOSPC/EFBIG are dst's
@@ -366,7 +390,7 @@ static int copy_in_kernel(struct copier *c, uint64_t offset, uint64_t end)
 
 static int copy_data(struct copier *c, uint64_t offset, uint64_t end)
 {
-    if (c->flags & BM_COPY_FILE_RANGE)
+    if (c->caps & BM_COPIER_CAN_FILE_RANGE)
         return copy_in_kernel(c, offset, end);
     return copy_by_reading(c, offset, end);
 }
@@ -384,7 +408,7 @@ static off_t seek_retry(int fd, uint64_t offset, int whence)
  * Returns OFFSET itself when holes can't be seen. */
 static int next_data(struct copier *c, uint64_t offset, uint64_t end, uint64_t *out)
 {
-    if (c->flags & BM_COPY_NO_SEEK) {
+    if (!(c->caps & BM_COPIER_CAN_SEEK)) {
         *out = offset;
         return 0;
     }
@@ -394,9 +418,8 @@ static int next_data(struct copier *c, uint64_t offset, uint64_t end, uint64_t *
             *out = end;
             return 0;
         }
-        if (errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS) {
-            c->flags |= BM_COPY_NO_SEEK;
-            c->st->flags |= BM_COPY_SEEK_FAILED;
+        if (bm_errno_unsupported(BM_OP_SEEK_HOLES, errno)) {
+            lose_cap(c, BM_COPIER_CAN_SEEK, BM_COPY_SEEK_FAILED);
             *out = offset;
             return 0;
         }
@@ -409,7 +432,7 @@ static int next_data(struct copier *c, uint64_t offset, uint64_t end, uint64_t *
 /* Where the data starting at OFFSET ends, clipped to END. */
 static int data_end(struct copier *c, uint64_t offset, uint64_t end, uint64_t *out)
 {
-    if (c->flags & BM_COPY_NO_SEEK) {
+    if (!(c->caps & BM_COPIER_CAN_SEEK)) {
         *out = end;
         return 0;
     }
@@ -451,20 +474,20 @@ static int copy_one(struct copier *c, uint64_t offset, uint64_t end)
     return 0;
 }
 
-int bm_copy_extents(int src_fd, int dst_fd, const bm_extent *extents, uint64_t count,
-                    char *buf, uint64_t buf_len, uint32_t block_size, uint32_t flags,
-                    bm_copy_throttle *throttle_state, const uint32_t *cancel,
-                    bm_copy_stats *stats)
+int bm_copy_extents(bm_copier *copier, const bm_extent *extents, uint64_t count, char *buf,
+                    uint64_t buf_len, uint32_t flags, bm_rate_cap *rate_cap,
+                    const uint32_t *cancel, bm_copy_stats *stats)
 {
     if (!stats)
         return bm_fail(EINVAL, "stats must not be NULL");
     memset(stats, 0, sizeof *stats);
+    if (!copier)
+        return bm_fail(EINVAL, "copier must not be NULL");
     if (count && !extents)
         return bm_fail(EINVAL, "extents must not be NULL");
-    if (block_size < BM_COPY_MIN_BLOCK || block_size > BM_COPY_MAX_BLOCK ||
-        (block_size & (block_size - 1)))
-        return bm_fail(EINVAL, "block size %u is not a power of two between %u and %u",
-                       block_size, BM_COPY_MIN_BLOCK, BM_COPY_MAX_BLOCK);
+    if (flags & ~(uint32_t)ALL_CALL_FLAGS)
+        return bm_fail(EINVAL, "unknown copy flags %#x", flags & ~(uint32_t)ALL_CALL_FLAGS);
+    uint32_t block_size = copier->block;
     if (buf_len == 0 && !buf)
         buf_len = BM_COPY_DEFAULT_BUFFER;
     if (buf_len < block_size)
@@ -480,14 +503,16 @@ int bm_copy_extents(int src_fd, int dst_fd, const bm_extent *extents, uint64_t c
     }
 
     struct copier c = {
-        .src = src_fd,
-        .dst = dst_fd,
+        .handle = copier,
+        .src = copier->src,
+        .dst = copier->dst,
         .flags = flags,
+        .caps = bm_copier_caps(copier),
         .block = block_size,
         .buf = buf,
         .buf_len = buf_len,
         .buf_owned = 0,
-        .throttle = throttle_state,
+        .rate_cap = rate_cap,
         .cancel = cancel,
         .st = stats,
     };
@@ -499,7 +524,6 @@ int bm_copy_extents(int src_fd, int dst_fd, const bm_extent *extents, uint64_t c
     int saved = errno;
     if (c.buf_owned)
         free(c.buf);
-    free(c.zeros);
     errno = saved;
     return rc;
 }
@@ -520,7 +544,7 @@ int64_t bm_data_extents(int fd, uint64_t *cursor, uint64_t end, bm_extent *out, 
                 pos = end;
                 break;
             }
-            if (errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS) {
+            if (bm_errno_unsupported(BM_OP_SEEK_HOLES, errno)) {
                 out[n].offset = pos; /* holes unknown: all data */
                 out[n].length = end - pos;
                 n++;

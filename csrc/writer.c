@@ -25,13 +25,6 @@
  * throttle()); real backlogs are a few writes' worth at the set rate. */
 #define BM_THROTTLE_MAX_AHEAD_NS (60ull * 1000000000ull)
 
-static void sleep_ns(uint64_t ns)
-{
-    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
 /* Does a freeze still bind this writer? Not once its lease has passed, not
  * once the copier that holds it is gone, never past the writer's own cap. */
 static int freeze_binds(bm_tracker *t, uint64_t now, uint64_t wait_start)
@@ -64,23 +57,14 @@ static void throttle(bm_tracker *t, uint64_t len)
         }
         __atomic_store_n(&t->throttle_checked_ns, clock, __ATOMIC_RELAXED);
     }
-    /* GCRA: a shared virtual clock advanced by each write's cost. */
-    uint64_t cost = (uint64_t)((double)len * 1e9 / (double)rate);
-    uint64_t now = bm_now_ns();
-    uint64_t next = __atomic_load_n(&t->ctl->throttle_next_ns, __ATOMIC_ACQUIRE);
-    uint64_t start;
-    do {
-        start = next > now ? next : now;
-        /* The virtual clock is CLOCK_MONOTONIC, which restarts at boot while
-         * the sidecar persists (and the control block is not checksummed):
-         * a clock far ahead of any real backlog is stale, not a queue, and
-         * following it put writers to sleep for days. Start afresh. */
-        if (start - now > BM_THROTTLE_MAX_AHEAD_NS)
-            start = now;
-    } while (!__atomic_compare_exchange_n(&t->ctl->throttle_next_ns, &next, start + cost, 0,
-                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
-    if (start > now)
-        sleep_ns(start - now);
+    /* GCRA over the clock in the control block, shared by all writers. It
+     * is CLOCK_MONOTONIC, which restarts at boot while the sidecar persists
+     * (and the control block is not checksummed): a clock far ahead of any
+     * real backlog is stale, not a queue, and following it put writers to
+     * sleep for days; bm_gcra_claim restarts it. */
+    uint64_t wait = bm_gcra_claim(&t->ctl->throttle_next_ns, rate, len, BM_THROTTLE_MAX_AHEAD_NS);
+    if (wait)
+        bm_sleep_ns(wait);
 }
 
 static int writer_enter(bm_tracker *t)
@@ -208,23 +192,6 @@ int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t
     return (int64_t)len;
 }
 
-static int write_zeros(int fd, uint64_t offset, uint64_t len)
-{
-    static const char zeros[65536];
-    while (len) {
-        size_t chunk = len < sizeof zeros ? (size_t)len : sizeof zeros;
-        ssize_t n = pwrite(fd, zeros, chunk, (off_t)offset);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        offset += (uint64_t)n;
-        len -= (uint64_t)n;
-    }
-    return 0;
-}
-
 int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
 {
     if (len == 0)
@@ -237,9 +204,9 @@ int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
     if (writer_enter(t) < 0)
         return -1;
     mark_range(t, offset, len);
-    int rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
-    if (rc < 0 && (errno == EOPNOTSUPP || errno == ENOSYS))
-        rc = write_zeros(fd, offset, len);
+    int rc = bm_punch_hole(fd, offset, len);
+    if (rc < 0 && errno == EOPNOTSUPP)
+        rc = bm_write_zeros(fd, offset, len);
     int err = rc < 0 ? errno : 0;
     mark_range(t, offset, len);
     writer_leave(t);

@@ -268,10 +268,10 @@ def test_single_call_matches_reference(
 
     src_fd, dst_fd = open_pair(src_path, dst_path)
     try:
-        flags = (_copy.DST_FRESH if fresh else 0) | (_copy.FILE_RANGE if cfr else 0)
+        copier = _copy.new_copier(src_fd, dst_fd, block, copy_file_range=cfr)
         buf = _copy.new_buffer(block * buffer_blocks)
         arr = as_extent_array(extents)
-        counts = _copy.copy_extents(src_fd, dst_fd, arr, buf, block, flags)
+        counts = _copy.copy_extents(copier, arr, buf, _copy.DST_FRESH if fresh else 0)
         stats, found = vars(counts), counts.found_unsupported
         seg = py_data_extents(src_fd, len(src))
     finally:
@@ -650,7 +650,8 @@ def test_cancel_flag_stops_a_call(image_pair) -> None:
     try:
         with pytest.raises(OSError) as info:
             extents = as_extent_array([(0, len(content))])
-            _copy.copy_extents(src_fd, dst_fd, extents, None, 65536, 0, cancel=cancel)
+            copier = _copy.new_copier(src_fd, dst_fd, 65536)
+            _copy.copy_extents(copier, extents, None, cancel=cancel)
         assert info.value.errno == errno.ECANCELED
     finally:
         os.close(src_fd)
@@ -782,7 +783,7 @@ def test_touching_extents_merge_into_one_punch(tmp_path: Path) -> None:
     src_fd, dst_fd = open_pair(src, dst)
     try:
         extents = as_extent_array([(0, 5000), (5000, 5 * FS_BLOCK - 5000)])
-        counts = _copy.copy_extents(src_fd, dst_fd, extents, None, 4096, 0)
+        counts = _copy.copy_extents(_copy.new_copier(src_fd, dst_fd, 4096), extents, None)
         stats = vars(counts)
     finally:
         os.close(src_fd)

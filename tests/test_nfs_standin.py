@@ -103,10 +103,15 @@ def test_standin_hides_holes_and_punching(area: dict[str, Path]) -> None:
             assert [tuple(map(int, e)) for e in copier.allocated_extents()] == [(0, len(content))]
         # Punching is refused (EOPNOTSUPP): the engine reports it and writes zeros.
         extents = np.array([(len(content) - 512 * KiB, 512 * KiB)], dtype=EXTENT_DTYPE)
-        counts = _copy.copy_extents(fd, fd, extents, None, 65536, 0)
+        handle = _copy.new_copier(fd, fd, 65536)
+        counts = _copy.copy_extents(handle, extents, None)
         stats, found = vars(counts), counts.found_unsupported
         assert found & _copy.PUNCH_FAILED
         assert stats["bytes_punched"] == 512 * KiB
+        # The handle remembers: the next call does not ask again.
+        assert not _copy.capabilities(handle) & _copy.CAN_PUNCH
+        again = _copy.copy_extents(handle, extents, None)
+        assert again.found_unsupported == 0 and again.bytes_punched == 512 * KiB
     finally:
         os.close(fd)
         os.close(backing_fd)

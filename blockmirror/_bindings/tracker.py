@@ -37,7 +37,7 @@ class TrackerInfo:
     series: str  # 32 hex digits
     flags: int  # FLAG_*
     state: str  # a STATE_NAMES value
-    live_writers: int
+    live_writers: int  # slots claimed as of the last sweep (see sweep_writers)
     copier_pid: int  # 0: no copier holds a freeze
     throttle_bytes_per_s: int  # the writers' throttle (0: none)
 
@@ -65,6 +65,7 @@ def close(handle: Handle) -> None:
 
 
 def info(handle: Handle) -> TrackerInfo:
+    """What the control block holds now; reads only (no /proc sweep)."""
     out: Any = ffi.new("bm_info *")  # a C struct: fields typed in blockmirror.h
     check(lib.bm_get_info(handle, out))
     return TrackerInfo(
@@ -148,6 +149,12 @@ def redirect(handle: Handle, target: str) -> None:
     check(lib.bm_redirect(handle, os.fsencode(target)))
 
 
+def state(handle: Handle) -> str:
+    """The control-block state's name (one atomic load in C)."""
+    st = lib.bm_get_state(handle)
+    return STATE_NAMES.get(st, f"unknown({st})")
+
+
 def redirected(handle: Handle) -> bool:
     """True once writers were sent elsewhere (one atomic load in C)."""
     return bool(lib.bm_get_state(handle) == lib.BM_STATE_REDIRECTED)
@@ -163,5 +170,7 @@ def set_throttle(handle: Handle, bytes_per_s: int) -> None:
     check(lib.bm_set_throttle(handle, max(0, int(bytes_per_s))))
 
 
-def live_writers(handle: Handle) -> int:
-    return check(lib.bm_live_writers(handle))
+def sweep_writers(handle: Handle) -> int:
+    """Free the slots of dead writers, marking the sidecar unclean if any had
+    it open (I4); the number of live writers. ``info`` never sweeps."""
+    return check(lib.bm_sweep_writers(handle))

@@ -175,13 +175,13 @@ class Copier:
         self.src_path = src_path
         self.dst_path = dst_path
         self.rate_limit = rate_limit
-        self._use_cfr = (
+        use_cfr = (
             self.source_reports_holes() if use_copy_file_range is None else use_copy_file_range
         )
-        # Learnt from the C calls: what the filesystems refused once.
-        self._no_punch = False
-        self._no_seek = False
-        self._throttle = (
+        # The C handle remembers what the filesystems refused (punching,
+        # SEEK_DATA, copy_file_range) and stops asking, for every worker.
+        self._copier = _c.new_copier(src_fd, dst_fd, block_size, copy_file_range=use_cfr)
+        self._rate_cap = (
             _c.new_rate_cap(max(1, round(rate_limit))) if rate_limit else None
         )
         self._local = threading.local()
@@ -221,7 +221,7 @@ class Copier:
     @property
     def uses_copy_file_range(self) -> bool:
         """Whether data segments currently go through copy_file_range."""
-        return self._use_cfr
+        return bool(_c.capabilities(self._copier) & _c.CAN_FILE_RANGE)
 
     # -- copying --------------------------------------------------------------
 
@@ -306,20 +306,6 @@ class Copier:
         share = -(-total_bytes // (self.workers * 4))
         return max(1, min(self.batch_bytes, max(MIN_ITEM_BYTES, share)))
 
-    def _flags(self, dst_fresh: bool, start_writeback: bool = False) -> int:
-        flags = 0
-        if dst_fresh:
-            flags |= _c.DST_FRESH
-        if start_writeback:
-            flags |= _c.START_WRITEBACK
-        if self._use_cfr:
-            flags |= _c.FILE_RANGE
-        if self._no_punch:
-            flags |= _c.NO_PUNCH
-        if self._no_seek:
-            flags |= _c.NO_SEEK
-        return flags
-
     def _copy_item(
         self, item: ExtentArray, dst_fresh: bool, cancel: Any, start_writeback: bool = False,
         before_item: Callable[[ExtentArray], None] | None = None,
@@ -330,26 +316,9 @@ class Copier:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = _c.new_buffer(self.buffer_bytes)
-        counts = _c.copy_extents(
-            self.src_fd,
-            self.dst_fd,
-            item,
-            buf,
-            self.block_size,
-            self._flags(dst_fresh, start_writeback),
-            self._throttle,
-            cancel,
-            self.src_path,
-            self.dst_path,
-        )
-        found = counts.found_unsupported
-        # Plain stores of bools: safe from any thread, and only ever turn off.
-        if found & _c.FILE_RANGE_FAILED:
-            self._use_cfr = False
-        if found & _c.PUNCH_FAILED:
-            self._no_punch = True
-        if found & _c.SEEK_FAILED:
-            self._no_seek = True
+        flags = (_c.DST_FRESH if dst_fresh else 0) | (_c.START_WRITEBACK if start_writeback else 0)
+        counts = _c.copy_extents(self._copier, item, buf, flags, self._rate_cap, cancel,
+                                 self.src_path, self.dst_path)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)
 

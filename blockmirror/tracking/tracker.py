@@ -149,7 +149,9 @@ class Tracker:
     def consistent(self) -> bool:
         """False when a writer died with the sidecar open, or the image grew
         untracked: the bitmap may miss writes, so treat every allocated block
-        as dirty (see :meth:`reset`)."""
+        as dirty (see :meth:`reset`). Looks for dead writers first (a /proc
+        sweep), so a writer killed since this handle opened is noticed (I4)."""
+        _c.sweep_writers(self._h)
         info = _c.info(self._h)
         if info.unclean:
             return False
@@ -162,7 +164,9 @@ class Tracker:
             return True
 
     def info(self) -> TrackerInfo:
-        """Everything the header and control block say, for status displays."""
+        """Everything the header and control block say, for status displays.
+        Reads only: ``live_writers`` and the unclean flag are as of the last
+        sweep (:meth:`live_writers`, :attr:`consistent` or opening)."""
         return _c.info(self._h)
 
     def reset(self) -> None:
@@ -301,11 +305,13 @@ class Tracker:
         _c.set_throttle(self._h, int(bytes_per_s))
 
     def live_writers(self) -> int:
-        return _c.live_writers(self._h)
+        """Writers alive now: sweeps the slots, freeing dead writers' and
+        marking the sidecar unclean if one had it open (I4)."""
+        return _c.sweep_writers(self._h)
 
     @property
     def state(self) -> str:
-        return _c.info(self._h).state
+        return _c.state(self._h)
 
     # -- the writer's side (TrackedImage; one tracked C call each) -----------
 
