@@ -402,8 +402,16 @@ def test_copier_matches_reference(
 def test_split_extents_cuts_the_stream_evenly(size: int, align: int) -> None:
     rng = np.random.default_rng(size + align)
     offsets = np.cumsum(rng.integers(3000, 8000, 200)).tolist()
-    pairs = list(zip(offsets, rng.integers(0, 3000, 200).tolist(), strict=True))
-    pairs += [(offsets[-1] + 10_000, 100_000)]  # long enough to be cut many times
+    # Extents of up to 3000 bytes (some empty) and one long one, cut many
+    # times. Cut into items of a few bytes with ALIGN 1, that made ~400,000
+    # items and taught no more than a stream scaled to SIZE does: extents up
+    # to three items long (shorter ones, whole ones, ones cut twice, in every
+    # mix) and a long one of 100 items. (With ALIGN > 1 the cuts snap to its
+    # multiples, which bounds the items whatever SIZE is.)
+    scaled = align == 1 and size < 1000
+    longest, long = (3 * size, 100 * size) if scaled else (3000, 100_000)
+    pairs = list(zip(offsets, rng.integers(0, longest, 200).tolist(), strict=True))
+    pairs += [(offsets[-1] + 10_000, long)]
     arr = as_extent_array(pairs)
     items = split_extents(arr, size, align)
     sums = [int(it["length"].sum()) for it in items]
