@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from imagetools import nonzero_cells
 
 from blockmirror._bindings import copy as _copy
 from blockmirror.copying.copier import (
@@ -88,10 +87,6 @@ def reference_written_pieces(
                     pieces.append((pos, cell_end))
                 pos = cell_end
     return pieces
-
-
-def read_all(path: Path) -> bytes:
-    return path.read_bytes()
 
 
 def allocated_blocks(path: Path) -> set[int]:
@@ -279,7 +274,7 @@ def test_single_call_matches_reference(
         os.close(dst_fd)
 
     expected = reference_copy(src, old, extents)
-    got = read_all(dst_path)
+    got = dst_path.read_bytes()
     assert len(got) <= len(expected)
     assert got.ljust(len(expected), b"\0") == expected
 
@@ -377,7 +372,7 @@ def test_copier_matches_reference(
         os.close(dst_fd)
 
     expected = reference_copy(src, old, extents)
-    got = read_all(dst_path)
+    got = dst_path.read_bytes()
     assert got.ljust(len(expected), b"\0") == expected
     total = sum(n for _, n in extents)
     assert stats.copied == total == sum(seen)
@@ -472,10 +467,6 @@ def image_pair(tmp_path: Path) -> Iterator[tuple[Path, Path, bytes]]:
     yield src, tmp_path / "dst.img", content
 
 
-def _nonzero_cells(content: bytes, block: int) -> int:
-    return sum(block for pos in range(0, len(content), block) if any(content[pos : pos + block]))
-
-
 def test_bulk_copy_into_fresh_file_stays_sparse(image_pair) -> None:
     src, dst, content = image_pair
     with open(dst, "wb") as f:
@@ -493,7 +484,7 @@ def test_bulk_copy_into_fresh_file_stays_sparse(image_pair) -> None:
     assert stats.bytes_hole == 0  # only allocated extents were asked for
     assert stats.bytes_read == 4 * MiB
     assert stats.bytes_zero >= 1 * MiB  # the written zeros at least
-    assert stats.bytes_written == _nonzero_cells(content, 65536)
+    assert stats.bytes_written == nonzero_cells(content, 65536)
     assert stats.bytes_punched == 0
     assert os.stat(dst).st_blocks * 512 <= stats.bytes_written + 64 * KiB
 
@@ -666,29 +657,10 @@ def test_cancel_flag_stops_a_call(image_pair) -> None:
     assert os.stat(dst).st_size == 0
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_out_of_space_raises_enospc_and_stops_every_worker(tmp_path: Path, tiny_tmpfs) -> None:
+def test_out_of_space_raises_enospc_and_stops_every_worker(tmp_path: Path, small_tmpfs) -> None:
     src = tmp_path / "big"
     src.write_bytes(np.random.default_rng(1).integers(1, 256, 16 * MiB, np.uint8).tobytes())
-    dst = tiny_tmpfs / "dst"
+    dst = small_tmpfs("2m") / "dst"
     dst.write_bytes(b"")
     src_fd, dst_fd = open_pair(src, dst)
     try:

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from imagetools import read_at
 
 from blockmirror import TrackedImage, Tracker
 from blockmirror._bindings import writer as _writer
@@ -30,12 +31,6 @@ def write_path(request, monkeypatch) -> str:
     else:
         assert _writer._fastwrite is not None, "blockmirror._fastwrite was not built"
     return str(request.param)
-
-
-def read_at(path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 def test_fast_path_is_built_and_used(tracked_image):

@@ -13,6 +13,7 @@ import struct
 import time
 
 import pytest
+from imagetools import read_at
 
 from blockmirror import TrackedImage, Tracker
 
@@ -102,12 +103,6 @@ def writer(tracked_image):
     w = Writer(tracked_image)
     yield w
     w.stop()
-
-
-def read_at(path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 # -- freeze and thaw ----------------------------------------------------------------
