@@ -601,40 +601,27 @@ def test_range_past_source_end_reads_as_zeros(tmp_path: Path) -> None:
 # -- errors --------------------------------------------------------------------
 
 
-def test_read_only_destination_raises_ebadf_naming_it(image_pair) -> None:
+@pytest.mark.parametrize(
+    ("bad_side", "cfr"),
+    [("dst", False), ("dst", True), ("src", False)],
+    ids=["read-only-dst", "read-only-dst-copy_file_range", "write-only-src"],
+)
+def test_bad_descriptor_raises_ebadf_naming_its_file(image_pair, bad_side, cfr) -> None:
     src, dst, content = image_pair
     dst.write_bytes(b"")
-    src_fd = os.open(src, os.O_RDONLY)
-    dst_fd = os.open(dst, os.O_RDONLY)
-    try:
-        for cfr in (False, True):
-            with (
-                Copier(src_fd, dst_fd, use_copy_file_range=cfr, dst_path=str(dst)) as copier,
-                pytest.raises(OSError) as info,
-            ):
-                copier.copy_extents([(0, len(content))], dst_fresh=True)
-            assert info.value.errno == errno.EBADF
-            assert info.value.filename == str(dst)
-    finally:
-        os.close(src_fd)
-        os.close(dst_fd)
-
-
-def test_unreadable_source_raises_naming_it(image_pair) -> None:
-    src, dst, content = image_pair
-    dst.write_bytes(b"")
-    src_fd = os.open(src, os.O_WRONLY)
-    dst_fd = os.open(dst, os.O_RDWR)
+    src_flags, dst_flags = (os.O_WRONLY, os.O_RDWR) if bad_side == "src" else (os.O_RDONLY,) * 2
+    src_fd = os.open(src, src_flags)
+    dst_fd = os.open(dst, dst_flags)
     try:
         with (
             Copier(
-                src_fd, dst_fd, use_copy_file_range=False, src_path=str(src), dst_path=str(dst)
+                src_fd, dst_fd, use_copy_file_range=cfr, src_path=str(src), dst_path=str(dst)
             ) as copier,
             pytest.raises(OSError) as info,
         ):
             copier.copy_extents([(0, len(content))], dst_fresh=True)
         assert info.value.errno == errno.EBADF
-        assert info.value.filename == str(src)
+        assert info.value.filename == str(src if bad_side == "src" else dst)
     finally:
         os.close(src_fd)
         os.close(dst_fd)
