@@ -70,6 +70,15 @@ def tracked_image(tmp_image: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """Two empty folders, (tmp_path/src, tmp_path/dst): a sync's two sides."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    return src, dst
+
+
+@pytest.fixture
 def ram_tmp_path(tmp_path: Path) -> Iterator[Path]:
     """A scratch directory in RAM (/dev/shm) when there is one, else tmp_path.
 

@@ -186,12 +186,10 @@ def test_estale_goes_to_on_stale_with_the_same_arguments(tracked_image, make_ima
     assert read_at(tracked_image, 0, 16) == b"\0" * 16
 
 
-def test_follows_a_move(tmp_path, write_path):
+def test_follows_a_move(dirs, write_path):
     """sync --move while the image is held open: the next write lands in the
     moved image, tracked there, and the handle keeps its fast path."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
+    src, dst = dirs
     image = src / "moving.img"
     with open(image, "wb") as f:
         f.truncate(8 * MiB)

@@ -35,12 +35,10 @@ SCRIBBLE = b"\xee"
 
 
 @pytest.fixture
-def dirs(tmp_path: Path) -> tuple[Path, Path]:
+def lease(dirs: tuple[Path, Path]) -> tuple[Path, Path]:
     """(dst, image): an empty folder and a tracked 16 MiB image, data in its
     first 4 MiB."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
+    src, dst = dirs
     image = src / "lease.img"
     with open(image, "wb") as f:
         f.write(os.urandom(4 * MiB))
@@ -63,12 +61,12 @@ def shadow_copy(dst: Path) -> Path:
     return dst / name
 
 
-def test_lease_that_ran_out_in_the_final_pass_is_retried(dirs, monkeypatch):
+def test_lease_that_ran_out_in_the_final_pass_is_retried(lease, monkeypatch):
     """The first final pass loses its freeze. Its copy of the late blocks is
     then overwritten in the shadow copy (standing for "not to be trusted"):
     only because the sync re-marked them does a later pass copy them again,
     and the copy ends exact. Writers are thawed between the attempts."""
-    dst, image = dirs
+    dst, image = lease
     real_freeze_holds = Tracker.freeze_holds
     answers: list[bool] = []
 
@@ -119,10 +117,10 @@ def test_lease_that_ran_out_in_the_final_pass_is_retried(dirs, monkeypatch):
         assert t.state == "running"
 
 
-def test_retry_under_a_live_writer_ends_at_one_instant(dirs, monkeypatch, live_writer):
+def test_retry_under_a_live_writer_ends_at_one_instant(lease, monkeypatch, live_writer):
     """The same failure with a writer process going on: the copy is still the
     source at one instant, and the writer was never left paused."""
-    dst, image = dirs
+    dst, image = lease
     initial = image.read_bytes()
     real_freeze_holds = Tracker.freeze_holds
     answers: list[bool] = []
@@ -144,11 +142,11 @@ def test_retry_under_a_live_writer_ends_at_one_instant(dirs, monkeypatch, live_w
     assert image.read_bytes() == writer.replayed(initial)
 
 
-def test_gives_up_after_three_lost_leases(dirs, monkeypatch):
+def test_gives_up_after_three_lost_leases(lease, monkeypatch):
     """freeze_holds never holds: exactly MAX_SWITCHOVER_ATTEMPTS (3) freezes,
     then NotConvergedError; the source is as the writers made it, the shadow
     copy is removed and the tracker is running (writers not paused)."""
-    dst, image = dirs
+    dst, image = lease
     calls = {"freeze": 0, "freeze_holds": 0}
     real_freeze = Tracker.freeze
 

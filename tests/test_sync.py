@@ -23,14 +23,6 @@ from blockmirror import Tracker
 from blockmirror.migration import sync
 
 
-@pytest.fixture
-def dirs(tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    return src, dst
-
-
 def test_untracked_idle_copy_is_exact_and_sparse(dirs):
     src, dst = dirs
     content = make_data_image(src / "a.img", 32 * MiB, extents=4)
