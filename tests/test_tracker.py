@@ -325,10 +325,23 @@ def test_truncate(tracked_image):
         assert t.consistent
 
 
-def test_flush(tracked_image):
+def test_flush_syncs_the_image(tracked_image, monkeypatch):
+    """flush() makes the image's completed writes durable: an fsync or
+    fdatasync of the image itself (a read-back alone could not tell)."""
+    synced: list[int] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def spy(fd, real=real):
+            synced.append(os.fstat(fd).st_ino)
+            return real(fd)
+
+        monkeypatch.setattr(os, name, spy)
     with TrackedImage(tracked_image) as img:
         img.pwrite(b"durable", 0)
+        before = list(synced)
         img.flush()
+        assert os.stat(tracked_image).st_ino in synced[len(before):]
         assert img.pread(7, 0) == b"durable"
     img.close()  # idempotent
 
