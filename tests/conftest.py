@@ -8,6 +8,7 @@ Hypothesis profiles follow python-zstandard: a quick default for a plain
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from imagetools import WriterProcess, tmpfs
 
 settings.register_profile(
     "dev",
@@ -68,6 +70,15 @@ def tracked_image(tmp_image: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """Two empty folders, (tmp_path/src, tmp_path/dst): a sync's two sides."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    return src, dst
+
+
+@pytest.fixture
 def ram_tmp_path(tmp_path: Path) -> Iterator[Path]:
     """A scratch directory in RAM (/dev/shm) when there is one, else tmp_path.
 
@@ -83,3 +94,38 @@ def ram_tmp_path(tmp_path: Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def live_writer(tmp_path: Path) -> Iterator[Callable[..., WriterProcess]]:
+    """Factory: ``live_writer(image, rate="8M", wait=N, **options)`` starts a
+    logging writer process (imagetools.WriterProcess) on IMAGE and waits for
+    its first N writes. Every writer is stopped at the end of the test and
+    must have exited cleanly: never killed, never stuck in a freeze."""
+    writers: list[WriterProcess] = []
+
+    def _start(image: Path, *, wait: int = 0, **options: object) -> WriterProcess:
+        log = tmp_path / f"writes-{len(writers)}.log"
+        writer = WriterProcess(image, log, **options)  # type: ignore[arg-type]
+        writers.append(writer)
+        if wait:
+            writer.wait_for_writes(wait)
+        return writer
+
+    yield _start
+    codes = [w.stop() for w in writers]
+    assert codes == [0] * len(writers), f"writer exit codes {codes}"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Factory: ``small_tmpfs("8m")`` -> a folder on a fresh tmpfs of that
+    size (ENOSPC tests), unmounted at the end. Skips when not root."""
+    with contextlib.ExitStack() as stack:
+        mounted: list[Path] = []
+
+        def _mount(size: str) -> Path:
+            mounted.append(stack.enter_context(tmpfs(tmp_path / f"tmpfs-{len(mounted)}", size)))
+            return mounted[-1]
+
+        yield _mount

@@ -6,13 +6,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from imagetools import MiB, WriterProcess, applied_prefix, make_data_image, replay
+from imagetools import MiB, make_data_image, run_cli, start_cli, wait_for, write_at, writer_dies
 
 import blockmirror
 from blockmirror import ChangeIdInvalidError, TrackedImage, Tracker
@@ -34,29 +31,21 @@ def live(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "backup").mkdir()
     image = tmp_path / "src" / "db.img"
-    initial = make_data_image(image, 32 * MiB, extents=8)
-    Tracker.create(image).close()
+    initial = make_data_image(image, 32 * MiB, extents=8, tracked=True)
     return image, initial, tmp_path / "backup" / "db.img"
 
 
-def test_full_then_incrementals_under_a_live_writer(live, tmp_path):
+def test_full_then_incrementals_under_a_live_writer(live, live_writer):
     """Each backup equals the source at its change id's instant (a prefix of
     the writer's log), and each incremental copies only what changed."""
     image, initial, backup = live
-    writer = WriterProcess(image, tmp_path / "writes.log", rate="4M")
+    writer = live_writer(image, rate="4M", wait=5)
     results = []
-    try:
-        writer.wait_for_writes(5)
-        for round_ in range(4):
-            result = sync(image, backup, target_downtime=0.3)
-            results.append(result)
-            writes = writer.writes()
-            copy = backup.read_bytes()
-            k = applied_prefix(copy, writes)
-            assert copy == replay(initial, writes[:k], writer.seed), f"round {round_}"
-            writer.wait_for_writes(len(writes) + 8)
-    finally:
-        assert writer.stop() == 0
+    for _round in range(4):
+        results.append(sync(image, backup, target_downtime=0.3))
+        writer.assert_point_in_time(backup.read_bytes(), initial)
+        writer.wait_for_more(8)
+    assert writer.stop() == 0
     assert not results[0].incremental
     assert all(r.incremental for r in results[1:])
     assert all(r.change_id for r in results)
@@ -73,14 +62,7 @@ def test_sigkilled_writer_invalidates_ids_and_resync_is_exact(live, tmp_path):
     first = sync(image, backup)
     assert first.change_id
     # A writer writes some blocks, then dies without closing.
-    code = (
-        "import os, sys, blockmirror\n"
-        "w = blockmirror.TrackedImage(sys.argv[1])\n"
-        "for i in range(20): w.pwrite(os.urandom(4096), (i * 7919 % 500) * 65536)\n"
-        "os.kill(os.getpid(), 9)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(image)])
-    assert proc.returncode == -signal.SIGKILL
+    writer_dies(image, [((i * 7919 % 500) * G, 4096) for i in range(20)])
     with Tracker.open(image) as t:
         assert not t.consistent
         with pytest.raises(ChangeIdInvalidError, match="unclean"):
@@ -148,13 +130,10 @@ def test_sync_killed_mid_incremental_is_repaired_by_hash(live, tmp_path):
     with TrackedImage(image) as w:
         for off in changed:
             w.pwrite(os.urandom(G), off)
-    proc = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", str(image),
-                             str(backup), "--bwlimit", "4M", "--quiet"])
+    proc = start_cli("sync", image, backup, "--bwlimit", "4M", "--quiet", capture=False)
     try:
-        deadline = time.monotonic() + 20
-        while Manifest.open(manifest_path(str(backup))).state != "updating":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: Manifest.open(manifest_path(str(backup))).state == "updating",
+                 what="the sync to start updating the copy")
         time.sleep(0.8)
     finally:
         proc.kill()
@@ -176,16 +155,12 @@ def test_corrupt_manifest_is_refused(live):
     sync(image, backup)
     before = backup.read_bytes()
     path = manifest_path(str(backup))
-    with open(path, "r+b") as f:
-        f.seek(4096 + 8 * 3)
-        f.write(b"\x00\x01\x02\x03")
-    proc = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(image), str(backup)],
-                          capture_output=True, text=True)
+    write_at(path, 4096 + 8 * 3, b"\x00\x01\x02\x03")
+    proc = run_cli("sync", image, backup)
     assert proc.returncode == 2
     assert "corrupt" in proc.stderr and "--force" in proc.stderr
     assert backup.read_bytes() == before
-    with open(path, "r+b") as f:
-        f.write(b"garbage!")
+    write_at(path, 0, b"garbage!")
     with pytest.raises(blockmirror.InvalidInputError, match="not a blockmirror manifest"):
         sync(image, backup)
     # --force takes a full copy and a fresh manifest.
@@ -200,13 +175,11 @@ def test_changed_command(live):
         cid = t.change_id()
     with TrackedImage(image) as w:
         w.pwrite(b"z" * 100, 3 * MiB + 10)
-    proc = subprocess.run([sys.executable, "-m", "blockmirror", "changed", str(image),
-                           "--since", cid, "--json", "--new-id"], capture_output=True, text=True)
+    proc = run_cli("changed", image, "--since", cid, "--json", "--new-id")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["extents"] == [[3 * MiB, G]] and out["new_change_id"].startswith(cid[:32])
-    proc = subprocess.run([sys.executable, "-m", "blockmirror", "changed", str(image),
-                           "--since", "0" * 32 + ":0"], capture_output=True, text=True)
+    proc = run_cli("changed", image, "--since", "0" * 32 + ":0")
     assert proc.returncode == 2 and "full copy" in proc.stderr
 
 

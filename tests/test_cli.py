@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from imagetools import MiB, make_data_image
+from imagetools import MiB, make_data_image, run_cli, write_at, writer_dies
 
 from blockmirror import Tracker
-
-
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "blockmirror", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def listing(*folders):
@@ -43,7 +36,7 @@ def assert_one_line_error(proc, code, pattern):
 
 
 def test_sync_ok_json(src_img, tmp_path):
-    proc = run("sync", src_img, tmp_path / "dst", "--json")
+    proc = run_cli("sync", src_img, tmp_path / "dst", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["status"] == "ok" and out["destination"] == str(tmp_path / "dst" / "a.img")
@@ -52,13 +45,13 @@ def test_sync_ok_json(src_img, tmp_path):
 
 
 def test_sync_quiet_prints_nothing(src_img, tmp_path):
-    proc = run("sync", src_img, tmp_path / "dst", "--quiet")
+    proc = run_cli("sync", src_img, tmp_path / "dst", "--quiet")
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
 
 
 def test_missing_source(tmp_path):
     before = listing(tmp_path)
-    proc = run("sync", tmp_path / "nope.img", tmp_path / "out.img")
+    proc = run_cli("sync", tmp_path / "nope.img", tmp_path / "out.img")
     assert_one_line_error(proc, 2, "does not exist")
     assert listing(tmp_path) == before
 
@@ -66,16 +59,16 @@ def test_missing_source(tmp_path):
 def test_source_is_a_folder_in_file_mode(tmp_path, src_img):
     target = tmp_path / "dst" / "x.img"
     target.write_bytes(b"old")
-    proc = run("sync", tmp_path / "src", target)
+    proc = run_cli("sync", tmp_path / "src", target)
     assert_one_line_error(proc, 2, "is a folder")
     assert target.read_bytes() == b"old"
 
 
 def test_destination_is_the_source(src_img):
     before = listing(src_img.parent)
-    proc = run("sync", src_img, src_img)
+    proc = run_cli("sync", src_img, src_img)
     assert_one_line_error(proc, 2, "is the source")
-    proc = run("sync", src_img, src_img.parent)  # folder: same name in the same place
+    proc = run_cli("sync", src_img, src_img.parent)  # folder: same name in the same place
     assert_one_line_error(proc, 2, "is the source")
     assert listing(src_img.parent) == before
 
@@ -83,13 +76,13 @@ def test_destination_is_the_source(src_img):
 def test_destination_is_the_source_through_a_symlink(src_img, tmp_path):
     link = tmp_path / "dst" / "link.img"
     link.symlink_to(src_img)
-    proc = run("sync", src_img, link, "--force")
+    proc = run_cli("sync", src_img, link, "--force")
     assert_one_line_error(proc, 2, "is the source")
     assert os.path.islink(link) and sorted(os.listdir(tmp_path / "dst")) == ["link.img"]
 
 
 def test_destination_folder_missing(src_img, tmp_path):
-    proc = run("sync", src_img, tmp_path / "missing" / "a.img")
+    proc = run_cli("sync", src_img, tmp_path / "missing" / "a.img")
     assert_one_line_error(proc, 2, "does not exist")
     assert not (tmp_path / "missing").exists()
 
@@ -97,17 +90,17 @@ def test_destination_folder_missing(src_img, tmp_path):
 def test_destination_exists_needs_force(src_img, tmp_path):
     target = tmp_path / "dst" / "a.img"
     target.write_bytes(b"keep me")
-    proc = run("sync", src_img, target)
+    proc = run_cli("sync", src_img, target)
     assert_one_line_error(proc, 2, "--force")
     assert target.read_bytes() == b"keep me"
-    proc = run("sync", src_img, target, "--force", "--quiet")
+    proc = run_cli("sync", src_img, target, "--force", "--quiet")
     assert proc.returncode == 0
     assert target.read_bytes() == src_img.read_bytes()
 
 
 def test_zero_length_image(tmp_path):
     (tmp_path / "empty.img").write_bytes(b"")
-    proc = run("sync", tmp_path / "empty.img", tmp_path / "out.img")
+    proc = run_cli("sync", tmp_path / "empty.img", tmp_path / "out.img")
     assert_one_line_error(proc, 2, "empty")
     assert not (tmp_path / "out.img").exists()
 
@@ -115,7 +108,7 @@ def test_zero_length_image(tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_unreadable_source(src_img, tmp_path):
     os.chmod(src_img, 0)
-    proc = run("sync", src_img, tmp_path / "dst")
+    proc = run_cli("sync", src_img, tmp_path / "dst")
     assert_one_line_error(proc, 2, "permission denied")
     assert os.listdir(tmp_path / "dst") == []
 
@@ -126,18 +119,15 @@ def test_unreadable_source_as_root_without_dac_override(src_img, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("covered by test_unreadable_source when not root")
     os.chmod(src_img, 0)
-    proc = subprocess.run(
-        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
-         "blockmirror", "sync", str(src_img), str(tmp_path / "dst")],
-        capture_output=True, text=True, timeout=60,
-    )
+    proc = run_cli("sync", src_img, tmp_path / "dst", timeout=60,
+               wrapper=("setpriv", "--bounding-set=-dac_override,-dac_read_search"))
     assert_one_line_error(proc, 2, "permission denied")
     assert os.listdir(tmp_path / "dst") == []
 
 
 @pytest.mark.parametrize("garbage", ["fast", "-1s", "0", "5 parsecs", ""])
 def test_garbage_target_downtime(src_img, tmp_path, garbage):
-    proc = run("sync", src_img, tmp_path / "dst", "--target-downtime", garbage)
+    proc = run_cli("sync", src_img, tmp_path / "dst", "--target-downtime", garbage)
     assert proc.returncode == 2
     assert "target-downtime" in proc.stderr
     assert os.listdir(tmp_path / "dst") == []
@@ -156,60 +146,52 @@ def test_not_enough_space_at_precheck(src_img, tmp_path, monkeypatch):
 
 
 def test_track_enable_status_disable(src_img):
-    proc = run("track", "enable", src_img)
+    proc = run_cli("track", "enable", src_img)
     assert proc.returncode == 0 and os.path.exists(str(src_img) + ".cbt")
-    proc = run("track", "enable", src_img)
+    proc = run_cli("track", "enable", src_img)
     assert proc.returncode == 2 and "exists" in proc.stderr
-    proc = run("track", "status", src_img, "--json")
+    proc = run_cli("track", "status", src_img, "--json")
     info = json.loads(proc.stdout)
     assert info["consistent"] is True and info["granularity"] == 65536
-    proc = run("track", "status", src_img)
+    proc = run_cli("track", "status", src_img)
     assert "consistent   yes" in proc.stdout
-    proc = run("track", "disable", src_img)
+    proc = run_cli("track", "disable", src_img)
     assert proc.returncode == 0 and not os.path.exists(str(src_img) + ".cbt")
-    proc = run("track", "status", src_img)
+    proc = run_cli("track", "status", src_img)
     assert proc.returncode == 2
 
 
 def test_track_status_of_corrupt_sidecar(src_img):
     Tracker.create(src_img).close()
-    with open(str(src_img) + ".cbt", "r+b") as f:
-        f.seek(20)
-        f.write(b"\xff\xff")
-    proc = run("track", "status", src_img)
+    write_at(str(src_img) + ".cbt", 20, b"\xff\xff")
+    proc = run_cli("track", "status", src_img)
     assert_one_line_error(proc, 2, "corrupt")
 
 
 def test_verify_command(src_img, tmp_path):
     copy = tmp_path / "dst" / "copy.img"
     copy.write_bytes(src_img.read_bytes())
-    assert run("verify", src_img, copy).returncode == 0
-    with open(copy, "r+b") as f:
-        f.seek(3 * MiB + 5)
-        f.write(b"!")
-    proc = run("verify", src_img, copy, "--json")
+    assert run_cli("verify", src_img, copy).returncode == 0
+    write_at(copy, 3 * MiB + 5, b"!")
+    proc = run_cli("verify", src_img, copy, "--json")
     assert proc.returncode == 5
     assert json.loads(proc.stdout)["differing"] == [[3 * MiB, 65536]]
 
 
 def test_help_documents_exit_codes():
-    proc = run("sync", "--help")
+    proc = run_cli("sync", "--help")
     assert proc.returncode == 0
     for code in ("0 ", "1 ", "2 ", "3 ", "4 ", "130", "143"):
         assert code in proc.stdout
 
 
 def test_track_reset_accepts_an_unclean_sidecar(src_img):
-    assert run("track", "enable", src_img).returncode == 0
-    code = ("import os, sys, blockmirror\n"
-            "w = blockmirror.TrackedImage(sys.argv[1])\n"
-            "w.pwrite(b'x', 0)\n"
-            "os.kill(os.getpid(), 9)\n")
-    subprocess.run([sys.executable, "-c", code, str(src_img)])
-    assert "all invalid" in run("track", "status", src_img).stdout
-    proc = run("track", "reset", src_img)
+    assert run_cli("track", "enable", src_img).returncode == 0
+    writer_dies(src_img, [(0, 1)])
+    assert "all invalid" in run_cli("track", "status", src_img).stdout
+    proc = run_cli("track", "reset", src_img)
     assert proc.returncode == 0 and "was unclean" in proc.stdout
-    info = json.loads(run("track", "status", src_img, "--json").stdout)
+    info = json.loads(run_cli("track", "status", src_img, "--json").stdout)
     assert info["consistent"] is True
     assert info["dirty_bytes"] == os.path.getsize(src_img)
 
@@ -217,7 +199,7 @@ def test_track_reset_accepts_an_unclean_sidecar(src_img):
 def test_demo_runs(tmp_path):
     """The README's main-job command, smaller: a live writer, a sync with
     verify, one JSON result."""
-    proc = run("demo", "--size", "64M", "--rate", "8M", "--dir", tmp_path, "--json")
+    proc = run_cli("demo", "--size", "64M", "--rate", "8M", "--dir", tmp_path, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["status"] == "ok" and out["verified"] is True

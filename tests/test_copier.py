@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from imagetools import nonzero_cells
 
 from blockmirror._bindings import copy as _copy
 from blockmirror.copying.copier import (
@@ -88,10 +87,6 @@ def reference_written_pieces(
                     pieces.append((pos, cell_end))
                 pos = cell_end
     return pieces
-
-
-def read_all(path: Path) -> bytes:
-    return path.read_bytes()
 
 
 def allocated_blocks(path: Path) -> set[int]:
@@ -279,7 +274,7 @@ def test_single_call_matches_reference(
         os.close(dst_fd)
 
     expected = reference_copy(src, old, extents)
-    got = read_all(dst_path)
+    got = dst_path.read_bytes()
     assert len(got) <= len(expected)
     assert got.ljust(len(expected), b"\0") == expected
 
@@ -377,7 +372,7 @@ def test_copier_matches_reference(
         os.close(dst_fd)
 
     expected = reference_copy(src, old, extents)
-    got = read_all(dst_path)
+    got = dst_path.read_bytes()
     assert got.ljust(len(expected), b"\0") == expected
     total = sum(n for _, n in extents)
     assert stats.copied == total == sum(seen)
@@ -402,8 +397,16 @@ def test_copier_matches_reference(
 def test_split_extents_cuts_the_stream_evenly(size: int, align: int) -> None:
     rng = np.random.default_rng(size + align)
     offsets = np.cumsum(rng.integers(3000, 8000, 200)).tolist()
-    pairs = list(zip(offsets, rng.integers(0, 3000, 200).tolist(), strict=True))
-    pairs += [(offsets[-1] + 10_000, 100_000)]  # long enough to be cut many times
+    # Extents of up to 3000 bytes (some empty) and one long one, cut many
+    # times. Cut into items of a few bytes with ALIGN 1, that made ~400,000
+    # items and taught no more than a stream scaled to SIZE does: extents up
+    # to three items long (shorter ones, whole ones, ones cut twice, in every
+    # mix) and a long one of 100 items. (With ALIGN > 1 the cuts snap to its
+    # multiples, which bounds the items whatever SIZE is.)
+    scaled = align == 1 and size < 1000
+    longest, long = (3 * size, 100 * size) if scaled else (3000, 100_000)
+    pairs = list(zip(offsets, rng.integers(0, longest, 200).tolist(), strict=True))
+    pairs += [(offsets[-1] + 10_000, long)]
     arr = as_extent_array(pairs)
     items = split_extents(arr, size, align)
     sums = [int(it["length"].sum()) for it in items]
@@ -464,10 +467,6 @@ def image_pair(tmp_path: Path) -> Iterator[tuple[Path, Path, bytes]]:
     yield src, tmp_path / "dst.img", content
 
 
-def _nonzero_cells(content: bytes, block: int) -> int:
-    return sum(block for pos in range(0, len(content), block) if any(content[pos : pos + block]))
-
-
 def test_bulk_copy_into_fresh_file_stays_sparse(image_pair) -> None:
     src, dst, content = image_pair
     with open(dst, "wb") as f:
@@ -485,7 +484,7 @@ def test_bulk_copy_into_fresh_file_stays_sparse(image_pair) -> None:
     assert stats.bytes_hole == 0  # only allocated extents were asked for
     assert stats.bytes_read == 4 * MiB
     assert stats.bytes_zero >= 1 * MiB  # the written zeros at least
-    assert stats.bytes_written == _nonzero_cells(content, 65536)
+    assert stats.bytes_written == nonzero_cells(content, 65536)
     assert stats.bytes_punched == 0
     assert os.stat(dst).st_blocks * 512 <= stats.bytes_written + 64 * KiB
 
@@ -602,40 +601,27 @@ def test_range_past_source_end_reads_as_zeros(tmp_path: Path) -> None:
 # -- errors --------------------------------------------------------------------
 
 
-def test_read_only_destination_raises_ebadf_naming_it(image_pair) -> None:
+@pytest.mark.parametrize(
+    ("bad_side", "cfr"),
+    [("dst", False), ("dst", True), ("src", False)],
+    ids=["read-only-dst", "read-only-dst-copy_file_range", "write-only-src"],
+)
+def test_bad_descriptor_raises_ebadf_naming_its_file(image_pair, bad_side, cfr) -> None:
     src, dst, content = image_pair
     dst.write_bytes(b"")
-    src_fd = os.open(src, os.O_RDONLY)
-    dst_fd = os.open(dst, os.O_RDONLY)
-    try:
-        for cfr in (False, True):
-            with (
-                Copier(src_fd, dst_fd, use_copy_file_range=cfr, dst_path=str(dst)) as copier,
-                pytest.raises(OSError) as info,
-            ):
-                copier.copy_extents([(0, len(content))], dst_fresh=True)
-            assert info.value.errno == errno.EBADF
-            assert info.value.filename == str(dst)
-    finally:
-        os.close(src_fd)
-        os.close(dst_fd)
-
-
-def test_unreadable_source_raises_naming_it(image_pair) -> None:
-    src, dst, content = image_pair
-    dst.write_bytes(b"")
-    src_fd = os.open(src, os.O_WRONLY)
-    dst_fd = os.open(dst, os.O_RDWR)
+    src_flags, dst_flags = (os.O_WRONLY, os.O_RDWR) if bad_side == "src" else (os.O_RDONLY,) * 2
+    src_fd = os.open(src, src_flags)
+    dst_fd = os.open(dst, dst_flags)
     try:
         with (
             Copier(
-                src_fd, dst_fd, use_copy_file_range=False, src_path=str(src), dst_path=str(dst)
+                src_fd, dst_fd, use_copy_file_range=cfr, src_path=str(src), dst_path=str(dst)
             ) as copier,
             pytest.raises(OSError) as info,
         ):
             copier.copy_extents([(0, len(content))], dst_fresh=True)
         assert info.value.errno == errno.EBADF
-        assert info.value.filename == str(src)
+        assert info.value.filename == str(src if bad_side == "src" else dst)
     finally:
         os.close(src_fd)
         os.close(dst_fd)
@@ -659,29 +645,10 @@ def test_cancel_flag_stops_a_call(image_pair) -> None:
     assert os.stat(dst).st_size == 0
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_out_of_space_raises_enospc_and_stops_every_worker(tmp_path: Path, tiny_tmpfs) -> None:
+def test_out_of_space_raises_enospc_and_stops_every_worker(tmp_path: Path, small_tmpfs) -> None:
     src = tmp_path / "big"
     src.write_bytes(np.random.default_rng(1).integers(1, 256, 16 * MiB, np.uint8).tobytes())
-    dst = tiny_tmpfs / "dst"
+    dst = small_tmpfs("2m") / "dst"
     dst.write_bytes(b"")
     src_fd, dst_fd = open_pair(src, dst)
     try:

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from imagetools import read_at
 
 from blockmirror import TrackedImage, Tracker
 from blockmirror._bindings import writer as _writer
@@ -30,12 +31,6 @@ def write_path(request, monkeypatch) -> str:
     else:
         assert _writer._fastwrite is not None, "blockmirror._fastwrite was not built"
     return str(request.param)
-
-
-def read_at(path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 def test_fast_path_is_built_and_used(tracked_image):
@@ -191,12 +186,10 @@ def test_estale_goes_to_on_stale_with_the_same_arguments(tracked_image, make_ima
     assert read_at(tracked_image, 0, 16) == b"\0" * 16
 
 
-def test_follows_a_move(tmp_path, write_path):
+def test_follows_a_move(dirs, write_path):
     """sync --move while the image is held open: the next write lands in the
     moved image, tracked there, and the handle keeps its fast path."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
+    src, dst = dirs
     image = src / "moving.img"
     with open(image, "wb") as f:
         f.truncate(8 * MiB)

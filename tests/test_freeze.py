@@ -13,6 +13,7 @@ import struct
 import time
 
 import pytest
+from imagetools import read_at
 
 from blockmirror import TrackedImage, Tracker
 
@@ -102,12 +103,6 @@ def writer(tracked_image):
     w = Writer(tracked_image)
     yield w
     w.stop()
-
-
-def read_at(path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 # -- freeze and thaw ----------------------------------------------------------------
@@ -287,15 +282,20 @@ def test_redirect_moves_writer(tracked_image, make_image, writer):
             assert t.consistent
 
 
-def test_redirect_to_untracked_target_fails_loudly(tracked_image, make_image, writer):
-    target = make_image(4 * MiB, "moved.img")  # no sidecar: the copier forgot it
-    with Tracker.open(tracked_image) as copier:
+def redirect_and_write(image, target, writer, data: bytes):
+    """Freeze IMAGE, redirect its writers to TARGET and have WRITER write
+    DATA at 0; returns what the writer reported (kind, errno or seconds, path)."""
+    with Tracker.open(image) as copier:
         copier.freeze(10)
         copier.redirect(target)
-        writer.write(0, b"nowhere")
-        kind, err, _ = writer.result(10)
-        assert kind == "error"
-        assert err == errno.ENOENT
+        writer.write(0, data)
+        return writer.result(10)
+
+
+def test_redirect_to_untracked_target_fails_loudly(tracked_image, make_image, writer):
+    target = make_image(4 * MiB, "moved.img")  # no sidecar: the copier forgot it
+    assert redirect_and_write(tracked_image, target, writer, b"nowhere")[:2] == (
+        "error", errno.ENOENT)
     assert read_at(tracked_image, 0, 7) == b"\0" * 7
     assert read_at(target, 0, 7) == b"\0" * 7
 
@@ -305,14 +305,10 @@ def test_redirect_to_symlink_refused(tracked_image, make_image, tmp_path, writer
     Tracker.create(real).close()
     link = tmp_path / "link.img"
     os.symlink(real, link)
-    with Tracker.open(tracked_image) as copier:
-        copier.freeze(10)
-        copier.redirect(link)
-        writer.write(0, b"escape")
-        kind, err, _ = writer.result(10)
-        assert kind == "error"
-        assert err == errno.ELOOP
+    assert redirect_and_write(tracked_image, link, writer, b"escape")[:2] == (
+        "error", errno.ELOOP)
     assert read_at(real, 0, 6) == b"\0" * 6
+    assert read_at(tracked_image, 0, 6) == b"\0" * 6
 
 
 def test_redirect_needs_a_freeze(tracked_image, make_image):

@@ -13,6 +13,7 @@ from pathlib import Path
 import nfs_standin
 import numpy as np
 import pytest
+from imagetools import nonzero_cells
 
 from blockmirror._bindings import copy as _copy
 from blockmirror.copying.copier import Copier, CopyStats
@@ -70,10 +71,6 @@ def make_image(path: Path, seed: int) -> bytes:
             content[off : off + len(chunk)] = chunk
         f.truncate(len(content))
     return bytes(content)
-
-
-def nonzero_cells(content: bytes, block: int = 65536) -> int:
-    return sum(block for p in range(0, len(content), block) if any(content[p : p + block]))
 
 
 def copy_file(src: Path, dst: Path, *, fresh: bool, **kwargs: object) -> tuple[CopyStats, bool]:

@@ -78,3 +78,22 @@ def test_a_wobbling_dirty_set_counts_as_stalled():
     for i, left in enumerate([17, 15, 13], start=1):
         shrinking.append(rec(i, 20 * MiB, 1.0, left * MiB))
     assert policy.stalled_for(shrinking) == 0
+
+
+@pytest.mark.parametrize("target", [0.2, 1.0, 5.0])
+def test_switchover_margin_boundary(target):
+    """The prediction must fit in 85 % of the target, not in all of it: the
+    final pass also pays the freeze and a throughput that wobbles. Just under
+    0.85 x target switches over, just over does not (nor does the target)."""
+    policy = ConvergencePolicy(target_downtime=target)
+    assert policy.switchover_margin == 0.85
+    throughput = 100 * MiB  # bytes/s, as the bulk pass below measures it
+    edge = 0.85 * target * throughput  # dirty bytes that take exactly 85 % of the target
+    under, over = int(edge * (1 - 1e-4)), int(edge * (1 + 1e-4))
+    assert policy.fits(under, throughput)
+    assert not policy.fits(over, throughput)
+    assert not policy.fits(int(0.95 * target * throughput), throughput)  # fits the target only
+    bulk = rec(0, 1000 * MiB, 10.0, 0)
+    assert ConvergencePolicy.copy_throughput([bulk]) == pytest.approx(throughput)
+    assert policy.decide([rec(0, 1000 * MiB, 10.0, under)]) is Decision.SWITCHOVER
+    assert policy.decide([rec(0, 1000 * MiB, 10.0, over)]) is Decision.CONTINUE

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 from imagetools import (
     MiB,
-    WriterProcess,
-    applied_prefix,
     is_sparse,
     make_data_image,
-    replay,
+    partial_exists,
+    run_cli,
+    start_cli,
+    wait_for,
+    writer_dies,
 )
 
 import blockmirror
 from blockmirror import Tracker
 from blockmirror.migration import sync
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    return src, dst
 
 
 def test_untracked_idle_copy_is_exact_and_sparse(dirs):
@@ -55,82 +47,57 @@ def test_size_not_a_multiple_of_the_granularity(dirs):
     assert (dst / "odd.img").read_bytes() == bytes(content)
 
 
-def test_copy_mode_is_the_source_at_the_freeze(dirs):
+def test_copy_mode_is_the_source_at_the_freeze(dirs, live_writer):
     """A writer runs through the whole sync. The copy must equal the initial
     image with exactly a prefix of the logged writes applied (those before
     the freeze), and the source all of them."""
     src, dst = dirs
     image = src / "live.img"
-    initial = make_data_image(image, 64 * MiB, extents=16)
-    Tracker.create(image).close()
-    writer = WriterProcess(image, src / "writes.log", rate="16M")
-    try:
-        writer.wait_for_writes(20)
-        result = sync(image, dst, target_downtime=0.3)
-        writer.wait_for_writes(len(writer.writes()) + 10)  # still writing after the switch
-    finally:
-        assert writer.stop() == 0
-    writes = writer.writes()
-    copy = (dst / "live.img").read_bytes()
-    k = applied_prefix(copy, writes)
-    assert 20 <= k < len(writes)
-    assert copy == replay(initial, writes[:k], writer.seed)
-    assert image.read_bytes() == replay(initial, writes, writer.seed)
+    initial = make_data_image(image, 64 * MiB, extents=16, tracked=True)
+    writer = live_writer(image, rate="16M", wait=20)
+    result = sync(image, dst, target_downtime=0.3)
+    writer.wait_for_more(10)  # still writing after the switch
+    assert writer.stop() == 0
+    k = writer.assert_point_in_time((dst / "live.img").read_bytes(), initial)
+    assert 20 <= k < len(writer.writes())
+    assert image.read_bytes() == writer.replayed(initial)
     assert result.downtime <= 0.3 * 4  # the freeze lease bounds it; target is what we aim at
     assert result.passes[-1].kind == "final"
 
 
-def test_move_mode_loses_no_write(dirs):
+def test_move_mode_loses_no_write(dirs, live_writer):
     """--move under a steady writer: after it stops, the destination is the
     initial image with every logged write applied in order; the source and
     its sidecar are gone; the writer never noticed."""
     src, dst = dirs
     image = src / "vm.img"
-    initial = make_data_image(image, 64 * MiB, extents=16)
-    Tracker.create(image).close()
-    writer = WriterProcess(image, src / "writes.log", rate="16M")
-    try:
-        writer.wait_for_writes(20)
-        proc = subprocess.run(
-            [sys.executable, "-m", "blockmirror", "sync", str(image), str(dst), "--move",
-             "--target-downtime", "300ms", "--json"],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr
-        n = len(writer.writes())
-        writer.wait_for_writes(n + 10)  # it goes on writing, now into the destination
-    finally:
-        assert writer.stop() == 0
+    initial = make_data_image(image, 64 * MiB, extents=16, tracked=True)
+    writer = live_writer(image, rate="16M", wait=20)
+    proc = run_cli("sync", image, dst, "--move", "--target-downtime", "300ms", "--json")
+    assert proc.returncode == 0, proc.stderr
+    writer.wait_for_more(10)  # it goes on writing, now into the destination
+    assert writer.stop() == 0
     result = json.loads(proc.stdout)
     assert result["status"] == "ok" and result["mode"] == "move"
     assert not image.exists() and not (src / "vm.img.cbt").exists()
     assert (dst / "vm.img.cbt").exists()
-    writes = writer.writes()
-    assert (dst / "vm.img").read_bytes() == replay(initial, writes, writer.seed)
+    assert (dst / "vm.img").read_bytes() == writer.replayed(initial)
 
 
-def test_verify_passes_under_a_live_writer(dirs):
+def test_verify_passes_under_a_live_writer(dirs, live_writer):
     src, dst = dirs
     image = src / "v.img"
-    make_data_image(image, 32 * MiB, extents=8)
-    Tracker.create(image).close()
-    writer = WriterProcess(image, src / "writes.log", rate="16M")
-    try:
-        writer.wait_for_writes(10)
-        result = sync(image, dst, target_downtime=0.3, verify=True)
-    finally:
-        writer.stop()
-    assert result.verified
+    make_data_image(image, 32 * MiB, extents=8, tracked=True)
+    live_writer(image, rate="16M", wait=10)
+    result = sync(image, dst, target_downtime=0.3, verify=True)
+    assert result.status == "ok" and result.verified
 
 
 def test_unclean_sidecar_is_reset_and_copy_is_still_exact(dirs):
     src, dst = dirs
     image = src / "u.img"
-    content = make_data_image(image, 16 * MiB, extents=4)
-    Tracker.create(image).close()
-    # A writer that dies leaves the sidecar unclean.
-    code = f"import os, blockmirror; w = blockmirror.TrackedImage({str(image)!r}); os._exit(0)"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    content = make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    writer_dies(image, how="exit")  # a writer that dies leaves the sidecar unclean
     assert Tracker.open(image).consistent is False
     result = sync(image, dst)
     assert any("unclean" in n for n in result.notes)
@@ -158,43 +125,34 @@ def test_untracked_source_that_changes_is_refused(dirs):
     assert os.listdir(dst) == []
 
 
-def test_not_converged_leaves_source_untouched(dirs):
+def test_not_converged_leaves_source_untouched(dirs, live_writer):
     """A copy capped far below the write rate cannot converge: it fails with
     NotConvergedError, removes the partial copy, and the writer never paused
     (its log keeps growing throughout). The writer is confined to a 2 MiB
     region, so the dirty set stays put instead of shrinking."""
     src, dst = dirs
     image = src / "hot.img"
-    make_data_image(image, 16 * MiB, extents=4)
-    Tracker.create(image).close()
-    writer = WriterProcess(image, src / "writes.log", rate="16M", extra=["--region", "2M"])
-    try:
-        writer.wait_for_writes(10)
-        with pytest.raises(blockmirror.NotConvergedError, match="source keeps running") as info:
-            sync(image, dst, target_downtime=0.05, rate_limit=4 * MiB, max_passes=12)
-        assert "stopped shrinking" in str(info.value)
-        n = len(writer.writes())
-        writer.wait_for_writes(n + 5)
-    finally:
-        assert writer.stop() == 0
+    initial = make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    writer = live_writer(image, rate="16M", extra=["--region", "2M"], wait=10)
+    with pytest.raises(blockmirror.NotConvergedError, match="source keeps running") as info:
+        sync(image, dst, target_downtime=0.05, rate_limit=4 * MiB, max_passes=12)
+    assert "stopped shrinking" in str(info.value)
+    writer.wait_for_more(5)
+    assert writer.stop() == 0
     assert os.listdir(dst) == []
+    assert image.read_bytes() == writer.replayed(initial)
     with Tracker.open(image) as t:
         assert t.state == "running"
         assert t.info().throttle_bytes_per_s == 0
 
 
-def test_throttle_strategy_converges_where_fail_would_not(dirs):
+def test_throttle_strategy_converges_where_fail_would_not(dirs, live_writer):
     src, dst = dirs
     image = src / "t.img"
-    make_data_image(image, 16 * MiB, extents=4)
-    Tracker.create(image).close()
-    writer = WriterProcess(image, src / "writes.log", rate="16M", extra=["--region", "2M"])
-    try:
-        writer.wait_for_writes(10)
-        result = sync(image, dst, target_downtime=0.2, rate_limit=4 * MiB, max_passes=40,
-                      converge="throttle")
-    finally:
-        writer.stop()
+    make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    live_writer(image, rate="16M", extra=["--region", "2M"], wait=10)
+    result = sync(image, dst, target_downtime=0.2, rate_limit=4 * MiB, max_passes=40,
+                  converge="throttle")
     assert result.status == "ok"
     assert any("throttled" in n for n in result.notes)
     with Tracker.open(image) as t:
@@ -205,8 +163,7 @@ def test_directory_mode_copies_home_files_first(dirs, tmp_path):
     src, _dst = dirs
     (src / "vm.vmx").write_text("memsize = 1024\n")
     (src / "vm.log").write_text("booted\n")
-    content = make_data_image(src / "disk.img", 16 * MiB, extents=4)
-    Tracker.create(src / "disk.img").close()
+    content = make_data_image(src / "disk.img", 16 * MiB, extents=4, tracked=True)
     target = tmp_path / "moved"
     result = sync(src, target, mode="move")
     assert (target / "vm.vmx").read_text() == "memsize = 1024\n"
@@ -220,17 +177,12 @@ def test_one_sync_per_source_at_a_time(dirs, tmp_path):
     """Two copiers would steal each other's dirty bits; the second is refused."""
     src, dst = dirs
     image = src / "one.img"
-    make_data_image(image, 64 * MiB, extents=32)
-    Tracker.create(image).close()
-    first = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", str(image), str(dst),
-                              "--bwlimit", "16M", "--quiet"])
+    make_data_image(image, 64 * MiB, extents=32, tracked=True)
+    first = start_cli("sync", image, dst, "--bwlimit", "16M", "--quiet", capture=False)
     try:
         other = tmp_path / "other"
         other.mkdir()
-        deadline = time.monotonic() + 20
-        while not any(n.endswith(".bm-partial") for n in os.listdir(dst)):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: partial_exists(dst), what="the first sync's partial copy")
         with pytest.raises(blockmirror.InvalidInputError, match="another sync"):
             sync(image, other)
         assert os.listdir(other) == []
@@ -248,10 +200,8 @@ def test_copy_follows_an_image_resized_during_sync(dirs, change):
 
     src, dst = dirs
     image = src / "r.img"
-    make_data_image(image, 16 * MiB, extents=4)
-    Tracker.create(image).close()
+    make_data_image(image, 16 * MiB, extents=4, tracked=True)
     stop = threading.Event()
-    snapshots = []
 
     def resize_loop():
         with TrackedImage(image) as w:
@@ -270,16 +220,11 @@ def test_copy_follows_an_image_resized_during_sync(dirs, change):
     thread.start()
     try:
         time.sleep(0.05)
-
-        def on_progress(p):
-            if p.phase == "final":
-                snapshots.append(p)
-
-        result = sync(image, dst, target_downtime=0.2, verify=True, progress=on_progress)
+        result = sync(image, dst, target_downtime=0.2, verify=True)
     finally:
         stop.set()
         thread.join()
-    assert result.verified
+    assert result.verified and result.passes[-1].kind == "final"
     assert os.path.getsize(dst / "r.img") == result.image_size
     if change == "grow":
         assert result.image_size > 16 * MiB
@@ -294,8 +239,7 @@ def test_reader_follows_a_move(dirs):
 
     src, dst = dirs
     image = src / "follow.img"
-    make_data_image(image, 8 * MiB, extents=2)
-    Tracker.create(image).close()
+    make_data_image(image, 8 * MiB, extents=2, tracked=True)
     with TrackedImage(image) as reader, TrackedImage(image) as writer:
         sync(image, dst, mode="move", target_downtime=0.5)
         writer.pwrite(b"after the move", 4096)  # follows the redirect

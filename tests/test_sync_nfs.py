@@ -5,17 +5,13 @@ refuses what move mode needs, the failure must be clean."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import nfs_standin
 import pytest
-from imagetools import MiB, WriterProcess, applied_prefix, make_data_image, replay
+from imagetools import MiB, allocated_bytes, make_data_image, run_cli
 
-from blockmirror import Tracker
 from blockmirror.migration import sync
 
 pytestmark = [
@@ -33,30 +29,20 @@ def nfs(tmp_path):
         yield fs, backing
 
 
-def allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
-
-
-def test_copy_onto_nfs_under_a_writer_is_exact_and_sparse(nfs, tmp_path):
+def test_copy_onto_nfs_under_a_writer_is_exact_and_sparse(nfs, tmp_path, live_writer):
     fs, backing = nfs
     image = tmp_path / "vm.img"
-    initial = make_data_image(image, 32 * MiB, extents=8)
-    Tracker.create(image).close()
-    writer = WriterProcess(image, tmp_path / "writes.log", rate="4M")
-    try:
-        writer.wait_for_writes(5)
-        result = sync(image, fs.mountpoint, target_downtime=0.5)
-        # and an incremental update of that copy, over the same mount
-        writer.wait_for_writes(len(writer.writes()) + 10)
-        again = sync(image, fs.mountpoint, target_downtime=0.5)
-    finally:
-        assert writer.stop() == 0
+    initial = make_data_image(image, 32 * MiB, extents=8, tracked=True)
+    writer = live_writer(image, rate="4M", wait=5)
+    result = sync(image, fs.mountpoint, target_downtime=0.5)
+    # and an incremental update of that copy, over the same mount
+    writer.wait_for_more(10)
+    again = sync(image, fs.mountpoint, target_downtime=0.5)
+    assert writer.stop() == 0
     assert result.status == "ok" and again.incremental
-    copy = (backing / "vm.img").read_bytes()
-    writes = writer.writes()
-    assert copy == replay(initial, writes[:applied_prefix(copy, writes)], writer.seed)
+    writer.assert_point_in_time((backing / "vm.img").read_bytes(), initial)
     # 8 MiB of data plus the writer's blocks: far below the 32 MiB apparent size.
-    assert allocated(backing / "vm.img") < 16 * MiB
+    assert allocated_bytes(backing / "vm.img") < 16 * MiB
 
 
 def test_copy_from_nfs_stays_sparse_by_zero_detection(nfs, tmp_path):
@@ -67,7 +53,7 @@ def test_copy_from_nfs_stays_sparse_by_zero_detection(nfs, tmp_path):
     dst = tmp_path / "local.img"
     result = sync(Path(fs.mountpoint) / "remote.img", dst)
     assert dst.read_bytes() == content
-    assert allocated(dst) <= 4 * MiB + 65536
+    assert allocated_bytes(dst) <= 4 * MiB + 65536
     assert result.passes[0].bytes == 32 * MiB  # the whole file was read: no SEEK_HOLE
 
 
@@ -85,47 +71,36 @@ def test_parallel_requests_make_sync_faster(nfs, tmp_path):
     assert times[1] / times[4] >= 1.5, times
 
 
-def test_move_onto_a_mount_that_refuses_shared_mmap_fails_cleanly(nfs, tmp_path):
+def test_move_onto_a_mount_that_refuses_shared_mmap_fails_cleanly(nfs, tmp_path, live_writer):
     """The stand-in's direct_io files refuse MAP_SHARED (ENODEV), which the
     destination's sidecar needs. The move must fail before the switch: the
     destination side removed, the source and its writer untouched."""
     fs, backing = nfs
     image = tmp_path / "m.img"
-    initial = make_data_image(image, 16 * MiB, extents=4)
-    Tracker.create(image).close()
-    writer = WriterProcess(image, tmp_path / "writes.log", rate="2M")
-    try:
-        writer.wait_for_writes(3)
-        proc = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(image),
-                               str(fs.mountpoint), "--move"], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 1, proc.stderr
-        assert "No such device" in proc.stderr or "map" in proc.stderr
-        n = len(writer.writes())
-        writer.wait_for_writes(n + 3)  # not frozen, not redirected
-    finally:
-        assert writer.stop() == 0
-    assert os.listdir(backing) == []
-    assert image.read_bytes() == replay(initial, writer.writes(), writer.seed)
+    initial = make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    writer = live_writer(image, rate="2M", wait=3)
+    proc = run_cli("sync", image, fs.mountpoint, "--move")
+    assert proc.returncode == 1, proc.stderr
+    assert "No such device" in proc.stderr or "map" in proc.stderr
+    writer.wait_for_more(3)  # not frozen, not redirected
+    assert writer.stop() == 0
+    assert list(backing.iterdir()) == []
+    assert image.read_bytes() == writer.replayed(initial)
 
 
-def test_move_onto_an_mmap_capable_mount(tmp_path):
+def test_move_onto_an_mmap_capable_mount(tmp_path, live_writer):
     """Without direct_io the stand-in allows shared mappings, as NFS does:
     move mode works and the writer follows the image there."""
     backing = tmp_path / "export"
     backing.mkdir()
     image = tmp_path / "mv.img"
-    initial = make_data_image(image, 16 * MiB, extents=4)
-    Tracker.create(image).close()
+    initial = make_data_image(image, 16 * MiB, extents=4, tracked=True)
     with nfs_standin.mounted(backing, latency=0.001, direct_io=False) as fs:
-        writer = WriterProcess(image, tmp_path / "writes.log", rate="2M")
-        try:
-            writer.wait_for_writes(3)
-            result = sync(image, fs.mountpoint, mode="move", target_downtime=0.5)
-            writer.wait_for_writes(len(writer.writes()) + 5)
-        finally:
-            assert writer.stop() == 0
+        writer = live_writer(image, rate="2M", wait=3)
+        result = sync(image, fs.mountpoint, mode="move", target_downtime=0.5)
+        writer.wait_for_more(5)
+        assert writer.stop() == 0  # before the unmount: it writes there now
         assert result.status == "ok"
         moved = (Path(fs.mountpoint) / "mv.img").read_bytes()
     assert not image.exists()
-    assert moved == replay(initial, writer.writes(), writer.seed)
+    assert moved == writer.replayed(initial)

@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+from imagetools import read_at
 
 import blockmirror
 from blockmirror import BlockMirrorError, TrackedImage, Tracker, sidecar_path
@@ -239,9 +240,7 @@ def test_pwrite_pread_round_trip(tracked_image):
     with Tracker.open(tracked_image) as t:
         assert t.dirty_extents() == [(0, G), (3 * G, G), (8 * G, 2 * G)]
         assert t.consistent
-    with open(tracked_image, "rb") as f:
-        f.seek(3 * G + 10)
-        assert f.read(5) == b"hello"
+    assert read_at(tracked_image, 3 * G + 10, 5) == b"hello"
 
 
 def test_pwrite_numpy_buffer(tracked_image):
@@ -326,10 +325,23 @@ def test_truncate(tracked_image):
         assert t.consistent
 
 
-def test_flush(tracked_image):
+def test_flush_syncs_the_image(tracked_image, monkeypatch):
+    """flush() makes the image's completed writes durable: an fsync or
+    fdatasync of the image itself (a read-back alone could not tell)."""
+    synced: list[int] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def spy(fd, real=real):
+            synced.append(os.fstat(fd).st_ino)
+            return real(fd)
+
+        monkeypatch.setattr(os, name, spy)
     with TrackedImage(tracked_image) as img:
         img.pwrite(b"durable", 0)
+        before = list(synced)
         img.flush()
+        assert os.stat(tracked_image).st_ino in synced[len(before):]
         assert img.pread(7, 0) == b"durable"
     img.close()  # idempotent
 
