@@ -297,6 +297,26 @@ def spread(row: Row) -> str:
 # -- bulk --------------------------------------------------------------------------
 
 
+def copier_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, workers: int = 4,
+                fsync: bool, writeback: bool) -> float:
+    """A bare Copier bulk copy of SRC's allocated extents into a new DST
+    (sized, optionally fsynced): the engine under ``sync`` without the sync.
+    Returns the copy's own seconds."""
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with Copier(sfd, dfd, workers=workers) as c:
+            stats = c.copy_extents(c.allocated_extents(), dst_fresh=True,
+                                   start_writeback=writeback)
+        os.ftruncate(dfd, os.fstat(sfd).st_size)
+        if fsync:
+            os.fsync(dfd)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    return stats.seconds
+
+
 def section_bulk(b: Bench, d: Path, size: int, data: int, workers: int) -> str:
     src = d / "bulk-src.img"
     dst = d / "bulk-dst.img"
@@ -324,19 +344,8 @@ def section_bulk(b: Bench, d: Path, size: int, data: int, workers: int) -> str:
 
     def copier_run(fsync: bool, writeback: bool) -> Callable[[], dict[str, float]]:
         def go() -> dict[str, float]:
-            sfd = os.open(src, os.O_RDONLY)
-            dfd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                with Copier(sfd, dfd, workers=workers) as c:
-                    stats = c.copy_extents(c.allocated_extents(), dst_fresh=True,
-                                           start_writeback=writeback)
-                os.ftruncate(dfd, os.fstat(sfd).st_size)
-                if fsync:
-                    os.fsync(dfd)
-            finally:
-                os.close(sfd)
-                os.close(dfd)
-            return {"copy s": stats.seconds}
+            return {"copy s": copier_copy(src, dst, workers=workers, fsync=fsync,
+                                          writeback=writeback)}
         return go
 
     def tool_then_fsync(*argv: str | os.PathLike[str]) -> Callable[[], dict[str, float]]:

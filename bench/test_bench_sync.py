@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_tools as ct  # bench/ is not a package: imported by path
 
 from blockmirror.cli.demo import make_demo_image
-from blockmirror.copying.copier import Copier
 from blockmirror.migration import sync as bm_sync
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
@@ -55,17 +54,7 @@ def bulk_image(bench_dir: Path) -> Iterator[Path]:
 
 def _copier(src: Path, dst: Path, *, fsync: bool, writeback: bool) -> Callable[[], None]:
     def run() -> None:
-        sfd = os.open(src, os.O_RDONLY)
-        dfd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            with Copier(sfd, dfd) as c:
-                c.copy_extents(c.allocated_extents(), dst_fresh=True, start_writeback=writeback)
-            os.ftruncate(dfd, os.fstat(sfd).st_size)
-            if fsync:
-                os.fsync(dfd)
-        finally:
-            os.close(sfd)
-            os.close(dfd)
+        ct.copier_copy(src, dst, fsync=fsync, writeback=writeback)
     return run
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.extents import Extent, ExtentArray, Extents, pairs, total_bytes, union
@@ -34,22 +35,20 @@ class ProgressReporter:
                                        time.perf_counter() - self.started))
 
 
+@dataclass
 class PassRunner:
     """Runs the passes of one sync from SRC_FD into DST_FD and records each
     in RESULT. MANIFEST, when updating an earlier copy in place, has the
     digests of every range forgotten before that range is rewritten."""
 
-    def __init__(self, copier: Copier, tracker: Tracker | None, src_fd: int, dst_fd: int,
-                 result: SyncResult, report: ProgressReporter,
-                 manifest: Manifest | None = None) -> None:
-        self.copier = copier
-        self.tracker = tracker
-        self.src_fd = src_fd
-        self.dst_fd = dst_fd
-        self.result = result
-        self.report = report
-        self.manifest = manifest
-        self._touched: list[Extents] = []  # what this run wrote into the copy
+    copier: Copier
+    tracker: Tracker | None
+    src_fd: int
+    dst_fd: int
+    result: SyncResult
+    report: ProgressReporter
+    manifest: Manifest | None = None
+    _touched: list[Extents] = field(default_factory=list)  # what this run wrote into the copy
 
     def touched(self) -> list[Extent]:
         """Every range written into the copy so far, merged."""
