@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from blockmirror.migration import journal
 from blockmirror.migration.manifest import manifest_path
 from blockmirror.migration.precheck import Plan
 from blockmirror.tracking.tracker import sidecar_path
@@ -30,9 +31,11 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def publish_shadow(plan: Plan, shadow_fd: int) -> None:
+def publish_shadow(plan: Plan, shadow_fd: int, mode: str) -> None:
     """Give the shadow copy the source's mode and owner, make it durable and
-    rename it to its final name (replacing an older copy under --force)."""
+    rename it to its final name (replacing an older copy under --force). The
+    commit journal (journal.py) says, until the job clears it, that a copy
+    or move (MODE) of this source is being committed there."""
     os.fchmod(shadow_fd, plan.mode & 0o7777)
     if os.geteuid() == 0:
         os.fchown(shadow_fd, plan.owner_uid, -1)
@@ -43,6 +46,7 @@ def publish_shadow(plan: Plan, shadow_fd: int) -> None:
         # the new copy takes the name, or they would describe it wrongly.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(stale)
+    journal.write(dst, plan.source, mode, shadow_fd)
     os.rename(plan.partial, dst)
     fsync_folder(os.path.dirname(dst))
 
@@ -51,7 +55,7 @@ def unpublish(plan: Plan) -> None:
     """Undo :func:`publish_shadow` and what followed it on a failure before
     the switch: the copy, a sidecar made for it (move) and its manifest."""
     dst = plan.destination
-    for path in (dst, sidecar_path(dst), manifest_path(dst)):
+    for path in (dst, sidecar_path(dst), manifest_path(dst), journal.journal_path(dst)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 
+from blockmirror.copying.copier import data_extents
 from blockmirror.errors import ChangeIdInvalidError, InvalidInputError
 from blockmirror.extents import Extents, pairs, union
 from blockmirror.migration.manifest import (
@@ -21,23 +22,39 @@ from blockmirror.migration.manifest import (
     differing_extents,
     manifest_path,
 )
-from blockmirror.tracking.tracker import Tracker
+from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker
 
 
-def open_earlier_copy(destination: str) -> tuple[Manifest, int]:
+def open_earlier_copy(destination: str, *, rebuild: bool = False, source: str = "",
+                      granularity: int = DEFAULT_GRANULARITY) -> tuple[Manifest, int]:
     """The earlier copy's manifest and a read-write fd on the copy, locked
-    against other syncs for as long as the fd is open."""
-    try:
-        manifest = Manifest.open(manifest_path(destination))
-    except ManifestError as e:
-        raise InvalidInputError(f"{e}; use --force for a full copy") from None
+    against other syncs for as long as the fd is open. With REBUILD (a commit
+    killed before the copy's manifest was published) a missing manifest is
+    rebuilt by hashing the copy itself: its digests then describe exactly
+    what the copy holds, and the first pass is a hash resync."""
     fd = os.open(destination, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInputError(f"another sync is writing {destination}") from None
+        path = manifest_path(destination)
+        if rebuild and not os.path.lexists(path):
+            return _rebuilt_manifest(fd, path, granularity, source), fd
+        try:
+            return Manifest.open(path), fd
+        except ManifestError as e:
+            raise InvalidInputError(f"{e}; use --force for a full copy") from None
+    except BaseException:
         os.close(fd)
-        raise InvalidInputError(f"another sync is writing {destination}") from None
-    return manifest, fd
+        raise
+
+
+def _rebuilt_manifest(fd: int, path: str, granularity: int, source: str) -> Manifest:
+    size = os.fstat(fd).st_size
+    manifest = Manifest.create(path, granularity=granularity, image_size=size, source=source)
+    manifest.record(fd, pairs(data_extents(fd, size)))
+    return manifest
 
 
 def changed_extents(tracker: Tracker | None, manifest: Manifest,

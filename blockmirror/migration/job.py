@@ -32,7 +32,7 @@ from blockmirror.errors import (
     VerifyError,
 )
 from blockmirror.extents import pairs, subtract
-from blockmirror.migration import commit, incremental
+from blockmirror.migration import commit, incremental, journal
 from blockmirror.migration.manifest import Manifest, manifest_path
 from blockmirror.migration.options import SyncOptions
 from blockmirror.migration.passes import PassRunner, ProgressReporter
@@ -96,7 +96,9 @@ class FileSyncJob:
     def run(self) -> SyncResult:
         try:
             self._open()
-            if self.tracker is None:
+            if self.state is JobState.DONE:
+                pass  # an interrupted move was finished; nothing to copy
+            elif self.tracker is None:
                 self._run_untracked()
             else:
                 self._run_tracked()
@@ -119,8 +121,15 @@ class FileSyncJob:
         self.src_fd = os.open(plan.source, os.O_RDONLY | os.O_CLOEXEC)
         if os.path.exists(sidecar_path(plan.source)):
             self._open_tracker()
+        if plan.resume == "move" and self._resume_move():
+            return
         if plan.incremental:
-            self.manifest, self.dst_fd = incremental.open_earlier_copy(plan.destination)
+            self.manifest, self.dst_fd = incremental.open_earlier_copy(
+                plan.destination, rebuild=plan.resume == "copy", source=plan.source,
+                granularity=self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY)
+            if plan.resume == "copy":
+                self.result.notes.append("resumed a commit a killed run left unfinished: "
+                                         "the copy was re-hashed to rebuild its manifest")
             self.result.incremental = True
         else:
             self.dst_fd = claim_partial(plan.partial)
@@ -148,7 +157,7 @@ class FileSyncJob:
             # everything allocated anyway; reset so later runs can trust it.
             tracker.reset()
             self.result.notes.append("sidecar was unclean (a writer died); tracking was reset")
-        if tracker.state == "redirected":
+        if tracker.state == "redirected" and self.plan.resume != "move":
             raise InvalidInputError(
                 f"source {self.plan.source} was already moved to {tracker.redirect_target()}"
             )
@@ -323,10 +332,11 @@ class FileSyncJob:
         if self.plan.incremental:
             os.fsync(self.dst_fd)
         else:
-            commit.publish_shadow(self.plan, self.dst_fd)
+            commit.publish_shadow(self.plan, self.dst_fd, self.options.mode)
         self.state = JobState.COMMITTED
         if not self.options.move:
             self._write_manifest()
+            journal.clear(self.plan.destination)  # the copy is whole
 
     def _write_manifest(self) -> None:
         """Digest what this run wrote (a new copy: all of it) and record the
@@ -350,7 +360,33 @@ class FileSyncJob:
             self._verify()
         if self.options.move:
             commit.remove_source(self.plan)
+            journal.clear(self.plan.destination)  # the move is whole
         self.state = JobState.DONE
+
+    def _resume_move(self) -> bool:
+        """A move a killed run left after its rename (journal.py). If writers
+        were already sent to the copy, only the source's removal was missing:
+        finish that (True). Otherwise writers stayed on the source and the
+        copy is stale: remove it, so the move starts over (False)."""
+        plan = self.plan
+        tracker = self.tracker
+        if (tracker is not None and tracker.state == "redirected"
+                and tracker.redirect_target() == plan.destination):
+            commit.remove_source(plan)
+            journal.clear(plan.destination)
+            self.state = JobState.DONE
+            self.result.notes.append("finished a move a killed run left after its switch: "
+                                     "the source was removed")
+            return True
+        if os.path.exists(sidecar_path(plan.destination)):
+            with Tracker.open(plan.destination) as stale:
+                if stale.live_writers():
+                    raise InvalidInputError(
+                        f"{plan.destination} has live writers; it is not a stale copy")
+        commit.unpublish(plan)
+        self.result.notes.append("removed the stale copy of a move a killed run left before "
+                                 "its switch; moving afresh")
+        return False
 
     def _verify(self) -> None:
         """Compare the copy with the source, excusing blocks written since the

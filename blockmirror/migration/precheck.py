@@ -12,6 +12,7 @@ import stat
 from dataclasses import dataclass
 
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
+from blockmirror.migration import journal
 from blockmirror.migration.manifest import SUFFIX as MANIFEST_SUFFIX
 from blockmirror.tracking.tracker import SIDECAR_SUFFIX
 from blockmirror.units import format_bytes
@@ -31,6 +32,7 @@ class Plan:
     owner_uid: int
     mode: int
     incremental: bool = False  # DST is an earlier blockmirror copy: update it in place
+    resume: str | None = None  # the mode of a commit into DST a killed run left unfinished
 
 
 def partial_path(destination: str) -> str:
@@ -89,17 +91,22 @@ def plan_file_sync(
     ):
         raise InvalidInputError(f"destination {destination} is the source itself")
     incremental = False
+    interrupted = journal.interrupted_commit(src, dst) if not force else None
+    resume = interrupted.mode if interrupted and interrupted.mode == ("move" if move else "copy") \
+        else None
     if os.path.lexists(dst):
         if os.path.isdir(dst):
             raise InvalidInputError(f"destination {destination} is a folder")
         earlier_copy = os.path.isfile(dst) and os.path.exists(dst + MANIFEST_SUFFIX)
-        if earlier_copy and not force and not move:
+        if (earlier_copy or resume == "copy") and not force and not move:
             incremental = True
+        elif resume == "move":
+            pass  # the job finishes or redoes the interrupted move
         elif not force:
             raise InvalidInputError(
                 f"destination {destination} exists; use --force to replace it"
             )
-    if os.path.lexists(dst + SIDECAR_SUFFIX) and not force:
+    if os.path.lexists(dst + SIDECAR_SUFFIX) and not force and resume != "move":
         raise InvalidInputError(
             f"destination sidecar {dst + SIDECAR_SUFFIX} exists; use --force to replace it"
         )
@@ -114,7 +121,7 @@ def plan_file_sync(
             f"need {format_bytes(allocated)} at {folder}, {format_bytes(available)} free", folder
         )
     return Plan(src, dst, partial_path(dst), st.st_size, allocated, st.st_uid, st.st_mode,
-                incremental)
+                incremental, resume)
 
 
 def _reusable_partial_bytes(partial: str) -> int:
