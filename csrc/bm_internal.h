@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <setjmp.h>
 
@@ -61,6 +62,8 @@ struct bm_header {
      * creation, rebound by bm_reset. */
     uint64_t image_dev;
     uint64_t image_ino;
+    uint64_t image_btime_ns;    /* its birth time (statx), 0 where unknown: inode
+                                 * numbers are reused at once by a new file */
     uint64_t checksum;          /* FNV-1a 64 of the bytes above */
     /* dynamic */
     uint64_t image_size;
@@ -118,8 +121,8 @@ struct bm_tracker {
     pthread_mutex_t grow_lock;  /* serialises ftruncate of the sidecar in this process */
     /* The image this handle was opened with (bm_open's IMAGE_FD), if any. */
     int have_image;
-    int bound;                  /* the header names that image (dev, ino) */
-    uint64_t image_dev, image_ino;
+    int bound;                  /* the header names that image (dev, ino, btime) */
+    uint64_t image_dev, image_ino, image_btime_ns;
     uint32_t image_uid;
     uint64_t my_start_time;     /* this process's /proc start time */
     int broken;                 /* a SIGBUS hit the mapping: touch it no more */
@@ -249,6 +252,10 @@ static inline void bm_guard_pop(struct bm_guard *g)
 /* control.c */
 int bm_frozen_by_me(bm_tracker *t);
 void bm_wake_writers(bm_tracker *t);
+
+/* cbt.c: the identity a sidecar binds: FD's stat, and its birth time in ns
+ * (0 where the filesystem keeps none). -1 with errno on failure. */
+int bm_image_identity(int fd, struct stat *st, uint64_t *btime_ns);
 
 /* cbt.c: bm_open on an open sidecar FD (taken over: closed on failure too);
  * PATH only names it in messages. */

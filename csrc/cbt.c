@@ -168,6 +168,18 @@ static int shift_of(uint32_t granularity)
     return __builtin_ctz(granularity);
 }
 
+int bm_image_identity(int fd, struct stat *st, uint64_t *btime_ns)
+{
+    if (fstat(fd, st) < 0)
+        return -1;
+    *btime_ns = 0;
+    struct statx sx;
+    if (statx(fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, STATX_BTIME, &sx) == 0 &&
+        (sx.stx_mask & STATX_BTIME))
+        *btime_ns = (uint64_t)sx.stx_btime.tv_sec * 1000000000u + sx.stx_btime.tv_nsec;
+    return 0;
+}
+
 int bm_create(const char *path, int image_fd, uint64_t image_size, uint32_t granularity)
 {
     int shift = shift_of(granularity);
@@ -177,7 +189,8 @@ int bm_create(const char *path, int image_fd, uint64_t image_size, uint32_t gran
     if (image_size > bm_max_image_for((uint32_t)shift))
         return bm_fail_too_big((uint32_t)shift, image_size);
     struct stat img;
-    if (fstat(image_fd, &img) < 0)
+    uint64_t btime;
+    if (bm_image_identity(image_fd, &img, &btime) < 0)
         return bm_fail(errno, "cannot stat the image of sidecar %s: %s", path, strerror(errno));
     if (!S_ISREG(img.st_mode))
         return bm_fail(EINVAL, "the image of sidecar %s is not a regular file", path);
@@ -200,6 +213,7 @@ int bm_create(const char *path, int image_fd, uint64_t image_size, uint32_t gran
     h.created_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
     h.image_dev = (uint64_t)img.st_dev;
     h.image_ino = (uint64_t)img.st_ino;
+    h.image_btime_ns = btime;
     int err = 0;
     if (getrandom(h.series, sizeof h.series, 0) != (ssize_t)sizeof h.series) {
         err = errno ? errno : EIO;
@@ -348,6 +362,7 @@ static int join(bm_tracker *t, int flags)
 bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
 {
     struct stat st, img;
+    uint64_t btime = 0;
     struct bm_header h;
     int shift;
     bm_tracker *t = NULL;
@@ -361,7 +376,7 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
         bm_fail(EBADF, "a writer must open sidecar %s with its image", path);
         goto fail;
     }
-    if (image_fd >= 0 && fstat(image_fd, &img) < 0) {
+    if (image_fd >= 0 && bm_image_identity(image_fd, &img, &btime) < 0) {
         bm_fail(errno, "cannot stat the image of sidecar %s: %s", path, strerror(errno));
         goto fail;
     }
@@ -416,16 +431,17 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
         goto fail;
     }
     int bound = image_fd >= 0 && h.image_dev == (uint64_t)img.st_dev &&
-                h.image_ino == (uint64_t)img.st_ino;
+                h.image_ino == (uint64_t)img.st_ino && h.image_btime_ns == btime;
     if ((flags & BM_OPEN_WRITER) && !bound) {
         /* Left beside a new file at the old path (a move killed after its
          * redirect, an image replaced by rename): its bitmap and any
          * redirect in it are about another file. */
-        bm_fail(EUCLEAN, "sidecar %s was made for another file (device %llu, inode %llu), "
-                "not this image (device %llu, inode %llu): remove it, or accept it with "
-                "blockmirror track reset", path, (unsigned long long)h.image_dev,
-                (unsigned long long)h.image_ino, (unsigned long long)img.st_dev,
-                (unsigned long long)img.st_ino);
+        bm_fail(EUCLEAN, "sidecar %s was made for another file (device %llu, inode %llu, "
+                "born %llu), not this image (device %llu, inode %llu, born %llu): remove it, "
+                "or accept it with blockmirror track reset", path,
+                (unsigned long long)h.image_dev, (unsigned long long)h.image_ino,
+                (unsigned long long)h.image_btime_ns, (unsigned long long)img.st_dev,
+                (unsigned long long)img.st_ino, (unsigned long long)btime);
         goto fail;
     }
 
@@ -446,6 +462,7 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
         t->bound = bound;
         t->image_dev = (uint64_t)img.st_dev;
         t->image_ino = (uint64_t)img.st_ino;
+        t->image_btime_ns = btime;
         t->image_uid = (uint32_t)img.st_uid;
     }
     pthread_mutex_init(&t->grow_lock, NULL);
@@ -581,6 +598,7 @@ static int reset_locked(bm_tracker *t)
          * image from now on, and a redirect it held was about the old one. */
         t->hdr->image_dev = t->image_dev;
         t->hdr->image_ino = t->image_ino;
+        t->hdr->image_btime_ns = t->image_btime_ns;
         if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) == BM_STATE_REDIRECTED) {
             memset(t->ctl->move_token, 0, sizeof t->ctl->move_token);
             memset(t->ctl->redirect_target, 0, sizeof t->ctl->redirect_target);

@@ -36,8 +36,9 @@ OFF_SHIFT = 20
 OFF_SERIES = 40
 OFF_IMAGE_DEV = 64
 OFF_IMAGE_INO = 72
-OFF_CHECKSUM = 80
-OFF_IMAGE_SIZE = 88
+OFF_IMAGE_BTIME = 80
+OFF_CHECKSUM = 88
+OFF_IMAGE_SIZE = 96
 BITMAP_OFFSET = 8192
 FORMAT_VERSION = lib.BM_FORMAT_VERSION
 
@@ -197,7 +198,7 @@ def test_flipped_header_byte(tracked_image, side):
 
 
 @pytest.mark.parametrize("offset", [OFF_GRANULARITY, OFF_SHIFT, 24, 32, 56, OFF_IMAGE_DEV,
-                                    OFF_IMAGE_INO, OFF_CHECKSUM])
+                                    OFF_IMAGE_INO, OFF_IMAGE_BTIME, OFF_CHECKSUM])
 def test_flipped_byte_anywhere_in_checksummed_part(tracked_image, side, offset):
     raw = read_bytes(side)
     patch(side, offset, bytes([raw[offset] ^ 0x10]))
