@@ -89,6 +89,7 @@ def _write_after_redirect_script(image: Path, data: bytes) -> str:
         "import sys, blockmirror\n"
         f"img = blockmirror.TrackedImage({os.fspath(image)!r})\n"
         "img.pwrite(b'x', 0)\n"
+        "print('ready', flush=True)\n"
         "sys.stdin.readline()\n"  # the parent forges the redirect now
         "try:\n"
         f"    img.pwrite({data!r}, 0)\n"
@@ -118,9 +119,8 @@ def test_redirect_through_a_symlinked_folder_is_refused(tmp_path, walk):
     proc = subprocess.Popen([sys.executable, "-c", _write_after_redirect_script(source, b"zz")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        import time
-
-        time.sleep(0.5)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
         forge_redirect(source, str(here / "link" / "b.img"))
         out, _ = proc.communicate("go\n", timeout=30)
     finally:
