@@ -52,7 +52,7 @@ void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl)
     }
 }
 
-int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length)
+static int do_mark(bm_tracker *t, uint64_t offset, uint64_t length)
 {
     if (length == 0)
         return 0;
@@ -65,7 +65,7 @@ int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length)
     return 0;
 }
 
-int bm_clear_range(bm_tracker *t, uint64_t offset, uint64_t length)
+static int do_clear_range(bm_tracker *t, uint64_t offset, uint64_t length)
 {
     /* Clipped to the image, which may have shrunk since the caller listed
      * the range: there is nothing to clear past its end. */
@@ -94,7 +94,7 @@ int bm_clear_range(bm_tracker *t, uint64_t offset, uint64_t length)
     return 0;
 }
 
-int bm_mark_all(bm_tracker *t)
+static int do_mark_all(bm_tracker *t)
 {
     bm_mark_granules(t, 0, bm_granules(t, bm_image_size(t)));
     return 0;
@@ -179,17 +179,17 @@ static int64_t scan(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t ma
     return (int64_t)n;
 }
 
-int64_t bm_fetch_and_clear(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
+static int64_t do_fetch_and_clear(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
 {
     return scan(t, cursor, out, max, 1);
 }
 
-int64_t bm_snapshot(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
+static int64_t do_snapshot(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
 {
     return scan(t, cursor, out, max, 0);
 }
 
-int64_t bm_dirty_bytes(bm_tracker *t)
+static int64_t do_dirty_bytes(bm_tracker *t)
 {
     uint64_t size = bm_image_size(t);
     uint64_t ngran = bm_granules(t, size);
@@ -215,7 +215,7 @@ int64_t bm_dirty_bytes(bm_tracker *t)
     return (int64_t)bytes;
 }
 
-int bm_resize(bm_tracker *t, uint64_t new_size)
+static int do_resize(bm_tracker *t, uint64_t new_size)
 {
     if (bm_ensure_capacity(t, new_size) < 0)
         return -1;
@@ -238,7 +238,7 @@ int bm_resize(bm_tracker *t, uint64_t new_size)
     return 0;
 }
 
-int bm_new_change_id(bm_tracker *t, uint64_t *generation)
+static int do_new_change_id(bm_tracker *t, uint64_t *generation)
 {
     uint64_t gen = __atomic_fetch_add(&t->hdr->generation, 1, __ATOMIC_SEQ_CST);
     if (gen >= UINT32_MAX - 1)
@@ -247,7 +247,7 @@ int bm_new_change_id(bm_tracker *t, uint64_t *generation)
     return 0;
 }
 
-int64_t bm_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_extent *out,
+static int64_t do_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_extent *out,
                          uint64_t max)
 {
     if (*cursor == UINT64_MAX)
@@ -295,4 +295,93 @@ int64_t bm_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_ext
     }
     *cursor = UINT64_MAX;
     return (int64_t)n;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The public calls: each runs under a SIGBUS guard (guard.c); those that
+ * change eras also take part in the era seal (eras.c). */
+
+int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int slot = length ? bm_begin_mutation(t) : -1;
+    int rc = do_mark(t, offset, length);
+    bm_end_mutation(t, slot);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int bm_clear_range(bm_tracker *t, uint64_t offset, uint64_t length)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = do_clear_range(t, offset, length);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int bm_mark_all(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int slot = bm_begin_mutation(t);
+    int rc = do_mark_all(t);
+    bm_end_mutation(t, slot);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int64_t bm_fetch_and_clear(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int64_t n = do_fetch_and_clear(t, cursor, out, max);
+    BM_GUARD_END(g);
+    return n;
+}
+
+int64_t bm_snapshot(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int64_t n = do_snapshot(t, cursor, out, max);
+    BM_GUARD_END(g);
+    return n;
+}
+
+int64_t bm_dirty_bytes(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int64_t n = do_dirty_bytes(t);
+    BM_GUARD_END(g);
+    return n;
+}
+
+int bm_resize(bm_tracker *t, uint64_t new_size)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int slot = bm_begin_mutation(t);
+    int rc = do_resize(t, new_size);
+    bm_end_mutation(t, slot);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int bm_new_change_id(bm_tracker *t, uint64_t *generation)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = bm_check_eras(t);
+    if (rc == 0)
+        rc = do_new_change_id(t, generation);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int64_t bm_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_extent *out,
+                         uint64_t max)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    /* The full check (every chunk's checksum, if sealed) once per scan;
+     * resumed calls look at the flag only. */
+    int check = *cursor == 0 ||
+                (__atomic_load_n(&t->hdr->flags, __ATOMIC_SEQ_CST) & BM_FLAG_ERAS_DAMAGED);
+    int64_t n = check && bm_check_eras(t) < 0 ? -1 : do_changed_since(t, since, cursor, out, max);
+    BM_GUARD_END(g);
+    return n;
 }

@@ -13,7 +13,10 @@
 /* ---------------------------------------------------------------------- */
 /* Sidecar format and limits                                               */
 
-#define BM_FORMAT_VERSION 2
+/* 3: the header binds the image (dev, ino), each chunk keeps its eras
+ * checksum, the control block keeps move tokens. Older sidecars are refused
+ * (EUCLEAN, saying so). */
+#define BM_FORMAT_VERSION 3
 #define BM_DEFAULT_GRANULARITY 65536
 #define BM_MIN_GRANULARITY 4096
 #define BM_MAX_GRANULARITY 67108864
@@ -23,6 +26,9 @@
 #define BM_MAX_IMAGE_SIZE 1125899906842624
 #define BM_MAX_WRITERS 64
 #define BM_REDIRECT_MAX 1024
+/* The longest freeze lease a copier may set, and so the longest any writer
+ * waits in one freeze, whatever the control block says (I3). */
+#define BM_MAX_LEASE_NS 60000000000
 
 /* Control-block states (the freeze protocol, invariant I3). */
 #define BM_STATE_RUNNING 0
@@ -32,6 +38,10 @@
 
 /* Header flags. */
 #define BM_FLAG_UNCLEAN 1   /* a writer died with the sidecar open (I4) */
+#define BM_FLAG_ERAS_DAMAGED 2  /* eras changed while sealed: change ids untrusted */
+/* In bm_info.flags only, for this handle: the sidecar names another file
+ * than the image it was opened with (its bitmap is not about this image). */
+#define BM_FLAG_NOT_THIS_IMAGE 4
 
 /* bm_open flags. */
 #define BM_OPEN_READER 0
@@ -66,25 +76,35 @@ const char *bm_last_error(void);
 /* ---------------------------------------------------------------------- */
 /* Sidecar lifetime (cbt.c)                                                */
 
-/* Create a new sidecar at PATH for an image of IMAGE_SIZE bytes, tracking
- * in GRANULARITY-byte granules (a power of two within the limits above).
- * The file is created exclusively (EEXIST if present), mode 0600, without
- * following a symlink, and starts with every granule clean and generation 0.
- * If OWNER_UID >= 0 and differs from the caller, the file is chowned to it
- * (the sidecar belongs to the image's owner, I5). Nothing is left behind on
- * failure. */
-int bm_create(const char *path, uint64_t image_size, uint32_t granularity,
-              int64_t owner_uid);
+/* Create a new sidecar at PATH for the image open as IMAGE_FD (any fd of it,
+ * O_PATH will do; not kept), tracking IMAGE_SIZE bytes in GRANULARITY-byte
+ * granules (a power of two within the limits above). The sidecar records the
+ * image's device and inode: it binds that file only. The file is created
+ * exclusively (EEXIST if present), mode 0600, without following a symlink,
+ * owned by the image's owner (chowned when that is not the caller, I5), and
+ * starts with every granule clean, generation 0 and its eras sealed. Nothing
+ * is left behind on failure. */
+int bm_create(const char *path, int image_fd, uint64_t image_size, uint32_t granularity);
 
-/* Open and validate an existing sidecar. Refuses (EPERM) a file not owned by
- * EXPECTED_UID (when >= 0) or writable by group or others, and (EUCLEAN) one
- * that is truncated, foreign or corrupt. With BM_OPEN_WRITER a writer slot is
- * claimed, so a crash of this process is detectable later (I4). Any slot held
- * by a dead process marks the sidecar BM_FLAG_UNCLEAN. The handle is safe to
- * share between threads of one process; each process opens its own. */
-bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid);
+/* Open and validate an existing sidecar for the image open as IMAGE_FD (not
+ * kept; -1 for a reader that has no image, which then cannot follow or make
+ * a redirect). Refuses (EPERM) a file not owned by the image's owner or
+ * writable by group or others, and (EUCLEAN) one that is truncated, of
+ * another format version, or corrupt. With BM_OPEN_WRITER (IMAGE_FD
+ * required) a writer slot is claimed, so a crash of this process is
+ * detectable later (I4), and a sidecar that records another file than
+ * IMAGE_FD's is refused (EUCLEAN): it is left over from a file that was at
+ * this path before. A reader may open such a sidecar (bm_info.flags then
+ * holds BM_FLAG_NOT_THIS_IMAGE) to bm_reset it. Any slot held by a dead
+ * process marks the sidecar BM_FLAG_UNCLEAN. A writer's open checks sealed
+ * eras (BM_FLAG_ERAS_DAMAGED on a mismatch) and unseals them. The handle is
+ * safe to share between threads of one process; each process opens its own.
+ * A SIGBUS handler is installed on first use (see bm_pwrite). */
+bm_tracker *bm_open(const char *path, int flags, int image_fd);
 
-/* Release the writer slot (a clean close) and unmap. Always frees T. */
+/* Release the writer slot (a clean close; the last writer out seals the
+ * eras' checksums), thaw a freeze this process holds, unmap. Always frees
+ * T. */
 int bm_close(bm_tracker *t);
 
 /* What the header and control block hold now, into OUT. Reads only: it
@@ -94,10 +114,22 @@ int bm_close(bm_tracker *t);
  * Thread-safe (atomic loads; the fields are not one snapshot). */
 int bm_get_info(bm_tracker *t, bm_info *out);
 
-/* Start a new series: new series id, generation 0, UNCLEAN cleared, dead
- * writer slots freed and every granule marked dirty. This is how a consumer
- * acknowledges an unclean sidecar: nothing from before is trusted. */
+/* Start a new series: new series id, generation 0, UNCLEAN and ERAS_DAMAGED
+ * cleared, dead writer slots freed and every granule marked dirty. This is
+ * how a consumer acknowledges an unclean sidecar: nothing from before is
+ * trusted. A sidecar opened with an image it does not record is bound to
+ * that image from now on (and a redirect it held, about the old file, is
+ * dropped). */
 int bm_reset(bm_tracker *t);
+
+/* 0 if change ids can be trusted as far as the eras go: not flagged
+ * damaged and, while sealed (no writer since the last one left), matching
+ * their checksums - a mismatch sets BM_FLAG_ERAS_DAMAGED. -1 with EBADMSG
+ * otherwise. Reads every era of a sealed sidecar. */
+int bm_verify_eras(bm_tracker *t);
+
+/* The suffix that names an image's sidecar: IMAGE + ".cbt". */
+const char *bm_sidecar_suffix(void);
 
 /* ---------------------------------------------------------------------- */
 /* The dirty bitmap (bitmap.c). Thread- and process-safe: atomics only.    */
@@ -148,13 +180,16 @@ int bm_resize(bm_tracker *t, uint64_t new_size);
  * backup tool holding a change id, and any number of them can hold one. */
 
 /* Take a change id: *GENERATION gets the current generation, which is then
- * incremented. EOVERFLOW once eras (uint32) would wrap: reset the sidecar. */
+ * incremented. EOVERFLOW once eras (uint32) would wrap: reset the sidecar.
+ * EBADMSG when the eras cannot be trusted (bm_verify_eras). */
 int bm_new_change_id(bm_tracker *t, uint64_t *generation);
 
 /* Every granule marked after change id SINCE was taken (era > SINCE), as
  * merged byte extents clipped to the image, resumable like bm_snapshot.
  * False positives are possible (granules marked with a later era by a write
- * racing the id), misses are not - as long as the sidecar is clean. */
+ * racing the id), misses are not - as long as the sidecar is clean. Fails
+ * with EBADMSG when the eras cannot be trusted (checked as bm_verify_eras
+ * does at cursor 0). */
 int64_t bm_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_extent *out,
                          uint64_t max);
 
@@ -162,11 +197,15 @@ int64_t bm_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_ext
 /* The tracked writer (writer.c)                                           */
 
 /* Write LEN bytes of BUF at OFFSET of FD, as one tracked write: wait while a
- * freeze lease holds (never past the lease), count as in flight, mark the
- * range dirty, write it all (retrying short writes and EINTR), mark it again
- * (I1), leave. Honours the shared throttle. Fails with ESTALE once the image
- * was redirected (the caller reopens the redirect target). Writes past the
- * tracked size grow it first. Returns LEN or -1. */
+ * freeze lease holds (never past the lease, never longer than
+ * BM_MAX_LEASE_NS), count as in flight, mark the range dirty, write it all
+ * (retrying short writes and EINTR), mark it again (I1), leave. Honours the
+ * shared throttle. Fails with ESTALE once the image was redirected (the
+ * caller reopens the target with bm_open_redirect_target). Writes past the
+ * tracked size grow it first. Returns LEN or -1.
+ * If the sidecar is truncated under the process, the SIGBUS its mapping
+ * raises is caught: the call fails with EUCLEAN and so does every later one
+ * on T (reopen). This holds for every call on a tracker. */
 int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len,
                   uint64_t offset);
 
@@ -194,9 +233,21 @@ int bm_freeze_check(bm_tracker *t);
 /* Let writers go on against the source. Idempotent. */
 int bm_thaw(bm_tracker *t);
 
-/* Send writers to TARGET (an absolute path): their next write fails with
- * ESTALE so they reopen it. Only valid while frozen by this process. */
-int bm_redirect(bm_tracker *t, const char *target);
+/* Send writers to TARGET, an absolute path without symbolic links or "."
+ * and ".." components, naming the image TARGET_TRACKER was opened with
+ * (both T and TARGET_TRACKER must have been opened with their images; the
+ * target must be owned by the same uid as T's image). A random move token
+ * goes into both control blocks; then writers' next write fails with ESTALE
+ * so they reopen the target. Only valid while frozen by this process. */
+int bm_redirect(bm_tracker *t, const char *target, bm_tracker *target_tracker);
+
+/* Follow T's redirect: open the target image (O_RDWR, into *IMAGE_FD) and
+ * its sidecar (bm_open with FLAGS), and return the new tracker. Refuses
+ * (EPERM, nothing left open) unless T is bound to the image it was opened
+ * with, the target path has no symbolic link in any component, the target
+ * is a regular file owned by T's image's owner, and its sidecar records the
+ * move token T's holds; ENOENT if T was not redirected. */
+bm_tracker *bm_open_redirect_target(bm_tracker *t, int flags, int *image_fd);
 
 /* The control-block state (BM_STATE_*), cheaply: one atomic load. */
 int bm_get_state(bm_tracker *t);

@@ -12,11 +12,14 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/stat.h>
 #include <pthread.h>
+#include <setjmp.h>
 
 #include "blockmirror.h"
 
 #define BM_MAGIC "BMCBT\r\n\032"     /* 8 bytes; \r\n catches text-mode mangling */
+#define BM_SIDECAR_SUFFIX ".cbt"     /* IMAGE.cbt beside IMAGE (bm_sidecar_suffix) */
 #define BM_PAGE 4096u
 #define BM_CONTROL_OFFSET 4096u
 #define BM_BITMAP_OFFSET 8192u
@@ -24,11 +27,22 @@
 /* From BM_BITMAP_OFFSET the sidecar is a row of chunks, each covering
  * BM_CHUNK_GRANULES granules: their dirty bits (64-bit words), then their
  * eras (one uint32 per granule: the generation current when the granule was
- * last written). Chunks let both arrays grow in place when the image grows,
- * and keep each array contiguous within a chunk for fast scans. */
+ * last written), then the eras' checksum (bm_era_sum; 0 for all-zero eras,
+ * so a freshly allocated chunk is valid). Chunks let the arrays grow in
+ * place when the image grows, and keep each array contiguous within a chunk
+ * for fast scans. */
 #define BM_CHUNK_GRANULES 4096u
 #define BM_CHUNK_WORDS (BM_CHUNK_GRANULES / 64u)
-#define BM_CHUNK_BYTES (BM_CHUNK_WORDS * 8u + BM_CHUNK_GRANULES * 4u)
+#define BM_CHUNK_ERAS_OFFSET (BM_CHUNK_WORDS * 8u)
+#define BM_CHUNK_SUM_OFFSET (BM_CHUNK_ERAS_OFFSET + BM_CHUNK_GRANULES * 4u)
+#define BM_CHUNK_BYTES (BM_CHUNK_SUM_OFFSET + 8u)
+
+/* header.era_seal: whether the chunks' era checksums hold (invariant I4 for
+ * change ids: a crash or a stray write that changes eras while nobody tracks
+ * must not go unnoticed). */
+#define BM_SEAL_OPEN 0      /* eras may be changing: checksums mean nothing */
+#define BM_SEAL_SEALING 1   /* a last writer out is computing them */
+#define BM_SEAL_SEALED 2    /* every chunk's checksum matches its eras */
 
 /* Page 0. Fields up to `checksum` are written once at creation and covered
  * by the checksum; the ones after it change while the sidecar is in use and
@@ -43,12 +57,19 @@ struct bm_header {
     uint64_t bitmap_offset;
     uint8_t series[16];
     uint64_t created_ns;        /* CLOCK_REALTIME, for people reading dumps */
+    /* The image this sidecar tracks (its st_dev and st_ino): a sidecar left
+     * beside another file at the same path binds nothing (issue 13). Set at
+     * creation, rebound by bm_reset. */
+    uint64_t image_dev;
+    uint64_t image_ino;
+    uint64_t image_btime_ns;    /* its birth time (statx), 0 where unknown: inode
+                                 * numbers are reused at once by a new file */
     uint64_t checksum;          /* FNV-1a 64 of the bytes above */
     /* dynamic */
     uint64_t image_size;
     uint64_t generation;        /* bumped by change ids and full scans; eras record it */
     uint32_t flags;
-    uint32_t reserved0;
+    uint32_t era_seal;          /* BM_SEAL_* */
 };
 
 /* One per process that has the sidecar open for writing. A slot whose
@@ -77,6 +98,12 @@ struct bm_control {
     uint32_t throttle_owner_pid;
     uint32_t reserved1;
     uint64_t throttle_owner_start;
+    /* A move: bm_redirect draws a random token and stores it in the source's
+     * move_token and the destination sidecar's moved_from; a writer follows
+     * a redirect only to a sidecar whose moved_from matches (so a redirect
+     * forged into one sidecar cannot steer writers into another image). */
+    uint8_t move_token[16];
+    uint8_t moved_from[16];
 };
 
 struct bm_tracker {
@@ -92,6 +119,13 @@ struct bm_tracker {
     uint32_t shift;             /* log2(granularity) */
     uint64_t throttle_checked_ns;   /* when this handle last saw the throttle's owner alive */
     pthread_mutex_t grow_lock;  /* serialises ftruncate of the sidecar in this process */
+    /* The image this handle was opened with (bm_open's IMAGE_FD), if any. */
+    int have_image;
+    int bound;                  /* the header names that image (dev, ino, btime) */
+    uint64_t image_dev, image_ino, image_btime_ns;
+    uint32_t image_uid;
+    uint64_t my_start_time;     /* this process's /proc start time */
+    int broken;                 /* a SIGBUS hit the mapping: touch it no more */
 };
 
 /* At most 2^34 granules per sidecar: the largest image is 1 PiB at 64 KiB
@@ -129,9 +163,103 @@ static inline uint64_t *bm_word(const bm_tracker *t, uint64_t w)
 static inline uint32_t *bm_era(const bm_tracker *t, uint64_t g)
 {
     return (uint32_t *)(t->data + (g / BM_CHUNK_GRANULES) * BM_CHUNK_BYTES +
-                        BM_CHUNK_WORDS * 8u) + (g % BM_CHUNK_GRANULES);
+                        BM_CHUNK_ERAS_OFFSET) + (g % BM_CHUNK_GRANULES);
+}
+/* The stored checksum of chunk C's eras. */
+static inline uint64_t *bm_era_sum_slot(const bm_tracker *t, uint64_t c)
+{
+    return (uint64_t *)(t->data + c * BM_CHUNK_BYTES + BM_CHUNK_SUM_OFFSET);
 }
 void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl);
+
+/* eras.c: the era checksums (header.era_seal). All thread- and
+ * process-safe; each touches every chunk of the image, so none is for a hot
+ * path. */
+
+/* Checksum of chunk C's eras as they are now (0 when all are zero). */
+uint64_t bm_era_sum(const bm_tracker *t, uint64_t c);
+/* Last one out: if no writer slot is claimed, store every chunk's checksum
+ * and mark the eras sealed (a Dekker handshake with bm_unseal_eras keeps a
+ * writer arriving meanwhile from being sealed over). */
+void bm_seal_eras(bm_tracker *t);
+/* About to change eras (the caller holds a writer slot): if they were
+ * sealed, check them first (a mismatch sets BM_FLAG_ERAS_DAMAGED), then open
+ * the seal. */
+void bm_unseal_eras(bm_tracker *t);
+/* 0 if the eras can be trusted now: not flagged damaged and, if sealed,
+ * matching their checksums (else flagged). -1 with EBADMSG otherwise. */
+int bm_check_eras(bm_tracker *t);
+
+/* cbt.c: for a handle without a writer slot, a slot held just while it
+ * changes eras (bm_mark, bm_resize, bm_reset...), so the seal protocol sees
+ * it; returns the slot to pass to bm_end_mutation (-1: none was needed or
+ * none was free). */
+int bm_begin_mutation(bm_tracker *t);
+void bm_end_mutation(bm_tracker *t, int slot);
+int bm_slots_claimed(const bm_tracker *t);
+
+/* guard.c: surviving a sidecar truncated under a running process. Stores to
+ * a MAP_SHARED page past the file's end raise SIGBUS; every public function
+ * that touches the mapping runs under a guard whose SIGBUS handler jumps
+ * back out (siglongjmp) when the fault is inside a guarded tracker's
+ * mapping, and chains to the previous handler otherwise. The handle is then
+ * marked broken: every later call fails with EUCLEAN without touching the
+ * mapping. */
+struct bm_guard {
+    sigjmp_buf jump;
+    const unsigned char *lo, *hi;   /* the guarded mapping */
+    bm_tracker *tracker;
+    struct bm_guard *prev;
+    volatile int in_flight;         /* the writer counted itself in flight */
+};
+extern __thread struct bm_guard *bm_guard_top __attribute__((tls_model("initial-exec")));
+int bm_guard_install(void);
+int bm_guard_fault(struct bm_guard *g);
+int bm_fail_broken(void);
+static inline void bm_guard_push(struct bm_guard *g, bm_tracker *t)
+{
+    g->lo = t->map;
+    g->hi = t->map + t->map_len;
+    g->tracker = t;
+    g->prev = bm_guard_top;
+    g->in_flight = 0;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    bm_guard_top = g;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+static inline void bm_guard_pop(struct bm_guard *g)
+{
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    bm_guard_top = g->prev;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+/* Open a guarded region in a function returning FAULT_VALUE on failure:
+ * declares guard G; on a SIGBUS inside T's mapping control comes back here
+ * and the function returns FAULT_VALUE with errno EUCLEAN. Close it with
+ * BM_GUARD_END(G) on every return path after it. */
+#define BM_GUARD_BEGIN(t, g, fault_value)                                  \
+    struct bm_guard g;                                                     \
+    if ((t)->broken)                                                       \
+        return (bm_fail_broken(), (fault_value));                         \
+    bm_guard_push(&g, (t));                                                \
+    if (sigsetjmp(g.jump, 0) != 0) {                                       \
+        bm_guard_pop(&g);                                                  \
+        bm_guard_fault(&g);                                                \
+        return (fault_value);                                              \
+    }
+#define BM_GUARD_END(g) bm_guard_pop(&(g))
+
+/* control.c */
+int bm_frozen_by_me(bm_tracker *t);
+void bm_wake_writers(bm_tracker *t);
+
+/* cbt.c: the identity a sidecar binds: FD's stat, and its birth time in ns
+ * (0 where the filesystem keeps none). -1 with errno on failure. */
+int bm_image_identity(int fd, struct stat *st, uint64_t *btime_ns);
+
+/* cbt.c: bm_open on an open sidecar FD (taken over: closed on failure too);
+ * PATH only names it in messages. */
+bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd);
 
 /* pace.c */
 

@@ -168,7 +168,19 @@ static int shift_of(uint32_t granularity)
     return __builtin_ctz(granularity);
 }
 
-int bm_create(const char *path, uint64_t image_size, uint32_t granularity, int64_t owner_uid)
+int bm_image_identity(int fd, struct stat *st, uint64_t *btime_ns)
+{
+    if (fstat(fd, st) < 0)
+        return -1;
+    *btime_ns = 0;
+    struct statx sx;
+    if (statx(fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, STATX_BTIME, &sx) == 0 &&
+        (sx.stx_mask & STATX_BTIME))
+        *btime_ns = (uint64_t)sx.stx_btime.tv_sec * 1000000000u + sx.stx_btime.tv_nsec;
+    return 0;
+}
+
+int bm_create(const char *path, int image_fd, uint64_t image_size, uint32_t granularity)
 {
     int shift = shift_of(granularity);
     if (shift < 0)
@@ -176,6 +188,12 @@ int bm_create(const char *path, uint64_t image_size, uint32_t granularity, int64
                        granularity, BM_MIN_GRANULARITY, BM_MAX_GRANULARITY);
     if (image_size > bm_max_image_for((uint32_t)shift))
         return bm_fail_too_big((uint32_t)shift, image_size);
+    struct stat img;
+    uint64_t btime;
+    if (bm_image_identity(image_fd, &img, &btime) < 0)
+        return bm_fail(errno, "cannot stat the image of sidecar %s: %s", path, strerror(errno));
+    if (!S_ISREG(img.st_mode))
+        return bm_fail(EINVAL, "the image of sidecar %s is not a regular file", path);
 
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
@@ -193,6 +211,9 @@ int bm_create(const char *path, uint64_t image_size, uint32_t granularity, int64
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     h.created_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    h.image_dev = (uint64_t)img.st_dev;
+    h.image_ino = (uint64_t)img.st_ino;
+    h.image_btime_ns = btime;
     int err = 0;
     if (getrandom(h.series, sizeof h.series, 0) != (ssize_t)sizeof h.series) {
         err = errno ? errno : EIO;
@@ -200,6 +221,8 @@ int bm_create(const char *path, uint64_t image_size, uint32_t granularity, int64
     }
     h.checksum = header_checksum(&h);
     h.image_size = image_size;
+    /* All eras are zero and so are their checksums: sealed from the start. */
+    h.era_seal = BM_SEAL_SEALED;
 
     /* Allocate, don't just extend: a store into a sparse page of a full
      * filesystem would kill the writer with SIGBUS instead of an ENOSPC. */
@@ -210,8 +233,8 @@ int bm_create(const char *path, uint64_t image_size, uint32_t granularity, int64
         err = errno ? errno : EIO;
         goto fail;
     }
-    if (owner_uid >= 0 && (uid_t)owner_uid != geteuid() &&
-        fchown(fd, (uid_t)owner_uid, (gid_t)-1) < 0) {
+    /* The sidecar belongs to the image's owner (I5). */
+    if (img.st_uid != geteuid() && fchown(fd, img.st_uid, (gid_t)-1) < 0) {
         err = errno;
         goto fail;
     }
@@ -229,6 +252,15 @@ fail:
     close(fd);
     unlink(path);
     return bm_fail(err, "cannot write sidecar %s: %s", path, strerror(err));
+}
+
+int bm_slots_claimed(const bm_tracker *t)
+{
+    int n = 0;
+    for (int i = 0; i < BM_MAX_WRITERS; i++)
+        if (__atomic_load_n(&t->ctl->slots[i].pid, __ATOMIC_SEQ_CST) != 0)
+            n++;
+    return n;
 }
 
 /* Scan the writer slots: free those of dead processes and, if any, mark the
@@ -264,41 +296,90 @@ static int sweep_slots(bm_tracker *t)
     return live;
 }
 
-int bm_sweep_writers(bm_tracker *t) { return sweep_slots(t); }
+int bm_sweep_writers(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int live = sweep_slots(t);
+    BM_GUARD_END(g);
+    return live;
+}
 
 static int claim_slot(bm_tracker *t)
 {
     uint32_t me = (uint32_t)getpid();
-    uint64_t start = bm_proc_start_time((pid_t)me);
     for (int i = 0; i < BM_MAX_WRITERS; i++) {
         struct bm_writer_slot *s = &t->ctl->slots[i];
         uint32_t expected = 0;
         if (__atomic_compare_exchange_n(&s->pid, &expected, me, 0, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST)) {
             __atomic_store_n(&s->inflight, 0, __ATOMIC_RELEASE);
-            __atomic_store_n(&s->start_time, start, __ATOMIC_RELEASE);
+            __atomic_store_n(&s->start_time, t->my_start_time, __ATOMIC_RELEASE);
             return i;
         }
     }
     return -1;
 }
 
-bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
+static void release_slot(bm_tracker *t, int slot)
 {
-    int rw = O_RDWR;
-    int fd = open(path, rw | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        if (e == ELOOP)
-            bm_fail(EPERM, "sidecar %s is a symbolic link; refusing it", path);
-        else
-            bm_fail(e, "cannot open sidecar %s: %s", path, strerror(e));
-        return NULL;
+    struct bm_writer_slot *s = &t->ctl->slots[slot];
+    __atomic_store_n(&s->start_time, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->inflight, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->pid, 0, __ATOMIC_SEQ_CST);
+}
+
+int bm_begin_mutation(bm_tracker *t)
+{
+    if (t->slot >= 0 && t->owner_pid == getpid())
+        return -1; /* a writer: its slot already keeps the eras unsealed */
+    int slot = t->owner_pid == getpid() ? claim_slot(t) : -1;
+    bm_unseal_eras(t); /* with no free slot, still open the seal */
+    return slot;
+}
+
+void bm_end_mutation(bm_tracker *t, int slot)
+{
+    if (slot >= 0)
+        release_slot(t, slot);
+}
+
+/* The first touches of a new handle's mapping: sweep, and for a writer
+ * claim a slot and unseal the eras (checking them first: they were at
+ * rest). */
+static int join(bm_tracker *t, int flags)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    sweep_slots(t);
+    if (flags & BM_OPEN_WRITER) {
+        t->slot = claim_slot(t);
+        if (t->slot >= 0)
+            bm_unseal_eras(t);
     }
-    struct stat st;
+    BM_GUARD_END(g);
+    return 0;
+}
+
+bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
+{
+    struct stat st, img;
+    uint64_t btime = 0;
     struct bm_header h;
     int shift;
     bm_tracker *t = NULL;
+    if (bm_guard_install() < 0)
+        goto fail;
+    if ((flags & ~(BM_OPEN_WRITER)) != 0) {
+        bm_fail(EINVAL, "unknown bm_open flags %#x", (unsigned)flags);
+        goto fail;
+    }
+    if (image_fd < 0 && (flags & BM_OPEN_WRITER)) {
+        bm_fail(EBADF, "a writer must open sidecar %s with its image", path);
+        goto fail;
+    }
+    if (image_fd >= 0 && bm_image_identity(image_fd, &img, &btime) < 0) {
+        bm_fail(errno, "cannot stat the image of sidecar %s: %s", path, strerror(errno));
+        goto fail;
+    }
     if (fstat(fd, &st) < 0) {
         bm_fail(errno, "cannot stat sidecar %s: %s", path, strerror(errno));
         goto fail;
@@ -307,9 +388,9 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
         bm_fail(EPERM, "sidecar %s is not a regular file", path);
         goto fail;
     }
-    if (expected_uid >= 0 && st.st_uid != (uid_t)expected_uid) {
-        bm_fail(EPERM, "sidecar %s is owned by uid %u, not the image's owner uid %lld",
-                path, (unsigned)st.st_uid, (long long)expected_uid);
+    if (image_fd >= 0 && st.st_uid != img.st_uid) {
+        bm_fail(EPERM, "sidecar %s is owned by uid %u, not the image's owner uid %u",
+                path, (unsigned)st.st_uid, (unsigned)img.st_uid);
         goto fail;
     }
     if (st.st_mode & (S_IWGRP | S_IWOTH)) {
@@ -328,8 +409,12 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
         goto fail;
     }
     if (h.version != BM_FORMAT_VERSION) {
-        bm_fail(EUCLEAN, "sidecar %s has format version %u; this build reads %u", path,
-                h.version, BM_FORMAT_VERSION);
+        bm_fail(EUCLEAN, "sidecar %s has format version %u; this build reads only %u%s", path,
+                h.version, BM_FORMAT_VERSION,
+                h.version < BM_FORMAT_VERSION
+                    ? " (made by an older blockmirror: remove it and enable tracking again, "
+                      "then take a full copy)"
+                    : "");
         goto fail;
     }
     shift = shift_of(h.granularity);
@@ -345,6 +430,20 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
                 (unsigned long long)h.image_size);
         goto fail;
     }
+    int bound = image_fd >= 0 && h.image_dev == (uint64_t)img.st_dev &&
+                h.image_ino == (uint64_t)img.st_ino && h.image_btime_ns == btime;
+    if ((flags & BM_OPEN_WRITER) && !bound) {
+        /* Left beside a new file at the old path (a move killed after its
+         * redirect, an image replaced by rename): its bitmap and any
+         * redirect in it are about another file. */
+        bm_fail(EUCLEAN, "sidecar %s was made for another file (device %llu, inode %llu, "
+                "born %llu), not this image (device %llu, inode %llu, born %llu): remove it, "
+                "or accept it with blockmirror track reset", path,
+                (unsigned long long)h.image_dev, (unsigned long long)h.image_ino,
+                (unsigned long long)h.image_btime_ns, (unsigned long long)img.st_dev,
+                (unsigned long long)img.st_ino, (unsigned long long)btime);
+        goto fail;
+    }
 
     t = calloc(1, sizeof *t);
     if (!t) {
@@ -354,9 +453,18 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
     t->fd = fd;
     t->flags = flags;
     t->owner_pid = getpid();
+    t->my_start_time = bm_proc_start_time(t->owner_pid);
     t->slot = -1;
     t->shift = (uint32_t)shift;
     t->map_len = reservation_for((uint32_t)shift);
+    if (image_fd >= 0) {
+        t->have_image = 1;
+        t->bound = bound;
+        t->image_dev = (uint64_t)img.st_dev;
+        t->image_ino = (uint64_t)img.st_ino;
+        t->image_btime_ns = btime;
+        t->image_uid = (uint32_t)img.st_uid;
+    }
     pthread_mutex_init(&t->grow_lock, NULL);
     void *m = mmap(NULL, t->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (m == MAP_FAILED) {
@@ -368,13 +476,14 @@ bm_tracker *bm_open(const char *path, int flags, int64_t expected_uid)
     t->ctl = (struct bm_control *)(t->map + BM_CONTROL_OFFSET);
     t->data = t->map + BM_BITMAP_OFFSET;
 
-    sweep_slots(t);
-    if (flags & BM_OPEN_WRITER) {
-        t->slot = claim_slot(t);
-        if (t->slot < 0) {
-            bm_fail(EBUSY, "sidecar %s already has %d writers", path, BM_MAX_WRITERS);
-            goto fail;
-        }
+    if (join(t, flags) < 0) {
+        bm_close(t);
+        return NULL;
+    }
+    if ((flags & BM_OPEN_WRITER) && t->slot < 0) {
+        bm_fail(EBUSY, "sidecar %s already has %d writers", path, BM_MAX_WRITERS);
+        bm_close(t);
+        return NULL;
     }
     return t;
 fail:
@@ -392,28 +501,49 @@ fail:
     return NULL;
 }
 
+bm_tracker *bm_open(const char *path, int flags, int image_fd)
+{
+    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        if (e == ELOOP)
+            bm_fail(EPERM, "sidecar %s is a symbolic link; refusing it", path);
+        else
+            bm_fail(e, "cannot open sidecar %s: %s", path, strerror(e));
+        return NULL;
+    }
+    return bm_open_fd(fd, path, flags, image_fd);
+}
+
+/* What a closing handle owes the sidecar, under a guard. Only the process
+ * that claimed the slot may release it: a forked child closing an inherited
+ * handle must not make its parent look gone. */
+static int leave(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    if (t->slot >= 0) {
+        release_slot(t, t->slot);
+        t->slot = -1;
+        bm_seal_eras(t); /* if this was the last writer out */
+    }
+    /* A copier that closes while holding a freeze must never leave writers
+     * frozen (I3/I6). */
+    uint32_t me = (uint32_t)getpid();
+    if (__atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE) == me) {
+        uint32_t st = __atomic_load_n(&t->ctl->state, __ATOMIC_ACQUIRE);
+        if (st == BM_STATE_FREEZING || st == BM_STATE_FROZEN)
+            bm_thaw(t);
+    }
+    BM_GUARD_END(g);
+    return 0;
+}
+
 int bm_close(bm_tracker *t)
 {
     if (!t)
         return 0;
-    /* Only the process that claimed the slot may release it: a forked child
-     * closing an inherited handle must not make its parent look gone. */
-    if (t->slot >= 0 && t->owner_pid == getpid()) {
-        struct bm_writer_slot *s = &t->ctl->slots[t->slot];
-        __atomic_store_n(&s->start_time, 0, __ATOMIC_RELEASE);
-        __atomic_store_n(&s->inflight, 0, __ATOMIC_RELEASE);
-        __atomic_store_n(&s->pid, 0, __ATOMIC_SEQ_CST);
-    }
-    /* A copier that closes while holding a freeze must never leave writers
-     * frozen (I3/I6). */
-    if (t->owner_pid == getpid()) {
-        uint32_t me = (uint32_t)getpid();
-        if (__atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE) == me) {
-            uint32_t st = __atomic_load_n(&t->ctl->state, __ATOMIC_ACQUIRE);
-            if (st == BM_STATE_FREEZING || st == BM_STATE_FROZEN)
-                bm_thaw(t);
-        }
-    }
+    if (!t->broken && t->owner_pid == getpid())
+        leave(t);
     munmap(t->map, t->map_len);
     int rc = close(t->fd);
     int e = errno;
@@ -427,6 +557,7 @@ int bm_close(bm_tracker *t)
 int bm_get_info(bm_tracker *t, bm_info *out)
 {
     memset(out, 0, sizeof *out);
+    BM_GUARD_BEGIN(t, g, -1);
     out->version = t->hdr->version;
     out->granularity = t->hdr->granularity;
     out->image_size = bm_image_size(t);
@@ -434,25 +565,24 @@ int bm_get_info(bm_tracker *t, bm_info *out)
     memcpy(out->series, t->hdr->series, sizeof out->series);
     /* What the slots say, without asking /proc: a read must not change the
      * sidecar (bm_sweep_writers does that, explicitly). */
-    uint32_t claimed = 0;
-    for (int i = 0; i < BM_MAX_WRITERS; i++)
-        if (__atomic_load_n(&t->ctl->slots[i].pid, __ATOMIC_ACQUIRE) != 0)
-            claimed++;
-    out->live_writers = claimed;
+    out->live_writers = (uint32_t)bm_slots_claimed(t);
     out->flags = __atomic_load_n(&t->hdr->flags, __ATOMIC_ACQUIRE);
+    if (t->have_image && !t->bound)
+        out->flags |= BM_FLAG_NOT_THIS_IMAGE;
     out->state = __atomic_load_n(&t->ctl->state, __ATOMIC_ACQUIRE);
     out->copier_pid = __atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE);
     out->throttle_bytes_per_s = __atomic_load_n(&t->ctl->throttle_bytes_per_s, __ATOMIC_ACQUIRE);
     out->lease_deadline_ns = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
+    BM_GUARD_END(g);
     return 0;
 }
 
-int bm_reset(bm_tracker *t)
+static int reset_locked(bm_tracker *t)
 {
     /* Mark first, then publish the new series: a reader that sees the new
      * series id also sees every granule dirty. The series lives in the
      * checksummed part, so rewrite the checksum too. */
-    bm_mark_all(t);
+    bm_mark_granules(t, 0, bm_granules(t, bm_image_size(t)));
     /* Forget the old series' eras so they raise no false positives later. A
      * writer racing with this can only leave an era too high (a false
      * positive), never too low: eras are raised with compare-and-swap. */
@@ -463,14 +593,50 @@ int bm_reset(bm_tracker *t)
     if (getrandom(series, sizeof series, 0) != (ssize_t)sizeof series)
         return bm_fail(errno ? errno : EIO, "no randomness for a new series id");
     memcpy(t->hdr->series, series, sizeof series);
+    if (t->have_image && !t->bound) {
+        /* Accepting a sidecar found beside another file: it tracks this
+         * image from now on, and a redirect it held was about the old one. */
+        t->hdr->image_dev = t->image_dev;
+        t->hdr->image_ino = t->image_ino;
+        t->hdr->image_btime_ns = t->image_btime_ns;
+        if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) == BM_STATE_REDIRECTED) {
+            memset(t->ctl->move_token, 0, sizeof t->ctl->move_token);
+            memset(t->ctl->redirect_target, 0, sizeof t->ctl->redirect_target);
+            __atomic_store_n(&t->ctl->state, BM_STATE_RUNNING, __ATOMIC_SEQ_CST);
+        }
+        t->bound = 1;
+    }
     t->hdr->checksum = header_checksum(t->hdr);
     __atomic_store_n(&t->hdr->generation, 0, __ATOMIC_SEQ_CST);
     sweep_slots(t);
-    __atomic_fetch_and(&t->hdr->flags, ~(uint32_t)BM_FLAG_UNCLEAN, __ATOMIC_SEQ_CST);
-    if (msync(t->map, BM_PAGE, MS_SYNC) < 0)
-        return bm_fail(errno, "cannot persist sidecar header: %s", strerror(errno));
+    __atomic_fetch_and(&t->hdr->flags, ~(uint32_t)(BM_FLAG_UNCLEAN | BM_FLAG_ERAS_DAMAGED),
+                       __ATOMIC_SEQ_CST);
     return 0;
 }
+
+int bm_reset(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int slot = bm_begin_mutation(t);
+    int rc = reset_locked(t);
+    bm_end_mutation(t, slot);
+    if (rc == 0)
+        bm_seal_eras(t); /* all zero again; seals only if no writer is in */
+    BM_GUARD_END(g);
+    if (rc == 0 && msync(t->map, BM_PAGE, MS_SYNC) < 0)
+        return bm_fail(errno, "cannot persist sidecar header: %s", strerror(errno));
+    return rc;
+}
+
+int bm_verify_eras(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = bm_check_eras(t);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+const char *bm_sidecar_suffix(void) { return BM_SIDECAR_SUFFIX; }
 
 /* Make the sidecar file long enough for a bitmap covering IMAGE_SIZE. The
  * mapping already spans the reservation, so growing the file is all it takes

@@ -1,17 +1,26 @@
 /* control.c - the copier's side of the control block: freeze with a lease,
- * thaw, redirect, throttle (invariant I3). Writers' side is in writer.c. */
+ * thaw, throttle (invariant I3). Writers' side is in writer.c, the redirect
+ * of a move in redirect.c. */
 #include "bm_internal.h"
 
 #include <limits.h>
 #include <linux/futex.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
-#define BM_MAX_LEASE_NS (60ull * 1000000000ull)
+/* More writes than this in flight in one process is no count a writer
+ * keeps: garbage or forged, so ignored by the drain. */
+#define BM_MAX_INFLIGHT_PER_WRITER 65536u
+/* A drain that takes longer than this starts asking whether the processes
+ * that hold writes in flight map this sidecar at all. */
+#define BM_DRAIN_SUSPICIOUS_NS (50ull * 1000000ull)
 
-static int frozen_by_me(bm_tracker *t)
+int bm_frozen_by_me(bm_tracker *t)
 {
     return __atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE) == (uint32_t)getpid();
 }
@@ -21,24 +30,61 @@ static void wake_writers(bm_tracker *t)
     syscall(SYS_futex, &t->ctl->state, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+static int do_thaw(bm_tracker *t);
+
+/* Does process PID map the file DEV:INO (a line of /proc/PID/maps)? 1 yes,
+ * 0 no, -1 unknown (no permission to look, or the process is gone). Every
+ * real writer maps its sidecar for as long as it holds its slot. */
+static int process_maps(uint32_t pid, dev_t dev, ino_t ino)
+{
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%u/maps", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    int found = 0, at_start = 1, any = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        size_t n = strlen(line);
+        int starts = at_start;
+        at_start = n > 0 && line[n - 1] == '\n';
+        if (!starts)
+            continue; /* the rest of a long path */
+        any = 1;
+        unsigned maj, min;
+        unsigned long long inode;
+        if (sscanf(line, "%*s %*s %*s %x:%x %llu", &maj, &min, &inode) == 3 &&
+            inode == (unsigned long long)ino && maj == major(dev) && min == minor(dev))
+            found = 1;
+    }
+    fclose(f);
+    /* Reading another user's maps without ptrace rights yields nothing. */
+    return found ? 1 : any ? 0 : -1;
+}
+
 /* Sum in-flight writes of live writer processes. A dead writer's count is
- * ignored: its write died with it, and I1's first mark already recorded it. */
-static uint32_t inflight_writes(bm_tracker *t)
+ * ignored: its write died with it, and I1's first mark already recorded it.
+ * So is an absurd count, and, with SUSPICIOUS, the count of a live process
+ * that does not map this sidecar: the control block is not checksummed, and
+ * a forged slot naming some live process must not make every freeze fail. */
+static uint32_t inflight_writes(bm_tracker *t, int suspicious, dev_t dev, ino_t ino)
 {
     uint32_t sum = 0;
     for (int i = 0; i < BM_MAX_WRITERS; i++) {
         struct bm_writer_slot *s = &t->ctl->slots[i];
         uint32_t n = __atomic_load_n(&s->inflight, __ATOMIC_SEQ_CST);
-        if (n == 0)
+        if (n == 0 || n > BM_MAX_INFLIGHT_PER_WRITER)
             continue;
         uint32_t pid = __atomic_load_n(&s->pid, __ATOMIC_ACQUIRE);
-        if (pid && bm_process_alive(pid, __atomic_load_n(&s->start_time, __ATOMIC_ACQUIRE)))
-            sum += n;
+        if (!pid || !bm_process_alive(pid, __atomic_load_n(&s->start_time, __ATOMIC_ACQUIRE)))
+            continue;
+        if (suspicious && process_maps(pid, dev, ino) == 0)
+            continue;
+        sum += n;
     }
     return sum;
 }
 
-int bm_freeze(bm_tracker *t, uint64_t lease_ns)
+static int do_freeze(bm_tracker *t, uint64_t lease_ns)
 {
     if (lease_ns == 0 || lease_ns > BM_MAX_LEASE_NS)
         return bm_fail(EINVAL, "freeze lease must be between 0 and 60 s");
@@ -62,10 +108,14 @@ int bm_freeze(bm_tracker *t, uint64_t lease_ns)
 
     /* Drain: short naps, because in-flight writes finish in microseconds
      * and every microsecond here is downtime. */
+    struct stat self;
+    int can_look = fstat(t->fd, &self) == 0;
+    uint64_t started = bm_now_ns();
     uint64_t nap = 20000;
-    while (inflight_writes(t) != 0) {
+    while (inflight_writes(t, can_look && bm_now_ns() - started > BM_DRAIN_SUSPICIOUS_NS,
+                           self.st_dev, self.st_ino) != 0) {
         if (bm_now_ns() >= deadline) {
-            bm_thaw(t);
+            do_thaw(t);
             return bm_fail(ETIMEDOUT, "in-flight writes did not drain within the lease");
         }
         struct timespec ts = {0, (long)nap};
@@ -77,17 +127,17 @@ int bm_freeze(bm_tracker *t, uint64_t lease_ns)
     return 0;
 }
 
-int bm_freeze_check(bm_tracker *t)
+static int do_freeze_check(bm_tracker *t)
 {
     uint32_t st = __atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST);
-    if (st != BM_STATE_FROZEN || !frozen_by_me(t))
+    if (st != BM_STATE_FROZEN || !bm_frozen_by_me(t))
         return bm_fail(EINVAL, "not frozen by this process");
     if (bm_now_ns() >= __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE))
         return bm_fail(ETIMEDOUT, "the freeze lease expired; writers may have resumed");
     return 0;
 }
 
-int bm_thaw(bm_tracker *t)
+static int do_thaw(bm_tracker *t)
 {
     uint32_t st = __atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST);
     if (st == BM_STATE_FREEZING || st == BM_STATE_FROZEN) {
@@ -99,39 +149,7 @@ int bm_thaw(bm_tracker *t)
     return 0;
 }
 
-int bm_redirect(bm_tracker *t, const char *target)
-{
-    if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) != BM_STATE_FROZEN || !frozen_by_me(t))
-        return bm_fail(EINVAL, "redirect needs a freeze held by this process");
-    size_t n = strlen(target);
-    if (n == 0 || n >= BM_REDIRECT_MAX || target[0] != '/')
-        return bm_fail(EINVAL, "redirect target must be an absolute path shorter than %d",
-                       BM_REDIRECT_MAX);
-    memcpy(t->ctl->redirect_target, target, n + 1);
-    __atomic_store_n(&t->ctl->state, BM_STATE_REDIRECTED, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&t->ctl->copier_pid, 0, __ATOMIC_SEQ_CST);
-    wake_writers(t);
-    return 0;
-}
-
-int bm_get_state(bm_tracker *t)
-{
-    return (int)__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST);
-}
-
-int bm_get_redirect(bm_tracker *t, char *buf, uint64_t len)
-{
-    if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) != BM_STATE_REDIRECTED)
-        return bm_fail(ENOENT, "the image was not redirected");
-    size_t n = strnlen(t->ctl->redirect_target, BM_REDIRECT_MAX);
-    if (n + 1 > len)
-        return bm_fail(ERANGE, "buffer too small for the redirect target");
-    memcpy(buf, t->ctl->redirect_target, n);
-    buf[n] = '\0';
-    return 0;
-}
-
-int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s)
+static int do_set_throttle(bm_tracker *t, uint64_t bytes_per_s)
 {
     uint32_t me = bytes_per_s ? (uint32_t)getpid() : 0;
     __atomic_store_n(&t->ctl->throttle_owner_start, me ? bm_proc_start_time((pid_t)me) : 0,
@@ -141,3 +159,47 @@ int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s)
     __atomic_store_n(&t->ctl->throttle_next_ns, 0, __ATOMIC_SEQ_CST);
     return 0;
 }
+
+/* The public calls, each under a SIGBUS guard (guard.c). */
+
+int bm_freeze(bm_tracker *t, uint64_t lease_ns)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = do_freeze(t, lease_ns);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int bm_freeze_check(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = do_freeze_check(t);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int bm_thaw(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = do_thaw(t);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int bm_get_state(bm_tracker *t)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int st = (int)__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST);
+    BM_GUARD_END(g);
+    return st;
+}
+
+int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = do_set_throttle(t, bytes_per_s);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+void bm_wake_writers(bm_tracker *t) { wake_writers(t); }

@@ -18,20 +18,23 @@
 #include <time.h>
 #include <unistd.h>
 
-/* However the clocks behave, no writer waits longer than this in one freeze. */
-#define BM_WRITER_MAX_WAIT_NS (120ull * 1000000000ull)
 
 /* A throttle backlog longer than this is taken for a stale clock (see
  * throttle()); real backlogs are a few writes' worth at the set rate. */
 #define BM_THROTTLE_MAX_AHEAD_NS (60ull * 1000000000ull)
 
 /* Does a freeze still bind this writer? Not once its lease has passed, not
- * once the copier that holds it is gone, never past the writer's own cap. */
+ * once the copier that holds it is gone, never past the longest lease a
+ * copier may set (BM_MAX_LEASE_NS), whatever the control block says: it is
+ * not checksummed, and anyone who can write the sidecar (its owner) could
+ * otherwise hold every writer of the image, root's included. A deadline
+ * further ahead than any lease is forged or from another boot's clock. */
 static int freeze_binds(bm_tracker *t, uint64_t now, uint64_t wait_start)
 {
-    if (now >= __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE))
+    uint64_t deadline = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
+    if (now >= deadline || deadline - now > BM_MAX_LEASE_NS)
         return 0;
-    if (now - wait_start >= BM_WRITER_MAX_WAIT_NS)
+    if (now - wait_start >= BM_MAX_LEASE_NS)
         return 0;
     uint32_t pid = __atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE);
     uint64_t start = __atomic_load_n(&t->ctl->copier_start_time, __ATOMIC_ACQUIRE);
@@ -67,6 +70,9 @@ static void throttle(bm_tracker *t, uint64_t len)
         bm_sleep_ns(wait);
 }
 
+/* Count this write in flight, once no freeze binds it. The guard (which
+ * must be the caller's, innermost) learns it, so a SIGBUS later in the write
+ * still leaves. */
 static int writer_enter(bm_tracker *t)
 {
     if (t->slot < 0)
@@ -81,8 +87,10 @@ static int writer_enter(bm_tracker *t)
         if (st == BM_STATE_RUNNING) {
             __atomic_fetch_add(inflight, 1, __ATOMIC_SEQ_CST);
             st = __atomic_load_n(state, __ATOMIC_SEQ_CST);
-            if (st == BM_STATE_RUNNING)
+            if (st == BM_STATE_RUNNING) {
+                bm_guard_top->in_flight = 1;
                 return 0;
+            }
             __atomic_fetch_sub(inflight, 1, __ATOMIC_SEQ_CST);
             continue;
         }
@@ -108,13 +116,15 @@ static int writer_enter(bm_tracker *t)
              * still reports as holding. */
             uint32_t st2 = __atomic_load_n(state, __ATOMIC_SEQ_CST);
             if (st2 == BM_STATE_RUNNING ||
-                (st2 != BM_STATE_REDIRECTED && !freeze_binds(t, bm_now_ns(), wait_start)))
+                (st2 != BM_STATE_REDIRECTED && !freeze_binds(t, bm_now_ns(), wait_start))) {
+                bm_guard_top->in_flight = 1;
                 return 0;
+            }
             __atomic_fetch_sub(inflight, 1, __ATOMIC_SEQ_CST);
             continue;
         }
         uint64_t deadline = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
-        uint64_t nap = deadline - now;
+        uint64_t nap = deadline > now ? deadline - now : 0;
         if (nap > 5000000u)
             nap = 5000000u; /* re-check the copier's liveness every 5 ms */
         struct timespec ts = {0, (long)nap};
@@ -125,6 +135,7 @@ static int writer_enter(bm_tracker *t)
 static void writer_leave(bm_tracker *t)
 {
     __atomic_fetch_sub(&t->ctl->slots[t->slot].inflight, 1, __ATOMIC_SEQ_CST);
+    bm_guard_top->in_flight = 0;
 }
 
 /* Grow the tracked size to at least END (never shrinks: concurrent writers
@@ -151,7 +162,7 @@ static inline void mark_range(bm_tracker *t, uint64_t offset, uint64_t len)
     bm_mark_granules(t, offset >> t->shift, ((offset + len - 1) >> t->shift) + 1);
 }
 
-int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset)
+static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset)
 {
     if (len == 0)
         return 0;
@@ -192,7 +203,7 @@ int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t
     return (int64_t)len;
 }
 
-int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
+static int do_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
 {
     if (len == 0)
         return 0;
@@ -216,7 +227,7 @@ int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
     return 0;
 }
 
-int bm_truncate(bm_tracker *t, int fd, uint64_t size)
+static int do_truncate(bm_tracker *t, int fd, uint64_t size)
 {
     if (size > bm_max_image_for(t->shift))
         return bm_fail_too_big(t->shift, size);
@@ -234,5 +245,33 @@ int bm_truncate(bm_tracker *t, int fd, uint64_t size)
     if (rc == 0 && size < old)
         rc = bm_resize(t, size);
     writer_leave(t);
+    return rc;
+}
+
+/* The public calls, each under a SIGBUS guard (guard.c): a sidecar truncated
+ * under a running writer fails its writes with EUCLEAN instead of killing
+ * the process. */
+
+int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int64_t n = do_pwrite(t, fd, buf, len, offset);
+    BM_GUARD_END(g);
+    return n;
+}
+
+int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = do_discard(t, fd, offset, len);
+    BM_GUARD_END(g);
+    return rc;
+}
+
+int bm_truncate(bm_tracker *t, int fd, uint64_t size)
+{
+    BM_GUARD_BEGIN(t, g, -1);
+    int rc = do_truncate(t, fd, size);
+    BM_GUARD_END(g);
     return rc;
 }

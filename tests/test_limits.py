@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -12,14 +13,19 @@ from blockmirror._bindings import tracker as _tracker_c
 
 def test_granule_count_limit_scales_with_granularity(make_image):
     img = make_image(4096)
-    with pytest.raises(OSError) as ei:
-        _tracker_c.create(str(img) + ".cbt", 65 << 40, 4096, -1)  # 65 TiB at 4 KiB
-    assert ei.value.errno == errno.EFBIG and "64 TiB limit" in ei.value.strerror
-    # At 64 KiB granules the same size is within the limit (2^30 granules);
-    # its 4 GiB sidecar is not made here, only the 1 PiB bound checked.
-    with pytest.raises(OSError) as ei:
-        _tracker_c.create(str(img) + ".cbt", (1 << 50) + 1, 65536, -1)
-    assert "1 PiB limit" in ei.value.strerror
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as ei:
+            _tracker_c.create(str(img) + ".cbt", fd, 65 << 40, 4096)  # 65 TiB at 4 KiB
+        assert ei.value.errno == errno.EFBIG and "64 TiB limit" in ei.value.strerror
+        # At 64 KiB granules the same size is within the limit (2^30
+        # granules); its 4 GiB sidecar is not made here, only the 1 PiB
+        # bound checked.
+        with pytest.raises(OSError) as ei:
+            _tracker_c.create(str(img) + ".cbt", fd, (1 << 50) + 1, 65536)
+        assert "1 PiB limit" in ei.value.strerror
+    finally:
+        os.close(fd)
 
 
 def test_many_trackers_fit_in_one_process(make_image):

@@ -34,8 +34,11 @@ OFF_VERSION = 8
 OFF_GRANULARITY = 16
 OFF_SHIFT = 20
 OFF_SERIES = 40
-OFF_CHECKSUM = 64
-OFF_IMAGE_SIZE = 72
+OFF_IMAGE_DEV = 64
+OFF_IMAGE_INO = 72
+OFF_IMAGE_BTIME = 80
+OFF_CHECKSUM = 88
+OFF_IMAGE_SIZE = 96
 BITMAP_OFFSET = 8192
 FORMAT_VERSION = lib.BM_FORMAT_VERSION
 
@@ -102,6 +105,8 @@ def test_layout_assumptions(tracked_image, side):
     assert struct.unpack_from("<I", raw, OFF_SHIFT)[0] == 16
     assert struct.unpack_from("<Q", raw, OFF_CHECKSUM)[0] == fnv1a64(raw[:OFF_CHECKSUM])
     assert struct.unpack_from("<Q", raw, OFF_IMAGE_SIZE)[0] == 4 * MiB
+    st = os.stat(tracked_image)
+    assert struct.unpack_from("<QQ", raw, OFF_IMAGE_DEV) == (st.st_dev, st.st_ino)
     with Tracker.open(tracked_image) as t:
         assert t.series == raw[OFF_SERIES : OFF_SERIES + 16].hex()
 
@@ -170,12 +175,16 @@ def test_bad_granularity(tmp_image, granularity):
 
 def test_bad_granularity_in_c(tmp_image):
     # the C layer checks on its own too, and leaves nothing behind
-    with pytest.raises(OSError) as ei:
-        _tracker_c.create(sidecar_path(tmp_image), 4 * MiB, 3000, -1)
-    assert ei.value.errno == errno.EINVAL
-    with pytest.raises(OSError) as ei:
-        _tracker_c.create(sidecar_path(tmp_image), MAX_IMAGE_SIZE + 1, 65536, -1)
-    assert ei.value.errno == errno.EFBIG
+    fd = os.open(tmp_image, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as ei:
+            _tracker_c.create(sidecar_path(tmp_image), fd, 4 * MiB, 3000)
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as ei:
+            _tracker_c.create(sidecar_path(tmp_image), fd, MAX_IMAGE_SIZE + 1, 65536)
+        assert ei.value.errno == errno.EFBIG
+    finally:
+        os.close(fd)
     assert not os.path.exists(sidecar_path(tmp_image))
 
 
@@ -188,7 +197,8 @@ def test_flipped_header_byte(tracked_image, side):
     assert_refused(tracked_image, SidecarCorruptError, "corrupt")
 
 
-@pytest.mark.parametrize("offset", [OFF_GRANULARITY, OFF_SHIFT, 24, 32, 56, OFF_CHECKSUM])
+@pytest.mark.parametrize("offset", [OFF_GRANULARITY, OFF_SHIFT, 24, 32, 56, OFF_IMAGE_DEV,
+                                    OFF_IMAGE_INO, OFF_IMAGE_BTIME, OFF_CHECKSUM])
 def test_flipped_byte_anywhere_in_checksummed_part(tracked_image, side, offset):
     raw = read_bytes(side)
     patch(side, offset, bytes([raw[offset] ^ 0x10]))
@@ -242,11 +252,11 @@ def test_truncated_header(tracked_image, side, length):
 
 def test_truncated_bitmap(make_image):
     # 1 GiB at 4 KiB granules: 64 chunks of 4096 granules, each 512 bytes of
-    # dirty bits and 16 KiB of eras (264 pages in all)
+    # dirty bits, 16 KiB of eras and their 8-byte checksum (265 pages in all)
     img = make_image(1 << 30)
     Tracker.create(img, granularity=4096).close()
     side = sidecar_path(img)
-    assert os.path.getsize(side) == BITMAP_OFFSET + 64 * (512 + 4096 * 4)
+    assert os.path.getsize(side) == BITMAP_OFFSET + 265 * 4096
     for cut in (BITMAP_OFFSET + 263 * 4096, BITMAP_OFFSET + 4096, BITMAP_OFFSET):
         os.truncate(side, cut)
         assert_refused(img, SidecarCorruptError, "truncated")

@@ -3,11 +3,13 @@ control block (csrc/cbt.c, bitmap.c, control.c)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from blockmirror._bindings._ffi import SCAN_CHUNK, CData, check, error_from_c, ffi, lib, scan_all
+from blockmirror.errors import ChangeIdInvalidError
 from blockmirror.extents import ExtentArray
 
 Handle: TypeAlias = CData
@@ -18,6 +20,12 @@ MIN_GRANULARITY: int = lib.BM_MIN_GRANULARITY
 MAX_GRANULARITY: int = lib.BM_MAX_GRANULARITY
 MAX_IMAGE_SIZE: int = lib.BM_MAX_IMAGE_SIZE
 FLAG_UNCLEAN: int = lib.BM_FLAG_UNCLEAN
+FLAG_ERAS_DAMAGED: int = lib.BM_FLAG_ERAS_DAMAGED
+FLAG_NOT_THIS_IMAGE: int = lib.BM_FLAG_NOT_THIS_IMAGE
+FORMAT_VERSION: int = lib.BM_FORMAT_VERSION
+REDIRECT_MAX: int = lib.BM_REDIRECT_MAX
+MAX_LEASE_S: float = lib.BM_MAX_LEASE_NS / 1e9
+SIDECAR_SUFFIX: str = os.fsdecode(ffi.string(lib.bm_sidecar_suffix()))
 STATE_NAMES = {
     lib.BM_STATE_RUNNING: "running",
     lib.BM_STATE_FREEZING: "freezing",
@@ -45,19 +53,46 @@ class TrackerInfo:
     def unclean(self) -> bool:
         return bool(self.flags & FLAG_UNCLEAN)
 
+    @property
+    def eras_damaged(self) -> bool:
+        """Eras changed while sealed: no change id can be trusted."""
+        return bool(self.flags & FLAG_ERAS_DAMAGED)
 
-def create(path: str, image_size: int, granularity: int, owner_uid: int) -> None:
-    if lib.bm_create(os.fsencode(path), image_size, granularity, owner_uid) < 0:
+    @property
+    def not_this_image(self) -> bool:
+        """The sidecar records another file than the image it was opened with."""
+        return bool(self.flags & FLAG_NOT_THIS_IMAGE)
+
+
+def create(path: str, image_fd: int, image_size: int, granularity: int) -> None:
+    """A new sidecar at PATH for the image open as IMAGE_FD (bound to its
+    device and inode, owned by its owner)."""
+    if lib.bm_create(os.fsencode(path), image_fd, image_size, granularity) < 0:
         raise error_from_c(path, sidecar=True)
 
 
-def open_tracker(path: str, writer: bool, expected_uid: int) -> Handle:
+def open_tracker(path: str, writer: bool, image_fd: int) -> Handle:
+    """Open PATH for the image open as IMAGE_FD (-1: none, readers only)."""
     flags = lib.BM_OPEN_WRITER if writer else lib.BM_OPEN_READER
-    handle = lib.bm_open(os.fsencode(path), flags, expected_uid)
+    handle = lib.bm_open(os.fsencode(path), flags, image_fd)
     if handle == ffi.NULL:
         raise error_from_c(path, sidecar=True)
     owned: Handle = ffi.gc(handle, lib.bm_close)
     return owned
+
+
+def open_redirect_target(handle: Handle, writer: bool) -> tuple[Handle, int, str]:
+    """Follow HANDLE's redirect safely (in C: no symbolic link on the path,
+    the same owner, a sidecar recording the move): the target's tracker, an
+    O_RDWR fd of the target image (the caller's to close) and its path."""
+    target = redirect_target(handle)
+    flags = lib.BM_OPEN_WRITER if writer else lib.BM_OPEN_READER
+    fd = ffi.new("int *", -1)
+    new = lib.bm_open_redirect_target(handle, flags, fd)
+    if new == ffi.NULL:
+        raise error_from_c(target, sidecar=True)
+    owned: Handle = ffi.gc(new, lib.bm_close)
+    return owned, int(fd[0]), target
 
 
 def close(handle: Handle) -> None:
@@ -120,17 +155,38 @@ def scan_extents(handle: Handle, clear: bool, chunk: int = SCAN_CHUNK) -> Extent
     return scan_all(lambda cursor, out, room: scan(handle, cursor, out, room), chunk)
 
 
+def _check_eras(rc: int) -> int:
+    """Like check, but EBADMSG (the eras fail their checksums) is a change id
+    that cannot be trusted."""
+    if rc < 0 and ffi.errno == errno.EBADMSG:
+        raise ChangeIdInvalidError(str(error_from_c().strerror))
+    return check(rc)
+
+
 def new_change_id(handle: Handle) -> int:
-    """Take a change id: the generation now, which then moves on."""
+    """Take a change id: the generation now, which then moves on. Raises
+    ChangeIdInvalidError when the eras cannot be trusted."""
     out = ffi.new("uint64_t *")
-    check(lib.bm_new_change_id(handle, out))
+    _check_eras(lib.bm_new_change_id(handle, out))
     return int(out[0])
 
 
 def changed_since(handle: Handle, since: int, chunk: int = SCAN_CHUNK) -> ExtentArray:
-    """Extents of granules marked after generation SINCE (eras > SINCE)."""
+    """Extents of granules marked after generation SINCE (eras > SINCE).
+    Raises ChangeIdInvalidError when the eras cannot be trusted."""
     return scan_all(
-        lambda cursor, out, room: lib.bm_changed_since(handle, since, cursor, out, room), chunk)
+        lambda cursor, out, room: _check_eras(
+            lib.bm_changed_since(handle, since, cursor, out, room)), chunk)
+
+
+def eras_trusted(handle: Handle) -> bool:
+    """Whether the eras pass their checks now (bm_verify_eras; a mismatch is
+    recorded in the sidecar)."""
+    if lib.bm_verify_eras(handle) == 0:
+        return True
+    if ffi.errno == errno.EBADMSG:
+        return False
+    raise error_from_c()
 
 
 def freeze(handle: Handle, lease_s: float) -> None:
@@ -145,19 +201,21 @@ def thaw(handle: Handle) -> None:
     check(lib.bm_thaw(handle))
 
 
-def redirect(handle: Handle, target: str) -> None:
-    check(lib.bm_redirect(handle, os.fsencode(target)))
+def redirect(handle: Handle, target: str, target_handle: Handle) -> None:
+    """Send HANDLE's writers to TARGET (a symlink-free absolute path), the
+    image TARGET_HANDLE was opened with."""
+    check(lib.bm_redirect(handle, os.fsencode(target), target_handle))
 
 
 def state(handle: Handle) -> str:
     """The control-block state's name (one atomic load in C)."""
-    st = lib.bm_get_state(handle)
+    st = check(lib.bm_get_state(handle))
     return STATE_NAMES.get(st, f"unknown({st})")
 
 
 def redirected(handle: Handle) -> bool:
     """True once writers were sent elsewhere (one atomic load in C)."""
-    return bool(lib.bm_get_state(handle) == lib.BM_STATE_REDIRECTED)
+    return bool(check(lib.bm_get_state(handle)) == lib.BM_STATE_REDIRECTED)
 
 
 def redirect_target(handle: Handle) -> str:

@@ -68,10 +68,14 @@ class TrackedImage:
                 # Another writer may create it first; then theirs is used.
                 with contextlib.suppress(FileExistsError):
                     Tracker.create(path, self._granularity).close()
-            tracker = Tracker.open(path, writer=True)
+            # Checked against the very file written through FD.
+            tracker = Tracker.open(path, writer=True, image_fd=fd)
         except BaseException:
             os.close(fd)
             raise
+        self._bind(path, fd, tracker)
+
+    def _bind(self, path: str, fd: int, tracker: Tracker) -> None:
         self.path = path
         self._fd = fd
         self._tracker = tracker
@@ -104,15 +108,17 @@ class TrackedImage:
         return self._tracker
 
     def _follow_redirect(self) -> None:
-        """The copier moved the image: reopen it where it went (ESTALE)."""
-        target = self.tracker.redirect_target()
+        """The copier moved the image: reopen it where it went (ESTALE).
+
+        The C side opens the target and its sidecar (the copier tracked it
+        already) without following a symbolic link anywhere on the path, and
+        only if it belongs to this image's owner and its sidecar records the
+        move: the sidecar is the image owner's to edit, and a forged redirect
+        must not let our writes escape (I5, issue 13)."""
         old_fd, old_tracker = self._fd, self._tracker
-        # The target must already be tracked by the copier; never follow a
-        # symlink there, a swapped link would let our writes escape (I5).
-        fd = os.open(target, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        os.close(fd)
+        tracker, fd = self.tracker.open_redirect_target()
         old_writes = self._bound_writes()
-        self._attach(target, create_sidecar=False)
+        self._bind(tracker.image_path, fd, tracker)
         self._retire(old_writes)
         assert old_tracker is not None
         old_tracker.close()

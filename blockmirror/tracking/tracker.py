@@ -7,6 +7,7 @@ the bitmap lives in a shared memory map and every change to it is atomic.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from types import TracebackType
@@ -19,6 +20,7 @@ from blockmirror._bindings.tracker import (
     MAX_GRANULARITY,
     MAX_IMAGE_SIZE,
     MIN_GRANULARITY,
+    SIDECAR_SUFFIX,
     TrackerInfo,
 )
 from blockmirror._bindings.writer import PwriteFunction, StaleHandler
@@ -26,21 +28,37 @@ from blockmirror.errors import ChangeIdInvalidError, SidecarError
 from blockmirror.extents import Extent, ExtentArray, pairs
 from blockmirror.tracking.changeid import ChangeId
 
-SIDECAR_SUFFIX = ".cbt"
-
 
 def sidecar_path(image_path: str | os.PathLike[str]) -> str:
     """Where the sidecar of IMAGE_PATH lives (``IMAGE.cbt``, beside it)."""
     return os.fspath(image_path) + SIDECAR_SUFFIX
 
 
-def _image_owner(image_path: str) -> int:
-    st = os.stat(image_path)
-    if not stat.S_ISREG(st.st_mode):
-        raise IsADirectoryError(21, "image is not a regular file", image_path) if stat.S_ISDIR(
-            st.st_mode
-        ) else OSError(22, "image is not a regular file", image_path)
-    return st.st_uid
+def _open_image(image_path: str) -> int:
+    """An O_PATH fd of the image (no read permission needed, never blocks):
+    the C side takes its owner, device and inode from it."""
+    fd = os.open(image_path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(21, "image is not a regular file", image_path) if (
+                stat.S_ISDIR(st.st_mode)
+            ) else OSError(22, "image is not a regular file", image_path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _consistent(handle: _c.Handle, image_size: int | None) -> bool:
+    """What Tracker.consistent says, for HANDLE (freshly swept)."""
+    info = _c.info(handle)
+    if info.unclean or info.eras_damaged or info.not_this_image:
+        return False
+    if not _c.eras_trusted(handle):
+        return False
+    # A file larger than the tracked size was written without tracking.
+    return image_size is None or image_size <= info.image_size
 
 
 class Tracker:
@@ -70,7 +88,6 @@ class Tracker:
         Fails with ``FileExistsError`` if the image already has a sidecar.
         """
         image = os.fspath(image_path)
-        owner = _image_owner(image)
         if (
             granularity < MIN_GRANULARITY
             or granularity > MAX_GRANULARITY
@@ -80,24 +97,34 @@ class Tracker:
                 f"granularity {granularity} is not a power of two between "
                 f"{MIN_GRANULARITY} and {MAX_GRANULARITY}"
             )
-        _c.create(sidecar_path(image), os.stat(image).st_size, granularity, owner)
+        fd = _open_image(image)
+        try:
+            _c.create(sidecar_path(image), fd, os.fstat(fd).st_size, granularity)
+        finally:
+            os.close(fd)
         return cls.open(image)
 
     @classmethod
-    def open(cls, image_path: str | os.PathLike[str], *, writer: bool = False) -> Tracker:
+    def open(cls, image_path: str | os.PathLike[str], *, writer: bool = False,
+             image_fd: int | None = None) -> Tracker:
         """Open and validate IMAGE_PATH's sidecar.
 
         With ``writer=True`` this process is registered as a writer, so a
-        crash before :meth:`close` leaves the sidecar marked unclean (I4).
-        Check :attr:`consistent` before trusting the bitmap.
+        crash before :meth:`close` leaves the sidecar marked unclean (I4);
+        pass the fd the writer writes through as IMAGE_FD, so the sidecar is
+        checked against that very file (one left behind by a file that was
+        at this path before is refused). Check :attr:`consistent` before
+        trusting the bitmap.
         """
         image = os.fspath(image_path)
-        owner = _image_owner(image)
-        handle = _c.open_tracker(sidecar_path(image), writer, owner)
-        info = _c.info(handle)
-        # A file larger than the tracked size was written without tracking.
-        consistent = not info.unclean and os.stat(image).st_size <= info.image_size
-        return cls(handle, image, consistent)
+        fd = _open_image(image) if image_fd is None else image_fd
+        try:
+            handle = _c.open_tracker(sidecar_path(image), writer, fd)
+            size = os.fstat(fd).st_size
+        finally:
+            if image_fd is None:
+                os.close(fd)
+        return cls(handle, image, _consistent(handle, size))
 
     def close(self) -> None:
         """Release the handle; for a writer this is the clean close (I4)."""
@@ -152,16 +179,14 @@ class Tracker:
         as dirty (see :meth:`reset`). Looks for dead writers first (a /proc
         sweep), so a writer killed since this handle opened is noticed (I4)."""
         _c.sweep_writers(self._h)
-        info = _c.info(self._h)
-        if info.unclean:
-            return False
-        # Checked now, not only at open: a consumer holding the tracker must
-        # see growth that happened behind it. Tracked writers grow the
-        # tracked size before the file, so they never trip this.
+        # The size is checked now, not only at open: a consumer holding the
+        # tracker must see growth that happened behind it. Tracked writers
+        # grow the tracked size before the file, so they never trip this.
         try:
-            return os.stat(self.image_path).st_size <= info.image_size
-        except FileNotFoundError:  # moved away: only the flag can tell
-            return True
+            size: int | None = os.stat(self.image_path).st_size
+        except FileNotFoundError:  # moved away: only the flags can tell
+            size = None
+        return _consistent(self._h, size)
 
     def info(self) -> TrackerInfo:
         """Everything the header and control block say, for status displays.
@@ -294,8 +319,40 @@ class Tracker:
         _c.thaw(self._h)
 
     def redirect(self, target: str | os.PathLike[str]) -> None:
-        """Send frozen writers to TARGET: their next write lands there."""
-        _c.redirect(self._h, os.path.abspath(os.fspath(target)))
+        """Send frozen writers to TARGET, which must be tracked already: their
+        next write lands there. Writers follow no symbolic link, so the path
+        is resolved here (the copier trusts its own destination's folders).
+        Raises ``FileNotFoundError`` if TARGET has no sidecar, ``OSError``
+        ELOOP if it is a symbolic link; writers stay frozen then."""
+        path = os.path.abspath(os.fspath(target))
+        # Folder links resolved here; a link as the file itself is refused.
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if len(os.fsencode(real)) >= _c.REDIRECT_MAX:
+            raise OSError(errno.EINVAL, f"redirect target is {_c.REDIRECT_MAX} bytes or longer",
+                          real)
+        if os.path.islink(real):
+            raise OSError(errno.ELOOP, "redirect target is a symbolic link; writers follow none",
+                          real)
+        with Tracker.open(real) as destination:
+            _c.redirect(self._h, real, destination._h)
+
+    def open_redirect_target(self, *, writer: bool = True) -> tuple[Tracker, int]:
+        """Follow a redirect: the target's tracker (a writer's, by default)
+        and an O_RDWR fd of the target image, which the caller closes.
+
+        The target is opened in C without following any symbolic link, only
+        when it belongs to the owner of this image and its sidecar records
+        the move this sidecar's redirect names (raises ``SidecarUnsafeError``
+        otherwise): a redirect forged into a sidecar steers no writer into
+        another user's image (issue 13)."""
+        handle, fd, target = _c.open_redirect_target(self._h, writer)
+        try:
+            size = os.fstat(fd).st_size
+            return Tracker(handle, target, _consistent(handle, size)), fd
+        except BaseException:
+            os.close(fd)
+            _c.close(handle)
+            raise
 
     def redirect_target(self) -> str:
         return _c.redirect_target(self._h)
@@ -352,6 +409,7 @@ __all__ = [
     "MAX_GRANULARITY",
     "MAX_IMAGE_SIZE",
     "MIN_GRANULARITY",
+    "SIDECAR_SUFFIX",
     "SidecarError",
     "Tracker",
     "TrackerInfo",

@@ -27,8 +27,9 @@
  * On failure: ESTALE (the image was moved) returns on_stale(data, offset)
  * when ON_STALE is not None; any other errno raises OSError(errno,
  * bm_last_error(), path), so callers get FileNotFoundError, ENOSPC... as
- * from the cffi path (bm_pwrite never fails with the EUCLEAN/EPERM that
- * _binding.error_from_c maps to sidecar errors: those come from bm_open).
+ * from the cffi path (except that EUCLEAN - the sidecar was truncated under
+ * the writer, guard.c - is a plain OSError here where the cffi path raises
+ * its SidecarCorruptError subclass).
  * HANDLE (the cffi object owning HANDLE_ADDR) is kept alive by the Writer,
  * and close() detaches it: later calls raise ValueError instead of touching
  * a freed tracker, even through a reference taken before the image closed.
