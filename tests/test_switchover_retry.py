@@ -27,8 +27,8 @@ from blockmirror.migration import sync
 
 G = 65536
 NOTE = "freeze lease ran out during the final pass; retried"
-# Written while the bulk pass runs, into what was a hole when it began: the
-# bulk pass does not read them, so the first final pass copies them.
+# Written as the bulk pass ends (its last progress report), into holes: no
+# bulk pass reads them, so the first final pass copies them.
 LATE = [(8 * MiB + i * 3 * G, G) for i in range(8)]
 LATE_BYTES = sum(n for _, n in LATE)
 SCRIBBLE = b"\xee"
@@ -85,7 +85,7 @@ def test_lease_that_ran_out_in_the_final_pass_is_retried(lease, monkeypatch):
     watch = Tracker.open(image)
 
     def progress(p: blockmirror.SyncProgress) -> None:
-        if p.phase == "bulk" and not late:
+        if p.phase == "bulk" and p.bytes_done >= p.bytes_total and not late:
             late.extend(write_late_blocks(image))
         if answers == [False] and p.phase != "final":
             states_after_failure.append(watch.state)
@@ -148,10 +148,13 @@ def test_gives_up_after_three_lost_leases(lease, monkeypatch):
     copy is removed and the tracker is running (writers not paused)."""
     dst, image = lease
     calls = {"freeze": 0, "freeze_holds": 0}
+    states: list[str] = []
     real_freeze = Tracker.freeze
 
     def freeze(self: Tracker, lease_s: float) -> None:
         calls["freeze"] += 1
+        # Each attempt starts from running writers: the last one thawed them.
+        states.append(self.state)
         real_freeze(self, lease_s)
 
     def freeze_holds(self: Tracker) -> bool:
@@ -165,7 +168,7 @@ def test_gives_up_after_three_lost_leases(lease, monkeypatch):
     late: list[bytes] = []
 
     def progress(p: blockmirror.SyncProgress) -> None:
-        if p.phase == "bulk" and not late:
+        if p.phase == "bulk" and p.bytes_done >= p.bytes_total and not late:
             late.extend(write_late_blocks(image))
         assert p.phase != "done"
 
@@ -174,6 +177,7 @@ def test_gives_up_after_three_lost_leases(lease, monkeypatch):
         sync(image, dst, target_downtime=1.0, progress=progress)
     assert calls["freeze"] == 3
     assert calls["freeze_holds"] == 3
+    assert states == ["running"] * 3
     assert os.listdir(dst) == []  # no shadow copy, no manifest
     expected = bytearray(before)
     for (off, n), block in zip(LATE, late, strict=True):
