@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+from imagetools import wait_for
 
 from blockmirror import TrackedImage, Tracker
 
@@ -67,10 +68,12 @@ def _start_and_kill(image, how: str, reap: bool = True):
     p = CTX.Process(target=_write_until_killed, args=(os.fspath(image), ready, how))
     p.start()
     try:
-        deadline = time.monotonic() + 30
-        while not ready.wait(0.05):
+
+        def going() -> bool:
             assert p.is_alive(), f"writer died before it got going (exit {p.exitcode})"
-            assert time.monotonic() < deadline, "writer never got going"
+            return ready.wait(0.05)
+
+        wait_for(going, 30, "the writer to get going", every=0)
         time.sleep(0.02)  # let it get deeper into the stream
         os.kill(p.pid, signal.SIGKILL)
         if reap:
@@ -86,16 +89,14 @@ def _start_and_kill(image, how: str, reap: bool = True):
 
 
 def _wait_zombie(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def dead_for_good() -> bool:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
         # a zombie whose other threads (numpy's BLAS pool) have gone too:
         # dead for good, only waiting for its parent to reap it
-        if state in ("Z", "X") and len(os.listdir(f"/proc/{pid}/task")) == 1:
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"pid {pid} never became a zombie")
+        return state in ("Z", "X") and len(os.listdir(f"/proc/{pid}/task")) == 1
+
+    wait_for(dead_for_good, timeout, f"pid {pid} to become a zombie")
 
 
 def _run(target, *args) -> int:
