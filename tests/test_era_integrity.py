@@ -112,7 +112,7 @@ def test_sidecar_of_the_previous_format_is_refused_clearly(tracked_image):
     with open(side, "r+b") as f:
         f.seek(OFF_VERSION)
         f.write(struct.pack("<I", 2))  # checksum left stale: the version is checked first
-    with pytest.raises(SidecarCorruptError, match="version 2.*older blockmirror"):
+    with pytest.raises(SidecarCorruptError, match=r"version 2.*older blockmirror"):
         Tracker.open(tracked_image)
     with pytest.raises(SidecarCorruptError, match="older blockmirror"):
         TrackedImage(tracked_image)
