@@ -70,6 +70,8 @@ struct bm_header {
     uint64_t generation;        /* bumped by change ids and full scans; eras record it */
     uint32_t flags;
     uint32_t era_seal;          /* BM_SEAL_* */
+    uint32_t seal_epoch;        /* bumped by every sealing: names one sealed state */
+    uint32_t reserved0;
 };
 
 /* One per process that has the sidecar open for writing. A slot whose
@@ -126,6 +128,8 @@ struct bm_tracker {
     uint32_t image_uid;
     uint64_t my_start_time;     /* this process's /proc start time */
     int broken;                 /* a SIGBUS hit the mapping: touch it no more */
+    uint32_t verified_epoch;    /* seal_epoch + 1 of the sealed eras this handle
+                                 * checked and found intact (0: none) */
 };
 
 /* At most 2^34 granules per sidecar: the largest image is 1 PiB at 64 KiB
