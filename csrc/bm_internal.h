@@ -70,6 +70,8 @@ struct bm_header {
     uint64_t generation;        /* bumped by change ids and full scans; eras record it */
     uint32_t flags;
     uint32_t era_seal;          /* BM_SEAL_* */
+    uint32_t seal_epoch;        /* bumped by every sealing: names one sealed state */
+    uint32_t reserved0;
 };
 
 /* One per process that has the sidecar open for writing. A slot whose
@@ -125,7 +127,12 @@ struct bm_tracker {
     uint64_t image_dev, image_ino, image_btime_ns;
     uint32_t image_uid;
     uint64_t my_start_time;     /* this process's /proc start time */
+    dev_t sidecar_dev;          /* the sidecar's own st_dev and st_ino */
+    ino_t sidecar_ino;
+    uint32_t throttle_owner_seen;   /* throttle owner pid found mapping the sidecar */
     int broken;                 /* a SIGBUS hit the mapping: touch it no more */
+    uint32_t verified_epoch;    /* seal_epoch + 1 of the sealed eras this handle
+                                 * checked and found intact (0: none) */
 };
 
 /* At most 2^34 granules per sidecar: the largest image is 1 PiB at 64 KiB
@@ -144,6 +151,14 @@ int bm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)))
 uint64_t bm_now_ns(void);
 uint64_t bm_proc_start_time(pid_t pid);
 int bm_process_alive(uint32_t pid, uint64_t start_time);
+/* Does process PID map the file DEV:INO (its /proc/PID/maps)? 1 yes, 0 no,
+ * -1 unknown (no right to look, or gone). Every process holding a tracker
+ * maps its sidecar, so a live pid in the control block that does not is
+ * forged (or reused). Reads a /proc file: not for hot paths. */
+int bm_process_maps(uint32_t pid, dev_t dev, ino_t ino);
+/* A wait longer than this makes writers and the drain ask whether the
+ * process named in the control block maps the sidecar at all. */
+#define BM_SUSPICIOUS_WAIT_NS (50ull * 1000000ull)
 int bm_ensure_capacity(bm_tracker *t, uint64_t image_size);
 
 /* bitmap.c */
@@ -239,7 +254,7 @@ static inline void bm_guard_pop(struct bm_guard *g)
  * BM_GUARD_END(G) on every return path after it. */
 #define BM_GUARD_BEGIN(t, g, fault_value)                                  \
     struct bm_guard g;                                                     \
-    if ((t)->broken)                                                       \
+    if (__atomic_load_n(&(t)->broken, __ATOMIC_RELAXED))                 \
         return (bm_fail_broken(), (fault_value));                         \
     bm_guard_push(&g, (t));                                                \
     if (sigsetjmp(g.jump, 0) != 0) {                                       \

@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -121,6 +122,35 @@ int bm_process_alive(uint32_t pid, uint64_t start_time)
     if (state == 'Z' || state == 'X' || state == 'x')
         return has_other_threads((pid_t)pid);
     return 1;
+}
+
+/* Does process PID map the file DEV:INO (a line of /proc/PID/maps)? 1 yes,
+ * 0 no, -1 unknown (no permission to look, or the process is gone). Every
+ * real writer maps its sidecar for as long as it holds its slot. */
+int bm_process_maps(uint32_t pid, dev_t dev, ino_t ino)
+{
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%u/maps", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    int found = 0, at_start = 1, any = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        size_t n = strlen(line);
+        int starts = at_start;
+        at_start = n > 0 && line[n - 1] == '\n';
+        if (!starts)
+            continue; /* the rest of a long path */
+        any = 1;
+        unsigned maj, min;
+        unsigned long long inode;
+        if (sscanf(line, "%*s %*s %*s %x:%x %llu", &maj, &min, &inode) == 3 &&
+            inode == (unsigned long long)ino && maj == major(dev) && min == minor(dev))
+            found = 1;
+    }
+    fclose(f);
+    /* Reading another user's maps without ptrace rights yields nothing. */
+    return found ? 1 : any ? 0 : -1;
 }
 
 /* Is some process PID running (whatever its start time)? */
@@ -454,6 +484,8 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
     t->flags = flags;
     t->owner_pid = getpid();
     t->my_start_time = bm_proc_start_time(t->owner_pid);
+    t->sidecar_dev = st.st_dev;
+    t->sidecar_ino = st.st_ino;
     t->slot = -1;
     t->shift = (uint32_t)shift;
     t->map_len = reservation_for((uint32_t)shift);
@@ -542,7 +574,7 @@ int bm_close(bm_tracker *t)
 {
     if (!t)
         return 0;
-    if (!t->broken && t->owner_pid == getpid())
+    if (!__atomic_load_n(&t->broken, __ATOMIC_RELAXED) && t->owner_pid == getpid())
         leave(t);
     munmap(t->map, t->map_len);
     int rc = close(t->fd);

@@ -5,10 +5,8 @@
 
 #include <limits.h>
 #include <linux/futex.h>
-#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -16,9 +14,6 @@
 /* More writes than this in flight in one process is no count a writer
  * keeps: garbage or forged, so ignored by the drain. */
 #define BM_MAX_INFLIGHT_PER_WRITER 65536u
-/* A drain that takes longer than this starts asking whether the processes
- * that hold writes in flight map this sidecar at all. */
-#define BM_DRAIN_SUSPICIOUS_NS (50ull * 1000000ull)
 
 int bm_frozen_by_me(bm_tracker *t)
 {
@@ -31,35 +26,6 @@ static void wake_writers(bm_tracker *t)
 }
 
 static int do_thaw(bm_tracker *t);
-
-/* Does process PID map the file DEV:INO (a line of /proc/PID/maps)? 1 yes,
- * 0 no, -1 unknown (no permission to look, or the process is gone). Every
- * real writer maps its sidecar for as long as it holds its slot. */
-static int process_maps(uint32_t pid, dev_t dev, ino_t ino)
-{
-    char path[64], line[512];
-    snprintf(path, sizeof path, "/proc/%u/maps", pid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return -1;
-    int found = 0, at_start = 1, any = 0;
-    while (!found && fgets(line, sizeof line, f)) {
-        size_t n = strlen(line);
-        int starts = at_start;
-        at_start = n > 0 && line[n - 1] == '\n';
-        if (!starts)
-            continue; /* the rest of a long path */
-        any = 1;
-        unsigned maj, min;
-        unsigned long long inode;
-        if (sscanf(line, "%*s %*s %*s %x:%x %llu", &maj, &min, &inode) == 3 &&
-            inode == (unsigned long long)ino && maj == major(dev) && min == minor(dev))
-            found = 1;
-    }
-    fclose(f);
-    /* Reading another user's maps without ptrace rights yields nothing. */
-    return found ? 1 : any ? 0 : -1;
-}
 
 /* Sum in-flight writes of live writer processes. A dead writer's count is
  * ignored: its write died with it, and I1's first mark already recorded it.
@@ -77,7 +43,7 @@ static uint32_t inflight_writes(bm_tracker *t, int suspicious, dev_t dev, ino_t 
         uint32_t pid = __atomic_load_n(&s->pid, __ATOMIC_ACQUIRE);
         if (!pid || !bm_process_alive(pid, __atomic_load_n(&s->start_time, __ATOMIC_ACQUIRE)))
             continue;
-        if (suspicious && process_maps(pid, dev, ino) == 0)
+        if (suspicious && bm_process_maps(pid, dev, ino) == 0)
             continue;
         sum += n;
     }
@@ -108,12 +74,10 @@ static int do_freeze(bm_tracker *t, uint64_t lease_ns)
 
     /* Drain: short naps, because in-flight writes finish in microseconds
      * and every microsecond here is downtime. */
-    struct stat self;
-    int can_look = fstat(t->fd, &self) == 0;
     uint64_t started = bm_now_ns();
     uint64_t nap = 20000;
-    while (inflight_writes(t, can_look && bm_now_ns() - started > BM_DRAIN_SUSPICIOUS_NS,
-                           self.st_dev, self.st_ino) != 0) {
+    while (inflight_writes(t, bm_now_ns() - started > BM_SUSPICIOUS_WAIT_NS, t->sidecar_dev,
+                           t->sidecar_ino) != 0) {
         if (bm_now_ns() >= deadline) {
             do_thaw(t);
             return bm_fail(ETIMEDOUT, "in-flight writes did not drain within the lease");

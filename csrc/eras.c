@@ -52,6 +52,7 @@ void bm_seal_eras(bm_tracker *t)
     if (__atomic_load_n(&t->hdr->flags, __ATOMIC_SEQ_CST) & BM_FLAG_ERAS_DAMAGED)
         return; /* sealing would bless the damage; a reset starts afresh */
     __atomic_store_n(seal, BM_SEAL_SEALING, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&t->hdr->seal_epoch, 1, __ATOMIC_SEQ_CST);
     if (bm_slots_claimed(t) != 0)
         goto abandon;
     uint64_t n = chunks_of(t);
@@ -88,11 +89,20 @@ void bm_unseal_eras(bm_tracker *t)
 
 int bm_check_eras(bm_tracker *t)
 {
+    /* A sealed state this handle already checked is not checked again (a
+     * reader that opens, then scans, would read every era twice); damage
+     * done since then is for the next handle to find. */
+    uint32_t epoch = __atomic_load_n(&t->hdr->seal_epoch, __ATOMIC_SEQ_CST) + 1;
     if (__atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST) == BM_SEAL_SEALED &&
-        !eras_match(t)) {
+        __atomic_load_n(&t->verified_epoch, __ATOMIC_RELAXED) != epoch) {
+        int ok = eras_match(t);
         /* Re-read: a writer may have unsealed and written since we looked. */
-        if (__atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST) == BM_SEAL_SEALED)
+        int still = __atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST) == BM_SEAL_SEALED &&
+                    __atomic_load_n(&t->hdr->seal_epoch, __ATOMIC_SEQ_CST) + 1 == epoch;
+        if (still && !ok)
             __atomic_fetch_or(&t->hdr->flags, BM_FLAG_ERAS_DAMAGED, __ATOMIC_SEQ_CST);
+        else if (still)
+            __atomic_store_n(&t->verified_epoch, epoch, __ATOMIC_RELAXED);
     }
     if (__atomic_load_n(&t->hdr->flags, __ATOMIC_SEQ_CST) & BM_FLAG_ERAS_DAMAGED)
         return bm_fail(EBADMSG, "the sidecar's change-id eras do not match their checksums "

@@ -76,7 +76,7 @@ int bm_fail_broken(void)
 int bm_guard_fault(struct bm_guard *g)
 {
     bm_tracker *t = g->tracker;
-    t->broken = 1;
+    __atomic_store_n(&t->broken, 1, __ATOMIC_RELAXED);
     /* Best effort, each under a guard of its own: leave the in-flight count
      * (a freeze would otherwise wait for this write until its lease ends)
      * and mark the sidecar unclean (I4), where those pages still exist. */

@@ -29,16 +29,37 @@
  * not checksummed, and anyone who can write the sidecar (its owner) could
  * otherwise hold every writer of the image, root's included. A deadline
  * further ahead than any lease is forged or from another boot's clock. */
-static int freeze_binds(bm_tracker *t, uint64_t now, uint64_t wait_start)
+/* One write's wait for a freeze to end. */
+struct freeze_wait {
+    uint64_t start;         /* when it began, CLOCK_MONOTONIC; 0: not yet */
+    uint32_t checked_pid;   /* the copier whose /proc maps were read; 0: none */
+    int maps_sidecar;       /* what bm_process_maps said of it */
+};
+
+/* Once a wait outlasts BM_SUSPICIOUS_WAIT_NS (a real final pass may well
+ * take longer), the copier named in the control block is asked whether it
+ * maps the sidecar at all: a live process that holds no tracker is forged
+ * into the control block, and its freeze binds nobody. */
+static int freeze_binds(bm_tracker *t, uint64_t now, struct freeze_wait *w)
 {
     uint64_t deadline = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
     if (now >= deadline || deadline - now > BM_MAX_LEASE_NS)
         return 0;
-    if (now - wait_start >= BM_MAX_LEASE_NS)
+    if (now - w->start >= BM_MAX_LEASE_NS)
         return 0;
     uint32_t pid = __atomic_load_n(&t->ctl->copier_pid, __ATOMIC_ACQUIRE);
     uint64_t start = __atomic_load_n(&t->ctl->copier_start_time, __ATOMIC_ACQUIRE);
-    return bm_process_alive(pid, start);
+    if (!bm_process_alive(pid, start))
+        return 0;
+    if (now - w->start > BM_SUSPICIOUS_WAIT_NS && pid != (uint32_t)getpid()) {
+        if (w->checked_pid != pid) {
+            w->checked_pid = pid;
+            w->maps_sidecar = bm_process_maps(pid, t->sidecar_dev, t->sidecar_ino);
+        }
+        if (w->maps_sidecar == 0)
+            return 0;
+    }
+    return 1;
 }
 
 static void throttle(bm_tracker *t, uint64_t len)
@@ -53,11 +74,16 @@ static void throttle(bm_tracker *t, uint64_t len)
     if (clock - checked > 100000000u) {
         uint32_t owner = __atomic_load_n(&t->ctl->throttle_owner_pid, __ATOMIC_ACQUIRE);
         uint64_t start = __atomic_load_n(&t->ctl->throttle_owner_start, __ATOMIC_ACQUIRE);
-        if (!bm_process_alive(owner, start)) {
+        if (!bm_process_alive(owner, start) ||
+            (owner != __atomic_load_n(&t->throttle_owner_seen, __ATOMIC_RELAXED) &&
+             owner != (uint32_t)getpid() &&
+             bm_process_maps(owner, t->sidecar_dev, t->sidecar_ino) == 0)) {
+            /* Gone, or never a tracker's holder (a forged owner). */
             __atomic_compare_exchange_n(&t->ctl->throttle_bytes_per_s, &rate, 0, 0,
                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
             return;
         }
+        __atomic_store_n(&t->throttle_owner_seen, owner, __ATOMIC_RELAXED);
         __atomic_store_n(&t->throttle_checked_ns, clock, __ATOMIC_RELAXED);
     }
     /* GCRA over the clock in the control block, shared by all writers. It
@@ -79,7 +105,7 @@ static int writer_enter(bm_tracker *t)
         return bm_fail(EBADF, "tracker was not opened for writing");
     uint32_t *inflight = &t->ctl->slots[t->slot].inflight;
     uint32_t *state = &t->ctl->state;
-    uint64_t wait_start = 0;
+    struct freeze_wait wait = {0, 0, -1};
     for (;;) {
         uint32_t st = __atomic_load_n(state, __ATOMIC_SEQ_CST);
         if (st == BM_STATE_REDIRECTED)
@@ -96,9 +122,9 @@ static int writer_enter(bm_tracker *t)
         }
         /* Frozen or freezing: wait, but only while the lease binds. */
         uint64_t now = bm_now_ns();
-        if (wait_start == 0)
-            wait_start = now;
-        if (!freeze_binds(t, now, wait_start)) {
+        if (wait.start == 0)
+            wait.start = now;
+        if (!freeze_binds(t, now, &wait)) {
             /* The freeze is void (lease over or copier gone): put the state
              * back to running so later writes take the fast path instead of
              * re-checking the copier. A live copier notices in
@@ -116,7 +142,7 @@ static int writer_enter(bm_tracker *t)
              * still reports as holding. */
             uint32_t st2 = __atomic_load_n(state, __ATOMIC_SEQ_CST);
             if (st2 == BM_STATE_RUNNING ||
-                (st2 != BM_STATE_REDIRECTED && !freeze_binds(t, bm_now_ns(), wait_start))) {
+                (st2 != BM_STATE_REDIRECTED && !freeze_binds(t, bm_now_ns(), &wait))) {
                 bm_guard_top->in_flight = 1;
                 return 0;
             }

@@ -82,6 +82,73 @@ def test_forged_freeze_with_a_far_deadline_does_not_hold_writers(tracked_image, 
     assert waited < 5
 
 
+def test_forged_freeze_within_the_lease_limit_is_void_too(tracked_image, bystander):
+    """A deadline inside the 60 s limit, naming a live process that holds no
+    tracker (it does not map the sidecar): writers find out after a short
+    wait and go on (they used to wait the whole forged lease)."""
+    side = sidecar_path(tracked_image)
+    poke(side, CTL_COPIER_PID, struct.pack("<IQQ", bystander, start_time(bystander),
+                                           time.monotonic_ns() + 30 * 10**9))
+    poke(side, CTL_STATE, struct.pack("<I", STATE_FROZEN))
+    results = CTX.Queue()
+    p = CTX.Process(target=_timed_write, args=(os.fspath(tracked_image), results))
+    p.start()
+    try:
+        waited = results.get(timeout=15)
+    except queue.Empty:
+        pytest.fail("a forged freeze held the writer")
+    finally:
+        p.kill()
+        p.join()
+    assert waited < 5
+
+
+def test_a_real_freeze_longer_than_the_suspicion_still_holds(tracked_image):
+    """The check above must not void a real copier's freeze: it maps the
+    sidecar, so a writer waits out its whole lease (here 1.5 s)."""
+    ready = CTX.Event()
+    copier = CTX.Process(target=_freeze_and_sleep, args=(os.fspath(tracked_image), 1.5, ready))
+    copier.start()
+    try:
+        assert ready.wait(30)
+        results = CTX.Queue()
+        p = CTX.Process(target=_timed_write, args=(os.fspath(tracked_image), results))
+        p.start()
+        try:
+            waited = results.get(timeout=15)
+        finally:
+            p.kill()
+            p.join()
+        assert waited > 0.8  # held until the lease ended, not voided at 50 ms
+    finally:
+        copier.kill()
+        copier.join()
+
+
+def _freeze_and_sleep(image: str, lease_s: float, ready) -> None:  # type: ignore[no-untyped-def]
+    t = Tracker.open(image)
+    t.freeze(lease_s)
+    ready.set()
+    time.sleep(60)
+
+
+def test_forged_throttle_owner_is_lifted(tracked_image, bystander):
+    """A throttle of 1 byte/s said to be set by a live process that holds no
+    tracker: lifted at the first look (it used to bind while that lived)."""
+    side = sidecar_path(tracked_image)
+    with Tracker.open(tracked_image) as t:
+        t.set_throttle(1 << 30)
+    poke(side, CTL + 32, struct.pack("<Q", 1))  # throttle_bytes_per_s
+    poke(side, CTL + 40, struct.pack("<Q", 0))  # throttle_next_ns
+    poke(side, CTL + 2104, struct.pack("<IIQ", bystander, 0, start_time(bystander)))
+    with TrackedImage(tracked_image) as img:
+        t0 = time.monotonic()
+        for i in range(20):
+            img.pwrite(b"x" * 4096, i * 4096)
+        assert time.monotonic() - t0 < 5
+        assert img.tracker.info().throttle_bytes_per_s == 0
+
+
 def test_forged_inflight_count_does_not_fail_every_freeze(tracked_image, bystander):
     """A slot naming a live process that never mapped the sidecar, with a
     write 'in flight': the drain ignores it once it has taken suspiciously

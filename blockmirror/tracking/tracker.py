@@ -283,6 +283,12 @@ class Tracker:
                 "recreated since): take a full copy"
             )
         if not self.consistent:
+            if _c.info(self._h).eras_damaged:
+                raise ChangeIdInvalidError(
+                    f"the change-id eras of {self.image_path} do not match their checksums "
+                    "(the sidecar changed while the image was not tracked): no change id can "
+                    "be trusted; take a full copy"
+                )
             raise ChangeIdInvalidError(
                 f"change tracking of {self.image_path} is unclean (a writer died, or the "
                 "image was written untracked): no change id can be trusted; take a full copy"

@@ -1,0 +1,136 @@
+"""Issue 13, item 4: eras damaged while nobody tracks the image (a crash, a
+stray write, an edit) are caught by their checksums, so a change id is
+refused and the sync falls back to a hash resync, never an incremental that
+misses blocks. And a sidecar of the old format is refused, saying why."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from imagetools import MiB, make_data_image
+
+from blockmirror import ChangeIdInvalidError, SidecarCorruptError, TrackedImage, Tracker
+from blockmirror import sidecar_path as side_of
+from blockmirror.migration import sync
+
+G = 65536
+# Chunk 0 of the bitmap area (csrc/bm_internal.h): 512 bytes of dirty bits,
+# then one uint32 era per granule.
+ERAS = 8192 + 512
+OFF_VERSION = 8
+
+
+def zero_eras(image, first: int = 0, count: int = 4096) -> None:
+    fd = os.open(side_of(image), os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(4 * count), ERAS + 4 * first)
+    finally:
+        os.close(fd)
+
+
+def write_and_close(image, offsets) -> None:
+    with TrackedImage(image) as img:
+        for off in offsets:
+            img.pwrite(b"new data", off)
+
+
+def test_zeroed_eras_refuse_the_change_id(tracked_image):
+    with Tracker.open(tracked_image) as t:
+        since = t.change_id()
+    write_and_close(tracked_image, [5 * G])  # the last writer out seals the eras
+    zero_eras(tracked_image)
+    with Tracker.open(tracked_image) as t:
+        # It used to answer [] here: a backup that missed the write.
+        with pytest.raises(ChangeIdInvalidError, match="checksums"):
+            t.changed_extents(since)
+        assert t.consistent is False
+        with pytest.raises(ChangeIdInvalidError):
+            t.change_id()
+        t.reset()  # a new series: trusted again, every block dirty
+        assert t.consistent is True
+        fresh = t.change_id()
+    write_and_close(tracked_image, [7 * G])
+    with Tracker.open(tracked_image) as t:
+        assert t.changed_extents(fresh) == [(7 * G, G)]
+
+
+def test_a_writer_that_opens_after_the_damage_notices_it(tracked_image):
+    """The next writer in checks the sealed eras before it unseals them, so
+    the damage is not hidden by later writes either."""
+    with Tracker.open(tracked_image) as t:
+        since = t.change_id()
+    write_and_close(tracked_image, [3 * G])
+    zero_eras(tracked_image)
+    with TrackedImage(tracked_image) as img:
+        img.pwrite(b"later", 9 * G)
+        assert img.tracker.consistent is False
+        with pytest.raises(ChangeIdInvalidError):
+            img.tracker.changed_extents(since)
+
+
+def test_one_changed_era_is_caught(tracked_image):
+    with Tracker.open(tracked_image) as t:
+        since = t.change_id()
+    write_and_close(tracked_image, [2 * G, 30 * G])
+    zero_eras(tracked_image, first=30, count=1)  # one granule's era only
+    with Tracker.open(tracked_image) as t, pytest.raises(ChangeIdInvalidError):
+        t.changed_extents(since)
+
+
+def test_untouched_eras_stay_trusted_across_writers(tracked_image):
+    with Tracker.open(tracked_image) as t:
+        since = t.change_id()
+    for off in (1 * G, 4 * G, 6 * G):
+        write_and_close(tracked_image, [off])  # seal, unseal, seal...
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent
+        assert t.changed_extents(since) == [(1 * G, G), (4 * G, G), (6 * G, G)]
+
+
+def test_incremental_sync_falls_back_to_hash_resync(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "backup").mkdir()
+    image = tmp_path / "src" / "db.img"
+    make_data_image(image, 8 * MiB, extents=4)
+    Tracker.create(image).close()
+    backup = tmp_path / "backup" / "db.img"
+    assert sync(image, backup).change_id
+    write_and_close(image, [11 * G + 100])  # after the change id the copy is at
+    zero_eras(image)
+    result = sync(image, backup)
+    # It used to copy nothing: the eras said no block changed.
+    assert backup.read_bytes() == image.read_bytes()
+    assert any("hash resync" in n or "unclean" in n for n in result.notes), result.notes
+
+
+def test_sidecar_of_the_previous_format_is_refused_clearly(tracked_image):
+    side = side_of(tracked_image)
+    with open(side, "r+b") as f:
+        f.seek(OFF_VERSION)
+        f.write(struct.pack("<I", 2))  # checksum left stale: the version is checked first
+    with pytest.raises(SidecarCorruptError, match=r"version 2.*older blockmirror"):
+        Tracker.open(tracked_image)
+    with pytest.raises(SidecarCorruptError, match="older blockmirror"):
+        TrackedImage(tracked_image)
+
+
+def test_eras_seal_survives_a_killed_copier_reading(tracked_image):
+    """Readers (a backup tool) take no part in sealing: one killed mid-scan
+    changes nothing, and the eras stay trusted."""
+    with Tracker.open(tracked_image) as t:
+        since = t.change_id()
+    write_and_close(tracked_image, [8 * G])
+    code = ("import os, sys, blockmirror\n"
+            "t = blockmirror.Tracker.open(sys.argv[1])\n"
+            "t.changed_extents(sys.argv[2])\n"
+            "os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tracked_image), since],
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == -9
+    with Tracker.open(tracked_image) as t:
+        assert t.consistent
+        assert t.changed_extents(since) == [(8 * G, G)]
