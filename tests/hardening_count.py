@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import test_hardening_inputs as t  # noqa: E402
+import test_hardening_inputs as t
 
 
 def main() -> int:
@@ -27,7 +27,7 @@ def main() -> int:
                 stack.enter_context(t._tmpfs(d))
             try:
                 argv = case.setup(d)
-            except BaseException as e:  # noqa: BLE001 - a skipped set-up
+            except BaseException as e:
                 print(f"skip  {case.name}: {e}")
                 continue
             cases += 1
@@ -42,7 +42,7 @@ def main() -> int:
             if case.check is not None and not bad and code != "timeout":
                 try:
                     case.check(d, proc)
-                except BaseException as e:  # noqa: BLE001
+                except BaseException as e:
                     bad, extra = True, f" check failed: {e}"
             tracebacks += tb
             wrong += bad
