@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*$", re.IGNORECASE)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -14,21 +15,34 @@ def parse_duration(text: str) -> float:
     """Seconds from "5s", "200ms", "1.5", "2m". Raises ValueError on anything else."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"not a duration: {text!r} (try 5s, 200ms or 1.5)")
+        raise ValueError(f"not a duration: {_short(text)} (try 5s, 200ms or 1.5)")
     value = float(match.group(1))
     unit = (match.group(2) or "s").lower()
     seconds = value / 1000 if unit == "ms" else value * 60 if unit in ("m", "min") else value
     if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"duration must be greater than zero: {text!r}")
+        raise ValueError(f"duration must be greater than zero and finite: {_short(text)}")
     return seconds
 
 
+MAX_SIZE = 2**63 - 1  # the largest size any field (off_t, uint64 rates) holds
+
+
 def parse_size(text: str) -> int:
-    """Bytes from "4G", "512MiB", "65536", "64k" (binary multiples)."""
+    """Bytes from "4G", "512MiB", "65536", "64k" (binary multiples), at most
+    MAX_SIZE. Raises ValueError on anything else."""
     match = _SIZE.match(text)
     if not match:
         raise ValueError(f"not a size: {text!r} (try 4G, 512M or 65536)")
-    return int(float(match.group(1)) * _SCALE[match.group(2).lower()])
+    if len(match.group(1)) > 40:
+        raise ValueError(f"size too large: {_short(text)} (at most 8 EiB)")
+    value = int(Fraction(match.group(1)) * _SCALE[match.group(2).lower()])  # exact
+    if value > MAX_SIZE:
+        raise ValueError(f"size too large: {_short(text)} (at most 8 EiB)")
+    return value
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def format_bytes(n: float) -> str:

@@ -41,6 +41,7 @@ import contextlib
 import importlib
 import itertools
 import json
+import math
 import os
 import platform
 import shlex
@@ -575,14 +576,49 @@ def _size(text: str) -> int:
     return value
 
 
+def _granularity(text: str) -> int:
+    value = _size(text)
+    if value < 4 * KiB or value > 64 * MiB or value & (value - 1):
+        raise argparse.ArgumentTypeError(
+            f"granularity must be a power of two from 4k to 64M, got {text!r}")
+    return value
+
+
 def _rates(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of MiB/s values: {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("rates must be numbers >= 0")
+    if not values or any(not math.isfinite(v) or v < 0 or v > 1 << 24 for v in values):
+        raise argparse.ArgumentTypeError("rates must be finite numbers from 0 to 16777216 MiB/s")
     return [v * MiB for v in values]
+
+
+def _int_from(low: int, high: int = 1_000_000) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text) if len(text) <= 20 else high + 1
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (
+            low_open and value == low
+        ):
+            lower = f"above {low:g} and at most" if low_open else f"from {low:g} to"
+            raise argparse.ArgumentTypeError(f"must be {lower} {high:g}: {text!r}")
+        return value
+    return parse
 
 
 def _duration(text: str) -> float:
@@ -602,24 +638,28 @@ def build_parser(prog: str = "blockmirror bench convergence") -> argparse.Argume
         "Writes runs.csv, runs.json, summary.csv, summary.md, model.json and PNG plots.",
     )
     p.add_argument("--size", type=_size, default=256 * MiB, help="image size (default 256M)")
-    p.add_argument("--allocated", type=float, default=0.5, metavar="FRACTION",
+    p.add_argument("--allocated", type=_float_in(0.0, 1.0, low_open=True),
+                   default=0.5, metavar="FRACTION",
                    help="fraction of the image holding data (default 0.5)")
-    p.add_argument("--granularity", type=_size, default=64 * KiB,
+    p.add_argument("--granularity", type=_granularity, default=64 * KiB,
                    help="tracking granularity (default 64k)")
     p.add_argument("--rates", type=_rates, default=[r * MiB for r in DEFAULT_RATES_MIB],
                    help="write rates in MiB/s, comma separated (default "
                    f"{','.join(str(r) for r in DEFAULT_RATES_MIB)})")
     p.add_argument("--pattern", choices=_model.PATTERNS, default="uniform")
-    p.add_argument("--zipf-exponent", type=float, default=_model.DEFAULT_ZIPF_EXPONENT)
+    p.add_argument("--zipf-exponent", type=_float_in(0.0, 100.0, low_open=True),
+                   default=_model.DEFAULT_ZIPF_EXPONENT)
     p.add_argument("--write-size", type=_size, default=64 * KiB, help="default 64k")
-    p.add_argument("--writers", type=int, default=2, help="writer processes (default 2)")
+    p.add_argument("--writers", type=_int_from(1, 64), default=2,
+                   help="writer processes (default 2)")
     p.add_argument("--target-downtime", type=_duration, default=0.5,
                    help="e.g. 500ms, 2s (default 500ms)")
-    p.add_argument("--copy-cap", type=float, default=64.0, metavar="MIB_PER_S",
+    p.add_argument("--copy-cap", type=_float_in(0.0, float(1 << 24)),
+                   default=64.0, metavar="MIB_PER_S",
                    help="cap on copy throughput in MiB/s, 0 for none (default 64)")
-    p.add_argument("--repetitions", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--max-passes", type=int, default=DEFAULT_MAX_PASSES,
+    p.add_argument("--repetitions", type=_int_from(1), default=1)
+    p.add_argument("--seed", type=_int_from(0, 2**63 - 1), default=1)
+    p.add_argument("--max-passes", type=_int_from(1), default=DEFAULT_MAX_PASSES,
                    help=f"sync's max_passes (default {DEFAULT_MAX_PASSES})")
     p.add_argument("--converge", choices=("fail", "throttle"), default="fail",
                    help="sync's answer when writes outpace the copy (default fail); with "
@@ -637,7 +677,8 @@ def build_parser(prog: str = "blockmirror bench convergence") -> argparse.Argume
     p.add_argument("--qemu", action="store_true",
                    help="also run every point against QEMU's block mirror (needs "
                    "qemu-storage-daemon, fio with the nbd engine, qemu-img)")
-    p.add_argument("--qemu-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--qemu-timeout", type=_float_in(0.0, 86400.0, low_open=True),
+                   default=30.0, metavar="SECONDS",
                    help="give QEMU this long to become ready (default 30)")
     return p
 
@@ -665,7 +706,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "blockmirror bench conve
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
     from . import report
 
-    result = report.rebuild(cfg.output) if args.rebuild else run_matrix(cfg, command=command)
+    if args.rebuild:
+        try:
+            result = report.rebuild(cfg.output)
+        except FileNotFoundError:
+            parser.exit(2, f"{parser.prog}: error: no runs.json in {cfg.output} to rebuild "
+                        "from\n")
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            # json.JSONDecodeError is a ValueError; a runs.json of the wrong
+            # shape fails as one of the others.
+            parser.exit(2, f"{parser.prog}: error: {cfg.output / 'runs.json'} is not a "
+                        f"runs.json this harness wrote ({type(e).__name__}: {e})\n")
+    else:
+        result = run_matrix(cfg, command=command)
     print(f"\n{report.summary_markdown(result)}")
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0

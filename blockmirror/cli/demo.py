@@ -9,6 +9,8 @@ happened pass by pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -19,7 +21,7 @@ import tempfile
 import time
 
 from blockmirror.tracking.tracker import Tracker
-from blockmirror.units import format_bytes, format_rate, format_seconds, parse_size
+from blockmirror.units import format_bytes, format_rate, format_seconds
 
 EXTENT = 4 << 20
 
@@ -42,26 +44,67 @@ def make_demo_image(path: str, size: int, data_fraction: float = 0.25, seed: int
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from blockmirror.cli.progress import ProgressLine
-    from blockmirror.migration import sync
+    """The demo; --size and --rate come checked by the command's parser (16M
+    to 64G, and a rate in bytes/s). A temporary work folder is removed
+    whatever happens; in a --dir folder the demo's own files are removed
+    when it fails."""
+    from blockmirror.errors import InvalidInputError, OutOfSpaceError
+    from blockmirror.migration.precheck import free_bytes
 
-    size = parse_size(args.size)
-    if size < 16 << 20:
-        raise ValueError("demo image must be at least 16M")
+    size = int(args.size)
+    rate = int(args.rate)
+    if args.dir is not None:
+        if args.dir == "":
+            raise InvalidInputError("--dir must not be empty")
+        if os.path.lexists(args.dir) and not os.path.isdir(args.dir):
+            raise InvalidInputError(f"--dir {args.dir} exists and is not a folder")
     workdir = args.dir or tempfile.mkdtemp(prefix="blockmirror-demo-")
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if os.statvfs(workdir).f_flag & os.ST_RDONLY:
+            raise InvalidInputError(f"--dir {workdir} is on a read-only filesystem")
+        # a quarter of the image is data, copied once: room for both, and some
+        need = size // 2 + (64 << 20)
+        if free_bytes(workdir) < need:
+            raise OutOfSpaceError(
+                f"the demo needs {format_bytes(need)} at {workdir}, "
+                f"{format_bytes(free_bytes(workdir))} free", workdir)
+        return _run_demo(args, workdir, size, rate)
+    finally:
+        if not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_demo(args: argparse.Namespace, workdir: str, size: int, rate: int) -> int:
     src_dir, dst_dir = os.path.join(workdir, "src"), os.path.join(workdir, "dst")
     os.makedirs(src_dir, exist_ok=True)
     os.makedirs(dst_dir, exist_ok=True)
     image = os.path.join(src_dir, "demo.img")
-    for stale in (image, image + ".cbt", os.path.join(dst_dir, "demo.img")):
-        if os.path.exists(stale):
+    for stale in (image, image + ".cbt", os.path.join(dst_dir, "demo.img"),
+                  os.path.join(dst_dir, "demo.img.bm-manifest")):
+        if os.path.lexists(stale):
             os.unlink(stale)
+    try:
+        return _demo_steps(args, workdir, image, dst_dir, size, rate)
+    except BaseException:
+        # Never leave a half-made demo behind in the user's folder.
+        for made in (image, image + ".cbt", os.path.join(dst_dir, "demo.img"),
+                     os.path.join(dst_dir, "demo.img.bm-manifest")):
+            with contextlib.suppress(OSError):
+                os.unlink(made)
+        raise
+
+
+def _demo_steps(args: argparse.Namespace, workdir: str, image: str, dst_dir: str, size: int,
+                rate: int) -> int:
+    from blockmirror.cli.progress import ProgressLine
+    from blockmirror.migration import sync
+
+    src_dir = os.path.dirname(image)
     say = (lambda *a: None) if args.json else print
     say(f"demo: making a {format_bytes(size)} sparse image in {src_dir} ...")
     data = make_demo_image(image, size)
     Tracker.create(image).close()
-    rate = parse_size(args.rate)
     say(f"demo: {format_bytes(data)} of data; starting a writer at {format_rate(rate)} "
         "(64 KiB random writes, hot spot)")
     stats_path = os.path.join(workdir, "writer-stats.json")
@@ -72,7 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         time.sleep(0.5)
         if writer.poll() is not None:
-            raise RuntimeError("demo writer exited early")
+            raise OSError(errno.EIO, f"the demo writer exited early ({writer.returncode})")
         say(f"demo: blockmirror sync {image} {dst_dir}/ --target-downtime "
             f"{args.target_downtime}s --verify")
         result = sync(image, dst_dir, target_downtime=args.target_downtime, verify=True,
@@ -98,6 +141,4 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"writer kept writing at {format_rate(writer_rate)}; writers paused for "
               f"{format_seconds(result.downtime)} (target {format_seconds(args.target_downtime)})")
         print("the copy matched the source at the switchover instant (verified)")
-    if not args.dir:
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0

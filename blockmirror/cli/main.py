@@ -8,10 +8,14 @@ Exit codes (also in --help and the README):
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +33,7 @@ from blockmirror.errors import (
 from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY
 from blockmirror.units import (
     format_bytes,
+    format_seconds,
     parse_duration,
     parse_size,
 )
@@ -68,14 +73,34 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _int_between(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text) if len(text) <= 40 else high + 1
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {_short(text)}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {_short(text)}")
+        return value
+    return parse
+
+
+_positive_int = _int_between(1, 1_000_000)
+_workers = _int_between(1, 256)
+
+
+def _bounded_duration(high: float) -> Any:
+    def parse(text: str) -> float:
+        value = _duration(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(
+                f"at most {format_seconds(high)}: {_short(text)}")
+        return value
+    return parse
 
 
 def _size(text: str) -> int:
@@ -85,6 +110,25 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+DEMO_MIN_SIZE = 16 << 20
+DEMO_MAX_SIZE = 64 << 30
+DEMO_MAX_RATE = 16 << 30
+
+
+def _demo_size(text: str) -> int:
+    value = _size(text)
+    if not DEMO_MIN_SIZE <= value <= DEMO_MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"the demo image must be 16M to 64G: {_short(text)}")
+    return value
+
+
+def _demo_rate(text: str) -> int:
+    value = _size(text)
+    if value > DEMO_MAX_RATE:
+        raise argparse.ArgumentTypeError(f"at most 16G per second: {_short(text)}")
     return value
 
 
@@ -121,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="source image (or folder, for directory mode)")
     p.add_argument("dst", help="destination image path, or an existing folder")
-    p.add_argument("--target-downtime", type=_duration, default=5.0, metavar="TIME",
+    p.add_argument("--target-downtime", type=_bounded_duration(3600.0), default=5.0,
+                   metavar="TIME",
                    help="longest pause for writers, e.g. 5s, 200ms (default 5s)")
     p.add_argument("--max-passes", type=_positive_int, default=30, metavar="N",
                    help="give up after N passes (default 30)")
@@ -131,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--converge", choices=("fail", "throttle"), default="fail",
                    help="when writes outpace the copy: fail (default) or throttle writers")
-    p.add_argument("--workers", type=_positive_int, default=4, metavar="N",
-                   help="copy requests in flight (default 4)")
+    p.add_argument("--workers", type=_workers, default=4, metavar="N",
+                   help="copy requests in flight, 1 to 256 (default 4)")
     p.add_argument("--bwlimit", type=_size, metavar="RATE",
                    help="cap copy bandwidth, e.g. 50M (bytes/s; holes are free)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -166,19 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="sync a built-in demo image under a live writer")
     d.add_argument("--dir", help="work in this folder (default: a new temporary one, removed)")
-    d.add_argument("--size", default="512M", help="apparent size of the demo image")
-    d.add_argument("--rate", default="16M", help="writer rate during the copy")
-    d.add_argument("--target-downtime", type=_duration, default=0.2, metavar="TIME")
+    d.add_argument("--size", type=_demo_size, default=512 << 20,
+                   help="apparent size of the demo image, 16M to 64G (default 512M)")
+    d.add_argument("--rate", type=_demo_rate, default=16 << 20,
+                   help="writer rate during the copy, bytes/s (default 16M)")
+    d.add_argument("--target-downtime", type=_bounded_duration(3600.0), default=0.2,
+                   metavar="TIME")
     d.add_argument("--json", action="store_true")
     _add_bench_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # First thing: a SIGTERM from here on unwinds through the cleanup (exit
+    # 143) instead of killing the process with -15.
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _tolerant_output()
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         if args.command == "sync":
             return _cmd_sync(args)
         if args.command == "track":
@@ -204,7 +255,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(e)
     except OSError as e:
         return _report_error(e)
+    except MemoryError:
+        _err("out of memory")
+        return EXIT_IO
     return EXIT_OK
+
+
+def _path_safe_errors(exc: UnicodeError) -> tuple[str, int]:
+    """An output error handler that never fails: the bytes of a path that was
+    not valid UTF-8 (surrogate escapes) go out as they came in, anything else
+    unencodable as a backslash escape."""
+    if isinstance(exc, UnicodeEncodeError):
+        try:
+            return codecs.lookup_error("surrogateescape")(exc)  # type: ignore[return-value]
+        except UnicodeError:
+            return codecs.lookup_error("backslashreplace")(exc)  # type: ignore[return-value]
+    raise exc
+
+
+def _tolerant_output() -> None:
+    """Printing a file name that is not valid in the locale's encoding (say a
+    Latin-1 name under a strict UTF-8 locale) must never fail a finished
+    command."""
+    with contextlib.suppress(LookupError):
+        codecs.lookup_error("blockmirror-paths")
+        return
+    codecs.register_error("blockmirror-paths", _path_safe_errors)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(Exception):
+                reconfigure(errors="blockmirror-paths")
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -216,8 +297,11 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_NOT_CONVERGED
     if isinstance(exc, (SidecarError, ChangeIdInvalidError)):
         return EXIT_USAGE
-    if isinstance(exc, OSError) and exc.errno == 28:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return EXIT_NO_SPACE
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.ELOOP, errno.ENOTDIR,
+                                                    errno.ENAMETOOLONG):
+        return EXIT_USAGE  # a read-only filesystem, a planted link: bad input
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
                         NotADirectoryError, FileExistsError)):
         return EXIT_USAGE
@@ -226,7 +310,11 @@ def exit_code_for(exc: BaseException) -> int:
 
 def _report_error(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename and exc.filename not in exc.strerror else ""
+        filename = exc.filename
+        if isinstance(filename, bytes):
+            filename = os.fsdecode(filename)
+        name = "" if filename is None else str(filename)
+        where = f": {name}" if name and name not in str(exc.strerror) else ""
         message = f"{exc.strerror}{where}"
     else:
         message = str(exc)
@@ -258,30 +346,109 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_image_arg(image: str, *, for_create: bool = False) -> None:
+    """IMAGE is a regular file on real storage and not one of blockmirror's
+    own files: tracking a FIFO, a device, a /proc file or a sidecar (which
+    would make X.cbt.cbt) is bad input, not an I/O error."""
+    from blockmirror.migration.precheck import on_pseudo_filesystem, own_file_kind
+
+    if image == "":
+        raise InvalidInputError("image must not be empty")
+    try:
+        st = os.stat(image)
+    except FileNotFoundError:
+        raise InvalidInputError(f"image {image} does not exist") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInputError(f"image {image} is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"image {image} is not a regular file (a device, FIFO or socket)")
+    if on_pseudo_filesystem(image):
+        raise InvalidInputError(f"image {image} is on a pseudo filesystem (/proc, /sys)")
+    for name in (image, os.path.realpath(image)):
+        kind = own_file_kind(name)
+        if kind is not None:
+            raise InvalidInputError(f"{image} is a blockmirror {kind}, not an image")
+    if for_create and os.statvfs(image).f_flag & os.ST_RDONLY:
+        raise InvalidInputError(f"image {image} is on a read-only filesystem")
+
+
+def _sync_holds(sidecar: str) -> bool:
+    """True while a sync holds SIDECAR (its flock, taken for the whole run)."""
+    import fcntl
+
+    try:
+        fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock if we got it
+    return False
+
+
 def _cmd_track(args: argparse.Namespace) -> int:
     from blockmirror.tracking.tracker import Tracker, sidecar_path
 
+    _check_image_arg(args.image, for_create=args.action == "enable")
     if args.action == "enable":
         Tracker.create(args.image, args.granularity).close()
-        if not args.json:
+        if args.json:
+            print(json.dumps({"image": args.image, "sidecar": sidecar_path(args.image),
+                              "tracking": True}))
+        else:
             print(f"tracking {args.image} in {sidecar_path(args.image)}")
         return EXIT_OK
     if args.action == "disable":
+        import fcntl
+
+        sidecar = sidecar_path(args.image)
         with Tracker.open(args.image) as tracker:
             writers = tracker.live_writers()
             if writers:
                 raise InvalidInputError(
                     f"{writers} writers still have {tracker.path} open; stop them first"
                 )
-        os.unlink(sidecar_path(args.image))
-        print(f"tracking of {args.image} disabled")
+        # A sync holds an flock on the sidecar for its whole run: removing the
+        # sidecar under it would let a later writer start a fresh one the
+        # sync never sees (lost writes). Hold the lock ourselves while we
+        # unlink, so no sync can start in between either.
+        try:
+            lock_fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidInputError(f"{args.image} is not tracked") from None
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InvalidInputError(
+                    f"a sync of {args.image} is running (it holds {sidecar}); tracking "
+                    "cannot be disabled until it ends"
+                ) from None
+            st = os.fstat(lock_fd)
+            now = os.lstat(sidecar)
+            if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+                raise InvalidInputError(f"{sidecar} changed while it was being removed; "
+                                        "try again")
+            os.unlink(sidecar)
+        finally:
+            os.close(lock_fd)
+        if args.json:
+            print(json.dumps({"image": args.image, "sidecar": sidecar, "tracking": False}))
+        else:
+            print(f"tracking of {args.image} disabled")
         return EXIT_OK
     if args.action == "reset":
         with Tracker.open(args.image) as tracker:
             was_clean = tracker.consistent
             tracker.reset()
             series = tracker.series
-        if not args.json:
+        if args.json:
+            print(json.dumps({"image": args.image, "was_consistent": was_clean,
+                              "series": series}))
+        else:
             state = "was consistent" if was_clean else "was unclean"
             print(f"tracking of {args.image} reset ({state}); new series {series}, "
                   "every block dirty")
@@ -310,6 +477,7 @@ def _cmd_track(args: argparse.Namespace) -> int:
 def _cmd_changed(args: argparse.Namespace) -> int:
     from blockmirror.tracking.tracker import Tracker
 
+    _check_image_arg(args.image)
     with Tracker.open(args.image) as tracker:
         new_id = tracker.change_id() if args.new_id else None
         extents = tracker.changed_extents(args.since)
@@ -329,10 +497,15 @@ def _cmd_changed(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from blockmirror.copying.verify import compare_files
+    from blockmirror.migration.precheck import on_pseudo_filesystem
 
     for path in (args.a, args.b):
         if not os.path.isfile(path):
-            raise InvalidInputError(f"{path} is not a file")
+            raise InvalidInputError(f"{path} is not a regular file")
+        if on_pseudo_filesystem(path):
+            # /proc and /sys files say size 0 (or 4096) whatever they hold:
+            # comparing by size and holes would call them identical.
+            raise InvalidInputError(f"{path} is on a pseudo filesystem (/proc, /sys)")
     differing = compare_files(args.a, args.b)
     if args.json:
         print(json.dumps({"identical": not differing, "differing": differing}))

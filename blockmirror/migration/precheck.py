@@ -47,6 +47,200 @@ def free_bytes(folder: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+# Names blockmirror gives its own files: never an image, never a destination.
+MANIFEST_TMP_SUFFIX = MANIFEST_SUFFIX + ".tmp"
+OWN_SUFFIXES = (SIDECAR_SUFFIX, MANIFEST_SUFFIX, MANIFEST_TMP_SUFFIX, PARTIAL_SUFFIX)
+SIDECAR_MAGIC = b"BMCBT\r\n\032"
+MANIFEST_MAGIC_PREFIX = b"BMMANIFEST "
+# Sidecar layout (csrc/bm_internal.h): 8 KiB of header and control block, then
+# chunks of 4096 granules (64 words of dirty bits, then 4096 uint32 eras).
+SIDECAR_HEADER_BYTES = 8192
+SIDECAR_CHUNK_GRANULES = 4096
+SIDECAR_CHUNK_BYTES = 64 * 8 + 4096 * 4
+MANIFEST_HEADER_BYTES = 4096
+# In-memory bytes per granule a copy-mode sync may hold at once: the
+# manifest's digests, a hash resync's source digests, one encoded copy.
+MANIFEST_MEMORY_PER_GRANULE = 24
+
+
+def own_file_kind(path: str) -> str | None:
+    """What blockmirror file PATH is by its name ("sidecar", "manifest", "shadow
+    copy"), or None for any other name."""
+    name = os.path.basename(path)
+    if name.endswith(SIDECAR_SUFFIX):
+        return "change-tracking sidecar"
+    if name.endswith((MANIFEST_SUFFIX, MANIFEST_TMP_SUFFIX)):
+        return "digest manifest"
+    if name.endswith(PARTIAL_SUFFIX):
+        return "shadow copy of an unfinished sync"
+    return None
+
+
+def _own_file_kind_by_content(fd: int) -> str | None:
+    head = os.pread(fd, 16, 0)
+    if head.startswith(SIDECAR_MAGIC):
+        return "change-tracking sidecar"
+    if head.startswith(MANIFEST_MAGIC_PREFIX):
+        return "digest manifest"
+    return None
+
+
+def on_pseudo_filesystem(path: str) -> bool:
+    """True for /proc, /sys and their kind: filesystems with no storage behind
+    them (statvfs reports 0 blocks), whose files lie about their size."""
+    real = os.path.realpath(path)
+    if real in ("/proc", "/sys") or real.startswith(("/proc/", "/sys/")):
+        return True
+    try:
+        return os.statvfs(path).f_blocks == 0
+    except OSError:
+        return False
+
+
+def sidecar_bytes(image_size: int, granularity: int) -> int:
+    """The size of a sidecar covering IMAGE_SIZE at GRANULARITY."""
+    granules = -(-image_size // granularity)
+    chunks = -(-granules // SIDECAR_CHUNK_GRANULES)
+    return SIDECAR_HEADER_BYTES + chunks * SIDECAR_CHUNK_BYTES
+
+
+def manifest_bytes(allocated: int, granularity: int) -> int:
+    """Disk a new manifest needs at worst: its header and 8 bytes per
+    allocated granule (zero granules stay holes)."""
+    return MANIFEST_HEADER_BYTES + 8 * -(-allocated // granularity)
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        return 1 << 62
+
+
+def _source_granularity(src: str) -> int:
+    """The granularity the copy's manifest will use: the source tracker's,
+    or the default for an untracked source."""
+    from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker
+
+    if not os.path.lexists(src + SIDECAR_SUFFIX):
+        return DEFAULT_GRANULARITY
+    try:
+        with Tracker.open(src) as t:
+            return t.granularity
+    except OSError:
+        return DEFAULT_GRANULARITY  # the job reports what is wrong with it
+
+
+def check_destination_unused(dst: str, destination: str) -> None:
+    """Refuse to replace DST while something uses it: a writer holds a slot in
+    its sidecar (its writes would go to the unlinked inode), or another sync
+    holds it (as its source: the sidecar's flock; as an incremental target:
+    the copy's flock). Holds with --force too: --force replaces a copy, never
+    a live image."""
+    from blockmirror.tracking.tracker import Tracker
+
+    sidecar = dst + SIDECAR_SUFFIX
+    if os.path.lexists(sidecar):
+        if os.path.islink(sidecar):
+            raise InvalidInputError(
+                f"destination sidecar {sidecar} is a symbolic link; remove it first")
+        try:
+            with Tracker.open(dst) as t:
+                writers = t.live_writers()
+        except OSError:
+            writers = 0  # corrupt or foreign: no writer can use it either
+        if writers:
+            raise InvalidInputError(
+                f"destination {destination} is a live image: {writers} writers have it open; "
+                "stop them first (--force never replaces a live image)"
+            )
+        if _locked(sidecar):
+            raise InvalidInputError(
+                f"destination {destination} is the source of a running sync")
+    if os.path.lexists(dst) and _locked(dst):
+        raise InvalidInputError(f"another sync is writing {destination}")
+
+
+def _locked(path: str) -> bool:
+    """True when another process holds an flock on PATH (not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def check_source(source: str, move: bool = False) -> os.stat_result:
+    """SOURCE is an image a sync may read: a non-empty regular file on real
+    storage, none of blockmirror's own files, within the tracker's and the
+    manifest's limits. Returns its stat."""
+    from blockmirror.tracking.tracker import MAX_IMAGE_SIZE
+
+    if source == "":
+        raise InvalidInputError("source must not be empty")
+    src = os.path.abspath(source)
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:
+        raise InvalidInputError(f"source {source} does not exist") from None
+    except PermissionError:
+        raise InvalidInputError(f"source {source} cannot be read: permission denied") from None
+    except OSError as e:
+        raise InvalidInputError(f"source {source} cannot be used: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInputError(
+            f"source {source} is a folder; give a folder as destination too for directory mode"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"source {source} is not a regular file")
+    if on_pseudo_filesystem(src):
+        raise InvalidInputError(
+            f"source {source} is on a pseudo filesystem (/proc, /sys): not a disk image")
+    for name in (src, os.path.realpath(src)):
+        kind = own_file_kind(name)
+        if kind is not None:
+            raise InvalidInputError(f"source {source} is a blockmirror {kind}, not an image")
+    if st.st_size == 0:
+        raise InvalidInputError(f"source {source} is empty (0 bytes): nothing to copy")
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError:
+        raise InvalidInputError(f"source {source} cannot be read: permission denied") from None
+    try:
+        kind = _own_file_kind_by_content(fd)
+    finally:
+        os.close(fd)
+    if kind is not None:
+        raise InvalidInputError(f"source {source} is a blockmirror {kind}, not an image")
+    if os.path.islink(src + SIDECAR_SUFFIX):
+        raise InvalidInputError(
+            f"sidecar {src + SIDECAR_SUFFIX} is a symbolic link: refused (it could steer "
+            "writers elsewhere); remove it and run blockmirror track enable")
+    granularity = _source_granularity(src)
+    limit = min(MAX_IMAGE_SIZE, (1 << 34) * granularity)
+    if st.st_size > limit:
+        raise InvalidInputError(
+            f"source {source} is {format_bytes(st.st_size)}: larger than change tracking "
+            f"covers ({format_bytes(limit)} at {format_bytes(granularity)} granules)")
+    if not move:
+        granules = -(-st.st_size // granularity)
+        memory = _physical_memory()
+        if granules * MANIFEST_MEMORY_PER_GRANULE > memory // 2:
+            raise InvalidInputError(
+                f"source {source} is {format_bytes(st.st_size)}: its digest manifest "
+                f"({format_bytes(granules * 8)} at {format_bytes(granularity)} granules) "
+                f"would not fit in this machine's memory ({format_bytes(memory)})")
+    return st
+
+
 def plan_file_sync(
     source: str, destination: str, *, force: bool = False, move: bool = False
 ) -> Plan:
@@ -55,37 +249,28 @@ def plan_file_sync(
     An existing destination with a blockmirror manifest beside it is an
     earlier copy: the sync is then incremental (in place), unless FORCE asks
     for a full copy that replaces it."""
+    st = check_source(source, move)
     src = os.path.abspath(source)
-    try:
-        st = os.stat(src)
-    except FileNotFoundError:
-        raise InvalidInputError(f"source {source} does not exist") from None
-    except PermissionError:
-        raise InvalidInputError(f"source {source} cannot be read: permission denied") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InvalidInputError(
-            f"source {source} is a folder; give a folder as destination too for directory mode"
-        )
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidInputError(f"source {source} is not a regular file")
-    if st.st_size == 0:
-        raise InvalidInputError(f"source {source} is empty (0 bytes): nothing to copy")
-    if src.endswith(SIDECAR_SUFFIX):
-        raise InvalidInputError(f"source {source} is a change-tracking sidecar, not an image")
-    try:
-        with open(src, "rb") as f:
-            f.read(1)
-    except PermissionError:
-        raise InvalidInputError(f"source {source} cannot be read: permission denied") from None
 
+    if destination == "":
+        raise InvalidInputError("destination must not be empty")
     dst = os.path.abspath(destination)
     if os.path.isdir(dst):
         dst = os.path.join(dst, os.path.basename(src))
     folder = os.path.dirname(dst)
     if not os.path.isdir(folder):
         raise InvalidInputError(f"destination folder {folder} does not exist")
+    if on_pseudo_filesystem(folder):
+        raise InvalidInputError(
+            f"destination folder {folder} is on a pseudo filesystem (/proc, /sys)")
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise InvalidInputError(f"destination folder {folder} is on a read-only filesystem")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InvalidInputError(f"destination folder {folder} is not writable")
+    kind = own_file_kind(dst)
+    if kind is not None:
+        raise InvalidInputError(
+            f"destination {destination} is named like a blockmirror {kind}; choose another name")
     if os.path.realpath(dst) == os.path.realpath(src) or (
         os.path.lexists(dst) and os.path.exists(dst) and os.path.samefile(dst, src)
     ):
@@ -95,9 +280,29 @@ def plan_file_sync(
     resume = interrupted.mode if interrupted and interrupted.mode == ("move" if move else "copy") \
         else None
     if os.path.lexists(dst):
-        if os.path.isdir(dst):
+        dst_st = os.lstat(dst)
+        if stat.S_ISDIR(dst_st.st_mode):
             raise InvalidInputError(f"destination {destination} is a folder")
-        earlier_copy = os.path.isfile(dst) and os.path.exists(dst + MANIFEST_SUFFIX)
+        if stat.S_ISLNK(dst_st.st_mode):
+            raise InvalidInputError(
+                f"destination {destination} is a symbolic link; give the real path")
+        if not stat.S_ISREG(dst_st.st_mode):
+            raise InvalidInputError(
+                f"destination {destination} is not a regular file (a device, FIFO or socket); "
+                "blockmirror never replaces one, not even with --force")
+        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            kind = _own_file_kind_by_content(fd)
+        except OSError:
+            kind = None
+        finally:
+            os.close(fd)
+        if kind is not None:
+            raise InvalidInputError(
+                f"destination {destination} is a blockmirror {kind}, not a copy")
+        if resume != "move":  # a finished move's copy has live writers: the job checks it
+            check_destination_unused(dst, destination)
+        earlier_copy = os.path.lexists(dst + MANIFEST_SUFFIX)
         if (earlier_copy or resume == "copy") and not force and not move:
             incremental = True
         elif resume == "move":
@@ -106,6 +311,8 @@ def plan_file_sync(
             raise InvalidInputError(
                 f"destination {destination} exists; use --force to replace it"
             )
+    elif os.path.lexists(dst + SIDECAR_SUFFIX):
+        check_destination_unused(dst, destination)
     if os.path.lexists(dst + SIDECAR_SUFFIX) and not force and resume != "move":
         raise InvalidInputError(
             f"destination sidecar {dst + SIDECAR_SUFFIX} exists; use --force to replace it"
@@ -114,11 +321,21 @@ def plan_file_sync(
     allocated = st.st_blocks * 512
     # A replaced destination is only removed at the end, so it frees nothing.
     # An incremental update needs room only for what changed: ENOSPC during
-    # it is handled like any other failure.
+    # it is handled like any other failure. Beside the copy go its manifest
+    # (copy mode) or its sidecar (move mode).
+    granularity = _source_granularity(src)
+    if move:
+        extra = sidecar_bytes(st.st_size, granularity) if os.path.lexists(
+            src + SIDECAR_SUFFIX) else 0
+    else:
+        extra = manifest_bytes(allocated, granularity)
+    need = allocated + extra
     available = free_bytes(folder) + _reusable_partial_bytes(partial_path(dst))
-    if allocated > available and not incremental:
+    if need > available and not incremental:
         raise OutOfSpaceError(
-            f"need {format_bytes(allocated)} at {folder}, {format_bytes(available)} free", folder
+            f"need {format_bytes(need)} at {folder} ({format_bytes(allocated)} of data, "
+            f"{format_bytes(extra)} for the {'sidecar' if move else 'manifest'}), "
+            f"{format_bytes(available)} free", folder
         )
     return Plan(src, dst, partial_path(dst), st.st_size, allocated, st.st_uid, st.st_mode,
                 incremental, resume)
