@@ -19,6 +19,26 @@ While a sync rewrites the copy the header says ``updating`` and the digests
 of every granule about to change are set to UNKNOWN first (and made
 durable), so a crash mid-update can only leave granules marked unknown —
 never a digest that lies about the copy.
+
+Format 2 (issue 13) binds a clean manifest to the copy it describes: the
+header records the copy's device, inode, size, mtime and ctime, taken at
+commit after the copy's final fsync. :meth:`Manifest.mismatch` compares them
+with the copy as it is; any difference (the copy edited, truncated,
+hole-punched, restored from another backup, or the manifest swapped for
+another copy's) means neither the digests nor the change id say anything
+about the copy, and :meth:`Manifest.mark_untrusted` makes every granule
+unknown (state ``untrusted``) so the next sync re-copies the source's whole
+range over the copy in place. A failed verify does the same. ctime can't be
+set by users, so only a clock change could hide an edit; a copy on a
+filesystem whose device number changes across mounts (some NFS and FUSE set-ups)
+is re-copied in full after a remount - safe, only slower. Format 1 manifests
+are refused (take a full copy with ``--force``).
+
+The file is opened once and used only through that descriptor (never
+reopened by name): a folder writable by others cannot redirect our writes
+with a planted symlink. A new manifest lives under ``DST.bm-manifest.tmp``
+(created exclusively, flock-ed) until :meth:`Manifest.commit` renames it;
+:meth:`Manifest.discard` removes it if the run fails first.
 """
 
 from __future__ import annotations
@@ -305,7 +325,8 @@ class Manifest:
     abandon = discard
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter shutdown: nothing to report to
+            self.close()
 
     # -- the binding to the copy (issue 13, item 6) -------------------------------
 
