@@ -279,8 +279,8 @@ class Manifest:
         }
         if self.state == STATE_CLEAN:
             meta["digests_xxh3"] = self.digests_checksum()
-            if self.copy is not None:
-                meta["copy"] = self.copy
+        if self.copy is not None:
+            meta["copy"] = self.copy  # as bound at the last commit
         body = json.dumps(meta, sort_keys=True).encode()
         header = MAGIC + body + b"\n" + xxhash.xxh3_64_hexdigest(body).encode() + b"\n"
         if len(header) > HEADER_BYTES:
@@ -332,24 +332,49 @@ class Manifest:
 
     def mismatch(self, copy_fd: int) -> str | None:
         """Why this manifest does not describe the copy open at COPY_FD, or
-        None when it does: a clean manifest bound (at its commit) to exactly
-        this file in exactly this state. Anything else - the copy edited,
-        truncated, hole-punched, restored from another backup, replaced, or
-        the manifest swapped for another copy's - means the digests cannot be
-        trusted, and neither can the change id: see :meth:`mark_untrusted`."""
-        if self.state != STATE_CLEAN:
-            return f"the manifest says {self.state!r}, not clean"
+        None when it does.
+
+        A clean manifest describes exactly the file, in exactly the state,
+        it was bound to at its commit (device, inode, size, mtime, ctime).
+        Anything else - the copy edited, truncated, hole-punched, restored
+        from another backup, replaced, or the manifest swapped for another
+        copy's - means neither the digests nor the change id can be
+        trusted: see :meth:`mark_untrusted`.
+
+        An ``updating`` manifest (a sync died mid-update) is checked only
+        for being about the same file (device and inode): that sync's own
+        writes moved the times and maybe the size, and its unknown granules
+        are marked; its other digests are trusted as before (the hash
+        resync's promise). An ``untrusted`` one describes nothing."""
+        if self.state == STATE_UNTRUSTED:
+            return "the manifest is marked untrusted (a failed verify, or a changed copy)"
         if self.copy is None:
             return "the manifest does not record which copy it describes"
         now = copy_identity(copy_fd)
         if (now["dev"], now["ino"]) != (self.copy["dev"], self.copy["ino"]):
             return "the copy is not the file the manifest was made for (replaced or restored)"
+        if self.state != STATE_CLEAN:
+            return None
         if now["size"] != self.copy["size"] or now["size"] != self.image_size:
             return (f"the copy's size changed since its manifest was written "
                     f"({self.copy['size']} -> {now['size']})")
         if (now["mtime_ns"], now["ctime_ns"]) != (self.copy["mtime_ns"], self.copy["ctime_ns"]):
             return "the copy was changed since its manifest was written"
         return None
+
+    def check_copy(self, copy_fd: int) -> str | None:
+        """The one call an incremental sync makes when it has opened (and
+        locked) the copy at COPY_FD, before anything changes it: None when
+        the manifest can be used as it is; otherwise the manifest is marked
+        untrusted, durably (every granule unknown: the sync then re-copies
+        the source's whole range in place), and the reason is returned for
+        the result's notes. An already untrusted manifest returns None."""
+        if self.state == STATE_UNTRUSTED:
+            return None
+        reason = self.mismatch(copy_fd)
+        if reason is not None:
+            self.mark_untrusted()
+        return reason
 
     def describes(self, copy_fd: int) -> bool:
         """True when this manifest describes the copy open at COPY_FD (see
