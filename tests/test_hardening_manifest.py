@@ -27,7 +27,7 @@ import pytest
 import xxhash
 from imagetools import MiB, make_data_image
 
-from blockmirror import Tracker
+from blockmirror import TrackedImage, Tracker
 from blockmirror.copying.copier import Copier
 from blockmirror.migration import sync
 from blockmirror.migration.manifest import (
@@ -506,3 +506,61 @@ def test_wired_incremental_repairs_a_tampered_copy(backup, wired, tamper):
     again = sync(image, copy)  # and the next run trusts it again
     assert not any("full resync" in n for n in again.notes)
     assert copy.read_bytes() == image.read_bytes()
+
+
+def _failing_verify(monkeypatch):  # type: ignore[no-untyped-def]
+    """verify finds one extent that differs (as after a bad copy)."""
+    import blockmirror.copying.verify as verify
+
+    monkeypatch.setattr(verify, "compare_files", lambda a, b: [(0, 4096)])
+
+
+def _incremental_with_failing_verify(backup, monkeypatch):  # type: ignore[no-untyped-def]
+    import blockmirror
+
+    image, copy = backup
+    with TrackedImage(image) as img:
+        img.pwrite(b"n" * 4096, 0)
+    _failing_verify(monkeypatch)
+    with pytest.raises(blockmirror.BlockMirrorError, match="verify failed"):
+        sync(image, copy, verify=True)
+    monkeypatch.undo()
+    m = Manifest.open(manifest_path(str(copy)))
+    try:
+        return m.state
+    finally:
+        m.close()
+
+
+@pytest.mark.xfail(reason="needs the sync job to call Manifest.mark_untrusted() when verify "
+                   "fails after the commit (migration/job.py, the lead's)", strict=False)
+def test_failed_verify_leaves_no_clean_manifest(backup, monkeypatch):
+    assert _incremental_with_failing_verify(backup, monkeypatch) != "clean"
+
+
+def test_wired_failed_verify_leaves_an_untrusted_manifest(backup, monkeypatch):
+    """Today's job with the call item 6 asks of it: a failed verify marks the
+    manifest untrusted (here by reopening it: the job closes its manifest
+    right after the commit), so the next run re-copies in place."""
+    from blockmirror.migration import job as job_module
+
+    original = job_module.FileSyncJob._verify
+
+    def verify_or_distrust(self):  # type: ignore[no-untyped-def]
+        try:
+            original(self)
+        except BaseException:
+            if self.plan.incremental or self.mode == "copy":
+                path = manifest_path(self.plan.destination)
+                if os.path.lexists(path):
+                    m = Manifest.open(path)
+                    m.mark_untrusted()
+                    m.close()
+            raise
+
+    monkeypatch.setattr(job_module.FileSyncJob, "_verify", verify_or_distrust)
+    image, copy = backup
+    assert _incremental_with_failing_verify(backup, monkeypatch) == STATE_UNTRUSTED
+    result = sync(image, copy, verify=True)
+    assert copy.read_bytes() == image.read_bytes()
+    assert _describes(copy) is None and result.verified
