@@ -297,6 +297,10 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_NOT_CONVERGED
     if isinstance(exc, (SidecarError, ChangeIdInvalidError)):
         return EXIT_USAGE
+    from blockmirror.migration.manifest import ManifestError
+
+    if isinstance(exc, ManifestError):  # refused manifest, another sync's, a planted file
+        return EXIT_USAGE
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return EXIT_NO_SPACE
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.ELOOP, errno.ENOTDIR,

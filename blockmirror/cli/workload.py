@@ -15,6 +15,7 @@ tells which writes it holds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -224,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         if stats.timeline is not None:
             out.update(started=stats.started, max_write_seconds=stats.max_write_seconds,
                        timeline=stats.timeline)
-        with open(tmp, "w") as f:
+        # Created exclusively, never through a link (the folder may be shared).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "w") as f:
             json.dump(out, f)
         os.replace(tmp, args.stats)
     return 0

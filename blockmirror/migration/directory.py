@@ -11,14 +11,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable
 
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
+from blockmirror.migration.manifest import TMP_SUFFIX, manifest_path
 from blockmirror.migration.options import SyncOptions
-from blockmirror.migration.precheck import PARTIAL_SUFFIX, free_bytes
+from blockmirror.migration.precheck import (
+    claim_partial,
+    free_bytes,
+    on_pseudo_filesystem,
+    own_file_kind,
+    partial_path,
+)
 from blockmirror.migration.result import SyncResult
 from blockmirror.tracking.tracker import SIDECAR_SUFFIX
 from blockmirror.units import format_bytes
@@ -32,8 +38,8 @@ def classify(folder: str) -> tuple[list[str], list[str]]:
     """(home files, images) among FOLDER's regular files, by name."""
     home, images = [], []
     for name in sorted(os.listdir(folder)):
-        if name.endswith((SIDECAR_SUFFIX, PARTIAL_SUFFIX)):
-            continue
+        if own_file_kind(name) is not None:
+            continue  # sidecars, manifests, shadow copies: blockmirror's own, never copied
         st = os.lstat(os.path.join(folder, name))
         if not stat.S_ISREG(st.st_mode):
             continue  # subfolders, links and devices are not part of an image's home
@@ -50,6 +56,8 @@ def sync_directory(src: str, dst: str, options: SyncOptions, *,
                    sync_file: FileSync) -> SyncResult:
     """Sync every file of folder SRC into folder DST (created if missing),
     each image with SYNC_FILE."""
+    if dst == "":
+        raise InvalidInputError("destination must not be empty")
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     force = options.force
     mode = options.mode
@@ -59,6 +67,8 @@ def sync_directory(src: str, dst: str, options: SyncOptions, *,
         raise InvalidInputError(f"destination {dst} is the source folder itself")
     if not os.path.isdir(os.path.dirname(dst)):
         raise InvalidInputError(f"destination folder {os.path.dirname(dst)} does not exist")
+    if on_pseudo_filesystem(src) or on_pseudo_filesystem(os.path.dirname(dst)):
+        raise InvalidInputError("directory mode does not copy from or into /proc or /sys")
     home, images = classify(src)
     if not home and not images:
         raise InvalidInputError(f"source folder {src} has no files to copy")
@@ -79,8 +89,7 @@ def sync_directory(src: str, dst: str, options: SyncOptions, *,
     started = time.perf_counter()
     created_folder = not os.path.isdir(dst)
     if created_folder:
-        os.mkdir(dst, 0o700)
-        shutil.copymode(src, dst)
+        _make_folder_like(src, dst)
     created: list[str] = []
     children: list[SyncResult] = []
     try:
@@ -89,23 +98,14 @@ def sync_directory(src: str, dst: str, options: SyncOptions, *,
             created.append(name)
         child_options = dataclasses.replace(options, force=True)
         for name in images:
+            # Counted as created before the sync starts: a sync that fails
+            # cleans up after itself, one that succeeded leaves its copy,
+            # manifest and sidecar, which go if a later image fails.
+            created.append(name)
             children.append(sync_file(os.path.join(src, name), os.path.join(dst, name),
                                       child_options))
-            created.append(name)
     except BaseException:
-        # Undo what this run made, except images already moved: their
-        # writers now write the destination, so it is the live copy.
-        moved = {c.destination for c in children} if mode == "move" else set()
-        for name in created:
-            path = os.path.join(dst, name)
-            if path not in moved:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path + SIDECAR_SUFFIX)
-        if created_folder and not moved:
-            with contextlib.suppress(OSError):
-                os.rmdir(dst)
+        _undo(dst, created, children, mode, created_folder)
         raise
     if mode == "move":
         for name in home:
@@ -126,18 +126,109 @@ def sync_directory(src: str, dst: str, options: SyncOptions, *,
     return result
 
 
-def _copy_small_file(src: str, dst: str) -> None:
-    """Copy under a temporary name, fsync, then rename: never a half file."""
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}{PARTIAL_SUFFIX}")
+def _undo(dst: str, created: list[str], children: list[SyncResult], mode: str,
+          created_folder: bool) -> None:
+    """Remove what this run made in DST - each file, and beside each image
+    its sidecar, its manifest (and an unpublished one) and its shadow copy
+    - then the folder if this run made it. Images already moved stay: their
+    writers now write the destination, so it is the live copy."""
+    moved = {c.destination for c in children} if mode == "move" else set()
+    for name in created:
+        path = os.path.join(dst, name)
+        if path in moved:
+            continue
+        for made in (path, path + SIDECAR_SUFFIX, manifest_path(path),
+                     manifest_path(path) + TMP_SUFFIX, partial_path(path)):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(made)
+    if created_folder and not moved:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)
+
+
+def _make_folder_like(src: str, dst: str) -> None:
+    """Create DST (exclusively: mkdir fails on anything already there, link
+    or not) with SRC's permission bits, set through a descriptor."""
+    os.mkdir(dst, 0o700)
+    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        shutil.copy2(src, tmp)
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        os.fchmod(fd, stat.S_IMODE(os.stat(src).st_mode))
+    finally:
+        os.close(fd)
+
+
+def _copy_small_file(src: str, dst: str) -> None:
+    """Copy under a temporary name, fsync, then rename: never a half file.
+
+    The destination folder may be writable by others, so nothing is opened
+    by a name they could have planted: the temporary file is created
+    exclusively without following links (a planted ``.NAME.bm-partial``
+    symlink is removed as a name, never written through), the content, mode,
+    owner and times go through descriptors, and the rename is checked to
+    have published our file. The source is opened without following links
+    too (a home file swapped for a link would copy another file's content).
+    Extended attributes and ACLs are not copied."""
+    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInputError(f"{src} is no longer a regular file")
+        tmp = partial_path(dst)
+        fd = claim_partial(tmp)
         try:
+            _copy_fd(src_fd, fd, st.st_size)
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(fd)
+            if not _names(fd, tmp):
+                raise InvalidInputError(
+                    f"{tmp} was replaced while it was written: someone else writes "
+                    f"{os.path.dirname(dst)}")
+            os.replace(tmp, dst)
+            if not _names(fd, dst):
+                raise InvalidInputError(
+                    f"{dst} was replaced as it was published: someone else writes "
+                    f"{os.path.dirname(dst)}")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if _names(fd, tmp):
+                    os.unlink(tmp)
+            raise
         finally:
             os.close(fd)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    finally:
+        os.close(src_fd)
+
+
+def _names(fd: int, path: str) -> bool:
+    """True when PATH (not followed) is the file open at FD."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _copy_fd(src_fd: int, dst_fd: int, size: int) -> None:
+    """SIZE bytes of SRC_FD into the empty DST_FD, by offsets."""
+    offset = 0
+    while offset < size:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, size - offset, offset, offset)
+        except OSError:
+            n = -1
+        if n < 0:  # not supported here (EXDEV, EOPNOTSUPP, ...): read and write
+            chunk = os.pread(src_fd, min(1 << 20, size - offset), offset)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                w = os.pwrite(dst_fd, view, offset)
+                view, offset = view[w:], offset + w
+            continue
+        if n == 0:
+            break  # the file shrank meanwhile
+        offset += n

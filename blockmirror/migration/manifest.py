@@ -19,11 +19,32 @@ While a sync rewrites the copy the header says ``updating`` and the digests
 of every granule about to change are set to UNKNOWN first (and made
 durable), so a crash mid-update can only leave granules marked unknown —
 never a digest that lies about the copy.
+
+Format 2 (issue 13) binds a clean manifest to the copy it describes: the
+header records the copy's device, inode, size, mtime and ctime, taken at
+commit after the copy's final fsync. :meth:`Manifest.mismatch` compares them
+with the copy as it is; any difference (the copy edited, truncated,
+hole-punched, restored from another backup, or the manifest swapped for
+another copy's) means neither the digests nor the change id say anything
+about the copy, and :meth:`Manifest.mark_untrusted` makes every granule
+unknown (state ``untrusted``) so the next sync re-copies the source's whole
+range over the copy in place. A failed verify does the same. ctime can't be
+set by users, so only a clock change could hide an edit; a copy on a
+filesystem whose device number changes across mounts (some NFS and FUSE set-ups)
+is re-copied in full after a remount - safe, only slower. Format 1 manifests
+are refused (take a full copy with ``--force``).
+
+The file is opened once and used only through that descriptor (never
+reopened by name): a folder writable by others cannot redirect our writes
+with a planted symlink. A new manifest lives under ``DST.bm-manifest.tmp``
+(created exclusively, flock-ed) until :meth:`Manifest.commit` renames it;
+:meth:`Manifest.discard` removes it if the run fails first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import stat
@@ -39,14 +60,21 @@ from blockmirror.copying.copier import data_extents
 from blockmirror.errors import BlockMirrorError
 from blockmirror.extents import pairs
 
-MAGIC = b"BMMANIFEST 1\n"
+MAGIC = b"BMMANIFEST 2\n"
+MAGIC_PREFIX = b"BMMANIFEST "
+FORMAT_VERSION = 2
 HEADER_BYTES = 4096
 SUFFIX = ".bm-manifest"
+TMP_SUFFIX = ".tmp"  # a new manifest's name until commit (see Manifest.discard)
 UNKNOWN = 0  # a digest slot that says nothing; real digests are never 0
 STORED_UNKNOWN = np.uint64(2**64 - 1)  # how UNKNOWN is stored (0 means "zero granule")
 WRITE_CHUNK = 1 << 17  # digest slots per write: 1 MiB
+READ_CHUNK = 8 << 20
 STATE_CLEAN = "clean"
 STATE_UPDATING = "updating"
+# The digests say nothing (a failed verify, or the copy is not the file the
+# manifest was made for): every granule is unknown until the next commit.
+STATE_UNTRUSTED = "untrusted"
 HASH_CHUNK = 8 << 20
 
 
@@ -67,9 +95,44 @@ def zero_digest(length: int) -> int:
     return digest(bytes(length))
 
 
+def copy_identity(fd: int) -> dict[str, int]:
+    """What names one state of the copy open at FD: which file it is (device,
+    inode), its size, and its change and modification times. ctime cannot be
+    set by any user, so every write, truncate, hole punch, chmod or rename
+    of the copy - or another file put in its place - changes this."""
+    st = os.fstat(fd)
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """True when PATH (not followed) names the file open at FD."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _fsync_folder_of(path: str) -> None:
+    folder = os.open(os.path.dirname(os.path.abspath(path)) or ".",
+                     os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 @dataclass
 class Manifest:
-    """An open manifest: header fields plus the digest array (memory-mapped)."""
+    """An open manifest: header fields plus the digest array (in memory).
+
+    The file is opened once (a new one created exclusively, never through a
+    link) and every read and write goes through that descriptor: the folder
+    may be writable by others, and a name swapped for a symlink between two
+    opens would make us write into whatever it points at (issue 13, item 2).
+    Names are only used to create, publish (rename) and remove."""
 
     path: str
     granularity: int
@@ -80,6 +143,10 @@ class Manifest:
     source: str
     digests: np.ndarray  # uint64, one per granule, in memory; written back with pwrite
     publish_to: str | None = None  # a new manifest's final name, taken at commit
+    fd: int = -1  # the manifest file, open for the manifest's whole life
+    copy: dict[str, int] | None = None  # the copy's identity at the last commit
+    copy_fd: int = -1  # the copy last digested by record(): commit binds to it
+    rewrite_all: bool = False  # every slot must be written back at commit
 
     @property
     def change_id(self) -> str:
@@ -91,45 +158,76 @@ class Manifest:
     def create(cls, path: str, *, granularity: int, image_size: int, source: str) -> Manifest:
         """A new manifest for a new copy: every granule taken for zeros (a new
         copy starts as one hole) until :meth:`record` says otherwise. It is
-        built under a temporary name and takes PATH only at :meth:`commit`,
-        so no half-made manifest can ever vouch for a copy."""
+        built under a temporary name (PATH + ".tmp", created exclusively,
+        never through a link, and flock-ed for its life) and takes PATH only
+        at :meth:`commit`, so no half-made manifest can ever vouch for a
+        copy. If the run fails before the commit, call :meth:`discard`."""
         granules = -(-image_size // granularity)
-        tmp = path + ".tmp"
+        tmp = path + TMP_SUFFIX
         # 0600 and never through a link: whoever can edit the digests can make
         # a hash resync skip blocks (the same trust rule as the sidecar, I5).
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.truncate(HEADER_BYTES + 8 * granules)  # holes: stored zeros
-        digests = np.full(granules, zero_digest(granularity), dtype="<u8")
-        if granules and image_size % granularity:
-            digests[-1] = zero_digest(image_size % granularity)
-        m = cls(path=tmp, granularity=granularity, image_size=image_size, series="",
-                generation=0, state=STATE_UPDATING, source=source, digests=digests)
-        m.publish_to = path
-        m.write_header()
+        fd = _create_exclusive(tmp)
+        try:
+            os.ftruncate(fd, HEADER_BYTES + 8 * granules)  # holes: stored zeros
+            digests = np.full(granules, zero_digest(granularity), dtype="<u8")
+            if granules and image_size % granularity:
+                digests[-1] = zero_digest(image_size % granularity)
+            m = cls(path=tmp, granularity=granularity, image_size=image_size, series="",
+                    generation=0, state=STATE_UPDATING, source=source, digests=digests,
+                    fd=fd)
+            m.publish_to = path
+            m.write_header()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if _same_file(fd, tmp):
+                    os.unlink(tmp)
+            os.close(fd)
+            raise
         return m
 
     @classmethod
     def open(cls, path: str) -> Manifest:
+        """Open an earlier copy's manifest for an incremental update (read and
+        write, through one descriptor). Refused: a link, a file with more than
+        one name, anything but a regular file, one writable by others or
+        owned by another user, a corrupt one, and format 1 (it did not bind
+        the digests to the copy: take a full copy with --force)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ManifestError(f"no manifest at {path}") from None
         except OSError as e:
             raise ManifestError(f"manifest {path} cannot be opened: {e.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, os.geteuid()):
-                raise ManifestError(
-                    f"manifest {path} is writable by others or owned by uid {st.st_uid}: its "
-                    "digests could make a resync skip blocks, so it is not trusted"
-                )
-            header = f.read(HEADER_BYTES)
-            size = st.st_size
+        try:
+            return cls._read(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def _read(cls, path: str, fd: int) -> Manifest:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"manifest {path} is not a regular file")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, os.geteuid()):
+            raise ManifestError(
+                f"manifest {path} is writable by others or owned by uid {st.st_uid}: its "
+                "digests could make a resync skip blocks, so it is not trusted"
+            )
+        if st.st_nlink != 1:
+            raise ManifestError(
+                f"manifest {path} has {st.st_nlink} names (a hard link to it exists): "
+                "not trusted"
+            )
+        header = _pread_exact(fd, HEADER_BYTES, 0)
         if not header.startswith(MAGIC):
+            if header.startswith(MAGIC_PREFIX):
+                version = header[len(MAGIC_PREFIX):].split(b"\n", 1)[0][:8]
+                raise ManifestError(
+                    f"manifest {path} has format {version.decode(errors='replace')}, which "
+                    f"this blockmirror does not trust (format {FORMAT_VERSION} binds the "
+                    "digests to the copy they describe); take a full copy with --force"
+                )
             raise ManifestError(f"{path} is not a blockmirror manifest")
         try:
             body, check = header[len(MAGIC):].rstrip(b" \n\0").rsplit(b"\n", 1)
@@ -138,20 +236,29 @@ class Manifest:
             meta = json.loads(body)
             granularity = int(meta["granularity"])
             image_size = int(meta["image_size"])
-        except (ValueError, KeyError, UnicodeDecodeError):
+            copy = meta.get("copy")
+            if copy is not None:
+                copy = {k: int(copy[k]) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")}
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
             raise ManifestError(f"manifest {path} has a corrupt header") from None
         granules = -(-image_size // granularity) if granularity > 0 else -1
-        if granules < 0 or size != HEADER_BYTES + 8 * granules:
+        if granules < 0 or st.st_size != HEADER_BYTES + 8 * granules:
             raise ManifestError(f"manifest {path} is truncated or has the wrong size")
-        with open(path, "rb") as f:
-            f.seek(HEADER_BYTES)
-            stored = np.frombuffer(f.read(8 * granules), dtype="<u8")
-        if len(stored) != granules:
-            raise ManifestError(f"manifest {path} is truncated")
-        digests = _decode(stored, granularity)
+        state = str(meta["state"])
+        if state == STATE_UNTRUSTED:
+            digests = np.zeros(granules, dtype="<u8")  # all UNKNOWN; the file's say nothing
+        else:
+            buf = bytearray(8 * granules)
+            view = memoryview(buf)
+            for start in range(0, len(view), READ_CHUNK):
+                chunk = view[start:start + READ_CHUNK]
+                if os.preadv(fd, [chunk], HEADER_BYTES + start) != len(chunk):
+                    raise ManifestError(f"manifest {path} is truncated")
+            digests = _decode(np.frombuffer(buf, dtype="<u8"), granularity)
         m = cls(path=path, granularity=granularity, image_size=image_size,
                 series=str(meta["series"]), generation=int(meta["generation"]),
-                state=str(meta["state"]), source=str(meta.get("source", "")), digests=digests)
+                state=state, source=str(meta.get("source", "")), digests=digests, fd=fd,
+                copy=copy, rewrite_all=state == STATE_UNTRUSTED)
         if m.state == STATE_CLEAN and meta.get("digests_xxh3") != m.digests_checksum():
             raise ManifestError(f"manifest {path} digests are corrupt (checksum mismatch)")
         return m
@@ -159,22 +266,27 @@ class Manifest:
     def digests_checksum(self) -> str:
         return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(self.digests).tobytes())
 
+    def _fd(self) -> int:
+        if self.fd < 0:
+            raise ManifestError(f"manifest {self.path} is closed")
+        return self.fd
+
     def write_header(self) -> None:
         meta: dict[str, Any] = {
             "granularity": self.granularity, "image_size": self.image_size,
             "series": self.series, "generation": self.generation, "state": self.state,
-            "source": self.source,
+            "source": self.source, "format": FORMAT_VERSION,
         }
         if self.state == STATE_CLEAN:
             meta["digests_xxh3"] = self.digests_checksum()
+        if self.copy is not None:
+            meta["copy"] = self.copy  # as bound at the last commit
         body = json.dumps(meta, sort_keys=True).encode()
         header = MAGIC + body + b"\n" + xxhash.xxh3_64_hexdigest(body).encode() + b"\n"
         if len(header) > HEADER_BYTES:
             raise ManifestError("manifest header too long (source path?)")
-        with open(self.path, "r+b") as f:
-            f.write(header.ljust(HEADER_BYTES, b" "))
-            f.flush()
-            os.fsync(f.fileno())
+        _pwrite_all(self._fd(), header.ljust(HEADER_BYTES, b" "), 0)
+        os.fsync(self._fd())
 
     def write_digests(self, first: int = 0, last: int | None = None, *,
                       skip_zeros: bool = False) -> None:
@@ -182,24 +294,108 @@ class Manifest:
         SKIP_ZEROS (a new file, all holes) chunks of zero granules are left
         unwritten, so they stay holes."""
         last = len(self.digests) if last is None else last
-        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            for start in range(first, last, WRITE_CHUNK):
-                stored = _encode(self.digests[start:min(last, start + WRITE_CHUNK)],
-                                 self.granularity)
-                if skip_zeros and not stored.any():
-                    continue
-                data = stored.tobytes()
-                offset = HEADER_BYTES + 8 * start
-                while data:
-                    n = os.pwrite(fd, data, offset)
-                    data, offset = data[n:], offset + n
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fd = self._fd()
+        for start in range(first, last, WRITE_CHUNK):
+            stored = _encode(self.digests[start:min(last, start + WRITE_CHUNK)],
+                             self.granularity)
+            if skip_zeros and not stored.any():
+                continue
+            _pwrite_all(fd, stored.tobytes(), HEADER_BYTES + 8 * start)
+        os.fsync(fd)
 
     def close(self) -> None:
-        """Nothing is held open between calls; kept for symmetry."""
+        """Close the manifest's descriptor. An unpublished new manifest keeps
+        its temporary name; :meth:`discard` removes it."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """A run that fails before :meth:`commit`: remove the new manifest
+        this object created (its temporary name, only while it still names
+        our file), and close it. Does nothing to a published or an opened
+        manifest beyond closing it. Safe to call twice."""
+        if self.publish_to is not None and self.fd >= 0:
+            with contextlib.suppress(OSError):
+                if _same_file(self.fd, self.path):
+                    os.unlink(self.path)
+        self.close()
+
+    abandon = discard
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter shutdown: nothing to report to
+            self.close()
+
+    # -- the binding to the copy (issue 13, item 6) -------------------------------
+
+    def mismatch(self, copy_fd: int) -> str | None:
+        """Why this manifest does not describe the copy open at COPY_FD, or
+        None when it does.
+
+        A clean manifest describes exactly the file, in exactly the state,
+        it was bound to at its commit (device, inode, size, mtime, ctime).
+        Anything else - the copy edited, truncated, hole-punched, restored
+        from another backup, replaced, or the manifest swapped for another
+        copy's - means neither the digests nor the change id can be
+        trusted: see :meth:`mark_untrusted`.
+
+        An ``updating`` manifest (a sync died mid-update) is checked only
+        for being about the same file (device and inode): that sync's own
+        writes moved the times and maybe the size, and its unknown granules
+        are marked; its other digests are trusted as before (the hash
+        resync's promise). An ``untrusted`` one describes nothing."""
+        if self.state == STATE_UNTRUSTED:
+            return "the manifest is marked untrusted (a failed verify, or a changed copy)"
+        if self.copy is None:
+            return "the manifest does not record which copy it describes"
+        now = copy_identity(copy_fd)
+        if (now["dev"], now["ino"]) != (self.copy["dev"], self.copy["ino"]):
+            return "the copy is not the file the manifest was made for (replaced or restored)"
+        if self.state != STATE_CLEAN:
+            return None
+        if now["size"] != self.copy["size"] or now["size"] != self.image_size:
+            return (f"the copy's size changed since its manifest was written "
+                    f"({self.copy['size']} -> {now['size']})")
+        if (now["mtime_ns"], now["ctime_ns"]) != (self.copy["mtime_ns"], self.copy["ctime_ns"]):
+            return "the copy was changed since its manifest was written"
+        return None
+
+    def check_copy(self, copy_fd: int) -> str | None:
+        """The one call an incremental sync makes when it has opened (and
+        locked) the copy at COPY_FD, before anything changes it: None when
+        the manifest can be used as it is; otherwise the manifest is marked
+        untrusted, durably (every granule unknown: the sync then re-copies
+        the source's whole range in place), and the reason is returned for
+        the result's notes. An already untrusted manifest returns None."""
+        if self.state == STATE_UNTRUSTED:
+            return None
+        reason = self.mismatch(copy_fd)
+        if reason is not None:
+            self.mark_untrusted()
+        return reason
+
+    def describes(self, copy_fd: int) -> bool:
+        """True when this manifest describes the copy open at COPY_FD (see
+        :meth:`mismatch` for the reason when it does not)."""
+        return self.mismatch(copy_fd) is None
+
+    def mark_untrusted(self) -> None:
+        """Say, durably, that the digests describe nothing: every granule is
+        unknown until the next :meth:`commit` (which then writes every slot).
+
+        For a copy the manifest does not describe (:meth:`mismatch`) and for
+        a copy that failed verify - never leave such a manifest clean. A
+        sync over an untrusted manifest must treat the whole copy as unknown:
+        its change id says nothing (the copy may hold bytes the source never
+        had), so it re-copies the source's whole range in place, holes
+        included (the copy may have data where the source has holes) - which
+        is what the hash resync does with every digest unknown."""
+        self.digests[:] = UNKNOWN
+        self.state = STATE_UNTRUSTED
+        self.rewrite_all = True
+        self.write_header()
 
     # -- the update protocol ----------------------------------------------------
 
@@ -218,13 +414,13 @@ class Manifest:
             resized[keep - 1] = UNKNOWN
         self.digests = resized
         self.image_size = image_size
-        with open(self.path, "r+b") as f:
-            f.truncate(HEADER_BYTES + 8 * granules)
+        os.ftruncate(self._fd(), HEADER_BYTES + 8 * granules)
         self.write_digests(max(0, keep - 1))
 
     def begin_update(self) -> None:
-        """Say, durably, that the copy is about to change."""
-        if self.state != STATE_UPDATING:
+        """Say, durably, that the copy is about to change. An untrusted
+        manifest stays untrusted."""
+        if self.state == STATE_CLEAN:
             self.state = STATE_UPDATING
             self.write_header()
 
@@ -242,8 +438,10 @@ class Manifest:
 
     def record(self, fd: int, extents: Iterable[tuple[int, int]], workers: int = 4) -> None:
         """Digest the copy's granules under EXTENTS (read from FD), several
-        chunks in flight: on NFS each read pays a round trip."""
+        chunks in flight: on NFS each read pays a round trip. FD is also the
+        copy :meth:`commit` binds the manifest to, unless given another."""
         g = self.granularity
+        self.copy_fd = fd
         step = max(1, HASH_CHUNK // g)
         spans = [(start, min(last, start + step))
                  for first, last in self._granule_ranges(extents)
@@ -261,29 +459,41 @@ class Manifest:
             list(pool.map(work, spans))
 
     def commit(self, series: str, generation: int,
-               recorded: Iterable[tuple[int, int]] | None = None) -> None:
+               recorded: Iterable[tuple[int, int]] | None = None, *,
+               copy_fd: int | None = None) -> None:
         """The copy is now exactly the source at change id SERIES:GENERATION.
 
         Writes back the digests under RECORDED (byte extents; all of them
-        when None), then the header; a new manifest then takes its name."""
+        when None), binds the manifest to the copy open at COPY_FD (default:
+        the one :meth:`record` last read) by its identity taken now - call
+        after the copy's final fsync and rename -, then writes the header; a
+        new manifest then takes its name."""
         if self.publish_to is not None:
             self.write_digests(skip_zeros=True)
-        elif recorded is None:
+        elif recorded is None or self.rewrite_all:
             self.write_digests()
         else:
             for first, last in self._granule_ranges(recorded):
                 self.write_digests(first, last)
+        self.rewrite_all = False
+        bind = self.copy_fd if copy_fd is None else copy_fd
+        self.copy = copy_identity(bind) if bind >= 0 else None
         self.series, self.generation, self.state = series, generation, STATE_CLEAN
         self.write_header()
         if self.publish_to is not None:
-            os.replace(self.path, self.publish_to)
-            self.path, self.publish_to = self.publish_to, None
-            folder = os.open(os.path.dirname(os.path.abspath(self.path)) or ".",
-                             os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            final = self.publish_to
+            os.replace(self.path, final)
+            if not _same_file(self._fd(), final):
+                # Someone swapped the temporary name between our create and
+                # the rename: what got published is not ours. Take it down.
+                with contextlib.suppress(OSError):
+                    os.unlink(final)
+                raise ManifestError(
+                    f"manifest {self.path} was replaced by another file before it was "
+                    "published; the folder is writable by someone else"
+                )
+            self.path, self.publish_to = final, None
+            _fsync_folder_of(self.path)
 
     def unknown_extents(self) -> list[tuple[int, int]]:
         """Byte extents of granules whose digest is UNKNOWN."""
@@ -299,6 +509,68 @@ class Manifest:
             last = min(total, -(-(int(offset) + int(length)) // g))
             if first < last:
                 yield first, last
+
+
+def _create_exclusive(tmp: str) -> int:
+    """Create TMP exclusively (never through a link), 0600, and hold an flock
+    on it. One left by a killed run is unlocked: it is removed (by name, only
+    while the name still holds that file) and the create retried; one that is
+    locked belongs to a sync still running."""
+    for _ in range(8):
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+        except FileExistsError:
+            _remove_stale(tmp)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ManifestError(f"another sync is writing {tmp}") from None
+        return fd
+    raise ManifestError(f"{tmp} keeps reappearing; is someone else writing this folder?")
+
+
+def _remove_stale(tmp: str) -> None:
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError:
+        # A symlink (ELOOP) or something we cannot open: removing the name
+        # never touches what a link points at.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ManifestError(f"another sync is writing {tmp} (it holds the lock)") from None
+        if _same_file(fd, tmp):
+            os.unlink(tmp)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    parts = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
 
 
 def _encode(digests: np.ndarray, granularity: int) -> np.ndarray:

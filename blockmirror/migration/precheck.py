@@ -6,6 +6,8 @@ message that names the problem, and leaves the filesystem as it was.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -101,7 +103,8 @@ def sidecar_bytes(image_size: int, granularity: int) -> int:
     """The size of a sidecar covering IMAGE_SIZE at GRANULARITY."""
     granules = -(-image_size // granularity)
     chunks = -(-granules // SIDECAR_CHUNK_GRANULES)
-    return SIDECAR_HEADER_BYTES + chunks * SIDECAR_CHUNK_BYTES
+    chunk_bytes = -(-chunks * SIDECAR_CHUNK_BYTES // 4096) * 4096  # whole pages
+    return SIDECAR_HEADER_BYTES + chunk_bytes
 
 
 def manifest_bytes(allocated: int, granularity: int) -> int:
@@ -373,8 +376,16 @@ def claim_partial(partial: str) -> int:
 
 def _remove_stale_partial(partial: str) -> None:
     try:
-        fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):
+            raise
+        # A planted symlink (or a socket, or a file we may not read): remove
+        # the name - that never touches what a link points at - and go on.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
         return
     try:
         try:
@@ -383,6 +394,8 @@ def _remove_stale_partial(partial: str) -> None:
             raise InvalidInputError(
                 f"another sync is running into {partial} (it holds the lock)"
             ) from None
-        os.unlink(partial)
+        named, held = os.lstat(partial), os.fstat(fd)
+        if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            os.unlink(partial)  # else it was swapped meanwhile: the retry sees it again
     finally:
         os.close(fd)
