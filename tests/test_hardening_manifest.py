@@ -418,8 +418,6 @@ def test_new_manifests_are_format_2(tmp_path):
     assert np.all(Manifest.open(final).digests != 0)
 
 
-@pytest.mark.xfail(reason="needs the sync job to call Manifest.check_copy() on the copy "
-                   "(migration/job.py, the lead's): see the hardening report", strict=False)
 def test_end_to_end_incremental_over_an_edited_copy_repairs_it(backup):
     image, copy = backup
     _edit(copy)
@@ -471,27 +469,9 @@ def test_an_interrupted_update_is_checked_for_the_same_file_only(backup):
         m.close()
 
 
-@pytest.fixture
-def wired(monkeypatch):  # type: ignore[no-untyped-def]
-    """Today's sync job with the one call item 6 asks of it (what the lead's
-    job must do): check the copy against its manifest right after opening
-    and locking it."""
-    from blockmirror.migration import job as job_module
-
-    original = job_module.FileSyncJob._open_earlier_copy
-
-    def open_and_check(self):  # type: ignore[no-untyped-def]
-        original(self)
-        reason = self.manifest.check_copy(self.dst_fd)
-        if reason is not None:
-            self.result.notes.append(f"full resync in place: {reason}")
-
-    monkeypatch.setattr(job_module.FileSyncJob, "_open_earlier_copy", open_and_check)
-
-
 @pytest.mark.parametrize("tamper", [_edit, _truncate, _punch, _restore_older,
                                     _restore_in_place, _swap_manifest])
-def test_wired_incremental_repairs_a_tampered_copy(backup, wired, tamper):
+def test_incremental_repairs_a_tampered_copy(backup, tamper):
     image, copy = backup
     # data in the copy where the source has a hole, too
     with open(copy, "r+b") as f:
@@ -510,9 +490,9 @@ def test_wired_incremental_repairs_a_tampered_copy(backup, wired, tamper):
 
 def _failing_verify(monkeypatch):  # type: ignore[no-untyped-def]
     """verify finds one extent that differs (as after a bad copy)."""
-    import blockmirror.copying.verify as verify
+    from blockmirror.migration import job
 
-    monkeypatch.setattr(verify, "compare_files", lambda a, b: [(0, 4096)])
+    monkeypatch.setattr(job, "compare_files", lambda a, b: [(0, 4096)])
 
 
 def _incremental_with_failing_verify(backup, monkeypatch):  # type: ignore[no-untyped-def]
@@ -532,33 +512,9 @@ def _incremental_with_failing_verify(backup, monkeypatch):  # type: ignore[no-un
         m.close()
 
 
-@pytest.mark.xfail(reason="needs the sync job to call Manifest.mark_untrusted() when verify "
-                   "fails after the commit (migration/job.py, the lead's)", strict=False)
-def test_failed_verify_leaves_no_clean_manifest(backup, monkeypatch):
-    assert _incremental_with_failing_verify(backup, monkeypatch) != "clean"
-
-
-def test_wired_failed_verify_leaves_an_untrusted_manifest(backup, monkeypatch):
-    """Today's job with the call item 6 asks of it: a failed verify marks the
-    manifest untrusted (here by reopening it: the job closes its manifest
-    right after the commit), so the next run re-copies in place."""
-    from blockmirror.migration import job as job_module
-
-    original = job_module.FileSyncJob._verify
-
-    def verify_or_distrust(self):  # type: ignore[no-untyped-def]
-        try:
-            original(self)
-        except BaseException:
-            if self.plan.incremental or self.mode == "copy":
-                path = manifest_path(self.plan.destination)
-                if os.path.lexists(path):
-                    m = Manifest.open(path)
-                    m.mark_untrusted()
-                    m.close()
-            raise
-
-    monkeypatch.setattr(job_module.FileSyncJob, "_verify", verify_or_distrust)
+def test_failed_verify_leaves_an_untrusted_manifest(backup, monkeypatch):
+    """A failed verify marks the manifest untrusted, so the next run
+    re-copies in place and is then trusted again."""
     image, copy = backup
     assert _incremental_with_failing_verify(backup, monkeypatch) == STATE_UNTRUSTED
     result = sync(image, copy, verify=True)

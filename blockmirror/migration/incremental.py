@@ -25,13 +25,19 @@ from blockmirror.migration.manifest import (
 from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker
 
 
-def open_earlier_copy(destination: str, *, rebuild: bool = False, source: str = "",
+def open_earlier_copy(destination: str, *, notes: list[str], rebuild: bool = False,
+                      source: str = "",
                       granularity: int = DEFAULT_GRANULARITY) -> tuple[Manifest, int]:
     """The earlier copy's manifest and a read-write fd on the copy, locked
     against other syncs for as long as the fd is open. With REBUILD (a commit
     killed before the copy's manifest was published) a missing manifest is
     rebuilt by hashing the copy itself: its digests then describe exactly
-    what the copy holds, and the first pass is a hash resync."""
+    what the copy holds, and the first pass is a hash resync.
+
+    Before anything changes, the copy is checked against what its manifest
+    was bound to (issue 13, item 6): an edited, truncated, restored or
+    swapped copy makes the manifest untrusted, and the first pass then
+    re-copies the source's whole range in place (the reason goes to NOTES)."""
     fd = os.open(destination, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         try:
@@ -42,9 +48,13 @@ def open_earlier_copy(destination: str, *, rebuild: bool = False, source: str = 
         if rebuild and not os.path.lexists(path):
             return _rebuilt_manifest(fd, path, granularity, source), fd
         try:
-            return Manifest.open(path), fd
+            manifest = Manifest.open(path)
         except ManifestError as e:
             raise InvalidInputError(f"{e}; use --force for a full copy") from None
+        reason = manifest.check_copy(fd)
+        if reason is not None:
+            notes.append(f"full resync in place: {reason}")
+        return manifest, fd
     except BaseException:
         os.close(fd)
         raise

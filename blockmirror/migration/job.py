@@ -125,7 +125,8 @@ class FileSyncJob:
             return
         if plan.incremental:
             self.manifest, self.dst_fd = incremental.open_earlier_copy(
-                plan.destination, rebuild=plan.resume == "copy", source=plan.source,
+                plan.destination, notes=self.result.notes, rebuild=plan.resume == "copy",
+                source=plan.source,
                 granularity=self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY)
             if plan.resume == "copy":
                 self.result.notes.append("resumed a commit a killed run left unfinished: "
@@ -352,7 +353,8 @@ class FileSyncJob:
         self.manifest.record(self.dst_fd, regions, workers=self.options.workers)
         change_id = ChangeId.parse(self.result.change_id) if self.result.change_id else None
         self.manifest.commit(change_id.series if change_id else "",
-                             change_id.generation if change_id else 0, recorded=regions)
+                             change_id.generation if change_id else 0, recorded=regions,
+                             copy_fd=self.dst_fd)
 
     def _finish(self) -> None:
         """After the switch: verify if asked, then (move) remove the source."""
@@ -410,6 +412,10 @@ class FileSyncJob:
                 changed = self.tracker.dirty_extents()
             differing = subtract(differing, changed)
         if differing:
+            if self.manifest is not None:
+                # Never leave a clean manifest on a copy that failed verify:
+                # the next incremental run re-copies it whole, in place.
+                self.manifest.mark_untrusted()
             off, length = differing[0]
             raise VerifyError(f"verify failed: {len(differing)} extents differ, "
                               f"first at {off}+{length}", self.plan.destination)
@@ -476,17 +482,20 @@ class FileSyncJob:
         if self.plan.incremental:
             # The earlier copy was being updated in place: it stays, with its
             # manifest saying "updating"; the next sync repairs it by hash.
+            if self.manifest is not None:
+                self.manifest.close()
             return
         if state is JobState.COMMITTED:
             commit.unpublish(self.plan)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.plan.partial)  # ours: we hold its lock
-        if self.manifest is not None and self.manifest.publish_to is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.manifest.path)  # a new manifest, never published
+        if self.manifest is not None:
+            self.manifest.discard()  # a new manifest, never published
 
     def _release(self) -> None:
+        if self.manifest is not None:
+            self.manifest.close()
         if self.bypass is not None:
             self.bypass.close()
         if self.copier is not None:
