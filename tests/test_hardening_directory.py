@@ -271,3 +271,19 @@ def test_precheck_refuses_a_manifest_too_big_for_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(precheck, "_physical_memory", lambda: 256 * MiB, raising=False)
     with pytest.raises(InvalidInputError, match="memory"):
         precheck.plan_file_sync(str(src), str(tmp_path / "out"))
+
+
+def test_pseudo_filesystems_are_known_by_type(tmp_path, monkeypatch):
+    assert precheck.on_pseudo_filesystem("/proc/self/status")
+    assert precheck.on_pseudo_filesystem("/sys/kernel")
+    assert not precheck.on_pseudo_filesystem(str(tmp_path))
+    # a FUSE or network filesystem that reports no block counts is still storage
+    real_statvfs = os.statvfs
+
+    class NoBlocks:
+        def __init__(self, st: os.statvfs_result) -> None:
+            self.__dict__.update({k: getattr(st, k) for k in dir(st) if k.startswith("f_")})
+            self.f_blocks = 0
+
+    monkeypatch.setattr(os, "statvfs", lambda p: NoBlocks(real_statvfs(p)))
+    assert not precheck.on_pseudo_filesystem(str(tmp_path))

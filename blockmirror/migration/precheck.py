@@ -85,16 +85,44 @@ def _own_file_kind_by_content(fd: int) -> str | None:
     return None
 
 
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2", "pstore",
+    "bpf", "configfs", "efivarfs", "fusectl", "devpts", "mqueue", "autofs", "binfmt_misc",
+    "selinuxfs", "rpc_pipefs", "nsfs", "devtmpfs",
+})
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem PATH is on (from /proc/self/mountinfo:
+    the mount with the longest mount point above PATH), or None."""
+    real = os.path.realpath(path)
+    best, best_type = "", None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                try:
+                    sep = fields.index("-")
+                except ValueError:
+                    continue
+                point = fields[4].replace("\\040", " ").replace("\\011", "\t")
+                point = point.replace("\\012", "\n").replace("\\134", "\\")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best) and sep + 1 < len(fields):
+                    best, best_type = point, fields[sep + 1]
+    except OSError:
+        return None
+    return best_type
+
+
 def on_pseudo_filesystem(path: str) -> bool:
     """True for /proc, /sys and their kind: filesystems with no storage behind
-    them (statvfs reports 0 blocks), whose files lie about their size."""
+    them, whose files lie about their size (known by type, or by path where
+    /proc/self/mountinfo cannot be read)."""
     real = os.path.realpath(path)
     if real in ("/proc", "/sys") or real.startswith(("/proc/", "/sys/")):
         return True
-    try:
-        return os.statvfs(path).f_blocks == 0
-    except OSError:
-        return False
+    return filesystem_type(real) in PSEUDO_FILESYSTEMS
 
 
 def sidecar_bytes(image_size: int, granularity: int) -> int:
