@@ -188,6 +188,64 @@ def check_destination_unused(dst: str, destination: str) -> None:
                 f"destination {destination} is the source of a running sync")
     if os.path.lexists(dst) and _locked(dst):
         raise InvalidInputError(f"another sync is writing {destination}")
+    if os.path.lexists(dst):
+        pids = processes_writing(dst)
+        if pids:
+            raise InvalidInputError(
+                f"destination {destination} is open for writing by process "
+                f"{', '.join(map(str, pids[:5]))}: a live image, not a copy (--force never "
+                "replaces a live image); stop the writer first"
+            )
+
+
+def processes_writing(path: str) -> list[int]:
+    """Other processes that hold PATH open for writing, from /proc/PID/fd
+    and fdinfo: writers that do not use the tracker (a hypervisor opening
+    the image itself) have no slot in a sidecar. Best effort: without root
+    only this user's processes are visible, and other hosts (NFS) never."""
+    try:
+        target = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return []
+    me = os.getpid()
+    name = os.path.basename(path)
+    found: list[int] = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == me:
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                # The link's text first: stat only what could be PATH (a stat
+                # of every descriptor could hang on someone's dead NFS mount).
+                link = os.readlink(f"{fd_dir}/{fd}")
+                if not link.startswith("/") or os.path.basename(
+                    link.removesuffix(" (deleted)")
+                ) != name:
+                    continue
+                st = os.stat(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                continue
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                    flags = next((int(line.split()[1], 8) for line in f
+                                  if line.startswith("flags:")), 0)
+            except (OSError, ValueError):
+                flags = os.O_RDWR  # cannot tell: count it
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                found.append(pid)
+                break
+    return found
 
 
 def _locked(path: str) -> bool:
