@@ -271,3 +271,60 @@ def test_precheck_refuses_a_manifest_too_big_for_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(precheck, "_physical_memory", lambda: 256 * MiB, raising=False)
     with pytest.raises(InvalidInputError, match="memory"):
         precheck.plan_file_sync(str(src), str(tmp_path / "out"))
+
+
+def test_pseudo_filesystems_are_known_by_type(tmp_path, monkeypatch):
+    assert precheck.on_pseudo_filesystem("/proc/self/status")
+    assert precheck.on_pseudo_filesystem("/sys/kernel")
+    assert not precheck.on_pseudo_filesystem(str(tmp_path))
+    # a FUSE or network filesystem that reports no block counts is still storage
+    real_statvfs = os.statvfs
+
+    class NoBlocks:
+        def __init__(self, st: os.statvfs_result) -> None:
+            self.__dict__.update({k: getattr(st, k) for k in dir(st) if k.startswith("f_")})
+            self.f_blocks = 0
+
+    monkeypatch.setattr(os, "statvfs", lambda p: NoBlocks(real_statvfs(p)))
+    assert not precheck.on_pseudo_filesystem(str(tmp_path))
+
+
+def _holder(path: Path, mode: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c",
+                             f"import sys,time\nf=open({str(path)!r},{mode!r})\n"
+                             "print('open',flush=True)\ntime.sleep(60)"],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"open\n"
+    return proc
+
+
+def test_force_onto_an_image_an_untracked_writer_holds_is_refused(tmp_path):
+    live = tmp_path / "live.img"
+    make_data_image(live, 4 * MiB, extents=2)
+    other = tmp_path / "other.img"
+    make_data_image(other, 4 * MiB, extents=2, seed=2)
+    before = os.stat(live)
+    holder = _holder(live, "r+b")  # a hypervisor writing the image itself
+    try:
+        proc = run("sync", "--force", other, live)
+        assert proc.returncode == 2, proc.stderr
+        assert "open for writing" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    after = os.stat(live)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_force_onto_a_copy_someone_only_reads_works(tmp_path):
+    dst = tmp_path / "copy.img"
+    make_data_image(dst, 4 * MiB, extents=2)
+    src = tmp_path / "src.img"
+    make_data_image(src, 4 * MiB, extents=2, seed=3)
+    holder = _holder(dst, "rb")
+    try:
+        sync(src, dst, force=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert dst.read_bytes() == src.read_bytes()

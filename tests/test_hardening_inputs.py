@@ -368,22 +368,48 @@ def _case_id(case: Case) -> str:
     return case.name
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_bad_input(case: Case, tmp_path: Path) -> None:
-    if case.root and not IS_ROOT:
-        pytest.skip("needs root (mounts)")
+def _run_case(case: Case, folder: Path) -> subprocess.CompletedProcess[bytes]:
     with contextlib.ExitStack() as stack:
         if case.ro:
-            stack.enter_context(_ro_mount(tmp_path))
+            stack.enter_context(_ro_mount(folder))
         if case.tmpfs:
-            stack.enter_context(_tmpfs(tmp_path))
-        argv = case.setup(tmp_path)
-        proc = run(argv, tmp_path, env=case.env)
+            stack.enter_context(_tmpfs(folder))
+        argv = case.setup(folder)
+        return run(argv, folder, env=case.env)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    """Every case run once, several at a time (each is a separate process
+    that mostly waits for its interpreter to start): name -> (folder, the
+    finished process or the exception its set-up raised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(case: Case) -> tuple[str, tuple[Path, object]]:
+        folder = tmp_path_factory.mktemp("case")
+        try:
+            return case.name, (folder, _run_case(case, folder))
+        except BaseException as e:
+            return case.name, (folder, e)
+
+    runnable = [c for c in CASES if IS_ROOT or not c.root]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(pool.map(one, runnable))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_bad_input(case: Case, outcomes: dict[str, tuple[Path, object]]) -> None:
+    if case.root and not IS_ROOT:
+        pytest.skip("needs root (mounts)")
+    folder, proc = outcomes[case.name]
+    if isinstance(proc, BaseException):
+        raise proc
+    assert isinstance(proc, subprocess.CompletedProcess)
     stderr = proc.stderr.decode(errors="replace")
     assert "Traceback" not in stderr, stderr
     assert proc.returncode == case.code, (proc.returncode, stderr)
     if case.check is not None:
-        case.check(tmp_path, proc)
+        case.check(folder, proc)
 
 
 def test_sigterm_handler_installed_first(monkeypatch: pytest.MonkeyPatch) -> None:

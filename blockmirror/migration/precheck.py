@@ -87,16 +87,44 @@ def _own_file_kind_by_content(fd: int) -> str | None:
     return None
 
 
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2", "pstore",
+    "bpf", "configfs", "efivarfs", "fusectl", "devpts", "mqueue", "autofs", "binfmt_misc",
+    "selinuxfs", "rpc_pipefs", "nsfs", "devtmpfs",
+})
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem PATH is on (from /proc/self/mountinfo:
+    the mount with the longest mount point above PATH), or None."""
+    real = os.path.realpath(path)
+    best, best_type = "", None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                try:
+                    sep = fields.index("-")
+                except ValueError:
+                    continue
+                point = fields[4].replace("\\040", " ").replace("\\011", "\t")
+                point = point.replace("\\012", "\n").replace("\\134", "\\")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best) and sep + 1 < len(fields):
+                    best, best_type = point, fields[sep + 1]
+    except OSError:
+        return None
+    return best_type
+
+
 def on_pseudo_filesystem(path: str) -> bool:
     """True for /proc, /sys and their kind: filesystems with no storage behind
-    them (statvfs reports 0 blocks), whose files lie about their size."""
+    them, whose files lie about their size (known by type, or by path where
+    /proc/self/mountinfo cannot be read)."""
     real = os.path.realpath(path)
     if real in ("/proc", "/sys") or real.startswith(("/proc/", "/sys/")):
         return True
-    try:
-        return os.statvfs(path).f_blocks == 0
-    except OSError:
-        return False
+    return filesystem_type(real) in PSEUDO_FILESYSTEMS
 
 
 def sidecar_bytes(image_size: int, granularity: int) -> int:
@@ -162,6 +190,64 @@ def check_destination_unused(dst: str, destination: str) -> None:
                 f"destination {destination} is the source of a running sync")
     if os.path.lexists(dst) and _locked(dst):
         raise InvalidInputError(f"another sync is writing {destination}")
+    if os.path.lexists(dst):
+        pids = processes_writing(dst)
+        if pids:
+            raise InvalidInputError(
+                f"destination {destination} is open for writing by process "
+                f"{', '.join(map(str, pids[:5]))}: a live image, not a copy (--force never "
+                "replaces a live image); stop the writer first"
+            )
+
+
+def processes_writing(path: str) -> list[int]:
+    """Other processes that hold PATH open for writing, from /proc/PID/fd
+    and fdinfo: writers that do not use the tracker (a hypervisor opening
+    the image itself) have no slot in a sidecar. Best effort: without root
+    only this user's processes are visible, and other hosts (NFS) never."""
+    try:
+        target = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return []
+    me = os.getpid()
+    name = os.path.basename(path)
+    found: list[int] = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == me:
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                # The link's text first: stat only what could be PATH (a stat
+                # of every descriptor could hang on someone's dead NFS mount).
+                link = os.readlink(f"{fd_dir}/{fd}")
+                if not link.startswith("/") or os.path.basename(
+                    link.removesuffix(" (deleted)")
+                ) != name:
+                    continue
+                st = os.stat(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                continue
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                    flags = next((int(line.split()[1], 8) for line in f
+                                  if line.startswith("flags:")), 0)
+            except (OSError, ValueError):
+                flags = os.O_RDWR  # cannot tell: count it
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                found.append(pid)
+                break
+    return found
 
 
 def _locked(path: str) -> bool:
