@@ -37,12 +37,13 @@
 #define BM_CHUNK_SUM_OFFSET (BM_CHUNK_ERAS_OFFSET + BM_CHUNK_GRANULES * 4u)
 #define BM_CHUNK_BYTES (BM_CHUNK_SUM_OFFSET + 8u)
 
-/* header.era_seal: whether the chunks' era checksums hold (invariant I4 for
- * change ids: a crash or a stray write that changes eras while nobody tracks
- * must not go unnoticed). */
+/* The state in header.era_seal (its low two bits): whether the chunks' era
+ * checksums hold (invariant I4 for change ids: a crash or a stray write that
+ * changes eras while nobody tracks must not go unnoticed). */
 #define BM_SEAL_OPEN 0      /* eras may be changing: checksums mean nothing */
 #define BM_SEAL_SEALING 1   /* a last writer out is computing them */
 #define BM_SEAL_SEALED 2    /* every chunk's checksum matches its eras */
+#define BM_SEAL_CHECKING 3  /* the first handle in checks them; others wait */
 
 /* Page 0. Fields up to `checksum` are written once at creation and covered
  * by the checksum; the ones after it change while the sidecar is in use and
@@ -69,8 +70,8 @@ struct bm_header {
     uint64_t image_size;
     uint64_t generation;        /* bumped by change ids and full scans; eras record it */
     uint32_t flags;
-    uint32_t era_seal;          /* BM_SEAL_* */
-    uint32_t seal_epoch;        /* bumped by every sealing: names one sealed state */
+    uint32_t era_seal;          /* epoch << 2 | BM_SEAL_* (eras.c) */
+    uint32_t seal_epoch;        /* bumped by every sealing: its epoch */
     uint32_t reserved0;
 };
 
@@ -131,8 +132,8 @@ struct bm_tracker {
     ino_t sidecar_ino;
     uint32_t throttle_owner_seen;   /* throttle owner pid found mapping the sidecar */
     int broken;                 /* a SIGBUS hit the mapping: touch it no more */
-    uint32_t verified_epoch;    /* seal_epoch + 1 of the sealed eras this handle
-                                 * checked and found intact (0: none) */
+    uint32_t verified_seal;     /* the era_seal word (sealed) this handle checked and
+                                 * found intact (0: none) */
 };
 
 /* At most 2^34 granules per sidecar: the largest image is 1 PiB at 64 KiB
@@ -180,7 +181,7 @@ static inline uint32_t *bm_era(const bm_tracker *t, uint64_t g)
     return (uint32_t *)(t->data + (g / BM_CHUNK_GRANULES) * BM_CHUNK_BYTES +
                         BM_CHUNK_ERAS_OFFSET) + (g % BM_CHUNK_GRANULES);
 }
-/* The stored checksum of chunk C's eras. */
+/* Chunk C's era checksum slot: the sealing epoch << 32 | a 32-bit checksum. */
 static inline uint64_t *bm_era_sum_slot(const bm_tracker *t, uint64_t c)
 {
     return (uint64_t *)(t->data + c * BM_CHUNK_BYTES + BM_CHUNK_SUM_OFFSET);
@@ -191,7 +192,7 @@ void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl);
  * process-safe; each touches every chunk of the image, so none is for a hot
  * path. */
 
-/* Checksum of chunk C's eras as they are now (0 when all are zero). */
+/* 64-bit checksum of chunk C's eras as they are now (0 when all are zero). */
 uint64_t bm_era_sum(const bm_tracker *t, uint64_t c);
 /* Last one out: if no writer slot is claimed, store every chunk's checksum
  * and mark the eras sealed (a Dekker handshake with bm_unseal_eras keeps a
@@ -199,7 +200,8 @@ uint64_t bm_era_sum(const bm_tracker *t, uint64_t c);
 void bm_seal_eras(bm_tracker *t);
 /* About to change eras (the caller holds a writer slot): if they were
  * sealed, check them first (a mismatch sets BM_FLAG_ERAS_DAMAGED), then open
- * the seal. */
+ * the seal. Waits while another handle is checking (at most
+ * BM_MAX_LEASE_NS). */
 void bm_unseal_eras(bm_tracker *t);
 /* 0 if the eras can be trusted now: not flagged damaged and, if sealed,
  * matching their checksums (else flagged). -1 with EBADMSG otherwise. */

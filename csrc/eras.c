@@ -10,8 +10,21 @@
  * from before it are refused (EBADMSG) instead of yielding an incremental
  * that misses blocks. While writers run the eras are unsealed and trusted
  * as the writer that unsealed them found them (a writer that dies leaves
- * the sidecar unclean anyway, I4). */
+ * the sidecar unclean anyway, I4).
+ *
+ * Sealers may race (two writers closing at once, or one still computing
+ * when a writer came, wrote and left and sealed again), so every sealing
+ * has its own epoch: the seal word holds (epoch << 2 | BM_SEAL_*), each
+ * chunk's slot holds (epoch << 32 | 32-bit checksum), a sealer only ever
+ * raises a slot's epoch, and the seal is valid for epoch E only if every
+ * slot carries E. A stale sealer thus can neither overwrite a newer
+ * sealing's checksums nor complete its own. */
 #include "bm_internal.h"
+
+#define SEAL_STATE(w) ((w) & 3u)
+#define SEAL_EPOCH(w) ((w) >> 2)
+#define SEAL_WORD(epoch, state) (((epoch) << 2) | (state))
+#define EPOCH_MASK 0x3fffffffu
 
 /* 0 for all-zero eras (a freshly allocated chunk is valid as it is); any
  * single changed era changes it; a position factor catches values moved
@@ -29,17 +42,24 @@ uint64_t bm_era_sum(const bm_tracker *t, uint64_t c)
     return h[0] ^ (h[1] * 3) ^ (h[2] * 5) ^ (h[3] * 7);
 }
 
+/* A chunk's slot as a sealing of EPOCH writes it. */
+static uint64_t slot_value(const bm_tracker *t, uint64_t c, uint32_t epoch)
+{
+    uint64_t h = bm_era_sum(t, c);
+    return ((uint64_t)epoch << 32) | (uint32_t)(h ^ (h >> 32));
+}
+
 static uint64_t chunks_of(const bm_tracker *t)
 {
     return (bm_granules(t, bm_image_size(t)) + BM_CHUNK_GRANULES - 1) / BM_CHUNK_GRANULES;
 }
 
-/* Do all chunks match their checksums? */
-static int eras_match(const bm_tracker *t)
+/* Do all chunks carry the checksum of their eras as sealed in EPOCH? */
+static int eras_match(const bm_tracker *t, uint32_t epoch)
 {
     uint64_t n = chunks_of(t);
     for (uint64_t c = 0; c < n; c++)
-        if (bm_era_sum(t, c) != __atomic_load_n(bm_era_sum_slot(t, c), __ATOMIC_RELAXED))
+        if (slot_value(t, c, epoch) != __atomic_load_n(bm_era_sum_slot(t, c), __ATOMIC_RELAXED))
             return 0;
     return 1;
 }
@@ -47,44 +67,87 @@ static int eras_match(const bm_tracker *t)
 void bm_seal_eras(bm_tracker *t)
 {
     uint32_t *seal = &t->hdr->era_seal;
-    if (__atomic_load_n(seal, __ATOMIC_SEQ_CST) == BM_SEAL_SEALED)
+    uint32_t w = __atomic_load_n(seal, __ATOMIC_SEQ_CST);
+    /* Sealed already, or a handle is checking (it holds a writer slot, so
+     * there is nothing to seal for us). */
+    if (SEAL_STATE(w) == BM_SEAL_SEALED || SEAL_STATE(w) == BM_SEAL_CHECKING)
         return;
     if (__atomic_load_n(&t->hdr->flags, __ATOMIC_SEQ_CST) & BM_FLAG_ERAS_DAMAGED)
         return; /* sealing would bless the damage; a reset starts afresh */
-    __atomic_store_n(seal, BM_SEAL_SEALING, __ATOMIC_SEQ_CST);
-    __atomic_fetch_add(&t->hdr->seal_epoch, 1, __ATOMIC_SEQ_CST);
+    /* Epochs wrap after 2^30 sealings; a sealer that slept through that
+     * many others is not a case worth a wider word. */
+    uint32_t epoch = (__atomic_add_fetch(&t->hdr->seal_epoch, 1, __ATOMIC_SEQ_CST)) & EPOCH_MASK;
+    uint32_t mine = SEAL_WORD(epoch, BM_SEAL_SEALING);
+    /* From open, or from another sealer (which then fails its exchange). */
+    if (!__atomic_compare_exchange_n(seal, &w, mine, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        return;
     if (bm_slots_claimed(t) != 0)
         goto abandon;
     uint64_t n = chunks_of(t);
-    for (uint64_t c = 0; c < n; c++)
-        __atomic_store_n(bm_era_sum_slot(t, c), bm_era_sum(t, c), __ATOMIC_RELAXED);
+    for (uint64_t c = 0; c < n; c++) {
+        uint64_t *slot = bm_era_sum_slot(t, c);
+        uint64_t want = slot_value(t, c, epoch);
+        uint64_t old = __atomic_load_n(slot, __ATOMIC_RELAXED);
+        /* Raise only: a later sealing's checksum stays. */
+        while ((uint32_t)(old >> 32) <= epoch && old != want &&
+               !__atomic_compare_exchange_n(slot, &old, want, 1, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_RELAXED))
+            ;
+    }
     /* Dekker with bm_unseal_eras: a writer claims its slot, then reads the
      * seal; we publish SEALING, compute, then read the slots once more. If
-     * it arrived meanwhile, either we see its slot here, or it saw SEALING
-     * and turned it back to OPEN, so the exchange below fails. */
+     * it arrived meanwhile, either we see its slot here, or it saw our
+     * SEALING and opened the seal, so the exchange below fails. */
     if (bm_slots_claimed(t) != 0)
         goto abandon;
-    uint32_t sealing = BM_SEAL_SEALING;
-    __atomic_compare_exchange_n(seal, &sealing, BM_SEAL_SEALED, 0, __ATOMIC_SEQ_CST,
-                                __ATOMIC_SEQ_CST);
+    __atomic_compare_exchange_n(seal, &mine, SEAL_WORD(epoch, BM_SEAL_SEALED), 0,
+                                __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return;
-abandon:;
-    uint32_t expected = BM_SEAL_SEALING;
-    __atomic_compare_exchange_n(seal, &expected, BM_SEAL_OPEN, 0, __ATOMIC_SEQ_CST,
-                                __ATOMIC_SEQ_CST);
+abandon:
+    __atomic_compare_exchange_n(seal, &mine, SEAL_WORD(epoch, BM_SEAL_OPEN), 0,
+                                __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 void bm_unseal_eras(bm_tracker *t)
 {
     uint32_t *seal = &t->hdr->era_seal;
-    uint32_t st = __atomic_load_n(seal, __ATOMIC_SEQ_CST);
-    if (st == BM_SEAL_OPEN)
-        return;
-    if (st == BM_SEAL_SEALED && !eras_match(t))
-        __atomic_fetch_or(&t->hdr->flags, BM_FLAG_ERAS_DAMAGED, __ATOMIC_SEQ_CST);
-    /* Whatever it was (sealed, or a sealer in progress or dead mid-way):
-     * a sealer still at work then fails its final exchange. */
-    __atomic_store_n(seal, BM_SEAL_OPEN, __ATOMIC_SEQ_CST);
+    uint64_t waited_since = 0;
+    for (;;) {
+        uint32_t w = __atomic_load_n(seal, __ATOMIC_SEQ_CST);
+        uint32_t open = SEAL_WORD(SEAL_EPOCH(w), BM_SEAL_OPEN);
+        switch (SEAL_STATE(w)) {
+        case BM_SEAL_OPEN:
+            return;
+        case BM_SEAL_SEALING:
+            /* A sealer at work (or dead mid-way) fails its final exchange. */
+            if (__atomic_compare_exchange_n(seal, &w, open, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))
+                return;
+            continue;
+        case BM_SEAL_SEALED:
+            /* One handle checks; the others wait for it (below), for their
+             * writes would look like damage to a check still running. */
+            if (!__atomic_compare_exchange_n(seal, &w,
+                                             SEAL_WORD(SEAL_EPOCH(w), BM_SEAL_CHECKING), 0,
+                                             __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                continue;
+            if (!eras_match(t, SEAL_EPOCH(w)))
+                __atomic_fetch_or(&t->hdr->flags, BM_FLAG_ERAS_DAMAGED, __ATOMIC_SEQ_CST);
+            __atomic_store_n(seal, open, __ATOMIC_SEQ_CST);
+            return;
+        default: /* BM_SEAL_CHECKING by another handle */
+            if (waited_since == 0)
+                waited_since = bm_now_ns();
+            /* A checker that died holds a writer slot: the sweep marks the
+             * sidecar unclean, so opening without its verdict is safe. */
+            if (bm_now_ns() - waited_since > BM_MAX_LEASE_NS) {
+                __atomic_compare_exchange_n(seal, &w, open, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST);
+                continue;
+            }
+            bm_sleep_ns(1000000);
+        }
+    }
 }
 
 int bm_check_eras(bm_tracker *t)
@@ -92,17 +155,15 @@ int bm_check_eras(bm_tracker *t)
     /* A sealed state this handle already checked is not checked again (a
      * reader that opens, then scans, would read every era twice); damage
      * done since then is for the next handle to find. */
-    uint32_t epoch = __atomic_load_n(&t->hdr->seal_epoch, __ATOMIC_SEQ_CST) + 1;
-    if (__atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST) == BM_SEAL_SEALED &&
-        __atomic_load_n(&t->verified_epoch, __ATOMIC_RELAXED) != epoch) {
-        int ok = eras_match(t);
+    uint32_t w = __atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST);
+    if (SEAL_STATE(w) == BM_SEAL_SEALED && __atomic_load_n(&t->verified_seal, __ATOMIC_RELAXED) != w) {
+        int ok = eras_match(t, SEAL_EPOCH(w));
         /* Re-read: a writer may have unsealed and written since we looked. */
-        int still = __atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST) == BM_SEAL_SEALED &&
-                    __atomic_load_n(&t->hdr->seal_epoch, __ATOMIC_SEQ_CST) + 1 == epoch;
+        int still = __atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST) == w;
         if (still && !ok)
             __atomic_fetch_or(&t->hdr->flags, BM_FLAG_ERAS_DAMAGED, __ATOMIC_SEQ_CST);
         else if (still)
-            __atomic_store_n(&t->verified_epoch, epoch, __ATOMIC_RELAXED);
+            __atomic_store_n(&t->verified_seal, w, __ATOMIC_RELAXED);
     }
     if (__atomic_load_n(&t->hdr->flags, __ATOMIC_SEQ_CST) & BM_FLAG_ERAS_DAMAGED)
         return bm_fail(EBADMSG, "the sidecar's change-id eras do not match their checksums "
