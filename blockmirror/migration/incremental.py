@@ -17,6 +17,7 @@ from blockmirror.errors import ChangeIdInvalidError, InvalidInputError
 from blockmirror.extents import Extents, pairs, union
 from blockmirror.migration.manifest import (
     STATE_CLEAN,
+    STATE_UNTRUSTED,
     Manifest,
     ManifestError,
     differing_extents,
@@ -79,7 +80,9 @@ def changed_extents(tracker: Tracker | None, manifest: Manifest,
             return None
         notes.append(f"incremental since change id {manifest.change_id}")
         return extents
-    if manifest.state != STATE_CLEAN:
+    if manifest.state == STATE_UNTRUSTED:
+        pass  # the reason was noted when the copy was checked
+    elif manifest.state != STATE_CLEAN:
         notes.append("hash resync: the earlier update of the copy did not finish")
     else:
         notes.append("hash resync: the copy has no change id to start from")
@@ -100,6 +103,8 @@ def first_pass_extents(tracker: Tracker | None, manifest: Manifest, src_fd: int,
         manifest.resize(size)
     if os.fstat(copy_fd).st_size != size:
         os.ftruncate(copy_fd, size)
+    if extents is None and manifest.state == STATE_UNTRUSTED:
+        return [(0, size)]  # every digest unknown: hashing the source would change nothing
     if extents is None:
         return differing_extents(manifest, src_fd, size, workers=workers)
     return union(pairs(extents), manifest.unknown_extents())
