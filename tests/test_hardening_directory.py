@@ -129,6 +129,19 @@ def test_failure_on_the_second_image_leaves_an_existing_folder_as_it_was(home, t
     assert sorted(os.listdir(dst)) == ["mine.txt"]
 
 
+def test_forced_run_that_fails_on_an_image_keeps_that_image_s_old_copy(home, tmp_path):
+    """Under --force, an image whose sync fails before replacing the old copy
+    must find that copy as it was: the run never created it, so its undo
+    must not remove it."""
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "b.img").write_bytes(b"the old copy of b")
+    with pytest.raises(OSError, match="injected"):
+        sync_directory(str(home), str(dst), SyncOptions(force=True),
+                       sync_file=_failing_on("b.img"))
+    assert (dst / "b.img").read_bytes() == b"the old copy of b"
+
+
 def test_failure_in_move_mode_keeps_the_moved_image(home, tmp_path):
     dst = tmp_path / "out"
     with pytest.raises(OSError, match="injected"):

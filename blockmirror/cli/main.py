@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_sync_parser(sub)
+    _add_tracking_parsers(sub)
+    _add_demo_parser(sub)
+    _add_bench_parser(sub)
+    return parser
+
+
+def _add_sync_parser(sub: Any) -> None:
     p = sub.add_parser(
         "sync", help="copy or move a live image (or a folder of them)",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -183,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
+
+def _add_tracking_parsers(sub: Any) -> None:
+    """track, changed and verify: the commands of backup tooling."""
     t = sub.add_parser("track", help="enable, disable or show change tracking of an image")
     t.add_argument("action", choices=("enable", "disable", "status", "reset"),
                    help="reset: accept an unclean sidecar (a writer died): a new series with "
@@ -209,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("b")
     v.add_argument("--json", action="store_true")
 
+
+def _add_demo_parser(sub: Any) -> None:
     d = sub.add_parser("demo", help="sync a built-in demo image under a live writer")
     d.add_argument("--dir", help="work in this folder (default: a new temporary one, removed)")
     d.add_argument("--size", type=_demo_size, default=512 << 20,
@@ -218,8 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target-downtime", type=_bounded_duration(3600.0), default=0.2,
                    metavar="TIME")
     d.add_argument("--json", action="store_true")
-    _add_bench_parser(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -394,69 +405,87 @@ def _sync_holds(sidecar: str) -> bool:
 
 
 def _cmd_track(args: argparse.Namespace) -> int:
+    _check_image_arg(args.image, for_create=args.action == "enable")
+    actions = {"enable": _track_enable, "disable": _track_disable, "reset": _track_reset,
+               "status": _track_status}
+    return actions[args.action](args)
+
+
+def _track_enable(args: argparse.Namespace) -> int:
     from blockmirror.tracking.tracker import Tracker, sidecar_path
 
-    _check_image_arg(args.image, for_create=args.action == "enable")
-    if args.action == "enable":
-        Tracker.create(args.image, args.granularity).close()
-        if args.json:
-            print(json.dumps({"image": args.image, "sidecar": sidecar_path(args.image),
-                              "tracking": True}))
-        else:
-            print(f"tracking {args.image} in {sidecar_path(args.image)}")
-        return EXIT_OK
-    if args.action == "disable":
-        import fcntl
+    Tracker.create(args.image, args.granularity).close()
+    if args.json:
+        print(json.dumps({"image": args.image, "sidecar": sidecar_path(args.image),
+                          "tracking": True}))
+    else:
+        print(f"tracking {args.image} in {sidecar_path(args.image)}")
+    return EXIT_OK
 
-        sidecar = sidecar_path(args.image)
-        with Tracker.open(args.image) as tracker:
-            writers = tracker.live_writers()
-            if writers:
-                raise InvalidInputError(
-                    f"{writers} writers still have {tracker.path} open; stop them first"
-                )
-        # A sync holds an flock on the sidecar for its whole run: removing the
-        # sidecar under it would let a later writer start a fresh one the
-        # sync never sees (lost writes). Hold the lock ourselves while we
-        # unlink, so no sync can start in between either.
+
+def _track_disable(args: argparse.Namespace) -> int:
+    import fcntl
+
+    from blockmirror.tracking.tracker import Tracker, sidecar_path
+
+    sidecar = sidecar_path(args.image)
+    with Tracker.open(args.image) as tracker:
+        writers = tracker.live_writers()
+        if writers:
+            raise InvalidInputError(
+                f"{writers} writers still have {tracker.path} open; stop them first"
+            )
+    # A sync holds an flock on the sidecar for its whole run: removing the
+    # sidecar under it would let a later writer start a fresh one the
+    # sync never sees (lost writes). Hold the lock ourselves while we
+    # unlink, so no sync can start in between either.
+    try:
+        lock_fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{args.image} is not tracked") from None
+    try:
         try:
-            lock_fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise InvalidInputError(f"{args.image} is not tracked") from None
-        try:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise InvalidInputError(
-                    f"a sync of {args.image} is running (it holds {sidecar}); tracking "
-                    "cannot be disabled until it ends"
-                ) from None
-            st = os.fstat(lock_fd)
-            now = os.lstat(sidecar)
-            if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
-                raise InvalidInputError(f"{sidecar} changed while it was being removed; "
-                                        "try again")
-            os.unlink(sidecar)
-        finally:
-            os.close(lock_fd)
-        if args.json:
-            print(json.dumps({"image": args.image, "sidecar": sidecar, "tracking": False}))
-        else:
-            print(f"tracking of {args.image} disabled")
-        return EXIT_OK
-    if args.action == "reset":
-        with Tracker.open(args.image) as tracker:
-            was_clean = tracker.consistent
-            tracker.reset()
-            series = tracker.series
-        if args.json:
-            print(json.dumps({"image": args.image, "was_consistent": was_clean,
-                              "series": series}))
-        else:
-            state = "was consistent" if was_clean else "was unclean"
-            print(f"tracking of {args.image} reset ({state}); new series {series}, "
-                  "every block dirty")
-        return EXIT_OK
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInputError(
+                f"a sync of {args.image} is running (it holds {sidecar}); tracking "
+                "cannot be disabled until it ends"
+            ) from None
+        st = os.fstat(lock_fd)
+        now = os.lstat(sidecar)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            raise InvalidInputError(f"{sidecar} changed while it was being removed; "
+                                    "try again")
+        os.unlink(sidecar)
+    finally:
+        os.close(lock_fd)
+    if args.json:
+        print(json.dumps({"image": args.image, "sidecar": sidecar, "tracking": False}))
+    else:
+        print(f"tracking of {args.image} disabled")
+    return EXIT_OK
+
+
+def _track_reset(args: argparse.Namespace) -> int:
+    from blockmirror.tracking.tracker import Tracker
+
+    with Tracker.open(args.image) as tracker:
+        was_clean = tracker.consistent
+        tracker.reset()
+        series = tracker.series
+    if args.json:
+        print(json.dumps({"image": args.image, "was_consistent": was_clean,
+                          "series": series}))
+    else:
+        state = "was consistent" if was_clean else "was unclean"
+        print(f"tracking of {args.image} reset ({state}); new series {series}, "
+              "every block dirty")
+    return EXIT_OK
+
+
+def _track_status(args: argparse.Namespace) -> int:
+    from blockmirror.tracking.tracker import Tracker, sidecar_path
+
     with Tracker.open(args.image) as tracker:
         info: dict[str, Any] = dataclasses.asdict(tracker.info())
         info["consistent"] = tracker.consistent

@@ -59,8 +59,41 @@ def sync_directory(src: str, dst: str, options: SyncOptions, *,
     if dst == "":
         raise InvalidInputError("destination must not be empty")
     src, dst = os.path.abspath(src), os.path.abspath(dst)
-    force = options.force
     mode = options.mode
+    home, images, need = _precheck(src, dst, force=options.force)
+    started = time.perf_counter()
+    created_folder = not os.path.isdir(dst)
+    if created_folder:
+        _make_folder_like(src, dst)
+    created: list[str] = []
+    children: list[SyncResult] = []
+    try:
+        for name in home:
+            _copy_small_file(os.path.join(src, name), os.path.join(dst, name))
+            created.append(name)
+        child_options = dataclasses.replace(options, force=True)
+        for name in images:
+            # A sync that fails cleans up after itself (and, under --force,
+            # must leave the copy it did not manage to replace); one that
+            # succeeded leaves its copy, manifest and sidecar, which go if a
+            # later image fails.
+            children.append(sync_file(os.path.join(src, name), os.path.join(dst, name),
+                                      child_options))
+            created.append(name)
+    except BaseException:
+        _undo(dst, created, children, mode, created_folder)
+        raise
+    if mode == "move":
+        for name in home:
+            os.unlink(os.path.join(src, name))
+    return _summary(src, dst, options, children, need,
+                    notes=[f"{len(home)} home files, {len(images)} images"],
+                    elapsed=time.perf_counter() - started)
+
+
+def _precheck(src: str, dst: str, *, force: bool) -> tuple[list[str], list[str], int]:
+    """Step 0 for a folder: (home files, images, bytes needed), or a one-line
+    error and nothing created."""
     if os.path.lexists(dst) and not os.path.isdir(dst):
         raise InvalidInputError(f"source {src} is a folder but destination {dst} is not")
     if os.path.realpath(src) == os.path.realpath(dst):
@@ -86,41 +119,23 @@ def sync_directory(src: str, dst: str, options: SyncOptions, *,
             f"{format_bytes(free_bytes(check_folder))} free", check_folder,
         )
 
-    started = time.perf_counter()
-    created_folder = not os.path.isdir(dst)
-    if created_folder:
-        _make_folder_like(src, dst)
-    created: list[str] = []
-    children: list[SyncResult] = []
-    try:
-        for name in home:
-            _copy_small_file(os.path.join(src, name), os.path.join(dst, name))
-            created.append(name)
-        child_options = dataclasses.replace(options, force=True)
-        for name in images:
-            # Counted as created before the sync starts: a sync that fails
-            # cleans up after itself, one that succeeded leaves its copy,
-            # manifest and sidecar, which go if a later image fails.
-            created.append(name)
-            children.append(sync_file(os.path.join(src, name), os.path.join(dst, name),
-                                      child_options))
-    except BaseException:
-        _undo(dst, created, children, mode, created_folder)
-        raise
-    if mode == "move":
-        for name in home:
-            os.unlink(os.path.join(src, name))
+    return home, images, need
+
+
+def _summary(src: str, dst: str, options: SyncOptions, children: list[SyncResult], need: int,
+             *, notes: list[str], elapsed: float) -> SyncResult:
+    """The folder's result: one per image in ``children``, totals on top."""
     result = SyncResult(
-        status="ok", source=src, destination=dst, mode=mode,
+        status="ok", source=src, destination=dst, mode=options.mode,
         tracked=any(c.tracked for c in children),
         image_size=sum(c.image_size for c in children),
         allocated_bytes=need, target_downtime=options.target_downtime,
         bytes_copied=sum(c.bytes_copied for c in children),
         bytes_written=sum(c.bytes_written for c in children),
         downtime=max((c.downtime for c in children), default=0.0),
-        elapsed=time.perf_counter() - started,
+        elapsed=elapsed,
         verified=bool(children) and all(c.verified for c in children),
-        notes=[f"{len(home)} home files, {len(images)} images"],
+        notes=notes,
     )
     result.children = children
     return result

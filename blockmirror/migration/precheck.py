@@ -337,10 +337,36 @@ def plan_file_sync(
 
     An existing destination with a blockmirror manifest beside it is an
     earlier copy: the sync is then incremental (in place), unless FORCE asks
-    for a full copy that replaces it."""
+    for a full copy that replaces it. A destination a killed run left in
+    the middle of its commit (journal.py) is resumed in the same mode."""
     st = check_source(source, move)
     src = os.path.abspath(source)
+    dst = _destination_path(src, destination)
+    interrupted = journal.interrupted_commit(src, dst) if not force else None
+    resume = interrupted.mode if interrupted and interrupted.mode == ("move" if move else "copy") \
+        else None
+    incremental = False
+    if os.path.lexists(dst):
+        incremental = _existing_destination(dst, destination, force=force, move=move,
+                                            resume=resume)
+    elif os.path.lexists(dst + SIDECAR_SUFFIX):
+        check_destination_unused(dst, destination)
+    if os.path.lexists(dst + SIDECAR_SUFFIX) and not force and resume != "move":
+        raise InvalidInputError(
+            f"destination sidecar {dst + SIDECAR_SUFFIX} exists; use --force to replace it"
+        )
+    if not incremental:
+        # An incremental update needs room only for what changed: ENOSPC
+        # during it is handled like any other failure.
+        _check_space(src, st, dst, move)
+    return Plan(src, dst, partial_path(dst), st.st_size, st.st_blocks * 512, st.st_uid,
+                st.st_mode, incremental, resume)
 
+
+def _destination_path(src: str, destination: str) -> str:
+    """The copy's final path (a folder DESTINATION keeps the source's name),
+    checked: its folder exists, is writable and is a real filesystem, and the
+    name is neither blockmirror's own kind of file nor the source itself."""
     if destination == "":
         raise InvalidInputError("destination must not be empty")
     dst = os.path.abspath(destination)
@@ -364,54 +390,49 @@ def plan_file_sync(
         os.path.lexists(dst) and os.path.exists(dst) and os.path.samefile(dst, src)
     ):
         raise InvalidInputError(f"destination {destination} is the source itself")
-    incremental = False
-    interrupted = journal.interrupted_commit(src, dst) if not force else None
-    resume = interrupted.mode if interrupted and interrupted.mode == ("move" if move else "copy") \
-        else None
-    if os.path.lexists(dst):
-        dst_st = os.lstat(dst)
-        if stat.S_ISDIR(dst_st.st_mode):
-            raise InvalidInputError(f"destination {destination} is a folder")
-        if stat.S_ISLNK(dst_st.st_mode):
-            raise InvalidInputError(
-                f"destination {destination} is a symbolic link; give the real path")
-        if not stat.S_ISREG(dst_st.st_mode):
-            raise InvalidInputError(
-                f"destination {destination} is not a regular file (a device, FIFO or socket); "
-                "blockmirror never replaces one, not even with --force")
-        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            kind = _own_file_kind_by_content(fd)
-        except OSError:
-            kind = None
-        finally:
-            os.close(fd)
-        if kind is not None:
-            raise InvalidInputError(
-                f"destination {destination} is a blockmirror {kind}, not a copy")
-        if resume != "move":  # a finished move's copy has live writers: the job checks it
-            check_destination_unused(dst, destination)
-        earlier_copy = os.path.lexists(dst + MANIFEST_SUFFIX)
-        if (earlier_copy or resume == "copy") and not force and not move:
-            incremental = True
-        elif resume == "move":
-            pass  # the job finishes or redoes the interrupted move
-        elif not force:
-            raise InvalidInputError(
-                f"destination {destination} exists; use --force to replace it"
-            )
-    elif os.path.lexists(dst + SIDECAR_SUFFIX):
-        check_destination_unused(dst, destination)
-    if os.path.lexists(dst + SIDECAR_SUFFIX) and not force and resume != "move":
-        raise InvalidInputError(
-            f"destination sidecar {dst + SIDECAR_SUFFIX} exists; use --force to replace it"
-        )
+    return dst
 
+
+def _existing_destination(dst: str, destination: str, *, force: bool, move: bool,
+                          resume: str | None) -> bool:
+    """DST exists: whether it is an earlier copy to update in place (True);
+    refused unless it is a regular file nobody uses that --force may
+    replace, or the copy of an interrupted commit being resumed."""
+    dst_st = os.lstat(dst)
+    if stat.S_ISDIR(dst_st.st_mode):
+        raise InvalidInputError(f"destination {destination} is a folder")
+    if stat.S_ISLNK(dst_st.st_mode):
+        raise InvalidInputError(
+            f"destination {destination} is a symbolic link; give the real path")
+    if not stat.S_ISREG(dst_st.st_mode):
+        raise InvalidInputError(
+            f"destination {destination} is not a regular file (a device, FIFO or socket); "
+            "blockmirror never replaces one, not even with --force")
+    fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        kind = _own_file_kind_by_content(fd)
+    except OSError:
+        kind = None
+    finally:
+        os.close(fd)
+    if kind is not None:
+        raise InvalidInputError(f"destination {destination} is a blockmirror {kind}, not a copy")
+    if resume != "move":  # a finished move's copy has live writers: the job checks it
+        check_destination_unused(dst, destination)
+    earlier_copy = os.path.lexists(dst + MANIFEST_SUFFIX)
+    if (earlier_copy or resume == "copy") and not force and not move:
+        return True
+    if resume != "move" and not force:  # a resumed move finishes or redoes itself
+        raise InvalidInputError(f"destination {destination} exists; use --force to replace it")
+    return False
+
+
+def _check_space(src: str, st: os.stat_result, dst: str, move: bool) -> None:
+    """Room at the destination for the source's allocated bytes, and beside
+    the copy its manifest (copy mode) or its sidecar (move mode). A replaced
+    destination is only removed at the end, so it frees nothing."""
+    folder = os.path.dirname(dst)
     allocated = st.st_blocks * 512
-    # A replaced destination is only removed at the end, so it frees nothing.
-    # An incremental update needs room only for what changed: ENOSPC during
-    # it is handled like any other failure. Beside the copy go its manifest
-    # (copy mode) or its sidecar (move mode).
     granularity = _source_granularity(src)
     if move:
         extra = sidecar_bytes(st.st_size, granularity) if os.path.lexists(
@@ -420,14 +441,12 @@ def plan_file_sync(
         extra = manifest_bytes(allocated, granularity)
     need = allocated + extra
     available = free_bytes(folder) + _reusable_partial_bytes(partial_path(dst))
-    if need > available and not incremental:
+    if need > available:
         raise OutOfSpaceError(
             f"need {format_bytes(need)} at {folder} ({format_bytes(allocated)} of data, "
             f"{format_bytes(extra)} for the {'sidecar' if move else 'manifest'}), "
             f"{format_bytes(available)} free", folder
         )
-    return Plan(src, dst, partial_path(dst), st.st_size, allocated, st.st_uid, st.st_mode,
-                incremental, resume)
 
 
 def _reusable_partial_bytes(partial: str) -> int:
