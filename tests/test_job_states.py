@@ -158,12 +158,17 @@ def test_tracked_writer_processes_are_not_taken_for_bypassing_ones(tmp_path):
     """The other side of the same check: writes through TrackedImage from
     another process during the sync must not fail it."""
     def tracked_writes(image):
-        subprocess.run([sys.executable, "-c",
-                        "import sys, blockmirror\n"
-                        "with blockmirror.TrackedImage(sys.argv[1]) as img:\n"
-                        "    for i in range(10):\n"
-                        "        img.pwrite(b'tracked!' * 131072, i << 20)\n",
-                        str(image)], check=True)
+        # Short-lived writers: each writes and exits before the watch can
+        # look at its memory map; the watch must know them by their opening
+        # of the sidecar.
+        for n in range(5):
+            subprocess.run([sys.executable, "-c",
+                            "import sys, blockmirror\n"
+                            "first = 2 * int(sys.argv[2])\n"
+                            "with blockmirror.TrackedImage(sys.argv[1]) as img:\n"
+                            "    for i in range(first, first + 2):\n"
+                            "        img.pwrite(b'tracked!' * 131072, i << 20)\n",
+                            str(image), str(n)], check=True)
 
     code, err, dst, image = _sync_while(tmp_path, tracked_writes, "--verify")
     assert code == 0, err

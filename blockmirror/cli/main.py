@@ -387,23 +387,6 @@ def _check_image_arg(image: str, *, for_create: bool = False) -> None:
         raise InvalidInputError(f"image {image} is on a read-only filesystem")
 
 
-def _sync_holds(sidecar: str) -> bool:
-    """True while a sync holds SIDECAR (its flock, taken for the whole run)."""
-    import fcntl
-
-    try:
-        fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the lock if we got it
-    return False
-
-
 def _cmd_track(args: argparse.Namespace) -> int:
     _check_image_arg(args.image, for_create=args.action == "enable")
     actions = {"enable": _track_enable, "disable": _track_disable, "reset": _track_reset,

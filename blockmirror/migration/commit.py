@@ -15,20 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 
+from blockmirror import files
 from blockmirror.migration import journal
 from blockmirror.migration.manifest import manifest_path
 from blockmirror.migration.precheck import Plan
 from blockmirror.tracking.tracker import sidecar_path
-
-
-def fsync_folder(folder: str) -> None:
-    """Make the names in FOLDER durable (a rename is only on disk once its
-    folder is)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish_shadow(plan: Plan, shadow_fd: int, mode: str) -> None:
@@ -48,7 +39,7 @@ def publish_shadow(plan: Plan, shadow_fd: int, mode: str) -> None:
             os.unlink(stale)
     journal.write(dst, plan.source, mode, shadow_fd)
     os.rename(plan.partial, dst)
-    fsync_folder(os.path.dirname(dst))
+    files.fsync_folder(os.path.dirname(dst))
 
 
 def unpublish(plan: Plan) -> None:
@@ -67,4 +58,4 @@ def remove_source(plan: Plan) -> None:
     os.unlink(plan.source)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sidecar_path(plan.source))
-    fsync_folder(os.path.dirname(plan.source))
+    files.fsync_folder(os.path.dirname(plan.source))

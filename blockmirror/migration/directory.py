@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import Callable
 
+from blockmirror import files
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
 from blockmirror.migration.manifest import TMP_SUFFIX, manifest_path
 from blockmirror.migration.options import SyncOptions
@@ -197,18 +198,18 @@ def _copy_small_file(src: str, dst: str) -> None:
             os.fchmod(fd, stat.S_IMODE(st.st_mode))
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(fd)
-            if not _names(fd, tmp):
+            if not files.same_file(fd, tmp):
                 raise InvalidInputError(
                     f"{tmp} was replaced while it was written: someone else writes "
                     f"{os.path.dirname(dst)}")
             os.replace(tmp, dst)
-            if not _names(fd, dst):
+            if not files.same_file(fd, dst):
                 raise InvalidInputError(
                     f"{dst} was replaced as it was published: someone else writes "
                     f"{os.path.dirname(dst)}")
         except BaseException:
             with contextlib.suppress(OSError):
-                if _names(fd, tmp):
+                if files.same_file(fd, tmp):
                     os.unlink(tmp)
             raise
         finally:
@@ -217,14 +218,6 @@ def _copy_small_file(src: str, dst: str) -> None:
         os.close(src_fd)
 
 
-def _names(fd: int, path: str) -> bool:
-    """True when PATH (not followed) is the file open at FD."""
-    try:
-        named = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _copy_fd(src_fd: int, dst_fd: int, size: int) -> None:

@@ -44,7 +44,6 @@ with a planted symlink. A new manifest lives under ``DST.bm-manifest.tmp``
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import stat
@@ -56,6 +55,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from blockmirror import files
 from blockmirror.copying.copier import data_extents
 from blockmirror.errors import BlockMirrorError
 from blockmirror.extents import pairs
@@ -86,6 +86,10 @@ def manifest_path(copy_path: str) -> str:
     return copy_path + SUFFIX
 
 
+def _busy(path: str) -> ManifestError:
+    return ManifestError(f"another sync is writing {path}")
+
+
 def digest(block: bytes | memoryview) -> int:
     """The granule digest: xxh3-64, never UNKNOWN."""
     return xxhash.xxh3_64_intdigest(block) or 1
@@ -103,25 +107,6 @@ def copy_identity(fd: int) -> dict[str, int]:
     st = os.fstat(fd)
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
             "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """True when PATH (not followed) names the file open at FD."""
-    try:
-        named = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _fsync_folder_of(path: str) -> None:
-    folder = os.open(os.path.dirname(os.path.abspath(path)) or ".",
-                     os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 @dataclass
@@ -166,7 +151,7 @@ class Manifest:
         tmp = path + TMP_SUFFIX
         # 0600 and never through a link: whoever can edit the digests can make
         # a hash resync skip blocks (the same trust rule as the sidecar, I5).
-        fd = _create_exclusive(tmp)
+        fd = files.create_locked(tmp, _busy)
         try:
             os.ftruncate(fd, HEADER_BYTES + 8 * granules)  # holes: stored zeros
             digests = np.full(granules, zero_digest(granularity), dtype="<u8")
@@ -179,7 +164,7 @@ class Manifest:
             m.write_header()
         except BaseException:
             with contextlib.suppress(OSError):
-                if _same_file(fd, tmp):
+                if files.same_file(fd, tmp):
                     os.unlink(tmp)
             os.close(fd)
             raise
@@ -219,7 +204,7 @@ class Manifest:
                 f"manifest {path} has {st.st_nlink} names (a hard link to it exists): "
                 "not trusted"
             )
-        header = _pread_exact(fd, HEADER_BYTES, 0)
+        header = files.pread_full(fd, HEADER_BYTES, 0)
         if not header.startswith(MAGIC):
             if header.startswith(MAGIC_PREFIX):
                 version = header[len(MAGIC_PREFIX):].split(b"\n", 1)[0][:8]
@@ -318,7 +303,7 @@ class Manifest:
         manifest beyond closing it. Safe to call twice."""
         if self.publish_to is not None and self.fd >= 0:
             with contextlib.suppress(OSError):
-                if _same_file(self.fd, self.path):
+                if files.same_file(self.fd, self.path):
                     os.unlink(self.path)
         self.close()
 
@@ -483,7 +468,7 @@ class Manifest:
         if self.publish_to is not None:
             final = self.publish_to
             os.replace(self.path, final)
-            if not _same_file(self._fd(), final):
+            if not files.same_file(self._fd(), final):
                 # Someone swapped the temporary name between our create and
                 # the rename: what got published is not ours. Take it down.
                 with contextlib.suppress(OSError):
@@ -493,7 +478,7 @@ class Manifest:
                     "published; the folder is writable by someone else"
                 )
             self.path, self.publish_to = final, None
-            _fsync_folder_of(self.path)
+            files.fsync_folder(os.path.dirname(os.path.abspath(self.path)))
 
     def unknown_extents(self) -> list[tuple[int, int]]:
         """Byte extents of granules whose digest is UNKNOWN."""
@@ -511,66 +496,11 @@ class Manifest:
                 yield first, last
 
 
-def _create_exclusive(tmp: str) -> int:
-    """Create TMP exclusively (never through a link), 0600, and hold an flock
-    on it. One left by a killed run is unlocked: it is removed (by name, only
-    while the name still holds that file) and the create retried; one that is
-    locked belongs to a sync still running."""
-    for _ in range(8):
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)
-        except FileExistsError:
-            _remove_stale(tmp)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ManifestError(f"another sync is writing {tmp}") from None
-        return fd
-    raise ManifestError(f"{tmp} keeps reappearing; is someone else writing this folder?")
-
-
-def _remove_stale(tmp: str) -> None:
-    try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return
-    except OSError:
-        # A symlink (ELOOP) or something we cannot open: removing the name
-        # never touches what a link points at.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ManifestError(f"another sync is writing {tmp} (it holds the lock)") from None
-        if _same_file(fd, tmp):
-            os.unlink(tmp)
-    finally:
-        os.close(fd)
-
-
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    parts = []
-    while length > 0:
-        chunk = os.pread(fd, length, offset)
-        if not chunk:
-            break
-        parts.append(chunk)
-        length -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
 
 
 def _encode(digests: np.ndarray, granularity: int) -> np.ndarray:

@@ -6,13 +6,11 @@ message that names the problem, and leaves the filesystem as it was.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
 import stat
 from dataclasses import dataclass
 
+from blockmirror import files
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
 from blockmirror.migration import journal
 from blockmirror.migration.manifest import SUFFIX as MANIFEST_SUFFIX
@@ -185,10 +183,10 @@ def check_destination_unused(dst: str, destination: str) -> None:
                 f"destination {destination} is a live image: {writers} writers have it open; "
                 "stop them first (--force never replaces a live image)"
             )
-        if _locked(sidecar):
+        if files.is_locked(sidecar):
             raise InvalidInputError(
                 f"destination {destination} is the source of a running sync")
-    if os.path.lexists(dst) and _locked(dst):
+    if os.path.lexists(dst) and files.is_locked(dst):
         raise InvalidInputError(f"another sync is writing {destination}")
     if os.path.lexists(dst):
         pids = processes_writing(dst)
@@ -250,21 +248,6 @@ def processes_writing(path: str) -> list[int]:
     return found
 
 
-def _locked(path: str) -> bool:
-    """True when another process holds an flock on PATH (not followed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
 
 
 def check_source(source: str, move: bool = False) -> os.stat_result:
@@ -458,49 +441,8 @@ def _reusable_partial_bytes(partial: str) -> int:
 
 
 def claim_partial(partial: str) -> int:
-    """Create the shadow copy and hold an exclusive lock on it for the run.
-
-    A shadow copy left by a killed run is unlocked: remove it and start over.
-    One that is locked belongs to a sync that is still running.
-    """
-    while True:
-        try:
-            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)
-        except FileExistsError:
-            _remove_stale_partial(partial)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # Lost a race with another run creating the same name.
-            os.close(fd)
-            raise InvalidInputError(f"another sync is writing {partial}") from None
-        return fd
-
-
-def _remove_stale_partial(partial: str) -> None:
-    try:
-        fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):
-            raise
-        # A planted symlink (or a socket, or a file we may not read): remove
-        # the name - that never touches what a link points at - and go on.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InvalidInputError(
-                f"another sync is running into {partial} (it holds the lock)"
-            ) from None
-        named, held = os.lstat(partial), os.fstat(fd)
-        if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
-            os.unlink(partial)  # else it was swapped meanwhile: the retry sees it again
-    finally:
-        os.close(fd)
+    """Create the shadow copy and hold an exclusive lock on it for the run
+    (files.create_locked: a killed run's leftover is removed, a running
+    sync's is refused)."""
+    return files.create_locked(partial, lambda path: InvalidInputError(
+        f"another sync is writing {path} (it holds the lock)"))

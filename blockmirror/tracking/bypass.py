@@ -6,7 +6,11 @@ editor) leaves no dirty bit, and a sync would commit a copy that misses its
 writes. Where the copier may use fanotify (root: CAP_SYS_ADMIN), the kernel
 reports every modification of the image with the writer's pid; a write from a
 process that does not hold the image's sidecar mapped (every tracked writer
-maps it for as long as it has the image open) is a bypassing write.
+maps it for as long as it has the image open) is a bypassing write. A writer
+that writes and exits before its event is read can no longer be looked at,
+so the sidecar is watched too: every process that opened the sidecar since
+the watch began counts as tracked (a tracked writer opens it before its
+first write, and the kernel queues the two events in that order).
 
 What is caught and what is not:
 - caught: write(2), pwrite(2), truncate and fallocate from any process on
@@ -15,9 +19,12 @@ What is caught and what is not:
   kernel raises no modify event for them), writes from another host (NFS),
   and, without root, anything that does not grow the image (growth is
   caught anyway: the image outgrows the tracked size);
-- a tracked writer that writes once and closes the image within moments
-  may be taken for a bypassing one: the sync then fails safe (not converged,
-  source untouched), never the other way round.
+- a process that opened the sidecar (even only to read it, as ``track
+  status`` does) and then writes the image directly is taken for a tracked
+  writer;
+- a tracked writer that opened the sidecar before the sync began and wrote
+  and exited before its event was read is taken for a bypassing one: the
+  sync then fails safe (not converged, source untouched).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ _FAN_CLASS_NOTIF = 0x0
 _FAN_CLOEXEC = 0x1
 _FAN_NONBLOCK = 0x2
 _FAN_MODIFY = 0x2
+_FAN_OPEN = 0x20
 _FAN_Q_OVERFLOW = 0x4000
 _FAN_MARK_ADD = 0x1
 _AT_FDCWD = -100
@@ -106,7 +114,9 @@ class BypassWatch:
                                 os.O_RDONLY | os.O_CLOEXEC | os.O_LARGEFILE)
         if fd < 0:
             return None  # EPERM without CAP_SYS_ADMIN, ENOSYS
-        if libc.fanotify_mark(fd, _FAN_MARK_ADD, _FAN_MODIFY, _AT_FDCWD, os.fsencode(image)) < 0:
+        if (libc.fanotify_mark(fd, _FAN_MARK_ADD, _FAN_MODIFY, _AT_FDCWD, os.fsencode(image)) < 0
+                or libc.fanotify_mark(fd, _FAN_MARK_ADD, _FAN_OPEN, _AT_FDCWD,
+                                      os.fsencode(sidecar)) < 0):
             os.close(fd)
             return None
         return cls(fd, sidecar)
@@ -139,6 +149,9 @@ class BypassWatch:
         if mask & _FAN_Q_OVERFLOW:
             with self._lock:
                 self._overflowed = True
+            return
+        if mask & _FAN_OPEN:  # only the sidecar is marked for opens
+            self._tracked.add(pid)
             return
         if pid in self._tracked:
             return

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from types import TracebackType
 
+from blockmirror import files
 from blockmirror.tracking.tracker import (
     DEFAULT_GRANULARITY,
     Tracker,
@@ -149,15 +150,7 @@ class TrackedImage:
         sees other writers' writes."""
         if self.tracker.redirected:
             self._follow_redirect()
-        parts = []
-        while length > 0:
-            chunk = os.pread(self._fd, length, offset)
-            if not chunk:
-                break
-            parts.append(chunk)
-            length -= len(chunk)
-            offset += len(chunk)
-        return b"".join(parts)
+        return files.pread_full(self._fd, length, offset)
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate [offset, offset+length): it reads back as zeros."""
