@@ -23,6 +23,7 @@ G = 65536
 # then one uint32 era per granule.
 ERAS = 8192 + 512
 OFF_VERSION = 8
+OFF_ERA_SEAL = 116  # struct bm_header: after image_size, generation and flags
 
 
 def zero_eras(image, first: int = 0, count: int = 4096) -> None:
@@ -172,3 +173,19 @@ def test_writers_opening_together_do_not_flag_their_own_writes(ram_tmp_path):
         with Tracker.open(image) as t:
             assert not t.info().eras_damaged
             assert t.consistent
+
+
+def test_a_garbage_seal_word_does_not_hold_writers(tracked_image):
+    """The seal word lives in the header's changing part (not checksummed):
+    garbage saying another handle is checking delays a writer's open by at
+    most about a second for a small image, then the writer goes on."""
+    fd = os.open(side_of(tracked_image), os.O_RDWR)
+    try:
+        assert struct.unpack("<I", os.pread(fd, 4, OFF_ERA_SEAL)) == (2,)  # sealed, epoch 0
+        os.pwrite(fd, struct.pack("<I", 0xFFFFFFFF), OFF_ERA_SEAL)  # "a handle is checking"
+    finally:
+        os.close(fd)
+    t0 = time.monotonic()
+    with TrackedImage(tracked_image) as img:
+        img.pwrite(b"x", 0)
+    assert time.monotonic() - t0 < 5
