@@ -58,8 +58,8 @@ int main(int argc, char **argv)
         }
     fsync(fd);
     bm_tracker *t = NULL;
-    if (bm_create(cbt, REGION, BM_DEFAULT_GRANULARITY, -1) < 0 ||
-        !(t = bm_open(cbt, BM_OPEN_WRITER, -1))) {
+    if (bm_create(cbt, fd, REGION, BM_DEFAULT_GRANULARITY) < 0 ||
+        !(t = bm_open(cbt, BM_OPEN_WRITER, fd))) {
         fprintf(stderr, "sidecar: %s\n", bm_last_error());
         return 1;
     }

@@ -8,6 +8,11 @@
  * Error convention: every function returns -1 (or NULL) with errno set on
  * failure and never prints; bm_last_error() then holds a one-line reason for
  * the calling thread. Every symbol carries the bm_ prefix.
+ *
+ * The first bm_open installs a SIGBUS handler (csrc/guard.c): a sidecar
+ * truncated under the process then fails calls with EUCLEAN instead of
+ * killing it; faults outside a tracker's mapping go to the handler that was
+ * installed before.
  */
 
 /* ---------------------------------------------------------------------- */

@@ -200,8 +200,8 @@ uint64_t bm_era_sum(const bm_tracker *t, uint64_t c);
 void bm_seal_eras(bm_tracker *t);
 /* About to change eras (the caller holds a writer slot): if they were
  * sealed, check them first (a mismatch sets BM_FLAG_ERAS_DAMAGED), then open
- * the seal. Waits while another handle is checking (at most
- * BM_MAX_LEASE_NS). */
+ * the seal. Waits while another handle is checking (about as long as a slow
+ * check takes, at most BM_MAX_LEASE_NS). */
 void bm_unseal_eras(bm_tracker *t);
 /* 0 if the eras can be trusted now: not flagged damaged and, if sealed,
  * matching their checksums (else flagged). -1 with EBADMSG otherwise. */

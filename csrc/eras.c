@@ -108,6 +108,12 @@ abandon:
                                 __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
+static uint64_t check_budget_ns(const bm_tracker *t)
+{
+    uint64_t budget = 1000000000ull + chunks_of(t) * BM_CHUNK_GRANULES * 4u;
+    return budget < BM_MAX_LEASE_NS ? budget : BM_MAX_LEASE_NS;
+}
+
 void bm_unseal_eras(bm_tracker *t)
 {
     uint32_t *seal = &t->hdr->era_seal;
@@ -139,8 +145,11 @@ void bm_unseal_eras(bm_tracker *t)
             if (waited_since == 0)
                 waited_since = bm_now_ns();
             /* A checker that died holds a writer slot: the sweep marks the
-             * sidecar unclean, so opening without its verdict is safe. */
-            if (bm_now_ns() - waited_since > BM_MAX_LEASE_NS) {
+             * sidecar unclean, so opening without its verdict is safe. Wait
+             * about as long as a slow check takes (1 s plus 1 ns per byte of
+             * eras), never past BM_MAX_LEASE_NS: a damaged seal word must
+             * not hold every writer's open for long. */
+            if (bm_now_ns() - waited_since > check_budget_ns(t)) {
                 __atomic_compare_exchange_n(seal, &w, open, 0, __ATOMIC_SEQ_CST,
                                             __ATOMIC_SEQ_CST);
                 continue;

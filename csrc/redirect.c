@@ -47,8 +47,11 @@ static int open_parent_nofollow(const char *path, char *base, size_t base_len)
         strlen(last) >= base_len)
         return bm_fail(EINVAL, "redirect target %s does not name a file", path);
     memcpy(base, last, strlen(last) + 1);
+    /* The folder part, without its trailing slash; "" for a file in "/". */
     *slash = '\0';
     const char *parent = copy[0] ? copy : "/";
+    if (copy[0] == '\0')
+        copy[1] = '\0'; /* nothing to walk below "/" */
     /* Only plain components: ".." would let a path climb out of where it
      * seems to lead, and an empty one means a doubled slash. */
     for (char *p = copy + 1; *p;) {

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from imagetools import MiB, make_data_image
@@ -22,6 +23,7 @@ G = 65536
 # then one uint32 era per granule.
 ERAS = 8192 + 512
 OFF_VERSION = 8
+OFF_ERA_SEAL = 116  # struct bm_header: after image_size, generation and flags
 
 
 def zero_eras(image, first: int = 0, count: int = 4096) -> None:
@@ -134,3 +136,56 @@ def test_eras_seal_survives_a_killed_copier_reading(tracked_image):
     with Tracker.open(tracked_image) as t:
         assert t.consistent
         assert t.changed_extents(since) == [(8 * G, G)]
+
+
+def _open_and_write_at_once(image: str, barrier, index: int) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait(60)
+    time.sleep(index * 0.004)  # staggered: later opens land inside the first check
+    with TrackedImage(image) as img:
+        for i in range(200):
+            img.pwrite(b"w", ((index * 7919 + i * 104729) % 1000000) * 65536)
+
+
+def test_writers_opening_together_do_not_flag_their_own_writes(ram_tmp_path):
+    """Writers that open a sealed sidecar at the same instant: one checks the
+    eras while the others wait, so nobody takes another's first writes for
+    damage (that made test_multiprocess flaky under load)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    image = ram_tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(1000000 * 65536)
+    # 16M granules in 3907 chunks: a check reads 62 MiB of eras, long
+    # enough for the others' opens to land inside it.
+    Tracker.create(image, granularity=4096).close()
+    for _round in range(4):
+        with Tracker.open(image) as t:
+            t.change_id()  # so the writes below raise eras (to the new generation)
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_and_write_at_once, args=(str(image), barrier, i))
+                 for i in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        with Tracker.open(image) as t:
+            assert not t.info().eras_damaged
+            assert t.consistent
+
+
+def test_a_garbage_seal_word_does_not_hold_writers(tracked_image):
+    """The seal word lives in the header's changing part (not checksummed):
+    garbage saying another handle is checking delays a writer's open by at
+    most about a second for a small image, then the writer goes on."""
+    fd = os.open(side_of(tracked_image), os.O_RDWR)
+    try:
+        assert struct.unpack("<I", os.pread(fd, 4, OFF_ERA_SEAL)) == (2,)  # sealed, epoch 0
+        os.pwrite(fd, struct.pack("<I", 0xFFFFFFFF), OFF_ERA_SEAL)  # "a handle is checking"
+    finally:
+        os.close(fd)
+    t0 = time.monotonic()
+    with TrackedImage(tracked_image) as img:
+        img.pwrite(b"x", 0)
+    assert time.monotonic() - t0 < 5

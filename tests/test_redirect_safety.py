@@ -131,6 +131,31 @@ def test_redirect_through_a_symlinked_folder_is_refused(tmp_path, walk):
     assert untouched(target)
 
 
+@pytest.mark.parametrize("walk", [False, True], ids=["openat2", "component-walk"])
+def test_a_plain_path_is_followed_by_either_resolver(tmp_path, walk):
+    """Both resolvers follow a link-free path of several folders."""
+    deep = tmp_path / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    source = make_image(tmp_path / "src.img")
+    target = make_image(deep / "dst.img")
+    forge_moved_from(target)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    if walk:
+        env["BLOCKMIRROR_NO_OPENAT2"] = "1"
+    proc = subprocess.Popen([sys.executable, "-c", _write_after_redirect_script(source, b"zz")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        forge_redirect(source, str(target))
+        out, _ = proc.communicate("go\n", timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out == f"written {target}\n"
+    assert target.read_bytes()[:2] == b"zz"
+
+
 def test_same_owner_redirect_with_the_move_recorded_is_followed(tmp_path):
     """The control for the test above: the same forged redirect along a
     path without links is followed (same owner, move token recorded), so it
