@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
+from collections.abc import Callable
 from fractions import Fraction
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*$", re.IGNORECASE)
@@ -68,3 +70,26 @@ def format_seconds(s: float) -> str:
     if s < 120:
         return f"{s:.1f} s"
     return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def parse_int_between(text: str, low: int, high: int) -> int:
+    """A whole number from LOW to HIGH written in TEXT; ValueError otherwise
+    (a long string of digits is refused without converting it)."""
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    try:
+        value = int(text) if len(text) <= 40 else high + 1
+    except ValueError:
+        raise ValueError(f"not a whole number: {shown}") from None
+    if not low <= value <= high:
+        raise ValueError(f"must be from {low} to {high}: {shown}")
+    return value
+
+
+def int_argument(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type=`` for a whole number from LOW to HIGH."""
+    def parse(text: str) -> int:
+        try:
+            return parse_int_between(text, low, high)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse

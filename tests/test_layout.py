@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "blockmirror"
 
 # Layers from the bottom; a module may import its own layer and those below.
 LAYERS = [
-    {"_version", "errors", "units", "extents", "files", "_core", "_fastwrite"},
+    {"_version", "errors", "units", "extents", "files", "closeable", "_core", "_fastwrite"},
     {"_bindings"},
     {"tracking", "copying"},
     {"migration"},

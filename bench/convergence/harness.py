@@ -595,15 +595,9 @@ def _rates(text: str) -> list[float]:
 
 
 def _int_from(low: int, high: int = 1_000_000) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text) if len(text) <= 20 else high + 1
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
-        return value
-    return parse
+    from blockmirror.units import int_argument
+
+    return int_argument(low, high)
 
 
 def _float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:

@@ -34,6 +34,7 @@ from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, MAX_GRANULARITY, M
 from blockmirror.units import (
     format_bytes,
     format_seconds,
+    int_argument,
     parse_duration,
     parse_size,
 )
@@ -77,20 +78,8 @@ def _short(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
-def _int_between(low: int, high: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text) if len(text) <= 40 else high + 1
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {_short(text)}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {_short(text)}")
-        return value
-    return parse
-
-
-_positive_int = _int_between(1, 1_000_000)
-_workers = _int_between(1, 256)
+_positive_int = int_argument(1, 1_000_000)
+_workers = int_argument(1, 256)
 
 
 def _bounded_duration(high: float) -> Any:

@@ -28,12 +28,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from blockmirror._bindings import copy as _c
+from blockmirror.closeable import Closeable
 from blockmirror.extents import (
     ExtentArray,
     Extents,
@@ -109,7 +109,7 @@ def _drain(futures: set[cf.Future[Any]]) -> None:
             continue
 
 
-class Copier:
+class Copier(Closeable):
     """Copies extents of ``src_fd`` to the same offsets of ``dst_fd``.
 
     The copier does not own the file descriptors (it never closes them) and
@@ -330,13 +330,3 @@ class Copier:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    def __enter__(self) -> Copier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

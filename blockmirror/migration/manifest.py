@@ -556,13 +556,5 @@ def _runs(granules: np.ndarray, granularity: int, size: int) -> list[tuple[int, 
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    parts = []
-    while length > 0:
-        chunk = os.pread(fd, length, offset)
-        if not chunk:
-            parts.append(bytes(length))  # past the end reads as zeros
-            break
-        parts.append(chunk)
-        length -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
+    """LENGTH bytes at OFFSET; past the end reads as zeros."""
+    return files.pread_full(fd, length, offset).ljust(length, b"\0")

@@ -14,9 +14,9 @@ import errno
 import os
 import weakref
 from collections.abc import Callable
-from types import TracebackType
 
 from blockmirror import files
+from blockmirror.closeable import Closeable
 from blockmirror.tracking.tracker import (
     DEFAULT_GRANULARITY,
     Tracker,
@@ -46,7 +46,7 @@ def _redirect_handler(image: TrackedImage) -> Callable[[Buffer, int], int]:
     return on_stale
 
 
-class TrackedImage:
+class TrackedImage(Closeable):
     """A writer's handle on an image and its change-tracking sidecar.
 
     Creates the sidecar (granularity GRANULARITY) if the image has none. One
@@ -194,13 +194,3 @@ class TrackedImage:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> TrackedImage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from types import TracebackType
 
 from blockmirror._bindings import copy as _copy
 from blockmirror._bindings import tracker as _c
@@ -24,6 +23,7 @@ from blockmirror._bindings.tracker import (
     TrackerInfo,
 )
 from blockmirror._bindings.writer import PwriteFunction, StaleHandler
+from blockmirror.closeable import Closeable
 from blockmirror.errors import ChangeIdInvalidError, SidecarError
 from blockmirror.extents import Extent, ExtentArray, pairs
 from blockmirror.tracking.changeid import ChangeId
@@ -61,7 +61,7 @@ def _consistent(handle: _c.Handle, image_size: int | None) -> bool:
     return image_size is None or image_size <= info.image_size
 
 
-class Tracker:
+class Tracker(Closeable):
     """A handle on an image's change-tracking sidecar.
 
     Create one with :meth:`create` (new sidecar, every granule clean) or
@@ -131,17 +131,6 @@ class Tracker:
         if self._handle is not None:
             _c.close(self._handle)
             self._handle = None
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def _h(self) -> _c.Handle:
