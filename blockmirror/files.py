@@ -117,3 +117,15 @@ def fsync_folder(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def process_maps(pid: int, dev: int, ino: int) -> bool | None:
+    """Whether process PID has the file (DEV, INO) mapped; None if gone."""
+    wanted = f"{os.major(dev):02x}:{os.minor(dev):02x} {ino} "
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(wanted in line for line in f)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:  # not ours to read: we cannot vouch for it
+        return False

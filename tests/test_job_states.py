@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -173,3 +174,27 @@ def test_tracked_writer_processes_are_not_taken_for_bypassing_ones(tmp_path):
     code, err, dst, image = _sync_while(tmp_path, tracked_writes, "--verify")
     assert code == 0, err
     assert (dst / "b.img").read_bytes() == image.read_bytes()
+
+
+def test_track_status_says_a_dead_copier_s_freeze_is_void(tmp_path):
+    """Issue 13: a SIGKILLed copier's freeze stays in the control block until
+    the next write; status must not report writers as held by it."""
+    image = tmp_path / "f.img"
+    make_data_image(image, 4 * MiB)
+    Tracker.create(image).close()
+    code = ("import os, sys\nfrom blockmirror import Tracker\n"
+            "t = Tracker.open(sys.argv[1])\nt.freeze(30)\nos.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(image)]).returncode == -9
+    status = subprocess.run([sys.executable, "-m", "blockmirror", "track", "status", str(image),
+                             "--json"], capture_output=True, text=True)
+    info = json.loads(status.stdout)
+    assert info["state"] == "frozen" and info["freeze_void"] is True
+    text = subprocess.run([sys.executable, "-m", "blockmirror", "track", "status", str(image)],
+                          capture_output=True, text=True).stdout
+    assert "void: its copier is gone" in text
+    with Tracker.open(image) as t:
+        t.freeze(5)  # a live copier's freeze is not void
+        live = subprocess.run([sys.executable, "-m", "blockmirror", "track", "status",
+                               str(image), "--json"], capture_output=True, text=True)
+        assert json.loads(live.stdout)["freeze_void"] is False
+        t.thaw()

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from blockmirror import files
 from blockmirror.errors import (
     BlockMirrorError,
     ChangeIdInvalidError,
@@ -463,19 +464,27 @@ def _track_status(args: argparse.Namespace) -> int:
         info["consistent"] = tracker.consistent
         info["dirty_bytes"] = tracker.dirty_bytes()
     info["sidecar"] = sidecar_path(args.image)
+    # A freeze binds writers only while its copier lives and maps the sidecar
+    # (I3); a killed copier's freeze stays in the block until the next write.
+    st = os.stat(info["sidecar"])
+    info["freeze_void"] = info["state"] in ("freezing", "frozen") and not files.process_maps(
+        info["copier_pid"], st.st_dev, st.st_ino)
     if args.json:
         print(json.dumps(info))
     else:
         print(f"image        {args.image}")
         print(f"sidecar      {info['sidecar']}")
-        print(f"consistent   {'yes' if info['consistent'] else 'NO: a writer died; reset needed'}")
+        print("consistent   " + ("yes" if info["consistent"] else
+                                   "NO: a writer died, the image was written untracked or the "
+                                   "eras are damaged; reset needed"))
         print(f"series       {info['series']}  generation {info['generation']}")
         print("change ids   valid" if info["consistent"] else
               "change ids   all invalid (blockmirror track reset IMG, then take a full copy)")
         print(f"granularity  {format_bytes(int(info['granularity']))}")
         print(f"image size   {format_bytes(int(info['image_size']))}")
         print(f"dirty        {format_bytes(int(info['dirty_bytes']))}")
-        print(f"state        {info['state']}, {info['live_writers']} live writers")
+        void = " (void: its copier is gone; writers are not held)" if info["freeze_void"] else ""
+        print(f"state        {info['state']}{void}, {info['live_writers']} writer slots held")
     return EXIT_OK
 
 

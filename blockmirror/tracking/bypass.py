@@ -38,6 +38,8 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from blockmirror import files
+
 _FAN_CLASS_NOTIF = 0x0
 _FAN_CLOEXEC = 0x1
 _FAN_NONBLOCK = 0x2
@@ -63,18 +65,6 @@ def _libc() -> ctypes.CDLL:
     libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
                                    ctypes.c_char_p]
     return libc
-
-
-def _maps_inode(pid: int, dev: int, ino: int) -> bool | None:
-    """Whether process PID has the file (DEV, INO) mapped; None if gone."""
-    wanted = f"{os.major(dev):02x}:{os.minor(dev):02x} {ino} "
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return any(wanted in line for line in f)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except PermissionError:  # not ours to read: we cannot vouch for it
-        return False
 
 
 def _command(pid: int) -> str:
@@ -155,7 +145,7 @@ class BypassWatch:
             return
         if pid in self._tracked:
             return
-        mapped = _maps_inode(pid, *self._sidecar)
+        mapped = files.process_maps(pid, *self._sidecar)
         if mapped:
             self._tracked.add(pid)
             return
