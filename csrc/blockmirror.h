@@ -73,6 +73,7 @@ typedef struct {
     uint32_t copier_pid;     /* 0 when no copier holds a freeze */
     uint64_t throttle_bytes_per_s;
     uint64_t lease_deadline_ns;  /* CLOCK_MONOTONIC */
+    uint64_t last_write_ns;      /* CLOCK_REALTIME when the latest tracked write ended */
 } bm_info;
 
 /* The calling thread's reason for its last failure; never NULL. */

@@ -107,6 +107,10 @@ struct bm_control {
      * forged into one sidecar cannot steer writers into another image). */
     uint8_t move_token[16];
     uint8_t moved_from[16];
+    /* CLOCK_REALTIME when the latest tracked write, discard or truncate
+     * ended (raised with an atomic max): the image's mtime moving past it
+     * means a write that bypassed the tracker. */
+    uint64_t last_write_ns;
 };
 
 struct bm_tracker {

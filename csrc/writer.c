@@ -158,8 +158,22 @@ static int writer_enter(bm_tracker *t)
     }
 }
 
+/* Raise the control block's last_write_ns to now (a max: writers race). It
+ * is read after the freeze drained, so it is stored before in-flight drops. */
+static void note_write_time(bm_tracker *t)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    uint64_t seen = __atomic_load_n(&t->ctl->last_write_ns, __ATOMIC_RELAXED);
+    while (seen < now && !__atomic_compare_exchange_n(&t->ctl->last_write_ns, &seen, now, 1,
+                                                      __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+        ;
+}
+
 static void writer_leave(bm_tracker *t)
 {
+    note_write_time(t);
     __atomic_fetch_sub(&t->ctl->slots[t->slot].inflight, 1, __ATOMIC_SEQ_CST);
     bm_guard_top->in_flight = 0;
 }

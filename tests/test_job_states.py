@@ -198,3 +198,37 @@ def test_track_status_says_a_dead_copier_s_freeze_is_void(tmp_path):
                                str(image), "--json"], capture_output=True, text=True)
         assert json.loads(live.stdout)["freeze_void"] is False
         t.thaw()
+
+
+def test_an_in_place_write_behind_the_tracker_is_caught_by_the_image_mtime(tmp_path,
+                                                                            monkeypatch):
+    """Issue 13 item 8 without fanotify (any user): an untracked write that
+    does not grow the image still moves its mtime past the last tracked
+    write, and the check inside the freeze fails the sync. The write comes
+    from this process and the bypass watch is off, so only that check can
+    catch it."""
+    from blockmirror.migration import job
+
+    monkeypatch.setattr(job.BypassWatch, "start", classmethod(lambda cls, *a: None))
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    image = src / "m.img"
+    make_data_image(image, 32 * MiB, extents=24)
+    Tracker.create(image).close()
+    with blockmirror.TrackedImage(image) as img:  # a tracked write before the sync
+        img.pwrite(b"tracked" * 100, 0)
+    time.sleep(0.05)  # file times are coarse: let the clock move on
+    written: list[bytes] = []
+
+    def write_once(progress: blockmirror.SyncProgress) -> None:
+        if not written:
+            with open(image, "r+b") as f:  # untracked, in place
+                f.seek(5 * MiB)
+                f.write(b"behind the tracker" * 1000)
+            written.append(image.read_bytes())
+
+    with pytest.raises(blockmirror.SourceChangedError, match="modification time"):
+        sync(image, dst, rate_limit=16 * MiB, target_downtime=2.0, progress=write_once)
+    assert written and os.listdir(dst) == []
+    assert image.read_bytes() == written[0]

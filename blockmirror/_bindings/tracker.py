@@ -48,6 +48,7 @@ class TrackerInfo:
     live_writers: int  # slots claimed as of the last sweep (see sweep_writers)
     copier_pid: int  # 0: no copier holds a freeze
     throttle_bytes_per_s: int  # the writers' throttle (0: none)
+    last_write_ns: int  # CLOCK_REALTIME when the latest tracked write ended (0: none yet)
 
     @property
     def unclean(self) -> bool:
@@ -114,6 +115,7 @@ def info(handle: Handle) -> TrackerInfo:
         live_writers=int(out.live_writers),
         copier_pid=int(out.copier_pid),
         throttle_bytes_per_s=int(out.throttle_bytes_per_s),
+        last_write_ns=int(out.last_write_ns),
     )
 
 

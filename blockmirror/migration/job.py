@@ -83,6 +83,7 @@ class FileSyncJob:
         self.src_fd = self.dst_fd = self.lock_fd = -1
         self.tracker: Tracker | None = None
         self.bypass: BypassWatch | None = None  # writes that skip the tracker (root only)
+        self.start_mtime_ns = 0  # the source's mtime when the sync began
         self.copier: Copier | None = None
         self.passes: PassRunner | None = None
         # The earlier copy's manifest when updating it in place, else the
@@ -148,6 +149,7 @@ class FileSyncJob:
     def _open_tracker(self) -> None:
         self._lock_source()
         self.tracker = tracker = Tracker.open(self.plan.source)
+        self.start_mtime_ns = os.fstat(self.src_fd).st_mtime_ns
         self.result.tracked = True
         self.bypass = BypassWatch.start(self.plan.source, tracker.path)
         if self.bypass is None:
@@ -298,6 +300,15 @@ class FileSyncJob:
                 f"source {self.plan.source} was written behind the tracker during the sync (a "
                 "writer died, or a program wrote it without blockmirror); the copy was "
                 "discarded and the source is untouched; sync again to copy it afresh"
+            )
+        # Any user: a write that bypassed the tracker after the last tracked
+        # one moved the image's mtime past it (writers are drained now).
+        mtime = os.fstat(self.src_fd).st_mtime_ns
+        if mtime > max(self.start_mtime_ns, self.tracker.info().last_write_ns):
+            raise SourceChangedError(
+                f"source {self.plan.source} was written without the tracker during the sync "
+                "(its modification time moved past the last tracked write); every writer must "
+                "write through blockmirror; the copy was discarded and the source is untouched"
             )
 
     def _check_no_bypass(self) -> None:

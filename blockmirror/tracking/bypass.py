@@ -17,8 +17,9 @@ What is caught and what is not:
   this host, through any path or hard link to the image;
 - not caught: writes through a shared memory mapping of the image (the
   kernel raises no modify event for them), writes from another host (NFS),
-  and, without root, anything that does not grow the image (growth is
-  caught anyway: the image outgrows the tracked size);
+  and, without root, anything this watch would see (the sync's other checks
+  still catch growth past the tracked size and an mtime past the last
+  tracked write);
 - a process that opened the sidecar (even only to read it, as ``track
   status`` does) and then writes the image directly is taken for a tracked
   writer;
