@@ -313,10 +313,7 @@ int bm_mark(bm_tracker *t, uint64_t offset, uint64_t length)
 
 int bm_clear_range(bm_tracker *t, uint64_t offset, uint64_t length)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_clear_range(t, offset, length);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_clear_range(t, offset, length));
 }
 
 int bm_mark_all(bm_tracker *t)
@@ -331,26 +328,17 @@ int bm_mark_all(bm_tracker *t)
 
 int64_t bm_fetch_and_clear(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int64_t n = do_fetch_and_clear(t, cursor, out, max);
-    BM_GUARD_END(g);
-    return n;
+    BM_GUARDED(int64_t, t, do_fetch_and_clear(t, cursor, out, max));
 }
 
 int64_t bm_snapshot(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t max)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int64_t n = do_snapshot(t, cursor, out, max);
-    BM_GUARD_END(g);
-    return n;
+    BM_GUARDED(int64_t, t, do_snapshot(t, cursor, out, max));
 }
 
 int64_t bm_dirty_bytes(bm_tracker *t)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int64_t n = do_dirty_bytes(t);
-    BM_GUARD_END(g);
-    return n;
+    BM_GUARDED(int64_t, t, do_dirty_bytes(t));
 }
 
 int bm_resize(bm_tracker *t, uint64_t new_size)

@@ -270,6 +270,16 @@ static inline void bm_guard_pop(struct bm_guard *g)
     }
 #define BM_GUARD_END(g) bm_guard_pop(&(g))
 
+/* The whole body of a public call: CALL (of TYPE) under the guard, its value
+ * returned; -1 (EUCLEAN) if the sidecar's mapping faults meanwhile. */
+#define BM_GUARDED(type, t, call)                                          \
+    do {                                                                   \
+        BM_GUARD_BEGIN(t, g, -1);                                          \
+        type guarded_result_ = (call);                                     \
+        BM_GUARD_END(g);                                                   \
+        return guarded_result_;                                            \
+    } while (0)
+
 /* control.c */
 int bm_frozen_by_me(bm_tracker *t);
 void bm_wake_writers(bm_tracker *t);

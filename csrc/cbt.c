@@ -328,10 +328,7 @@ static int sweep_slots(bm_tracker *t)
 
 int bm_sweep_writers(bm_tracker *t)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int live = sweep_slots(t);
-    BM_GUARD_END(g);
-    return live;
+    BM_GUARDED(int, t, sweep_slots(t));
 }
 
 static int claim_slot(bm_tracker *t)
@@ -663,10 +660,7 @@ int bm_reset(bm_tracker *t)
 
 int bm_verify_eras(bm_tracker *t)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = bm_check_eras(t);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, bm_check_eras(t));
 }
 
 const char *bm_sidecar_suffix(void) { return BM_SIDECAR_SUFFIX; }

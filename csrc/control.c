@@ -128,42 +128,27 @@ static int do_set_throttle(bm_tracker *t, uint64_t bytes_per_s)
 
 int bm_freeze(bm_tracker *t, uint64_t lease_ns)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_freeze(t, lease_ns);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_freeze(t, lease_ns));
 }
 
 int bm_freeze_check(bm_tracker *t)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_freeze_check(t);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_freeze_check(t));
 }
 
 int bm_thaw(bm_tracker *t)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_thaw(t);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_thaw(t));
 }
 
 int bm_get_state(bm_tracker *t)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int st = (int)__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST);
-    BM_GUARD_END(g);
-    return st;
+    BM_GUARDED(int, t, (int)__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST));
 }
 
 int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_set_throttle(t, bytes_per_s);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_set_throttle(t, bytes_per_s));
 }
 
 void bm_wake_writers(bm_tracker *t) { wake_writers(t); }

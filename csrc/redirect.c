@@ -142,10 +142,7 @@ static int check_target(bm_tracker *t, int dir, const char *base, const char *pa
 /* 1 if DST's sidecar records the move TOKEN, 0 if not, -1 on a SIGBUS. */
 static int records_move(bm_tracker *dst, const uint8_t *token)
 {
-    BM_GUARD_BEGIN(dst, g, -1);
-    int matches = memcmp(dst->ctl->moved_from, token, 16) == 0;
-    BM_GUARD_END(g);
-    return matches;
+    BM_GUARDED(int, dst, memcmp(dst->ctl->moved_from, token, 16) == 0);
 }
 
 /* Store the move TOKEN in DST's control block; -1 on a SIGBUS. */
@@ -197,10 +194,7 @@ static int do_redirect(bm_tracker *t, const char *target, bm_tracker *dst)
 
 int bm_redirect(bm_tracker *t, const char *target, bm_tracker *target_tracker)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_redirect(t, target, target_tracker);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_redirect(t, target, target_tracker));
 }
 
 static bm_tracker *do_open_target(bm_tracker *t, int flags, int *image_fd)
@@ -327,8 +321,5 @@ static int do_get_redirect(bm_tracker *t, char *buf, uint64_t len)
 
 int bm_get_redirect(bm_tracker *t, char *buf, uint64_t len)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_get_redirect(t, buf, len);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_get_redirect(t, buf, len));
 }

@@ -294,24 +294,15 @@ static int do_truncate(bm_tracker *t, int fd, uint64_t size)
 
 int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int64_t n = do_pwrite(t, fd, buf, len, offset);
-    BM_GUARD_END(g);
-    return n;
+    BM_GUARDED(int64_t, t, do_pwrite(t, fd, buf, len, offset));
 }
 
 int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_discard(t, fd, offset, len);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_discard(t, fd, offset, len));
 }
 
 int bm_truncate(bm_tracker *t, int fd, uint64_t size)
 {
-    BM_GUARD_BEGIN(t, g, -1);
-    int rc = do_truncate(t, fd, size);
-    BM_GUARD_END(g);
-    return rc;
+    BM_GUARDED(int, t, do_truncate(t, fd, size));
 }

@@ -53,11 +53,14 @@ def bystander():
     proc.wait()
 
 
-def _timed_write(image: str, results) -> None:  # type: ignore[no-untyped-def]
+def _timed_write(image: str, results, times: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """One tracked write; reports how long it took, or (TIMES) when it
+    started and ended on the monotonic clock."""
     with TrackedImage(image) as img:
         t0 = time.monotonic()
         img.pwrite(b"x", 0)
-        results.put(time.monotonic() - t0)
+        t1 = time.monotonic()
+        results.put((t0, t1) if times else t1 - t0)
 
 
 def test_forged_freeze_with_a_far_deadline_does_not_hold_writers(tracked_image, bystander):
@@ -105,30 +108,34 @@ def test_forged_freeze_within_the_lease_limit_is_void_too(tracked_image, bystand
 
 def test_a_real_freeze_longer_than_the_suspicion_still_holds(tracked_image):
     """The check above must not void a real copier's freeze: it maps the
-    sidecar, so a writer waits out its whole lease (here 1.5 s)."""
-    ready = CTX.Event()
-    copier = CTX.Process(target=_freeze_and_sleep, args=(os.fspath(tracked_image), 1.5, ready))
+    sidecar, so a writer waits out its whole lease (here 5 s). Measured
+    against the freeze's own clock, so a slow start of the writer process on
+    a loaded machine cannot shorten what the test sees."""
+    lease = 5.0
+    frozen = CTX.Queue()
+    copier = CTX.Process(target=_freeze_and_sleep, args=(os.fspath(tracked_image), lease, frozen))
     copier.start()
     try:
-        assert ready.wait(30)
+        frozen_at = frozen.get(timeout=30)
         results = CTX.Queue()
-        p = CTX.Process(target=_timed_write, args=(os.fspath(tracked_image), results))
+        p = CTX.Process(target=_timed_write, args=(os.fspath(tracked_image), results, True))
         p.start()
         try:
-            waited = results.get(timeout=15)
+            started, ended = results.get(timeout=30)
         finally:
             p.kill()
             p.join()
-        assert waited > 0.8  # held until the lease ended, not voided at 50 ms
+        assert started < frozen_at + lease - 1, "the writer started too late to tell"
+        assert ended > frozen_at + lease - 0.5  # held until the lease ended, not voided at 50 ms
     finally:
         copier.kill()
         copier.join()
 
 
-def _freeze_and_sleep(image: str, lease_s: float, ready) -> None:  # type: ignore[no-untyped-def]
+def _freeze_and_sleep(image: str, lease_s: float, frozen) -> None:  # type: ignore[no-untyped-def]
     t = Tracker.open(image)
     t.freeze(lease_s)
-    ready.set()
+    frozen.put(time.monotonic())
     time.sleep(60)
 
 
