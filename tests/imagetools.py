@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -115,6 +116,26 @@ def start_cli(*args: object, capture: bool = True) -> subprocess.Popen[str]:
     pipe = subprocess.PIPE if capture else None
     return subprocess.Popen([sys.executable, "-m", "blockmirror", *map(str, args)],
                             stdout=pipe, stderr=pipe, text=True)
+
+
+def cli_killed_at(module: str, qualname: str, *args: object) -> None:
+    """``blockmirror ARGS`` in a child that SIGKILLs itself when MODULE's
+    QUALNAME (a function, or Class.method) is called: a kill at one chosen
+    moment of a run. Fails the test if that moment never came."""
+    owner, _, name = qualname.rpartition(".")
+    script = textwrap.dedent(f"""
+        import importlib, os, sys
+        holder = importlib.import_module({module!r})
+        if {owner!r}:
+            holder = getattr(holder, {owner!r})
+        setattr(holder, {name!r}, lambda *a, **k: os.kill(os.getpid(), 9))
+        from blockmirror.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run never reached {qualname}: exit {proc.returncode} {proc.stderr}")
 
 
 def run_python(code: str, *args: object) -> subprocess.CompletedProcess[str]:

@@ -8,13 +8,9 @@ lost writes, no silently wrong copy."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
-from imagetools import make_data_image
+from imagetools import cli_killed_at, make_data_image, run_cli
 
 from blockmirror import Tracker
 
@@ -41,28 +37,6 @@ MOVE_PHASES = [
 ]
 
 
-def _killed_sync(module: str, qualname: str, src, dst, *args: str) -> None:
-    owner, _, name = qualname.rpartition(".")
-    script = textwrap.dedent(f"""
-        import importlib, os, sys
-        holder = importlib.import_module({module!r})
-        if {owner!r}:
-            holder = getattr(holder, {owner!r})
-        setattr(holder, {name!r}, lambda *a, **k: os.kill(os.getpid(), 9))
-        from blockmirror.cli import main
-        sys.exit(main(sys.argv[1:]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script, "sync", str(src), str(dst), *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, (
-        f"the sync never reached {qualname}: exit {proc.returncode} {proc.stderr}")
-
-
-def _sync(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockmirror", "sync", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
 def image(tmp_path):
     src = tmp_path / "src"
@@ -79,13 +53,13 @@ def test_copy_killed_at_every_phase(image, tmp_path, live_writer, phase):
     dst = tmp_path / "dst"
     dst.mkdir()
     writer = live_writer(path, rate="2M", wait=3)
-    _killed_sync(*phase, path, dst, *OPTIONS)
+    cli_killed_at(*phase, "sync", path, dst, *OPTIONS)
     writer.wait_for_more(5)  # never left frozen by the dead copier
-    again = _sync(path, dst, *OPTIONS)
+    again = run_cli("sync", path, dst, *OPTIONS)
     assert again.returncode == 0, again.stderr
     writer.assert_point_in_time((dst / "vm.img").read_bytes(), initial)
     assert writer.stop() == 0
-    final = _sync(path, dst, "--quiet")  # once the writer is done: the copy catches up
+    final = run_cli("sync", path, dst, "--quiet")  # once the writer is done: the copy catches up
     assert final.returncode == 0, final.stderr
     copy = (dst / "vm.img").read_bytes()
     assert copy == path.read_bytes() == writer.replayed(initial)
@@ -98,9 +72,9 @@ def test_move_killed_at_every_phase(image, tmp_path, live_writer, phase):
     dst = tmp_path / "dst"
     dst.mkdir()
     writer = live_writer(path, rate="2M", wait=3)
-    _killed_sync(*phase, path, dst, "--move", *OPTIONS)
+    cli_killed_at(*phase, "sync", path, dst, "--move", *OPTIONS)
     writer.wait_for_more(5)
-    again = _sync(path, dst, "--move", *OPTIONS)
+    again = run_cli("sync", path, dst, "--move", *OPTIONS)
     assert again.returncode == 0, again.stderr
     writer.wait_for_more(5)  # now writing the moved image
     assert writer.stop() == 0

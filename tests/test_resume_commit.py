@@ -5,42 +5,19 @@ item 11: a move killed right after its redirect)."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
-from imagetools import make_data_image
+from imagetools import cli_killed_at, make_data_image, run_cli
 
 from blockmirror import TrackedImage, Tracker
 from blockmirror.migration.journal import journal_path
 from blockmirror.migration.manifest import manifest_path
 
 MiB = 1 << 20
-
-
-def _sync_killed_at(module: str, qualname: str, src, dst, *args: str) -> None:
-    """Run a sync in a child that SIGKILLs itself when MODULE's QUALNAME is
-    called: the moment the issue's attack hit."""
-    owner, _, name = qualname.rpartition(".")
-    script = textwrap.dedent(f"""
-        import importlib, os, sys
-        holder = importlib.import_module({module!r})
-        if {owner!r}:
-            holder = getattr(holder, {owner!r})
-        setattr(holder, {name!r}, lambda *a, **k: os.kill(os.getpid(), 9))
-        from blockmirror.cli import main
-        sys.exit(main(sys.argv[1:]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script, "sync", str(src), str(dst), "--quiet",
-                           *args], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
-
-
-def _sync(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockmirror", "sync", *map(str, args)],
-                          capture_output=True, text=True)
+# Where the child is killed (imagetools.cli_killed_at): module, function.
+BEFORE_MANIFEST = ("blockmirror.migration.job", "FileSyncJob._write_manifest")
+BEFORE_REDIRECT = ("blockmirror.migration.job", "FileSyncJob._redirect")
+AFTER_REDIRECT = ("blockmirror.migration.commit", "remove_source")
 
 
 @pytest.fixture
@@ -53,29 +30,29 @@ def image(tmp_path):
 
 def test_copy_killed_before_its_manifest_is_resumed(image, tmp_path):
     dst = tmp_path / "copy.img"
-    _sync_killed_at("blockmirror.migration.job", "FileSyncJob._write_manifest", image, dst)
+    cli_killed_at(*BEFORE_MANIFEST, "sync", image, dst, "--quiet")
     assert dst.exists() and not os.path.exists(manifest_path(str(dst)))
     assert os.path.exists(journal_path(str(dst)))
     with TrackedImage(image) as img:  # the source moves on before the next run
         img.pwrite(b"later" * 1000, 3 * MiB)
-    proc = _sync(image, dst)
+    proc = run_cli("sync", image, dst)
     assert proc.returncode == 0, proc.stderr
     assert "resumed a commit" in proc.stdout
     assert dst.read_bytes() == image.read_bytes()
     assert os.path.exists(manifest_path(str(dst)))
     assert not os.path.exists(journal_path(str(dst)))
-    again = _sync(image, dst)  # and the copy is a normal earlier copy again
+    again = run_cli("sync", image, dst)  # and the copy is a normal earlier copy again
     assert again.returncode == 0 and "incremental since change id" in again.stdout
 
 
 def test_move_killed_before_its_redirect_is_redone(image, tmp_path):
     dst = tmp_path / "moved.img"
-    _sync_killed_at("blockmirror.migration.job", "FileSyncJob._redirect", image, dst, "--move")
+    cli_killed_at(*BEFORE_REDIRECT, "sync", image, dst, "--quiet", "--move")
     assert dst.exists() and os.path.exists(journal_path(str(dst)))
     with TrackedImage(image) as img:  # writers stayed on the source: the copy is stale
         img.pwrite(b"after the kill" * 1000, 5 * MiB)
     content = image.read_bytes()
-    proc = _sync(image, dst, "--move")
+    proc = run_cli("sync", image, dst, "--move")
     assert proc.returncode == 0, proc.stderr
     assert "removed the stale copy" in proc.stdout
     assert dst.read_bytes() == content
@@ -86,10 +63,10 @@ def test_move_killed_before_its_redirect_is_redone(image, tmp_path):
 def test_move_killed_after_its_redirect_is_finished(image, tmp_path):
     dst = tmp_path / "moved.img"
     content = image.read_bytes()
-    _sync_killed_at("blockmirror.migration.commit", "remove_source", image, dst, "--move")
+    cli_killed_at(*AFTER_REDIRECT, "sync", image, dst, "--quiet", "--move")
     with Tracker.open(image) as t:
         assert t.state == "redirected"  # the orphan the issue saw
-    proc = _sync(image, dst, "--move")
+    proc = run_cli("sync", image, dst, "--move")
     assert proc.returncode == 0, proc.stderr
     assert "finished a move" in proc.stdout
     assert not image.exists() and not os.path.exists(str(image) + ".cbt")
@@ -100,8 +77,8 @@ def test_move_killed_after_its_redirect_is_finished(image, tmp_path):
 def test_a_journal_for_another_source_is_not_taken(image, tmp_path):
     """The journal only vouches for the source and inode it names."""
     dst = tmp_path / "copy.img"
-    _sync_killed_at("blockmirror.migration.job", "FileSyncJob._write_manifest", image, dst)
+    cli_killed_at(*BEFORE_MANIFEST, "sync", image, dst, "--quiet")
     other = tmp_path / "other.img"
     make_data_image(other, 16 * MiB, seed=9)
-    proc = _sync(other, dst)
+    proc = run_cli("sync", other, dst)
     assert proc.returncode == 2 and "exists" in proc.stderr
