@@ -100,6 +100,26 @@ def _write_after_redirect_script(image: Path, data: bytes) -> str:
     )
 
 
+def _write_after_forged_redirect(source: object, target: str, walk: bool) -> str:
+    """A writer process opens SOURCE; its sidecar is then forged to redirect
+    to TARGET and the writer writes: returns what the writer reports. WALK
+    forces the component-by-component resolver instead of openat2."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    if walk:
+        env["BLOCKMIRROR_NO_OPENAT2"] = "1"
+    proc = subprocess.Popen([sys.executable, "-c", _write_after_redirect_script(source, b"zz")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        forge_redirect(source, target)
+        out, _ = proc.communicate("go\n", timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    return out
+
+
 @pytest.mark.parametrize("walk", [False, True], ids=["openat2", "component-walk"])
 def test_redirect_through_a_symlinked_folder_is_refused(tmp_path, walk):
     """O_NOFOLLOW covers only the last component: a folder link on the way
@@ -113,19 +133,7 @@ def test_redirect_through_a_symlinked_folder_is_refused(tmp_path, walk):
     target = make_image(elsewhere / "b.img")
     forge_moved_from(target)
     os.symlink(elsewhere, here / "link")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    if walk:
-        env["BLOCKMIRROR_NO_OPENAT2"] = "1"
-    proc = subprocess.Popen([sys.executable, "-c", _write_after_redirect_script(source, b"zz")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
-        forge_redirect(source, str(here / "link" / "b.img"))
-        out, _ = proc.communicate("go\n", timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
+    out = _write_after_forged_redirect(source, str(here / "link" / "b.img"), walk)
     assert out.startswith("refused"), out
     assert "symbolic link" in out
     assert untouched(target)
@@ -139,19 +147,7 @@ def test_a_plain_path_is_followed_by_either_resolver(tmp_path, walk):
     source = make_image(tmp_path / "src.img")
     target = make_image(deep / "dst.img")
     forge_moved_from(target)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    if walk:
-        env["BLOCKMIRROR_NO_OPENAT2"] = "1"
-    proc = subprocess.Popen([sys.executable, "-c", _write_after_redirect_script(source, b"zz")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
-        forge_redirect(source, str(target))
-        out, _ = proc.communicate("go\n", timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
+    out = _write_after_forged_redirect(source, str(target), walk)
     assert out == f"written {target}\n"
     assert target.read_bytes()[:2] == b"zz"
 
