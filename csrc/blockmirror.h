@@ -120,6 +120,11 @@ int bm_close(bm_tracker *t);
  * Thread-safe (atomic loads; the fields are not one snapshot). */
 int bm_get_info(bm_tracker *t, bm_info *out);
 
+/* The size a sidecar for an image of IMAGE_SIZE bytes at GRANULARITY has on
+ * disk (header, control block and every chunk, in whole pages), so callers
+ * can reserve room for one; EINVAL or EFBIG like bm_create. */
+int64_t bm_sidecar_bytes(uint64_t image_size, uint32_t granularity);
+
 /* Start a new series: new series id, generation 0, UNCLEAN and ERAS_DAMAGED
  * cleared, dead writer slots freed and every granule marked dirty. This is
  * how a consumer acknowledges an unclean sidecar: nothing from before is

@@ -185,6 +185,18 @@ static uint64_t bitmap_bytes_for(uint64_t image_size, uint32_t shift)
     return (bytes + BM_PAGE - 1) / BM_PAGE * BM_PAGE;
 }
 
+static int shift_of(uint32_t granularity);
+
+int64_t bm_sidecar_bytes(uint64_t image_size, uint32_t granularity)
+{
+    int shift = shift_of(granularity);
+    if (shift < 0)
+        return bm_fail(EINVAL, "granularity %u is not a power of two in range", granularity);
+    if (image_size > bm_max_image_for((uint32_t)shift))
+        return bm_fail_too_big((uint32_t)shift, image_size);
+    return (int64_t)(BM_BITMAP_OFFSET + bitmap_bytes_for(image_size, (uint32_t)shift));
+}
+
 static size_t reservation_for(uint32_t shift)
 {
     return BM_BITMAP_OFFSET + bitmap_bytes_for(bm_max_image_for(shift), shift);

@@ -72,6 +72,10 @@ def create(path: str, image_fd: int, image_size: int, granularity: int) -> None:
         raise error_from_c(path, sidecar=True)
 
 
+def sidecar_bytes(image_size: int, granularity: int) -> int:
+    return check(lib.bm_sidecar_bytes(image_size, granularity))
+
+
 def open_tracker(path: str, writer: bool, image_fd: int) -> Handle:
     """Open PATH for the image open as IMAGE_FD (-1: none, readers only)."""
     flags = lib.BM_OPEN_WRITER if writer else lib.BM_OPEN_READER

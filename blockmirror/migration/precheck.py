@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from blockmirror import files
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
 from blockmirror.migration import journal
+from blockmirror.migration.manifest import HEADER_BYTES as MANIFEST_HEADER_BYTES
+from blockmirror.migration.manifest import MAGIC_PREFIX as MANIFEST_MAGIC_PREFIX
 from blockmirror.migration.manifest import SUFFIX as MANIFEST_SUFFIX
-from blockmirror.tracking.tracker import SIDECAR_SUFFIX
+from blockmirror.migration.manifest import TMP_SUFFIX as MANIFEST_TMP
+from blockmirror.tracking.tracker import SIDECAR_SUFFIX, sidecar_bytes
 from blockmirror.units import format_bytes
 
 PARTIAL_SUFFIX = ".bm-partial"
@@ -48,16 +51,9 @@ def free_bytes(folder: str) -> int:
 
 
 # Names blockmirror gives its own files: never an image, never a destination.
-MANIFEST_TMP_SUFFIX = MANIFEST_SUFFIX + ".tmp"
+MANIFEST_TMP_SUFFIX = MANIFEST_SUFFIX + MANIFEST_TMP
 OWN_SUFFIXES = (SIDECAR_SUFFIX, MANIFEST_SUFFIX, MANIFEST_TMP_SUFFIX, PARTIAL_SUFFIX)
 SIDECAR_MAGIC = b"BMCBT\r\n\032"
-MANIFEST_MAGIC_PREFIX = b"BMMANIFEST "
-# Sidecar layout (csrc/bm_internal.h): 8 KiB of header and control block, then
-# chunks of 4096 granules (64 words of dirty bits, then 4096 uint32 eras).
-SIDECAR_HEADER_BYTES = 8192
-SIDECAR_CHUNK_GRANULES = 4096
-SIDECAR_CHUNK_BYTES = 64 * 8 + 4096 * 4
-MANIFEST_HEADER_BYTES = 4096
 # In-memory bytes per granule a copy-mode sync may hold at once: the
 # manifest's digests, a hash resync's source digests, one encoded copy.
 MANIFEST_MEMORY_PER_GRANULE = 24
@@ -123,14 +119,6 @@ def on_pseudo_filesystem(path: str) -> bool:
     if real in ("/proc", "/sys") or real.startswith(("/proc/", "/sys/")):
         return True
     return filesystem_type(real) in PSEUDO_FILESYSTEMS
-
-
-def sidecar_bytes(image_size: int, granularity: int) -> int:
-    """The size of a sidecar covering IMAGE_SIZE at GRANULARITY."""
-    granules = -(-image_size // granularity)
-    chunks = -(-granules // SIDECAR_CHUNK_GRANULES)
-    chunk_bytes = -(-chunks * SIDECAR_CHUNK_BYTES // 4096) * 4096  # whole pages
-    return SIDECAR_HEADER_BYTES + chunk_bytes
 
 
 def manifest_bytes(allocated: int, granularity: int) -> int:

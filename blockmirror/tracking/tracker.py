@@ -34,6 +34,12 @@ def sidecar_path(image_path: str | os.PathLike[str]) -> str:
     return os.fspath(image_path) + SIDECAR_SUFFIX
 
 
+def sidecar_bytes(image_size: int, granularity: int) -> int:
+    """The disk a sidecar covering IMAGE_SIZE at GRANULARITY takes (the C
+    core's own layout)."""
+    return _c.sidecar_bytes(image_size, granularity)
+
+
 def _open_image(image_path: str) -> int:
     """An O_PATH fd of the image (no read permission needed, never blocks):
     the C side takes its owner, device and inode from it."""
