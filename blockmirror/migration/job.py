@@ -128,7 +128,7 @@ class FileSyncJob:
             self.manifest, self.dst_fd = incremental.open_earlier_copy(
                 plan.destination, notes=self.result.notes, rebuild=plan.resume == "copy",
                 source=plan.source,
-                granularity=self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY)
+                granularity=self._granularity)
             if plan.resume == "copy":
                 self.result.notes.append("resumed a commit a killed run left unfinished: "
                                          "the copy was re-hashed to rebuild its manifest")
@@ -350,15 +350,19 @@ class FileSyncJob:
             self._write_manifest()
             journal.clear(self.plan.destination)  # the copy is whole
 
+    @property
+    def _granularity(self) -> int:
+        """The granule the copy's manifest uses: the source tracker's."""
+        return self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY
+
     def _write_manifest(self) -> None:
         """Digest what this run wrote (a new copy: all of it) and record the
         change id the copy is exact at, for the next incremental sync."""
         assert self.passes is not None
         if self.manifest is None:
             # A new copy started as one hole: what no pass wrote is zeros.
-            granularity = self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY
             self.manifest = Manifest.create(
-                manifest_path(self.plan.destination), granularity=granularity,
+                manifest_path(self.plan.destination), granularity=self._granularity,
                 image_size=os.fstat(self.dst_fd).st_size, source=self.plan.source)
         regions = self.passes.touched()
         self.manifest.record(self.dst_fd, regions, workers=self.options.workers)
