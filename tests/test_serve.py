@@ -385,23 +385,51 @@ def test_image_already_served(refused, image, tmp_path, serve_bg):
 
 
 @needs_plugin
-def test_nbdkit_refusing_a_served_image_is_translated(image, tmp_path, serve_bg):
-    """Should the lock check miss it (a race), nbdkit's own refusal still
-    comes out as bad input."""
-    serve_bg(image, "--socket", tmp_path / "first.sock")
-    before = listing(tmp_path)
-    script = textwrap.dedent("""
+def test_a_readonly_export_cannot_join_a_writable_one(refused, image, tmp_path, serve_bg):
+    serve_bg(image, "--socket", tmp_path / "rw.sock")
+    refused("already served", image, "--readonly", "--socket", tmp_path / "ro.sock")
+
+
+def run_cli_without_prechecks(*args: object, skip: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with one pre-check (SKIP: "lock" or "port") disabled, as if
+    the situation arose between the check and nbdkit's start (a race)."""
+    patch = {
+        "lock": "serve.served_elsewhere = lambda image, readonly: False",
+        "port": "serve.TcpEndpoint.check = lambda self: None",
+    }[skip]
+    script = textwrap.dedent(f"""
         import sys
         import blockmirror.frontend.serve as serve
-        serve.served_elsewhere = lambda image: False
+        {patch}
         from blockmirror.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
-    proc = subprocess.run([sys.executable, "-c", script, "serve", str(image), "--socket",
-                           str(tmp_path / "second.sock")],
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)],
                           capture_output=True, text=True, timeout=60)
+
+
+@needs_plugin
+def test_nbdkit_refusing_a_served_image_is_translated(image, tmp_path, serve_bg):
+    """Should the lock check miss it, nbdkit's own refusal is still bad input."""
+    serve_bg(image, "--socket", tmp_path / "first.sock")
+    before = listing(tmp_path)
+    proc = run_cli_without_prechecks("serve", image, "--socket", tmp_path / "second.sock",
+                                     skip="lock")
     assert_refused(proc, "already served")
     assert listing(tmp_path) == before
+
+
+@needs_plugin
+def test_a_failed_start_removes_the_sidecar_it_created(image, tmp_path):
+    before, dirs = listing(tmp_path), private_dirs()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        proc = run_cli_without_prechecks("serve", image, "--port", s.getsockname()[1],
+                                         "--pidfile", tmp_path / "p.pid", skip="port")
+    assert_refused(proc, "in use")
+    assert listing(tmp_path) == before  # no sidecar, no pidfile
+    assert private_dirs() == dirs
 
 
 # -- the fuse file (root and /dev/fuse only) -----------------------------------

@@ -32,8 +32,6 @@ def plugin_path() -> str:
     import blockmirror
 
     folder = os.path.dirname(os.path.abspath(blockmirror.__file__))
-    if os.environ.get("BLOCKMIRROR_SERVE_STANDIN") == "file":
-        return "file"
     found = sorted(glob.glob(os.path.join(folder, "_nbdkit_plugin*.so")))
     if not found:
         raise InvalidInputError(PLUGIN_HINT)
@@ -47,8 +45,7 @@ def nbdkit_command(nbdkit: str, plugin: str, image: str, listen_args: list[str],
     command = [nbdkit, "--foreground", "--exit-with-parent", *listen_args]
     if readonly:
         command.append("-r")
-    key = "file" if plugin == "file" else "image"
-    command += [plugin, f"{key}={os.path.abspath(image)}"]
+    command += [plugin, f"image={os.path.abspath(image)}"]
     if readonly:
         command.append("readonly=true")
     return command
@@ -56,18 +53,23 @@ def nbdkit_command(nbdkit: str, plugin: str, image: str, listen_args: list[str],
 
 # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = struct.Struct("hhqqi4x")
+# The byte the plugin locks to claim an image (SERVE_LOCK_OFFSET in
+# csrc/nbdkit/plugin.c): a write lock for a read-write export, a read lock
+# for a read-only one, so only read-only exports share an image.
+SERVE_LOCK_OFFSET = 1 << 62
 
 
-def served_elsewhere(image: str) -> bool:
-    """True when a process holds a lock on IMAGE: the plugin takes an OFD
-    lock on the image it serves (so does QEMU on images it has open). Asks
-    with F_OFD_GETLK, which takes nothing; False when it cannot tell."""
+def served_elsewhere(image: str, *, readonly: bool) -> bool:
+    """True when a running plugin holds IMAGE's serve lock against an export
+    of this kind. Asks with F_OFD_GETLK, which takes nothing; False when it
+    cannot tell (nbdkit's own refusal is translated then)."""
     try:
         fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        kind = fcntl.F_RDLCK if readonly else fcntl.F_WRLCK
+        query = _FLOCK.pack(kind, os.SEEK_SET, SERVE_LOCK_OFFSET, 1, 0)
         answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
         return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
     except OSError:

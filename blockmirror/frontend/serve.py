@@ -76,9 +76,8 @@ def check(options: ServeOptions) -> _Plan:
     nbdkit = program("nbdkit", NBDKIT_HINT)
     plugin = plugin_path()
     image = os.path.abspath(options.image)
-    if served_elsewhere(image):
-        raise InvalidInputError(f"{image} is already served (another blockmirror serve, "
-                                "or a program such as QEMU, holds a lock on it)")
+    if served_elsewhere(image, readonly=options.readonly):
+        raise InvalidInputError(f"{image} is already served by another blockmirror serve")
     if os.path.lexists(sidecar_path(image)):
         Tracker.open(image).close()  # a sidecar the plugin would refuse is refused here
     endpoint: Endpoint = (UnixEndpoint(options.socket) if options.port is None
