@@ -146,8 +146,7 @@ def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
-    if not line:
-        proc.kill()
+    if not line:  # the caller's foreground() stops it (SIGTERM: nothing left behind)
         raise AssertionError(f"no output within {timeout} s")
     return line[0].rstrip("\n")
 
@@ -321,7 +320,13 @@ def refused(tmp_path: Path) -> Iterator[object]:
     as they were."""
     def check(pattern: str, *args: object, **kwargs: object) -> None:
         before, dirs = listing(tmp_path), private_dirs()
-        assert_refused(run_cli("serve", *args, **kwargs), pattern)
+        # A pidfile (created only if the serve wrongly starts) to stop it by;
+        # one the test passes comes later and wins.
+        pidfile = tmp_path / "refused.pid"
+        proc = run_cli("serve", "--pidfile", pidfile, *args, **kwargs)
+        if proc.returncode == 0 and pidfile.exists():
+            Served(proc.stdout.splitlines(), pidfile).stop()
+        assert_refused(proc, pattern)
         assert listing(tmp_path) == before
         assert private_dirs() == dirs
 
@@ -391,8 +396,9 @@ def test_a_readonly_export_cannot_join_a_writable_one(refused, image, tmp_path, 
 
 
 def run_cli_without_prechecks(*args: object, skip: str) -> subprocess.CompletedProcess[str]:
-    """The CLI with one pre-check (SKIP: "lock" or "port") disabled, as if
-    the situation arose between the check and nbdkit's start (a race)."""
+    """``serve ARGS`` with one pre-check (SKIP: "lock" or "port") disabled,
+    as if the situation arose between the check and nbdkit's start (a race).
+    A serve that wrongly starts is stopped again."""
     patch = {
         "lock": "serve.served_elsewhere = lambda image, readonly: False",
         "port": "serve.TcpEndpoint.check = lambda self: None",
@@ -404,8 +410,13 @@ def run_cli_without_prechecks(*args: object, skip: str) -> subprocess.CompletedP
         from blockmirror.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
+    pidfile = Path(tempfile.mkdtemp(prefix="bm-test-")) / "wrongly-started.pid"
+    proc = subprocess.run([sys.executable, "-c", script, "serve", "--pidfile", str(pidfile),
+                           *map(str, args)], capture_output=True, text=True, timeout=60)
+    if proc.returncode == 0 and pidfile.exists():
+        Served(proc.stdout.splitlines(), pidfile).stop()
+    shutil.rmtree(pidfile.parent)
+    return proc
 
 
 @needs_plugin
@@ -413,8 +424,7 @@ def test_nbdkit_refusing_a_served_image_is_translated(image, tmp_path, serve_bg)
     """Should the lock check miss it, nbdkit's own refusal is still bad input."""
     serve_bg(image, "--socket", tmp_path / "first.sock")
     before = listing(tmp_path)
-    proc = run_cli_without_prechecks("serve", image, "--socket", tmp_path / "second.sock",
-                                     skip="lock")
+    proc = run_cli_without_prechecks(image, "--socket", tmp_path / "second.sock", skip="lock")
     assert_refused(proc, "already served")
     assert listing(tmp_path) == before
 
@@ -425,7 +435,7 @@ def test_a_failed_start_removes_the_sidecar_it_created(image, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        proc = run_cli_without_prechecks("serve", image, "--port", s.getsockname()[1],
+        proc = run_cli_without_prechecks(image, "--port", s.getsockname()[1],
                                          "--pidfile", tmp_path / "p.pid", skip="port")
     assert_refused(proc, "in use")
     assert listing(tmp_path) == before  # no sidecar, no pidfile
@@ -497,3 +507,18 @@ def test_fuse_dir_not_empty(refused, image, tmp_path):
     mnt.mkdir()
     (mnt / "keep").write_text("x")
     refused("is not empty", image, "--fuse", mnt)
+
+
+@needs_plugin
+def test_sigkill_of_the_supervisor_leaves_no_mount(image, tmp_path, serve_bg):
+    _needs_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    served = serve_bg(image, "--fuse", mnt, "--socket", tmp_path / "s")
+    helpers = children_of(served.pid)
+    assert len(helpers) == 2  # nbdkit and nbdfuse
+    served.stop(signal.SIGKILL)
+    for pid in helpers:
+        wait_for(lambda p=pid: not alive(p), 30, "the helpers to follow their supervisor")
+    wait_for(lambda: not _mounted(mnt), 10, "the fuse mount to go")
+    assert_clean_sidecar(image)
