@@ -86,7 +86,8 @@ def _run_supervisor(write_end: int, supervise: Callable[[Announce], int]) -> int
     except BaseException as e:
         if announced:
             return 1  # nobody is listening any more; nbdkit is already stopped
-        os.write(write_end, pickle.dumps(_portable(e)))
+        with contextlib.suppress(OSError):  # the shell's side may be gone (Ctrl-C)
+            os.write(write_end, pickle.dumps(_portable(e)))
         return 1
 
 

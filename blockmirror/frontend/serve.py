@@ -166,9 +166,9 @@ class Supervisor:
             lines = [self.plan.endpoint.uri]
             if self.plan.fuse is not None:
                 lines.append(self.plan.fuse.path)
-            announce(lines)
-            self._announced = True
-            with _StopRequests() as stop:
+            with _StopRequests() as stop:  # from the announcement on, a signal is a stop request
+                announce(lines)
+                self._announced = True
                 died = self._wait_for_the_end(stop)
                 self._stop_in_order(stop)
             if died is not None:
