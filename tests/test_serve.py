@@ -362,6 +362,17 @@ def test_nbdkit_not_installed(refused, image, tmp_path):
     refused("apt-get install nbdkit", image, env={**os.environ, "PATH": str(empty)})
 
 
+@needs_plugin
+def test_nbdfuse_not_installed(refused, image, tmp_path):
+    only_nbdkit = tmp_path / "bin"
+    only_nbdkit.mkdir()
+    (only_nbdkit / "nbdkit").symlink_to(shutil.which("nbdkit"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    refused("apt-get install libnbd-bin", image, "--fuse", mnt,
+            env={**os.environ, "PATH": str(only_nbdkit)})
+
+
 def test_plugin_not_built(monkeypatch, tmp_path):
     monkeypatch.setattr(blockmirror, "__file__", str(tmp_path / "__init__.py"))
     with pytest.raises(InvalidInputError, match="plugin is not built"):
