@@ -407,12 +407,13 @@ def test_a_readonly_export_cannot_join_a_writable_one(refused, image, tmp_path, 
 
 
 def run_cli_without_prechecks(*args: object, skip: str) -> subprocess.CompletedProcess[str]:
-    """``serve ARGS`` with one pre-check (SKIP: "lock" or "port") disabled,
+    """``serve ARGS`` with one pre-check (SKIP: "lock", "port", "sidecar") off,
     as if the situation arose between the check and nbdkit's start (a race).
     A serve that wrongly starts is stopped again."""
     patch = {
         "lock": "serve.served_elsewhere = lambda image, readonly: False",
         "port": "serve.TcpEndpoint.check = lambda self: None",
+        "sidecar": "serve._check_sidecar = lambda image: None",
     }[skip]
     script = textwrap.dedent(f"""
         import sys
@@ -533,3 +534,18 @@ def test_sigkill_of_the_supervisor_leaves_no_mount(image, tmp_path, serve_bg):
         wait_for(lambda p=pid: not alive(p), 30, "the helpers to follow their supervisor")
     wait_for(lambda: not _mounted(mnt), 10, "the fuse mount to go")
     assert_clean_sidecar(image)
+
+
+@needs_plugin
+@pytest.mark.parametrize("checked", [True, False], ids=["pre-check", "plugin's refusal"])
+def test_a_sidecar_made_for_another_file_is_bad_input(tmp_path, checked):
+    other, image = tmp_path / "other.img", tmp_path / "disk.img"
+    make_data_image(other, 4 * MiB, tracked=True)
+    make_data_image(image, 4 * MiB)
+    shutil.copy2(f"{other}.cbt", f"{image}.cbt")
+    before = listing(tmp_path)
+    args = (image, "--socket", tmp_path / "s")
+    proc = (run_cli("serve", *args) if checked
+            else run_cli_without_prechecks(*args, skip="sidecar"))
+    assert_refused(proc, "made for another file")
+    assert listing(tmp_path) == before

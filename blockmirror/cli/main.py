@@ -218,6 +218,8 @@ def _add_serve_parser(sub: Any) -> None:
         description="Export IMAGE over NBD through nbdkit and blockmirror's plugin, so any NBD "
         "client (QEMU, fio, qemu-io, nbdfuse) is a tracked writer. Prints the NBD URI (and, "
         "with --fuse, the file's path); stop it with SIGINT or SIGTERM.",
+        epilog="exit codes: 0 stopped on request · 1 nbdkit or nbdfuse failed or died · "
+        "2 bad input (nothing was created)",
     )
     s.add_argument("image")
     where = s.add_mutually_exclusive_group()

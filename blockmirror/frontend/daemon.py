@@ -16,6 +16,7 @@ import os
 import pickle
 import stat
 import sys
+import syslog
 from collections.abc import Callable
 
 from blockmirror.errors import InvalidInputError, SidecarError
@@ -84,8 +85,9 @@ def _run_supervisor(write_end: int, supervise: Callable[[Announce], int]) -> int
     try:
         return supervise(announce)
     except BaseException as e:
-        if announced:
-            return 1  # nobody is listening any more; nbdkit is already stopped
+        if announced:  # the shell is gone: say it where an operator looks
+            syslog.syslog(syslog.LOG_ERR, f"blockmirror serve: {e}")
+            return 1
         with contextlib.suppress(OSError):  # the shell's side may be gone (Ctrl-C)
             os.write(write_end, pickle.dumps(_portable(e)))
         return 1

@@ -79,7 +79,7 @@ def check(options: ServeOptions) -> _Plan:
     if served_elsewhere(image, readonly=options.readonly):
         raise InvalidInputError(f"{image} is already served by another blockmirror serve")
     if os.path.lexists(sidecar_path(image)):
-        Tracker.open(image).close()  # a sidecar the plugin would refuse is refused here
+        _check_sidecar(image)
     endpoint: Endpoint = (UnixEndpoint(options.socket) if options.port is None
                           else TcpEndpoint(options.port, options.bind))
     endpoint.check()
@@ -91,6 +91,15 @@ def check(options: ServeOptions) -> _Plan:
         daemon.check_pidfile(options.pidfile)
         options = dataclasses.replace(options, pidfile=os.path.abspath(options.pidfile))
     return _Plan(options, image, nbdkit, plugin, endpoint, fuse)
+
+
+def _check_sidecar(image: str) -> None:
+    """Refuse here a sidecar the plugin would refuse as a writer."""
+    with Tracker.open(image) as tracker:  # raises for a foreign, corrupt or unsafe one
+        if tracker.info().not_this_image:
+            raise InvalidInputError(f"sidecar {tracker.path} was made for another file, not "
+                                    "this image: remove it, or accept it with blockmirror "
+                                    "track reset")
 
 
 def serve(options: ServeOptions, out: TextIO | None = None) -> int:
@@ -211,6 +220,8 @@ class Supervisor:
         if nbdkit.said("already served"):
             return InvalidInputError(f"{self.plan.image} is already served by another "
                                      "blockmirror serve")
+        if nbdkit.said("change-tracking sidecar"):  # the plugin refused it: bad input
+            return InvalidInputError(nbdkit.problem().removeprefix("nbdkit: error: "))
         endpoint = self.plan.endpoint
         if isinstance(endpoint, TcpEndpoint) and nbdkit.said("Address already in use"):
             return InvalidInputError(endpoint.bind_failure(98))
