@@ -234,7 +234,7 @@ def test_foreground_stays_attached_until_sigint(image, tmp_path):
         assert socket_of(uri) == str(sock)
         assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
         assert export_size(uri) == image.stat().st_size
-        assert [n for n in listing(tmp_path) if n.startswith(".bm-serve-")] == []
+        assert [n for n in listing(tmp_path) if n.startswith(".bm-")] == []
         time.sleep(0.3)
         assert proc.poll() is None, "the foreground server exited"
         proc.send_signal(signal.SIGINT)
@@ -346,6 +346,13 @@ def test_image_not_a_regular_file(refused, tmp_path):
 def test_socket_path_exists(refused, image, tmp_path):
     (tmp_path / "taken").write_text("")
     refused("already exists", image, "--socket", tmp_path / "taken")
+
+
+@needs_plugin
+@pytest.mark.parametrize("where, pattern", [("missing/s", "does not exist"),
+                                            ("x" * 120, "longer than 107 bytes")])
+def test_socket_path_unusable(refused, image, tmp_path, where, pattern):
+    refused(pattern, image, "--socket", tmp_path / where)
 
 
 @needs_plugin

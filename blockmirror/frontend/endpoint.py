@@ -114,11 +114,12 @@ class UnixEndpoint(Endpoint):
     def prepare(self) -> None:
         if self.final is None:
             self._private = tempfile.mkdtemp(prefix="blockmirror-serve-")
+            self._bound = os.path.join(self._private, _SOCKET_NAME)
         else:
-            # Beside the final name: link() needs the same filesystem.
-            self._private = tempfile.mkdtemp(prefix=".bm-serve-",
-                                             dir=os.path.dirname(self.final))
-        self._bound = os.path.join(self._private, _SOCKET_NAME)
+            # Beside the final name (link() needs the same filesystem), and
+            # short: it must fit in sun_path wherever the final name does.
+            self._private = tempfile.mkdtemp(prefix=".bm-", dir=os.path.dirname(self.final))
+            self._bound = os.path.join(self._private, "s")
         if len(os.fsencode(self._bound)) > MAX_SOCKET_PATH:
             self.remove()
             where = "the temporary folder" if self.final is None else "the socket's folder"

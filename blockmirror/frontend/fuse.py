@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 
 from blockmirror.errors import InvalidInputError
 from blockmirror.frontend.plugin import NBDFUSE_HINT, program
@@ -58,7 +57,7 @@ class FuseFile:
             raise InvalidInputError("serve --fuse needs root here (nbdfuse mounts through "
                                     "fusermount3 otherwise, which is not installed)")
 
-    def start(self, uri: str, timeout: float, stopping: Callable[[], bool]) -> None:
+    def start(self, uri: str, timeout: float) -> None:
         """Run nbdfuse and wait until the file is there."""
         setpriv = shutil.which("setpriv")
         guard = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
@@ -68,7 +67,7 @@ class FuseFile:
             if not self.child.running():
                 raise OSError(errno.EIO, f"nbdfuse could not mount {self.path}: "
                               f"{self.child.problem() or self.child.exit_description()}")
-            if time.monotonic() > deadline or stopping():
+            if time.monotonic() > deadline:
                 raise OSError(errno.ETIMEDOUT, "nbdfuse did not mount the file in time",
                               self.path)
             time.sleep(_POLL_S)
@@ -87,9 +86,13 @@ class FuseFile:
         if self.child is None or not self.child.running():
             return True
         code = _umount(self.folder)
-        if code in (errno.EPERM, errno.EACCES):  # not root: fusermount3 mounted it
-            return self.force_unmount()
-        return code in (0, errno.EINVAL)  # EINVAL: not mounted (any more)
+        if code in (0, errno.EINVAL):  # EINVAL: not mounted (any more)
+            return True
+        if code == errno.EBUSY:
+            return False
+        # Not ours to unmount (not root: fusermount3 mounted it) or a failure:
+        # nbdfuse detaches it itself.
+        return self.force_unmount()
 
     def force_unmount(self) -> bool:
         """Detach the mount even if in use: its users get ENOTCONN."""

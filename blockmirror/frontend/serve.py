@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import selectors
 import signal
@@ -203,7 +204,7 @@ class Supervisor:
         self.nbdkit.forward = True
         if plan.fuse is not None:
             undo.callback(plan.fuse.force_unmount)
-            plan.fuse.start(plan.endpoint.uri, STARTUP_TIMEOUT_S, lambda: False)
+            plan.fuse.start(plan.endpoint.uri, STARTUP_TIMEOUT_S)
 
     def _wait_until_accepting(self, nbdkit: Child) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -224,7 +225,7 @@ class Supervisor:
             return InvalidInputError(nbdkit.problem().removeprefix("nbdkit: error: "))
         endpoint = self.plan.endpoint
         if isinstance(endpoint, TcpEndpoint) and nbdkit.said("Address already in use"):
-            return InvalidInputError(endpoint.bind_failure(98))
+            return InvalidInputError(endpoint.bind_failure(errno.EADDRINUSE))
         return ServeError(f"nbdkit could not serve {self.plan.image}: "
                           f"{nbdkit.problem() or nbdkit.exit_description()}")
 
