@@ -59,7 +59,7 @@ def remove_pidfile(path: str, ident: tuple[int, int]) -> None:
 
 def quiet_stdio() -> None:
     """stdin, stdout and stderr onto /dev/null (read-write, never created)."""
-    fd = os.open(os.devnull, os.O_RDWR | os.O_NOFOLLOW)
+    fd = os.open(os.devnull, os.O_RDWR)  # no O_CREAT: a missing one is an error
     try:
         if not stat.S_ISCHR(os.fstat(fd).st_mode):
             raise OSError(errno.ENODEV, "not a character device", os.devnull)
