@@ -7,13 +7,17 @@ the bitmap lives in a shared memory map and every change to it is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 from blockmirror._bindings import copy as _copy
+from blockmirror._bindings import mirror as _m
 from blockmirror._bindings import tracker as _c
 from blockmirror._bindings import writer as _w
+from blockmirror._bindings.mirror import MirrorStatus
 from blockmirror._bindings.tracker import (
     DEFAULT_GRANULARITY,
     MAX_GRANULARITY,
@@ -336,6 +340,34 @@ class Tracker(Closeable):
                           real)
         with Tracker.open(real) as destination:
             _c.redirect(self._h, real, destination._h)
+
+    def mirror_start(self, target: str | os.PathLike[str]) -> None:
+        """Mirror writers' writes to clean ranges into TARGET, which must hold
+        a copy of every clean range already (csrc/mirror.c, I7). The tracker
+        must have been opened with its image; mirroring ends with
+        ``mirror_stop``, this handle's close or this process's death."""
+        path = os.path.abspath(os.fspath(target))
+        # Writers follow no link, so folder links are resolved here.
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        _m.start(self._h, real)
+
+    def mirror_stop(self) -> None:
+        """Stop mirroring and wait for mirrored writes in flight to land."""
+        _m.stop(self._h)
+
+    def mirror_status(self) -> MirrorStatus:
+        return _m.status(self._h)
+
+    @contextlib.contextmanager
+    def copying(self, offset: int, length: int) -> Iterator[None]:
+        """Hold the mirror interlock over [offset, offset+length) while its
+        bytes are read from the source and written to the copy: mirrored
+        writes there finish first, later ones leave the range dirty."""
+        _m.copy_claim(self._h, offset, length)
+        try:
+            yield
+        finally:
+            _m.copy_release(self._h, offset, length)
 
     def open_redirect_target(self, *, writer: bool = True) -> tuple[Tracker, int]:
         """Follow a redirect: the target's tracker (a writer's, by default)
