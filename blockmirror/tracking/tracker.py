@@ -358,16 +358,25 @@ class Tracker(Closeable):
     def mirror_status(self) -> MirrorStatus:
         return _m.status(self._h)
 
+    def copy_claim(self, offset: int, length: int) -> None:
+        """Take the mirror interlock over [offset, offset+length) before its
+        bytes are read from the source to copy them: mirrored writes there
+        finish first, later ones leave the range dirty. Raises TimeoutError
+        if one does not finish (a writer died mid-write)."""
+        _m.copy_claim(self._h, offset, length)
+
+    def copy_release(self, offset: int, length: int) -> None:
+        """Release a ``copy_claim`` once the range's bytes are on the copy."""
+        _m.copy_release(self._h, offset, length)
+
     @contextlib.contextmanager
     def copying(self, offset: int, length: int) -> Iterator[None]:
-        """Hold the mirror interlock over [offset, offset+length) while its
-        bytes are read from the source and written to the copy: mirrored
-        writes there finish first, later ones leave the range dirty."""
-        _m.copy_claim(self._h, offset, length)
+        """``copy_claim`` ... ``copy_release`` around a block of code."""
+        self.copy_claim(offset, length)
         try:
             yield
         finally:
-            _m.copy_release(self._h, offset, length)
+            self.copy_release(offset, length)
 
     def open_redirect_target(self, *, writer: bool = True) -> tuple[Tracker, int]:
         """Follow a redirect: the target's tracker (a writer's, by default)
@@ -449,6 +458,7 @@ __all__ = [
     "MAX_IMAGE_SIZE",
     "MIN_GRANULARITY",
     "SIDECAR_SUFFIX",
+    "MirrorStatus",
     "SidecarError",
     "Tracker",
     "TrackerInfo",
