@@ -79,8 +79,19 @@ def socket_of(uri: str) -> str:
     return urllib.parse.unquote(uri.split("socket=", 1)[1])
 
 
+@pytest.fixture(autouse=True)
+def own_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """serve makes its private socket folder in TMPDIR: one of each test's
+    own (short, for sun_path), so exports of other runs never disturb the
+    checks of what is left behind."""
+    folder = Path(tempfile.mkdtemp(prefix="bmt-"))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def private_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "blockmirror-serve-*")))
+    return set(glob.glob(os.path.join(os.environ["TMPDIR"], "blockmirror-serve-*")))
 
 
 def listing(folder: Path) -> list[str]:
@@ -186,6 +197,7 @@ def test_background_serve_is_private_reachable_and_stops_clean(image, serve_bg):
     assert stat.S_ISSOCK(os.lstat(sock).st_mode)
     assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
+    assert private_dirs() == {*before, os.path.dirname(sock)}
     assert os.path.exists(f"{image}.cbt"), "tracking was not enabled"
     assert alive(served.pid) and os.getsid(served.pid) != os.getsid(0), "not detached"
     assert export_size(served.uri) == image.stat().st_size
