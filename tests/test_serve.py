@@ -234,7 +234,10 @@ def test_readonly_refuses_writes(image, serve_bg):
     served = serve_bg(image, "--readonly")
     proc = subprocess.run([qemu_io, "-f", "raw", "-c", "write -P 0x11 0 64k", served.uri],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 or "failed" in proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Permission denied" in proc.stderr, proc.stderr
+    proc = subprocess.run([qemu_io, "-r", "-f", "raw", "-c", "read 0 64k", served.uri],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # reads still work
     assert image.read_bytes() == content
 
 
