@@ -133,20 +133,22 @@ class WriteLog:
         """Per connection, requests acknowledged after monotonic time T."""
         return [sum(1 for op in w.ops if t < op.acked < math.inf) for w in self.writers]
 
-    def replayed(self, initial: bytes) -> bytes:
-        """INITIAL with every logged request applied: what the image must hold
-        once the writers stopped (no acknowledged request lost)."""
+    def replayed(self, initial: bytes, upto: list[int] | None = None) -> bytes:
+        """INITIAL with every logged request applied (with UPTO, connection
+        i's first UPTO[i]): once the writers stopped, what the image must
+        hold (no acknowledged request lost)."""
         state = np.frombuffer(initial, dtype=np.uint8).copy()
-        for w in self.writers:
-            for op in w.ops:
+        for i, w in enumerate(self.writers):
+            for op in w.ops[:None if upto is None else upto[i]]:
                 _apply(state, op)
         return state.tobytes()
 
-    def assert_one_instant(self, copy: bytes, initial: bytes) -> list[int]:
+    def assert_one_instant(self, copy: bytes, initial: bytes, *, after: float = -math.inf,
+                           before: float = math.inf) -> list[int]:
         """COPY must be INITIAL with, per connection, a prefix of its log
-        applied, all prefixes consistent with one instant T (every request
-        in them sent before T, the next one acknowledged after T). Returns
-        the prefix lengths."""
+        applied, all prefixes consistent with one instant T between AFTER
+        and BEFORE (every request in them sent before T, the next one
+        acknowledged after T). Returns the prefix lengths."""
         assert len(copy) == len(initial) == self.size
         tail = self.size - self.size % STRIPE
         assert copy[tail:] == initial[tail:], "bytes no writer touches changed"
@@ -155,12 +157,16 @@ class WriteLog:
                    for i, w in enumerate(self.writers)]
         assert all(windows), ("the copy is not any prefix of some connection's log: "
                               f"{[len(c) for c in windows]} candidate prefixes")
-        for lo, _k in sorted((lo, k) for c in windows for lo, _hi, k in c):
-            picks = [next((k for a, b, k in c if a <= lo < b), None) for c in windows]
+        # T can be taken just after the latest "sent" it must follow: one of these
+        for t in sorted({after} | {lo for c in windows for lo, _hi, _k in c if lo > after}):
+            if t >= before:
+                break
+            picks = [next((k for lo, hi, k in c if lo <= t < hi), None) for c in windows]
             if all(p is not None for p in picks):
                 return [p for p in picks if p is not None]
         raise AssertionError(f"each connection's part is a prefix of its log, but no single "
-                             f"instant explains them all: {windows}")
+                             f"instant between {after} and {before} explains them all: "
+                             f"{windows}")
 
 
 def _apply(state: np.ndarray, op: Op) -> None:

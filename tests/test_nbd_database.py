@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -49,6 +52,7 @@ with open(sys.argv[2], "w", buffering=1) as log:
         db.execute("COMMIT")
         log.write(f"{i} {begun} {time.monotonic()}\\n")
         i += 1
+        time.sleep(0.002)  # a busy database, not a flood the copy cannot catch up with
 """
 
 
@@ -132,15 +136,21 @@ def test_sqlite_on_ext4_on_the_export_survives_a_live_copy(ram_tmp_path):
         mkfs = run("mkfs.ext4", "-q", "-F", device)
         assert mkfs.returncode == 0, mkfs.stderr
         fs = stack.enter_context(mounted(device, work / "mnt"))
+        with open(fs / "ballast", "wb") as f:  # data for a long bulk pass
+            f.write(random.Random(1).randbytes(24 * MiB))
+            os.fsync(f.fileno())
         log = work / "commits.log"
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(fs / "db.sqlite"), str(log)])
         stack.callback(writer.wait, 30)
         stack.callback(writer.send_signal, signal.SIGTERM)
         wait_for(lambda: log.exists() and len(commits(log)) >= 30, 30, "30 commits")
         began = time.monotonic()
-        proc = run_cli("sync", image, work / "dst", "--target-downtime", "500ms", "--json")
+        # a slow copy: the final pass holds the database frozen a while
+        proc = run_cli("sync", image, work / "dst", "--target-downtime", "2s", "--bwlimit", "16M",
+                       "--json")
         ended = time.monotonic()
         assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["passes"][-1]["seconds"] > 0.05, proc.stdout
         n = len(commits(log))
         wait_for(lambda: len(commits(log)) >= n + 10, 30, "commits after the sync")
         assert writer.poll() is None, "the database writer died"

@@ -209,20 +209,15 @@ def test_the_one_instant_check_can_fail(serve, tmp_path):
 
     def at(times: list[float]) -> bytes:
         """Connection i's requests acknowledged before TIMES[i], applied."""
-        keep = [[op for op in w.ops if op.acked < t] for w, t in zip(log.writers, times,
-                                                                       strict=True)]
-        saved = [w.ops for w in log.writers]
-        try:
-            for w, ops in zip(log.writers, keep, strict=True):
-                w.ops = ops
-            return log.replayed(initial)
-        finally:
-            for w, ops in zip(log.writers, saved, strict=True):
-                w.ops = ops
+        return log.replayed(initial, [sum(op.acked < t for op in w.ops)
+                                      for w, t in zip(log.writers, times, strict=True)])
 
-    assert log.assert_one_instant(image.read_bytes(), initial) == log.counts()
+    final = image.read_bytes()
+    assert log.replayed(initial, log.assert_one_instant(final, initial)) == final
     ks = log.assert_one_instant(at([mid] * 4), initial)
     assert 0 < sum(ks) < sum(log.counts())
+    with pytest.raises(AssertionError, match="no single instant"):
+        log.assert_one_instant(at([mid] * 4), initial, after=mid + 1)
     torn = at([mid, mid, mid, float("inf")])
     with pytest.raises(AssertionError, match="no single instant"):
         log.assert_one_instant(torn, initial)
