@@ -72,7 +72,11 @@ class Export:
             self.proc = subprocess.Popen(
                 ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock), *args],
                 stdout=err, stderr=err)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()
+            raise
 
     @property
     def uri(self) -> str:
