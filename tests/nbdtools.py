@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,3 +311,44 @@ def unmount(path: Path) -> None:
             return
         time.sleep(0.1)
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# -- blockmirror serve ---------------------------------------------------------------
+
+
+def serve_available() -> bool:
+    """Is ``blockmirror serve`` in this tree (blockmirror.frontend)?"""
+    import importlib.util
+
+    return importlib.util.find_spec("blockmirror.frontend") is not None
+
+
+@contextlib.contextmanager
+def served(image: Path, workdir: Path, *options: str) -> Iterator[list[str]]:
+    """``blockmirror serve IMAGE --foreground --socket WORKDIR/serve.sock
+    OPTIONS`` running; yields what it announced on stdout (the URI, then
+    with --fuse the file's path). Stopped with SIGTERM at the end, which
+    must end it cleanly (exit 0)."""
+    if not serve_available():
+        pytest.skip("blockmirror serve is not in this tree")
+    sock = workdir / "serve.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockmirror", "serve", str(image), "--foreground",
+         "--socket", str(sock), *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        announced = [proc.stdout.readline().strip()
+                     for _ in range(2 if "--fuse" in options else 1)]
+        if announced[0] == uri_of(sock):
+            yield announced
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert announced[0] == uri_of(sock), f"serve announced {announced}: {err}"
+    assert proc.returncode == 0, f"serve exited {proc.returncode}: {err}"

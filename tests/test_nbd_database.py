@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from imagetools import MiB, run_cli, wait_for
-from nbdtools import Exports, fuse_file, require, require_root, unmount
+from nbdtools import Exports, fuse_file, require, require_root, serve_available, served, unmount
 
 pytestmark = pytest.mark.root
 
@@ -83,6 +83,19 @@ def mounted(device: str, where: Path, *options: str) -> Iterator[Path]:
         unmount(where)
 
 
+@contextlib.contextmanager
+def fuse_export(image: Path, work: Path) -> Iterator[Path]:
+    """IMAGE served and shown as a plain file: by ``blockmirror serve --fuse``
+    where this tree has it, else by nbdkit with the plugin and nbdfuse."""
+    if serve_available():
+        (work / "fuse").mkdir()
+        with served(image, work, "--fuse", str(work / "fuse")) as (_uri, path):
+            yield Path(path)
+    else:
+        with Exports(work) as exports, fuse_file(exports.start(image), work / "fuse") as path:
+            yield path
+
+
 def commits(log: Path) -> list[tuple[int, float, float]]:
     out = []
     for line in log.read_text().splitlines():
@@ -130,8 +143,7 @@ def test_sqlite_on_ext4_on_the_export_survives_a_live_copy(ram_tmp_path):
     with open(image, "wb") as f:
         f.truncate(128 * MiB)
     with contextlib.ExitStack() as stack:
-        export = stack.enter_context(Exports(work)).start(image)
-        plain = stack.enter_context(fuse_file(export, work / "fuse"))
+        plain = stack.enter_context(fuse_export(image, work))
         device = stack.enter_context(loop_device(plain))
         mkfs = run("mkfs.ext4", "-q", "-F", device)
         assert mkfs.returncode == 0, mkfs.stderr
