@@ -172,8 +172,9 @@ def _add_sync_parser(sub: Any) -> None:
                    help="move: redirect writers to the copy and remove the source")
     p.add_argument("--verify", action="store_true", help="compare the copy with the source")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
-    p.add_argument("--converge", choices=("fail", "throttle"), default="fail",
-                   help="when writes outpace the copy: fail (default) or throttle writers")
+    p.add_argument("--converge", choices=("fail", "throttle", "mirror"), default="fail",
+                   help="when writes outpace the copy: fail (default), throttle writers, or "
+                   "mirror their writes into the copy")
     p.add_argument("--workers", type=_workers, default=4, metavar="N",
                    help="copy requests in flight, 1 to 256 (default 4)")
     p.add_argument("--bwlimit", type=_size, metavar="RATE",
