@@ -43,12 +43,13 @@ class LoggedWriter(threading.Thread):
     """Connection INDEX of CONNS: random requests in its own stripes until stopped."""
 
     def __init__(self, sock: str, index: int, conns: int, size: int, *, seed: int,
-                 pause: float) -> None:
+                 pause: float, zeroes: bool) -> None:
         super().__init__(name=f"nbd-writer-{index}", daemon=True)
         self.client = NbdClient(sock)
         self.rng = random.Random(seed * 1000 + index)
         self.stripes = list(range(index, size // STRIPE, conns))
         self.pause = pause
+        self.zeroes = zeroes
         self.ops: list[Op] = []
         self.error: BaseException | None = None
         self.halt = threading.Event()
@@ -66,7 +67,8 @@ class LoggedWriter(threading.Thread):
     def _one(self) -> None:
         off, n = self._range()
         pick = self.rng.random()
-        kind = "write" if pick < 0.7 else "trim" if pick < 0.85 else "zero"
+        kind = ("write" if pick < 0.7 or not self.zeroes else
+                "trim" if pick < 0.85 else "zero")
         data = self.rng.randbytes(n) if kind == "write" else None
         op = Op(kind, off, n, data, time.monotonic())
         self.ops.append(op)
@@ -94,10 +96,11 @@ class WriteLog:
     """CONNS logged writers on the export at SOCK (an image of SIZE bytes)."""
 
     def __init__(self, sock: str, size: int, *, conns: int = 4, seed: int = 1,
-                 pause: float = 0.0005) -> None:
+                 pause: float = 0.0005, zeroes: bool = True) -> None:
+        """ZEROES: trims and zeroes among the writes (30%), else writes only."""
         self.size, self.conns = size, conns
-        self.writers = [LoggedWriter(sock, i, conns, size, seed=seed, pause=pause)
-                        for i in range(conns)]
+        self.writers = [LoggedWriter(sock, i, conns, size, seed=seed, pause=pause,
+                                     zeroes=zeroes) for i in range(conns)]
 
     def start(self) -> WriteLog:
         for w in self.writers:
