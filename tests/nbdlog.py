@@ -185,9 +185,9 @@ def _prefix_windows(ops: list[Op], got: np.ndarray, initial: bytes, index: int,
     OPS[:k] applied, as (earliest T, latest T, k): T must come after op k-1
     was sent and before op k was acknowledged."""
     state = np.frombuffer(initial, dtype=np.uint8).copy()
-    owner = (np.arange(len(state), dtype=np.int64) // STRIPE) % conns
-    tail = len(state) - len(state) % STRIPE  # bytes past the last whole stripe: nobody's
-    mine = (owner == index) & (np.arange(len(state)) < tail)
+    mine = np.zeros(len(state), dtype=bool)
+    stripes = mine[:len(state) - len(state) % STRIPE].reshape(-1, STRIPE)  # a view
+    stripes[index::conns] = True  # bytes past the last whole stripe are nobody's
     mismatched = int(np.count_nonzero((state != got) & mine))
     found = []
     for k in range(len(ops) + 1):
