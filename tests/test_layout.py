@@ -16,7 +16,7 @@ LAYERS = [
     {"_version", "errors", "units", "extents", "files", "closeable", "_core", "_fastwrite"},
     {"_bindings"},
     {"tracking", "copying"},
-    {"migration"},
+    {"migration", "frontend"},  # frontend: serve, beside the sync (tracking, never _bindings)
     {"cli", "__init__", "__main__"},
 ]
 # Only these wrappers of the C areas may import the binding.
