@@ -1,5 +1,6 @@
 """NBD helpers for the tests: an export of an image on a private unix socket
-(nbdkit with blockmirror's plugin) and a small synchronous NBD client.
+(nbdkit with blockmirror's plugin started directly, or ``blockmirror serve``)
+and a small synchronous NBD client.
 
 The client speaks just enough of the protocol (NetworkBlockDevice/nbd
 doc/proto.md) for the tests: fixed-newstyle handshake, NBD_OPT_GO, simple
@@ -270,35 +271,7 @@ def connected(export: Export) -> Iterator[NbdClient]:
         client.close()
 
 
-# -- the export as a plain file (nbdfuse) ---------------------------------------------
-
-
-@contextlib.contextmanager
-def fuse_file(export: Export, folder: Path, name: str = "disk.img") -> Iterator[Path]:
-    """The export as the plain file FOLDER/NAME (nbdfuse; root needs no
-    fusermount3), unmounted at the end. Skips without nbdfuse or root."""
-    require("nbdfuse")
-    require_root()
-    folder.mkdir(exist_ok=True)
-    pidfile = folder.parent / f"{folder.name}.nbdfuse.pid"  # written once the file is there
-    log = folder.parent / f"{folder.name}.nbdfuse.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(["nbdfuse", "-P", str(pidfile), f"{folder}/{name}", export.uri],
-                                stdout=err, stderr=err)
-    try:
-        deadline = time.monotonic() + 15
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nbdfuse did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.01)
-        yield folder / name
-    finally:
-        unmount(folder)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+# -- mounts ------------------------------------------------------------------------
 
 
 def unmount(path: Path) -> None:
@@ -316,21 +289,12 @@ def unmount(path: Path) -> None:
 # -- blockmirror serve ---------------------------------------------------------------
 
 
-def serve_available() -> bool:
-    """Is ``blockmirror serve`` in this tree (blockmirror.frontend)?"""
-    import importlib.util
-
-    return importlib.util.find_spec("blockmirror.frontend") is not None
-
-
 @contextlib.contextmanager
 def served(image: Path, workdir: Path, *options: str) -> Iterator[list[str]]:
     """``blockmirror serve IMAGE --foreground --socket WORKDIR/serve.sock
     OPTIONS`` running; yields what it announced on stdout (the URI, then
     with --fuse the file's path). Stopped with SIGTERM at the end, which
     must end it cleanly (exit 0)."""
-    if not serve_available():
-        pytest.skip("blockmirror serve is not in this tree")
     sock = workdir / "serve.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "blockmirror", "serve", str(image), "--foreground",

@@ -1,5 +1,6 @@
 """A real database, live (issue 9): SQLite commits transactions on an ext4
-filesystem that lives on the export, through nbdfuse and a loop device,
+filesystem that lives on the export, through `blockmirror serve --fuse` (a
+plain file, by nbdfuse) and a loop device,
 while `blockmirror sync` copies the image. The copy is what a power cut at
 the switchover would have left: ext4 recovers its journal, `fsck.ext4 -n`
 finds nothing, SQLite's integrity check passes, and the database holds a
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from imagetools import MiB, run_cli, wait_for
-from nbdtools import Exports, fuse_file, require, require_root, serve_available, served, unmount
+from nbdtools import require, require_root, served, unmount
 
 pytestmark = pytest.mark.root
 
@@ -83,19 +84,6 @@ def mounted(device: str, where: Path, *options: str) -> Iterator[Path]:
         unmount(where)
 
 
-@contextlib.contextmanager
-def fuse_export(image: Path, work: Path) -> Iterator[Path]:
-    """IMAGE served and shown as a plain file: by ``blockmirror serve --fuse``
-    where this tree has it, else by nbdkit with the plugin and nbdfuse."""
-    if serve_available():
-        (work / "fuse").mkdir()
-        with served(image, work, "--fuse", str(work / "fuse")) as (_uri, path):
-            yield Path(path)
-    else:
-        with Exports(work) as exports, fuse_file(exports.start(image), work / "fuse") as path:
-            yield path
-
-
 def commits(log: Path) -> list[tuple[int, float, float]]:
     out = []
     for line in log.read_text().splitlines():
@@ -143,8 +131,9 @@ def test_sqlite_on_ext4_on_the_export_survives_a_live_copy(ram_tmp_path):
     with open(image, "wb") as f:
         f.truncate(128 * MiB)
     with contextlib.ExitStack() as stack:
-        plain = stack.enter_context(fuse_export(image, work))
-        device = stack.enter_context(loop_device(plain))
+        (work / "fuse").mkdir()
+        _uri, plain = stack.enter_context(served(image, work, "--fuse", str(work / "fuse")))
+        device = stack.enter_context(loop_device(Path(plain)))
         mkfs = run("mkfs.ext4", "-q", "-F", device)
         assert mkfs.returncode == 0, mkfs.stderr
         fs = stack.enter_context(mounted(device, work / "mnt"))
