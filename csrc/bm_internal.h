@@ -128,6 +128,7 @@ struct bm_control {
     int32_t mirror_errno;           /* why it FAILED */
     uint32_t reserved3;
     char mirror_target[BM_REDIRECT_MAX];
+    uint64_t bytes_written;         /* by tracked writes (bm_pwrite), ever: a rate gauge */
 };
 
 /* The mirror interlock (invariant I7): granule G belongs to stripe

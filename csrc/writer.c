@@ -174,6 +174,13 @@ static void note_write_time(bm_tracker *t)
         ;
 }
 
+/* Writers' bytes, all of them together: a copier reads the write rate off
+ * this (mirrored writes leave no dirty bit to count them by). */
+static inline void count_written(bm_tracker *t, uint64_t len)
+{
+    __atomic_fetch_add(&t->ctl->bytes_written, len, __ATOMIC_RELAXED);
+}
+
 static void writer_leave(bm_tracker *t)
 {
     note_write_time(t);
@@ -223,6 +230,8 @@ static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, u
      * both sides and is done; anything else takes the marked path below. */
     int mirrored = bm_mirrored_write(t, fd, buf, len, offset);
     if (mirrored != 0) {
+        if (mirrored > 0)
+            count_written(t, len);
         writer_leave(t);
         return mirrored > 0 ? (int64_t)len : -1;
     }
@@ -246,6 +255,7 @@ static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, u
     }
     /* Mark again even on failure: part of the range may have landed. */
     mark_range(t, offset, len);
+    count_written(t, done);
     writer_leave(t);
     if (err)
         return bm_fail(err, "write of %llu bytes at %llu failed: %s", (unsigned long long)len,
