@@ -263,25 +263,6 @@ static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, u
     return (int64_t)len;
 }
 
-/* Make [OFFSET, OFFSET+LEN) read as zeros, as one tracked write: punch it
- * (BM_ZERO_MAY_TRIM), else zero it in place (FALLOC_FL_ZERO_RANGE), else
- * write zeros - unless BM_ZERO_FAST says the caller would rather hear
- * EOPNOTSUPP than wait for that (NBD's fast-zero). */
-static int zero_range(int fd, uint64_t offset, uint64_t len, uint32_t flags)
-{
-    if ((flags & BM_ZERO_MAY_TRIM) && bm_punch_hole(fd, offset, len) == 0)
-        return 0;
-    if ((flags & BM_ZERO_MAY_TRIM) && errno != EOPNOTSUPP)
-        return -1;
-    if (bm_zero_in_place(fd, offset, len) == 0)
-        return 0;
-    if (errno != EOPNOTSUPP)
-        return -1;
-    if (flags & BM_ZERO_FAST)
-        return -1;
-    return bm_write_zeros(fd, offset, len);
-}
-
 static int do_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_t flags)
 {
     if (flags & ~(uint32_t)(BM_ZERO_MAY_TRIM | BM_ZERO_FAST))
@@ -295,8 +276,14 @@ static int do_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_
                        (unsigned long long)size);
     if (writer_enter(t) < 0)
         return -1;
+    /* Mirroring: zero the copy too where the range is clean (mirror.c). */
+    int mirrored = bm_mirrored_zero(t, fd, offset, len, flags);
+    if (mirrored != 0) {
+        writer_leave(t);
+        return mirrored > 0 ? 0 : -1;
+    }
     mark_range(t, offset, len);
-    int err = zero_range(fd, offset, len, flags) < 0 ? errno : 0;
+    int err = bm_zero_range(fd, offset, len, flags) < 0 ? errno : 0;
     /* Mark again even on failure: part of the range may have changed. */
     mark_range(t, offset, len);
     writer_leave(t);

@@ -105,7 +105,7 @@ class ConvergencePolicy:
     # the one before left for another one to be worth it; at most
     # POLISH_PASSES passes are spent once the target fits.
     min_pause: float = 0.005
-    polish_ratio: float = 0.5
+    polish_ratio: float = 0.65
     polish_passes: int = 6
     # Hot-block deferral: blocks dirty in two passes in a row wait for the
     # final pass, up to this share of what the target pause can copy.
