@@ -31,6 +31,19 @@ from blockmirror.migration.result import ProgressCallback, SyncProgress, SyncRes
 from blockmirror.tracking.tracker import Tracker
 
 
+def _up_to(extents: list[Extent], budget: int) -> list[Extent]:
+    """The first BUDGET bytes of EXTENTS (in offset order, so the same hot
+    blocks stay deferred pass after pass instead of churning)."""
+    out: list[Extent] = []
+    for offset, length in extents:
+        if budget <= 0:
+            break
+        take = min(length, budget)
+        out.append((offset, take))
+        budget -= take
+    return out
+
+
 class ProgressReporter:
     """Sends SyncProgress to the caller's callback, if any."""
 
@@ -127,9 +140,9 @@ class PassRunner:
         last, self._last_taken = self._last_taken, taken
         if budget <= 0 or last is None:
             return extents, 0
-        hot = intersect(taken, last)
+        hot = _up_to(intersect(taken, last), budget)
         hot_bytes = total_bytes(hot)
-        if not hot or hot_bytes > budget:
+        if not hot:
             return extents, 0
         for offset, length in hot:
             self.tracker.mark(offset, length)
