@@ -244,3 +244,20 @@ def test_racing_mirrored_writes_to_one_block_never_split_the_sides(ram_tmp_path)
     assert status.mirrored_bytes > 0
     with open(src, "rb") as a, open(dst, "rb") as b:
         assert a.read(4 * MiB) == b.read(4 * MiB)
+
+
+@pytest.mark.parametrize("may_trim", [False, True])
+def test_zeroes_and_discards_are_mirrored_too(tmp_path, may_trim):
+    src, dst = _make_pair(tmp_path)
+    for path in (src, dst):
+        with open(path, "r+b") as f:
+            f.write(b"\x77" * (4 * MiB))
+    with Tracker.open(src) as copier, TrackedImage(src) as img:
+        copier.fetch_and_clear()
+        copier.mirror_start(dst)
+        img.write_zeroes(MiB + 123, 200_000, may_trim=may_trim)
+        img.discard(3 * MiB, G)
+        assert copier.dirty_extents() == []
+        copier.mirror_stop()
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read(4 * MiB) == b.read(4 * MiB)
