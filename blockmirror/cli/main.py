@@ -178,9 +178,9 @@ def _add_sync_parser(sub: Any) -> None:
                    "mirror their writes into the copy, or auto: escalate to mirror (or to "
                    "the throttle if the copy cannot take the writes) when the passes' trend "
                    "says they will not converge")
-    p.add_argument("--no-defer-hot", dest="defer_hot", action="store_false",
-                   help="copy blocks dirtied pass after pass every pass, instead of leaving "
-                   "them for the final pass")
+    p.add_argument("--defer-hot", action="store_true",
+                   help="leave blocks dirtied pass after pass for the final pass instead of "
+                   "copying them every pass (experimental)")
     p.add_argument("--workers", type=_workers, default=4, metavar="N",
                    help="copy requests in flight, 1 to 256 (default 4)")
     p.add_argument("--bwlimit", type=_size, metavar="RATE",

@@ -25,7 +25,7 @@ def sync(
     Settings are those of :class:`SyncOptions` (``target_downtime=5.0``,
     ``mode="copy"``, ``max_passes=30``, ``verify=False``, ``progress=None``,
     ``force=False``, ``workers=4``, ``rate_limit=None``, ``converge="fail"``,
-    ``defer_hot=True``),
+    ``defer_hot=False``),
     given as keywords or as one SyncOptions.
 
     DST may be an existing folder (the image keeps its name); a folder SRC
