@@ -121,3 +121,17 @@ def test_auto_throttles_when_the_destination_cannot_take_mirrored_writes(tmp_pat
     assert result.strategy == "throttle", result.notes
     assert "cannot take their writes" in result.strategy_reason or \
         "did not shrink" in result.strategy_reason
+
+
+def test_no_mirroring_into_an_earlier_copy_updated_in_place(dirs, live_writer):
+    """Its manifest's digests are forgotten by the passes before they write;
+    a mirrored write would change the copy behind them."""
+    src, dst = dirs
+    image = src / "i.img"
+    make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    sync(image, dst)
+    writer = live_writer(image, rate="2M", wait=5)
+    again = sync(image, dst, target_downtime=0.5, converge="mirror")
+    assert again.incremental and again.strategy == "passes"
+    assert any("not used when updating" in n for n in again.notes)
+    writer.stop()

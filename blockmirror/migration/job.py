@@ -470,9 +470,14 @@ class FileSyncJob:
         """converge="mirror", after the first pass: every clean range is on
         the copy now, so writes to clean ranges may go to both sides."""
         assert self.tracker is not None and self.passes is not None
-        target = self.plan.destination if self.plan.incremental else self.plan.partial
+        if self.plan.incremental:
+            # Mirrored writes would change the earlier copy under its
+            # manifest's digests, which only the passes forget first.
+            self.result.notes.append("mirroring is not used when updating an earlier copy in "
+                                     "place; copying dirty blocks in passes instead")
+            return
         try:
-            self.mirror = MirrorSession(self.tracker, target)
+            self.mirror = MirrorSession(self.tracker, self.plan.partial)
         except OSError as e:
             # E.g. root syncing a user's image: writers only mirror into a
             # file of the image's owner. Dirty passes still work.
