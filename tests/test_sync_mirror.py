@@ -135,3 +135,33 @@ def test_no_mirroring_into_an_earlier_copy_updated_in_place(dirs, live_writer):
     assert again.incremental and again.strategy == "passes"
     assert any("not used when updating" in n for n in again.notes)
     writer.stop()
+
+
+def test_a_writer_killed_while_mirroring_fails_the_sync_safely(dirs, tmp_path):
+    """A writer SIGKILLed mid-mirror may have written the source and not the
+    copy, with no dirty bit to say so: its dead slot makes the sidecar
+    unclean (I4) and the sync drops the copy instead of publishing it."""
+    import signal
+
+    from imagetools import WriterProcess
+
+    src, dst = dirs
+    image = src / "k.img"
+    make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    writer = WriterProcess(image, tmp_path / "k.log", rate="16M")
+    writer.wait_for_writes(10)
+
+    def kill_once_mirroring(progress) -> None:
+        if progress.phase == "dirty" and writer.proc.poll() is None:
+            writer.proc.send_signal(signal.SIGKILL)
+            writer.proc.wait()
+
+    try:
+        with pytest.raises(blockmirror.SourceChangedError, match="writer died"):
+            sync(image, dst, target_downtime=0.2, rate_limit=4 * MiB, max_passes=40,
+                 converge="mirror", progress=kill_once_mirroring)
+    finally:
+        if writer.proc.poll() is None:
+            writer.proc.kill()
+        writer.proc.wait()
+    assert os.listdir(dst) == []

@@ -288,8 +288,11 @@ class FileSyncJob:
             self._thaw()
             self.result.notes.append("freeze lease ran out during the final pass; retried")
             return _Switch.LEASE_RAN_OUT
-        self._stop_mirror()  # frozen: the copy is final from here
+        # Frozen: first whether the tracker saw every write (a writer that
+        # died mid-mirror leaves the sidecar unclean), then no write reaches
+        # the copy but through the passes.
         self._check_still_tracked()
+        self._stop_mirror()
         if self.options.move:
             self._commit()  # durable before any writer is sent there
             self._redirect()
