@@ -6,8 +6,13 @@ a copier handle must outlive every call on it, and its fds the handle)."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
 
 from blockmirror._bindings._ffi import (
     SCAN_CHUNK,
@@ -88,6 +93,49 @@ def capabilities(copier: Handle) -> int:
     return int(lib.bm_copier_caps(copier))
 
 
+@functools.cache
+def digest_function() -> CData | None:
+    """The manifest's digest (xxh3-64) as a C function the copy can call with
+    the GIL released: ``XXH3_64bits`` from the library of the ``xxhash``
+    module the manifest itself uses, so both compute the same thing by
+    construction (checked here on a few inputs). None where that library
+    does not export it: the caller then digests after the copy."""
+    import xxhash
+    from cffi import FFI
+
+    try:
+        library = importlib.import_module("xxhash._xxhash").__file__
+        own = FFI()
+        own.cdef("uint64_t XXH3_64bits(const void *data, size_t len);")
+        xlib: Any = own.dlopen(library)
+        address = int(own.cast("uintptr_t", own.addressof(xlib, "XXH3_64bits")))
+    except (ImportError, OSError, AttributeError, TypeError):
+        return None
+    fn: Any = ffi.cast("bm_hash_fn", address)
+    for size in (0, 1, 17, 240, 241, 4096, 65536 + 3):
+        sample = bytes((i * 131 + size) & 0xFF for i in range(size))
+        if int(fn(ffi.from_buffer(sample), size)) != xxhash.xxh3_64_intdigest(sample):
+            return None
+    _KEEP.append(xlib)  # the library stays loaded while the pointer is used
+    found: CData = fn
+    return found
+
+
+_KEEP: list[object] = []
+
+
+def digest_slots(extents: ExtentArray, granularity: int) -> npt.NDArray[np.int64]:
+    """The granule of each slot a digest sink needs for EXTENTS: one per
+    granule each extent touches, extent after extent (see bm_digest_sink)."""
+    if not len(extents):
+        return np.zeros(0, dtype=np.int64)
+    first = (extents["offset"] // np.uint64(granularity)).astype(np.int64)
+    end = (-(-(extents["offset"] + extents["length"]).astype(np.int64) // granularity))
+    lengths = np.where(extents["length"] > 0, end - first, 0)
+    shift = np.repeat(first - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + shift
+
+
 def copy_extents(
     copier: Handle,
     extents: ExtentArray,
@@ -97,18 +145,33 @@ def copy_extents(
     cancel: CData | None = None,
     src_path: str | None = None,
     dst_path: str | None = None,
+    digests: tuple[CData, int, int, npt.NDArray[np.uint64]] | None = None,
 ) -> CopyCounts:
     """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) with COPIER in one C
     call (FLAGS: DST_FRESH, START_WRITEBACK); any thread, in parallel on
-    disjoint extents. Errors raise OSError naming the side that failed."""
+    disjoint extents. Errors raise OSError naming the side that failed.
+
+    DIGESTS, if given, is (digest_function(), granularity, zero-granule
+    digest, out): OUT (zeroed, one uint64 per slot of ``digest_slots``)
+    receives the digest of each granule copied whole (0: none)."""
     ext = extents_pointer(extents)
     stats: Any = ffi.new("bm_copy_stats *")
-    rc = lib.bm_copy_extents(
+    sink: Any = ffi.NULL
+    if digests is not None:
+        fn, granularity, zero, out = digests
+        if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("digest slots must be a writable C-contiguous uint64 array")
+        sink = ffi.new("bm_digest_sink *")
+        sink.hash, sink.granularity, sink.zero_digest = fn, granularity, zero
+        sink.count = len(out)
+        sink.digests = ffi.cast("uint64_t *", ffi.from_buffer(out.data)) if len(out) else ffi.NULL
+    rc = lib.bm_copy_extents_hashed(
         copier, ext, len(extents),
         ffi.NULL if buf is None else buf, 0 if buf is None else len(buf),
         flags,
         ffi.NULL if rate_cap is None else rate_cap,
         ffi.NULL if cancel is None else cancel,
+        sink,
         stats,
     )
     if rc < 0:

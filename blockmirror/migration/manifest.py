@@ -194,9 +194,13 @@ class Manifest:
     # -- creating and opening -------------------------------------------------
 
     @classmethod
-    def create(cls, path: str, *, granularity: int, image_size: int, source: str) -> Manifest:
+    def create(cls, path: str, *, granularity: int, image_size: int, source: str,
+               table: DigestTable | None = None) -> Manifest:
         """A new manifest for a new copy: every granule taken for zeros (a new
-        copy starts as one hole) until :meth:`record` says otherwise. It is
+        copy starts as one hole) until :meth:`record` says otherwise - or, if
+        given, what TABLE says (what the copy's passes learnt while they
+        copied: digests taken from their buffers, unknown where they wrote
+        without seeing a granule whole). It is
         built under a temporary name (PATH + ".tmp", created exclusively,
         never through a link, and flock-ed for its life) and takes PATH only
         at :meth:`commit`, so no half-made manifest can ever vouch for a
@@ -206,10 +210,14 @@ class Manifest:
         # a hash resync skip blocks (the same trust rule as the sidecar, I5).
         fd = files.create_locked(tmp, _busy)
         try:
-            table = DigestTable(granularity, image_size)
+            if table is None:
+                table = DigestTable(granularity, image_size)
+            elif table.granularity != granularity:
+                raise ValueError("the table's granularity is not the manifest's")
+            table.resize(image_size)
             m = cls(path=tmp, granularity=granularity, image_size=image_size, series="",
                     generation=0, state=STATE_UPDATING, source=source, table=table, fd=fd)
-            m.body.checksum = table.checksum()
+            m.body.checksum = xxhash.xxh3_64_hexdigest(b"")  # the empty body
             m.publish_to = path
             m.write_header()
         except BaseException:
