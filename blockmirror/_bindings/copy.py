@@ -100,20 +100,22 @@ def digest_function() -> CData | None:
     module the manifest itself uses, so both compute the same thing by
     construction (checked here on a few inputs). None where that library
     does not export it: the caller then digests after the copy."""
+    import ctypes
+
     import xxhash
-    from cffi import FFI
 
     try:
-        library = importlib.import_module("xxhash._xxhash").__file__
-        own = FFI()
-        own.cdef("uint64_t XXH3_64bits(const void *data, size_t len);")
-        xlib: Any = own.dlopen(library)
-        address = int(own.cast("uintptr_t", own.addressof(xlib, "XXH3_64bits")))
+        # ctypes, not a second cffi FFI: its cdef parser costs ~150 ms to import.
+        library = ctypes.CDLL(importlib.import_module("xxhash._xxhash").__file__)
+        xlib: Any = library
+        address = ctypes.cast(xlib.XXH3_64bits, ctypes.c_void_p).value
     except (ImportError, OSError, AttributeError, TypeError):
+        return None
+    if not address:
         return None
     fn: Any = ffi.cast("bm_hash_fn", address)
     for size in (0, 1, 17, 240, 241, 4096, 65536 + 3):
-        sample = bytes((i * 131 + size) & 0xFF for i in range(size))
+        sample = (bytes(range(256)) * (size // 256 + 1))[size % 7:size % 7 + size]
         if int(fn(ffi.from_buffer(sample), size)) != xxhash.xxh3_64_intdigest(sample):
             return None
     _KEEP.append(xlib)  # the library stays loaded while the pointer is used

@@ -219,7 +219,7 @@ class Manifest:
                     generation=0, state=STATE_UPDATING, source=source, table=table, fd=fd)
             m.body.checksum = xxhash.xxh3_64_hexdigest(b"")  # the empty body
             m.publish_to = path
-            m.write_header()
+            m.write_header(durable=False)  # nothing trusts it before its commit
         except BaseException:
             with contextlib.suppress(OSError):
                 if files.same_file(fd, tmp):
@@ -358,7 +358,7 @@ class Manifest:
             raise ManifestError(f"manifest {self.path} is closed")
         return self.fd
 
-    def write_header(self) -> None:
+    def write_header(self, *, durable: bool = True) -> None:
         body = self.body
         meta: dict[str, Any] = {
             "granularity": self.granularity, "image_size": self.image_size,
@@ -371,12 +371,13 @@ class Manifest:
             meta["copy"] = self.copy  # as bound at the last commit
         header = _header_bytes(meta)
         _pwrite_all(self._fd(), header, 0)
-        os.fsync(self._fd())
+        if durable:
+            os.fsync(self._fd())
 
-    def _write_body(self) -> None:
+    def _write_body(self, *, durable: bool = True) -> None:
         """Write the in-memory table as a new body where it overlaps neither
         the current body nor its journal (a crash before the header points
-        at it changes nothing), and fsync it."""
+        at it changes nothing), and fsync it (if DURABLE)."""
         table = self.table
         raw = b"".join(np.ascontiguousarray(part).astype("<u8").tobytes()
                        for part in (table.unknown, table.keys, table.values))
@@ -386,7 +387,8 @@ class Manifest:
         else:
             offset = -(-max(current.journal_end, os.fstat(self._fd()).st_size) // 4096) * 4096
         _pwrite_all(self._fd(), raw, offset)
-        os.fsync(self._fd())
+        if durable:
+            os.fsync(self._fd())
         self.body = Body(offset, len(raw), xxhash.xxh3_64_hexdigest(raw), offset + len(raw),
                          unknown_runs=len(table.unknown), data_granules=len(table.keys))
 
@@ -551,12 +553,18 @@ class Manifest:
         the copy open at COPY_FD (default: the one :meth:`record` last read)
         by its identity taken now - call after the copy's final fsync and
         rename -, then writes the header; a new manifest then takes its name."""
-        self._write_body()
+        # An unpublished manifest is trusted by nobody until its rename: one
+        # fsync of body and header together, before the rename, is enough.
+        # A published one must have its body on disk before the header
+        # points at it.
+        fresh = self.publish_to is not None
+        self._write_body(durable=not fresh)
         bind = self.copy_fd if copy_fd is None else copy_fd
         self.copy = copy_identity(bind) if bind >= 0 else None
         self.series, self.generation, self.state = series, generation, STATE_CLEAN
         self.write_header()
-        if self.body.offset == HEADER_BYTES:
+        if (self.body.offset == HEADER_BYTES
+                and os.fstat(self._fd()).st_size != self.body.journal_end):
             os.ftruncate(self._fd(), self.body.journal_end)  # drop the old body
         if self.publish_to is not None:
             self._publish()
