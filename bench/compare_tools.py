@@ -22,8 +22,9 @@ bulk
     sparse (allocated bytes about the data size).
 tib
     1 TiB apparent holding 64 MiB of data (16 x 4 MiB), synced untracked and
-    tracked (durable); target under 1 s; the copy's and the manifest's
-    allocation are shown. Peers for context.
+    tracked (durable); target (issue 11) <= 1.5x ``cp --sparse=always && sync
+    DST``; the copy's and the manifest's allocation are shown. Peers for
+    context; peak RSS and larger images: ``bench/scaling.py``.
 dirty
     A dirty pass on its own: ``fetch_and_clear_array`` + ``Copier.copy_extents``
     of N MiB of scattered 64 KiB granules written through ``TrackedImage``, on
