@@ -307,3 +307,38 @@ def test_an_untrusted_sparse_copy_is_repaired_by_its_data_only(huge):
         assert len(m.table.keys) == 4 * (MiB // G) + 1
     finally:
         m.close()
+
+
+def test_a_commit_killed_between_body_and_header_leaves_the_old_state(tmp_path, monkeypatch):
+    """The new body is written where it overlaps neither the old body nor
+    its journal: a crash before the header points at it leaves the manifest
+    as it was (updating, its forgets intact), and the next sync repairs."""
+    image = tmp_path / "a.img"
+    make_data_image(image, 8 * MiB, extents=4)
+    Tracker.create(image).close()
+    copy = tmp_path / "out" / "a.img"
+    copy.parent.mkdir()
+    sync(image, copy)
+    with open(image, "r+b") as f:
+        f.seek(G)
+        f.write(b"new bytes" * 1000)
+    with Tracker.open(image) as t:
+        t.mark(G, 9000)
+    real = Manifest._write_body
+
+    def dies_after_the_body(self: Manifest, *, durable: bool = True) -> None:
+        real(self, durable=durable)
+        raise KeyboardInterrupt  # the process dies before the header is written
+
+    monkeypatch.setattr(Manifest, "_write_body", dies_after_the_body)
+    with pytest.raises(KeyboardInterrupt):
+        sync(image, copy)
+    monkeypatch.undo()
+    m = Manifest.open(manifest_path(str(copy)))
+    try:
+        assert m.state == "updating" and (G, G) in m.unknown_extents()
+    finally:
+        m.close()
+    result = sync(image, copy)
+    assert copy.read_bytes() == image.read_bytes()
+    assert any("did not finish" in n for n in result.notes)
