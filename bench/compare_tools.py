@@ -80,8 +80,9 @@ import numpy as np
 
 from blockmirror import TrackedImage, Tracker
 from blockmirror.cli.demo import make_demo_image
-from blockmirror.copying.copier import Copier
-from blockmirror.copying.verify import compare_files, data_extents
+from blockmirror.copying.copier import Copier, data_extents
+from blockmirror.copying.verify import compare_files
+from blockmirror.extents import pairs
 from blockmirror.migration import SyncResult
 from blockmirror.migration import sync as bm_sync
 from blockmirror.migration.manifest import Manifest, manifest_path
@@ -151,7 +152,7 @@ def warm(*paths: str | os.PathLike[str]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
-            for start, length in data_extents(fd, os.fstat(fd).st_size):
+            for start, length in pairs(data_extents(fd, os.fstat(fd).st_size)):
                 for off in range(start, start + length, len(buf)):
                     os.preadv(fd, [memoryview(buf)[: min(len(buf), start + length - off)]], off)
         finally:
@@ -720,7 +721,7 @@ def python_compare_files(path_a: str, path_b: str, block: int = 65536,
     fa, fb = os.open(path_a, os.O_RDONLY), os.open(path_b, os.O_RDONLY)
     try:
         size = min(os.fstat(fa).st_size, os.fstat(fb).st_size)
-        regions = sorted(set(data_extents(fa, size)) | set(data_extents(fb, size)))
+        regions = sorted(set(pairs(data_extents(fa, size))) | set(pairs(data_extents(fb, size))))
         chunks = sorted({(pos, min(chunk_bytes, off + length - pos))
                          for off, length in regions
                          for pos in range(off - off % block, off + length, chunk_bytes)})
