@@ -426,6 +426,19 @@ int bm_copy_extents_hashed(bm_copier *copier, const bm_extent *extents, uint64_t
                            bm_rate_cap *rate_cap, const uint32_t *cancel,
                            bm_digest_sink *sink, bm_copy_stats *stats);
 
+/* The digest (SINK's hash) of every granule of EXTENTS of FD, into SINK's
+ * slots (one per granule each extent touches, extent after extent; no slot is
+ * left unset). Each extent starts on a granule boundary (else EINVAL); its
+ * last granule may be short (the extent's end cuts it) and is hashed as it
+ * is; bytes past FD's end read as zeros. Read BUF_LEN bytes at a time into
+ * BUF (caller's scratch; NULL: malloc'd for the call; BUF_LEN >= the
+ * granularity). SINK's zero_digest is not used. CANCEL as for
+ * bm_copy_extents. Never writes FD; thread-safe (pread only). For the
+ * manifest's reads of a copy and a hash resync's of a source: no Python per
+ * granule, and the GIL is released for the whole call. */
+int bm_digest_extents(int fd, const bm_extent *extents, uint64_t count, char *buf,
+                      uint64_t buf_len, const uint32_t *cancel, bm_digest_sink *sink);
+
 /* The data extents of FD over [*CURSOR, END), by SEEK_DATA/SEEK_HOLE, in
  * ascending order, clipped to END. Fills at most MAX extents into OUT and
  * returns the count, advancing *CURSOR; sets *CURSOR to UINT64_MAX once END

@@ -613,6 +613,90 @@ int bm_copy_extents_hashed(bm_copier *copier, const bm_extent *extents, uint64_t
     return rc;
 }
 
+/* Read LEN bytes of FD at OFFSET into BUF; what lies past the file's end
+ * reads as zeros (a file that shrank is hashed as the zeros a copy of it
+ * holds there). */
+static int read_padded(int fd, char *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int err = errno;
+            return bm_fail(err, "read of %llu bytes at offset %llu failed: %s",
+                           (unsigned long long)(len - done),
+                           (unsigned long long)(offset + done), strerror(err));
+        }
+        if (n == 0)
+            break;
+        done += (uint64_t)n;
+    }
+    memset(buf + done, 0, (size_t)(len - done));
+    return 0;
+}
+
+/* Digest [POS, END) of FD (POS on a granule boundary) into SINK slots from
+ * SLOT on, a buffer of STEP bytes (a multiple of the granularity) at a time. */
+static int digest_range(int fd, uint64_t pos, uint64_t end, char *buf, uint64_t step,
+                        const uint32_t *cancel, bm_digest_sink *sink, uint64_t slot)
+{
+    uint64_t g = sink->granularity;
+    while (pos < end) {
+        if (cancel && __atomic_load_n(cancel, __ATOMIC_ACQUIRE))
+            return bm_fail(ECANCELED, "digest cancelled");
+        uint64_t want = end - pos < step ? end - pos : step;
+        if (read_padded(fd, buf, want, pos) < 0)
+            return -1;
+        for (uint64_t at = 0; at < want; at += g) {
+            uint64_t len = want - at < g ? want - at : g;
+            uint64_t h = sink->hash(buf + at, (size_t)len);
+            sink->digests[slot++] = h ? h : 1;
+        }
+        pos += want;
+    }
+    return 0;
+}
+
+int bm_digest_extents(int fd, const bm_extent *extents, uint64_t count, char *buf,
+                      uint64_t buf_len, const uint32_t *cancel, bm_digest_sink *sink)
+{
+    if (!sink || (count && !extents))
+        return bm_fail(EINVAL, "sink and extents must not be NULL");
+    if (check_sink(sink, extents, count) < 0)
+        return -1;
+    uint64_t g = sink->granularity;
+    if (buf_len == 0 && !buf)
+        buf_len = BM_COPY_DEFAULT_BUFFER > g ? BM_COPY_DEFAULT_BUFFER : g;
+    if (buf_len < g || buf_len > (uint64_t)SSIZE_MAX)
+        return bm_fail(EINVAL, "buffer of %llu bytes does not fit a %llu-byte granule",
+                       (unsigned long long)buf_len, (unsigned long long)g);
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t off = extents[i].offset, len = extents[i].length;
+        if (off % g || off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off)
+            return bm_fail(EINVAL, "extent %llu+%llu does not start on a granule or ends "
+                           "past the largest file offset", (unsigned long long)off,
+                           (unsigned long long)len);
+    }
+    int owned = !buf;
+    if (owned && !(buf = malloc((size_t)buf_len)))
+        return bm_fail(ENOMEM, "cannot allocate a %llu-byte buffer",
+                       (unsigned long long)buf_len);
+    int rc = 0;
+    uint64_t slot = 0;
+    for (uint64_t i = 0; i < count && rc == 0; i++) {
+        uint64_t off = extents[i].offset, len = extents[i].length;
+        rc = digest_range(fd, off, off + len, buf, buf_len / g * g, cancel, sink, slot);
+        slot += slots_of(g, off, len);
+    }
+    int saved = errno;
+    if (owned)
+        free(buf);
+    errno = saved;
+    return rc;
+}
+
 int64_t bm_data_extents(int fd, uint64_t *cursor, uint64_t end, bm_extent *out, uint64_t max)
 {
     if (!cursor || (max && !out))

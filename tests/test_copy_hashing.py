@@ -18,7 +18,7 @@ import pytest
 import xxhash
 
 from blockmirror._bindings import copy as _c
-from blockmirror.copying.copier import Copier, DigestRequest
+from blockmirror.copying.copier import Copier, DigestRequest, digest_granules
 from blockmirror.extents import as_extent_array
 from blockmirror.migration import sync
 from blockmirror.migration.manifest import Manifest, manifest_path
@@ -132,3 +132,24 @@ def test_a_synced_manifest_equals_one_made_by_reading_the_copy(tmp_path, monkeyp
     finally:
         made.close()
         again.discard()
+
+
+@needs_c_digest
+def test_digest_granules_in_c_matches_python(tmp_path):
+    """The C read-and-hash of a file's granules: whole ones, the short last
+    one, and bytes past the file's end (zeros) hashed as Python does."""
+    path = tmp_path / "f"
+    data = os.urandom(5 * 65536 + 1234)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in ((0, len(data)), (65536, 2 * 65536), (4 * 65536, 3 * 65536)):
+            found = digest_granules(fd, offset, length, 65536)
+            assert found is not None
+            want = (data[offset:offset + length]).ljust(length, b"\0")
+            expect = [_digest(want[i:i + 65536]) for i in range(0, length, 65536)]
+            assert found.tolist() == expect
+        with pytest.raises(OSError, match="granule"):
+            digest_granules(fd, 4096, 65536, 65536)
+    finally:
+        os.close(fd)

@@ -130,6 +130,37 @@ def digest_function() -> CData | None:
 _KEEP: list[object] = []
 
 
+def _sink(fn: CData, granularity: int, zero: int, out: npt.NDArray[np.uint64]) -> CData:
+    """A ``bm_digest_sink`` writing into OUT (which must outlive its use)."""
+    if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("digest slots must be a writable C-contiguous uint64 array")
+    sink: Any = ffi.new("bm_digest_sink *")
+    sink.hash, sink.granularity, sink.zero_digest = fn, granularity, zero
+    sink.count = len(out)
+    sink.digests = ffi.cast("uint64_t *", ffi.from_buffer(out.data)) if len(out) else ffi.NULL
+    owned: CData = sink
+    return owned
+
+
+def digest_extents(fd: int, extents: ExtentArray, granularity: int,
+                   buf: CData | None = None) -> npt.NDArray[np.uint64] | None:
+    """The digest of every granule of EXTENTS of FD (each extent starting on
+    a granule boundary; see bm_digest_extents), in slot order, read and
+    hashed in one C call with the GIL released; None where the digest
+    cannot be called from C (see digest_function)."""
+    fn = digest_function()
+    if fn is None:
+        return None
+    out = np.zeros(len(digest_slots(extents, granularity)), dtype=np.uint64)
+    sink = _sink(fn, granularity, 0, out)
+    rc = lib.bm_digest_extents(fd, extents_pointer(extents), len(extents),
+                               ffi.NULL if buf is None else buf, 0 if buf is None else len(buf),
+                               ffi.NULL, sink)
+    if rc < 0:
+        raise error_from_c()
+    return out
+
+
 def digest_slots(extents: ExtentArray, granularity: int) -> npt.NDArray[np.int64]:
     """The granule of each slot a digest sink needs for EXTENTS: one per
     granule each extent touches, extent after extent (see bm_digest_sink)."""
@@ -162,15 +193,7 @@ def copy_extents(
     receives the digest of each granule copied whole (0: none)."""
     ext = extents_pointer(extents)
     stats: Any = ffi.new("bm_copy_stats *")
-    sink: Any = ffi.NULL
-    if digests is not None:
-        fn, granularity, zero, out = digests
-        if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("digest slots must be a writable C-contiguous uint64 array")
-        sink = ffi.new("bm_digest_sink *")
-        sink.hash, sink.granularity, sink.zero_digest = fn, granularity, zero
-        sink.count = len(out)
-        sink.digests = ffi.cast("uint64_t *", ffi.from_buffer(out.data)) if len(out) else ffi.NULL
+    sink: Any = ffi.NULL if digests is None else _sink(*digests)
     rc = lib.bm_copy_extents_hashed(
         copier, ext, len(extents),
         ffi.NULL if buf is None else buf, 0 if buf is None else len(buf),

@@ -118,6 +118,15 @@ class DigestRequest:
         return keys[order], values[order]
 
 
+def digest_granules(fd: int, offset: int, length: int, granularity: int
+                    ) -> npt.NDArray[np.uint64] | None:
+    """The xxh3-64 digest of each GRANULARITY granule of FD's [OFFSET,
+    OFFSET+LENGTH) (OFFSET on a granule boundary; the last granule may be
+    short; bytes past the end read as zeros), read and hashed in C with the
+    GIL released; None where C cannot call the digest (hash in Python then)."""
+    return _c.digest_extents(fd, as_extent_array([(offset, length)]), granularity)
+
+
 def data_extents(fd: int, end: int) -> ExtentArray:
     """The data extents of FD over [0, END) (SEEK_DATA/SEEK_HOLE, in C); the
     whole range is one extent where the filesystem reports no holes."""

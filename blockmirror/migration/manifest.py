@@ -77,7 +77,7 @@ import numpy.typing as npt
 import xxhash
 
 from blockmirror import files
-from blockmirror.copying.copier import data_extents
+from blockmirror.copying.copier import data_extents, digest_granules
 from blockmirror.errors import BlockMirrorError
 from blockmirror.extents import Extent, pairs
 from blockmirror.migration import digests as dg
@@ -660,12 +660,16 @@ def hash_granules(fd: int, runs: dg.Runs, granularity: int, size: int, workers: 
     spans = [(start, min(stop, start + step))
              for first, stop in read.tolist() for start in range(first, stop, step)]
 
-    def work(span: tuple[int, int]) -> list[int]:
+    def work(span: tuple[int, int]) -> npt.NDArray[np.uint64]:
         start, stop = span
         offset = start * g
         length = min(size, stop * g) - offset
+        found = digest_granules(fd, offset, length, g)
+        if found is not None:  # in C, the GIL released: the workers overlap
+            return found
         view = memoryview(files.pread_full(fd, length, offset).ljust(length, b"\0"))
-        return [digest(view[i * g:(i + 1) * g]) for i in range(stop - start)]
+        return np.array([digest(view[i * g:(i + 1) * g]) for i in range(stop - start)],
+                        dtype=np.uint64)
 
     if len(spans) > 1 and workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -673,8 +677,7 @@ def hash_granules(fd: int, runs: dg.Runs, granularity: int, size: int, workers: 
     else:
         found = [work(span) for span in spans]
     keys = dg.keys_of_runs(read)
-    values = np.fromiter((v for part in found for v in part), dtype=np.uint64,
-                         count=len(keys))
+    values = np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
     return keys, values, dg.subtract(runs, read)
 
 
