@@ -446,6 +446,52 @@ int bm_copy_extents(bm_copier *copier, const bm_extent *extents, uint64_t count,
                     uint64_t buf_len, uint32_t flags, bm_rate_cap *rate_cap,
                     const uint32_t *cancel, bm_copy_stats *stats);
 
+/* Hash while copying: where a bm_copy_extents_hashed call puts the digest
+ * of each granule it copied whole. HASH is the caller's (the manifest's
+ * xxh3-64, so both agree by construction); a result of 0 is stored as 1, as
+ * the manifest does (0 means "unknown" there). */
+typedef uint64_t (*bm_hash_fn)(const void *data, size_t len);
+
+typedef struct {
+    bm_hash_fn hash;
+    uint64_t granularity;   /* a power of two >= BM_COPY_MIN_BLOCK */
+    uint64_t zero_digest;   /* HASH of GRANULARITY zero bytes (for holes) */
+    uint64_t count;         /* slots in digests */
+    uint64_t *digests;      /* out: one slot per granule each extent touches, extent
+                             * after extent (an extent [o, o+n) takes granules
+                             * o/g .. (o+n-1)/g); slots of granules not copied whole
+                             * are left as they were (the caller zeroes them) */
+} bm_digest_sink;
+
+/* bm_copy_extents, and the digest of every granule of SINK's range that lies
+ * wholly inside one extent goes into SINK: hashed from the buffer the bytes
+ * were just read into (so the data is read once), or SINK's zero_digest for
+ * a granule wholly in a source hole. To see granules whole the call reads
+ * data segments from their granule's start to their granule's end (clipped
+ * to the extent; holes read as zeros and stay holes in dst), ends buffers on
+ * granule boundaries (so BUF_LEN should be a multiple of the granularity),
+ * and never uses copy_file_range. A granule cut by an extent's edge, by the
+ * source's end or by a buffer smaller than a granule gets no digest. SINK
+ * NULL is bm_copy_extents; too few slots for the extents is EINVAL. On
+ * failure the slots filled are meaningless. */
+int bm_copy_extents_hashed(bm_copier *copier, const bm_extent *extents, uint64_t count,
+                           char *buf, uint64_t buf_len, uint32_t flags,
+                           bm_rate_cap *rate_cap, const uint32_t *cancel,
+                           bm_digest_sink *sink, bm_copy_stats *stats);
+
+/* The digest (SINK's hash) of every granule of EXTENTS of FD, into SINK's
+ * slots (one per granule each extent touches, extent after extent; no slot is
+ * left unset). Each extent starts on a granule boundary (else EINVAL); its
+ * last granule may be short (the extent's end cuts it) and is hashed as it
+ * is; bytes past FD's end read as zeros. Read BUF_LEN bytes at a time into
+ * BUF (caller's scratch; NULL: malloc'd for the call; BUF_LEN >= the
+ * granularity). SINK's zero_digest is not used. CANCEL as for
+ * bm_copy_extents. Never writes FD; thread-safe (pread only). For the
+ * manifest's reads of a copy and a hash resync's of a source: no Python per
+ * granule, and the GIL is released for the whole call. */
+int bm_digest_extents(int fd, const bm_extent *extents, uint64_t count, char *buf,
+                      uint64_t buf_len, const uint32_t *cancel, bm_digest_sink *sink);
+
 /* The data extents of FD over [*CURSOR, END), by SEEK_DATA/SEEK_HOLE, in
  * ascending order, clipped to END. Fills at most MAX extents into OUT and
  * returns the count, advancing *CURSOR; sets *CURSOR to UINT64_MAX once END

@@ -49,6 +49,9 @@ struct copier {
     bm_rate_cap *rate_cap;
     const uint32_t *cancel;
     bm_copy_stats *st;
+    bm_digest_sink *sink;    /* NULL: no digests asked for */
+    uint64_t slot_base;      /* the sink slot of the current extent's first granule */
+    uint64_t slot_granule;   /* ... and that granule's index */
     /* pending zero run [zero_start, zero_end) not yet punched */
     uint64_t zero_start, zero_end;
 };
@@ -313,6 +316,27 @@ static int scatter_blocks(struct copier *c, const char *buf, uint64_t len, uint6
     return 0;
 }
 
+/* The digests of the granules wholly inside [OFFSET, OFFSET+LEN) of dst,
+ * whose bytes are at BUF (NULL: they are zeros), go into the sink. Granules
+ * only partly inside are left alone: this call did not see all of them. */
+static void sink_granules(struct copier *c, const char *buf, uint64_t offset, uint64_t len)
+{
+    bm_digest_sink *s = c->sink;
+    if (!s || len == 0)
+        return;
+    uint64_t g = s->granularity;
+    uint64_t first = (offset + g - 1) / g, stop = (offset + len) / g;
+    for (uint64_t i = first; i < stop; i++) {
+        uint64_t h = s->zero_digest;
+        if (buf) {
+            h = s->hash(buf + (i * g - offset), (size_t)g);
+            if (h == 0) /* 0 means "unknown" to the manifest */
+                h = 1;
+        }
+        s->digests[c->slot_base + (i - c->slot_granule)] = h;
+    }
+}
+
 /* The source ends before END: the rest reads as zeros. */
 static int past_source_end(struct copier *c, uint64_t offset, uint64_t end)
 {
@@ -330,8 +354,12 @@ static int copy_by_reading(struct copier *c, uint64_t offset, uint64_t end)
             return -1;
         uint64_t step_end = end;
         if (end - offset > c->buf_len) {
-            /* End each full buffer on a block boundary so blocks stay whole. */
-            step_end = (offset + c->buf_len) / c->block * c->block;
+            /* End each full buffer on a block boundary so blocks stay whole
+             * (and on a granule boundary, so granules are hashed whole). */
+            uint64_t align = c->block;
+            if (c->sink && c->sink->granularity > align)
+                align = c->sink->granularity;
+            step_end = (offset + c->buf_len) / align * align;
             if (step_end <= offset)
                 step_end = offset + c->buf_len;
         }
@@ -343,6 +371,7 @@ static int copy_by_reading(struct copier *c, uint64_t offset, uint64_t end)
         c->st->bytes_read += (uint64_t)got;
         if (scatter_blocks(c, c->buf, (uint64_t)got, offset) < 0)
             return -1;
+        sink_granules(c, c->buf, offset, (uint64_t)got);
         if ((uint64_t)got < want)
             return past_source_end(c, offset + (uint64_t)got, end);
         offset = step_end;
@@ -390,7 +419,8 @@ static int copy_in_kernel(struct copier *c, uint64_t offset, uint64_t end)
 
 static int copy_data(struct copier *c, uint64_t offset, uint64_t end)
 {
-    if (c->caps & BM_COPIER_CAN_FILE_RANGE)
+    /* Digests need the bytes in our buffer: no copy in the kernel then. */
+    if ((c->caps & BM_COPIER_CAN_FILE_RANGE) && !c->sink)
         return copy_in_kernel(c, offset, end);
     return copy_by_reading(c, offset, end);
 }
@@ -457,16 +487,27 @@ static int copy_one(struct copier *c, uint64_t offset, uint64_t end)
         uint64_t data = end;
         if (next_data(c, offset, end, &data) < 0)
             return -1;
+        if (c->sink && data < end) {
+            /* Read from the granule's start, so it is hashed whole. */
+            uint64_t down = data / c->sink->granularity * c->sink->granularity;
+            data = down > offset ? down : offset;
+        }
         if (data > offset) {
             c->st->bytes_hole += data - offset;
             if (add_zeros(c, offset, data - offset) < 0)
                 return -1;
+            sink_granules(c, NULL, offset, data - offset);
             offset = data;
             continue;
         }
         uint64_t stop = end;
         if (data_end(c, offset, end, &stop) < 0)
             return -1;
+        if (c->sink) {
+            uint64_t g = c->sink->granularity;
+            uint64_t up = stop % g ? (stop / g + 1) * g : stop;
+            stop = up < end ? up : end;
+        }
         if (copy_data(c, offset, stop) < 0)
             return -1;
         offset = stop;
@@ -478,9 +519,42 @@ int bm_copy_extents(bm_copier *copier, const bm_extent *extents, uint64_t count,
                     uint64_t buf_len, uint32_t flags, bm_rate_cap *rate_cap,
                     const uint32_t *cancel, bm_copy_stats *stats)
 {
+    return bm_copy_extents_hashed(copier, extents, count, buf, buf_len, flags, rate_cap, cancel,
+                                  NULL, stats);
+}
+
+/* The sink slots extent [OFFSET, OFFSET+LEN) takes: one per granule it touches. */
+static uint64_t slots_of(uint64_t g, uint64_t offset, uint64_t len)
+{
+    return len ? (offset + len + g - 1) / g - offset / g : 0;
+}
+
+static int check_sink(const bm_digest_sink *sink, const bm_extent *extents, uint64_t count)
+{
+    if (!sink)
+        return 0;
+    uint64_t g = sink->granularity;
+    if (!sink->hash || g < BM_COPY_MIN_BLOCK || (g & (g - 1)))
+        return bm_fail(EINVAL, "digest sink needs a hash function and a power-of-two "
+                               "granularity of at least %u", BM_COPY_MIN_BLOCK);
+    uint64_t need = 0;
+    for (uint64_t i = 0; i < count; i++)
+        need += slots_of(g, extents[i].offset, extents[i].length);
+    if (need > sink->count || (need && !sink->digests))
+        return bm_fail(EINVAL, "digest sink has %llu slots, the extents need %llu",
+                       (unsigned long long)sink->count, (unsigned long long)need);
+    return 0;
+}
+
+int bm_copy_extents_hashed(bm_copier *copier, const bm_extent *extents, uint64_t count,
+                           char *buf, uint64_t buf_len, uint32_t flags,
+                           bm_rate_cap *rate_cap, const uint32_t *cancel,
+                           bm_digest_sink *sink, bm_copy_stats *stats)
+{
     if (!stats)
         return bm_fail(EINVAL, "stats must not be NULL");
     memset(stats, 0, sizeof *stats);
+
     if (!copier)
         return bm_fail(EINVAL, "copier must not be NULL");
     if (count && !extents)
@@ -501,6 +575,8 @@ int bm_copy_extents(bm_copier *copier, const bm_extent *extents, uint64_t count,
             return bm_fail(EINVAL, "extent %llu+%llu is past the largest file offset",
                            (unsigned long long)off, (unsigned long long)len);
     }
+    if (check_sink(sink, extents, count) < 0)
+        return -1;
 
     struct copier c = {
         .handle = copier,
@@ -515,15 +591,108 @@ int bm_copy_extents(bm_copier *copier, const bm_extent *extents, uint64_t count,
         .rate_cap = rate_cap,
         .cancel = cancel,
         .st = stats,
+        .sink = sink,
     };
     int rc = 0;
-    for (uint64_t i = 0; i < count && rc == 0; i++)
-        rc = copy_one(&c, extents[i].offset, extents[i].offset + extents[i].length);
+    for (uint64_t i = 0; i < count && rc == 0; i++) {
+        uint64_t off = extents[i].offset, len = extents[i].length;
+        if (sink) {
+            c.slot_granule = off / sink->granularity;
+            rc = copy_one(&c, off, off + len);
+            c.slot_base += slots_of(sink->granularity, off, len);
+        } else {
+            rc = copy_one(&c, off, off + len);
+        }
+    }
     if (rc == 0)
         rc = flush_zeros(&c);
     int saved = errno;
     if (c.buf_owned)
         free(c.buf);
+    errno = saved;
+    return rc;
+}
+
+/* Read LEN bytes of FD at OFFSET into BUF; what lies past the file's end
+ * reads as zeros (a file that shrank is hashed as the zeros a copy of it
+ * holds there). */
+static int read_padded(int fd, char *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int err = errno;
+            return bm_fail(err, "read of %llu bytes at offset %llu failed: %s",
+                           (unsigned long long)(len - done),
+                           (unsigned long long)(offset + done), strerror(err));
+        }
+        if (n == 0)
+            break;
+        done += (uint64_t)n;
+    }
+    memset(buf + done, 0, (size_t)(len - done));
+    return 0;
+}
+
+/* Digest [POS, END) of FD (POS on a granule boundary) into SINK slots from
+ * SLOT on, a buffer of STEP bytes (a multiple of the granularity) at a time. */
+static int digest_range(int fd, uint64_t pos, uint64_t end, char *buf, uint64_t step,
+                        const uint32_t *cancel, bm_digest_sink *sink, uint64_t slot)
+{
+    uint64_t g = sink->granularity;
+    while (pos < end) {
+        if (cancel && __atomic_load_n(cancel, __ATOMIC_ACQUIRE))
+            return bm_fail(ECANCELED, "digest cancelled");
+        uint64_t want = end - pos < step ? end - pos : step;
+        if (read_padded(fd, buf, want, pos) < 0)
+            return -1;
+        for (uint64_t at = 0; at < want; at += g) {
+            uint64_t len = want - at < g ? want - at : g;
+            uint64_t h = sink->hash(buf + at, (size_t)len);
+            sink->digests[slot++] = h ? h : 1;
+        }
+        pos += want;
+    }
+    return 0;
+}
+
+int bm_digest_extents(int fd, const bm_extent *extents, uint64_t count, char *buf,
+                      uint64_t buf_len, const uint32_t *cancel, bm_digest_sink *sink)
+{
+    if (!sink || (count && !extents))
+        return bm_fail(EINVAL, "sink and extents must not be NULL");
+    if (check_sink(sink, extents, count) < 0)
+        return -1;
+    uint64_t g = sink->granularity;
+    if (buf_len == 0 && !buf)
+        buf_len = BM_COPY_DEFAULT_BUFFER > g ? BM_COPY_DEFAULT_BUFFER : g;
+    if (buf_len < g || buf_len > (uint64_t)SSIZE_MAX)
+        return bm_fail(EINVAL, "buffer of %llu bytes does not fit a %llu-byte granule",
+                       (unsigned long long)buf_len, (unsigned long long)g);
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t off = extents[i].offset, len = extents[i].length;
+        if (off % g || off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off)
+            return bm_fail(EINVAL, "extent %llu+%llu does not start on a granule or ends "
+                           "past the largest file offset", (unsigned long long)off,
+                           (unsigned long long)len);
+    }
+    int owned = !buf;
+    if (owned && !(buf = malloc((size_t)buf_len)))
+        return bm_fail(ENOMEM, "cannot allocate a %llu-byte buffer",
+                       (unsigned long long)buf_len);
+    int rc = 0;
+    uint64_t slot = 0;
+    for (uint64_t i = 0; i < count && rc == 0; i++) {
+        uint64_t off = extents[i].offset, len = extents[i].length;
+        rc = digest_range(fd, off, off + len, buf, buf_len / g * g, cancel, sink, slot);
+        slot += slots_of(g, off, len);
+    }
+    int saved = errno;
+    if (owned)
+        free(buf);
     errno = saved;
     return rc;
 }

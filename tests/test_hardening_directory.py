@@ -277,11 +277,16 @@ def test_precheck_counts_the_destination_sidecar_in_move_mode(tmp_path, monkeypa
 
 
 def test_precheck_refuses_a_manifest_too_big_for_memory(tmp_path, monkeypatch):
+    """The manifest holds allocated granules only (issue 11): what counts is
+    the data, not the apparent size."""
     src = tmp_path / "src.img"
-    with open(src, "wb") as f:
-        f.truncate(1 << 40)  # 1 TiB sparse: 16 Mi granules
+    make_data_image(src, 16 * MiB, extents=16)  # 256 allocated granules
+    with open(src, "r+b") as f:
+        f.truncate(1 << 40)  # 1 TiB apparent
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(precheck, "_physical_memory", lambda: 256 * MiB, raising=False)
+    monkeypatch.setattr(precheck, "_physical_memory", lambda: 1 * MiB, raising=False)
+    precheck.plan_file_sync(str(src), str(tmp_path / "out"))  # 256 granules fit in 1 MiB
+    monkeypatch.setattr(precheck, "_physical_memory", lambda: 16 * 1024, raising=False)
     with pytest.raises(InvalidInputError, match="memory"):
         precheck.plan_file_sync(str(src), str(tmp_path / "out"))
 

@@ -31,7 +31,6 @@ from blockmirror.errors import (
     OutOfSpaceError,
     SidecarError,
 )
-from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY
 from blockmirror.units import (
     format_bytes,
     format_seconds,
@@ -123,6 +122,10 @@ def _demo_rate(text: str) -> int:
 
 
 def _granularity(text: str) -> int:
+    # Late, like every import of the C core here: --help and usage errors
+    # must not pay for loading it (and numpy).
+    from blockmirror.tracking.tracker import MAX_GRANULARITY, MIN_GRANULARITY
+
     try:
         value = parse_size(text)
     except ValueError as e:
@@ -196,7 +199,7 @@ def _add_tracking_parsers(sub: Any) -> None:
                    help="reset: accept an unclean sidecar (a writer died): a new series with "
                    "every block dirty; earlier change ids become invalid")
     t.add_argument("image")
-    t.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY,
+    t.add_argument("--granularity", type=_granularity, default=None,
                    help="bytes per tracked block, a power of two (default 64k)")
     t.add_argument("--json", action="store_true")
 
@@ -418,9 +421,9 @@ def _cmd_track(args: argparse.Namespace) -> int:
 
 
 def _track_enable(args: argparse.Namespace) -> int:
-    from blockmirror.tracking.tracker import Tracker, sidecar_path
+    from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker, sidecar_path
 
-    Tracker.create(args.image, args.granularity).close()
+    Tracker.create(args.image, args.granularity or DEFAULT_GRANULARITY).close()
     if args.json:
         print(json.dumps({"image": args.image, "sidecar": sidecar_path(args.image),
                           "tracking": True}))

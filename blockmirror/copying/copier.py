@@ -23,14 +23,16 @@ only way to keep the copy sparse.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from blockmirror._bindings import copy as _c
 from blockmirror.closeable import Closeable
@@ -91,6 +93,38 @@ class CopyStats:
         return CopyStats(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         )
+
+
+@dataclass
+class DigestRequest:
+    """Asks :meth:`Copier.copy_extents` for the xxh3-64 digest of every
+    GRANULARITY granule it copies whole, taken from the buffer the data was
+    read into (the data is read once; see bm_copy_extents_hashed). Granules
+    it could not see whole (cut by an extent's edge or the source's end) get
+    none: the caller digests those itself. Collects from every worker."""
+
+    granularity: int
+    found: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]] = field(
+        default_factory=list)
+
+    def take(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+        """The granules digested so far (sorted) and their digests; forgets them."""
+        found, self.found = self.found, []
+        if not found:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+        keys = np.concatenate([k for k, _ in found])
+        values = np.concatenate([v for _, v in found])
+        order = np.argsort(keys, kind="stable")
+        return keys[order], values[order]
+
+
+def digest_granules(fd: int, offset: int, length: int, granularity: int
+                    ) -> npt.NDArray[np.uint64] | None:
+    """The xxh3-64 digest of each GRANULARITY granule of FD's [OFFSET,
+    OFFSET+LENGTH) (OFFSET on a granule boundary; the last granule may be
+    short; bytes past the end read as zeros), read and hashed in C with the
+    GIL released; None where C cannot call the digest (hash in Python then)."""
+    return _c.digest_extents(fd, as_extent_array([(offset, length)]), granularity)
 
 
 def data_extents(fd: int, end: int) -> ExtentArray:
@@ -234,6 +268,7 @@ class Copier(Closeable):
         start_writeback: bool = False,
         before_item: Callable[[ExtentArray], None] | None = None,
         after_item: Callable[[ExtentArray], None] | None = None,
+        digests: DigestRequest | None = None,
     ) -> CopyStats:
         """Copy EXTENTS of the source to the same offsets of the destination.
 
@@ -258,6 +293,11 @@ class Copier(Closeable):
         destination (or its copy failed), if BEFORE_ITEM returned: a mirrored
         sync releases the interlock it took in BEFORE_ITEM.
 
+        DIGESTS, if given and the digest can be called from C (and its
+        granule fits the buffer), collects the digest of each granule
+        copied whole; copy_file_range is not used then (the bytes must pass
+        through the buffer).
+
         Raises the first OSError of any work item (ENOSPC, EIO, ...) after
         stopping the others; the destination is then partly copied. Nothing
         touches the files once this returns or raises.
@@ -268,7 +308,9 @@ class Copier(Closeable):
         started = time.perf_counter()
         arr = merge_touching(as_extent_array(extents))
         total_bytes = int(arr["length"].sum(dtype=np.uint64)) if len(arr) else 0
-        items = split_extents(arr, self._item_bytes(total_bytes), self._align)
+        hashing = self._digest_spec(digests)
+        align = max(self._align, digests.granularity) if digests and hashing else self._align
+        items = split_extents(arr, self._item_bytes(total_bytes), align)
         cancel = _c.new_cancel_flag()
         window = 2 * self.workers
         result = CopyStats()
@@ -290,7 +332,7 @@ class Copier(Closeable):
                     collect(done)
                 pending.add(
                     executor.submit(self._copy_item, item, dst_fresh, cancel, start_writeback,
-                                    before_item, after_item)
+                                    before_item, after_item, digests if hashing else None)
                 )
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -304,6 +346,14 @@ class Copier(Closeable):
         result.seconds = time.perf_counter() - started
         return result
 
+    def _digest_spec(self, digests: DigestRequest | None) -> bool:
+        """Whether DIGESTS can be served from C on this copier."""
+        if digests is None:
+            return False
+        g = digests.granularity
+        return (_c.digest_function() is not None and g <= self.buffer_bytes
+                and self.buffer_bytes % g == 0 and g >= MIN_BLOCK_SIZE and not g & (g - 1))
+
     def _item_bytes(self, total_bytes: int) -> int:
         """Work item size: batch_bytes, cut finer for small copies so each
         worker gets a few items."""
@@ -314,24 +364,36 @@ class Copier(Closeable):
         self, item: ExtentArray, dst_fresh: bool, cancel: Any, start_writeback: bool = False,
         before_item: Callable[[ExtentArray], None] | None = None,
         after_item: Callable[[ExtentArray], None] | None = None,
+        digests: DigestRequest | None = None,
     ) -> CopyStats:
         """One C call, on a worker thread."""
         if before_item is not None:
             before_item(item)
         try:
-            return self._copy_item_now(item, dst_fresh, cancel, start_writeback)
+            return self._copy_item_now(item, dst_fresh, cancel, start_writeback, digests)
         finally:
             if after_item is not None:
                 after_item(item)
 
     def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
-                       start_writeback: bool) -> CopyStats:
+                       start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = _c.new_buffer(self.buffer_bytes)
         flags = (_c.DST_FRESH if dst_fresh else 0) | (_c.START_WRITEBACK if start_writeback else 0)
+        spec = None
+        if digests is not None:
+            fn = _c.digest_function()
+            assert fn is not None
+            g = digests.granularity
+            slots = _c.digest_slots(item, g)
+            out = np.zeros(len(slots), dtype=np.uint64)
+            spec = (fn, g, _zero_digest(g), out)
         counts = _c.copy_extents(self._copier, item, buf, flags, self._rate_cap, cancel,
-                                 self.src_path, self.dst_path)
+                                 self.src_path, self.dst_path, spec)
+        if digests is not None and spec is not None:
+            whole = np.flatnonzero(out)
+            digests.found.append((slots[whole], out[whole]))  # list.append: atomic
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)
 
@@ -343,3 +405,10 @@ class Copier(Closeable):
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
+
+@functools.cache
+def _zero_digest(granularity: int) -> int:
+    """The digest of a zero granule, as the manifest spells it (never 0)."""
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(bytes(granularity)) or 1

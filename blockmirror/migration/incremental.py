@@ -20,6 +20,7 @@ from blockmirror.migration.manifest import (
     STATE_UNTRUSTED,
     Manifest,
     ManifestError,
+    OldManifestError,
     differing_extents,
     manifest_path,
 )
@@ -50,6 +51,11 @@ def open_earlier_copy(destination: str, *, notes: list[str], rebuild: bool = Fal
             return _rebuilt_manifest(fd, path, granularity, source), fd
         try:
             manifest = Manifest.open(path)
+        except OldManifestError as e:
+            # Its digests are not read any more; the copy's own bytes say
+            # what it holds, and a hash resync makes it the source.
+            notes.append(f"{e}: rebuilt by hashing the copy's data")
+            return _rebuilt_manifest(fd, path, granularity, source), fd
         except ManifestError as e:
             raise InvalidInputError(f"{e}; use --force for a full copy") from None
         reason = manifest.check_copy(fd)
@@ -104,7 +110,23 @@ def first_pass_extents(tracker: Tracker | None, manifest: Manifest, src_fd: int,
     if os.fstat(copy_fd).st_size != size:
         os.ftruncate(copy_fd, size)
     if extents is None and manifest.state == STATE_UNTRUSTED:
-        return [(0, size)]  # every digest unknown: hashing the source would change nothing
+        # Every digest unknown: re-copy wherever the source or the copy has
+        # data (the copy may hold bytes where the source has holes); where
+        # both have holes both read as zeros already.
+        everything = _granule_aligned(union(pairs(data_extents(src_fd, size)),
+                                            pairs(data_extents(copy_fd, size))),
+                                      manifest.granularity, size)
+        manifest.assume_zero_outside(everything)
+        return everything
     if extents is None:
         return differing_extents(manifest, src_fd, size, workers=workers)
     return union(pairs(extents), manifest.unknown_extents())
+
+
+def _granule_aligned(extents: list[tuple[int, int]], granularity: int,
+                     size: int) -> list[tuple[int, int]]:
+    """EXTENTS rounded out to whole granules (clipped to SIZE), merged."""
+    rounded = ((offset // granularity * granularity,
+                min(size, -(-(offset + length) // granularity) * granularity))
+               for offset, length in extents)
+    return union((start, end - start) for start, end in rounded if end > start)

@@ -33,6 +33,8 @@ from blockmirror.errors import (
 )
 from blockmirror.extents import Extent, pairs, subtract, union
 from blockmirror.migration import commit, incremental, journal
+from blockmirror.migration import digests as dg
+from blockmirror.migration.digests import DigestTable
 from blockmirror.migration.escalation import Escalation, Step
 from blockmirror.migration.manifest import Manifest, manifest_path
 from blockmirror.migration.mirroring import MirrorSession
@@ -148,9 +150,13 @@ class FileSyncJob:
         self.copier = Copier(self.src_fd, self.dst_fd, workers=self.options.workers,
                              rate_limit=self.options.rate_limit, src_path=plan.source,
                              dst_path=plan.destination if plan.incremental else plan.partial)
+        # A new copy that will get a manifest learns its digests while it is
+        # copied (hash while copying): one read of the data, not two.
+        fresh = (DigestTable(self._granularity, plan.size)
+                 if not plan.incremental and not self.options.move else None)
         self.passes = PassRunner(self.copier, self.tracker, self.src_fd, self.dst_fd,
                                  self.result, self.report,
-                                 self.manifest if plan.incremental else None)
+                                 self.manifest if plan.incremental else None, fresh)
 
     def _open_tracker(self) -> None:
         self._lock_source()
@@ -387,16 +393,24 @@ class FileSyncJob:
         return self.tracker.granularity if self.tracker else DEFAULT_GRANULARITY
 
     def _write_manifest(self) -> None:
-        """Digest what this run wrote (a new copy: all of it) and record the
-        change id the copy is exact at, for the next incremental sync."""
+        """Record the copy's digests and the change id it is exact at, for
+        the next incremental sync. The passes digested what they copied
+        whole; only granules none of them saw whole are read back here."""
         assert self.passes is not None
         if self.manifest is None:
             # A new copy started as one hole: what no pass wrote is zeros.
             self.manifest = Manifest.create(
                 manifest_path(self.plan.destination), granularity=self._granularity,
-                image_size=os.fstat(self.dst_fd).st_size, source=self.plan.source)
+                image_size=os.fstat(self.dst_fd).st_size, source=self.plan.source,
+                table=self.passes.fresh_digests)
+        if self.mirror_changed:
+            # Mirrored writes changed these granules after the passes hashed
+            # them from their buffers: read them back instead.
+            self.manifest.table.forget(dg.granule_runs(
+                self.mirror_changed, self.manifest.granularity, self.manifest.table.granules))
         regions = union(self.passes.touched(), self.mirror_changed)
-        self.manifest.record(self.dst_fd, regions, workers=self.options.workers)
+        self.manifest.record(self.dst_fd, self.manifest.unknown_extents(),
+                             workers=self.options.workers)
         change_id = ChangeId.parse(self.result.change_id) if self.result.change_id else None
         self.manifest.commit(change_id.series if change_id else "",
                              change_id.generation if change_id else 0, recorded=regions,

@@ -1,38 +1,57 @@
 """The digest manifest kept beside a blockmirror copy: ``DST.bm-manifest``.
 
 It records what the copy is: which source series and change id it was taken
-at, and one xxh3-64 digest per granule of its content. An incremental sync
-asks the source's tracker for what changed since that change id; when the id
-cannot be trusted (a writer crashed, the sidecar was reset), it falls back to
-hashing the source and copying only granules whose digest differs — without
+at, and what each granule of the copy holds (a :class:`DigestTable`: zero,
+unknown, or an xxh3-64 digest). An incremental sync asks the source's
+tracker for what changed since that change id; when the id cannot be
+trusted (a writer crashed, the sidecar was reset), it falls back to hashing
+the source and copying only granules whose digest differs - without
 re-reading the copy.
 
-Layout: a 4096-byte header (magic line, then JSON padded with spaces, then a
-line with the xxh3-64 of the JSON), then ``granules`` little-endian uint64
-digests, each stored XOR the digest of an all-zero granule so that zero
-granules are stored as 0 and a sparse image's manifest stays sparse too
-(all ones on disk means UNKNOWN). The digests are held in memory and written back with pwrite, never
+Format 3 (issue 11) costs what the copy's data costs, not its apparent
+size, on disk and in memory. Layout:
+
+- a 4096-byte header: magic line, JSON padded with spaces, then a line with
+  the xxh3-64 of the JSON. The JSON says where the **body** is (offset,
+  counts) and holds the body's checksum;
+- the body: the unknown runs (pairs of granule indices), then the granule
+  indices that hold data, then their digests; little-endian uint64. Zero
+  granules are not stored at all;
+- right after the body, while a sync updates the copy: the **journal**,
+  fixed-size records appended (and fsynced) one per change - "these granules
+  become unknown", "the copy now has this size" - each bound to the body it
+  extends and checksummed.
+
+The digests are held in memory and written back with pwrite, never
 memory-mapped: the copy may sit on NFS or FUSE, where shared mappings can be
 refused (FUSE direct_io) or incoherent.
 
-While a sync rewrites the copy the header says ``updating`` and the digests
-of every granule about to change are set to UNKNOWN first (and made
-durable), so a crash mid-update can only leave granules marked unknown —
-never a digest that lies about the copy.
+While a sync rewrites the copy the header says ``updating`` and every
+granule about to change is journalled unknown first (durably), so a crash
+mid-update can only leave granules marked unknown - never a digest that lies
+about the copy. A commit writes a whole new body where it overlaps neither
+the current body nor its journal, fsyncs it, then points the header at it:
+a crash at any instant leaves one consistent state (a torn header fails its
+checksum and is refused).
 
-Format 2 (issue 13) binds a clean manifest to the copy it describes: the
-header records the copy's device, inode, size, mtime and ctime, taken at
-commit after the copy's final fsync. :meth:`Manifest.mismatch` compares them
-with the copy as it is; any difference (the copy edited, truncated,
-hole-punched, restored from another backup, or the manifest swapped for
-another copy's) means neither the digests nor the change id say anything
-about the copy, and :meth:`Manifest.mark_untrusted` makes every granule
-unknown (state ``untrusted``) so the next sync re-copies the source's whole
-range over the copy in place. A failed verify does the same. ctime can't be
-set by users, so only a clock change could hide an edit; a copy on a
-filesystem whose device number changes across mounts (some NFS and FUSE set-ups)
-is re-copied in full after a remount - safe, only slower. Format 1 manifests
-are refused (take a full copy with ``--force``).
+The header binds a clean manifest to the copy it describes (issue 13): the
+copy's device, inode, size, mtime and ctime, taken at commit after the
+copy's final fsync. :meth:`Manifest.mismatch` compares them with the copy as
+it is; any difference (the copy edited, truncated, hole-punched, restored
+from another backup, or the manifest swapped for another copy's) means
+neither the digests nor the change id say anything about the copy, and
+:meth:`Manifest.mark_untrusted` makes every granule unknown (state
+``untrusted``) so the next sync re-copies the copy's data in place. A failed
+verify does the same. ctime can't be set by users, so only a clock change
+could hide an edit; a copy on a filesystem whose device number changes
+across mounts (some NFS and FUSE set-ups) is re-copied after a remount -
+safe, only slower.
+
+Older formats: format 1 is refused (take a full copy with ``--force``);
+format 2 (one dense digest slot per granule of apparent size) is not read
+any more - it is raised as :class:`OldManifestError`, and the incremental
+sync rebuilds a format 3 manifest by hashing the copy's data (then a hash
+resync against the source).
 
 The file is opened once and used only through that descriptor (never
 reopened by name): a folder writable by others cannot redirect our writes
@@ -47,56 +66,74 @@ import contextlib
 import json
 import os
 import stat
+import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from blockmirror import files
-from blockmirror.copying.copier import data_extents
+from blockmirror.copying.copier import data_extents, digest_granules
 from blockmirror.errors import BlockMirrorError
-from blockmirror.extents import pairs
+from blockmirror.extents import Extent, pairs
+from blockmirror.migration import digests as dg
+from blockmirror.migration.digests import UNKNOWN, DigestTable, digest, zero_digest
 
-MAGIC = b"BMMANIFEST 2\n"
+MAGIC = b"BMMANIFEST 3\n"
 MAGIC_PREFIX = b"BMMANIFEST "
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER_BYTES = 4096
 SUFFIX = ".bm-manifest"
 TMP_SUFFIX = ".tmp"  # a new manifest's name until commit (see Manifest.discard)
-UNKNOWN = 0  # a digest slot that says nothing; real digests are never 0
-STORED_UNKNOWN = np.uint64(2**64 - 1)  # how UNKNOWN is stored (0 means "zero granule")
-WRITE_CHUNK = 1 << 17  # digest slots per write: 1 MiB
-READ_CHUNK = 8 << 20
 STATE_CLEAN = "clean"
 STATE_UPDATING = "updating"
 # The digests say nothing (a failed verify, or the copy is not the file the
 # manifest was made for): every granule is unknown until the next commit.
 STATE_UNTRUSTED = "untrusted"
 HASH_CHUNK = 8 << 20
+# Journal records: kind, two arguments, the body's checksum, the record's own.
+RECORD = struct.Struct("<5Q")
+FORGET, RESIZE = 1, 2
+# Bytes a stored granule of data costs at most: index and digest, in two
+# bodies (the current one and the one a commit writes beside it).
+STORED_BYTES_PER_GRANULE = 32
+
+__all__ = [
+    "UNKNOWN",
+    "Manifest",
+    "ManifestError",
+    "OldManifestError",
+    "differing_extents",
+    "digest",
+    "manifest_path",
+    "stored_bytes",
+    "zero_digest",
+]
 
 
 class ManifestError(BlockMirrorError):
     """The manifest is missing, corrupt or belongs to another copy."""
 
 
+class OldManifestError(ManifestError):
+    """A manifest of an older format that can be rebuilt from the copy."""
+
+
 def manifest_path(copy_path: str) -> str:
     return copy_path + SUFFIX
 
 
+def stored_bytes(allocated: int, granularity: int) -> int:
+    """Disk a manifest of a copy with ALLOCATED bytes of data needs at worst."""
+    return HEADER_BYTES + STORED_BYTES_PER_GRANULE * -(-allocated // granularity)
+
+
 def _busy(path: str) -> ManifestError:
     return ManifestError(f"another sync is writing {path}")
-
-
-def digest(block: bytes | memoryview) -> int:
-    """The granule digest: xxh3-64, never UNKNOWN."""
-    return xxhash.xxh3_64_intdigest(block) or 1
-
-
-def zero_digest(length: int) -> int:
-    return digest(bytes(length))
 
 
 def copy_identity(fd: int) -> dict[str, int]:
@@ -110,8 +147,25 @@ def copy_identity(fd: int) -> dict[str, int]:
 
 
 @dataclass
+class Body:
+    """Where the stored table is: offset and length of the body, its
+    checksum (also the journal's epoch), and where the journal ends."""
+
+    offset: int = HEADER_BYTES
+    length: int = 0
+    checksum: str = ""
+    journal_end: int = HEADER_BYTES
+    unknown_runs: int = 0
+    data_granules: int = 0
+
+    @property
+    def epoch(self) -> int:
+        return int(self.checksum, 16) if self.checksum else 0
+
+
+@dataclass
 class Manifest:
-    """An open manifest: header fields plus the digest array (in memory).
+    """An open manifest: header fields plus the digest table (in memory).
 
     The file is opened once (a new one created exclusively, never through a
     link) and every read and write goes through that descriptor: the folder
@@ -126,12 +180,12 @@ class Manifest:
     generation: int
     state: str
     source: str
-    digests: np.ndarray  # uint64, one per granule, in memory; written back with pwrite
+    table: DigestTable
     publish_to: str | None = None  # a new manifest's final name, taken at commit
     fd: int = -1  # the manifest file, open for the manifest's whole life
     copy: dict[str, int] | None = None  # the copy's identity at the last commit
     copy_fd: int = -1  # the copy last digested by record(): commit binds to it
-    rewrite_all: bool = False  # every slot must be written back at commit
+    body: Body = field(default_factory=Body)
 
     @property
     def change_id(self) -> str:
@@ -140,28 +194,32 @@ class Manifest:
     # -- creating and opening -------------------------------------------------
 
     @classmethod
-    def create(cls, path: str, *, granularity: int, image_size: int, source: str) -> Manifest:
+    def create(cls, path: str, *, granularity: int, image_size: int, source: str,
+               table: DigestTable | None = None) -> Manifest:
         """A new manifest for a new copy: every granule taken for zeros (a new
-        copy starts as one hole) until :meth:`record` says otherwise. It is
+        copy starts as one hole) until :meth:`record` says otherwise - or, if
+        given, what TABLE says (what the copy's passes learnt while they
+        copied: digests taken from their buffers, unknown where they wrote
+        without seeing a granule whole). It is
         built under a temporary name (PATH + ".tmp", created exclusively,
         never through a link, and flock-ed for its life) and takes PATH only
         at :meth:`commit`, so no half-made manifest can ever vouch for a
         copy. If the run fails before the commit, call :meth:`discard`."""
-        granules = -(-image_size // granularity)
         tmp = path + TMP_SUFFIX
         # 0600 and never through a link: whoever can edit the digests can make
         # a hash resync skip blocks (the same trust rule as the sidecar, I5).
         fd = files.create_locked(tmp, _busy)
         try:
-            os.ftruncate(fd, HEADER_BYTES + 8 * granules)  # holes: stored zeros
-            digests = np.full(granules, zero_digest(granularity), dtype="<u8")
-            if granules and image_size % granularity:
-                digests[-1] = zero_digest(image_size % granularity)
+            if table is None:
+                table = DigestTable(granularity, image_size)
+            elif table.granularity != granularity:
+                raise ValueError("the table's granularity is not the manifest's")
+            table.resize(image_size)
             m = cls(path=tmp, granularity=granularity, image_size=image_size, series="",
-                    generation=0, state=STATE_UPDATING, source=source, digests=digests,
-                    fd=fd)
+                    generation=0, state=STATE_UPDATING, source=source, table=table, fd=fd)
+            m.body.checksum = xxhash.xxh3_64_hexdigest(b"")  # the empty body
             m.publish_to = path
-            m.write_header()
+            m.write_header(durable=False)  # nothing trusts it before its commit
         except BaseException:
             with contextlib.suppress(OSError):
                 if files.same_file(fd, tmp):
@@ -175,8 +233,8 @@ class Manifest:
         """Open an earlier copy's manifest for an incremental update (read and
         write, through one descriptor). Refused: a link, a file with more than
         one name, anything but a regular file, one writable by others or
-        owned by another user, a corrupt one, and format 1 (it did not bind
-        the digests to the copy: take a full copy with --force)."""
+        owned by another user, a corrupt one, and older formats (format 2:
+        :class:`OldManifestError`, rebuilt from the copy by the caller)."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -192,101 +250,148 @@ class Manifest:
     @classmethod
     def _read(cls, path: str, fd: int) -> Manifest:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"manifest {path} is not a regular file")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, os.geteuid()):
-            raise ManifestError(
-                f"manifest {path} is writable by others or owned by uid {st.st_uid}: its "
-                "digests could make a resync skip blocks, so it is not trusted"
-            )
-        if st.st_nlink != 1:
-            raise ManifestError(
-                f"manifest {path} has {st.st_nlink} names (a hard link to it exists): "
-                "not trusted"
-            )
-        header = files.pread_full(fd, HEADER_BYTES, 0)
-        if not header.startswith(MAGIC):
-            if header.startswith(MAGIC_PREFIX):
-                version = header[len(MAGIC_PREFIX):].split(b"\n", 1)[0][:8]
-                raise ManifestError(
-                    f"manifest {path} has format {version.decode(errors='replace')}, which "
-                    f"this blockmirror does not trust (format {FORMAT_VERSION} binds the "
-                    "digests to the copy they describe); take a full copy with --force"
-                )
-            raise ManifestError(f"{path} is not a blockmirror manifest")
+        _check_trust(path, st)
+        meta = _read_header(path, fd)
         try:
-            body, check = header[len(MAGIC):].rstrip(b" \n\0").rsplit(b"\n", 1)
-            if xxhash.xxh3_64_hexdigest(body) != check.decode():
-                raise ValueError("checksum")
-            meta = json.loads(body)
             granularity = int(meta["granularity"])
             image_size = int(meta["image_size"])
             copy = meta.get("copy")
             if copy is not None:
                 copy = {k: int(copy[k]) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")}
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+            where = meta["body"]
+            body = Body(int(where["offset"]), int(where["length"]), str(where["xxh3"]),
+                        unknown_runs=int(where["unknown_runs"]),
+                        data_granules=int(where["data_granules"]))
+            state = str(meta["state"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ManifestError(f"manifest {path} has a corrupt header") from None
-        granules = -(-image_size // granularity) if granularity > 0 else -1
-        if granules < 0 or st.st_size != HEADER_BYTES + 8 * granules:
+        if (granularity <= 0 or image_size < 0 or body.offset < HEADER_BYTES
+                or min(body.unknown_runs, body.data_granules) < 0
+                or body.length != 16 * (body.unknown_runs + body.data_granules)
+                or st.st_size < body.offset + body.length):
             raise ManifestError(f"manifest {path} is truncated or has the wrong size")
-        state = str(meta["state"])
-        if state == STATE_UNTRUSTED:
-            digests = np.zeros(granules, dtype="<u8")  # all UNKNOWN; the file's say nothing
-        else:
-            buf = bytearray(8 * granules)
-            view = memoryview(buf)
-            for start in range(0, len(view), READ_CHUNK):
-                chunk = view[start:start + READ_CHUNK]
-                if os.preadv(fd, [chunk], HEADER_BYTES + start) != len(chunk):
-                    raise ManifestError(f"manifest {path} is truncated")
-            digests = _decode(np.frombuffer(buf, dtype="<u8"), granularity)
+        table = DigestTable(granularity, image_size)
         m = cls(path=path, granularity=granularity, image_size=image_size,
                 series=str(meta["series"]), generation=int(meta["generation"]),
-                state=state, source=str(meta.get("source", "")), digests=digests, fd=fd,
-                copy=copy, rewrite_all=state == STATE_UNTRUSTED)
-        if m.state == STATE_CLEAN and meta.get("digests_xxh3") != m.digests_checksum():
-            raise ManifestError(f"manifest {path} digests are corrupt (checksum mismatch)")
+                state=state, source=str(meta.get("source", "")), table=table, fd=fd,
+                copy=copy, body=body)
+        if state == STATE_UNTRUSTED:
+            table.forget_all()  # the stored table says nothing
+        else:
+            m._load_body()
+        body.journal_end = body.offset + body.length
+        if state == STATE_UPDATING:
+            m._replay_journal(st.st_size)
         return m
 
-    def digests_checksum(self) -> str:
-        return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(self.digests).tobytes())
+    def _load_body(self) -> None:
+        """Read and check the stored table: its checksum, and that it is
+        well formed (a table that is not could make a resync skip blocks)."""
+        body = self.body
+        raw = files.pread_full(self._fd(), body.length, body.offset)
+        if len(raw) != body.length:
+            raise ManifestError(f"manifest {self.path} is truncated")
+        if xxhash.xxh3_64_hexdigest(raw) != body.checksum:
+            raise ManifestError(f"manifest {self.path} digests are corrupt (checksum mismatch)")
+        words = np.frombuffer(raw, dtype="<u8")
+        runs, data = body.unknown_runs * 2, body.data_granules
+        table = self.table
+        unknown = words[:runs].astype(np.int64).reshape(-1, 2)
+        keys = words[runs:runs + data].astype(np.int64)
+        values = words[runs + data:].astype(np.uint64)
+        n = table.granules
+        ok = (bool(np.all(unknown[:, 0] < unknown[:, 1]))
+              and bool(np.all(unknown[1:, 0] > unknown[:-1, 1]))
+              and (len(unknown) == 0 or (unknown[0, 0] >= 0 and unknown[-1, 1] <= n))
+              and bool(np.all(np.diff(keys) > 0))
+              and (len(keys) == 0 or (keys[0] >= 0 and keys[-1] < n))
+              and bool(np.all(values != UNKNOWN)))
+        if not ok or np.any(dg._covers(unknown, keys)):
+            raise ManifestError(f"manifest {self.path} digests are corrupt (malformed table)")
+        table.unknown, table.keys, table.values = unknown, keys, values
+
+    def _replay_journal(self, file_size: int) -> None:
+        """Apply the records a sync appended while it updated the copy, up to
+        the first that is torn or belongs to another body (what follows it
+        was never made durable, so no byte of the copy depends on it)."""
+        body = self.body
+        pos = body.journal_end
+        forgets: list[tuple[int, int]] = []
+        while pos + RECORD.size <= file_size:
+            raw = files.pread_full(self._fd(), RECORD.size, pos)
+            kind, a, b, epoch, check = RECORD.unpack(raw)
+            if check != xxhash.xxh3_64_intdigest(raw[:-8]) or epoch != body.epoch:
+                break
+            if kind == FORGET and a < b:
+                forgets.append((a, b))
+            elif kind == RESIZE:
+                self._forget_granules(forgets)
+                forgets = []
+                self.table.resize(a)
+                self.image_size = a
+            else:
+                raise ManifestError(f"manifest {self.path} has a corrupt journal")
+            pos += RECORD.size
+        self._forget_granules(forgets)
+        body.journal_end = pos
+
+    def _forget_granules(self, runs: list[tuple[int, int]]) -> None:
+        if runs:
+            arr = np.array(sorted(runs), dtype=np.int64)
+            self.table.forget(dg._merge(arr[:, 0], arr[:, 1]))
+
+    def _append(self, records: list[tuple[int, int, int]]) -> None:
+        """Append journal RECORDS (kind, a, b) durably."""
+        if not records:
+            return
+        epoch = self.body.epoch
+        out = bytearray()
+        for kind, a, b in records:
+            head = RECORD.pack(kind, a, b, epoch, 0)[:-8]
+            out += head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
+        _pwrite_all(self._fd(), bytes(out), self.body.journal_end)
+        os.fsync(self._fd())
+        self.body.journal_end += len(out)
 
     def _fd(self) -> int:
         if self.fd < 0:
             raise ManifestError(f"manifest {self.path} is closed")
         return self.fd
 
-    def write_header(self) -> None:
+    def write_header(self, *, durable: bool = True) -> None:
+        body = self.body
         meta: dict[str, Any] = {
             "granularity": self.granularity, "image_size": self.image_size,
             "series": self.series, "generation": self.generation, "state": self.state,
             "source": self.source, "format": FORMAT_VERSION,
+            "body": {"offset": body.offset, "length": body.length, "xxh3": body.checksum,
+                     "unknown_runs": body.unknown_runs, "data_granules": body.data_granules},
         }
-        if self.state == STATE_CLEAN:
-            meta["digests_xxh3"] = self.digests_checksum()
         if self.copy is not None:
             meta["copy"] = self.copy  # as bound at the last commit
-        body = json.dumps(meta, sort_keys=True).encode()
-        header = MAGIC + body + b"\n" + xxhash.xxh3_64_hexdigest(body).encode() + b"\n"
-        if len(header) > HEADER_BYTES:
-            raise ManifestError("manifest header too long (source path?)")
-        _pwrite_all(self._fd(), header.ljust(HEADER_BYTES, b" "), 0)
-        os.fsync(self._fd())
+        header = _header_bytes(meta)
+        _pwrite_all(self._fd(), header, 0)
+        if durable:
+            os.fsync(self._fd())
 
-    def write_digests(self, first: int = 0, last: int | None = None, *,
-                      skip_zeros: bool = False) -> None:
-        """Write digest slots [FIRST, LAST) back to the file and fsync. With
-        SKIP_ZEROS (a new file, all holes) chunks of zero granules are left
-        unwritten, so they stay holes."""
-        last = len(self.digests) if last is None else last
-        fd = self._fd()
-        for start in range(first, last, WRITE_CHUNK):
-            stored = _encode(self.digests[start:min(last, start + WRITE_CHUNK)],
-                             self.granularity)
-            if skip_zeros and not stored.any():
-                continue
-            _pwrite_all(fd, stored.tobytes(), HEADER_BYTES + 8 * start)
-        os.fsync(fd)
+    def _write_body(self, *, durable: bool = True) -> None:
+        """Write the in-memory table as a new body where it overlaps neither
+        the current body nor its journal (a crash before the header points
+        at it changes nothing), and fsync it (if DURABLE)."""
+        table = self.table
+        raw = b"".join(np.ascontiguousarray(part).astype("<u8").tobytes()
+                       for part in (table.unknown, table.keys, table.values))
+        current = self.body
+        if HEADER_BYTES + len(raw) <= current.offset:
+            offset = HEADER_BYTES
+        else:
+            offset = -(-max(current.journal_end, os.fstat(self._fd()).st_size) // 4096) * 4096
+        _pwrite_all(self._fd(), raw, offset)
+        if durable:
+            os.fsync(self._fd())
+        self.body = Body(offset, len(raw), xxhash.xxh3_64_hexdigest(raw), offset + len(raw),
+                         unknown_runs=len(table.unknown), data_granules=len(table.keys))
+
 
     def close(self) -> None:
         """Close the manifest's descriptor. An unpublished new manifest keeps
@@ -368,39 +473,29 @@ class Manifest:
 
     def mark_untrusted(self) -> None:
         """Say, durably, that the digests describe nothing: every granule is
-        unknown until the next :meth:`commit` (which then writes every slot).
+        unknown until the next :meth:`commit` (which then writes the whole table).
 
         For a copy the manifest does not describe (:meth:`mismatch`) and for
         a copy that failed verify - never leave such a manifest clean. A
         sync over an untrusted manifest must treat the whole copy as unknown:
         its change id says nothing (the copy may hold bytes the source never
-        had), so it re-copies the source's whole range in place, holes
-        included (the copy may have data where the source has holes) - which
-        is what the hash resync does with every digest unknown."""
-        self.digests[:] = UNKNOWN
+        had), so it re-copies, in place, everything where either the source
+        or the copy has data (the copy may have data where the source has
+        holes; where both have holes both read as zeros)."""
+        self.table.forget_all()
         self.state = STATE_UNTRUSTED
-        self.rewrite_all = True
         self.write_header()
 
     # -- the update protocol ----------------------------------------------------
 
     def resize(self, image_size: int) -> None:
-        """Follow the copy's size; new granules start UNKNOWN."""
+        """Follow the copy's size, durably: the old last granule (grown or
+        cut) and new granules become unknown."""
         if image_size == self.image_size:
             return
-        granules = -(-image_size // self.granularity)
-        old = len(self.digests)
-        resized = np.zeros(granules, dtype="<u8")
-        keep = min(old, granules)
-        resized[:keep] = self.digests[:keep]
-        # The old last granule may have grown or been cut: its digest no
-        # longer holds; new granules start unknown (zeros).
-        if keep:
-            resized[keep - 1] = UNKNOWN
-        self.digests = resized
+        self._append([(RESIZE, image_size, 0)])
+        self.table.resize(image_size)
         self.image_size = image_size
-        os.ftruncate(self._fd(), HEADER_BYTES + 8 * granules)
-        self.write_digests(max(0, keep - 1))
 
     def begin_update(self) -> None:
         """Say, durably, that the copy is about to change. An untrusted
@@ -409,91 +504,141 @@ class Manifest:
             self.state = STATE_UPDATING
             self.write_header()
 
-    def forget(self, extents: Iterable[tuple[int, int]]) -> None:
+    def forget(self, extents: Iterable[Extent]) -> None:
         """Mark the granules under EXTENTS unknown and make it durable; call
         before those bytes of the copy are rewritten."""
-        ranges = list(self._granule_ranges(extents))
-        for first, last in ranges:
-            self.digests[first:last] = UNKNOWN
-        if len(ranges) <= 64:
-            for first, last in ranges:
-                self.write_digests(first, last)
-        else:  # many small ranges: one write over their span costs less
-            self.write_digests(ranges[0][0], max(last for _, last in ranges))
+        runs = dg.granule_runs(extents, self.granularity, self.table.granules)
+        if not len(runs):
+            return
+        if self.state == STATE_UNTRUSTED:
+            self.table.forget(runs)  # the file already says every granule is unknown
+            return
+        if self.state == STATE_CLEAN:
+            raise ManifestError("forget() on a clean manifest: call begin_update() first")
+        self._append([(FORGET, int(s), int(e)) for s, e in runs.tolist()])
+        self.table.forget(runs)
 
-    def record(self, fd: int, extents: Iterable[tuple[int, int]], workers: int = 4) -> None:
-        """Digest the copy's granules under EXTENTS (read from FD), several
-        chunks in flight: on NFS each read pays a round trip. FD is also the
+    def assume_zero_outside(self, extents: Iterable[Extent]) -> None:
+        """For a copy about to be re-copied over EXTENTS, which cover all of
+        its data: the granules outside them read as zeros, those inside are
+        unknown. Only in memory - the file keeps saying what it said (an
+        untrusted manifest stays untrusted until the commit)."""
+        table = DigestTable(self.granularity, self.image_size)
+        table.forget(dg.granule_runs(extents, self.granularity, table.granules))
+        self.table = table
+
+    def record(self, fd: int, extents: Iterable[Extent], workers: int = 4) -> None:
+        """Digest the copy's granules under EXTENTS (read from FD, several
+        chunks in flight: on NFS each read pays a round trip). Only the
+        copy's data is read: granules in its holes are zeros. FD is also the
         copy :meth:`commit` binds the manifest to, unless given another."""
-        g = self.granularity
         self.copy_fd = fd
-        step = max(1, HASH_CHUNK // g)
-        spans = [(start, min(last, start + step))
-                 for first, last in self._granule_ranges(extents)
-                 for start in range(first, last, step)]
-
-        def work(span: tuple[int, int]) -> None:
-            start, stop = span
-            offset = start * g
-            length = min(self.image_size, stop * g) - offset
-            view = memoryview(_pread_full(fd, length, offset))
-            for i in range(stop - start):
-                self.digests[start + i] = digest(view[i * g:(i + 1) * g])
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(work, spans))
+        table = self.table
+        runs = dg.granule_runs(extents, self.granularity, table.granules)
+        if not len(runs):
+            return
+        keys, values, holes = hash_granules(fd, runs, self.granularity, self.image_size,
+                                            workers)
+        table.set_zero(holes)
+        table.put(keys, values)
 
     def commit(self, series: str, generation: int,
-               recorded: Iterable[tuple[int, int]] | None = None, *,
+               recorded: Iterable[Extent] | None = None, *,
                copy_fd: int | None = None) -> None:
         """The copy is now exactly the source at change id SERIES:GENERATION.
 
-        Writes back the digests under RECORDED (byte extents; all of them
-        when None), binds the manifest to the copy open at COPY_FD (default:
-        the one :meth:`record` last read) by its identity taken now - call
-        after the copy's final fsync and rename -, then writes the header; a
-        new manifest then takes its name."""
-        if self.publish_to is not None:
-            self.write_digests(skip_zeros=True)
-        elif recorded is None or self.rewrite_all:
-            self.write_digests()
-        else:
-            for first, last in self._granule_ranges(recorded):
-                self.write_digests(first, last)
-        self.rewrite_all = False
+        Writes the whole table as a new body (it costs what the copy's data
+        does, so RECORDED, what the caller recorded, needs no special
+        treatment; granules still unknown stay unknown), binds the manifest to
+        the copy open at COPY_FD (default: the one :meth:`record` last read)
+        by its identity taken now - call after the copy's final fsync and
+        rename -, then writes the header; a new manifest then takes its name."""
+        # An unpublished manifest is trusted by nobody until its rename: one
+        # fsync of body and header together, before the rename, is enough.
+        # A published one must have its body on disk before the header
+        # points at it.
+        fresh = self.publish_to is not None
+        self._write_body(durable=not fresh)
         bind = self.copy_fd if copy_fd is None else copy_fd
         self.copy = copy_identity(bind) if bind >= 0 else None
         self.series, self.generation, self.state = series, generation, STATE_CLEAN
         self.write_header()
+        if (self.body.offset == HEADER_BYTES
+                and os.fstat(self._fd()).st_size != self.body.journal_end):
+            os.ftruncate(self._fd(), self.body.journal_end)  # drop the old body
         if self.publish_to is not None:
-            final = self.publish_to
-            os.replace(self.path, final)
-            if not files.same_file(self._fd(), final):
-                # Someone swapped the temporary name between our create and
-                # the rename: what got published is not ours. Take it down.
-                with contextlib.suppress(OSError):
-                    os.unlink(final)
-                raise ManifestError(
-                    f"manifest {self.path} was replaced by another file before it was "
-                    "published; the folder is writable by someone else"
-                )
-            self.path, self.publish_to = final, None
-            files.fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+            self._publish()
 
-    def unknown_extents(self) -> list[tuple[int, int]]:
+    def _publish(self) -> None:
+        assert self.publish_to is not None
+        final = self.publish_to
+        os.replace(self.path, final)
+        if not files.same_file(self._fd(), final):
+            # Someone swapped the temporary name between our create and
+            # the rename: what got published is not ours. Take it down.
+            with contextlib.suppress(OSError):
+                os.unlink(final)
+            raise ManifestError(
+                f"manifest {self.path} was replaced by another file before it was "
+                "published; the folder is writable by someone else"
+            )
+        self.path, self.publish_to = final, None
+        files.fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+
+    def unknown_extents(self) -> list[Extent]:
         """Byte extents of granules whose digest is UNKNOWN."""
-        return _runs(np.flatnonzero(self.digests == UNKNOWN), self.granularity, self.image_size)
+        return dg.byte_extents(self.table.unknown, self.granularity, self.image_size)
 
-    def _granule_ranges(self, extents: Iterable[tuple[int, int]]) -> Iterable[tuple[int, int]]:
-        g = self.granularity
-        total = len(self.digests)
-        for offset, length in extents:
-            if length <= 0:
-                continue
-            first = int(offset) // g
-            last = min(total, -(-(int(offset) + int(length)) // g))
-            if first < last:
-                yield first, last
+
+def _check_trust(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ManifestError(f"manifest {path} is not a regular file")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, os.geteuid()):
+        raise ManifestError(
+            f"manifest {path} is writable by others or owned by uid {st.st_uid}: its "
+            "digests could make a resync skip blocks, so it is not trusted"
+        )
+    if st.st_nlink != 1:
+        raise ManifestError(
+            f"manifest {path} has {st.st_nlink} names (a hard link to it exists): "
+            "not trusted"
+        )
+
+
+def _read_header(path: str, fd: int) -> dict[str, Any]:
+    """The header's JSON, checked; older formats are named in the error."""
+    header = files.pread_full(fd, HEADER_BYTES, 0)
+    if not header.startswith(MAGIC):
+        if header.startswith(MAGIC_PREFIX):
+            version = header[len(MAGIC_PREFIX):].split(b"\n", 1)[0][:8]
+            text = version.decode(errors="replace")
+            if text == "2":
+                raise OldManifestError(
+                    f"manifest {path} has format 2 (one slot per granule of apparent size)")
+            raise ManifestError(
+                f"manifest {path} has format {text}, which this blockmirror does not "
+                f"trust (format {FORMAT_VERSION} binds the digests to the copy they "
+                "describe); take a full copy with --force"
+            )
+        raise ManifestError(f"{path} is not a blockmirror manifest")
+    try:
+        body, check = header[len(MAGIC):].rstrip(b" \n\0").rsplit(b"\n", 1)
+        if xxhash.xxh3_64_hexdigest(body) != check.decode():
+            raise ValueError("checksum")
+        meta = json.loads(body)
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise ManifestError(f"manifest {path} has a corrupt header") from None
+    return meta
+
+
+def _header_bytes(meta: dict[str, Any]) -> bytes:
+    body = json.dumps(meta, sort_keys=True).encode()
+    header = MAGIC + body + b"\n" + xxhash.xxh3_64_hexdigest(body).encode() + b"\n"
+    if len(header) > HEADER_BYTES:
+        raise ManifestError("manifest header too long (source path?)")
+    return header.ljust(HEADER_BYTES, b" ")
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -503,58 +648,56 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _encode(digests: np.ndarray, granularity: int) -> np.ndarray:
-    """In-memory digests -> stored form (see the module's docstring)."""
-    stored = digests ^ np.uint64(zero_digest(granularity))
-    stored[digests == UNKNOWN] = STORED_UNKNOWN
-    return stored.astype("<u8", copy=False)
+def hash_granules(fd: int, runs: dg.Runs, granularity: int, size: int, workers: int = 4
+                  ) -> tuple[npt.NDArray[np.int64], dg.U64, dg.Runs]:
+    """Digest the granules of RUNS in the file FD of SIZE bytes, reading only
+    its data (SEEK_DATA/SEEK_HOLE): returns the digested granules, their
+    digests, and the runs that lie wholly in holes (zeros, not read)."""
+    g = granularity
+    data = dg.granule_runs(pairs(data_extents(fd, size)), g, -(-size // g))
+    read = dg.intersect(runs, data)
+    step = max(1, HASH_CHUNK // g)
+    spans = [(start, min(stop, start + step))
+             for first, stop in read.tolist() for start in range(first, stop, step)]
+
+    def work(span: tuple[int, int]) -> npt.NDArray[np.uint64]:
+        start, stop = span
+        offset = start * g
+        length = min(size, stop * g) - offset
+        found = digest_granules(fd, offset, length, g)
+        if found is not None:  # in C, the GIL released: the workers overlap
+            return found
+        view = memoryview(files.pread_full(fd, length, offset).ljust(length, b"\0"))
+        return np.array([digest(view[i * g:(i + 1) * g]) for i in range(stop - start)],
+                        dtype=np.uint64)
+
+    if len(spans) > 1 and workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = list(pool.map(work, spans))
+    else:
+        found = [work(span) for span in spans]
+    keys = dg.keys_of_runs(read)
+    values = np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+    return keys, values, dg.subtract(runs, read)
 
 
-def _decode(stored: np.ndarray, granularity: int) -> np.ndarray:
-    digests = stored ^ np.uint64(zero_digest(granularity))
-    digests[stored == STORED_UNKNOWN] = UNKNOWN
-    return digests.astype("<u8", copy=False)
-
-
-def source_digests(fd: int, size: int, granularity: int, workers: int = 4) -> np.ndarray:
-    """Digest every granule of the source FD (holes are not read)."""
-    granules = -(-size // granularity)
-    out = np.empty(granules, dtype="<u8")
-    out[:] = zero_digest(granularity)
-    if granules and size % granularity:
-        out[-1] = zero_digest(size % granularity)
-    m = Manifest(path="", granularity=granularity, image_size=size, series="", generation=0,
-                 state=STATE_UPDATING, source="", digests=out)
-    m.record(fd, pairs(data_extents(fd, size)), workers=workers)
-    return out
-
-
-def differing_extents(manifest: Manifest, fd: int, size: int, workers: int = 4) -> list[
-    tuple[int, int]
-]:
-    """Hash resync: byte extents of granules where the source differs from
-    what the manifest says the copy holds (unknown granules always differ)."""
-    src = source_digests(fd, size, manifest.granularity, workers)
-    n = min(len(src), len(manifest.digests))
-    differ = np.flatnonzero(src[:n] != manifest.digests[:n])
-    if len(src) > n:
-        differ = np.concatenate((differ, np.arange(n, len(src))))
-    return _runs(differ, manifest.granularity, size)
-
-
-def _runs(granules: np.ndarray, granularity: int, size: int) -> list[tuple[int, int]]:
-    if len(granules) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(granules) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(granules)])) - 1
-    out = []
-    for s, e in zip(granules[starts].tolist(), granules[ends].tolist(), strict=True):
-        offset = s * granularity
-        out.append((offset, min(size, (e + 1) * granularity) - offset))
-    return out
-
-
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    """LENGTH bytes at OFFSET; past the end reads as zeros."""
-    return files.pread_full(fd, length, offset).ljust(length, b"\0")
+def differing_extents(manifest: Manifest, fd: int, size: int, workers: int = 4
+                      ) -> list[Extent]:
+    """Hash resync: byte extents of granules where the source FD (of SIZE
+    bytes) differs from what the manifest says the copy holds (unknown
+    granules always differ). Reads only the source's data: where the source
+    has a hole, a granule differs if the manifest says it is not zero."""
+    g = manifest.granularity
+    table = manifest.table
+    if manifest.state == STATE_UNTRUSTED:
+        return [(0, size)] if size else []
+    granules = -(-size // g)
+    everything = np.array([[0, granules]], dtype=np.int64) if granules else dg.no_runs()
+    keys, values, holes = hash_granules(fd, everything, g, size, workers)
+    known = keys < table.granules
+    differ_keys = keys[known][values[known] != table.get(keys[known])]
+    differ = dg.union(dg.runs_of_keys(differ_keys),
+                      dg.intersect(holes, table.nonzero_runs()))
+    if granules > table.granules:  # the source grew: the new granules are unknown
+        differ = dg.union(differ, np.array([[table.granules, granules]], dtype=np.int64))
+    return dg.byte_extents(differ, g, size)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 
-from blockmirror.errors import OutOfSpaceError
+from blockmirror.errors import OutOfSpaceError, SourceChangedError
 from blockmirror.extents import Extent, ExtentArray, pairs
 from blockmirror.tracking.tracker import MirrorStatus, Tracker
 
@@ -43,10 +43,23 @@ class MirrorSession:
             for offset, length in pairs(item):
                 self.tracker.copy_claim(offset, length)
                 taken.append((offset, length))
-        except BaseException:
+        except BaseException as exc:
             for offset, length in taken:
                 self.tracker.copy_release(offset, length)
+            if isinstance(exc, TimeoutError):
+                self._writer_died(exc)
             raise
+
+    def _writer_died(self, exc: TimeoutError) -> None:
+        """A mirrored write that never finishes is a writer that died in it:
+        its dead slot makes the sidecar unclean, and the copy may lack what it
+        wrote to the source. Say so as the switchover would."""
+        self.tracker.live_writers()  # the sweep that marks the sidecar unclean
+        if not self.tracker.consistent:
+            raise SourceChangedError(
+                f"a writer died in a mirrored write ({exc.strerror}); the copy may lack what "
+                "it wrote: the copy was discarded and the source is untouched; sync again to "
+                "copy it afresh") from exc
 
     def release(self, item: ExtentArray) -> None:
         """After the item's bytes are on the destination."""

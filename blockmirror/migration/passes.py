@@ -13,17 +13,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from blockmirror.copying.copier import Copier, CopyStats
+from blockmirror.copying.copier import Copier, CopyStats, DigestRequest
 from blockmirror.extents import (
     Extent,
     ExtentArray,
     Extents,
+    as_extent_array,
     intersect,
     pairs,
     subtract,
     total_bytes,
     union,
 )
+from blockmirror.migration import digests as dg
+from blockmirror.migration.digests import DigestTable
 from blockmirror.migration.manifest import Manifest
 from blockmirror.migration.mirroring import MirrorSession
 from blockmirror.migration.policy import PassRecord
@@ -62,7 +65,11 @@ class ProgressReporter:
 class PassRunner:
     """Runs the passes of one sync from SRC_FD into DST_FD and records each
     in RESULT. MANIFEST, when updating an earlier copy in place, has the
-    digests of every range forgotten before that range is rewritten."""
+    digests of every range forgotten before that range is rewritten.
+    FRESH_DIGESTS, for a new copy that will get a manifest, starts as one
+    hole. Either table then takes the digests each pass computed from its
+    buffers (hash while copying, issue 11): the commit reads back only the
+    granules no pass saw whole."""
 
     copier: Copier
     tracker: Tracker | None
@@ -71,6 +78,7 @@ class PassRunner:
     result: SyncResult
     report: ProgressReporter
     manifest: Manifest | None = None
+    fresh_digests: DigestTable | None = None
     # converge="mirror": the interlock each dirty pass's items hold (I7).
     mirror: MirrorSession | None = None
     _last_taken: list[Extent] | None = None  # what the last dirty pass took (hot-block deferral)
@@ -89,6 +97,13 @@ class PassRunner:
         (QEMU's mirror clears per chunk the same way). Its writeback starts as
         it goes: all of it is fsynced before the commit."""
         extents = self.copier.allocated_extents()
+        table = self._table()
+        if table is not None:
+            # Whole granules, so each is read (and hashed) whole; the holes
+            # inside them are still skipped.
+            # (Clipped to the source's size now: it may have grown since.)
+            extents = _granule_aligned(extents, table.granularity,
+                                       os.fstat(self.src_fd).st_size)
         stats = self._copy("bulk", extents, dst_fresh=True, start_writeback=True,
                            before_item=self._clear_before_read if self.tracker else None)
         self._record("bulk", stats)
@@ -154,6 +169,8 @@ class PassRunner:
         if size != os.fstat(self.dst_fd).st_size:
             if self.manifest is not None:
                 self.manifest.resize(size)
+            if self.fresh_digests is not None:
+                self.fresh_digests.resize(size)
             os.ftruncate(self.dst_fd, size)
         self.result.image_size = size
 
@@ -172,6 +189,13 @@ class PassRunner:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
             self.manifest.forget(pairs(extents))
+        table = self._table()
+        request = None
+        if table is not None:
+            if self.manifest is None:
+                table.forget(dg.granule_runs(pairs(extents), table.granularity,
+                                             table.granules))
+            request = DigestRequest(table.granularity)
         self._touched.append(extents)
         index = len(self.result.passes)
         total = total_bytes(extents)
@@ -184,11 +208,21 @@ class PassRunner:
             elapsed = time.perf_counter() - start
             self.report(phase, index, done, total, done / elapsed if elapsed > 0 else 0.0, dirty)
 
-        return self.copier.copy_extents(
+        stats = self.copier.copy_extents(
             extents, dst_fresh=dst_fresh,
             progress=on_progress if self.report.callback else None,
             start_writeback=start_writeback, before_item=before_item, after_item=after_item,
+            digests=request,
         )
+        if table is not None and request is not None:
+            keys, values = request.take()
+            inside = keys < table.granules  # the source may have shrunk meanwhile
+            table.put(keys[inside], values[inside])
+        return stats
+
+    def _table(self) -> DigestTable | None:
+        """The digests this run keeps up to date, if any."""
+        return self.manifest.table if self.manifest is not None else self.fresh_digests
 
     def _record(self, kind: str, stats: CopyStats, dirty_left: int | None = None,
                 deferred: int = 0) -> None:
@@ -201,3 +235,10 @@ class PassRunner:
         ))
         self.result.bytes_copied += stats.copied
         self.result.bytes_written += stats.bytes_written
+
+
+def _granule_aligned(extents: ExtentArray, granularity: int, size: int) -> ExtentArray:
+    """EXTENTS rounded out to whole granules (clipped to SIZE), merged."""
+    granules = -(-size // granularity)
+    runs = dg.granule_runs(pairs(extents), granularity, granules)
+    return as_extent_array(dg.byte_extents(runs, granularity, size))

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from blockmirror import files
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
 from blockmirror.migration import journal
-from blockmirror.migration.manifest import HEADER_BYTES as MANIFEST_HEADER_BYTES
 from blockmirror.migration.manifest import MAGIC_PREFIX as MANIFEST_MAGIC_PREFIX
 from blockmirror.migration.manifest import SUFFIX as MANIFEST_SUFFIX
 from blockmirror.migration.manifest import TMP_SUFFIX as MANIFEST_TMP
+from blockmirror.migration.manifest import stored_bytes as manifest_stored_bytes
 from blockmirror.tracking.tracker import SIDECAR_SUFFIX, sidecar_bytes
 from blockmirror.units import format_bytes
 
@@ -54,9 +54,9 @@ def free_bytes(folder: str) -> int:
 MANIFEST_TMP_SUFFIX = MANIFEST_SUFFIX + MANIFEST_TMP
 OWN_SUFFIXES = (SIDECAR_SUFFIX, MANIFEST_SUFFIX, MANIFEST_TMP_SUFFIX, PARTIAL_SUFFIX)
 SIDECAR_MAGIC = b"BMCBT\r\n\032"
-# In-memory bytes per granule a copy-mode sync may hold at once: the
-# manifest's digests, a hash resync's source digests, one encoded copy.
-MANIFEST_MEMORY_PER_GRANULE = 24
+# In-memory bytes per allocated granule a copy-mode sync may hold at once:
+# the manifest's table (index and digest), a hash resync's source digests.
+MANIFEST_MEMORY_PER_GRANULE = 48
 
 
 def own_file_kind(path: str) -> str | None:
@@ -122,9 +122,8 @@ def on_pseudo_filesystem(path: str) -> bool:
 
 
 def manifest_bytes(allocated: int, granularity: int) -> int:
-    """Disk a new manifest needs at worst: its header and 8 bytes per
-    allocated granule (zero granules stay holes)."""
-    return MANIFEST_HEADER_BYTES + 8 * -(-allocated // granularity)
+    """Disk a new manifest needs at worst (zero granules are not stored)."""
+    return manifest_stored_bytes(allocated, granularity)
 
 
 def _physical_memory() -> int:
@@ -291,12 +290,14 @@ def check_source(source: str, move: bool = False) -> os.stat_result:
             f"source {source} is {format_bytes(st.st_size)}: larger than change tracking "
             f"covers ({format_bytes(limit)} at {format_bytes(granularity)} granules)")
     if not move:
-        granules = -(-st.st_size // granularity)
+        # The manifest holds digests of allocated granules only (issue 11).
+        held = st.st_blocks * 512
+        granules = -(-held // granularity)
         memory = _physical_memory()
         if granules * MANIFEST_MEMORY_PER_GRANULE > memory // 2:
             raise InvalidInputError(
-                f"source {source} is {format_bytes(st.st_size)}: its digest manifest "
-                f"({format_bytes(granules * 8)} at {format_bytes(granularity)} granules) "
+                f"source {source} holds {format_bytes(held)}: its digest manifest "
+                f"({format_bytes(granules * 16)} at {format_bytes(granularity)} granules) "
                 f"would not fit in this machine's memory ({format_bytes(memory)})")
     return st
 

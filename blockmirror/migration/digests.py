@@ -1,0 +1,252 @@
+"""A sparse table of per-granule digests: what a manifest knows about a copy.
+
+Every granule of the copy is in one of three states:
+
+- **zero**: the copy reads as zeros there (the default: a new copy starts as
+  one hole, and a sparse image is mostly holes);
+- **unknown**: nothing is known (the copy is being rewritten there, or a
+  crash may have left anything);
+- **digest**: the xxh3-64 of the granule's bytes, as recorded.
+
+Only unknown and digest granules cost memory: unknown ones as sorted,
+disjoint runs of granule indices (a run costs 16 bytes whatever its length),
+digests as sorted parallel arrays of granule index and digest (16 bytes per
+granule). So a 15 TiB image holding 64 MiB of data costs what its data does,
+not what its size does.
+
+A digest equal to the digest of a zero granule is kept as *zero*, so each
+granule has exactly one spelling (the checksum of the table does not depend
+on how a zero granule became zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+U64 = npt.NDArray[np.uint64]
+Runs = npt.NDArray[np.int64]  # shape (n, 2): [start, end) granule indices, sorted, disjoint
+
+UNKNOWN = 0  # the digest value that says nothing; real digests are never 0
+
+
+def digest(block: bytes | memoryview) -> int:
+    """The granule digest: xxh3-64, never UNKNOWN."""
+    return xxhash.xxh3_64_intdigest(block) or 1
+
+
+def no_runs() -> Runs:
+    return np.zeros((0, 2), dtype=np.int64)
+
+
+def _covers(runs: Runs, points: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """For each point, whether a run covers it."""
+    if len(runs) == 0:
+        return np.zeros(len(points), dtype=bool)
+    i = np.searchsorted(runs[:, 0], points, side="right") - 1
+    inside = i >= 0
+    inside[inside] = points[inside] < runs[i[inside], 1]
+    return inside
+
+
+def _combine(a: Runs, b: Runs, keep_a: bool, keep_b: bool, keep_both: bool) -> Runs:
+    """The runs covering the elementary pieces whose cover (by A, by B) is
+    kept: union, subtraction and intersection in one sweep."""
+    if len(a) == 0 and len(b) == 0:
+        return no_runs()
+    points = np.unique(np.concatenate((a.ravel(), b.ravel())))
+    if len(points) < 2:
+        return no_runs()
+    starts = points[:-1]
+    in_a, in_b = _covers(a, starts), _covers(b, starts)
+    keep = (in_a & ~in_b & keep_a) | (~in_a & in_b & keep_b) | (in_a & in_b & keep_both)
+    return _merge(starts[keep], points[1:][keep])
+
+
+def _merge(starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64]) -> Runs:
+    """Sorted, merged runs from pieces sorted by start (touching ones join)."""
+    if len(starts) == 0:
+        return no_runs()
+    reach = np.maximum.accumulate(ends)
+    fresh = np.empty(len(starts), dtype=bool)
+    fresh[0] = True
+    fresh[1:] = starts[1:] > reach[:-1]
+    first = np.flatnonzero(fresh)
+    last = np.append(first[1:] - 1, len(starts) - 1)
+    return np.stack((starts[first], reach[last]), axis=1).astype(np.int64)
+
+
+def union(a: Runs, b: Runs) -> Runs:
+    return _combine(a, b, True, True, True)
+
+
+def subtract(a: Runs, b: Runs) -> Runs:
+    return _combine(a, b, True, False, False)
+
+
+def intersect(a: Runs, b: Runs) -> Runs:
+    return _combine(a, b, False, False, True)
+
+
+def runs_of_keys(keys: npt.NDArray[np.int64]) -> Runs:
+    """Runs covering exactly the sorted, unique granule indices KEYS."""
+    if len(keys) == 0:
+        return no_runs()
+    keys = keys.astype(np.int64, copy=False)
+    breaks = np.flatnonzero(np.diff(keys) != 1) + 1
+    first = np.concatenate(([0], breaks))
+    last = np.concatenate((breaks, [len(keys)])) - 1
+    return np.stack((keys[first], keys[last] + 1), axis=1)
+
+
+def keys_of_runs(runs: Runs) -> npt.NDArray[np.int64]:
+    """Every granule index the runs cover (for runs known to be small)."""
+    if len(runs) == 0:
+        return np.zeros(0, dtype=np.int64)
+    lengths = runs[:, 1] - runs[:, 0]
+    offsets = np.repeat(runs[:, 0] - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + offsets
+
+
+def granule_runs(extents: Iterable[tuple[int, int]], granularity: int, granules: int) -> Runs:
+    """The granules byte EXTENTS touch (rounded out), clipped to GRANULES."""
+    pieces = [(int(o) // granularity, min(granules, -(-(int(o) + int(n)) // granularity)))
+              for o, n in extents if n > 0]
+    pieces = [(s, e) for s, e in pieces if s < e]
+    if not pieces:
+        return no_runs()
+    arr = np.array(sorted(pieces), dtype=np.int64)
+    return _merge(arr[:, 0], arr[:, 1])
+
+
+def byte_extents(runs: Runs, granularity: int, size: int) -> list[tuple[int, int]]:
+    """Granule runs as byte extents, the last clipped to SIZE."""
+    out = []
+    for s, e in runs.tolist():
+        offset = s * granularity
+        end = min(size, e * granularity)
+        if end > offset:
+            out.append((offset, end - offset))
+    return out
+
+
+class DigestTable:
+    """The digests of a copy of SIZE bytes in GRANULARITY granules (see the
+    module docstring). Not thread-safe: callers update it from one thread."""
+
+    def __init__(self, granularity: int, size: int) -> None:
+        self.granularity = granularity
+        self.size = size
+        self.unknown: Runs = no_runs()
+        self.keys: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self.values: U64 = np.zeros(0, dtype=np.uint64)
+
+    @property
+    def granules(self) -> int:
+        return -(-self.size // self.granularity)
+
+    def zero_digests(self, keys: npt.NDArray[np.int64]) -> U64:
+        """The digest of a zero granule at each of KEYS (the last one may be short)."""
+        g = self.granularity
+        out = np.full(len(keys), _zero_digest(g), dtype=np.uint64)
+        if self.size % g:
+            out[keys == self.granules - 1] = _zero_digest(self.size % g)
+        return out
+
+    # -- changing it ----------------------------------------------------------
+
+    def forget(self, runs: Runs) -> None:
+        """The granules of RUNS become unknown."""
+        if len(runs) == 0:
+            return
+        runs = intersect(runs, self._everything())
+        self._drop_keys(runs)
+        self.unknown = union(self.unknown, runs)
+
+    def forget_all(self) -> None:
+        self.keys, self.values = self.keys[:0], self.values[:0]
+        self.unknown = self._everything()
+
+    def set_zero(self, runs: Runs) -> None:
+        """The copy reads as zeros over RUNS."""
+        self._drop_keys(runs)
+        self.unknown = subtract(self.unknown, runs)
+
+    def put(self, keys: npt.NDArray[np.int64], values: U64) -> None:
+        """Digests VALUES of granules KEYS (sorted, unique, in range; no
+        value UNKNOWN). Zero-granule digests are kept as zero."""
+        keys = np.asarray(keys, dtype=np.int64)
+        values = np.asarray(values, dtype=np.uint64)
+        if len(keys) == 0:
+            return
+        runs = runs_of_keys(keys)
+        self.set_zero(runs)
+        data = values != self.zero_digests(keys)
+        keys, values = keys[data], values[data]
+        merged = np.concatenate((self.keys, keys))
+        order = np.argsort(merged, kind="stable")
+        self.keys = merged[order]
+        self.values = np.concatenate((self.values, values))[order]
+
+    def resize(self, size: int) -> None:
+        """Follow the copy's new SIZE: the old last granule (which grew or was
+        cut) and every new granule become unknown."""
+        if size == self.size:
+            return
+        old = self.granules
+        self.size = size
+        keep = np.array([[0, self.granules]], dtype=np.int64)
+        self.unknown = intersect(self.unknown, keep)
+        self._drop_keys(subtract(np.array([[0, max(old, self.granules)]]), keep))
+        self.forget(np.array([[max(0, min(old, self.granules) - 1), self.granules]]))
+
+    def _drop_keys(self, runs: Runs) -> None:
+        if len(self.keys) and len(runs):
+            stay = ~_covers(runs, self.keys)
+            self.keys, self.values = self.keys[stay], self.values[stay]
+
+    def _everything(self) -> Runs:
+        n = self.granules
+        return np.array([[0, n]], dtype=np.int64) if n else no_runs()
+
+    # -- reading it -----------------------------------------------------------
+
+    def get(self, keys: npt.NDArray[np.int64]) -> U64:
+        """The digest each granule of KEYS (sorted) has: its recorded one,
+        a zero granule's, or UNKNOWN."""
+        keys = np.asarray(keys, dtype=np.int64)
+        out = self.zero_digests(keys)
+        if len(self.keys):
+            i = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+            hit = self.keys[i] == keys
+            out[hit] = self.values[i[hit]]
+        out[_covers(self.unknown, keys)] = UNKNOWN
+        return out
+
+    def nonzero_runs(self) -> Runs:
+        """Runs of every granule not known to be zero (unknown or data)."""
+        return union(self.unknown, runs_of_keys(self.keys))
+
+    def checksum(self) -> str:
+        """xxh3-64 over the canonical form: what a stored table must hash to."""
+        h = xxhash.xxh3_64()
+        for part in (self.unknown, self.keys, self.values):
+            h.update(np.ascontiguousarray(part).astype("<u8").tobytes())
+        return h.hexdigest()
+
+
+_ZERO_CACHE: dict[int, int] = {}
+
+
+def _zero_digest(length: int) -> int:
+    found = _ZERO_CACHE.get(length)
+    if found is None:
+        found = _ZERO_CACHE[length] = digest(bytes(length))
+    return found
+
+
+def zero_digest(length: int) -> int:
+    return _zero_digest(length)
