@@ -1,19 +1,50 @@
 # Metadata lives in pyproject.toml; this file only wires the C builds.
+import os
+from pathlib import Path
+
 from setuptools import Extension, setup
 
-setup(
-    cffi_modules=["csrc/build_ffi.py:ffibuilder"],
+CORE_SOURCES = sorted(str(p) for p in Path("csrc").glob("*.c"))
+
+
+def _nbdkit_headers() -> bool:
+    """nbdkit's plugin header (Debian nbdkit-plugin-dev). Without it the
+    front end is not built and `blockmirror serve` says what to install;
+    BLOCKMIRROR_NO_NBDKIT=1 builds without it on purpose (tests of that)."""
+    if os.environ.get("BLOCKMIRROR_NO_NBDKIT") == "1":
+        return False
+    return any(os.path.exists(os.path.join(d, "nbdkit-plugin.h"))
+               for d in ("/usr/include", "/usr/local/include"))
+
+
+extensions = [
     # One function outside cffi: TrackedImage.pwrite's hot path. A cffi call
     # alone costs more than the 10 % a 4 KiB write may add to os.pwrite
     # (issue 2, bench/README.md). It links no core sources: it calls bm_pwrite
     # through a pointer taken from blockmirror._core (csrc/python/fastwrite.c).
-    ext_modules=[
-        Extension(
-            "blockmirror._fastwrite",
-            ["csrc/python/fastwrite.c"],
-            include_dirs=["csrc"],
-            depends=["csrc/blockmirror.h"],
-            extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
-        )
-    ],
+    Extension(
+        "blockmirror._fastwrite",
+        ["csrc/python/fastwrite.c"],
+        include_dirs=["csrc"],
+        depends=["csrc/blockmirror.h"],
+        extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+    )
+]
+if _nbdkit_headers():
+    # The NBD front end: a shared object nbdkit loads (not a Python module;
+    # built as an Extension only so pip puts it in the package). It carries
+    # its own copy of the core, so nbdkit's writes take the very C path
+    # TrackedImage's do; hidden visibility keeps all but plugin_init private.
+    extensions.append(Extension(
+        "blockmirror._nbdkit_plugin",
+        ["csrc/nbdkit/plugin.c", *CORE_SOURCES],
+        include_dirs=["csrc"],
+        depends=["csrc/blockmirror.h", "csrc/bm_internal.h"],
+        extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                            "-fvisibility=hidden"],
+    ))
+
+setup(
+    cffi_modules=["csrc/build_ffi.py:ffibuilder"],
+    ext_modules=extensions,
 )

@@ -224,6 +224,18 @@ int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len,
  * where the filesystem cannot punch holes). */
 int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len);
 
+/* bm_zero flags. */
+#define BM_ZERO_MAY_TRIM 1  /* the range may become a hole (punched) */
+#define BM_ZERO_FAST 2      /* fail with EOPNOTSUPP rather than write zeros */
+
+/* Make [OFFSET, OFFSET+LEN) of FD read as zeros, as a tracked write (the
+ * freeze, I1 marks, redirect and SIGBUS rules of bm_pwrite): punched with
+ * BM_ZERO_MAY_TRIM, else zeroed in place (FALLOC_FL_ZERO_RANGE), else zeros
+ * written - or, with BM_ZERO_FAST, EOPNOTSUPP instead of writing them (the
+ * range is then marked dirty but unchanged). A range past the tracked size
+ * is EINVAL. bm_discard is bm_zero with BM_ZERO_MAY_TRIM. */
+int bm_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_t flags);
+
 /* Truncate FD to SIZE as a tracked write and resize the tracker. */
 int bm_truncate(bm_tracker *t, int fd, uint64_t size);
 

@@ -325,6 +325,11 @@ int bm_errno_unsupported(int op, int err);
  * gave), else its errno; sets no bm_fail message (callers name the range). */
 int bm_punch_hole(int fd, uint64_t offset, uint64_t len);
 
+/* Zero [OFFSET, OFFSET+LEN) of FD where it lies, keeping it allocated
+ * (FALLOC_FL_ZERO_RANGE|KEEP_SIZE), retrying EINTR; errno EOPNOTSUPP when
+ * the filesystem can't, as bm_punch_hole. */
+int bm_zero_in_place(int fd, uint64_t offset, uint64_t len);
+
 /* Most bytes bm_write_zeros hands one pwrite. */
 #define BM_ZERO_CHUNK (256u << 10)
 

@@ -47,6 +47,18 @@ int bm_punch_hole(int fd, uint64_t offset, uint64_t len)
     return rc;
 }
 
+int bm_zero_in_place(int fd, uint64_t offset, uint64_t len)
+{
+    int rc;
+    do {
+        rc = fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)offset,
+                       (off_t)len);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0 && bm_errno_unsupported(BM_OP_PUNCH, errno))
+        errno = EOPNOTSUPP;
+    return rc;
+}
+
 int bm_write_zeros(int fd, uint64_t offset, uint64_t len)
 {
     /* Read-only and shared by every thread: never written, so no race. */

@@ -243,26 +243,45 @@ static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, u
     return (int64_t)len;
 }
 
-static int do_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
+/* Make [OFFSET, OFFSET+LEN) read as zeros, as one tracked write: punch it
+ * (BM_ZERO_MAY_TRIM), else zero it in place (FALLOC_FL_ZERO_RANGE), else
+ * write zeros - unless BM_ZERO_FAST says the caller would rather hear
+ * EOPNOTSUPP than wait for that (NBD's fast-zero). */
+static int zero_range(int fd, uint64_t offset, uint64_t len, uint32_t flags)
 {
+    if ((flags & BM_ZERO_MAY_TRIM) && bm_punch_hole(fd, offset, len) == 0)
+        return 0;
+    if ((flags & BM_ZERO_MAY_TRIM) && errno != EOPNOTSUPP)
+        return -1;
+    if (bm_zero_in_place(fd, offset, len) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP)
+        return -1;
+    if (flags & BM_ZERO_FAST)
+        return -1;
+    return bm_write_zeros(fd, offset, len);
+}
+
+static int do_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_t flags)
+{
+    if (flags & ~(uint32_t)(BM_ZERO_MAY_TRIM | BM_ZERO_FAST))
+        return bm_fail(EINVAL, "unknown zero flags %#x", flags);
     if (len == 0)
         return 0;
     uint64_t size = bm_image_size(t);
     if (offset > size || len > size - offset)
-        return bm_fail(EINVAL, "discard %llu+%llu is past the image end %llu",
+        return bm_fail(EINVAL, "zeroing %llu+%llu is past the image end %llu",
                        (unsigned long long)offset, (unsigned long long)len,
                        (unsigned long long)size);
     if (writer_enter(t) < 0)
         return -1;
     mark_range(t, offset, len);
-    int rc = bm_punch_hole(fd, offset, len);
-    if (rc < 0 && errno == EOPNOTSUPP)
-        rc = bm_write_zeros(fd, offset, len);
-    int err = rc < 0 ? errno : 0;
+    int err = zero_range(fd, offset, len, flags) < 0 ? errno : 0;
+    /* Mark again even on failure: part of the range may have changed. */
     mark_range(t, offset, len);
     writer_leave(t);
     if (err)
-        return bm_fail(err, "discard of %llu bytes at %llu failed: %s", (unsigned long long)len,
+        return bm_fail(err, "zeroing %llu bytes at %llu failed: %s", (unsigned long long)len,
                        (unsigned long long)offset, strerror(err));
     return 0;
 }
@@ -299,7 +318,12 @@ int64_t bm_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t
 
 int bm_discard(bm_tracker *t, int fd, uint64_t offset, uint64_t len)
 {
-    BM_GUARDED(int, t, do_discard(t, fd, offset, len));
+    BM_GUARDED(int, t, do_zero(t, fd, offset, len, BM_ZERO_MAY_TRIM));
+}
+
+int bm_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_t flags)
+{
+    BM_GUARDED(int, t, do_zero(t, fd, offset, len, flags));
 }
 
 int bm_truncate(bm_tracker *t, int fd, uint64_t size)

@@ -85,5 +85,10 @@ def discard(handle: Handle, fd: int, offset: int, length: int, path: str) -> Non
     check(lib.bm_discard(handle, fd, offset, length), path)
 
 
+def zero(handle: Handle, fd: int, offset: int, length: int, path: str, *,
+         may_trim: bool) -> None:
+    check(lib.bm_zero(handle, fd, offset, length, lib.BM_ZERO_MAY_TRIM if may_trim else 0), path)
+
+
 def truncate(handle: Handle, fd: int, size: int, path: str) -> None:
     check(lib.bm_truncate(handle, fd, size), path)

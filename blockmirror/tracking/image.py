@@ -157,6 +157,12 @@ class TrackedImage(Closeable):
         self._retry_on_redirect(lambda: self.tracker.discard(
             self._fd, offset, length, self.path))
 
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False) -> None:
+        """Make [offset, offset+length) read as zeros (NBD's WRITE_ZEROES):
+        kept allocated unless MAY_TRIM lets it become a hole."""
+        self._retry_on_redirect(lambda: self.tracker.zero(
+            self._fd, offset, length, self.path, may_trim=may_trim))
+
     def truncate(self, size: int) -> None:
         """Resize the image to SIZE bytes, tracked."""
         self._retry_on_redirect(lambda: self.tracker.truncate(

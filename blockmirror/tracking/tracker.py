@@ -384,6 +384,12 @@ class Tracker(Closeable):
         """Punch [offset, offset+length) of FD as a tracked write."""
         _w.discard(self._h, fd, offset, length, path)
 
+    def zero(self, fd: int, offset: int, length: int, path: str, *, may_trim: bool) -> None:
+        """Make [offset, offset+length) of FD read as zeros, as a tracked write:
+        punched when MAY_TRIM, else zeroed in place (the blocks stay allocated
+        where the filesystem can do that)."""
+        _w.zero(self._h, fd, offset, length, path, may_trim=may_trim)
+
     def truncate(self, fd: int, size: int, path: str) -> None:
         """Truncate FD to SIZE as a tracked write."""
         _w.truncate(self._h, fd, size, path)
