@@ -8,11 +8,13 @@ built) is left out of the run and named in the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,92 @@ def test_parse_fio_skips_leading_notes(tmp_path: Path) -> None:
     report.write_text("note: something fio said\n" + json.dumps(body))
     job = harness.JOBS[0]
     assert harness.parse_fio(report, job) == (10.0, 40960.0, 5.0)
+
+
+# -- the convergence harness with --frontend nbd ---------------------------------------------
+
+needs_plugin = pytest.mark.skipif(
+    servers.missing("blockmirror") is not None,
+    reason=f"blockmirror serve cannot run here: {servers.missing('blockmirror')}")
+
+
+@needs_tools
+@needs_plugin
+def test_convergence_frontend_nbd(tmp_path: Path) -> None:
+    """A tiny matrix whose writers are fio through blockmirror serve: idle and
+    a low rate both converge, verified, and the guest's rate and pause are
+    read back from fio."""
+    from bench.convergence import harness as conv
+
+    rate = 4 * MiB
+    cfg = conv.MatrixConfig(
+        image_size=16 * MiB, allocated_fraction=0.5, rates=[0, rate], writers=2,
+        target_downtime=0.1, copy_cap=32 * MiB, max_passes=6, warmup_s=0.3,
+        output=tmp_path / "out", workdir=tmp_path / "work", plots=False, frontend="nbd")
+    assert conv.frontend_missing(cfg) is None
+    result = conv.run_matrix(cfg, log=lambda line: None)
+    rows = {r["rate_requested"]: r for r in result.rows}
+    assert set(rows) == {0, rate}
+    for row in rows.values():
+        assert row["frontend"] == "nbd", row
+        assert row["outcome"] == "converged", row.get("notes")
+        assert row["verified"] is True
+    busy = rows[rate]
+    # fio's rate limit held, and the timeline saw it during the copy.
+    assert busy["writer_rate_overall"] == pytest.approx(rate, rel=0.3)
+    assert 0 < busy["writer_rate"] < 2 * rate
+    # The freeze held the guest's writes: its longest write covers the pause.
+    assert busy["writer_max_write_s"] >= 0.5 * busy["downtime_s"]
+    assert any("fio --ioengine=nbd" in n for n in result.notes)
+
+
+def test_nbd_guest_runs_the_qemu_peers_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    """--frontend nbd starts exactly the QEMU peer's guest command (URI aside),
+    only with fio's bandwidth log added."""
+    from bench.convergence import harness as conv
+    from bench.convergence import nbd_frontend, qemu_peer
+
+    started: list[list[str]] = []
+
+    class FakeProc:
+        stderr = None
+
+        def __init__(self, argv: list[str], **kwargs: object) -> None:
+            started.append(argv)
+
+        def poll(self) -> int:
+            return 0
+
+    class FakeServer:
+        uri = "nbd+unix:///?socket=/x"
+
+    @contextlib.contextmanager
+    def fake_serving(*args: object, **kwargs: object) -> Iterator[FakeServer]:
+        yield FakeServer()
+
+    monkeypatch.setattr(nbd_frontend.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(nbd_frontend.servers, "serving", fake_serving)
+    cfg = conv.MatrixConfig(pattern="hotspot", writers=3, frontend="nbd", output=tmp_path)
+    guest = nbd_frontend.FioGuest.start(tmp_path / "i.img", 30 * MiB, cfg, 7, tmp_path)
+    guest.stack.close()
+    peer = qemu_peer.guest_fio_command(cfg, 30 * MiB, 7, "nbd+unix:///src?socket=/q",
+                                       tmp_path / "fio.json")
+    (argv,) = started
+    assert [a for a in argv[: len(peer)] if not a.startswith("--uri=")] == \
+        [a for a in peer if not a.startswith("--uri=")]
+    assert "--random_distribution=zoned:90/10:10/90" in argv
+    assert all(a.startswith(("--write_bw_log=", "--log_")) for a in argv[len(peer):])
+
+
+def test_bw_log_timeline(tmp_path: Path) -> None:
+    from bench.convergence.nbd_frontend import bw_log_timeline
+
+    a, b = tmp_path / "x_bw.1.log", tmp_path / "x_bw.2.log"
+    # msec (Unix time), KiB/s, direction (1 = write), block size, offset
+    a.write_text("1000050, 1024, 1, 65536, 0\n1000100, 2048, 1, 65536, 0\n")
+    b.write_text("1000050, 1024, 1, 65536, 0\n1000100, 0, 0, 65536, 0\n")
+    timeline = bw_log_timeline([str(a), str(b)], epoch_minus_mono=1000.0, window_s=0.05)
+    assert [t for t, _ in timeline] == pytest.approx([0.05, 0.05, 0.1])
+    # 1 MiB/s for 50 ms twice, then 2 MiB/s for 50 ms; the read line is ignored.
+    assert timeline[-1][1] == pytest.approx(0.05 * MiB * 2 + 0.05 * 2 * MiB)

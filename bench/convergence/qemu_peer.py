@@ -53,17 +53,27 @@ POLL_S = 0.25
 TOOLS = ("qemu-storage-daemon", "fio", "qemu-img")
 
 
+def _fio_has_nbd() -> bool:
+    try:
+        engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True,
+                                 timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "nbd" in engines.split()
+
+
+def fio_nbd_missing() -> str | None:
+    """None when fio with its nbd engine is here (the guest), else why not."""
+    if shutil.which("fio") is None:
+        return "fio not installed (Debian fio)"
+    return None if _fio_has_nbd() else "fio has no nbd engine"
+
+
 def missing_tools() -> str | None:
     """None when the peer can run, else what is missing and how to get it."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
-    if not missing:
-        try:
-            engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True,
-                                     timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            engines = ""
-        if "nbd" not in engines.split():
-            missing.append("fio's nbd engine")
+    if not missing and not _fio_has_nbd():
+        missing.append("fio's nbd engine")
     if not missing:
         return None
     return (f"missing {', '.join(missing)} (Debian: apt-get install qemu-system-common "
@@ -142,6 +152,19 @@ def fio_pattern_args(pattern: str, zipf_exponent: float) -> list[str]:
     return args
 
 
+def guest_fio_command(cfg: MatrixConfig, rate: float, seed: int, uri: str,
+                      report: Path) -> list[str]:
+    """The guest: fio writing to URI at RATE bytes/s, split over cfg.writers
+    jobs (connections). The QEMU peer and ``--frontend nbd`` both run it, so
+    both engines copy under the same guest I/O."""
+    return ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}",
+            *fio_pattern_args(cfg.pattern, cfg.zipf_exponent),
+            f"--bs={cfg.write_size}", "--iodepth=8",
+            f"--rate={max(1, int(rate / cfg.writers))}", f"--numjobs={cfg.writers}",
+            f"--randseed={seed}", "--time_based", "--runtime=3600",
+            "--group_reporting", "--output-format=json", f"--output={report}"]
+
+
 def _guest_started(qmp: QMP, node: str = "src") -> bool:
     """Whether anything was written to NODE yet (its highest written offset)."""
     for entry in qmp.cmd("query-blockstats", **{"query-nodes": True}):
@@ -207,13 +230,8 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         qmp = QMP(qmp_sock)
         if rate > 0:
             fio = subprocess.Popen(
-                ["fio", "--name=guest", "--ioengine=nbd",
-                 f"--uri=nbd+unix:///src?socket={nbd_sock}",
-                 *fio_pattern_args(cfg.pattern, cfg.zipf_exponent),
-                 f"--bs={cfg.write_size}", "--iodepth=8",
-                 f"--rate={max(1, int(rate / cfg.writers))}", f"--numjobs={cfg.writers}",
-                 f"--randseed={cfg.seed + repetition}", "--time_based", "--runtime=3600",
-                 "--group_reporting", "--output-format=json", f"--output={fio_report}"],
+                guest_fio_command(cfg, rate, cfg.seed + repetition,
+                                  f"nbd+unix:///src?socket={nbd_sock}", fio_report),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             deadline = time.monotonic() + 20
