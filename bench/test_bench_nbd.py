@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +125,27 @@ def test_servers_gone_and_images_intact(tiny_run: harness.Result) -> None:
         except OSError:
             continue
         assert str(work) not in cmdline, cmdline
+
+
+def test_server_process_tree_has_children() -> None:
+    """blockmirror serve runs nbdkit as a child: the server's CPU time must
+    include the children's."""
+    parent = subprocess.Popen(["sh", "-c", "sleep 30; true"])
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 10
+        while len(tree := servers._process_tree(parent.pid)) < 2:
+            assert time.monotonic() < deadline, "the child never showed up"
+            time.sleep(0.01)
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in tree}
+    finally:
+        for pid in reversed(tree[1:]):  # the sleep this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+    assert tree[0] == parent.pid
+    assert "sleep" in names
 
 
 def test_same_fio_job_for_every_server(tmp_path: Path) -> None:

@@ -78,6 +78,40 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server has used so far, its child
+        processes included (``blockmirror serve`` runs nbdkit as one)."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.pid))
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = _stat_fields(pid)
+    # utime and stime are fields 14 and 15 of stat(5); fields[0] is field 3
+    return (int(fields[11]) + int(fields[12])) / _TICK if fields else 0.0
+
+
+def _process_tree(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))):
+            parents[int(entry)] = int(fields[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [p for p, pp in parents.items() if pp in frontier]
+        tree += frontier
+    return tree
+
 
 def command(kind: str, image: Path, sock: Path, *, use_serve: bool) -> list[str]:
     """The argv that serves IMAGE on SOCK (foreground, one process tree)."""
