@@ -52,6 +52,25 @@ void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl)
     }
 }
 
+void bm_raise_eras_now(bm_tracker *t, uint64_t first, uint64_t last_excl)
+{
+    raise_eras(t, first, last_excl, current_era(t));
+}
+
+int bm_any_dirty(bm_tracker *t, uint64_t first, uint64_t last_excl)
+{
+    if (first >= last_excl)
+        return 0;
+    uint64_t w0 = first / 64, w1 = (last_excl - 1) / 64;
+    for (uint64_t w = w0; w <= w1; w++) {
+        unsigned from = w == w0 ? (unsigned)(first % 64) : 0;
+        unsigned to = w == w1 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
+        if (__atomic_load_n(bm_word(t, w), __ATOMIC_SEQ_CST) & run_mask(from, to))
+            return 1;
+    }
+    return 0;
+}
+
 static int do_mark(bm_tracker *t, uint64_t offset, uint64_t length)
 {
     if (length == 0)

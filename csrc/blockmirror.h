@@ -19,9 +19,10 @@
 /* Sidecar format and limits                                               */
 
 /* 3: the header binds the image (dev, ino), each chunk keeps its eras
- * checksum, the control block keeps move tokens. Older sidecars are refused
+ * checksum, the control block keeps move tokens. 4: the mirror interlock
+ * pages and the mirror's control fields. Older sidecars are refused
  * (EUCLEAN, saying so). */
-#define BM_FORMAT_VERSION 3
+#define BM_FORMAT_VERSION 4
 #define BM_DEFAULT_GRANULARITY 65536
 #define BM_MIN_GRANULARITY 4096
 #define BM_MAX_GRANULARITY 67108864
@@ -287,6 +288,44 @@ int bm_set_throttle(bm_tracker *t, uint64_t bytes_per_s);
  * number of live writer slots. bm_open sweeps too; bm_get_info never does.
  * Thread- and process-safe (compare-and-swap per slot). */
 int bm_sweep_writers(bm_tracker *t);
+
+/* ---------------------------------------------------------------------- */
+/* Active mirroring (mirror.c), invariant I7                               */
+
+/* Start mirroring T's image to TARGET (an absolute path without symbolic
+ * links, a regular file owned by the image's owner, already holding a copy
+ * of every range not dirty): from now on a tracked write to a range with no
+ * dirty granule goes to the image and to TARGET in the same call, and is
+ * not marked dirty; a write to a dirty range, or one that meets a copier
+ * reading it (bm_copy_claim) or another mirrored write on its stripes, is
+ * marked dirty as before. A destination write that fails marks its range
+ * dirty and turns mirroring off for everyone (bm_mirror_status says why);
+ * the writer's call still succeeds. Mirroring binds only while this process
+ * lives. T must be opened with its image. */
+int bm_mirror_start(bm_tracker *t, const char *target);
+
+/* Stop mirroring and wait (up to 1 s) until no mirrored write is in flight.
+ * Idempotent. ETIMEDOUT if one is still in flight (a writer died mid-write:
+ * its sidecar slot then makes the sidecar unclean). */
+int bm_mirror_stop(bm_tracker *t);
+
+typedef struct {
+    uint32_t state;          /* 0 off, 1 on, 2 failed */
+    int32_t error;           /* errno of the destination write that failed it */
+    uint64_t mirrored_bytes; /* written to both sides since it started */
+    uint64_t fallbacks;      /* writes that met a copier or a conflict and were marked */
+} bm_mirror_info;
+
+int bm_mirror_status(bm_tracker *t, bm_mirror_info *out);
+
+/* The copier's side of the interlock: call bm_copy_claim before reading
+ * [OFFSET, OFFSET+LEN) of the source to copy it, and bm_copy_release after
+ * its bytes are on the destination. Claiming waits (up to 2 s: ETIMEDOUT)
+ * until no mirrored write on the range's stripes is in flight; a mirrored
+ * write that starts later sees the claim and marks its range dirty
+ * instead. Any thread; claims of several threads may overlap. */
+int bm_copy_claim(bm_tracker *t, uint64_t offset, uint64_t len);
+int bm_copy_release(bm_tracker *t, uint64_t offset, uint64_t len);
 
 /* ---------------------------------------------------------------------- */
 /* Extent copy (copy.c)                                                    */

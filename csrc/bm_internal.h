@@ -22,7 +22,10 @@
 #define BM_SIDECAR_SUFFIX ".cbt"     /* IMAGE.cbt beside IMAGE (bm_sidecar_suffix) */
 #define BM_PAGE 4096u
 #define BM_CONTROL_OFFSET 4096u
-#define BM_BITMAP_OFFSET 8192u
+/* Pages 2..9: the mirror interlock (I7), see struct bm_stripe. */
+#define BM_INTERLOCK_OFFSET 8192u
+#define BM_STRIPES 4096u
+#define BM_BITMAP_OFFSET (BM_INTERLOCK_OFFSET + BM_STRIPES * 8u)
 
 /* From BM_BITMAP_OFFSET the sidecar is a row of chunks, each covering
  * BM_CHUNK_GRANULES granules: their dirty bits (64-bit words), then their
@@ -111,7 +114,41 @@ struct bm_control {
      * ended (raised with an atomic max): the image's mtime moving past it
      * means a write that bypassed the tracker. */
     uint64_t last_write_ns;
+    /* Active mirroring (mirror.c): while ON and its owner (the copier that
+     * started it) lives, writes to ranges not dirty also go to
+     * mirror_target, the file whose st_dev/st_ino are recorded here. */
+    uint32_t mirror_state;          /* BM_MIRROR_* */
+    uint32_t mirror_epoch;          /* bumped by every bm_mirror_start */
+    uint32_t mirror_owner_pid;
+    uint32_t reserved2;
+    uint64_t mirror_owner_start;
+    uint64_t mirror_dev, mirror_ino;
+    uint64_t mirrored_bytes;        /* written to both sides since the start */
+    uint64_t mirror_fallbacks;      /* writes that met a copier or a conflict */
+    int32_t mirror_errno;           /* why it FAILED */
+    uint32_t reserved3;
+    char mirror_target[BM_REDIRECT_MAX];
 };
+
+/* The mirror interlock (invariant I7): granule G belongs to stripe
+ * G % BM_STRIPES. A writer about to mirror a write claims each stripe of its
+ * range (mirroring 0 -> 1; any other count, or a copier on the stripe, and
+ * it falls back to marking dirty); a copier about to read a range counts
+ * itself in (copying) and waits until no mirrored write holds its stripes.
+ * Both publish, then look (sequentially consistent), as the freeze does, so
+ * a copier's read either follows every mirrored write it overlaps or the
+ * write sees the copier and leaves its range dirty. Not persistent: counts
+ * a crashed process left behind only make writers fall back and copiers
+ * time out; bm_reset and a new mirror clear them. */
+struct bm_stripe {
+    uint32_t mirroring;         /* mirrored writes in flight (0 or 1 when sane) */
+    uint32_t copying;           /* copier reads in flight */
+};
+
+/* Mirror states (control block mirror_state). */
+#define BM_MIRROR_OFF 0
+#define BM_MIRROR_ON 1
+#define BM_MIRROR_FAILED 2      /* a destination write failed: off for everyone */
 
 struct bm_tracker {
     int fd;
@@ -138,6 +175,13 @@ struct bm_tracker {
     int broken;                 /* a SIGBUS hit the mapping: touch it no more */
     uint32_t verified_seal;     /* the era_seal word (sealed) this handle checked and
                                  * found intact (0: none) */
+    struct bm_stripe *stripes;  /* the interlock (map + BM_INTERLOCK_OFFSET) */
+    /* This process's fd of the mirror target, opened on the first mirrored
+     * write of each mirror epoch (mirror.c). */
+    pthread_mutex_t mirror_lock;
+    int mirror_fd;
+    uint32_t mirror_fd_epoch;
+    uint64_t mirror_checked_ns; /* when its owner was last seen alive */
 };
 
 /* At most 2^34 granules per sidecar: the largest image is 1 PiB at 64 KiB
@@ -279,6 +323,31 @@ static inline void bm_guard_pop(struct bm_guard *g)
         BM_GUARD_END(g);                                                   \
         return guarded_result_;                                            \
     } while (0)
+
+/* bitmap.c: raise the eras of granules [FIRST, LAST_EXCL) to the current
+ * generation without touching their dirty bits (a mirrored write: the
+ * destination has it, but a backup tool's change id must still see it). */
+void bm_raise_eras_now(bm_tracker *t, uint64_t first, uint64_t last_excl);
+/* bitmap.c: 1 if any granule of [FIRST, LAST_EXCL) is dirty. */
+int bm_any_dirty(bm_tracker *t, uint64_t first, uint64_t last_excl);
+
+/* mirror.c: the writer's side. Write BUF to the source FD and the mirror
+ * target when mirroring is on and the range may be mirrored; returns 1 when
+ * done that way (LEN bytes on the source; a destination failure only turned
+ * mirroring off and left the range dirty), 0 when the caller must take the
+ * marked path instead (nothing written), -1 with errno when the source write
+ * failed (the range is then marked dirty). */
+int bm_mirrored_write(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset);
+/* mirror.c: release what a handle holds (its mirror fd; a mirror it owns). */
+void bm_mirror_release(bm_tracker *t);
+/* mirror.c: zero every stripe count (bm_reset: nothing from before counts). */
+void bm_clear_stripes(bm_tracker *t);
+
+/* redirect.c: open absolute PATH read-write for T's writers: no symbolic
+ * link in any component, a regular file owned by T's image's owner, not
+ * T's image. WHAT names it in messages ("redirect target"). Returns the fd,
+ * or -1 with errno and bm_fail (EPERM for a refusal). */
+int bm_open_owned_target(bm_tracker *t, const char *path, const char *what);
 
 /* control.c */
 int bm_frozen_by_me(bm_tracker *t);

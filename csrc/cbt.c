@@ -507,6 +507,8 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
         t->image_uid = (uint32_t)img.st_uid;
     }
     pthread_mutex_init(&t->grow_lock, NULL);
+    pthread_mutex_init(&t->mirror_lock, NULL);
+    t->mirror_fd = -1;
     void *m = mmap(NULL, t->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (m == MAP_FAILED) {
         bm_fail(errno, "cannot map sidecar %s: %s", path, strerror(errno));
@@ -516,6 +518,7 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
     t->hdr = (struct bm_header *)t->map;
     t->ctl = (struct bm_control *)(t->map + BM_CONTROL_OFFSET);
     t->data = t->map + BM_BITMAP_OFFSET;
+    t->stripes = (struct bm_stripe *)(t->map + BM_INTERLOCK_OFFSET);
 
     if (join(t, flags) < 0) {
         bm_close(t);
@@ -532,6 +535,7 @@ fail:
         if (t->map)
             munmap(t->map, t->map_len);
         pthread_mutex_destroy(&t->grow_lock);
+        pthread_mutex_destroy(&t->mirror_lock);
         free(t);
     }
     {
@@ -567,6 +571,7 @@ static int leave(bm_tracker *t)
         t->slot = -1;
         bm_seal_eras(t); /* if this was the last writer out */
     }
+    bm_mirror_release(t);
     /* A copier that closes while holding a freeze must never leave writers
      * frozen (I3/I6). */
     uint32_t me = (uint32_t)getpid();
@@ -585,10 +590,13 @@ int bm_close(bm_tracker *t)
         return 0;
     if (!__atomic_load_n(&t->broken, __ATOMIC_RELAXED) && t->owner_pid == getpid())
         leave(t);
+    if (t->mirror_fd >= 0)
+        close(t->mirror_fd);
     munmap(t->map, t->map_len);
     int rc = close(t->fd);
     int e = errno;
     pthread_mutex_destroy(&t->grow_lock);
+    pthread_mutex_destroy(&t->mirror_lock);
     free(t);
     if (rc < 0)
         return bm_fail(e, "closing sidecar failed: %s", strerror(e));
@@ -649,6 +657,7 @@ static int reset_locked(bm_tracker *t)
         t->bound = 1;
     }
     t->hdr->checksum = header_checksum(t->hdr);
+    bm_clear_stripes(t);
     __atomic_store_n(&t->hdr->generation, 0, __ATOMIC_SEQ_CST);
     sweep_slots(t);
     __atomic_fetch_and(&t->hdr->flags, ~(uint32_t)(BM_FLAG_UNCLEAN | BM_FLAG_ERAS_DAMAGED),

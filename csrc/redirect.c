@@ -197,6 +197,57 @@ int bm_redirect(bm_tracker *t, const char *target, bm_tracker *target_tracker)
     BM_GUARDED(int, t, do_redirect(t, target, target_tracker));
 }
 
+/* Open BASE in DIR (PATH in messages, WHAT naming its role) read-write for
+ * T's writers: not through a link, a regular file owned by T's image's
+ * owner, not T's image. Checked on what was opened (fstat), not on the name
+ * again. */
+static int open_owned_at(bm_tracker *t, int dir, const char *base, const char *path,
+                         const char *what)
+{
+    int fd = openat(dir, base, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        if (e == ELOOP)
+            return bm_fail(EPERM, "%s %s is a symbolic link; refusing to follow it", what,
+                           path);
+        return bm_fail(e, "cannot open %s %s: %s", what, path, strerror(e));
+    }
+    struct stat st;
+    int rc = 0;
+    if (fstat(fd, &st) < 0)
+        rc = bm_fail(errno, "cannot stat %s %s: %s", what, path, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        rc = bm_fail(EPERM, "%s %s is not a regular file", what, path);
+    else if (st.st_uid != t->image_uid)
+        rc = bm_fail(EPERM, "%s %s is owned by uid %u, not uid %u (the owner of the image); "
+                            "refusing to follow it",
+                     what, path, (unsigned)st.st_uid, (unsigned)t->image_uid);
+    else if ((uint64_t)st.st_dev == t->image_dev && (uint64_t)st.st_ino == t->image_ino)
+        rc = bm_fail(EPERM, "%s %s is the image itself", what, path);
+    if (rc < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+int bm_open_owned_target(bm_tracker *t, const char *path, const char *what)
+{
+    if (!t->have_image)
+        return bm_fail(EPERM, "this tracker was opened without its image");
+    char base[256];
+    int dir = open_parent_nofollow(path, base, sizeof base);
+    if (dir < 0)
+        return -1;
+    int fd = open_owned_at(t, dir, base, path, what);
+    int e = errno;
+    close(dir);
+    errno = e;
+    return fd;
+}
+
 static bm_tracker *do_open_target(bm_tracker *t, int flags, int *image_fd)
 {
     if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) != BM_STATE_REDIRECTED) {
@@ -222,36 +273,9 @@ static bm_tracker *do_open_target(bm_tracker *t, int flags, int *image_fd)
     if (dir < 0)
         return NULL;
     bm_tracker *dst = NULL;
-    int fd = openat(dir, base, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        if (e == ELOOP)
-            bm_fail(EPERM, "redirect target %s is a symbolic link; refusing to follow it",
-                    target);
-        else
-            bm_fail(e, "cannot open redirect target %s: %s", target, strerror(e));
+    int fd = open_owned_at(t, dir, base, target, "redirect target");
+    if (fd < 0)
         goto out;
-    }
-    struct stat st;
-    /* Checked on what was opened (fstat), not on the name again. */
-    if (fstat(fd, &st) < 0) {
-        bm_fail(errno, "cannot stat redirect target %s: %s", target, strerror(errno));
-        goto out;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        bm_fail(EPERM, "redirect target %s is not a regular file", target);
-        goto out;
-    }
-    if (st.st_uid != t->image_uid) {
-        bm_fail(EPERM, "redirect target %s is owned by uid %u, not uid %u (the owner of the "
-                       "image it was moved from); refusing to follow it",
-                target, (unsigned)st.st_uid, (unsigned)t->image_uid);
-        goto out;
-    }
-    if ((uint64_t)st.st_dev == t->image_dev && (uint64_t)st.st_ino == t->image_ino) {
-        bm_fail(EPERM, "redirect target %s is the image itself", target);
-        goto out;
-    }
     char side_name[256 + sizeof BM_SIDECAR_SUFFIX];
     char side_path[BM_REDIRECT_MAX + sizeof BM_SIDECAR_SUFFIX];
     snprintf(side_name, sizeof side_name, "%s%s", base, BM_SIDECAR_SUFFIX);

@@ -2,7 +2,10 @@
  * so Python pays a single cffi crossing per write:
  *
  *   throttle -> enter (wait out a freeze, bounded by its lease; count in
- *   flight) -> mark -> write -> mark again (I1) -> leave.
+ *   flight) -> mark -> write -> mark again (I1) -> leave,
+ *
+ * or, while a copier mirrors and the range is clean, enter -> write to the
+ * source and the copy -> leave (mirror.c, I7).
  *
  * Entering is a Dekker handshake with bm_freeze: the writer publishes its
  * in-flight count and then reads the state; the copier publishes the state
@@ -215,6 +218,13 @@ static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, u
     if (grow_to(t, offset + len) < 0) {
         writer_leave(t);
         return -1;
+    }
+    /* While a copier mirrors (mirror.c), a write to a clean range goes to
+     * both sides and is done; anything else takes the marked path below. */
+    int mirrored = bm_mirrored_write(t, fd, buf, len, offset);
+    if (mirrored != 0) {
+        writer_leave(t);
+        return mirrored > 0 ? (int64_t)len : -1;
     }
     mark_range(t, offset, len);
     const char *p = buf;

@@ -19,9 +19,10 @@ from blockmirror import sidecar_path as side_of
 from blockmirror.migration import sync
 
 G = 65536
-# Chunk 0 of the bitmap area (csrc/bm_internal.h): 512 bytes of dirty bits,
-# then one uint32 era per granule.
-ERAS = 8192 + 512
+# Chunk 0 of the bitmap area (csrc/bm_internal.h: after the header page, the
+# control page and eight interlock pages): 512 bytes of dirty bits, then one
+# uint32 era per granule.
+ERAS = 40960 + 512
 OFF_VERSION = 8
 OFF_ERA_SEAL = 116  # struct bm_header: after image_size, generation and flags
 

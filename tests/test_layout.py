@@ -16,7 +16,7 @@ LAYERS = [
     {"_version", "errors", "units", "extents", "files", "closeable", "_core", "_fastwrite"},
     {"_bindings"},
     {"tracking", "copying"},
-    {"migration"},
+    {"migration", "frontend"},  # frontend: serve, beside the sync (tracking, never _bindings)
     {"cli", "__init__", "__main__"},
 ]
 # Only these wrappers of the C areas may import the binding.
@@ -114,3 +114,21 @@ def test_the_checker_sees_late_imports(tmp_path: Path) -> None:
     sample = tmp_path / "late.py"
     sample.write_text("def f():\n    from blockmirror.migration import sync\n")
     assert "blockmirror.migration" in _imports(sample)
+
+
+def test_every_subpackage_ships():
+    """pyproject.toml's package list must name every package folder: with
+    ``packages = ["blockmirror"]`` a wheel held only the top level, and an
+    installed blockmirror failed at its first subpackage import."""
+    import tomllib
+    from setuptools import find_packages
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.relative_to(PACKAGE.parent).parts)
+               for p in PACKAGE.rglob("__init__.py") for p in [p.parent]}
+    if "packages" in config and isinstance(config["packages"], list):
+        shipped = set(config["packages"])
+    else:
+        include = config["packages"]["find"].get("include", ["*"])
+        shipped = set(find_packages(str(PACKAGE.parent), include=include))
+    assert on_disk <= shipped, f"not shipped: {sorted(on_disk - shipped)}"

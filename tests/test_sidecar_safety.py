@@ -39,7 +39,7 @@ OFF_IMAGE_INO = 72
 OFF_IMAGE_BTIME = 80
 OFF_CHECKSUM = 88
 OFF_IMAGE_SIZE = 96
-BITMAP_OFFSET = 8192
+BITMAP_OFFSET = 40960  # header page, control page, 8 interlock pages
 FORMAT_VERSION = lib.BM_FORMAT_VERSION
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")

@@ -95,6 +95,20 @@ def _run_demo(args: argparse.Namespace, workdir: str, size: int, rate: int) -> i
         raise
 
 
+def _wait_for_first_write(image: str, writer: subprocess.Popen[bytes]) -> None:
+    """Until the writer's first tracked write (a loaded machine may take
+    seconds to start it; a sync before then would show no live writer)."""
+    deadline = time.monotonic() + 30
+    with Tracker.open(image) as tracker:
+        while tracker.info().last_write_ns == 0:
+            if writer.poll() is not None:
+                raise OSError(errno.EIO, f"the demo writer exited early ({writer.returncode})")
+            if time.monotonic() > deadline:
+                raise OSError(errno.ETIMEDOUT, "the demo writer did not start writing in 30 s")
+            time.sleep(0.02)
+    time.sleep(0.3)  # let it run a little before the sync starts
+
+
 def _demo_steps(args: argparse.Namespace, workdir: str, image: str, dst_dir: str, size: int,
                 rate: int) -> int:
     from blockmirror.cli.progress import ProgressLine
@@ -113,9 +127,7 @@ def _demo_steps(args: argparse.Namespace, workdir: str, image: str, dst_dir: str
          "--write-size", "64k", "--pattern", "hotspot", "--seed", "1", "--stats", stats_path],
     )
     try:
-        time.sleep(0.5)
-        if writer.poll() is not None:
-            raise OSError(errno.EIO, f"the demo writer exited early ({writer.returncode})")
+        _wait_for_first_write(image, writer)
         say(f"demo: blockmirror sync {image} {dst_dir}/ --target-downtime "
             f"{args.target_downtime}s --verify")
         result = sync(image, dst_dir, target_downtime=args.target_downtime, verify=True,

@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sync_parser(sub)
     _add_tracking_parsers(sub)
+    _add_serve_parser(sub)
     _add_demo_parser(sub)
     _add_bench_parser(sub)
     return parser
@@ -172,8 +173,9 @@ def _add_sync_parser(sub: Any) -> None:
                    help="move: redirect writers to the copy and remove the source")
     p.add_argument("--verify", action="store_true", help="compare the copy with the source")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
-    p.add_argument("--converge", choices=("fail", "throttle"), default="fail",
-                   help="when writes outpace the copy: fail (default) or throttle writers")
+    p.add_argument("--converge", choices=("fail", "throttle", "mirror"), default="fail",
+                   help="when writes outpace the copy: fail (default), throttle writers, or "
+                   "mirror their writes into the copy")
     p.add_argument("--workers", type=_workers, default=4, metavar="N",
                    help="copy requests in flight, 1 to 256 (default 4)")
     p.add_argument("--bwlimit", type=_size, metavar="RATE",
@@ -211,6 +213,30 @@ def _add_tracking_parsers(sub: Any) -> None:
     v.add_argument("--json", action="store_true")
 
 
+def _add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve", help="serve an image over NBD, every write tracked (nbdkit)",
+        description="Export IMAGE over NBD through nbdkit and blockmirror's plugin, so any NBD "
+        "client (QEMU, fio, qemu-io, nbdfuse) is a tracked writer. Prints the NBD URI (and, "
+        "with --fuse, the file's path); stop it with SIGINT or SIGTERM.",
+        epilog="exit codes: 0 stopped on request · 1 nbdkit or nbdfuse failed or died · "
+        "2 bad input (nothing was created)",
+    )
+    s.add_argument("image")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="unix socket to create, mode 0600 (default: a private one)")
+    where.add_argument("--port", type=int_argument(1, 65535), metavar="N",
+                       help="listen on TCP port N instead (127.0.0.1 unless --bind)")
+    s.add_argument("--bind", metavar="ADDR", help="address to listen on with --port")
+    s.add_argument("--readonly", action="store_true", help="refuse writes")
+    s.add_argument("--fuse", metavar="DIR",
+                   help="also show the export as the plain file DIR/NAME (nbdfuse)")
+    s.add_argument("--pidfile", metavar="FILE", help="write the server's pid here")
+    s.add_argument("--foreground", action="store_true",
+                   help="stay attached (default: detach once the export is up)")
+
+
 def _add_demo_parser(sub: Any) -> None:
     d = sub.add_parser("demo", help="sync a built-in demo image under a live writer")
     d.add_argument("--dir", help="work in this folder (default: a new temporary one, removed)")
@@ -239,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_verify(args)
         if args.command == "changed":
             return _cmd_changed(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         if args.command == "demo":
             from blockmirror.cli.demo import run_demo  # late: most commands never need it
 
@@ -531,6 +559,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         print("images are identical")
     return EXIT_DIFFERENT if differing else EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from blockmirror.frontend.serve import ServeOptions, serve
+
+    if args.bind is not None and args.port is None:
+        raise InvalidInputError("--bind needs --port (a unix socket has no address)")
+    _check_image_arg(args.image, for_create=True)
+    return serve(ServeOptions(
+        image=args.image, socket=args.socket, port=args.port, bind=args.bind or "127.0.0.1",
+        readonly=args.readonly, fuse_dir=args.fuse, pidfile=args.pidfile,
+        foreground=args.foreground))
 
 
 # -- blockmirror bench: a thin entry to the harnesses in the repository's bench/ --

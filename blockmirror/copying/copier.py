@@ -233,6 +233,7 @@ class Copier(Closeable):
         progress: Callable[[int], None] | None = None,
         start_writeback: bool = False,
         before_item: Callable[[ExtentArray], None] | None = None,
+        after_item: Callable[[ExtentArray], None] | None = None,
     ) -> CopyStats:
         """Copy EXTENTS of the source to the same offsets of the destination.
 
@@ -253,6 +254,9 @@ class Copier(Closeable):
         item's extents just before they are read: a tracked copy clears their
         dirty bits there (clear before read, I2), so a block written ahead of
         the copy is read once, with its new data, instead of twice.
+        AFTER_ITEM, if given, is called there once the item's bytes are on the
+        destination (or its copy failed), if BEFORE_ITEM returned: a mirrored
+        sync releases the interlock it took in BEFORE_ITEM.
 
         Raises the first OSError of any work item (ENOSPC, EIO, ...) after
         stopping the others; the destination is then partly copied. Nothing
@@ -286,7 +290,7 @@ class Copier(Closeable):
                     collect(done)
                 pending.add(
                     executor.submit(self._copy_item, item, dst_fresh, cancel, start_writeback,
-                                    before_item)
+                                    before_item, after_item)
                 )
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -309,10 +313,19 @@ class Copier(Closeable):
     def _copy_item(
         self, item: ExtentArray, dst_fresh: bool, cancel: Any, start_writeback: bool = False,
         before_item: Callable[[ExtentArray], None] | None = None,
+        after_item: Callable[[ExtentArray], None] | None = None,
     ) -> CopyStats:
         """One C call, on a worker thread."""
         if before_item is not None:
             before_item(item)
+        try:
+            return self._copy_item_now(item, dst_fresh, cancel, start_writeback)
+        finally:
+            if after_item is not None:
+                after_item(item)
+
+    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+                       start_writeback: bool) -> CopyStats:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = _c.new_buffer(self.buffer_bytes)

@@ -31,9 +31,10 @@ from blockmirror.errors import (
     SourceChangedError,
     VerifyError,
 )
-from blockmirror.extents import pairs, subtract
+from blockmirror.extents import Extent, pairs, subtract, union
 from blockmirror.migration import commit, incremental, journal
 from blockmirror.migration.manifest import Manifest, manifest_path
+from blockmirror.migration.mirroring import MirrorSession
 from blockmirror.migration.options import SyncOptions
 from blockmirror.migration.passes import PassRunner, ProgressReporter
 from blockmirror.migration.policy import Decision, predict_downtime
@@ -90,6 +91,8 @@ class FileSyncJob:
         # new copy's once the commit makes one.
         self.manifest: Manifest | None = None
         self.throttle_rate = 0  # bytes/s this job holds writers to (0: none)
+        self.mirror: MirrorSession | None = None  # converge="mirror", once engaged
+        self.mirror_changed: list[Extent] = []  # what mirrored writes may have changed
         self.stall_from = 0  # passes before this index don't count as stalls
 
     # -- the run ------------------------------------------------------------
@@ -199,6 +202,8 @@ class FileSyncJob:
         # bits from before it are stale; writes from now on are marked again.
         self.tracker.fetch_and_clear_array()
         self._first_pass()
+        if self.options.converge == "mirror":
+            self._start_mirror()
         failed_switches = 0
         while True:
             decision = self.policy.decide(self.result.passes, stall_from=self.stall_from)
@@ -219,6 +224,8 @@ class FileSyncJob:
                 raise NotConvergedError(self._not_converged_message(decision))
             assert self.passes is not None
             self.passes.dirty()
+            if self.mirror is not None:
+                self.mirror.check()
             self._check_no_bypass()
 
     def _first_pass(self) -> None:
@@ -261,6 +268,7 @@ class FileSyncJob:
             self._thaw()
             self.result.notes.append("freeze lease ran out during the final pass; retried")
             return _Switch.LEASE_RAN_OUT
+        self._stop_mirror()  # frozen: the copy is final from here
         self._check_still_tracked()
         if self.options.move:
             self._commit()  # durable before any writer is sent there
@@ -364,7 +372,7 @@ class FileSyncJob:
             self.manifest = Manifest.create(
                 manifest_path(self.plan.destination), granularity=self._granularity,
                 image_size=os.fstat(self.dst_fd).st_size, source=self.plan.source)
-        regions = self.passes.touched()
+        regions = union(self.passes.touched(), self.mirror_changed)
         self.manifest.record(self.dst_fd, regions, workers=self.options.workers)
         change_id = ChangeId.parse(self.result.change_id) if self.result.change_id else None
         self.manifest.commit(change_id.series if change_id else "",
@@ -438,6 +446,36 @@ class FileSyncJob:
 
     # -- convergence help ---------------------------------------------------
 
+    def _start_mirror(self) -> None:
+        """converge="mirror", after the first pass: every clean range is on
+        the copy now, so writes to clean ranges may go to both sides."""
+        assert self.tracker is not None and self.passes is not None
+        target = self.plan.destination if self.plan.incremental else self.plan.partial
+        try:
+            self.mirror = MirrorSession(self.tracker, target)
+        except OSError as e:
+            # E.g. root syncing a user's image: writers only mirror into a
+            # file of the image's owner. Dirty passes still work.
+            self.result.notes.append(f"mirroring not engaged ({e.strerror}); copying dirty "
+                                     "blocks in passes instead")
+            return
+        self.passes.mirror = self.mirror
+        self.result.notes.append("mirroring writes to the copy after the first pass")
+
+    def _stop_mirror(self) -> None:
+        """With writers frozen: no write reaches the copy after this."""
+        if self.mirror is None:
+            return
+        assert self.passes is not None
+        self.passes.mirror = None
+        self.mirror.check()
+        status = self.mirror.stop()
+        self.mirror_changed = self.mirror.changed()
+        self.mirror = None
+        self.result.notes.append(
+            f"mirrored {format_bytes(status.mirrored_bytes)} of writes to the copy; "
+            f"{status.fallbacks} writes met a copier and were copied in passes")
+
     def _tighten_throttle(self) -> None:
         """converge="throttle": hold writers to half the copy throughput (and
         half again at each further stall), like QEMU's auto-converge."""
@@ -486,6 +524,10 @@ class FileSyncJob:
         """Undo what was done up to the state the job failed in. Each step
         runs even if another fails; writers first (I6)."""
         state = self.failed_from = self.state
+        if self.mirror is not None:
+            # Before the copy goes: no writer may still be writing into it.
+            with contextlib.suppress(Exception):
+                self.mirror.stop()
         if self.tracker is not None:
             with contextlib.suppress(Exception):
                 self._lift_throttle()

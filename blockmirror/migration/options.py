@@ -9,7 +9,7 @@ from blockmirror.migration.policy import ConvergencePolicy
 from blockmirror.migration.result import ProgressCallback
 
 MODES = ("copy", "move")
-CONVERGE_STRATEGIES = ("fail", "throttle")
+CONVERGE_STRATEGIES = ("fail", "throttle", "mirror")
 
 
 @dataclass(frozen=True)

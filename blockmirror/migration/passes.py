@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.extents import Extent, ExtentArray, Extents, pairs, total_bytes, union
 from blockmirror.migration.manifest import Manifest
+from blockmirror.migration.mirroring import MirrorSession
 from blockmirror.migration.policy import PassRecord
 from blockmirror.migration.result import ProgressCallback, SyncProgress, SyncResult
 from blockmirror.tracking.tracker import Tracker
@@ -48,6 +49,8 @@ class PassRunner:
     result: SyncResult
     report: ProgressReporter
     manifest: Manifest | None = None
+    # converge="mirror": the interlock each dirty pass's items hold (I7).
+    mirror: MirrorSession | None = None
     _touched: list[Extents] = field(default_factory=list)  # what this run wrote into the copy
 
     def touched(self) -> list[Extent]:
@@ -91,7 +94,11 @@ class PassRunner:
         self.follow_source_size()
         dirty = self.tracker.dirty_bytes()
         extents = self.tracker.fetch_and_clear_array()
-        return extents, self._copy(phase, extents, dst_fresh=False, dirty=dirty)
+        # With writers frozen (the final pass) no mirrored write can race.
+        mirror = self.mirror if phase != "final" else None
+        return extents, self._copy(phase, extents, dst_fresh=False, dirty=dirty,
+                                   before_item=mirror.claim if mirror else None,
+                                   after_item=mirror.release if mirror else None)
 
     def follow_source_size(self) -> None:
         """Writers may grow or shrink the image; the copy follows its size."""
@@ -111,7 +118,8 @@ class PassRunner:
 
     def _copy(self, phase: str, extents: Extents, *, dst_fresh: bool, dirty: int = 0,
               start_writeback: bool = False,
-              before_item: Callable[[ExtentArray], None] | None = None) -> CopyStats:
+              before_item: Callable[[ExtentArray], None] | None = None,
+              after_item: Callable[[ExtentArray], None] | None = None) -> CopyStats:
         if self.manifest is not None:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
@@ -131,7 +139,7 @@ class PassRunner:
         return self.copier.copy_extents(
             extents, dst_fresh=dst_fresh,
             progress=on_progress if self.report.callback else None,
-            start_writeback=start_writeback, before_item=before_item,
+            start_writeback=start_writeback, before_item=before_item, after_item=after_item,
         )
 
     def _record(self, kind: str, stats: CopyStats, dirty_left: int | None = None) -> None:

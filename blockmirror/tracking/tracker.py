@@ -7,13 +7,17 @@ the bitmap lives in a shared memory map and every change to it is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 from blockmirror._bindings import copy as _copy
+from blockmirror._bindings import mirror as _m
 from blockmirror._bindings import tracker as _c
 from blockmirror._bindings import writer as _w
+from blockmirror._bindings.mirror import MirrorStatus
 from blockmirror._bindings.tracker import (
     DEFAULT_GRANULARITY,
     MAX_GRANULARITY,
@@ -337,6 +341,43 @@ class Tracker(Closeable):
         with Tracker.open(real) as destination:
             _c.redirect(self._h, real, destination._h)
 
+    def mirror_start(self, target: str | os.PathLike[str]) -> None:
+        """Mirror writers' writes to clean ranges into TARGET, which must hold
+        a copy of every clean range already (csrc/mirror.c, I7). The tracker
+        must have been opened with its image; mirroring ends with
+        ``mirror_stop``, this handle's close or this process's death."""
+        path = os.path.abspath(os.fspath(target))
+        # Writers follow no link, so folder links are resolved here.
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        _m.start(self._h, real)
+
+    def mirror_stop(self) -> None:
+        """Stop mirroring and wait for mirrored writes in flight to land."""
+        _m.stop(self._h)
+
+    def mirror_status(self) -> MirrorStatus:
+        return _m.status(self._h)
+
+    def copy_claim(self, offset: int, length: int) -> None:
+        """Take the mirror interlock over [offset, offset+length) before its
+        bytes are read from the source to copy them: mirrored writes there
+        finish first, later ones leave the range dirty. Raises TimeoutError
+        if one does not finish (a writer died mid-write)."""
+        _m.copy_claim(self._h, offset, length)
+
+    def copy_release(self, offset: int, length: int) -> None:
+        """Release a ``copy_claim`` once the range's bytes are on the copy."""
+        _m.copy_release(self._h, offset, length)
+
+    @contextlib.contextmanager
+    def copying(self, offset: int, length: int) -> Iterator[None]:
+        """``copy_claim`` ... ``copy_release`` around a block of code."""
+        self.copy_claim(offset, length)
+        try:
+            yield
+        finally:
+            self.copy_release(offset, length)
+
     def open_redirect_target(self, *, writer: bool = True) -> tuple[Tracker, int]:
         """Follow a redirect: the target's tracker (a writer's, by default)
         and an O_RDWR fd of the target image, which the caller closes.
@@ -417,6 +458,7 @@ __all__ = [
     "MAX_IMAGE_SIZE",
     "MIN_GRANULARITY",
     "SIDECAR_SUFFIX",
+    "MirrorStatus",
     "SidecarError",
     "Tracker",
     "TrackerInfo",
