@@ -255,3 +255,18 @@ def test_bw_log_timeline(tmp_path: Path) -> None:
     assert [t for t, _ in timeline] == pytest.approx([0.05, 0.05, 0.1])
     # 1 MiB/s for 50 ms twice, then 2 MiB/s for 50 ms; the read line is ignored.
     assert timeline[-1][1] == pytest.approx(0.05 * MiB * 2 + 0.05 * 2 * MiB)
+
+
+@needs_tools
+def test_pool_pairs_rounds_of_the_runs(tiny_run: harness.Result) -> None:
+    from bench.nbd import pool
+
+    files = harness.write_output(tiny_run)
+    text = pool.table([files[0].parent, files[0].parent])  # the same run twice
+    if "blockmirror" in tiny_run.skipped:
+        assert text.count("\n") == 1  # the header alone
+        return
+    for job in harness.JOBS:
+        ratios, _ = pool.paired([json.loads(files[0].read_text())], job.name, "blockmirror")
+        assert len(ratios) == tiny_run.config.rounds
+        assert f"| {job.name} | {2 * len(ratios)} |" in text

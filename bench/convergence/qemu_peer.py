@@ -165,6 +165,22 @@ def guest_fio_command(cfg: MatrixConfig, rate: float, seed: int, uri: str,
             "--group_reporting", "--output-format=json", f"--output={report}"]
 
 
+def initial_total(samples: list[tuple[float, int, int]] | list[list[Any]],
+                  image_size: int) -> int:
+    """The job's first full-pass size: the first *non-zero* total progress
+    (a poll right after blockdev-mirror may see the job before it counted
+    anything, total 0, and every byte would then look re-copied)."""
+    return next((int(tot) for _, _, tot in samples if int(tot) > 0), image_size)
+
+
+def derive_recopied(row: Row, image_size: int) -> None:
+    """Re-copied bytes: copied beyond the first full pass (also on rebuild)."""
+    if row.get("progress"):
+        row["initial_total"] = initial_total(row["progress"], image_size)
+    row["recopied_bytes"] = row["bytes_copied"] - row["initial_total"]
+    row["recopied_ratio"] = row["recopied_bytes"] / image_size
+
+
 def _guest_started(qmp: QMP, node: str = "src") -> bool:
     """Whether anything was written to NODE yet (its highest written offset)."""
     for entry in qmp.cmd("query-blockstats", **{"query-nodes": True}):
@@ -283,7 +299,7 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         t_decided = time.monotonic()
         row.update(ready_s=ready, le_2mib_s=le_2mib, predicate_s=predicate,
                    decision_s=ready if ready is not None else t_decided - t0,
-                   initial_total=samples[0][2] if samples else cfg.image_size,
+                   initial_total=initial_total(samples, cfg.image_size),
                    progress=[[round(t, 3), c, tt] for t, c, tt in samples])
         paused = time.monotonic()
         _stop(fio, grace=10)  # the guest completes its requests in flight and exits
@@ -330,8 +346,7 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         row["elapsed_s"] = time.monotonic() - t0
         row["switchover_s"] = row["ready_s"] if row["converged"] else None
         row["amplification"] = row["bytes_copied"] / cfg.image_size
-        row["recopied_bytes"] = row["bytes_copied"] - row["initial_total"]
-        row["recopied_ratio"] = row["recopied_bytes"] / cfg.image_size
+        derive_recopied(row, cfg.image_size)
         row["dst_allocated"] = os.stat(target).st_blocks * 512
         return row
     finally:
