@@ -155,6 +155,11 @@ def union(*groups: Iterable[Extent]) -> list[Extent]:
     return merged
 
 
+def intersect(a: list[Extent], b: list[Extent]) -> list[Extent]:
+    """Parts covered by both A and B (each sorted, non-overlapping)."""
+    return subtract(a, subtract(a, b))
+
+
 def subtract(extents: list[Extent], holes: list[Extent]) -> list[Extent]:
     """Parts of EXTENTS not covered by HOLES (both sorted, non-overlapping)."""
     out: list[Extent] = []

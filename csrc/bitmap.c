@@ -12,6 +12,15 @@ static inline uint64_t run_mask(unsigned from, unsigned to_excl)
     return hi & ~((1ull << from) - 1);
 }
 
+/* The bits of word W that granules [FIRST, LAST_EXCL) cover (W between the
+ * words holding FIRST and LAST_EXCL - 1). */
+static inline uint64_t word_mask(uint64_t w, uint64_t first, uint64_t last_excl)
+{
+    unsigned from = w == first / 64 ? (unsigned)(first % 64) : 0;
+    unsigned to = w == (last_excl - 1) / 64 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
+    return run_mask(from, to);
+}
+
 /* Raise each granule's era to at least ERA (never lower it: a slow writer
  * holding an older era must not hide a newer write's mark). */
 static void raise_eras(bm_tracker *t, uint64_t first, uint64_t last_excl, uint32_t era)
@@ -42,11 +51,8 @@ void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl)
     if (first >= last_excl)
         return;
     raise_eras(t, first, last_excl, current_era(t));
-    uint64_t w0 = first / 64, w1 = (last_excl - 1) / 64;
-    for (uint64_t w = w0; w <= w1; w++) {
-        unsigned from = w == w0 ? (unsigned)(first % 64) : 0;
-        unsigned to = w == w1 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
-        uint64_t m = run_mask(from, to);
+    for (uint64_t w = first / 64; w <= (last_excl - 1) / 64; w++) {
+        uint64_t m = word_mask(w, first, last_excl);
         if ((__atomic_load_n(bm_word(t, w), __ATOMIC_SEQ_CST) & m) != m)
             __atomic_fetch_or(bm_word(t, w), m, __ATOMIC_SEQ_CST);
     }
@@ -61,11 +67,8 @@ int bm_any_dirty(bm_tracker *t, uint64_t first, uint64_t last_excl)
 {
     if (first >= last_excl)
         return 0;
-    uint64_t w0 = first / 64, w1 = (last_excl - 1) / 64;
-    for (uint64_t w = w0; w <= w1; w++) {
-        unsigned from = w == w0 ? (unsigned)(first % 64) : 0;
-        unsigned to = w == w1 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
-        if (__atomic_load_n(bm_word(t, w), __ATOMIC_SEQ_CST) & run_mask(from, to))
+    for (uint64_t w = first / 64; w <= (last_excl - 1) / 64; w++) {
+        if (__atomic_load_n(bm_word(t, w), __ATOMIC_SEQ_CST) & word_mask(w, first, last_excl))
             return 1;
     }
     return 0;
@@ -102,11 +105,8 @@ static int do_clear_range(bm_tracker *t, uint64_t offset, uint64_t length)
     uint64_t last_excl = end == size ? bm_granules(t, size) : end >> t->shift;
     if (first >= last_excl)
         return 0;
-    uint64_t w0 = first / 64, w1 = (last_excl - 1) / 64;
-    for (uint64_t w = w0; w <= w1; w++) {
-        unsigned from = w == w0 ? (unsigned)(first % 64) : 0;
-        unsigned to = w == w1 ? (unsigned)((last_excl - 1) % 64) + 1 : 64;
-        uint64_t m = run_mask(from, to);
+    for (uint64_t w = first / 64; w <= (last_excl - 1) / 64; w++) {
+        uint64_t m = word_mask(w, first, last_excl);
         if (__atomic_load_n(bm_word(t, w), __ATOMIC_RELAXED) & m)
             __atomic_fetch_and(bm_word(t, w), ~m, __ATOMIC_SEQ_CST);
     }

@@ -75,6 +75,8 @@ typedef struct {
     uint64_t throttle_bytes_per_s;
     uint64_t lease_deadline_ns;  /* CLOCK_MONOTONIC */
     uint64_t last_write_ns;      /* CLOCK_REALTIME when the latest tracked write ended */
+    uint64_t bytes_written;      /* bytes bm_pwrite wrote, all writers, since creation
+                                  * (wraps; differences give the write rate) */
 } bm_info;
 
 /* The calling thread's reason for its last failure; never NULL. */

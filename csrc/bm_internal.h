@@ -128,6 +128,7 @@ struct bm_control {
     int32_t mirror_errno;           /* why it FAILED */
     uint32_t reserved3;
     char mirror_target[BM_REDIRECT_MAX];
+    uint64_t bytes_written;         /* by tracked writes (bm_pwrite), ever: a rate gauge */
 };
 
 /* The mirror interlock (invariant I7): granule G belongs to stripe
@@ -338,6 +339,8 @@ int bm_any_dirty(bm_tracker *t, uint64_t first, uint64_t last_excl);
  * marked path instead (nothing written), -1 with errno when the source write
  * failed (the range is then marked dirty). */
 int bm_mirrored_write(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset);
+/* mirror.c: the same for making a range zeros (bm_zero's FLAGS), on both sides. */
+int bm_mirrored_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_t flags);
 /* mirror.c: release what a handle holds (its mirror fd; a mirror it owns). */
 void bm_mirror_release(bm_tracker *t);
 /* mirror.c: zero every stripe count (bm_reset: nothing from before counts). */
@@ -398,6 +401,12 @@ int bm_punch_hole(int fd, uint64_t offset, uint64_t len);
  * (FALLOC_FL_ZERO_RANGE|KEEP_SIZE), retrying EINTR; errno EOPNOTSUPP when
  * the filesystem can't, as bm_punch_hole. */
 int bm_zero_in_place(int fd, uint64_t offset, uint64_t len);
+
+/* Make [OFFSET, OFFSET+LEN) of FD read as zeros: punch it (BM_ZERO_MAY_TRIM),
+ * else zero it in place (FALLOC_FL_ZERO_RANGE), else write zeros - unless
+ * BM_ZERO_FAST says the caller would rather hear EOPNOTSUPP than wait for
+ * that (NBD's fast-zero). -1 with errno on failure. */
+int bm_zero_range(int fd, uint64_t offset, uint64_t len, uint32_t flags);
 
 /* Most bytes bm_write_zeros hands one pwrite. */
 #define BM_ZERO_CHUNK (256u << 10)

@@ -623,6 +623,7 @@ int bm_get_info(bm_tracker *t, bm_info *out)
     out->throttle_bytes_per_s = __atomic_load_n(&t->ctl->throttle_bytes_per_s, __ATOMIC_ACQUIRE);
     out->lease_deadline_ns = __atomic_load_n(&t->ctl->lease_deadline_ns, __ATOMIC_ACQUIRE);
     out->last_write_ns = __atomic_load_n(&t->ctl->last_write_ns, __ATOMIC_ACQUIRE);
+    out->bytes_written = __atomic_load_n(&t->ctl->bytes_written, __ATOMIC_RELAXED);
     BM_GUARD_END(g);
     return 0;
 }

@@ -81,3 +81,18 @@ int bm_write_zeros(int fd, uint64_t offset, uint64_t len)
     }
     return 0;
 }
+
+int bm_zero_range(int fd, uint64_t offset, uint64_t len, uint32_t flags)
+{
+    if ((flags & BM_ZERO_MAY_TRIM) && bm_punch_hole(fd, offset, len) == 0)
+        return 0;
+    if ((flags & BM_ZERO_MAY_TRIM) && errno != EOPNOTSUPP)
+        return -1;
+    if (bm_zero_in_place(fd, offset, len) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP)
+        return -1;
+    if (flags & BM_ZERO_FAST)
+        return -1;
+    return bm_write_zeros(fd, offset, len);
+}

@@ -174,7 +174,23 @@ static int write_all(int fd, const char *buf, uint64_t len, uint64_t offset)
     return 0;
 }
 
-int bm_mirrored_write(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset)
+/* One change to apply to both sides: data (BUF), or zeros (BUF NULL, with
+ * bm_zero's flags). */
+struct change {
+    const char *buf;
+    uint32_t zero_flags;
+};
+
+/* Apply C over [OFFSET, OFFSET+LEN) of FD; 0 or the errno. */
+static int apply(int fd, const struct change *c, uint64_t len, uint64_t offset)
+{
+    if (c->buf != NULL)
+        return write_all(fd, c->buf, len, offset);
+    return bm_zero_range(fd, offset, len, c->zero_flags) < 0 ? errno : 0;
+}
+
+static int mirrored(bm_tracker *t, int fd, const struct change *c, uint64_t len,
+                    uint64_t offset)
 {
     if (!mirror_on(t))
         return 0;
@@ -189,9 +205,13 @@ int bm_mirrored_write(bm_tracker *t, int fd, const char *buf, uint64_t len, uint
     /* Eras before and after, as I1 marks: a backup tool's change id sees the
      * write even though no dirty bit does. */
     bm_raise_eras_now(t, first, last);
-    int err = write_all(fd, buf, len, offset);
+    int err = apply(fd, c, len, offset);
     if (err == 0) {
-        int derr = write_all(mfd, buf, len, offset);
+        /* The copy may refuse a hole or fast zeroing the source allowed:
+         * plain zeros do there (the bytes are what must match). */
+        struct change dc = *c;
+        dc.zero_flags &= ~(uint32_t)BM_ZERO_FAST;
+        int derr = apply(mfd, &dc, len, offset);
         if (derr) {
             bm_mark_granules(t, first, last);
             mirror_failed(t, derr);
@@ -204,9 +224,22 @@ int bm_mirrored_write(bm_tracker *t, int fd, const char *buf, uint64_t len, uint
     bm_raise_eras_now(t, first, last);
     release_stripes(t, first, stripes_in(first, last));
     if (err)
-        return bm_fail(err, "write of %llu bytes at %llu failed: %s", (unsigned long long)len,
+        return bm_fail(err, "%s of %llu bytes at %llu failed: %s",
+                       c->buf ? "write" : "zeroing", (unsigned long long)len,
                        (unsigned long long)offset, strerror(err));
     return 1;
+}
+
+int bm_mirrored_write(bm_tracker *t, int fd, const char *buf, uint64_t len, uint64_t offset)
+{
+    struct change c = {buf, 0};
+    return mirrored(t, fd, &c, len, offset);
+}
+
+int bm_mirrored_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_t flags)
+{
+    struct change c = {NULL, flags};
+    return mirrored(t, fd, &c, len, offset);
 }
 
 /* ---------------------------------------------------------------------- */

@@ -174,6 +174,13 @@ static void note_write_time(bm_tracker *t)
         ;
 }
 
+/* Writers' bytes, all of them together: a copier reads the write rate off
+ * this (mirrored writes leave no dirty bit to count them by). */
+static inline void count_written(bm_tracker *t, uint64_t len)
+{
+    __atomic_fetch_add(&t->ctl->bytes_written, len, __ATOMIC_RELAXED);
+}
+
 static void writer_leave(bm_tracker *t)
 {
     note_write_time(t);
@@ -223,6 +230,8 @@ static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, u
      * both sides and is done; anything else takes the marked path below. */
     int mirrored = bm_mirrored_write(t, fd, buf, len, offset);
     if (mirrored != 0) {
+        if (mirrored > 0)
+            count_written(t, len);
         writer_leave(t);
         return mirrored > 0 ? (int64_t)len : -1;
     }
@@ -246,30 +255,12 @@ static int64_t do_pwrite(bm_tracker *t, int fd, const char *buf, uint64_t len, u
     }
     /* Mark again even on failure: part of the range may have landed. */
     mark_range(t, offset, len);
+    count_written(t, done);
     writer_leave(t);
     if (err)
         return bm_fail(err, "write of %llu bytes at %llu failed: %s", (unsigned long long)len,
                        (unsigned long long)offset, strerror(err));
     return (int64_t)len;
-}
-
-/* Make [OFFSET, OFFSET+LEN) read as zeros, as one tracked write: punch it
- * (BM_ZERO_MAY_TRIM), else zero it in place (FALLOC_FL_ZERO_RANGE), else
- * write zeros - unless BM_ZERO_FAST says the caller would rather hear
- * EOPNOTSUPP than wait for that (NBD's fast-zero). */
-static int zero_range(int fd, uint64_t offset, uint64_t len, uint32_t flags)
-{
-    if ((flags & BM_ZERO_MAY_TRIM) && bm_punch_hole(fd, offset, len) == 0)
-        return 0;
-    if ((flags & BM_ZERO_MAY_TRIM) && errno != EOPNOTSUPP)
-        return -1;
-    if (bm_zero_in_place(fd, offset, len) == 0)
-        return 0;
-    if (errno != EOPNOTSUPP)
-        return -1;
-    if (flags & BM_ZERO_FAST)
-        return -1;
-    return bm_write_zeros(fd, offset, len);
 }
 
 static int do_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_t flags)
@@ -285,8 +276,14 @@ static int do_zero(bm_tracker *t, int fd, uint64_t offset, uint64_t len, uint32_
                        (unsigned long long)size);
     if (writer_enter(t) < 0)
         return -1;
+    /* Mirroring: zero the copy too where the range is clean (mirror.c). */
+    int mirrored = bm_mirrored_zero(t, fd, offset, len, flags);
+    if (mirrored != 0) {
+        writer_leave(t);
+        return mirrored > 0 ? 0 : -1;
+    }
     mark_range(t, offset, len);
-    int err = zero_range(fd, offset, len, flags) < 0 ? errno : 0;
+    int err = bm_zero_range(fd, offset, len, flags) < 0 ? errno : 0;
     /* Mark again even on failure: part of the range may have changed. */
     mark_range(t, offset, len);
     writer_leave(t);

@@ -70,20 +70,35 @@ def _race(src: str, dst: str) -> tuple[bytes, bytes, int]:
     dones = [CTX.Event() for _ in range(WRITERS)]
     procs = [CTX.Process(target=_write_once_each, args=(src, i, go, dones[i]))
              for i in range(WRITERS)]
+
+    def recopy_while_writing(tracker: Tracker, src_fd: int, dst_fd: int) -> None:
+        offset = 0
+        while not all(d.is_set() for d in dones):
+            _recopy(tracker, src_fd, dst_fd, offset, CHUNK)
+            offset = (offset + CHUNK) % IMAGE
+
+    status = _mirrored_run(src, dst, procs, go, recopy_while_writing)
+    assert status.state == "off" and status.mirrored_bytes > 0
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        return a.read(), b.read(), status.mirrored_bytes
+
+
+def _mirrored_run(src: str, dst: str, procs, go, during=None):
+    """Start PROCS, mirror SRC to DST ("bulk copy" trivially done: both are
+    all zeros), let them go, run DURING(tracker, src_fd, dst_fd) while they
+    write, then finish as a sync would: copy the dirty set, stop mirroring.
+    Returns the mirror's final status."""
     for p in procs:
         p.start()
     src_fd, dst_fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
     try:
         with Tracker.open(src) as tracker:
-            # The "bulk copy" is trivially done: both are all zeros.
             tracker.mirror_start(dst)
             go.set()
-            offset = 0
-            while not all(d.is_set() for d in dones):
-                _recopy(tracker, src_fd, dst_fd, offset, CHUNK)
-                offset = (offset + CHUNK) % IMAGE
+            if during is not None:
+                during(tracker, src_fd, dst_fd)
             for p in procs:
-                p.join(30)
+                p.join(60)
             for off, length in tracker.fetch_and_clear():
                 _recopy(tracker, src_fd, dst_fd, off, length)
             tracker.mirror_stop()
@@ -92,9 +107,7 @@ def _race(src: str, dst: str) -> tuple[bytes, bytes, int]:
         os.close(src_fd)
         os.close(dst_fd)
     assert all(p.exitcode == 0 for p in procs)
-    assert status.state == "off" and status.mirrored_bytes > 0
-    with open(src, "rb") as a, open(dst, "rb") as b:
-        return a.read(), b.read(), status.mirrored_bytes
+    return status
 
 
 def _wrong_writes(want: bytes, got: bytes) -> int:
@@ -224,23 +237,24 @@ def test_racing_mirrored_writes_to_one_block_never_split_the_sides(ram_tmp_path)
     src, dst = _make_pair(ram_tmp_path)
     go = CTX.Event()
     procs = [CTX.Process(target=_hammer, args=(src, i, go)) for i in (1, 2)]
-    for p in procs:
-        p.start()
-    src_fd, dst_fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
-    try:
-        with Tracker.open(src) as tracker:
-            tracker.mirror_start(dst)
-            go.set()
-            for p in procs:
-                p.join(60)
-            for off, length in tracker.fetch_and_clear():
-                _recopy(tracker, src_fd, dst_fd, off, length)
-            tracker.mirror_stop()
-            status = tracker.mirror_status()
-    finally:
-        os.close(src_fd)
-        os.close(dst_fd)
-    assert all(p.exitcode == 0 for p in procs)
+    status = _mirrored_run(src, dst, procs, go)
     assert status.mirrored_bytes > 0
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read(4 * MiB) == b.read(4 * MiB)
+
+
+@pytest.mark.parametrize("may_trim", [False, True])
+def test_zeroes_and_discards_are_mirrored_too(tmp_path, may_trim):
+    src, dst = _make_pair(tmp_path)
+    for path in (src, dst):
+        with open(path, "r+b") as f:
+            f.write(b"\x77" * (4 * MiB))
+    with Tracker.open(src) as copier, TrackedImage(src) as img:
+        copier.fetch_and_clear()
+        copier.mirror_start(dst)
+        img.write_zeroes(MiB + 123, 200_000, may_trim=may_trim)
+        img.discard(3 * MiB, G)
+        assert copier.dirty_extents() == []
+        copier.mirror_stop()
     with open(src, "rb") as a, open(dst, "rb") as b:
         assert a.read(4 * MiB) == b.read(4 * MiB)

@@ -34,8 +34,9 @@ def sides(ram_tmp_path: Path) -> Iterator[tuple[Path, Path, Exports]]:
 
 # Copy mode switches over with a whole-image final pass held to 32 MB/s: the
 # writers stay frozen for the better part of a second, so a freeze that did
-# not hold them would tear the copy in plain view.
-LONG_FINAL_PASS = ("--target-downtime", "2s", "--bwlimit", "32M")
+# not hold them would tear the copy in plain view. Two passes at most: with
+# more, the switch would polish the final pass down to milliseconds.
+LONG_FINAL_PASS = ("--target-downtime", "2s", "--bwlimit", "32M", "--max-passes", "2")
 
 
 def sync(image: Path, dst: Path, *options: str) -> dict[str, object]:

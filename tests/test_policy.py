@@ -23,7 +23,7 @@ def test_predict_downtime():
 
 
 def test_switches_over_when_dirty_fits_the_target():
-    policy = ConvergencePolicy(target_downtime=1.0)
+    policy = ConvergencePolicy(target_downtime=1.0, polish_passes=0)
     # 100 MiB/s measured; 50 MiB dirty -> 0.5 s < 1 s
     assert policy.decide([rec(0, 1000 * MiB, 10.0, 50 * MiB)]) is Decision.SWITCHOVER
     # 150 MiB dirty -> 1.5 s: another pass
@@ -85,7 +85,7 @@ def test_switchover_margin_boundary(target):
     """The prediction must fit in 85 % of the target, not in all of it: the
     final pass also pays the freeze and a throughput that wobbles. Just under
     0.85 x target switches over, just over does not (nor does the target)."""
-    policy = ConvergencePolicy(target_downtime=target)
+    policy = ConvergencePolicy(target_downtime=target, polish_passes=0)
     assert policy.switchover_margin == 0.85
     throughput = 100 * MiB  # bytes/s, as the bulk pass below measures it
     edge = 0.85 * target * throughput  # dirty bytes that take exactly 85 % of the target
@@ -97,3 +97,42 @@ def test_switchover_margin_boundary(target):
     assert ConvergencePolicy.copy_throughput([bulk]) == pytest.approx(throughput)
     assert policy.decide([rec(0, 1000 * MiB, 10.0, under)]) is Decision.SWITCHOVER
     assert policy.decide([rec(0, 1000 * MiB, 10.0, over)]) is Decision.CONTINUE
+
+
+# -- polishing: fitting the target allows a switch; fast shrinking delays it ----
+
+
+def test_a_lone_bulk_pass_that_fits_gets_one_more_pass():
+    policy = ConvergencePolicy(target_downtime=1.0)
+    assert policy.decide([rec(0, 1000 * MiB, 10.0, 10 * MiB)]) is Decision.CONTINUE
+
+
+def test_keeps_polishing_while_each_pass_halves_the_dirty_set():
+    policy = ConvergencePolicy(target_downtime=1.0)
+    passes = [rec(0, 1000 * MiB, 10.0, 40 * MiB), rec(1, 40 * MiB, 0.4, 16 * MiB)]
+    assert policy.decide(passes) is Decision.CONTINUE
+    passes.append(rec(2, 16 * MiB, 0.16, 13 * MiB))  # 0.81x: no longer worth a pass
+    assert policy.decide(passes) is Decision.SWITCHOVER
+
+
+def test_a_pause_already_under_min_pause_switches_at_once():
+    policy = ConvergencePolicy(target_downtime=1.0, min_pause=0.005)
+    # 100 MiB/s: 256 KiB is 2.5 ms
+    assert policy.decide([rec(0, 1000 * MiB, 10.0, 256 << 10)]) is Decision.SWITCHOVER
+    assert policy.decide([rec(0, 1000 * MiB, 10.0, 0)]) is Decision.SWITCHOVER
+
+
+def test_polishing_is_bounded():
+    policy = ConvergencePolicy(target_downtime=10.0, polish_passes=3, min_pause=0.0)
+    passes = [rec(0, 1000 * MiB, 10.0, 512 * MiB)]
+    for i in range(1, 3):
+        passes.append(rec(i, 400 * MiB, 4.0, passes[-1].dirty_left // 4))
+        assert policy.decide(passes) is Decision.CONTINUE
+    passes.append(rec(3, 400 * MiB, 4.0, passes[-1].dirty_left // 4))
+    assert policy.decide(passes) is Decision.SWITCHOVER  # three fitting passes spent
+
+
+def test_polishing_never_outlasts_max_passes():
+    policy = ConvergencePolicy(target_downtime=1.0, max_passes=2)
+    passes = [rec(0, 1000 * MiB, 10.0, 40 * MiB), rec(1, 40 * MiB, 0.4, 10 * MiB)]
+    assert policy.decide(passes) is Decision.SWITCHOVER

@@ -76,3 +76,92 @@ def test_destination_full_mid_mirror_fails_cleanly(small_tmpfs, tmp_path, live_w
     with Tracker.open(image) as t:
         assert t.state == "running"
         assert t.mirror_status().state != "on"
+
+
+def test_auto_escalates_to_mirror_and_says_why(dirs, live_writer):
+    src, dst = dirs
+    image = src / "a.img"
+    initial = make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    writer = live_writer(image, rate="16M", wait=10)
+    result = sync(image, dst, target_downtime=0.2, rate_limit=4 * MiB, max_passes=40,
+                  converge="auto")
+    assert result.status == "ok"
+    assert result.strategy == "mirror" and "outpaced the copy" in result.strategy_reason
+    assert "converged by mirror" in result.summary()
+    writer.assert_point_in_time((dst / "a.img").read_bytes(), initial)
+
+
+def test_auto_stays_with_passes_when_they_converge(dirs, live_writer):
+    src, dst = dirs
+    image = src / "b.img"
+    make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    live_writer(image, rate="1M", wait=3)
+    result = sync(image, dst, target_downtime=0.5, converge="auto")
+    assert result.status == "ok" and result.strategy == "passes"
+    assert not result.strategy_reason
+
+
+def test_auto_throttles_when_the_destination_cannot_take_mirrored_writes(tmp_path,
+                                                                         live_writer):
+    """A destination 30 ms away per request: mirrored writes would hold the
+    writer to a few writes a second, so auto gives way to the throttle."""
+    nfs_standin = pytest.importorskip("nfs_standin")
+    if nfs_standin.skip_reason() is not None:
+        pytest.skip(str(nfs_standin.skip_reason()))
+    backing = tmp_path / "export"
+    backing.mkdir()
+    image = tmp_path / "c.img"
+    make_data_image(image, 16 * MiB, extents=2, tracked=True)
+    writer = live_writer(image, rate="16M", wait=10)
+    with nfs_standin.mounted(backing, latency=0.03) as fs:
+        result = sync(image, fs.mountpoint, target_downtime=0.3, rate_limit=2 * MiB,
+                      max_passes=60, converge="auto")
+    writer.wait_for_more(5)
+    assert result.status == "ok"
+    assert result.strategy == "throttle", result.notes
+    assert "cannot take their writes" in result.strategy_reason or \
+        "did not shrink" in result.strategy_reason
+
+
+def test_no_mirroring_into_an_earlier_copy_updated_in_place(dirs, live_writer):
+    """Its manifest's digests are forgotten by the passes before they write;
+    a mirrored write would change the copy behind them."""
+    src, dst = dirs
+    image = src / "i.img"
+    make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    sync(image, dst)
+    writer = live_writer(image, rate="2M", wait=5)
+    again = sync(image, dst, target_downtime=0.5, converge="mirror")
+    assert again.incremental and again.strategy == "passes"
+    assert any("not used when updating" in n for n in again.notes)
+    writer.stop()
+
+
+def test_a_writer_killed_while_mirroring_fails_the_sync_safely(dirs, tmp_path):
+    """A writer SIGKILLed mid-mirror may have written the source and not the
+    copy, with no dirty bit to say so: its dead slot makes the sidecar
+    unclean (I4) and the sync drops the copy instead of publishing it."""
+    import signal
+
+    from imagetools import WriterProcess
+
+    src, dst = dirs
+    image = src / "k.img"
+    make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    writer = WriterProcess(image, tmp_path / "k.log", rate="16M")
+    writer.wait_for_writes(10)
+
+    def kill_once_mirroring(progress) -> None:
+        if progress.phase == "dirty" and writer.proc.poll() is None:
+            writer.proc.send_signal(signal.SIGKILL)
+            writer.proc.wait()
+
+    try:
+        with pytest.raises(blockmirror.SourceChangedError, match="writer died"):
+            sync(image, dst, target_downtime=0.2, rate_limit=4 * MiB, max_passes=40,
+                 converge="mirror", progress=kill_once_mirroring)
+    finally:
+        if writer.proc.poll() is None:
+            writer.proc.kill()
+        writer.proc.wait()
+    assert os.listdir(dst) == []

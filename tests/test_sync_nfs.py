@@ -5,7 +5,6 @@ refuses what move mode needs, the failure must be clean."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import nfs_standin
@@ -57,18 +56,21 @@ def test_copy_from_nfs_stays_sparse_by_zero_detection(nfs, tmp_path):
     assert result.passes[0].bytes == 32 * MiB  # the whole file was read: no SEEK_HOLE
 
 
-def test_parallel_requests_make_sync_faster(nfs, tmp_path):
-    """Reading from the stand-in, each request pays 2 ms; four in flight
-    must pay off. (Writes into one file on a FUSE direct_io mount are
-    serialised by the kernel, unlike NFS, so the read side is measured.)"""
+def test_parallel_requests_reach_the_server_at_once(nfs, tmp_path):
+    """Reading from the stand-in, each request pays 2 ms: with four workers
+    the server must see several requests in flight at once, with one only
+    one. (Counted, not timed: on a loaded machine a timed ratio wobbles;
+    the speed-up itself is measured in bench/. Writes into one file on a
+    FUSE direct_io mount are serialised by the kernel, unlike NFS, so the
+    read side is the one looked at.)"""
     fs, backing = nfs
     make_data_image(backing / "p.img", 32 * MiB, extents=12)
-    times = {}
+    peaks = {}
     for workers in (1, 4):
-        start = time.perf_counter()
+        fs.stats()  # resets the peak
         sync(Path(fs.mountpoint) / "p.img", tmp_path / f"w{workers}.img", workers=workers)
-        times[workers] = time.perf_counter() - start
-    assert times[1] / times[4] >= 1.5, times
+        peaks[workers] = fs.stats()["peak_inflight"]
+    assert peaks[1] == 1 and peaks[4] >= 3, peaks
 
 
 def test_move_onto_a_mount_that_refuses_shared_mmap_fails_cleanly(nfs, tmp_path, live_writer):

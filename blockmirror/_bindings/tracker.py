@@ -49,6 +49,7 @@ class TrackerInfo:
     copier_pid: int  # 0: no copier holds a freeze
     throttle_bytes_per_s: int  # the writers' throttle (0: none)
     last_write_ns: int  # CLOCK_REALTIME when the latest tracked write ended (0: none yet)
+    bytes_written: int = 0  # by tracked pwrites, all writers, ever: a rate gauge
 
     @property
     def unclean(self) -> bool:
@@ -120,6 +121,7 @@ def info(handle: Handle) -> TrackerInfo:
         copier_pid=int(out.copier_pid),
         throttle_bytes_per_s=int(out.throttle_bytes_per_s),
         last_write_ns=int(out.last_write_ns),
+        bytes_written=int(out.bytes_written),
     )
 
 

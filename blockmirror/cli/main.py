@@ -173,9 +173,14 @@ def _add_sync_parser(sub: Any) -> None:
                    help="move: redirect writers to the copy and remove the source")
     p.add_argument("--verify", action="store_true", help="compare the copy with the source")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
-    p.add_argument("--converge", choices=("fail", "throttle", "mirror"), default="fail",
-                   help="when writes outpace the copy: fail (default), throttle writers, or "
-                   "mirror their writes into the copy")
+    p.add_argument("--converge", choices=("fail", "throttle", "mirror", "auto"), default="fail",
+                   help="when writes outpace the copy: fail (default), throttle writers, "
+                   "mirror their writes into the copy, or auto: escalate to mirror (or to "
+                   "the throttle if the copy cannot take the writes) when the passes' trend "
+                   "says they will not converge")
+    p.add_argument("--defer-hot", action="store_true",
+                   help="leave blocks dirtied pass after pass for the final pass instead of "
+                   "copying them every pass (experimental)")
     p.add_argument("--workers", type=_workers, default=4, metavar="N",
                    help="copy requests in flight, 1 to 256 (default 4)")
     p.add_argument("--bwlimit", type=_size, metavar="RATE",
@@ -368,7 +373,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         args.src, args.dst, target_downtime=args.target_downtime,
         mode="move" if args.move else "copy", max_passes=args.max_passes, verify=args.verify,
         progress=progress, force=args.force, workers=args.workers, converge=args.converge,
-        rate_limit=args.bwlimit,
+        rate_limit=args.bwlimit, defer_hot=args.defer_hot,
     )
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -33,6 +33,7 @@ from blockmirror.errors import (
 )
 from blockmirror.extents import Extent, pairs, subtract, union
 from blockmirror.migration import commit, incremental, journal
+from blockmirror.migration.escalation import Escalation, Step
 from blockmirror.migration.manifest import Manifest, manifest_path
 from blockmirror.migration.mirroring import MirrorSession
 from blockmirror.migration.options import SyncOptions
@@ -93,6 +94,8 @@ class FileSyncJob:
         self.throttle_rate = 0  # bytes/s this job holds writers to (0: none)
         self.mirror: MirrorSession | None = None  # converge="mirror", once engaged
         self.mirror_changed: list[Extent] = []  # what mirrored writes may have changed
+        self.escalation = Escalation(self.policy) if options.converge == "auto" else None
+        self.rate_sample = (0, 0.0)  # writers' bytes_written and when, at a pass's start
         self.stall_from = 0  # passes before this index don't count as stalls
 
     # -- the run ------------------------------------------------------------
@@ -204,6 +207,8 @@ class FileSyncJob:
         self._first_pass()
         if self.options.converge == "mirror":
             self._start_mirror()
+        elif self.options.converge == "throttle":
+            self.result.strategy = "throttle"  # the stall rule tightens it when needed
         failed_switches = 0
         while True:
             decision = self.policy.decide(self.result.passes, stall_from=self.stall_from)
@@ -218,15 +223,30 @@ class FileSyncJob:
                         f"switchover failed {failed_switches} times: the final pass outlasted "
                         "the freeze lease each time; the source keeps running"
                     )
-            elif decision is Decision.STALLED and self.options.converge == "throttle":
+            elif decision is Decision.STALLED and self.result.strategy == "throttle":
                 self._tighten_throttle()
             elif decision in (Decision.STALLED, Decision.OUT_OF_PASSES):
                 raise NotConvergedError(self._not_converged_message(decision))
-            assert self.passes is not None
-            self.passes.dirty()
-            if self.mirror is not None:
-                self.mirror.check()
-            self._check_no_bypass()
+            self._dirty_pass()
+            if self.escalation is not None:
+                self._auto_step()
+
+    def _dirty_pass(self) -> None:
+        assert self.passes is not None and self.tracker is not None
+        budget = self.policy.defer_budget(self.result.passes) if self.options.defer_hot else 0
+        self.rate_sample = (self.tracker.info().bytes_written, time.perf_counter())
+        self.passes.dirty(budget)
+        if self.mirror is not None:
+            self.mirror.check()
+        self._check_no_bypass()
+
+    def _writer_rate(self) -> float:
+        """Bytes/s writers wrote since the last pass began (mirrored or not)."""
+        assert self.tracker is not None
+        written, at = self.rate_sample
+        elapsed = time.perf_counter() - at
+        delta = (self.tracker.info().bytes_written - written) % (1 << 64)
+        return delta / elapsed if elapsed > 0 else 0.0
 
     def _first_pass(self) -> None:
         assert self.passes is not None
@@ -268,8 +288,11 @@ class FileSyncJob:
             self._thaw()
             self.result.notes.append("freeze lease ran out during the final pass; retried")
             return _Switch.LEASE_RAN_OUT
-        self._stop_mirror()  # frozen: the copy is final from here
+        # Frozen: first whether the tracker saw every write (a writer that
+        # died mid-mirror leaves the sidecar unclean), then no write reaches
+        # the copy but through the passes.
         self._check_still_tracked()
+        self._stop_mirror()
         if self.options.move:
             self._commit()  # durable before any writer is sent there
             self._redirect()
@@ -450,9 +473,14 @@ class FileSyncJob:
         """converge="mirror", after the first pass: every clean range is on
         the copy now, so writes to clean ranges may go to both sides."""
         assert self.tracker is not None and self.passes is not None
-        target = self.plan.destination if self.plan.incremental else self.plan.partial
+        if self.plan.incremental:
+            # Mirrored writes would change the earlier copy under its
+            # manifest's digests, which only the passes forget first.
+            self.result.notes.append("mirroring is not used when updating an earlier copy in "
+                                     "place; copying dirty blocks in passes instead")
+            return
         try:
-            self.mirror = MirrorSession(self.tracker, target)
+            self.mirror = MirrorSession(self.tracker, self.plan.partial)
         except OSError as e:
             # E.g. root syncing a user's image: writers only mirror into a
             # file of the image's owner. Dirty passes still work.
@@ -460,21 +488,43 @@ class FileSyncJob:
                                      "blocks in passes instead")
             return
         self.passes.mirror = self.mirror
-        self.result.notes.append("mirroring writes to the copy after the first pass")
+        self.result.strategy = "mirror"
+        self.result.notes.append("mirroring writes to the copy")
 
-    def _stop_mirror(self) -> None:
-        """With writers frozen: no write reaches the copy after this."""
+    def _stop_mirror(self, *, check: bool = True) -> None:
+        """No write reaches the copy after this but through the passes (the
+        switchover calls it frozen; auto mode may call it to throttle)."""
         if self.mirror is None:
             return
         assert self.passes is not None
         self.passes.mirror = None
-        self.mirror.check()
+        if check:
+            self.mirror.check()
         status = self.mirror.stop()
-        self.mirror_changed = self.mirror.changed()
+        self.mirror_changed = union(self.mirror_changed, self.mirror.changed())
         self.mirror = None
         self.result.notes.append(
             f"mirrored {format_bytes(status.mirrored_bytes)} of writes to the copy; "
             f"{status.fallbacks} writes met a copier and were copied in passes")
+
+    def _auto_step(self) -> None:
+        """converge="auto", after a dirty pass: escalate if the trend says so."""
+        assert self.escalation is not None
+        step = self.escalation.next_step(self.result.passes, self._writer_rate())
+        if step is Step.STAY:
+            return
+        self.result.notes.append(self.escalation.reason)
+        if step is Step.MIRROR:
+            self._start_mirror()
+            if self.mirror is None:  # refused (see _start_mirror): go straight on
+                self.escalation.strategy = "throttle"
+                step = Step.THROTTLE
+        if step is Step.THROTTLE:
+            self._stop_mirror(check=False)
+            self._tighten_throttle()
+        self.result.strategy = self.escalation.strategy
+        self.result.strategy_reason = self.escalation.reason
+        self.stall_from = len(self.result.passes) - 1  # judge the new strategy afresh
 
     def _tighten_throttle(self) -> None:
         """converge="throttle": hold writers to half the copy throughput (and
@@ -484,6 +534,7 @@ class FileSyncJob:
         rate = max(1 << 20, int((self.throttle_rate or throughput) / 2))
         self.tracker.set_throttle(rate)
         self.throttle_rate = rate
+        self.result.strategy = "throttle"
         self.result.notes.append(f"writers throttled to {format_rate(rate)}")
         self.stall_from = len(self.result.passes) - 1  # judge the new rate afresh
 
@@ -507,6 +558,8 @@ class FileSyncJob:
             f"~{format_rate(throughput)}, {format_bytes(last.dirty_left)} dirty would take "
             f"{format_seconds(predicted)} > target {format_seconds(self.policy.target_downtime)}); "
             "the source keeps running untouched"
+            + ("; --converge auto would mirror or throttle the writers instead"
+               if self.options.converge == "fail" else "")
         )
 
     def _out_of_space_message(self) -> str:

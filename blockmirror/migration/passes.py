@@ -14,12 +14,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockmirror.copying.copier import Copier, CopyStats
-from blockmirror.extents import Extent, ExtentArray, Extents, pairs, total_bytes, union
+from blockmirror.extents import (
+    Extent,
+    ExtentArray,
+    Extents,
+    intersect,
+    pairs,
+    subtract,
+    total_bytes,
+    union,
+)
 from blockmirror.migration.manifest import Manifest
 from blockmirror.migration.mirroring import MirrorSession
 from blockmirror.migration.policy import PassRecord
 from blockmirror.migration.result import ProgressCallback, SyncProgress, SyncResult
 from blockmirror.tracking.tracker import Tracker
+
+
+def _up_to(extents: list[Extent], budget: int) -> list[Extent]:
+    """The first BUDGET bytes of EXTENTS (in offset order, so the same hot
+    blocks stay deferred pass after pass instead of churning)."""
+    out: list[Extent] = []
+    for offset, length in extents:
+        if budget <= 0:
+            break
+        take = min(length, budget)
+        out.append((offset, take))
+        budget -= take
+    return out
 
 
 class ProgressReporter:
@@ -51,6 +73,7 @@ class PassRunner:
     manifest: Manifest | None = None
     # converge="mirror": the interlock each dirty pass's items hold (I7).
     mirror: MirrorSession | None = None
+    _last_taken: list[Extent] | None = None  # what the last dirty pass took (hot-block deferral)
     _touched: list[Extents] = field(default_factory=list)  # what this run wrote into the copy
 
     def touched(self) -> list[Extent]:
@@ -75,30 +98,55 @@ class PassRunner:
         stats = self._copy("incremental", extents, dst_fresh=False, start_writeback=True)
         self._record("incremental", stats)
 
-    def dirty(self) -> None:
-        """Copy what writers dirtied since the last pass."""
-        _, stats = self.take_dirty_and_copy("dirty")
-        self._record("dirty", stats)
+    def dirty(self, defer_budget: int = 0) -> None:
+        """Copy what writers dirtied since the last pass. Blocks dirty in this
+        pass and the one before are hot: up to DEFER_BUDGET bytes of them are
+        left dirty for the final pass instead of being copied every pass."""
+        _, stats, deferred = self.take_dirty_and_copy("dirty", defer_budget)
+        self._record("dirty", stats, deferred=deferred)
 
     def final(self) -> ExtentArray:
         """The last dirty blocks, with writers frozen; returns what it took,
         so a switchover that fails can put it back."""
-        extents, stats = self.take_dirty_and_copy("final")
+        extents, stats, _ = self.take_dirty_and_copy("final")
         self._record("final", stats, dirty_left=0)
         return extents
 
-    def take_dirty_and_copy(self, phase: str) -> tuple[ExtentArray, CopyStats]:
+    def take_dirty_and_copy(self, phase: str, defer_budget: int = 0
+                            ) -> tuple[ExtentArray, CopyStats, int]:
         """Follow the source's size, take the dirty set (clear before read,
-        I2) and copy it; returns the extents taken and what the copy did."""
+        I2), put hot blocks back (see ``dirty``) and copy the rest; returns
+        the extents taken, what the copy did and the bytes deferred."""
         assert self.tracker is not None, "only a tracked source has dirty passes"
         self.follow_source_size()
         dirty = self.tracker.dirty_bytes()
         extents = self.tracker.fetch_and_clear_array()
+        to_copy: Extents = extents
+        deferred = 0
+        if phase == "dirty":
+            to_copy, deferred = self._defer_hot(extents, defer_budget)
         # With writers frozen (the final pass) no mirrored write can race.
         mirror = self.mirror if phase != "final" else None
-        return extents, self._copy(phase, extents, dst_fresh=False, dirty=dirty,
+        return extents, self._copy(phase, to_copy, dst_fresh=False, dirty=dirty,
                                    before_item=mirror.claim if mirror else None,
-                                   after_item=mirror.release if mirror else None)
+                                   after_item=mirror.release if mirror else None), deferred
+
+    def _defer_hot(self, extents: ExtentArray, budget: int) -> tuple[Extents, int]:
+        """Split EXTENTS (just taken) into what to copy now and hot blocks,
+        taken by the last dirty pass too, marked dirty again for the final
+        pass (re-marking only ever adds dirt, so nothing is lost)."""
+        assert self.tracker is not None
+        taken = pairs(extents)
+        last, self._last_taken = self._last_taken, taken
+        if budget <= 0 or last is None:
+            return extents, 0
+        hot = _up_to(intersect(taken, last), budget)
+        hot_bytes = total_bytes(hot)
+        if not hot:
+            return extents, 0
+        for offset, length in hot:
+            self.tracker.mark(offset, length)
+        return subtract(taken, hot), hot_bytes
 
     def follow_source_size(self) -> None:
         """Writers may grow or shrink the image; the copy follows its size."""
@@ -142,12 +190,14 @@ class PassRunner:
             start_writeback=start_writeback, before_item=before_item, after_item=after_item,
         )
 
-    def _record(self, kind: str, stats: CopyStats, dirty_left: int | None = None) -> None:
+    def _record(self, kind: str, stats: CopyStats, dirty_left: int | None = None,
+                deferred: int = 0) -> None:
         if dirty_left is None:
             dirty_left = self.tracker.dirty_bytes() if self.tracker is not None else 0
         self.result.passes.append(PassRecord(
             index=len(self.result.passes), kind=kind, bytes=stats.copied,
             seconds=stats.seconds, dirty_left=dirty_left, bytes_written=stats.bytes_written,
+            deferred=deferred,
         ))
         self.result.bytes_copied += stats.copied
         self.result.bytes_written += stats.bytes_written

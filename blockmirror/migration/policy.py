@@ -12,6 +12,14 @@ writers dirty blocks about as fast as the copy cleans them, and more passes
 would only copy the same blocks again. "Stopped shrinking" allows for noise:
 a pass that leaves at least STALL_RATIO of what the previous one left counts
 (a dirty set hovering around a hot working set wobbles by a few percent).
+
+Fitting the target is when a switch becomes allowed, not when it must
+happen: while each pass still cuts the dirty set at least in half, one more
+pass is cheap (it takes about the pause it saves) and shortens the pause, so
+the job keeps going until the predicted pause stops improving that fast or
+falls under MIN_PAUSE. Low write rates so get pauses of a few milliseconds,
+as a mirror that waits for zero dirty does, while high rates still switch
+as soon as they fit the target.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class PassRecord:
     seconds: float
     dirty_left: int  # dirty bytes waiting when the pass ended
     bytes_written: int = 0
+    deferred: int = 0  # hot bytes left dirty for the final pass (counted in dirty_left)
 
     @property
     def throughput(self) -> float:
@@ -55,6 +64,7 @@ class PassRecord:
             "seconds": round(self.seconds, 6),
             "throughput": round(self.throughput, 1),
             "dirty_left": self.dirty_left,
+            "deferred": self.deferred,
             "write_rate": round(self.write_rate, 1),
             "predicted_downtime": round(predict_downtime(self.dirty_left, tp), 6)
             if math.isfinite(predict_downtime(self.dirty_left, tp))
@@ -90,6 +100,16 @@ class ConvergencePolicy:
     # final pass also pays the freeze, the scan and throughput that wobbles
     # (bench/: without a margin, 6 of 15 runs paused writers up to 17 % long).
     switchover_margin: float = 0.85
+    # Polishing (see the module docstring): a predicted pause this short is
+    # not worth another pass; a pass must leave at most POLISH_RATIO of what
+    # the one before left for another one to be worth it; at most
+    # POLISH_PASSES passes are spent once the target fits.
+    min_pause: float = 0.005
+    polish_ratio: float = 0.65
+    polish_passes: int = 6
+    # Hot-block deferral: blocks dirty in two passes in a row wait for the
+    # final pass, up to this share of what the target pause can copy.
+    defer_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not (self.target_downtime > 0 and math.isfinite(self.target_downtime)):
@@ -125,12 +145,62 @@ class ConvergencePolicy:
         predicted = predict_downtime(dirty_bytes, throughput)
         return predicted < self.target_downtime * self.switchover_margin
 
+    def worth_polishing(self, passes: list[PassRecord]) -> bool:
+        """The target fits after PASSES: would one more pass shorten the
+        pause enough to be worth its time?"""
+        last = passes[-1]
+        if self.polish_passes == 0 or len(passes) >= self.max_passes:
+            return False
+        if predict_downtime(last.dirty_left, self.copy_throughput(passes)) <= self.min_pause:
+            return False
+        if len(passes) == 1:
+            return True  # the bulk pass says nothing yet of how fast writers dirty
+        fitting = sum(1 for p in passes[:-1]
+                      if self.fits(p.dirty_left, self.copy_throughput(passes)))
+        if fitting >= self.polish_passes:
+            return False
+        return last.dirty_left <= self.polish_ratio * passes[-2].dirty_left
+
+    def defer_budget(self, passes: list[PassRecord]) -> int:
+        """Bytes of hot blocks the next dirty pass may leave for the final
+        one (each would otherwise be copied again every pass): none once the
+        target fits, so polishing can shrink the pause instead."""
+        if not passes:
+            return 0
+        throughput = self.copy_throughput(passes)
+        if self.fits(passes[-1].dirty_left, throughput):
+            return 0
+        budget = self.defer_share * self.target_downtime * self.switchover_margin * throughput
+        return int(budget) if math.isfinite(budget) else 0
+
+    def will_converge(self, passes: list[PassRecord], stall_from: int = 0) -> bool:
+        """The trend of the dirty set since index STALL_FROM: shrinking by the
+        last pass's factor, would it fit the target within the passes left?
+        True while there is no trend yet (fewer than two passes)."""
+        recent = passes[stall_from:]
+        if len(recent) < 2:
+            return True
+        prev, last = recent[-2], recent[-1]
+        throughput = self.copy_throughput(passes)
+        if self.fits(last.dirty_left, throughput) or prev.dirty_left == 0:
+            return True
+        shrink = last.dirty_left / prev.dirty_left
+        if shrink >= self.stall_ratio:
+            return False
+        fit_bytes = self.target_downtime * self.switchover_margin * throughput
+        if fit_bytes <= 0:
+            return False
+        needed = math.log(fit_bytes / last.dirty_left) / math.log(shrink)
+        return needed <= self.max_passes - len(passes)
+
     def decide(self, passes: list[PassRecord], stall_from: int = 0) -> Decision:
         """What to do after the passes so far (the bulk pass first)."""
         if not passes:
             return Decision.CONTINUE
         last = passes[-1]
         if self.fits(last.dirty_left, self.copy_throughput(passes)):
+            if self.worth_polishing(passes):
+                return Decision.CONTINUE
             return Decision.SWITCHOVER
         if self.stalled_for(passes, stall_from) >= self.stall_passes:
             return Decision.STALLED

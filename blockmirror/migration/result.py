@@ -54,6 +54,10 @@ class SyncResult:
     incremental: bool = False  # an earlier copy was updated in place
     change_id: str | None = None  # the source's change id the copy is exact at
     children: list[SyncResult] = field(default_factory=list)  # directory mode: one per image
+    # What finished the job: "passes" (dirty passes alone), "mirror" or
+    # "throttle", and, when converge="auto" escalated, why.
+    strategy: str = "passes"
+    strategy_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +78,8 @@ class SyncResult:
             "incremental": self.incremental,
             "change_id": self.change_id,
             "notes": self.notes,
+            "strategy": self.strategy,
+            "strategy_reason": self.strategy_reason,
             "children": [c.to_dict() for c in self.children],
         }
 
@@ -87,6 +93,8 @@ class SyncResult:
         )
         if self.tracked:
             line += f", writers paused {format_seconds(self.downtime)}"
+        if self.tracked and self.strategy != "passes":
+            line += f", converged by {self.strategy}"
         if self.verified:
             line += ", verified"
         return line

@@ -24,7 +24,8 @@ def sync(
 
     Settings are those of :class:`SyncOptions` (``target_downtime=5.0``,
     ``mode="copy"``, ``max_passes=30``, ``verify=False``, ``progress=None``,
-    ``force=False``, ``workers=4``, ``rate_limit=None``, ``converge="fail"``),
+    ``force=False``, ``workers=4``, ``rate_limit=None``, ``converge="fail"``,
+    ``defer_hot=False``),
     given as keywords or as one SyncOptions.
 
     DST may be an existing folder (the image keeps its name); a folder SRC
@@ -35,7 +36,11 @@ def sync(
     destination side is removed.
 
     ``converge="throttle"`` slows writers down (the shared throttle in the
-    sidecar) instead of failing when the dirty set stops shrinking.
+    sidecar) instead of failing when the dirty set stops shrinking;
+    ``converge="mirror"`` sends writers' writes to clean ranges to the copy as
+    well, after the first pass; ``converge="auto"`` starts without either and
+    escalates when the passes' trend says they will not converge.
+    ``defer_hot`` leaves blocks dirtied pass after pass for the final pass.
     """
     try:
         opts = dataclasses.replace(options or SyncOptions(), **settings)

@@ -1,0 +1,75 @@
+"""converge="auto": start with dirty passes alone and escalate when their
+trend says they will not converge - to mirroring when the destination can
+take the writers' writes, to the throttle when it cannot.
+
+Pure decisions over measurements, like policy.py: the job feeds each pass's
+record and the writers' achieved rate (the sidecar counts every byte they
+write, mirrored or not) and carries out the step this returns.
+
+- From passes to mirror: the policy's trend (``will_converge``) says no -
+  the dirty set stopped shrinking, or shrinks too slowly to fit the target
+  within the passes left. Not after a fixed number of passes.
+- From mirror to throttle: mirrored writes wait for the destination, so a
+  destination that cannot take them (a slow disk, NFS latency) shows as the
+  writers' rate falling; below MIRROR_KEEPS of what they wrote before the
+  mirror, the guest pays too much and the throttle, which at least leaves
+  writers a known rate, takes over. Likewise if the mirror did not turn the
+  trend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from blockmirror.migration.policy import ConvergencePolicy, PassRecord
+from blockmirror.units import format_rate
+
+# The share of their unmirrored rate writers must keep while mirroring.
+MIRROR_KEEPS = 0.5
+
+
+class Step(Enum):
+    STAY = "stay"
+    MIRROR = "mirror"
+    THROTTLE = "throttle"
+
+
+@dataclass
+class Escalation:
+    """Where one auto sync stands: "passes", "mirror" or "throttle"."""
+
+    policy: ConvergencePolicy
+    strategy: str = "passes"
+    reason: str = ""
+    rate_before_mirror: float = 0.0
+    since_pass: int = 0  # trends are judged from here (the last escalation)
+
+    def next_step(self, passes: list[PassRecord], writer_rate: float) -> Step:
+        """After a dirty pass; WRITER_RATE is what writers achieved during it
+        (bytes/s). Updates the strategy and reason it returns a step for."""
+        throughput = self.policy.copy_throughput(passes)
+        if self.strategy == "passes":
+            if self.policy.will_converge(passes, self.since_pass):
+                return Step.STAY
+            self.rate_before_mirror = writer_rate
+            self.reason = (f"writers at {format_rate(writer_rate)} outpaced the copy at "
+                           f"{format_rate(throughput)}; mirroring their writes")
+            return self._go("mirror", passes, Step.MIRROR)
+        if self.strategy == "mirror":
+            if writer_rate < MIRROR_KEEPS * self.rate_before_mirror:
+                self.reason = (f"mirroring held writers to {format_rate(writer_rate)} of "
+                               f"{format_rate(self.rate_before_mirror)}: the destination cannot "
+                               "take their writes; throttling them instead")
+                return self._go("throttle", passes, Step.THROTTLE)
+            mirrored_passes = len(passes) - 1 - self.since_pass
+            if mirrored_passes >= 2 and not self.policy.will_converge(passes, self.since_pass + 1):
+                self.reason = ("mirroring did not shrink the dirty set; throttling writers "
+                               "instead")
+                return self._go("throttle", passes, Step.THROTTLE)
+        return Step.STAY
+
+    def _go(self, strategy: str, passes: list[PassRecord], step: Step) -> Step:
+        self.strategy = strategy
+        self.since_pass = len(passes) - 1
+        return step
