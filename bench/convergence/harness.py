@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import model as _model
 
@@ -73,6 +73,9 @@ WRITER_BURST_S = 0.1
 # At one rate, the engines are compared only if blockmirror's writers got at
 # least this share of the rate QEMU's guest got.
 COMPARABLE_RATE_SHARE = 0.95
+# Who writes on blockmirror's side: Python processes through TrackedImage, or
+# fio through ``blockmirror serve`` (the QEMU peer's guest command).
+FRONTENDS = ("python", "nbd")
 
 
 @dataclass
@@ -101,8 +104,11 @@ class MatrixConfig:
     qemu_timeout_s: float = 30.0
     workdir: Path | None = None  # scratch images; default: a temporary folder
     plots: bool = True
+    frontend: str = "python"  # one of FRONTENDS
 
     def __post_init__(self) -> None:
+        if self.frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}")
         if self.pattern not in _model.PATTERNS:
             raise ValueError(f"pattern must be one of {_model.PATTERNS}")
         if not 0 < self.allocated_fraction <= 1:
@@ -184,6 +190,33 @@ def observe_policy() -> Iterator[PolicyLog]:
 
 
 # -- writers --------------------------------------------------------------------------
+
+
+class Writers(Protocol):
+    """What a point needs from its writers (``WriterGroup``, or
+    ``nbd_frontend.FioGuest`` for ``--frontend nbd``)."""
+
+    @property
+    def procs(self) -> Sequence[subprocess.Popen[bytes]]: ...
+    def wait_attached(self, image: Path, timeout: float = ...) -> None: ...
+    def alive(self) -> bool: ...
+    def check_alive(self) -> None: ...
+    def stop(self) -> None: ...
+    def bytes_at(self, t: float) -> float: ...
+    def rate_between(self, t0: float, t1: float) -> float: ...
+    @property
+    def overall_rate(self) -> float: ...
+    @property
+    def max_write_s(self) -> float: ...
+
+
+def start_writers(image: Path, rate: float, cfg: MatrixConfig, seed: int,
+                  folder: Path) -> Writers:
+    if cfg.frontend == "nbd":
+        from .nbd_frontend import FioGuest
+
+        return FioGuest.start(image, rate, cfg, seed, folder)
+    return WriterGroup.start(image, rate, cfg, seed, folder)
 
 
 @dataclass
@@ -320,7 +353,7 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
     dst_dir.mkdir()
     row = _base_row("blockmirror", cfg, rate, repetition)
     row["allocated_bytes"] = allocated
-    writers = WriterGroup.start(image, rate, cfg, cfg.seed + repetition, folder)
+    writers = start_writers(image, rate, cfg, cfg.seed + repetition, folder)
     policy = PolicyLog()
     result = None
     error: BaseException | None = None
@@ -377,7 +410,7 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
     return row
 
 
-def _source_checks(image: Path, dst_dir: Path, writers: WriterGroup) -> Row:
+def _source_checks(image: Path, dst_dir: Path, writers: Writers) -> Row:
     from blockmirror.tracking.tracker import Tracker
 
     left = sorted(p.name for p in dst_dir.iterdir())
@@ -394,7 +427,9 @@ def _source_checks(image: Path, dst_dir: Path, writers: WriterGroup) -> Row:
 
 def _base_row(engine: str, cfg: MatrixConfig, rate: float, repetition: int) -> Row:
     return {
-        "engine": engine, "pattern": cfg.pattern, "rate_requested": rate,
+        "engine": engine,
+        "frontend": cfg.frontend if engine == "blockmirror" else "qemu-storage-daemon",
+        "pattern": cfg.pattern, "rate_requested": rate,
         "rate_requested_mib": rate / MiB, "repetition": repetition, "writers": cfg.writers,
         "write_size": cfg.write_size, "granularity": cfg.granularity,
         "image_size": cfg.image_size, "copy_cap": cfg.copy_cap or 0,
@@ -471,6 +506,7 @@ def run_matrix(cfg: MatrixConfig, *, log: Log = print, command: str = "") -> Mat
     tree = _git_tree()
     if tree:
         notes.append(tree)
+    notes.append(_frontend_note(cfg))
     own_workdir = cfg.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bm-conv-")) if own_workdir else Path(cfg.workdir)  # type: ignore[arg-type]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -508,6 +544,26 @@ def run_matrix(cfg: MatrixConfig, *, log: Log = print, command: str = "") -> Mat
     from . import report
 
     return report.finish(cfg, rows, notes=notes, started=started, command=command, log=log)
+
+
+def frontend_missing(cfg: MatrixConfig) -> str | None:
+    """Why --frontend nbd cannot run here, or None."""
+    if cfg.frontend != "nbd":
+        return None
+    from bench.nbd import servers
+
+    from . import qemu_peer
+
+    return servers.missing("blockmirror") or qemu_peer.fio_nbd_missing()
+
+
+def _frontend_note(cfg: MatrixConfig) -> str:
+    if cfg.frontend == "nbd":
+        return (f"blockmirror's writers: fio --ioengine=nbd, {cfg.writers} jobs (connections) "
+                "at rate/N, iodepth 8, against blockmirror serve (nbdkit + the plugin, unix "
+                "socket) - the QEMU peer's guest command")
+    return (f"blockmirror's writers: {cfg.writers} Python processes writing through "
+            "TrackedImage (blockmirror.cli.workload)")
 
 
 def _git_tree() -> str:
@@ -671,6 +727,10 @@ def build_parser(prog: str = "blockmirror bench convergence") -> argparse.Argume
     p.add_argument("--qemu", action="store_true",
                    help="also run every point against QEMU's block mirror (needs "
                    "qemu-storage-daemon, fio with the nbd engine, qemu-img)")
+    p.add_argument("--frontend", choices=FRONTENDS, default="python",
+                   help="blockmirror's writers: python (processes writing through "
+                   "TrackedImage, default) or nbd (the QEMU peer's fio guest command against "
+                   "blockmirror serve; needs nbdkit, fio and the built plugin)")
     p.add_argument("--qemu-timeout", type=_float_in(0.0, 86400.0, low_open=True),
                    default=30.0, metavar="SECONDS",
                    help="give QEMU this long to become ready (default 30)")
@@ -686,7 +746,7 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
         repetitions=args.repetitions, seed=args.seed, output=args.output,
         max_passes=args.max_passes, verify=not args.no_verify, converge=args.converge,
         zipf_exponent=args.zipf_exponent, qemu=args.qemu, qemu_timeout_s=args.qemu_timeout,
-        workdir=args.workdir, plots=not args.no_plots,
+        workdir=args.workdir, plots=not args.no_plots, frontend=args.frontend,
     )
 
 
@@ -712,6 +772,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "blockmirror bench conve
             parser.exit(2, f"{parser.prog}: error: {cfg.output / 'runs.json'} is not a "
                         f"runs.json this harness wrote ({type(e).__name__}: {e})\n")
     else:
+        why = frontend_missing(cfg)
+        if why:
+            parser.exit(2, f"{parser.prog}: error: --frontend nbd cannot run: {why}\n")
         result = run_matrix(cfg, command=command)
     print(f"\n{report.summary_markdown(result)}")
     print("wrote " + ", ".join(str(p) for p in result.files.values()))

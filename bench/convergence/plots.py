@@ -53,7 +53,9 @@ def make_plots(result: MatrixResult) -> list[Path] | str:
         cfg = result.config
         ax.set_title(f"{cfg.pattern}, {cfg.image_size / MiB:g} MiB image "
                      f"({cfg.allocated_fraction:g} allocated), target "
-                     f"{cfg.target_downtime:g} s", fontsize=9)
+                     f"{cfg.target_downtime:g} s"
+                     + (", writers: fio over blockmirror serve" if cfg.frontend == "nbd" else ""),
+                     fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()

@@ -53,17 +53,27 @@ POLL_S = 0.25
 TOOLS = ("qemu-storage-daemon", "fio", "qemu-img")
 
 
+def _fio_has_nbd() -> bool:
+    try:
+        engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True,
+                                 timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "nbd" in engines.split()
+
+
+def fio_nbd_missing() -> str | None:
+    """None when fio with its nbd engine is here (the guest), else why not."""
+    if shutil.which("fio") is None:
+        return "fio not installed (Debian fio)"
+    return None if _fio_has_nbd() else "fio has no nbd engine"
+
+
 def missing_tools() -> str | None:
     """None when the peer can run, else what is missing and how to get it."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
-    if not missing:
-        try:
-            engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True,
-                                     timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            engines = ""
-        if "nbd" not in engines.split():
-            missing.append("fio's nbd engine")
+    if not missing and not _fio_has_nbd():
+        missing.append("fio's nbd engine")
     if not missing:
         return None
     return (f"missing {', '.join(missing)} (Debian: apt-get install qemu-system-common "
@@ -142,6 +152,35 @@ def fio_pattern_args(pattern: str, zipf_exponent: float) -> list[str]:
     return args
 
 
+def guest_fio_command(cfg: MatrixConfig, rate: float, seed: int, uri: str,
+                      report: Path) -> list[str]:
+    """The guest: fio writing to URI at RATE bytes/s, split over cfg.writers
+    jobs (connections). The QEMU peer and ``--frontend nbd`` both run it, so
+    both engines copy under the same guest I/O."""
+    return ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}",
+            *fio_pattern_args(cfg.pattern, cfg.zipf_exponent),
+            f"--bs={cfg.write_size}", "--iodepth=8",
+            f"--rate={max(1, int(rate / cfg.writers))}", f"--numjobs={cfg.writers}",
+            f"--randseed={seed}", "--time_based", "--runtime=3600",
+            "--group_reporting", "--output-format=json", f"--output={report}"]
+
+
+def initial_total(samples: list[tuple[float, int, int]] | list[list[Any]],
+                  image_size: int) -> int:
+    """The job's first full-pass size: the first *non-zero* total progress
+    (a poll right after blockdev-mirror may see the job before it counted
+    anything, total 0, and every byte would then look re-copied)."""
+    return next((int(tot) for _, _, tot in samples if int(tot) > 0), image_size)
+
+
+def derive_recopied(row: Row, image_size: int) -> None:
+    """Re-copied bytes: copied beyond the first full pass (also on rebuild)."""
+    if row.get("progress"):
+        row["initial_total"] = initial_total(row["progress"], image_size)
+    row["recopied_bytes"] = row["bytes_copied"] - row["initial_total"]
+    row["recopied_ratio"] = row["recopied_bytes"] / image_size
+
+
 def _guest_started(qmp: QMP, node: str = "src") -> bool:
     """Whether anything was written to NODE yet (its highest written offset)."""
     for entry in qmp.cmd("query-blockstats", **{"query-nodes": True}):
@@ -207,13 +246,8 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         qmp = QMP(qmp_sock)
         if rate > 0:
             fio = subprocess.Popen(
-                ["fio", "--name=guest", "--ioengine=nbd",
-                 f"--uri=nbd+unix:///src?socket={nbd_sock}",
-                 *fio_pattern_args(cfg.pattern, cfg.zipf_exponent),
-                 f"--bs={cfg.write_size}", "--iodepth=8",
-                 f"--rate={max(1, int(rate / cfg.writers))}", f"--numjobs={cfg.writers}",
-                 f"--randseed={cfg.seed + repetition}", "--time_based", "--runtime=3600",
-                 "--group_reporting", "--output-format=json", f"--output={fio_report}"],
+                guest_fio_command(cfg, rate, cfg.seed + repetition,
+                                  f"nbd+unix:///src?socket={nbd_sock}", fio_report),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             deadline = time.monotonic() + 20
@@ -265,7 +299,7 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         t_decided = time.monotonic()
         row.update(ready_s=ready, le_2mib_s=le_2mib, predicate_s=predicate,
                    decision_s=ready if ready is not None else t_decided - t0,
-                   initial_total=samples[0][2] if samples else cfg.image_size,
+                   initial_total=initial_total(samples, cfg.image_size),
                    progress=[[round(t, 3), c, tt] for t, c, tt in samples])
         paused = time.monotonic()
         _stop(fio, grace=10)  # the guest completes its requests in flight and exits
@@ -312,8 +346,7 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         row["elapsed_s"] = time.monotonic() - t0
         row["switchover_s"] = row["ready_s"] if row["converged"] else None
         row["amplification"] = row["bytes_copied"] / cfg.image_size
-        row["recopied_bytes"] = row["bytes_copied"] - row["initial_total"]
-        row["recopied_ratio"] = row["recopied_bytes"] / cfg.image_size
+        derive_recopied(row, cfg.image_size)
         row["dst_allocated"] = os.stat(target).st_blocks * 512
         return row
     finally:

@@ -300,7 +300,8 @@ def summary_markdown(result: MatrixResult) -> str:
         "",
         f"Image {cfg.image_size / MiB:g} MiB, {cfg.allocated_fraction:g} allocated; "
         f"granularity {cfg.granularity / KiB:g} KiB; pattern {cfg.pattern}; "
-        f"{cfg.writers} writer processes, {cfg.write_size / KiB:g} KiB writes; target downtime "
+        f"{cfg.writers} {'fio jobs' if cfg.frontend == 'nbd' else 'writer processes'}, "
+        f"{cfg.write_size / KiB:g} KiB writes; target downtime "
         f"{cfg.target_downtime:g} s; copy cap "
         f"{(cfg.copy_cap or 0) / MiB:g} MiB/s; measured copy throughput C = {c / MiB:.1f} MiB/s; "
         f"{cfg.repetitions} repetition(s); max passes {cfg.max_passes}.",
@@ -441,10 +442,13 @@ def rebuild(output: Path, *, log: Log = print) -> MatrixResult:
     # The model is re-run with the current code, so a changed model can be
     # checked against runs already made.
     from .harness import derive_row
+    from .qemu_peer import derive_recopied
 
     for row in rows:
         if row.get("engine") == "blockmirror" and row.get("pass_list"):
             derive_row(row, cfg)
+        elif row.get("engine") == "qemu-mirror" and "bytes_copied" in row:
+            derive_recopied(row, cfg.image_size)
     c = measured_copy_throughput(rows, cfg)
     result = MatrixResult(cfg, rows, c, evaluate_targets(rows, cfg, c), {},
                           list(data.get("notes", [])), data.get("started", ""),

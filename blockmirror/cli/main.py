@@ -603,6 +603,9 @@ def _add_bench_parser(sub: Any) -> None:
     bench_sub.add_parser("convergence", add_help=False,
                          help="convergence vs write rate, against a model and QEMU's mirror "
                          "(blockmirror bench convergence --help)")
+    bench_sub.add_parser("nbd", add_help=False,
+                         help="fio over NBD: blockmirror serve vs nbdkit file vs qemu-nbd "
+                         "(blockmirror bench nbd --help)")
 
 
 def bench_folder() -> Path:
