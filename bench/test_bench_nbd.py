@@ -201,7 +201,11 @@ def test_convergence_frontend_nbd(tmp_path: Path) -> None:
     assert busy["writer_rate_overall"] == pytest.approx(rate, rel=0.3)
     assert 0 < busy["writer_rate"] < 2 * rate
     # The freeze held the guest's writes: its longest write covers the pause.
-    assert busy["writer_max_write_s"] >= 0.5 * busy["downtime_s"]
+    # The freeze held fio's writes: one caught in it waited about the pause.
+    # A pause of a few ms (the switch polishes low rates down to that) may
+    # fall between two writes, so only a longer one must show.
+    if busy["downtime_s"] > 0.05:
+        assert busy["writer_max_write_s"] >= 0.5 * busy["downtime_s"]
     assert any("fio --ioengine=nbd" in n for n in result.notes)
 
 
