@@ -32,6 +32,7 @@ from imagetools import (
     wait_for,
 )
 from nbdtools import require, uri_of
+from netnstools import two_hosts
 
 from blockmirror import Tracker
 from blockmirror.copying import endpoint
@@ -48,7 +49,8 @@ class Server:
     TCP at ADDRESS:PORT, optionally inside network namespace NETNS."""
 
     def __init__(self, kind: str, file: Path, sock: Path | None, *,
-                 tcp: tuple[str, int] | None = None, netns: str | None = None) -> None:
+                 tcp: tuple[str, int] | None = None, netns: str | None = None,
+                 filters: tuple[str, ...] = ()) -> None:
         require(kind)
         self.kind, self.file, self.socket, self.tcp = kind, file, sock, tcp
         if kind == "qemu-nbd":
@@ -58,7 +60,10 @@ class Server:
             argv = ["qemu-nbd", "-t", "-f", "raw", "--discard=unmap", *where, str(file)]
         else:
             where = ["-U", str(sock)] if sock else ["-i", tcp[0], "-p", str(tcp[1])]  # type: ignore[index]
-            argv = ["nbdkit", "--foreground", *where, "file", f"file={file}"]
+            # FILTERS: nbdkit filter=arg words, e.g. ("nozero",), ("delay", "wdelay=1ms")
+            names = [f"--filter={f}" for f in filters if "=" not in f]
+            argv = ["nbdkit", "--foreground", *where, *names, "file", f"file={file}",
+                    *[f for f in filters if "=" in f]]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.log = file.with_suffix(".server.log")
@@ -316,3 +321,72 @@ def test_server_killed_in_the_bulk_pass(ram_tmp_path, serve, live_writer):
     assert time.monotonic() - started < 10
     writer.wait_for_more(10, timeout=5)
     assert os.path.exists(image)
+
+
+def test_an_export_without_write_zeroes_gets_zeros_written(ram_tmp_path, serve):
+    """nbdkit's nozero filter hides WRITE_ZEROES: zero runs go out as writes
+    of zeros, and the junk under the source's holes still goes."""
+    image = ram_tmp_path / "a.img"
+    content = make_data_image(image, 8 * MiB, extents=3)
+    server = serve("nbdkit", 8 * MiB, junk=True, filters=("nozero",))
+    sync_json(image, server.uri)
+    assert server.file.read_bytes() == content
+
+
+# -- two hosts: the server in its own network namespace ----------------------------------
+
+PORT = 10809
+# Without netem in the kernel, nbdkit's delay filter holds each request 1 ms
+# at the server instead: the same cost per request, though not on the wire.
+SERVER_DELAY = ("delay", "delay-read=1ms", "delay-write=1ms", "delay-zero=1ms")
+
+
+@pytest.fixture
+def link() -> Iterator[object]:
+    with two_hosts(delay_ms=0.5, rate="1gbit") as made:
+        yield made
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_sync_across_a_network_namespace(kind, ram_tmp_path, serve, live_writer, link):
+    """The export on another host (a veth pair, 1 ms round trips where the
+    kernel has netem): the copy is the source at one instant, sparse, and
+    verify agrees over the same link."""
+    image = ram_tmp_path / "live.img"
+    size = 32 * MiB
+    initial = make_data_image(image, size, extents=8, tracked=True)
+    filters = SERVER_DELAY if kind == "nbdkit" and not link.shaped else ()
+    server = serve(kind, size, junk=True, tcp=(link.remote_ip, PORT), netns=link.netns,
+                   filters=filters)
+    writer = live_writer(image, rate="4M", wait=20)
+    result = sync_json(image, server.uri, "--target-downtime", "1s")
+    writer.wait_for_more(10)
+    assert writer.stop() == 0
+    copy = server.file.read_bytes()
+    writer.assert_point_in_time(copy, initial)
+    assert result["destination"] == f"nbd://{link.remote_ip}:{PORT}/"
+    assert allocated_bytes(server.file) <= nonzero_cells(copy) + 2 * MiB
+    done = run_cli("verify", image, server.uri)
+    assert done.returncode == 5, done.stdout  # the writer wrote after the switch
+    assert run_cli("verify", server.file, server.uri).returncode == 0
+
+
+def test_link_cut_mid_copy_fails_in_bounded_time(ram_tmp_path, serve, live_writer, link):
+    """`ip link set ... down` in the bulk pass: no reply ever comes; after
+    BLOCKMIRROR_NBD_TIMEOUT the sync fails (exit 1), writers keep going."""
+    image = ram_tmp_path / "live.img"
+    make_data_image(image, 64 * MiB, extents=32, tracked=True)
+    server = serve("nbdkit", 64 * MiB, tcp=(link.remote_ip, PORT), netns=link.netns)
+    writer = live_writer(image, rate="4M", wait=10)
+    env = {**os.environ, "BLOCKMIRROR_NBD_TIMEOUT": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", str(image),
+                             server.uri, "--bwlimit", "8M"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: allocated_bytes(server.file) > 4 * MiB, 30, "the bulk pass to write")
+    subprocess.run(["ip", "link", "set", link.local_dev, "down"], check=True)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert time.monotonic() - started < 15, "the failure took too long"
+    assert "left partly written" in err
+    writer.wait_for_more(10, timeout=5)

@@ -30,8 +30,18 @@ from blockmirror.copying.endpoint import NbdUri
 from blockmirror.errors import InvalidInputError
 from blockmirror.extents import EXTENT_DTYPE, ExtentArray, Extents
 
-DEFAULT_TIMEOUT_S = 30.0
-"""A connection with requests outstanding and no reply this long has failed."""
+
+def _timeout_from_environment() -> float:
+    try:
+        return max(0.1, float(os.environ.get("BLOCKMIRROR_NBD_TIMEOUT", "30")))
+    except ValueError:
+        return 30.0
+
+
+DEFAULT_TIMEOUT_S = _timeout_from_environment()
+"""A connection with requests outstanding and no reply this long has failed
+(30 s; BLOCKMIRROR_NBD_TIMEOUT=SECONDS changes it, e.g. for a test that cuts
+the link)."""
 DEFAULT_REQUESTS = 32
 REQUEST_BYTES = _r.DEFAULT_REQUEST_BYTES
 
