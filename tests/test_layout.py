@@ -105,7 +105,8 @@ def test_only_the_thin_wrappers_import_the_binding() -> None:
         f"{src} imports {dst}"
         for src, targets in _graph().items()
         for dst in targets
-        if _top(dst) in ("_bindings", "_core", "_fastwrite", "_remote") and _top(src) not in BINDING_USERS
+        if _top(dst) in ("_bindings", "_core", "_fastwrite", "_remote")
+        and _top(src) not in BINDING_USERS
     ]
     assert offenders == []
 
