@@ -36,6 +36,8 @@
 #define ZERO_REQUEST_MAX (1ull << 30)   /* WRITE_ZEROES carries a 32-bit length */
 #define POLL_MS 200                     /* how often a waiting call looks at CANCEL */
 
+struct call;
+
 struct bm_nbd {
     uint32_t nconns;
     struct nbd_handle *conn[BM_NBD_MAX_CONNS];
@@ -44,6 +46,8 @@ struct bm_nbd {
     uint32_t caps;
     uint64_t max_request;               /* the export's largest data request */
     uint32_t timeout_ms;
+    struct call *spare[BM_NBD_MAX_CONNS]; /* each connection's last call state, reused:
+                                           * fresh buffers would page-fault every call */
 };
 
 /* One buffer and the commands still reading it (its writes) or counted on
@@ -184,11 +188,14 @@ bm_nbd *bm_nbd_open(const char *uri, uint32_t max_conns, int write, uint32_t tim
     return h;
 }
 
+static void free_call(struct call *c);
+
 void bm_nbd_close(bm_nbd *h)
 {
     if (!h)
         return;
     for (uint32_t i = 0; i < h->nconns; i++) {
+        free_call(h->spare[i]);
         if (!h->failed[i] && nbd_aio_is_dead(h->conn[i]) == 0)
             (void)nbd_shutdown(h->conn[i], 0);
         nbd_close(h->conn[i]);
@@ -563,8 +570,39 @@ static int copy_one(struct call *c, uint64_t offset, uint64_t end)
 /* ---------------------------------------------------------------------- */
 /* One call                                                                */
 
+static void free_call(struct call *c)
+{
+    if (!c)
+        return;
+    for (uint32_t i = 0; c->slots && i < c->nslots; i++)
+        free(c->slots[i].buf);
+    free(c->slots);
+    free(c->zeros);
+    free(c);
+}
+
+/* The connection's call state: its spare when the shape matches (the spare
+ * is only ever kept with nothing in flight), else a new one. */
 static struct call *new_call(bm_nbd *h, uint32_t conn, uint32_t requests, uint64_t request_bytes)
 {
+    struct call *spare = h->spare[conn];
+    h->spare[conn] = NULL;
+    if (spare && spare->nslots == requests && spare->slot_bytes == request_bytes) {
+        struct slot *slots = spare->slots;
+        char *zeros = spare->zeros;
+        memset(spare, 0, sizeof *spare);
+        spare->slots = slots;
+        spare->zeros = zeros;
+        spare->h = h;
+        spare->index = conn;
+        spare->nbd = h->conn[conn];
+        spare->nslots = requests;
+        spare->slot_bytes = request_bytes;
+        for (uint32_t i = 0; i < requests; i++)
+            spare->slots[i].pending = 0;
+        return spare;
+    }
+    free_call(spare);
     struct call *c = calloc(1, sizeof *c);
     if (!c)
         return NULL;
@@ -583,24 +621,17 @@ static struct call *new_call(bm_nbd *h, uint32_t conn, uint32_t requests, uint64
     }
     if (ok)
         return c;
-    for (uint32_t i = 0; c->slots && i < requests; i++)
-        free(c->slots[i].buf);
-    free(c->slots);
-    free(c->zeros);
-    free(c);
+    free_call(c);
     return NULL;
 }
 
-/* Free C unless a command may still call back into it (see the top). */
+/* Keep C as its connection's spare, unless a command may still call back
+ * into it: then it is left allocated for good (see the top). */
 static void end_call(struct call *c)
 {
     if (c->in_flight)
         return;
-    for (uint32_t i = 0; i < c->nslots; i++)
-        free(c->slots[i].buf);
-    free(c->slots);
-    free(c->zeros);
-    free(c);
+    c->h->spare[c->index] = c;
 }
 
 /* Wait until nothing is in flight; the first failure wins. */
