@@ -124,6 +124,10 @@ class RemoteCopier(Copier):
                          rate_limit=rate_limit, src_path=src_path, dst_path=export.name)
         self._nbd_rate_cap = _r.new_rate_cap(round(rate_limit)) if rate_limit else None
         self._next_conn = itertools.count()
+        self._stats_lock = threading.Lock()
+        self.most_in_flight = 0
+        """The most NBD commands one connection had in flight at once so far."""
+        self.requests_sent = 0
 
     def _new_handle(self, use_copy_file_range: bool) -> Any:
         return None  # the export's connections are the handle
@@ -161,5 +165,8 @@ class RemoteCopier(Copier):
             flags=_r.DST_FRESH if dst_fresh else 0, rate_cap=self._nbd_rate_cap,
             cancel=cancel, src_path=self.src_path,
             dst_name=self.export.name)
+        with self._stats_lock:
+            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
+            self.requests_sent += counts.requests
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)
