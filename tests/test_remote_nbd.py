@@ -50,19 +50,21 @@ class Server:
 
     def __init__(self, kind: str, file: Path, sock: Path | None, *,
                  tcp: tuple[str, int] | None = None, netns: str | None = None,
-                 filters: tuple[str, ...] = ()) -> None:
+                 filters: tuple[str, ...] = (), readonly: bool = False) -> None:
         require(kind)
         self.kind, self.file, self.socket, self.tcp = kind, file, sock, tcp
         if kind == "qemu-nbd":
             where = ["-k", str(sock)] if sock else ["-b", tcp[0], "-p", str(tcp[1])]  # type: ignore[index]
             # -t: stay up across clients (sync, then verify); --discard=unmap:
             # WRITE_ZEROES may punch holes (qemu's default only zeroes).
-            argv = ["qemu-nbd", "-t", "-f", "raw", "--discard=unmap", *where, str(file)]
+            argv = ["qemu-nbd", "-t", "-f", "raw", "--discard=unmap", *where,
+                    *(["-r"] if readonly else []), str(file)]
         else:
             where = ["-U", str(sock)] if sock else ["-i", tcp[0], "-p", str(tcp[1])]  # type: ignore[index]
             # FILTERS: nbdkit filter=arg words, e.g. ("nozero",), ("delay", "wdelay=1ms")
             names = [f"--filter={f}" for f in filters if "=" not in f]
-            argv = ["nbdkit", "--foreground", *where, *names, "file", f"file={file}",
+            argv = ["nbdkit", "--foreground", *(["-r"] if readonly else []), *where, *names,
+                    "file", f"file={file}",
                     *[f for f in filters if "=" in f]]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
@@ -252,6 +254,25 @@ def test_refused_modes(options, said, ram_tmp_path, serve):
     before = server.file.read_bytes()
     assert said in one_line_error(run_cli("sync", image, server.uri, *options), 2)
     assert server.file.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_read_only_export_is_refused(kind, ram_tmp_path, serve):
+    image = ram_tmp_path / "a.img"
+    content = make_data_image(image, 4 * MiB, extents=2)
+    server = serve(kind, 4 * MiB, readonly=True)
+    assert "read-only" in one_line_error(run_cli("sync", image, server.uri), 2)
+    assert set(server.file.read_bytes()) == {0}
+    server.file.write_bytes(content)  # verify only reads: a read-only export will do
+    assert run_cli("verify", server.uri, image).returncode == 0
+
+
+def test_an_export_as_source_or_a_folder_is_refused(ram_tmp_path, serve):
+    image = ram_tmp_path / "a.img"
+    make_data_image(image, 4 * MiB, extents=2)
+    server = serve("nbdkit", 4 * MiB)
+    assert "source of sync" in one_line_error(run_cli("sync", server.uri, image), 2)
+    assert "directory mode" in one_line_error(run_cli("sync", ram_tmp_path, server.uri), 2)
 
 
 def test_an_export_smaller_than_the_source_is_refused(ram_tmp_path, serve):

@@ -118,6 +118,8 @@ class RemoteSyncJob(FileSyncJob):
         except BlockMirrorError:
             raise
         except OSError as e:
+            if self.failed_from in (None, JobState.PLANNED):
+                raise  # nothing was written yet
             raise OSError(e.errno, f"{e.strerror}; {LEFT_PARTLY}", e.filename) from e
 
     def _open(self) -> None:
