@@ -50,14 +50,16 @@ class Server:
 
     def __init__(self, kind: str, file: Path, sock: Path | None, *,
                  tcp: tuple[str, int] | None = None, netns: str | None = None,
-                 filters: tuple[str, ...] = (), readonly: bool = False) -> None:
+                 filters: tuple[str, ...] = (), readonly: bool = False,
+                 discard: bool = True) -> None:
         require(kind)
         self.kind, self.file, self.socket, self.tcp = kind, file, sock, tcp
         if kind == "qemu-nbd":
             where = ["-k", str(sock)] if sock else ["-b", tcp[0], "-p", str(tcp[1])]  # type: ignore[index]
             # -t: stay up across clients (sync, then verify); --discard=unmap:
             # WRITE_ZEROES may punch holes (qemu's default only zeroes).
-            argv = ["qemu-nbd", "-t", "-f", "raw", "--discard=unmap", *where,
+            argv = ["qemu-nbd", "-t", "-f", "raw", *(["--discard=unmap"] if discard else []),
+                    *where,
                     *(["-r"] if readonly else []), str(file)]
         else:
             where = ["-U", str(sock)] if sock else ["-i", tcp[0], "-p", str(tcp[1])]  # type: ignore[index]
@@ -162,6 +164,7 @@ def test_sync_is_the_source_at_one_instant_and_stays_sparse(kind, ram_tmp_path, 
     assert result["passes"][0]["kind"] == "bulk"
     assert result["passes"][-1]["kind"] == "final"
     assert any("no shadow copy" in n for n in result["notes"])  # type: ignore[union-attr]
+    assert any("held data" in n for n in result["notes"])  # type: ignore[union-attr]
     # Punched, not written: the served file holds about the data only.
     assert allocated_bytes(server.file) <= nonzero_cells(copy) + 2 * MiB
     assert allocated_bytes(server.file) < size // 2
@@ -342,6 +345,26 @@ def test_server_killed_in_the_bulk_pass(ram_tmp_path, serve, live_writer):
     assert time.monotonic() - started < 10
     writer.wait_for_more(10, timeout=5)
     assert os.path.exists(image)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_into_an_export_that_reads_as_zeros_only_data_is_sent(kind, ram_tmp_path, serve,
+                                                              live_writer):
+    """The server's block status says the fresh export is all zeros: the
+    bulk pass takes the allocated extents only and sends data only, as into
+    a new sparse file (here qemu-nbd runs without --discard=unmap)."""
+    image = ram_tmp_path / "live.img"
+    size = 32 * MiB
+    initial = make_data_image(image, size, extents=6, tracked=True)
+    server = serve(kind, size, discard=False)
+    writer = live_writer(image, rate="4M", wait=10)
+    result = sync_json(image, server.uri, "--target-downtime", "1s")
+    assert writer.stop() == 0
+    copy = server.file.read_bytes()
+    writer.assert_point_in_time(copy, initial)
+    assert any("read as zeros" in n for n in result["notes"])  # type: ignore[union-attr]
+    assert result["passes"][0]["bytes"] < size // 2  # not the whole image
+    assert allocated_bytes(server.file) <= nonzero_cells(copy) + 2 * MiB
 
 
 def test_an_export_without_write_zeroes_gets_zeros_written(ram_tmp_path, serve):

@@ -59,6 +59,7 @@ CAN_FUA = _constant("BM_NBD_CAN_FUA", 4)
 CAN_TRIM = _constant("BM_NBD_CAN_TRIM", 8)
 CAN_ZERO = _constant("BM_NBD_CAN_ZERO", 16)
 CAN_MULTI_CONN = _constant("BM_NBD_CAN_MULTI_CONN", 32)
+CAN_BLOCK_STATUS = _constant("BM_NBD_CAN_BLOCK_STATUS", 64)
 DST_FRESH = _constant("BM_NBD_DST_FRESH", 1)
 SIDE_SRC = _constant("BM_NBD_SIDE_SRC", 1)
 SIDE_DST = _constant("BM_NBD_SIDE_DST", 2)
@@ -123,6 +124,16 @@ def connections(handle: Handle) -> int:
 def flush(handle: Handle, name: str | None = None) -> None:
     if _lib().bm_nbd_flush(handle) < 0:
         raise error_from_c(name)
+
+
+def reads_zero(handle: Handle, conn: int, offset: int, length: int,
+               name: str | None = None) -> bool:
+    """Whether the export says [OFFSET, OFFSET+LENGTH) reads as zeros (NBD
+    block status; False where it cannot say)."""
+    rc = _lib().bm_nbd_reads_zero(handle, conn, offset, length)
+    if rc < 0:
+        raise error_from_c(name)
+    return bool(rc)
 
 
 def new_buffer(nbytes: int) -> Any:

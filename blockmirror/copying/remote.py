@@ -8,9 +8,11 @@ libnbd's asynchronous API (csrc/remote/nbd.c): many requests in flight per
 connection, data as NBD_CMD_WRITE, zero runs as NBD_CMD_WRITE_ZEROES (which
 the server may punch), holes of the source never read.
 
-An export is not a new sparse file: nothing says it reads as zeros, so the
-remote copier never skips a zero run (``dst_fresh`` is ignored) and a bulk
-pass covers the whole image, holes included (see ``whole_image``).
+An export is not a new sparse file: unless the server says it reads as zeros
+(:meth:`NbdExport.reads_zero`, NBD block status), a bulk pass must cover the
+whole image, holes included (see ``whole_image``), with no zero run skipped;
+where it does, the bulk pass is a local one's: allocated extents only,
+``dst_fresh``.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ class NbdExport(Closeable):
             raise ValueError(f"NBD export {self.name} is closed")
         return self._handle
 
+    def reads_zero(self, offset: int, length: int) -> bool:
+        """Whether the export says the range reads as zeros (block status,
+        base:allocation); False where the server cannot say."""
+        return _r.reads_zero(self.handle, 0, offset, length, self.name)
+
     def flush(self) -> None:
         """Every completed write durable on the server (NBD_CMD_FLUSH)."""
         _r.flush(self.handle, self.name)
@@ -110,8 +117,8 @@ class RemoteCopier(Copier):
     commands of REQUEST_BYTES in flight. The export is never resized (the
     caller checks it is large enough) and is flushed only by the caller
     (:meth:`NbdExport.flush`). ``copy_extents`` keeps the Copier's
-    interface: ``dst_fresh`` and ``start_writeback`` are accepted and
-    ignored (see the module's docstring).
+    interface; ``dst_fresh`` is the caller's promise that the export reads
+    as zeros over the extents, ``start_writeback`` is ignored.
     """
 
     def __init__(self, src_fd: int, export: NbdExport, *, requests: int = DEFAULT_REQUESTS,
@@ -147,7 +154,7 @@ class RemoteCopier(Copier):
                      start_writeback: bool = False,
                      before_item: Callable[[ExtentArray], None] | None = None,
                      after_item: Callable[[ExtentArray], None] | None = None) -> CopyStats:
-        return super().copy_extents(extents, dst_fresh=False, progress=progress,
+        return super().copy_extents(extents, dst_fresh=dst_fresh, progress=progress,
                                     start_writeback=False, before_item=before_item,
                                     after_item=after_item)
 

@@ -80,8 +80,17 @@ class RemotePassRunner(PassRunner):
     follows the source's size within the export's."""
 
     def bulk(self) -> None:
+        """Into an export the server says reads as zeros: the allocated
+        extents, zeros skipped (as into a new sparse file). Otherwise the
+        whole image, every zero run sent as WRITE_ZEROES."""
         assert isinstance(self.copier, RemoteCopier)
-        stats = self._copy("bulk", self.copier.whole_image(), dst_fresh=False,
+        export = self.copier.export
+        fresh = export.reads_zero(0, export.size)
+        self.result.notes.append(
+            "the export read as zeros (block status): only data was sent" if fresh else
+            "the export held data (or cannot say): every zero run was zeroed on it")
+        extents = self.copier.allocated_extents() if fresh else self.copier.whole_image()
+        stats = self._copy("bulk", extents, dst_fresh=fresh,
                            before_item=self._clear_before_read if self.tracker else None)
         self._record("bulk", stats)
 

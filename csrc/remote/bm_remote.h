@@ -24,6 +24,7 @@
 #define BM_NBD_CAN_TRIM 8
 #define BM_NBD_CAN_ZERO 16          /* NBD_CMD_WRITE_ZEROES */
 #define BM_NBD_CAN_MULTI_CONN 32    /* a flush on one connection covers all */
+#define BM_NBD_CAN_BLOCK_STATUS 64  /* base:allocation: the export says where it is zero */
 
 /* bm_nbd_copy_extents flags (in, per call). */
 #define BM_NBD_DST_FRESH 1          /* the export reads as zeros over the extents:
@@ -86,6 +87,11 @@ uint32_t bm_nbd_connections(const bm_nbd *h);
  * each connection (one is enough with multi-conn; a server without flush has
  * no cache and needs none). Call with no copy running. */
 int bm_nbd_flush(bm_nbd *h);
+
+/* 1 when the export says [OFFSET, OFFSET+LEN) reads as zeros (NBD block
+ * status, base:allocation, NBD_STATE_ZERO throughout), 0 when it does not
+ * or cannot say, -1 on error. Over connection CONN, one thread at a time. */
+int bm_nbd_reads_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len);
 
 /* Read LEN bytes at OFFSET of the export into BUF over connection CONN
  * (requests split at the export's largest size). One thread per connection

@@ -122,8 +122,11 @@ static struct nbd_handle *connect_one(const char *uri, int write)
         fail_nbd("nbd_create");
         return NULL;
     }
-    /* A URI naming a local file (?tls-psk-file=) stays refused, as by default. */
-    if (nbd_set_uri_allow_local_file(nbd, false) < 0 || nbd_connect_uri(nbd, uri) < 0) {
+    /* A URI naming a local file (?tls-psk-file=) stays refused, as by default.
+     * base:allocation lets bm_nbd_reads_zero ask where the export is zero. */
+    if (nbd_set_uri_allow_local_file(nbd, false) < 0 ||
+        nbd_add_meta_context(nbd, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
+        nbd_connect_uri(nbd, uri) < 0) {
         fail_nbd("connect");
         nbd_close(nbd);
         return NULL;
@@ -144,7 +147,9 @@ static void learn_caps(bm_nbd *h)
               | (nbd_can_fua(nbd) == 1 ? BM_NBD_CAN_FUA : 0)
               | (nbd_can_trim(nbd) == 1 ? BM_NBD_CAN_TRIM : 0)
               | (nbd_can_zero(nbd) == 1 ? BM_NBD_CAN_ZERO : 0)
-              | (nbd_can_multi_conn(nbd) == 1 ? BM_NBD_CAN_MULTI_CONN : 0);
+              | (nbd_can_multi_conn(nbd) == 1 ? BM_NBD_CAN_MULTI_CONN : 0)
+              | (nbd_can_meta_context(nbd, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1
+                 ? BM_NBD_CAN_BLOCK_STATUS : 0);
     int64_t most = nbd_get_block_size(nbd, LIBNBD_SIZE_MAXIMUM);
     /* 32 MiB is the largest payload every server takes (the NBD spec's advice). */
     h->max_request = most > 0 && (uint64_t)most < (32u << 20) ? (uint64_t)most : (32u << 20);
@@ -258,6 +263,52 @@ int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
         done += n;
     }
     return 0;
+}
+
+/* What one NBD_CMD_BLOCK_STATUS reply said, for bm_nbd_reads_zero. */
+struct zero_scan {
+    uint64_t next;      /* the first byte not described yet */
+    int all_zero;
+};
+
+static int on_extents(void *user_data, const char *context, uint64_t offset,
+                      uint32_t *entries, size_t nr_entries, int *error)
+{
+    struct zero_scan *z = user_data;
+    if (strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0 || *error)
+        return 0;
+    uint64_t pos = offset;
+    for (size_t i = 0; i + 1 < nr_entries; i += 2) {
+        if (!(entries[i + 1] & LIBNBD_STATE_ZERO))
+            z->all_zero = 0;
+        pos += entries[i];
+    }
+    if (pos > z->next)
+        z->next = pos;
+    return 0;
+}
+
+int bm_nbd_reads_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len)
+{
+    if (usable(h, conn) < 0)
+        return -1;
+    if (!(h->caps & BM_NBD_CAN_BLOCK_STATUS))
+        return 0;
+    if (offset > h->size || len > h->size - offset)
+        return fail(EINVAL, "range %llu+%llu is past the export's end",
+                    (unsigned long long)offset, (unsigned long long)len);
+    struct zero_scan z = {.next = offset, .all_zero = 1};
+    while (z.all_zero && z.next < offset + len) {
+        uint64_t at = z.next, n = offset + len - at;
+        if (n > (1u << 30))
+            n = 1u << 30;
+        nbd_extent_callback cb = {.callback = on_extents, .user_data = &z};
+        if (nbd_block_status(h->conn[conn], n, at, cb, 0) < 0)
+            return fail_nbd("block status");
+        if (z.next <= at) /* no progress: a server that describes nothing */
+            return 0;
+    }
+    return z.all_zero;
 }
 
 /* ---------------------------------------------------------------------- */
