@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from blockmirror.closeable import Closeable
 from blockmirror.copying.copier import DEFAULT_BATCH_BYTES, DEFAULT_BLOCK_SIZE, Copier, CopyStats
 from blockmirror.copying.endpoint import NbdUri
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray, Extents
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray
 
 
 def _timeout_from_environment() -> float:
@@ -118,7 +117,7 @@ class RemoteCopier(Copier):
     caller checks it is large enough) and is flushed only by the caller
     (:meth:`NbdExport.flush`). ``copy_extents`` keeps the Copier's
     interface; ``dst_fresh`` is the caller's promise that the export reads
-    as zeros over the extents, ``start_writeback`` is ignored.
+    as zeros over the extents, ``start_writeback`` means nothing here.
     """
 
     def __init__(self, src_fd: int, export: NbdExport, *, requests: int = DEFAULT_REQUESTS,
@@ -146,17 +145,7 @@ class RemoteCopier(Copier):
     def whole_image(self) -> ExtentArray:
         """[0, the source's size): what a bulk pass into an export copies,
         since the export's old content is unknown where the source has holes."""
-
         return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
-
-    def copy_extents(self, extents: Extents, *, dst_fresh: bool = False,
-                     progress: Callable[[int], None] | None = None,
-                     start_writeback: bool = False,
-                     before_item: Callable[[ExtentArray], None] | None = None,
-                     after_item: Callable[[ExtentArray], None] | None = None) -> CopyStats:
-        return super().copy_extents(extents, dst_fresh=dst_fresh, progress=progress,
-                                    start_writeback=False, before_item=before_item,
-                                    after_item=after_item)
 
     def _connection(self) -> int:
         conn = getattr(self._local, "conn", None)
