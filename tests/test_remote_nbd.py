@@ -434,6 +434,12 @@ def test_link_cut_mid_copy_fails_in_bounded_time(ram_tmp_path, serve, live_write
     assert time.monotonic() - started < 15, "the failure took too long"
     assert "left partly written" in err
     writer.wait_for_more(10, timeout=5)
+    # A new connection over the dead link gives up after the timeout too.
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "blockmirror", "verify", str(image),
+                           server.uri], env=env, capture_output=True, text=True, timeout=60)
+    assert "no answer" in one_line_error(done, 2)
+    assert time.monotonic() - started < 15
 
 
 # -- requests in flight, connections ------------------------------------------------------

@@ -70,9 +70,10 @@ const char *bm_nbd_last_error(void);
 /* Connect to the export URI (nbd://, nbd+unix://; what libnbd's
  * nbd_connect_uri takes, local files refused) with up to MAX_CONNS
  * connections: all of them when the export offers multi-conn, else one.
- * WRITE asks for a writable export (EROFS if it is read-only). A connection
- * with requests outstanding and no reply for TIMEOUT_MS (0: none) fails them
- * with ETIMEDOUT. Nothing is left open on failure. Free with bm_nbd_close. */
+ * WRITE asks for a writable export (EROFS if it is read-only). Connecting,
+ * and any call with requests outstanding, gives up with ETIMEDOUT after
+ * TIMEOUT_MS (0: never) without an answer; the connection is then failed
+ * for good. Nothing is left open on failure. Free with bm_nbd_close. */
 bm_nbd *bm_nbd_open(const char *uri, uint32_t max_conns, int write, uint32_t timeout_ms);
 
 /* Disconnect every connection (a soft NBD_CMD_DISC where it is still up) and

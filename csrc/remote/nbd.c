@@ -115,7 +115,31 @@ static uint64_t now_ns(void)
 /* ---------------------------------------------------------------------- */
 /* The handle                                                              */
 
-static struct nbd_handle *connect_one(const char *uri, int write)
+static uint64_t deadline_after(uint32_t timeout_ms)
+{
+    return timeout_ms ? now_ns() + (uint64_t)timeout_ms * 1000000u : 0;
+}
+
+/* Connect and shake hands, giving up after TIMEOUT_MS (0: never): a host
+ * that drops packets would otherwise hold connect(2) for minutes. */
+static int connect_within(struct nbd_handle *nbd, const char *uri, uint32_t timeout_ms)
+{
+    uint64_t deadline = deadline_after(timeout_ms);
+    if (nbd_aio_connect_uri(nbd, uri) < 0)
+        return fail_nbd("connect");
+    while (nbd_aio_is_connecting(nbd) == 1) {
+        int r = nbd_poll(nbd, POLL_MS);
+        if (r < 0)
+            return fail_nbd("connect");
+        if (r == 0 && deadline && now_ns() > deadline)
+            return fail(ETIMEDOUT, "connect: no answer from the NBD server in %u ms", timeout_ms);
+    }
+    if (nbd_aio_is_ready(nbd) != 1)
+        return fail_nbd("connect");
+    return 0;
+}
+
+static struct nbd_handle *connect_one(const char *uri, int write, uint32_t timeout_ms)
 {
     struct nbd_handle *nbd = nbd_create();
     if (!nbd) {
@@ -125,10 +149,15 @@ static struct nbd_handle *connect_one(const char *uri, int write)
     /* A URI naming a local file (?tls-psk-file=) stays refused, as by default.
      * base:allocation lets bm_nbd_reads_zero ask where the export is zero. */
     if (nbd_set_uri_allow_local_file(nbd, false) < 0 ||
-        nbd_add_meta_context(nbd, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
-        nbd_connect_uri(nbd, uri) < 0) {
+        nbd_add_meta_context(nbd, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
         fail_nbd("connect");
         nbd_close(nbd);
+        return NULL;
+    }
+    if (connect_within(nbd, uri, timeout_ms) < 0) {
+        int err = errno;
+        nbd_close(nbd);
+        errno = err;
         return NULL;
     }
     if (write && nbd_is_read_only(nbd) == 1) {
@@ -167,7 +196,7 @@ bm_nbd *bm_nbd_open(const char *uri, uint32_t max_conns, int write, uint32_t tim
         return NULL;
     }
     h->timeout_ms = timeout_ms;
-    h->conn[0] = connect_one(uri, write);
+    h->conn[0] = connect_one(uri, write, timeout_ms);
     if (!h->conn[0]) {
         free(h);
         return NULL;
@@ -183,7 +212,7 @@ bm_nbd *bm_nbd_open(const char *uri, uint32_t max_conns, int write, uint32_t tim
     learn_caps(h);
     uint32_t want = (h->caps & BM_NBD_CAN_MULTI_CONN) ? max_conns : 1;
     while (h->nconns < want) {
-        struct nbd_handle *more = connect_one(uri, write);
+        struct nbd_handle *more = connect_one(uri, write, timeout_ms);
         if (!more) {
             bm_nbd_close(h);
             return NULL;
@@ -233,6 +262,35 @@ static int usable(bm_nbd *h, uint32_t conn)
     return 0;
 }
 
+/* Wait for the one command COOKIE on connection CONN (issued without a
+ * callback), no longer than the handle's timeout without a reply. A
+ * connection that times out is failed for good and never driven again, so
+ * a late reply can never land in a buffer its caller has freed. */
+static int wait_command(bm_nbd *h, uint32_t conn, int64_t cookie, const char *what)
+{
+    struct nbd_handle *nbd = h->conn[conn];
+    if (cookie < 0)
+        return fail_nbd(what);
+    uint64_t deadline = deadline_after(h->timeout_ms);
+    for (;;) {
+        int done = nbd_aio_command_completed(nbd, (uint64_t)cookie);
+        if (done == 1)
+            return 0;
+        if (done < 0)
+            return fail_nbd(what);
+        int r = nbd_poll(nbd, POLL_MS);
+        if (r < 0) {
+            h->failed[conn] = nbd_get_errno() ? nbd_get_errno() : EIO;
+            return fail_nbd(what);
+        }
+        if (r == 0 && deadline && now_ns() > deadline) {
+            h->failed[conn] = ETIMEDOUT;
+            return fail(ETIMEDOUT, "%s: no reply from the NBD server in %u ms", what,
+                        h->timeout_ms);
+        }
+    }
+}
+
 int bm_nbd_flush(bm_nbd *h)
 {
     if (!(h->caps & BM_NBD_CAN_FLUSH))
@@ -240,8 +298,8 @@ int bm_nbd_flush(bm_nbd *h)
     for (uint32_t i = 0; i < h->nconns; i++) {
         if (usable(h, i) < 0)
             return -1;
-        if (nbd_flush(h->conn[i], 0) < 0)
-            return fail_nbd("flush");
+        if (wait_command(h, i, nbd_aio_flush(h->conn[i], NBD_NULL_COMPLETION, 0), "flush") < 0)
+            return -1;
         if (h->caps & BM_NBD_CAN_MULTI_CONN)
             break;
     }
@@ -258,8 +316,10 @@ int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
                     (unsigned long long)h->size);
     for (uint64_t done = 0; done < len;) {
         uint64_t n = len - done < h->max_request ? len - done : h->max_request;
-        if (nbd_pread(h->conn[conn], buf + done, (size_t)n, offset + done, 0) < 0)
-            return fail_nbd("read");
+        int64_t cookie = nbd_aio_pread(h->conn[conn], buf + done, (size_t)n, offset + done,
+                                       NBD_NULL_COMPLETION, 0);
+        if (wait_command(h, conn, cookie, "read") < 0)
+            return -1;
         done += n;
     }
     return 0;
@@ -338,7 +398,7 @@ static int lose_connection(struct call *c, int err, const char *what)
 /* Wait in nbd_poll until a command completes (or the timeout, or CANCEL). */
 static int wait_some(struct call *c)
 {
-    uint64_t deadline = c->h->timeout_ms ? now_ns() + (uint64_t)c->h->timeout_ms * 1000000u : 0;
+    uint64_t deadline = deadline_after(c->h->timeout_ms);
     uint32_t before = c->in_flight;
     while (c->in_flight == before && c->in_flight > 0) {
         int r = nbd_poll(c->nbd, POLL_MS);
