@@ -154,13 +154,14 @@ def test_sync_is_the_source_at_one_instant_and_stays_sparse(kind, ram_tmp_path, 
     initial = make_data_image(image, size, extents=8, tracked=True)
     server = serve(kind, size, junk=True)
     writer = live_writer(image, rate="8M", wait=20)
-    result = sync_json(image, server.uri, "--target-downtime", "1s", "--bwlimit", "32M")
+    result = sync_json(image, server.uri, "--target-downtime", "1s", "--bwlimit", "32M",
+                       "--verify")
     writer.wait_for_more(10)  # not frozen after the switch
     assert writer.stop() == 0
     copy = server.file.read_bytes()
     k = writer.assert_point_in_time(copy, initial)
     assert 0 < k < len(writer.writes()), "the copy shows no write, or every one"
-    assert result["destination"] == server.uri and result["tracked"]
+    assert result["destination"] == server.uri and result["tracked"] and result["verified"]
     assert result["passes"][0]["kind"] == "bulk"
     assert result["passes"][-1]["kind"] == "final"
     assert any("no shadow copy" in n for n in result["notes"])  # type: ignore[union-attr]
