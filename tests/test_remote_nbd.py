@@ -486,3 +486,19 @@ def test_sigint_mid_copy_cleans_up(ram_tmp_path, serve, live_writer):
     writer.wait_for_more(10, timeout=5)
     with Tracker.open(image) as tracker:
         assert tracker.state == "running"
+
+
+def test_converge_auto_into_an_export_escalates_to_the_throttle(ram_tmp_path, serve,
+                                                                live_writer):
+    """Writers at twice the copy's cap: auto would mirror, which needs a
+    local copy, so it throttles the writers instead, and converges."""
+    image = ram_tmp_path / "live.img"
+    initial = make_data_image(image, 32 * MiB, extents=8, tracked=True)
+    server = serve("nbdkit", 32 * MiB)
+    writer = live_writer(image, rate="16M", wait=10, extra=["--region", "16M"])
+    result = sync_json(image, server.uri, "--bwlimit", "8M", "--converge", "auto",
+                       "--target-downtime", "200ms")
+    assert writer.stop() == 0
+    writer.assert_point_in_time(server.file.read_bytes(), initial)
+    assert result["strategy"] == "throttle", result
+    assert any("needs a local copy" in n for n in result["notes"])  # type: ignore[union-attr]
