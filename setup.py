@@ -44,7 +44,21 @@ if _nbdkit_headers():
                             "-fvisibility=hidden"],
     ))
 
+def _libnbd_headers() -> bool:
+    """libnbd's header (Debian libnbd-dev): without it blockmirror._remote
+    (nbd:// endpoints) is not built and such a URI says what to install;
+    BLOCKMIRROR_NO_LIBNBD=1 builds without it on purpose."""
+    if os.environ.get("BLOCKMIRROR_NO_LIBNBD") == "1":
+        return False
+    return any(os.path.exists(os.path.join(d, "libnbd.h"))
+               for d in ("/usr/include", "/usr/local/include"))
+
+
+cffi_modules = ["csrc/build_ffi.py:ffibuilder"]
+if _libnbd_headers():
+    cffi_modules.append("csrc/remote/build_ffi.py:ffibuilder")
+
 setup(
-    cffi_modules=["csrc/build_ffi.py:ffibuilder"],
+    cffi_modules=cffi_modules,
     ext_modules=extensions,
 )

@@ -546,9 +546,14 @@ def _cmd_changed(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from blockmirror.copying.endpoint import looks_like_uri
     from blockmirror.copying.verify import compare_files
     from blockmirror.migration.precheck import on_pseudo_filesystem
 
+    if looks_like_uri(args.a) or looks_like_uri(args.b):  # an NBD export on a side
+        from blockmirror.copying.remote_compare import compare_endpoints
+
+        return _print_verify(args, compare_endpoints(args.a, args.b))
     for path in (args.a, args.b):
         if not os.path.isfile(path):
             raise InvalidInputError(f"{path} is not a regular file")
@@ -556,7 +561,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             # /proc and /sys files say size 0 (or 4096) whatever they hold:
             # comparing by size and holes would call them identical.
             raise InvalidInputError(f"{path} is on a pseudo filesystem (/proc, /sys)")
-    differing = compare_files(args.a, args.b)
+    return _print_verify(args, compare_files(args.a, args.b))
+
+
+def _print_verify(args: argparse.Namespace, differing: list[tuple[int, int]]) -> int:
     if args.json:
         print(json.dumps({"identical": not differing, "differing": differing}))
     elif differing:

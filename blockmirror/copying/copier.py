@@ -214,7 +214,7 @@ class Copier(Closeable):
         )
         # The C handle remembers what the filesystems refused (punching,
         # SEEK_DATA, copy_file_range) and stops asking, for every worker.
-        self._copier = _c.new_copier(src_fd, dst_fd, block_size, copy_file_range=use_cfr)
+        self._copier = self._new_handle(use_cfr)
         self._rate_cap = (
             _c.new_rate_cap(max(1, round(rate_limit))) if rate_limit else None
         )
@@ -225,6 +225,12 @@ class Copier(Closeable):
         self._executor: cf.ThreadPoolExecutor | None = cf.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="blockmirror-copy"
         )
+
+    def _new_handle(self, use_copy_file_range: bool) -> Any:
+        """The C copier every work item uses (a subclass writing elsewhere
+        than a local fd, copying.remote, makes its own)."""
+        return _c.new_copier(self.src_fd, self.dst_fd, self.block_size,
+                             copy_file_range=use_copy_file_range)
 
     # -- what the source looks like -----------------------------------------
 

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
+from blockmirror.copying.endpoint import looks_like_uri
 from blockmirror.migration import precheck
 from blockmirror.migration.directory import sync_directory
 from blockmirror.migration.job import FileSyncJob
@@ -47,6 +48,11 @@ def sync(
     except TypeError as e:  # an unknown keyword
         raise TypeError(f"sync() {e}") from None
     src_s, dst_s = os.fspath(src), os.fspath(dst)
+    if looks_like_uri(dst_s) or looks_like_uri(src_s):
+        # An NBD export on either side (migration/remote.py).
+        from blockmirror.migration.remote import sync_to_export
+
+        return sync_to_export(src_s, dst_s, opts)
     if os.path.isdir(src_s):
         return sync_directory(src_s, dst_s, opts, sync_file=sync_file)
     return sync_file(src_s, dst_s, opts)

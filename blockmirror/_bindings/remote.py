@@ -1,0 +1,183 @@
+"""Bindings of the NBD endpoint (csrc/remote/nbd.c, module ``blockmirror._remote``).
+
+The module exists only where libnbd-dev was installed at build time;
+:func:`available` says so and :func:`open_export` raises
+:class:`~blockmirror.errors.InvalidInputError` naming the package otherwise.
+Handles are freed by cffi with their last reference (``bm_nbd_close``), and
+must outlive every call on them. Messages never hold the URI: the caller
+names the export (without its user info) itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeAlias
+
+from blockmirror.errors import InvalidInputError
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+
+try:
+    from blockmirror import _remote as _module
+except ImportError:  # built without libnbd-dev
+    _remote: ModuleType | None = None
+else:
+    _remote = _module
+
+Handle: TypeAlias = Any
+"""A ``bm_nbd *`` owned by ffi.gc (bm_nbd_close runs with its last reference)."""
+
+MISSING = ("nbd:// endpoints need libnbd: install Debian's libnbd-dev and rebuild "
+           "blockmirror (pip install .)")
+
+
+def available() -> bool:
+    """Whether this build has the NBD endpoint."""
+    return _remote is not None
+
+
+def _lib() -> Any:
+    if _remote is None:
+        raise InvalidInputError(MISSING)
+    return _remote.lib
+
+
+def _ffi() -> Any:
+    if _remote is None:
+        raise InvalidInputError(MISSING)
+    return _remote.ffi
+
+
+def _constant(name: str, default: int) -> int:
+    return int(getattr(_remote.lib, name)) if _remote is not None else default
+
+
+CAN_WRITE = _constant("BM_NBD_CAN_WRITE", 1)
+CAN_FLUSH = _constant("BM_NBD_CAN_FLUSH", 2)
+CAN_FUA = _constant("BM_NBD_CAN_FUA", 4)
+CAN_TRIM = _constant("BM_NBD_CAN_TRIM", 8)
+CAN_ZERO = _constant("BM_NBD_CAN_ZERO", 16)
+CAN_MULTI_CONN = _constant("BM_NBD_CAN_MULTI_CONN", 32)
+CAN_BLOCK_STATUS = _constant("BM_NBD_CAN_BLOCK_STATUS", 64)
+DST_FRESH = _constant("BM_NBD_DST_FRESH", 1)
+SIDE_SRC = _constant("BM_NBD_SIDE_SRC", 1)
+SIDE_DST = _constant("BM_NBD_SIDE_DST", 2)
+MAX_CONNS = _constant("BM_NBD_MAX_CONNS", 16)
+DEFAULT_REQUESTS = _constant("BM_NBD_DEFAULT_REQUESTS", 16)
+DEFAULT_REQUEST_BYTES = _constant("BM_NBD_DEFAULT_REQUEST_BYTES", 262144)
+
+
+def error_from_c(name: str | None = None) -> OSError:
+    """The exception for the call that just failed on this thread; NAME (the
+    export's display name, or a local path) goes into it as the filename."""
+    ffi, lib = _ffi(), _lib()
+    err = ffi.errno
+    raw = ffi.string(lib.bm_nbd_last_error())
+    message = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return OSError(err, message or os.strerror(err), name)
+
+
+@dataclass(frozen=True)
+class CopyCounts:
+    """What one bm_nbd_copy_extents call did (``bm_nbd_copy_stats``)."""
+
+    bytes_read: int
+    bytes_written: int
+    bytes_zero: int
+    bytes_hole: int
+    bytes_punched: int
+    requests: int
+    max_in_flight: int
+
+
+def open_export(uri: str, connections: int, *, write: bool, timeout_s: float,
+                name: str) -> Handle:
+    """Connect to URI with up to CONNECTIONS connections (more than one only
+    where the export offers multi-conn). NAME labels errors."""
+    ffi, lib = _ffi(), _lib()
+    handle = lib.bm_nbd_open(uri.encode(), connections, 1 if write else 0,
+                             max(0, round(timeout_s * 1000)))
+    if handle == ffi.NULL:
+        raise error_from_c(name)
+    return ffi.gc(handle, lib.bm_nbd_close)
+
+
+def close(handle: Handle) -> None:
+    """Disconnect now instead of at garbage collection."""
+    _ffi().release(handle)
+
+
+def size(handle: Handle) -> int:
+    return int(_lib().bm_nbd_size(handle))
+
+
+def capabilities(handle: Handle) -> int:
+    """The CAN_* bits the export offered."""
+    return int(_lib().bm_nbd_caps(handle))
+
+
+def connections(handle: Handle) -> int:
+    return int(_lib().bm_nbd_connections(handle))
+
+
+def flush(handle: Handle, name: str | None = None) -> None:
+    if _lib().bm_nbd_flush(handle) < 0:
+        raise error_from_c(name)
+
+
+def reads_zero(handle: Handle, conn: int, offset: int, length: int,
+               name: str | None = None) -> bool:
+    """Whether the export says [OFFSET, OFFSET+LENGTH) reads as zeros (NBD
+    block status; False where it cannot say)."""
+    rc = _lib().bm_nbd_reads_zero(handle, conn, offset, length)
+    if rc < 0:
+        raise error_from_c(name)
+    return bool(rc)
+
+
+def new_buffer(nbytes: int) -> Any:
+    return _ffi().new("char[]", nbytes)
+
+
+def pread(handle: Handle, conn: int, buf: Any, nbytes: int, offset: int,
+          name: str | None = None) -> bytes:
+    """NBYTES at OFFSET of the export, read through BUF (new_buffer, at
+    least NBYTES long)."""
+    if _lib().bm_nbd_pread(handle, conn, buf, nbytes, offset) < 0:
+        raise error_from_c(name)
+    return bytes(_ffi().buffer(buf, nbytes))
+
+
+def new_cancel_flag() -> Any:
+    return _ffi().new("uint32_t *", 0)
+
+
+def new_rate_cap(bytes_per_s: int) -> Any:
+    cap = _ffi().new("bm_nbd_rate_cap *")
+    cap.bytes_per_s = max(0, int(bytes_per_s))
+    return cap
+
+
+def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
+                 block_size: int, *, requests: int = 0, request_bytes: int = 0,
+                 flags: int = 0, rate_cap: Any = None, cancel: Any = None,
+                 src_path: str | None = None, dst_name: str | None = None) -> CopyCounts:
+    """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) of SRC_FD into the
+    export over connection CONN, in one C call; errors name the side."""
+    ffi, lib = _ffi(), _lib()
+    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
+        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
+    ext = (ffi.cast("bm_nbd_extent *", ffi.from_buffer(extents.data)) if len(extents)
+           else ffi.NULL)
+    stats = ffi.new("bm_nbd_copy_stats *")
+    rc = lib.bm_nbd_copy_extents(handle, conn, src_fd, ext, len(extents), block_size,
+                                 requests, request_bytes, flags,
+                                 ffi.NULL if rate_cap is None else rate_cap,
+                                 ffi.NULL if cancel is None else cancel, stats)
+    if rc < 0:
+        side = stats.error_side
+        raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)
+    return CopyCounts(int(stats.bytes_read), int(stats.bytes_written), int(stats.bytes_zero),
+                      int(stats.bytes_hole), int(stats.bytes_punched), int(stats.requests),
+                      int(stats.max_in_flight))

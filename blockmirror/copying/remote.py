@@ -1,0 +1,175 @@
+"""Copying into an NBD export, and reading one: the copier's remote endpoint.
+
+:class:`NbdExport` is a set of connections to one export (several only where
+the server offers multi-conn, as nbdcopy decides). :class:`RemoteCopier` is a
+:class:`~blockmirror.copying.copier.Copier` whose work items go, one C call
+per worker thread, each on its own connection, into the export through
+libnbd's asynchronous API (csrc/remote/nbd.c): many requests in flight per
+connection, data as NBD_CMD_WRITE, zero runs as NBD_CMD_WRITE_ZEROES (which
+the server may punch), holes of the source never read.
+
+An export is not a new sparse file: unless the server says it reads as zeros
+(:meth:`NbdExport.reads_zero`, NBD block status), a bulk pass must cover the
+whole image, holes included (see ``whole_image``), with no zero run skipped;
+where it does, the bulk pass is a local one's: allocated extents only,
+``dst_fresh``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from blockmirror._bindings import remote as _r
+from blockmirror.closeable import Closeable
+from blockmirror.copying.copier import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BLOCK_SIZE,
+    Copier,
+    CopyStats,
+    DigestRequest,
+)
+from blockmirror.copying.endpoint import NbdUri
+from blockmirror.errors import InvalidInputError
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+
+
+def _timeout_from_environment() -> float:
+    try:
+        return max(0.1, float(os.environ.get("BLOCKMIRROR_NBD_TIMEOUT", "30")))
+    except ValueError:
+        return 30.0
+
+
+DEFAULT_TIMEOUT_S = _timeout_from_environment()
+"""A connection with requests outstanding and no reply this long has failed
+(30 s; BLOCKMIRROR_NBD_TIMEOUT=SECONDS changes it, e.g. for a test that cuts
+the link)."""
+DEFAULT_REQUESTS = 32
+REQUEST_BYTES = _r.DEFAULT_REQUEST_BYTES
+
+
+def libnbd_available() -> bool:
+    """Whether this build can reach NBD exports (built with libnbd-dev)."""
+    return _r.available()
+
+
+class NbdExport(Closeable):
+    """Connections to the export URI. Connecting fails with
+    InvalidInputError (one line, the URI shown without user info) when the
+    server cannot be reached or refuses the export: bad input, exit 2."""
+
+    def __init__(self, uri: NbdUri, *, connections: int = 4, write: bool = False,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.uri = uri
+        self.name = uri.display
+        wanted = max(1, min(connections, _r.MAX_CONNS))
+        try:
+            self._handle: Any = _r.open_export(uri.uri, wanted, write=write,
+                                               timeout_s=timeout_s, name=self.name)
+        except OSError as e:
+            reason = (e.strerror or str(e)).replace(uri.uri, uri.display)
+            raise InvalidInputError(f"cannot use NBD export {self.name}: {reason}") from None
+        self.size = _r.size(self._handle)
+        self.capabilities = _r.capabilities(self._handle)
+        self.connections = _r.connections(self._handle)
+        self._buffers = threading.local()
+
+    @property
+    def multi_conn(self) -> bool:
+        return bool(self.capabilities & _r.CAN_MULTI_CONN)
+
+    @property
+    def can_zero(self) -> bool:
+        return bool(self.capabilities & _r.CAN_ZERO)
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            raise ValueError(f"NBD export {self.name} is closed")
+        return self._handle
+
+    def reads_zero(self, offset: int, length: int) -> bool:
+        """Whether the export says the range reads as zeros (block status,
+        base:allocation); False where the server cannot say."""
+        return _r.reads_zero(self.handle, 0, offset, length, self.name)
+
+    def flush(self) -> None:
+        """Every completed write durable on the server (NBD_CMD_FLUSH)."""
+        _r.flush(self.handle, self.name)
+
+    def pread(self, conn: int, nbytes: int, offset: int) -> bytes:
+        """NBYTES at OFFSET over connection CONN (one thread per connection)."""
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._buffers.buf = _r.new_buffer(max(nbytes, 1 << 20))
+        return _r.pread(self.handle, conn, buf, nbytes, offset, self.name)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            _r.close(self._handle)
+            self._handle = None
+
+
+class RemoteCopier(Copier):
+    """Copies extents of the local ``src_fd`` into EXPORT at the same offsets.
+
+    One worker thread per connection of the export, each with up to REQUESTS
+    commands of REQUEST_BYTES in flight. The export is never resized (the
+    caller checks it is large enough) and is flushed only by the caller
+    (:meth:`NbdExport.flush`). ``copy_extents`` keeps the Copier's
+    interface; ``dst_fresh`` is the caller's promise that the export reads
+    as zeros over the extents, ``start_writeback`` means nothing here.
+    """
+
+    def __init__(self, src_fd: int, export: NbdExport, *, requests: int = DEFAULT_REQUESTS,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
+                 rate_limit: float | None = None, src_path: str | None = None) -> None:
+        self.export = export
+        self.requests = max(1, requests)
+        super().__init__(src_fd, -1, workers=export.connections, batch_bytes=batch_bytes,
+                         block_size=block_size, use_copy_file_range=False,
+                         rate_limit=rate_limit, src_path=src_path, dst_path=export.name)
+        self._nbd_rate_cap = _r.new_rate_cap(round(rate_limit)) if rate_limit else None
+        self._next_conn = itertools.count()
+        self._stats_lock = threading.Lock()
+        self.most_in_flight = 0
+        """The most NBD commands one connection had in flight at once so far."""
+        self.requests_sent = 0
+
+    def _new_handle(self, use_copy_file_range: bool) -> Any:
+        return None  # the export's connections are the handle
+
+    @property
+    def uses_copy_file_range(self) -> bool:
+        return False
+
+    def whole_image(self) -> ExtentArray:
+        """[0, the source's size): what a bulk pass into an export copies,
+        since the export's old content is unknown where the source has holes."""
+        return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
+
+    def _connection(self) -> int:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = next(self._next_conn) % self.export.connections
+        return int(conn)
+
+    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+                       start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
+        # No digests: nothing keeps a manifest of an export (yet).
+        counts = _r.copy_extents(
+            self.export.handle, self._connection(), self.src_fd, item, self.block_size,
+            requests=self.requests, request_bytes=REQUEST_BYTES,
+            flags=_r.DST_FRESH if dst_fresh else 0, rate_cap=self._nbd_rate_cap,
+            cancel=cancel, src_path=self.src_path,
+            dst_name=self.export.name)
+        with self._stats_lock:
+            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
+            self.requests_sent += counts.requests
+        return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
+                         counts.bytes_hole, counts.bytes_punched)
