@@ -4,6 +4,7 @@
 #include "bm_internal.h"
 
 #include <string.h>
+#include <sys/mman.h>
 
 static inline uint64_t run_mask(unsigned from, unsigned to_excl)
 {
@@ -119,6 +120,28 @@ static int do_mark_all(bm_tracker *t)
     return 0;
 }
 
+/* See bm_internal.h. The kernel maps pages around each fault (fault-around,
+ * 64 KiB by default), so pages just behind the walk come back: drop in 1 MiB
+ * steps, a window behind the walk. */
+#define FORGET_STEP (1u << 20)
+#define FORGET_LAG (1u << 17)
+
+void bm_forget_behind(const bm_tracker *t, struct bm_forget_walk *w, uint64_t next_chunk,
+                      int last)
+{
+    uintptr_t at = (uintptr_t)(t->data + next_chunk * BM_CHUNK_BYTES);
+    if (w->done == 0)
+        w->done = (uintptr_t)t->data & ~(uintptr_t)(BM_PAGE - 1);
+    if (!last && at < w->done + FORGET_STEP + FORGET_LAG)
+        return;
+    uintptr_t upto = last ? at : at - FORGET_LAG;
+    upto = (upto + BM_PAGE - 1) & ~(uintptr_t)(BM_PAGE - 1);
+    if (upto > w->done) {
+        madvise((void *)w->done, upto - w->done, MADV_DONTNEED);
+        w->done = upto;
+    }
+}
+
 /* The first word in [W, LIMIT) that is not zero, looking no further than
  * the end of W's chunk (returns that end, or LIMIT, if all are zero). A big
  * bitmap is mostly zeros, and stepping a pointer through them is several
@@ -151,11 +174,13 @@ static int64_t scan(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t ma
     if (*cursor == 0 && clear)
         __atomic_fetch_add(&t->hdr->generation, 1, __ATOMIC_SEQ_CST);
 
+    struct bm_forget_walk walk = {0};
     for (uint64_t w = *cursor / 64; w < nwords; w++) {
         /* Zero words between the first and the last are skipped in bulk;
          * the first and last keep the masks below. */
         if (w != *cursor / 64)
             w = skip_zero_words(t, w, nwords - 1);
+        bm_forget_behind(t, &walk, w / BM_CHUNK_WORDS, 0);
         uint64_t valid = ~0ull;
         if (w == *cursor / 64)
             valid &= ~((1ull << (*cursor % 64)) - 1);
@@ -185,6 +210,7 @@ static int64_t scan(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t ma
                 if (clear)
                     __atomic_fetch_or(bm_word(t, w), bits, __ATOMIC_SEQ_CST);
                 *cursor = g0;
+                bm_forget_behind(t, &walk, w / BM_CHUNK_WORDS, 1);
                 return (int64_t)n;
             } else {
                 out[n].offset = off;
@@ -195,6 +221,7 @@ static int64_t scan(bm_tracker *t, uint64_t *cursor, bm_extent *out, uint64_t ma
         }
     }
     *cursor = UINT64_MAX;
+    bm_forget_behind(t, &walk, (nwords + BM_CHUNK_WORDS - 1) / BM_CHUNK_WORDS, 1);
     return (int64_t)n;
 }
 
@@ -214,8 +241,10 @@ static int64_t do_dirty_bytes(bm_tracker *t)
     uint64_t ngran = bm_granules(t, size);
     uint64_t nwords = bm_words_for(ngran);
     uint64_t count = 0;
+    struct bm_forget_walk walk = {0};
     for (uint64_t w = 0; w < nwords; w++) {
         w = skip_zero_words(t, w, nwords - 1); /* the last word keeps its mask */
+        bm_forget_behind(t, &walk, w / BM_CHUNK_WORDS, 0);
         uint64_t bits = __atomic_load_n(bm_word(t, w), __ATOMIC_RELAXED);
         if (w == nwords - 1 && ngran % 64)
             bits &= (1ull << (ngran % 64)) - 1;
@@ -225,6 +254,7 @@ static int64_t do_dirty_bytes(bm_tracker *t)
         if (bits)
             count += (uint64_t)__builtin_popcountll(bits);
     }
+    bm_forget_behind(t, &walk, (nwords + BM_CHUNK_WORDS - 1) / BM_CHUNK_WORDS, 1);
     uint64_t bytes = count << t->shift;
     if (ngran > 0 && (size & (((uint64_t)1 << t->shift) - 1))) {
         uint64_t last = ngran - 1;
@@ -280,7 +310,9 @@ static int64_t do_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor,
     uint64_t ngran = bm_granules(t, size);
     uint32_t limit = (uint32_t)since;
     uint64_t n = 0;
+    struct bm_forget_walk walk = {0};
     for (uint64_t g = *cursor; g < ngran;) {
+        bm_forget_behind(t, &walk, g / BM_CHUNK_GRANULES, 0);
         /* Scan within one chunk: its eras are contiguous. */
         uint64_t chunk_end = (g / BM_CHUNK_GRANULES + 1) * BM_CHUNK_GRANULES;
         if (chunk_end > ngran)
@@ -303,6 +335,7 @@ static int64_t do_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor,
                 out[n - 1].length = end - out[n - 1].offset;
             } else if (n == max) {
                 *cursor = g + start;
+                bm_forget_behind(t, &walk, g / BM_CHUNK_GRANULES, 1);
                 return (int64_t)n;
             } else {
                 out[n].offset = off;
@@ -313,6 +346,7 @@ static int64_t do_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor,
         g = chunk_end;
     }
     *cursor = UINT64_MAX;
+    bm_forget_behind(t, &walk, (ngran + BM_CHUNK_GRANULES - 1) / BM_CHUNK_GRANULES, 1);
     return (int64_t)n;
 }
 

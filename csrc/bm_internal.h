@@ -329,6 +329,20 @@ static inline void bm_guard_pop(struct bm_guard *g)
  * generation without touching their dirty bits (a mirrored write: the
  * destination has it, but a backup tool's change id must still see it). */
 void bm_raise_eras_now(bm_tracker *t, uint64_t first, uint64_t last_excl);
+/* bitmap.c: unmapping what a walk over the chunks has read behind it. A
+ * scan or an era check reads every chunk (1 GiB of eras for 15 TiB at
+ * 64 KiB granules); on a MAP_SHARED file mapping MADV_DONTNEED only unmaps
+ * pages - the bytes stay in the file and the page cache, and the next access
+ * (another thread's atomic op included) maps the same page again - so a
+ * sync of a huge sparse image need not keep its sidecar resident. Start
+ * with a zeroed walk; call with the chunk the walk reaches next, and once
+ * with LAST when it ends there. */
+struct bm_forget_walk {
+    uintptr_t done;     /* pages below this were unmapped */
+};
+void bm_forget_behind(const bm_tracker *t, struct bm_forget_walk *w, uint64_t next_chunk,
+                      int last);
+
 /* bitmap.c: 1 if any granule of [FIRST, LAST_EXCL) is dirty. */
 int bm_any_dirty(bm_tracker *t, uint64_t first, uint64_t last_excl);
 

@@ -58,10 +58,14 @@ static uint64_t chunks_of(const bm_tracker *t)
 static int eras_match(const bm_tracker *t, uint32_t epoch)
 {
     uint64_t n = chunks_of(t);
-    for (uint64_t c = 0; c < n; c++)
-        if (slot_value(t, c, epoch) != __atomic_load_n(bm_era_sum_slot(t, c), __ATOMIC_RELAXED))
-            return 0;
-    return 1;
+    struct bm_forget_walk walk = {0};
+    int same = 1;
+    for (uint64_t c = 0; c < n && same; c++) {
+        same = slot_value(t, c, epoch) == __atomic_load_n(bm_era_sum_slot(t, c), __ATOMIC_RELAXED);
+        bm_forget_behind(t, &walk, c + 1, 0);
+    }
+    bm_forget_behind(t, &walk, n, 1);
+    return same;
 }
 
 void bm_seal_eras(bm_tracker *t)
@@ -84,6 +88,7 @@ void bm_seal_eras(bm_tracker *t)
     if (bm_slots_claimed(t) != 0)
         goto abandon;
     uint64_t n = chunks_of(t);
+    struct bm_forget_walk walk = {0};
     for (uint64_t c = 0; c < n; c++) {
         uint64_t *slot = bm_era_sum_slot(t, c);
         uint64_t want = slot_value(t, c, epoch);
@@ -93,7 +98,9 @@ void bm_seal_eras(bm_tracker *t)
                !__atomic_compare_exchange_n(slot, &old, want, 1, __ATOMIC_SEQ_CST,
                                             __ATOMIC_RELAXED))
             ;
+        bm_forget_behind(t, &walk, c + 1, 0);
     }
+    bm_forget_behind(t, &walk, n, 1);
     /* Dekker with bm_unseal_eras: a writer claims its slot, then reads the
      * seal; we publish SEALING, compute, then read the slots once more. If
      * it arrived meanwhile, either we see its slot here, or it saw our

@@ -78,11 +78,10 @@ class Tracker(Closeable):
     :meth:`open` (existing sidecar, validated). Use as a context manager.
     """
 
-    def __init__(self, handle: _c.Handle, image_path: str, consistent: bool) -> None:
+    def __init__(self, handle: _c.Handle, image_path: str) -> None:
         self._handle: _c.Handle | None = handle
         self.image_path = image_path
         self.path = sidecar_path(image_path)
-        self._consistent = consistent
         self._granularity = _c.info(handle).granularity
 
     # -- lifetime -----------------------------------------------------------
@@ -130,11 +129,14 @@ class Tracker(Closeable):
         fd = _open_image(image) if image_fd is None else image_fd
         try:
             handle = _c.open_tracker(sidecar_path(image), writer, fd)
-            size = os.fstat(fd).st_size
         finally:
             if image_fd is None:
                 os.close(fd)
-        return cls(handle, image, _consistent(handle, size))
+        # Consistency is not judged here: `consistent` and the change-id
+        # queries check the eras when asked (a sealed sidecar's check reads
+        # every era, 1 GiB at 15 TiB), so a handle opened only to read its
+        # granularity or its writers stays cheap.
+        return cls(handle, image)
 
     def close(self) -> None:
         """Release the handle; for a writer this is the clean close (I4)."""
@@ -202,7 +204,6 @@ class Tracker(Closeable):
         if size > _c.info(self._h).image_size:
             _c.resize(self._h, size)
         _c.reset(self._h)
-        self._consistent = True
 
     # -- the bitmap ---------------------------------------------------------
 
@@ -388,13 +389,7 @@ class Tracker(Closeable):
         otherwise): a redirect forged into a sidecar steers no writer into
         another user's image (issue 13)."""
         handle, fd, target = _c.open_redirect_target(self._h, writer)
-        try:
-            size = os.fstat(fd).st_size
-            return Tracker(handle, target, _consistent(handle, size)), fd
-        except BaseException:
-            os.close(fd)
-            _c.close(handle)
-            raise
+        return Tracker(handle, target), fd
 
     def redirect_target(self) -> str:
         return _c.redirect_target(self._h)
