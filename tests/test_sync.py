@@ -273,3 +273,19 @@ def test_bulk_pass_reads_blocks_written_ahead_of_it_once(dirs):
     recopied = sum(p.bytes for p in result.passes if p.kind != "bulk")
     assert recopied < 1 * MiB, [p.to_dict() for p in result.passes]
     assert (dst / "ahead.img").read_bytes() == image.read_bytes()
+
+
+def test_move_waits_briefly_for_writers_to_follow_then_says_who_did_not(dirs):
+    """A writer that learns of a move only at its next write still holds the
+    source: the move waits a moment, removes it anyway (the writer cannot
+    write there: ESTALE) and says so; the writer's next write reaches the
+    copy."""
+    src, dst = dirs
+    image = src / "idle.img"
+    make_data_image(image, 4 * MiB, extents=2, tracked=True)
+    with blockmirror.TrackedImage(image) as idle:
+        result = sync(image, dst, mode="move")
+        assert not image.exists()
+        assert any("had not reopened" in n for n in result.notes), result.notes
+        idle.pwrite(b"\x42" * 4096, 0)
+    assert (dst / "idle.img").read_bytes()[:4096] == b"\x42" * 4096

@@ -421,9 +421,26 @@ class FileSyncJob:
         if self.options.verify:
             self._verify()
         if self.options.move:
+            self._wait_for_writers_to_follow()
             commit.remove_source(self.plan)
             journal.clear(self.plan.destination)  # the move is whole
         self.state = JobState.DONE
+
+    def _wait_for_writers_to_follow(self, timeout: float = 2.0) -> None:
+        """Give redirected writers a moment to reopen the copy before the
+        source goes: the NBD front end follows within milliseconds on its
+        own. A writer that only learns of the move at its next write keeps
+        the old file open meanwhile; it cannot write there (ESTALE), so the
+        source is removed anyway after TIMEOUT, and the result says so."""
+        if self.tracker is None:
+            return
+        deadline = time.monotonic() + timeout
+        while (left := self.tracker.live_writers()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if left:
+            self.result.notes.append(
+                f"{left} writers had not reopened the image at its new place when the source "
+                "was removed; their next write goes there")
 
     def _resume_move(self) -> bool:
         """A move a killed run left after its rename (journal.py). If writers
