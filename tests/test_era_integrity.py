@@ -190,3 +190,28 @@ def test_a_garbage_seal_word_does_not_hold_writers(tracked_image):
     with TrackedImage(tracked_image) as img:
         img.pwrite(b"x", 0)
     assert time.monotonic() - t0 < 5
+
+
+def test_eras_raised_in_a_chunk_sealed_empty_can_only_add_changes(tmp_path):
+    """The check skips chunks sealed with all-zero eras (a huge sparse image
+    then costs what its written chunks cost). Whatever lands in such a chunk
+    later can only make changed_extents report more, never hide a write: a
+    planted era shows up as a change, and the real write elsewhere still
+    does."""
+    tracked_image = tmp_path / "two-chunks.img"
+    with open(tracked_image, "wb") as f:
+        f.truncate(8192 * G)  # two chunks of 4096 granules
+    Tracker.create(tracked_image).close()
+    with Tracker.open(tracked_image) as t:
+        since = t.change_id()
+    write_and_close(tracked_image, [5 * G])  # chunk 0 written; the others sealed empty
+    chunk_bytes = 512 + 4096 * 4 + 8
+    fd = os.open(side_of(tracked_image), os.O_RDWR)
+    try:  # era of granule 4100 (chunk 1) raised to a huge generation
+        os.pwrite(fd, (2**31).to_bytes(4, "little"), ERAS + chunk_bytes + 4 * 4)
+    finally:
+        os.close(fd)
+    with Tracker.open(tracked_image) as t:
+        changed = t.changed_extents(since)
+    assert (5 * G, G) in changed
+    assert (4100 * G, G) in changed
