@@ -422,6 +422,11 @@ int bm_zero_in_place(int fd, uint64_t offset, uint64_t len);
  * that (NBD's fast-zero). -1 with errno on failure. */
 int bm_zero_range(int fd, uint64_t offset, uint64_t len, uint32_t flags);
 
+/* Read up to LEN bytes of FD at OFFSET into BUF, retrying short reads and
+ * EINTR: fewer only at the file's end. The count, or -1 with errno and a
+ * bm_fail message naming the offset. */
+int64_t bm_pread_full(int fd, char *buf, uint64_t len, uint64_t offset);
+
 /* Most bytes bm_write_zeros hands one pwrite. */
 #define BM_ZERO_CHUNK (256u << 10)
 

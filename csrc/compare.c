@@ -27,23 +27,10 @@ struct comparer {
 static int64_t read_side(int fd, char *buf, uint64_t len, uint64_t offset, uint32_t side,
                          uint32_t *error_side)
 {
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t n = pread(fd, buf + done, (size_t)(len - done), (off_t)(offset + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            int err = errno;
-            *error_side = side;
-            return bm_fail(err, "read of %llu bytes at offset %llu failed: %s",
-                           (unsigned long long)(len - done),
-                           (unsigned long long)(offset + done), strerror(err));
-        }
-        if (n == 0)
-            break;
-        done += (uint64_t)n;
-    }
-    return (int64_t)done;
+    int64_t done = bm_pread_full(fd, buf, len, offset);
+    if (done < 0)
+        *error_side = side;
+    return done;
 }
 
 /* [START, END) differs: add it to the output, merged with the last extent

@@ -618,22 +618,10 @@ int bm_copy_extents_hashed(bm_copier *copier, const bm_extent *extents, uint64_t
  * holds there). */
 static int read_padded(int fd, char *buf, uint64_t len, uint64_t offset)
 {
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t n = pread(fd, buf + done, (size_t)(len - done), (off_t)(offset + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            int err = errno;
-            return bm_fail(err, "read of %llu bytes at offset %llu failed: %s",
-                           (unsigned long long)(len - done),
-                           (unsigned long long)(offset + done), strerror(err));
-        }
-        if (n == 0)
-            break;
-        done += (uint64_t)n;
-    }
-    memset(buf + done, 0, (size_t)(len - done));
+    int64_t done = bm_pread_full(fd, buf, len, offset);
+    if (done < 0)
+        return -1;
+    memset(buf + done, 0, (size_t)(len - (uint64_t)done));
     return 0;
 }
 

@@ -96,3 +96,23 @@ int bm_zero_range(int fd, uint64_t offset, uint64_t len, uint32_t flags)
         return -1;
     return bm_write_zeros(fd, offset, len);
 }
+
+int64_t bm_pread_full(int fd, char *buf, uint64_t len, uint64_t offset)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int err = errno;
+            return bm_fail(err, "read of %llu bytes at offset %llu failed: %s",
+                           (unsigned long long)(len - done),
+                           (unsigned long long)(offset + done), strerror(err));
+        }
+        if (n == 0)
+            break;
+        done += (uint64_t)n;
+    }
+    return (int64_t)done;
+}
