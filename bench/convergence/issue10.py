@@ -105,17 +105,31 @@ def _past_d(g: dict[tuple[str, float], list[Row]], d: float, target: float) -> l
     ]
 
 
+def saturated_p99(rows: Sequence[Row]) -> float | None:
+    """The destination's own p99 when written as fast as it goes (fio at
+    rate 0), as it is while a copy runs: from the matrix's rate-0 rows."""
+    return _med([r for r in rows if r["rate_requested"] == 0], "dest_write_p99_s")
+
+
 def _latency(g: dict[tuple[str, float], list[Row]], d: float) -> list[str]:
-    checks = []
+    same, busy = [], []
+    full = saturated_p99([r for rs in g.values() for r in rs])
     for (name, rate), rs in g.items():
         if name not in BLOCKMIRROR_ACTIVE:
             continue
         p99, dest = _med(rs, "mirror_write_p99_s"), _med(rs, "dest_write_p99_s")
-        if p99 is None or dest is None:
+        if p99 is None:
             continue
-        checks.append((p99 <= 2 * dest, f"{name} {rate / MiB:g}: {p99 * 1000:.0f} vs "
-                       f"{dest * 1000:.0f} ms"))
-    return [_line("mirrored write p99 ≤ 2x the destination's own p99 at the same rate", checks)]
+        if dest is not None:
+            same.append((p99 <= 2 * dest, f"{name} {rate / MiB:g}: {p99 * 1000:.1f} vs "
+                         f"{dest * 1000:.1f} ms"))
+        if full is not None:
+            busy.append((p99 <= 2 * full, f"{name} {rate / MiB:g}: {p99 * 1000:.1f} vs "
+                         f"{full * 1000:.1f} ms"))
+    return [_line("mirrored write p99 ≤ 2x the destination's own p99 at the same asked rate",
+                  same),
+            _line("mirrored write p99 ≤ 2x the destination's own p99 written flat out (as "
+                  "while a copy runs)", busy)]
 
 
 def _low_rates(g: dict[tuple[str, float], list[Row]], d: float, target: float) -> list[str]:
@@ -182,6 +196,7 @@ def markdown(rows: Sequence[Row], d: float, target: float, measured_c: float) ->
     return [
         "## Issue 10: mirrored writers, latency, strategy", "",
         f"D = {d / MiB:.1f} MiB/s (measured copy throughput C = {measured_c / MiB:.1f} MiB/s). "
+        "Rate 0 rows: destination alone = fio flat out. "
         "writers while mirroring: blockmirror from mirroring engaged to the switchover "
         "decision; QEMU from blockdev-mirror to ready (fio's periodic reports). writer p99: "
         "blockmirror's writers' single writes in that window; fio's completion latency p99 "
