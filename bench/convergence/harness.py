@@ -904,6 +904,8 @@ def build_parser(prog: str = "blockmirror bench convergence") -> argparse.Argume
                    metavar="MIB_PER_S",
                    help="put the copy (and QEMU's target) on a disk whose writes run at "
                    "this rate for everyone (root: loop device, blkio throttle)")
+    p.add_argument("--copy-workers", type=_int_from(1, 64), default=4,
+                   help="sync's copy worker threads (default 4)")
     p.add_argument("--repetitions", type=_int_from(1), default=1)
     p.add_argument("--seed", type=_int_from(0, 2**63 - 1), default=1)
     p.add_argument("--max-passes", type=_int_from(1), default=DEFAULT_MAX_PASSES,
@@ -964,7 +966,7 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
         writers=args.writers, target_downtime=args.target_downtime,
         copy_cap=_copy_cap(args.copy_cap, args.dest_bandwidth),
         dest_bandwidth=args.dest_bandwidth * MiB if args.dest_bandwidth else None,
-        defer_hot=args.defer_hot, qemu_wb=args.qemu_wb,
+        defer_hot=args.defer_hot, qemu_wb=args.qemu_wb, copy_workers=args.copy_workers,
         repetitions=args.repetitions, seed=args.seed, output=args.output,
         max_passes=args.max_passes, verify=not args.no_verify, converge=args.converge,
         zipf_exponent=args.zipf_exponent, qemu=args.qemu, qemu_timeout_s=args.qemu_timeout,

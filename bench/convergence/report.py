@@ -313,7 +313,7 @@ def summary_markdown(result: MatrixResult) -> str:
         + (f"{cfg.copy_cap / MiB:g} MiB/s" if cfg.copy_cap else "none")
         + (f"; destination bandwidth {cfg.dest_bandwidth / MiB:g} MiB/s (slow disk)"
            if cfg.dest_bandwidth else "")
-        + f"; measured copy throughput C = {c / MiB:.1f} MiB/s; "
+        + f"; {cfg.copy_workers} copy workers; measured copy throughput C = {c / MiB:.1f} MiB/s; "
         f"{cfg.repetitions} repetition(s); max passes {cfg.max_passes}.",
         "",
         *[f"- {n}" for n in result.notes],
