@@ -99,7 +99,7 @@ def _why_no_point() -> str | None:
 
 @pytest.mark.skipif(_why_no_point() is not None, reason=str(_why_no_point()))
 def test_one_point_per_engine_on_a_slow_destination(tmp_path: Path) -> None:
-    cfg = harness.MatrixConfig(image_size=16 * MiB, rates=[40 * MiB], converge="mirror",
+    cfg = harness.MatrixConfig(image_size=48 * MiB, rates=[40 * MiB], converge="mirror",
                                copy_cap=None, dest_bandwidth=32 * MiB, qemu=True, qemu_wb=True,
                                qemu_timeout_s=10, warmup_s=0.2, output=tmp_path / "out",
                                workdir=tmp_path / "work", plots=False)

@@ -139,9 +139,11 @@ def _low_rates(g: dict[tuple[str, float], list[Row]], d: float, target: float) -
             continue
         ok = [r for r in rs if r["converged"]]
         down = _med(ok, "downtime_s")
-        if 0.7 * d <= rate <= 0.9 * d:
-            mid.append((len(ok) == len(rs) and down is not None and down <= target,
-                        f"{name} {rate / MiB:g}: {_ms(down)} ms"))
+        if 0.7 * d <= rate <= 0.9 * d:  # every run, not the median
+            worst = max((r["downtime_s"] for r in ok), default=None)
+            mid.append((len(ok) == len(rs) and worst is not None and worst <= target,
+                        f"{name} {rate / MiB:g}: {len(ok)}/{len(rs)} converged, worst "
+                        f"{_ms(worst)} ms"))
         q = g.get(("qemu-mirror", rate))
         if rate > 0.5 * d or not q:
             continue
@@ -158,7 +160,7 @@ def _low_rates(g: dict[tuple[str, float], list[Row]], d: float, target: float) -
     return [
         _line("at ≤ 0.5 x D: downtime ≤ max(2x QEMU's, 20 ms), switch no later than QEMU's "
               "ready", low),
-        _line("at 0.8 x D: downtime ≤ target", mid),
+        _line("at 0.8 x D: every run converges, downtime ≤ target", mid),
     ]
 
 

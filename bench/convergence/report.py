@@ -219,8 +219,14 @@ def model_curves(result: MatrixResult, points: int = 81) -> dict[str, Any]:
 
 
 def summarize(rows: Sequence[Row]) -> list[Row]:
-    """Medians per engine (label: blockmirror's strategies apart) and requested rate."""
-    from .issue10 import label
+    """Medians per engine and requested rate (blockmirror's strategies apart
+    when the matrix ran several)."""
+    from .issue10 import label as full_label
+
+    several = len({full_label(r) for r in rows if r["engine"] == "blockmirror"}) > 1
+
+    def label(r: Row) -> str:
+        return full_label(r) if several else str(r["engine"])
 
     out = []
     keys = sorted({(label(r), r["rate_requested"]) for r in rows},
@@ -390,7 +396,8 @@ def summary_markdown(result: MatrixResult) -> str:
                 f"{_fmt(x['qemu_ready_s'])} | {_fmt(x['qemu_predicate_s'])} | "
                 f"{_mib(x['bm_bytes'])} / {_mib(x['qemu_bytes'])} | "
                 f"{_mib(x['bm_recopied'])} / {_mib(x['qemu_recopied'])} |")
-    if cfg.dest_bandwidth or any(r.get("label") for r in result.rows):
+    if cfg.dest_bandwidth or any(r.get("converge") in ("mirror", "auto") or r.get("defer_hot")
+                                 or r["engine"] == "qemu-wb" for r in result.rows):
         from . import issue10
 
         lines += ["", *issue10.markdown(result.rows, cfg.dest_bandwidth or c,
