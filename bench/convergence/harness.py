@@ -20,6 +20,16 @@ Each run is put next to the analytical model (``model.py``) fed with that
 run's measured copy throughput and achieved write rate, and, with ``--qemu``,
 the same point is run against QEMU's block mirror (``qemu_peer.py``).
 
+Issue 10: ``--converge`` may name several strategies (``mirror,auto``, each
+optionally ``+defer``), each run as its own row labelled "blockmirror NAME";
+``--dest-bandwidth`` puts every engine's destination on a
+``slowdisk.slow_disk`` mount (copies and mirrored writes then share its
+bandwidth; no copy cap by default) and measures the destination's own write
+latency with fio first; the rows then carry the mirrored phase (when sync
+engaged and stopped mirroring), what writers achieved in it and their write
+latency p99, and ``result.strategy``. ``--qemu-wb`` adds QEMU's
+``copy-mode=write-blocking`` mirror. ``issue10.py`` renders the verdicts.
+
 Outputs in the output folder: ``runs.json`` and ``runs.csv`` (one row per
 run), ``summary.csv`` (medians per engine and rate), ``summary.md`` (tables and
 the target verdicts), ``model.json`` (model curves) and PNG plots.

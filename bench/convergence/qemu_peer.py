@@ -28,7 +28,14 @@ mirror"), at the matrix's size, pattern, rates and copy cap:
 - ``qemu-img compare`` of source and copy.
 
 The guest's achieved rate is fio's own (whole run, warm-up included: QEMU
-keeps no per-export write statistics).
+keeps no per-export write statistics); its rate from ``blockdev-mirror`` to
+ready comes from fio's periodic reports (``--status-interval``), its write
+latency p99 from fio's completion latency over the whole run.
+
+``run_point(..., write_blocking=True)`` is the second peer, engine
+"qemu-wb": the same with ``copy-mode=write-blocking`` (each guest write to
+an already-copied range waits for the target). With ``--dest-bandwidth`` the
+target image is on the same kind of slow disk as blockmirror's copy.
 """
 
 from __future__ import annotations
