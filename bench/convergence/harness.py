@@ -20,6 +20,16 @@ Each run is put next to the analytical model (``model.py``) fed with that
 run's measured copy throughput and achieved write rate, and, with ``--qemu``,
 the same point is run against QEMU's block mirror (``qemu_peer.py``).
 
+Issue 10: ``--converge`` may name several strategies (``mirror,auto``, each
+optionally ``+defer``), each run as its own row labelled "blockmirror NAME";
+``--dest-bandwidth`` puts every engine's destination on a
+``slowdisk.slow_disk`` mount (copies and mirrored writes then share its
+bandwidth; no copy cap by default) and measures the destination's own write
+latency with fio first; the rows then carry the mirrored phase (when sync
+engaged and stopped mirroring), what writers achieved in it and their write
+latency p99, and ``result.strategy``. ``--qemu-wb`` adds QEMU's
+``copy-mode=write-blocking`` mirror. ``issue10.py`` renders the verdicts.
+
 Outputs in the output folder: ``runs.json`` and ``runs.csv`` (one row per
 run), ``summary.csv`` (medians per engine and rate), ``summary.md`` (tables and
 the target verdicts), ``model.json`` (model curves) and PNG plots.
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import itertools
 import json
@@ -76,6 +87,16 @@ COMPARABLE_RATE_SHARE = 0.95
 # Who writes on blockmirror's side: Python processes through TrackedImage, or
 # fio through ``blockmirror serve`` (the QEMU peer's guest command).
 FRONTENDS = ("python", "nbd")
+CONVERGE_CHOICES = ("fail", "throttle", "mirror", "auto")
+
+
+def split_strategy(name: str) -> tuple[str, bool]:
+    """"mirror" -> ("mirror", False); "fail+defer" -> ("fail", True): a
+    strategy with hot-block deferral, so one matrix holds both."""
+    base, plus, suffix = name.partition("+")
+    if plus and suffix != "defer":
+        return "", False
+    return base, bool(plus)
 
 
 @dataclass
@@ -95,7 +116,14 @@ class MatrixConfig:
     seed: int = 1
     output: Path = DEFAULT_OUTPUT
     max_passes: int = DEFAULT_MAX_PASSES
-    converge: str = "fail"  # sync's answer when writes outpace the copy: fail | throttle
+    # sync's answer when writes outpace the copy: fail | throttle | mirror | auto, or
+    # several, comma separated (each runs at every point as its own engine row)
+    converge: str = "fail"
+    defer_hot: bool = False  # sync's hot-block deferral
+    # Destination bandwidth (bytes/s): the copy goes to a slowdisk.slow_disk
+    # mount (root only), the QEMU peer's target too. None: the workdir's disk.
+    dest_bandwidth: float | None = None
+    qemu_wb: bool = False  # also QEMU's copy-mode=write-blocking (engine "qemu-wb")
     copy_workers: int = 4
     warmup_s: float = 0.5
     verify: bool = True
@@ -121,7 +149,16 @@ class MatrixConfig:
             raise ValueError("rates must be a non-empty list of values >= 0")
         if self.copy_cap is not None and self.copy_cap <= 0:
             raise ValueError("copy cap must be > 0 (or None for none)")
+        bad = [c for c in self.strategies if split_strategy(c)[0] not in CONVERGE_CHOICES]
+        if bad or not self.strategies:
+            raise ValueError(f"converge must be one or more of {CONVERGE_CHOICES}")
+        if self.dest_bandwidth is not None and self.dest_bandwidth <= 0:
+            raise ValueError("destination bandwidth must be > 0 (or None for none)")
         self.output = Path(self.output)
+
+    @property
+    def strategies(self) -> list[str]:
+        return [c for c in self.converge.replace(" ", "").split(",") if c]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -156,6 +193,8 @@ class Decision:
 class PolicyLog:
     decisions: list[Decision] = field(default_factory=list)
     passes: list[Any] = field(default_factory=list)  # PassRecords, as last seen
+    mirror_on: list[float] = field(default_factory=list)  # perf_counter() mirroring engaged
+    mirror_off: list[float] = field(default_factory=list)  # perf_counter() it stopped
 
 
 @contextlib.contextmanager
@@ -184,9 +223,42 @@ def observe_policy() -> Iterator[PolicyLog]:
 
     setattr(options_module, "ConvergencePolicy", ObservedPolicy)  # noqa: B010
     try:
-        yield log
+        with _observe_mirror(log):
+            yield log
     finally:
         setattr(options_module, "ConvergencePolicy", base)  # noqa: B010
+
+
+@contextlib.contextmanager
+def _observe_mirror(log: PolicyLog) -> Iterator[None]:
+    """When the sync job engaged and stopped mirroring (the mirrored phase)."""
+    job_module = importlib.import_module("blockmirror.migration.job")
+    job = getattr(job_module, "FileSyncJob", None)
+    start, stop = getattr(job, "_start_mirror", None), getattr(job, "_stop_mirror", None)
+    if job is None or start is None or stop is None:  # a tree without mirroring
+        yield
+        return
+
+    def started(self: Any) -> None:
+        start(self)
+        if getattr(self, "mirror", None) is not None:
+            log.mirror_on.append(time.perf_counter())
+
+    def stopped(self: Any, *args: Any, **kwargs: Any) -> None:
+        engaged = getattr(self, "mirror", None) is not None
+        try:
+            stop(self, *args, **kwargs)
+        finally:
+            if engaged:
+                log.mirror_off.append(time.perf_counter())
+
+    setattr(job, "_start_mirror", started)  # noqa: B010
+    setattr(job, "_stop_mirror", stopped)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(job, "_start_mirror", start)  # noqa: B010
+        setattr(job, "_stop_mirror", stop)  # noqa: B010
 
 
 # -- writers --------------------------------------------------------------------------
@@ -307,6 +379,17 @@ class WriterGroup:
     def max_write_s(self) -> float:
         return max((float(s.get("max_write_seconds", 0.0)) for s in self.stats), default=0.0)
 
+    def latency_p99(self, t0: float, t1: float) -> float | None:
+        """p99 of the single writes that began within [t0, t1] (monotonic)."""
+        lat = [d for s in self.stats for b, d in (s.get("latencies") or []) if t0 <= b <= t1]
+        return percentile(lat, 99) if lat else None
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The PCT-th percentile (nearest rank) of VALUES."""
+    ordered = sorted(values)
+    return float(ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)])
+
 
 def _interpolate(timeline: Sequence[Sequence[float]], t: float) -> float:
     if not timeline:
@@ -340,20 +423,53 @@ def make_source(folder: Path, cfg: MatrixConfig, seed: int, *, tracked: bool) ->
     return image, allocated
 
 
+@contextlib.contextmanager
+def destination(cfg: MatrixConfig, folder: Path) -> Iterator[Path]:
+    """An empty folder for the copy: on a slow disk of cfg.dest_bandwidth
+    (everything undone on exit), else FOLDER/dst."""
+    if cfg.dest_bandwidth is None:
+        dst = folder / "dst"
+        dst.mkdir(parents=True)
+        yield dst
+        return
+    from .slowdisk import slow_disk
+
+    size = max(1 << 30, 2 * cfg.image_size + (256 << 20))
+    folder.mkdir(parents=True, exist_ok=True)
+    with slow_disk(int(cfg.dest_bandwidth), size=size, parent=folder) as mnt:
+        dst = mnt / "dst"
+        dst.mkdir()
+        yield dst
+
+
 def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
-                          workdir: Path) -> Row:
-    """One sync of a fresh image under writers at RATE bytes/s."""
+                          workdir: Path, converge: str | None = None) -> Row:
+    """One sync of a fresh image under writers at RATE bytes/s (with CONVERGE,
+    default the first of cfg's strategies)."""
+    converge = converge or cfg.strategies[0]
+    folder = workdir / f"bm-{converge}-{rate / MiB:g}M-{repetition}"
+    shutil.rmtree(folder, ignore_errors=True)
+    image, allocated = make_source(folder / "src", cfg, cfg.seed + repetition, tracked=True)
+    try:
+        with destination(cfg, folder) as dst_dir:
+            return _blockmirror_point(cfg, rate, repetition, converge, image, allocated,
+                                      dst_dir)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int, converge: str,
+                       image: Path, allocated: int, dst_dir: Path) -> Row:
     from blockmirror.errors import NotConvergedError
     from blockmirror.migration import sync
 
-    folder = workdir / f"bm-{rate / MiB:g}M-{repetition}"
-    shutil.rmtree(folder, ignore_errors=True)
-    image, allocated = make_source(folder / "src", cfg, cfg.seed + repetition, tracked=True)
-    dst_dir = folder / "dst"
-    dst_dir.mkdir()
+    strategy, defer = split_strategy(converge)
+    defer = defer or cfg.defer_hot
     row = _base_row("blockmirror", cfg, rate, repetition)
-    row["allocated_bytes"] = allocated
-    writers = start_writers(image, rate, cfg, cfg.seed + repetition, folder)
+    row.update(allocated_bytes=allocated, converge=strategy, defer_hot=defer,
+               label=f"blockmirror {converge}")
+    writers = start_writers(image, rate, cfg, cfg.seed + repetition,
+                            image.parent.parent)
     policy = PolicyLog()
     result = None
     error: BaseException | None = None
@@ -368,7 +484,7 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
                 result = sync(image, dst_dir, target_downtime=cfg.target_downtime,
                               max_passes=cfg.max_passes, verify=cfg.verify,
                               workers=cfg.copy_workers, rate_limit=cfg.copy_cap,
-                              converge=cfg.converge)
+                              converge=strategy, defer_hot=defer)
         except NotConvergedError as e:
             error = e
         t_end = time.perf_counter()
@@ -389,6 +505,7 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
     row["writer_rate"] = writers.rate_between(mono0, mono_decided) if rate > 0 else 0.0
     row["writer_rate_overall"] = writers.overall_rate
     row["writer_max_write_s"] = writers.max_write_s
+    _mirrored_phase(row, writers, policy, mono0, t0, mono_decided)
     if error is not None and row.get("source_untouched"):
         after = writers.bytes_at(mono_end + 0.3) - writers.bytes_at(mono_end)
         row["writes_after_failure_bytes"] = after
@@ -405,9 +522,27 @@ def run_blockmirror_point(cfg: MatrixConfig, rate: float, repetition: int,
         row.update(outcome="not_converged", converged=False, downtime_s=0.0,
                    bytes_copied=sum(p["bytes"] for p in row["pass_list"]), verified=False,
                    notes=str(error))
+    if result is not None:
+        row.update(strategy=result.strategy, strategy_reason=result.strategy_reason)
     derive_row(row, cfg)
-    shutil.rmtree(folder, ignore_errors=True)
     return row
+
+
+def _mirrored_phase(row: Row, writers: Writers, policy: PolicyLog, mono0: float, t0: float,
+                    mono_decided: float) -> None:
+    """What writers achieved, and their write latency p99, while mirroring
+    was on (from its first engagement to the switchover decision or its
+    stop, whichever came first)."""
+    if not policy.mirror_on:
+        row.update(mirror_s=None, mirror_writer_rate=None, mirror_write_p99_s=None)
+        return
+    on = mono0 + (policy.mirror_on[0] - t0)
+    off = mono0 + (policy.mirror_off[-1] - t0) if policy.mirror_off else mono_decided
+    off = min(off, mono_decided)
+    p99 = getattr(writers, "latency_p99", None)
+    row.update(mirror_from_s=on - mono0, mirror_s=max(0.0, off - on),
+               mirror_writer_rate=writers.rate_between(on, off) if off > on else None,
+               mirror_write_p99_s=p99(on, off) if p99 is not None else None)
 
 
 def _source_checks(image: Path, dst_dir: Path, writers: Writers) -> Row:
@@ -524,26 +659,82 @@ def run_matrix(cfg: MatrixConfig, *, log: Log = print, command: str = "") -> Mat
         else:
             qemu = qemu_peer
     try:
+        dest = destination_latencies(cfg, workdir, log) if cfg.dest_bandwidth else {}
         for repetition in range(cfg.repetitions):
             for rate in cfg.rates:
-                # Both engines back to back at each point (ANCHORS: same run).
-                log(f"blockmirror  rate {rate / MiB:6.1f} MiB/s  rep {repetition + 1}/"
-                    f"{cfg.repetitions} ...")
-                rows.append(_guarded(run_blockmirror_point, cfg, rate, repetition, workdir,
-                                     "blockmirror"))
-                log("  " + _one_line(rows[-1]))
-                if qemu is not None:
-                    log(f"qemu-mirror  rate {rate / MiB:6.1f} MiB/s  rep {repetition + 1}/"
-                        f"{cfg.repetitions} ...")
-                    rows.append(_guarded(qemu.run_point, cfg, rate, repetition, workdir,
-                                         "qemu-mirror"))
-                    log("  " + _one_line(rows[-1]))
+                # All engines back to back at each point (ANCHORS: same run).
+                rows += _run_point(cfg, rate, repetition, workdir, qemu, log)
+        for row in rows:
+            row.update(dest.get(row["rate_requested"], {}))
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     from . import report
 
     return report.finish(cfg, rows, notes=notes, started=started, command=command, log=log)
+
+
+def _run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path,
+               qemu: Any, log: Log) -> list[Row]:
+    """Every engine at one point, back to back."""
+    runs: list[tuple[str, Callable[..., Row], str]] = [
+        (f"blockmirror {c}", functools.partial(run_blockmirror_point, converge=c),
+         "blockmirror") for c in cfg.strategies]
+    if qemu is not None:
+        runs.append(("qemu-mirror", qemu.run_point, "qemu-mirror"))
+        if cfg.qemu_wb:
+            runs.append(("qemu-wb", functools.partial(qemu.run_point, write_blocking=True),
+                         "qemu-wb"))
+    rows = []
+    for label, fn, engine in runs:
+        log(f"{label:18s} rate {rate / MiB:6.1f} MiB/s  rep {repetition + 1}/"
+            f"{cfg.repetitions} ...")
+        rows.append(_guarded(fn, cfg, rate, repetition, workdir, engine))
+        rows[-1].setdefault("label", label)
+        log("  " + _one_line(rows[-1]))
+    return rows
+
+
+def destination_latencies(cfg: MatrixConfig, workdir: Path, log: Log) -> dict[float, Row]:
+    """The destination's own write latency at each rate of the matrix: fio
+    alone on a fresh slow disk (buffered 64 KiB-class pwrites at that rate, as
+    the copier and the mirrored writes do), p99 and what it achieved."""
+    out: dict[float, Row] = {}
+    if shutil.which("fio") is None:
+        log("destination latency not measured: fio not installed")
+        return out
+    for rate in cfg.rates:
+        folder = workdir / f"dest-{rate / MiB:g}M"
+        with destination(cfg, folder) as dst:
+            out[rate] = fio_destination(cfg, rate, dst)
+        shutil.rmtree(folder, ignore_errors=True)
+        got = out[rate]
+        log(f"destination alone at {rate / MiB:g} MiB/s: got "
+            f"{(got['dest_write_rate'] or 0) / MiB:.1f} MiB/s, write p99 "
+            f"{(got['dest_write_p99_s'] or 0) * 1000:.2f} ms")
+    return out
+
+
+DEST_FIO_SECONDS = 4
+
+
+def fio_destination(cfg: MatrixConfig, rate: float, dst: Path) -> Row:
+    """fio psync random writes of cfg.write_size into a cfg.image_size file
+    in DST at RATE (0: as fast as it goes), one job per writer."""
+    report = dst / "fio.json"
+    argv = ["fio", "--name=dest", "--ioengine=psync", "--rw=randwrite", "--norandommap",
+            "--randrepeat=0", f"--bs={cfg.write_size}", f"--size={cfg.image_size}",
+            f"--filename={dst / 'probe.img'}", f"--numjobs={cfg.writers}", "--time_based",
+            f"--runtime={DEST_FIO_SECONDS}", "--group_reporting", "--output-format=json",
+            f"--output={report}"]
+    if rate > 0:
+        argv.append(f"--rate={max(1, int(rate / cfg.writers))}")
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=DEST_FIO_SECONDS * 10 + 60)
+    from .qemu_peer import fio_write_stats
+
+    bw, p99 = fio_write_stats(report)
+    return {"dest_write_rate": bw, "dest_write_p99_s": p99}
 
 
 def frontend_missing(cfg: MatrixConfig) -> str | None:
@@ -609,11 +800,22 @@ def _one_line(row: Row) -> str:
                   f"downtime {row['downtime_s'] * 1000:.0f} ms"]
         if not row["converged"]:
             parts.append(f"source untouched: {row.get('source_untouched')}")
+        if row.get("strategy"):
+            parts.append(f"by {row['strategy']}")
+        if row.get("mirror_writer_rate") is not None:
+            p99 = row.get("mirror_write_p99_s")
+            parts.append(f"mirrored {row['mirror_s']:.1f} s: writers "
+                         f"{row['mirror_writer_rate'] / MiB:.1f} MiB/s, p99 "
+                         + (f"{p99 * 1000:.1f} ms" if p99 is not None else "-"))
     else:
         ready = row.get("ready_s")
         parts += [f"ready at {ready:.2f} s" if ready is not None else "never ready",
                   f"copied {row.get('amplification', 0):.2f}x image",
                   f"complete {row.get('downtime_s', 0) * 1000:.0f} ms"]
+        if row.get("mirror_writer_rate") is not None:
+            p99 = row.get("mirror_write_p99_s")
+            parts.append(f"guest {row['mirror_writer_rate'] / MiB:.1f} MiB/s while mirroring, "
+                         "p99 " + (f"{p99 * 1000:.1f} ms" if p99 is not None else "-"))
     return ", ".join(parts)
 
 
@@ -705,15 +907,25 @@ def build_parser(prog: str = "blockmirror bench convergence") -> argparse.Argume
     p.add_argument("--target-downtime", type=_duration, default=0.5,
                    help="e.g. 500ms, 2s (default 500ms)")
     p.add_argument("--copy-cap", type=_float_in(0.0, float(1 << 24)),
-                   default=64.0, metavar="MIB_PER_S",
-                   help="cap on copy throughput in MiB/s, 0 for none (default 64)")
+                   default=None, metavar="MIB_PER_S",
+                   help="cap on copy throughput in MiB/s, 0 for none (default 64, or none "
+                   "with --dest-bandwidth)")
+    p.add_argument("--dest-bandwidth", type=_float_in(0.0, float(1 << 24), low_open=True),
+                   metavar="MIB_PER_S",
+                   help="put the copy (and QEMU's target) on a disk whose writes run at "
+                   "this rate for everyone (root: loop device, blkio throttle)")
+    p.add_argument("--copy-workers", type=_int_from(1, 64), default=4,
+                   help="sync's copy worker threads (default 4)")
     p.add_argument("--repetitions", type=_int_from(1), default=1)
     p.add_argument("--seed", type=_int_from(0, 2**63 - 1), default=1)
     p.add_argument("--max-passes", type=_int_from(1), default=DEFAULT_MAX_PASSES,
                    help=f"sync's max_passes (default {DEFAULT_MAX_PASSES})")
-    p.add_argument("--converge", choices=("fail", "throttle"), default="fail",
-                   help="sync's answer when writes outpace the copy (default fail); with "
+    p.add_argument("--converge", type=_strategies, default="fail",
+                   help="sync's answer when writes outpace the copy: fail (default), "
+                   "throttle, mirror, auto, or several comma separated (each its own "
+                   "engine row; NAME+defer adds hot-block deferral to one); with "
                    "throttle, read the writers' achieved rate: that is what they paid")
+    p.add_argument("--defer-hot", action="store_true", help="sync's hot-block deferral")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help="output folder (default bench/results/convergence in the repository)")
     p.add_argument("--workdir", type=Path,
@@ -731,10 +943,30 @@ def build_parser(prog: str = "blockmirror bench convergence") -> argparse.Argume
                    help="blockmirror's writers: python (processes writing through "
                    "TrackedImage, default) or nbd (the QEMU peer's fio guest command against "
                    "blockmirror serve; needs nbdkit, fio and the built plugin)")
+    p.add_argument("--qemu-wb", action="store_true",
+                   help="with --qemu: also QEMU's copy-mode=write-blocking (engine qemu-wb)")
     p.add_argument("--qemu-timeout", type=_float_in(0.0, 86400.0, low_open=True),
                    default=30.0, metavar="SECONDS",
                    help="give QEMU this long to become ready (default 30)")
     return p
+
+
+def _strategies(text: str) -> str:
+    names = [c for c in text.replace(" ", "").split(",") if c]
+    bad = [c for c in names if split_strategy(c)[0] not in CONVERGE_CHOICES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"one or more of {', '.join(CONVERGE_CHOICES)} (each optionally +defer), comma "
+            f"separated: {text!r}")
+    return ",".join(names)
+
+
+def _copy_cap(mib: float | None, dest_bandwidth: float | None) -> float | None:
+    """Bytes/s: 64 MiB/s by default, none by default on a slow destination
+    (copies and mirrored writes share its bandwidth, as on a real disk)."""
+    if mib is None:
+        mib = 0.0 if dest_bandwidth else 64.0
+    return mib * MiB if mib > 0 else None
 
 
 def config_from_args(args: argparse.Namespace) -> MatrixConfig:
@@ -742,7 +974,9 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
         image_size=args.size, allocated_fraction=args.allocated, granularity=args.granularity,
         rates=args.rates, pattern=args.pattern, write_size=args.write_size,
         writers=args.writers, target_downtime=args.target_downtime,
-        copy_cap=args.copy_cap * MiB if args.copy_cap > 0 else None,
+        copy_cap=_copy_cap(args.copy_cap, args.dest_bandwidth),
+        dest_bandwidth=args.dest_bandwidth * MiB if args.dest_bandwidth else None,
+        defer_hot=args.defer_hot, qemu_wb=args.qemu_wb, copy_workers=args.copy_workers,
         repetitions=args.repetitions, seed=args.seed, output=args.output,
         max_passes=args.max_passes, verify=not args.no_verify, converge=args.converge,
         zipf_exponent=args.zipf_exponent, qemu=args.qemu, qemu_timeout_s=args.qemu_timeout,

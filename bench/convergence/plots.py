@@ -63,7 +63,38 @@ def make_plots(result: MatrixResult) -> list[Path] | str:
         fig.savefig(path)
         plt.close(fig)
         files.append(path)
+    if any(r.get("mirror_writer_rate") is not None for r in result.rows):
+        files.append(_mirrored_writers(plt, result))
     return files
+
+
+def _mirrored_writers(plt: Any, result: MatrixResult) -> Path:
+    """Issue 10: what writers got while mirroring, against what they asked."""
+    from .issue10 import label
+
+    cfg = result.config
+    d = (cfg.dest_bandwidth or result.copy_throughput) / MiB
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    rows = [r for r in result.rows if r.get("mirror_writer_rate") is not None
+            and r["rate_requested"] > 0]
+    for i, name in enumerate(sorted({label(r) for r in rows})):
+        mine = [r for r in rows if label(r) == name]
+        ax.scatter([r["rate_requested"] / MiB for r in mine],
+                   [r["mirror_writer_rate"] / MiB for r in mine], s=20, zorder=3,
+                   marker="os^vD"[i % 5], label=name)
+    ax.axhline(d, color="tab:red", lw=1, ls="--", label=f"destination bandwidth D ({d:.0f})")
+    ax.axhline(d / 2, color="tab:green", lw=1, ls=":", label="target: 0.5 x D")
+    ax.set_xlabel("writers asked (MiB/s)")
+    ax.set_ylabel("writers got while mirroring (MiB/s)")
+    ax.set_title(f"{cfg.pattern}, {cfg.image_size / MiB:g} MiB image, writes to a "
+                 f"{d:.0f} MiB/s destination", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = cfg.output / "mirrored_writers.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def _x(rows: list[dict[str, Any]]) -> list[float]:

@@ -28,7 +28,14 @@ mirror"), at the matrix's size, pattern, rates and copy cap:
 - ``qemu-img compare`` of source and copy.
 
 The guest's achieved rate is fio's own (whole run, warm-up included: QEMU
-keeps no per-export write statistics).
+keeps no per-export write statistics); its rate from ``blockdev-mirror`` to
+ready comes from fio's periodic reports (``--status-interval``), its write
+latency p99 from fio's completion latency over the whole run.
+
+``run_point(..., write_blocking=True)`` is the second peer, engine
+"qemu-wb": the same with ``copy-mode=write-blocking`` (each guest write to
+an already-copied range waits for the target). With ``--dest-bandwidth`` the
+target image is on the same kind of slow disk as blockmirror's copy.
 """
 
 from __future__ import annotations
@@ -191,12 +198,55 @@ def _guest_started(qmp: QMP, node: str = "src") -> bool:
 
 def _fio_rate(path: Path) -> float:
     """Bytes/s fio wrote, from its JSON report (after any message lines)."""
+    return fio_write_stats(path)[0]
+
+
+def fio_reports(path: Path) -> list[dict[str, Any]]:
+    """Every JSON report in fio's output file, in order (one per
+    --status-interval, the final one last), after any message lines."""
     try:
         text = path.read_text()
-        report = json.loads(text[text.index("{"):])
-    except (OSError, ValueError):
-        return 0.0
-    return float(sum(job["write"]["bw_bytes"] for job in report.get("jobs", [])))
+    except OSError:
+        return []
+    decoder, out = json.JSONDecoder(), []
+    at = text.find("{")
+    while at >= 0:
+        try:
+            report, end = decoder.raw_decode(text, at)
+        except ValueError:
+            break
+        out.append(report)
+        at = text.find("{", end)
+    return out
+
+
+def fio_written_between(path: Path, t0: float, t1: float) -> float | None:
+    """Bytes/s fio wrote between wall-clock times T0 and T1 (time.time()),
+    from its periodic reports (interpolated), or None without them."""
+    from .harness import _interpolate
+
+    points = [(r["timestamp_ms"] / 1000, sum(j["write"]["io_bytes"] for j in r["jobs"]))
+              for r in fio_reports(path) if "timestamp_ms" in r]
+    if len(points) < 2 or t1 <= t0:
+        return None
+    return (_interpolate(points, t1) - _interpolate(points, t0)) / (t1 - t0)
+
+
+def fio_write_stats(path: Path) -> tuple[float, float | None]:
+    """Bytes/s fio wrote and its write completion latency p99 in seconds (the
+    jobs' groups merged by --group_reporting), from its final JSON report."""
+    reports = fio_reports(path)
+    if not reports:
+        return 0.0, None
+    jobs = reports[-1].get("jobs", [])
+    bw = float(sum(job["write"]["bw_bytes"] for job in jobs))
+    p99s = [job["write"].get("clat_ns", {}).get("percentile", {}).get("99.000000")
+            for job in jobs]
+    known = [float(v) / 1e9 for v in p99s if v]
+    return bw, max(known) if known else None
+
+
+STATUS_INTERVAL = "250ms"  # fio's periodic reports: the guest's rate over a window
 
 
 def _stop(proc: subprocess.Popen[Any] | None, grace: float = 2.0) -> None:
@@ -212,21 +262,35 @@ def _stop(proc: subprocess.Popen[Any] | None, grace: float = 2.0) -> None:
         proc.wait()
 
 
-def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) -> Row:
-    """One QEMU mirror of a fresh image under fio at RATE bytes/s."""
+def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path, *,
+              write_blocking: bool = False) -> Row:
+    """One QEMU mirror of a fresh image under fio at RATE bytes/s; with
+    WRITE_BLOCKING, copy-mode=write-blocking (engine "qemu-wb"). The target
+    goes where the harness puts blockmirror's copy (a slow disk with
+    --dest-bandwidth)."""
+    from .harness import destination
+
+    engine = "qemu-wb" if write_blocking else "qemu-mirror"
+    folder = workdir / f"{engine}-{rate / MiB:g}M-{repetition}"
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        with destination(cfg, folder) as dst:
+            return _run_point(cfg, rate, repetition, folder, dst / "image.img", engine)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_point(cfg: MatrixConfig, rate: float, repetition: int, folder: Path,
+               target: Path, engine: str) -> Row:
     from .harness import _base_row, make_source
 
-    folder = workdir / f"qemu-{rate / MiB:g}M-{repetition}"
-    shutil.rmtree(folder, ignore_errors=True)
     image, allocated = make_source(folder / "src", cfg, cfg.seed + repetition, tracked=False)
-    target = folder / "dst" / "image.img"
-    target.parent.mkdir(parents=True)
     with open(target, "wb") as f:
         f.truncate(cfg.image_size)
     # Unix socket paths must stay short (108 bytes): not under the workdir.
     sockets = Path(tempfile.mkdtemp(prefix="bmq-"))
     nbd_sock, qmp_sock = sockets / "nbd.sock", sockets / "qmp.sock"
-    row = _base_row("qemu-mirror", cfg, rate, repetition)
+    row = _base_row(engine, cfg, rate, repetition)
     row.update(allocated_bytes=allocated, passes=None, pass_list=[])
     qsd = fio = None
     fio_report = folder / "fio.json"
@@ -246,8 +310,9 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         qmp = QMP(qmp_sock)
         if rate > 0:
             fio = subprocess.Popen(
-                guest_fio_command(cfg, rate, cfg.seed + repetition,
-                                  f"nbd+unix:///src?socket={nbd_sock}", fio_report),
+                [*guest_fio_command(cfg, rate, cfg.seed + repetition,
+                                    f"nbd+unix:///src?socket={nbd_sock}", fio_report),
+                 f"--status-interval={STATUS_INTERVAL}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             deadline = time.monotonic() + 20
@@ -266,6 +331,9 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
                                   "sync": "full", "granularity": cfg.granularity}
         if cfg.copy_cap:
             mirror["speed"] = int(cfg.copy_cap)
+        if engine == "qemu-wb":
+            mirror["copy-mode"] = "write-blocking"
+        wall0 = time.time()
         t0 = time.monotonic()
         qmp.cmd("blockdev-mirror", **mirror)
         samples: list[tuple[float, int, int]] = []
@@ -297,6 +365,7 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
                 break
             time.sleep(POLL_S)
         t_decided = time.monotonic()
+        wall_decided = wall0 + (t_decided - t0)
         row.update(ready_s=ready, le_2mib_s=le_2mib, predicate_s=predicate,
                    decision_s=ready if ready is not None else t_decided - t0,
                    initial_total=initial_total(samples, cfg.image_size),
@@ -304,7 +373,13 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
         paused = time.monotonic()
         _stop(fio, grace=10)  # the guest completes its requests in flight and exits
         fio = None
-        row["writer_rate"] = row["writer_rate_overall"] = _fio_rate(fio_report)
+        rate_got, p99 = fio_write_stats(fio_report)
+        row["writer_rate"] = row["writer_rate_overall"] = rate_got
+        # The guest's rate from blockdev-mirror to ready (or giving up); fio's
+        # p99 covers its whole run (it keeps no latencies per window).
+        row.update(mirror_s=t_decided - t0, mirror_write_p99_s=p99 if rate > 0 else None,
+                   mirror_writer_rate=fio_written_between(fio_report, wall0, wall_decided)
+                   if rate > 0 else None)
         if ready is not None:
             qmp.cmd("block-export-del", id="exp0", mode="hard")
             completing = time.monotonic()
@@ -359,5 +434,4 @@ def run_point(cfg: MatrixConfig, rate: float, repetition: int, workdir: Path) ->
             _stop(qsd, grace=10)
             if qsd.stderr:
                 qsd.stderr.close()
-        shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(sockets, ignore_errors=True)

@@ -149,7 +149,9 @@ CSV_COLUMNS = [
     "allocated_bytes", "image_size", "bulk_throughput_mib", "copy_cap", "target_downtime_s",
     "verified", "identical", "source_untouched", "model_converged", "model_reason",
     "model_passes", "passes_minus_model", "model_switchover_s", "model_bytes",
-    "model_downtime_s", "pass_bytes",
+    "model_downtime_s", "label", "converge", "defer_hot", "strategy", "strategy_reason",
+    "mirror_from_s", "mirror_s", "mirror_writer_rate_mib", "mirror_write_p99_s",
+    "dest_write_rate_mib", "dest_write_p99_s", "recopied_bytes", "pass_bytes",
     "pass_seconds", "pass_throughput_mib", "pass_dirty_left", "pass_write_rate_mib", "notes",
 ]
 
@@ -159,6 +161,9 @@ def _csv_row(row: Row) -> Row:
     out["writer_rate_mib"] = _r(row.get("writer_rate", 0.0) / MiB)
     out["writer_rate_overall_mib"] = _r(row.get("writer_rate_overall", 0.0) / MiB)
     out["bulk_throughput_mib"] = _r((row.get("bulk_throughput") or 0.0) / MiB)
+    for key in ("mirror_writer_rate", "dest_write_rate"):
+        if row.get(key) is not None:
+            out[f"{key}_mib"] = _r(row[key] / MiB)
     plist = row.get("pass_list") or []
     out["pass_bytes"] = ";".join(str(p["bytes"]) for p in plist)
     out["pass_seconds"] = ";".join(f"{p['seconds']:.4f}" for p in plist)
@@ -214,14 +219,22 @@ def model_curves(result: MatrixResult, points: int = 81) -> dict[str, Any]:
 
 
 def summarize(rows: Sequence[Row]) -> list[Row]:
-    """Medians per engine and requested rate."""
+    """Medians per engine and requested rate (blockmirror's strategies apart
+    when the matrix ran several)."""
+    from .issue10 import label as full_label
+
+    several = len({full_label(r) for r in rows if r["engine"] == "blockmirror"}) > 1
+
+    def label(r: Row) -> str:
+        return full_label(r) if several else str(r["engine"])
+
     out = []
-    keys = sorted({(r["engine"], r["rate_requested"]) for r in rows},
-                  key=lambda k: (k[0] != "blockmirror", k[1]))
+    keys = sorted({(label(r), r["rate_requested"]) for r in rows},
+                  key=lambda k: (not k[0].startswith("blockmirror"), k[0], k[1]))
     for engine, rate in keys:
-        group = [r for r in rows if r["engine"] == engine and r["rate_requested"] == rate
+        group = [r for r in rows if label(r) == engine and r["rate_requested"] == rate
                  and r["outcome"] != "error"]
-        errors = sum(1 for r in rows if r["engine"] == engine and r["rate_requested"] == rate
+        errors = sum(1 for r in rows if label(r) == engine and r["rate_requested"] == rate
                      and r["outcome"] == "error")
         ok = [r for r in group if r["converged"]]
 
@@ -303,7 +316,10 @@ def summary_markdown(result: MatrixResult) -> str:
         f"{cfg.writers} {'fio jobs' if cfg.frontend == 'nbd' else 'writer processes'}, "
         f"{cfg.write_size / KiB:g} KiB writes; target downtime "
         f"{cfg.target_downtime:g} s; copy cap "
-        f"{(cfg.copy_cap or 0) / MiB:g} MiB/s; measured copy throughput C = {c / MiB:.1f} MiB/s; "
+        + (f"{cfg.copy_cap / MiB:g} MiB/s" if cfg.copy_cap else "none")
+        + (f"; destination bandwidth {cfg.dest_bandwidth / MiB:g} MiB/s (slow disk)"
+           if cfg.dest_bandwidth else "")
+        + f"; {cfg.copy_workers} copy workers; measured copy throughput C = {c / MiB:.1f} MiB/s; "
         f"{cfg.repetitions} repetition(s); max passes {cfg.max_passes}.",
         "",
         *[f"- {n}" for n in result.notes],
@@ -319,7 +335,7 @@ def summary_markdown(result: MatrixResult) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summarize(result.rows):
-        qemu = s["engine"] != "blockmirror"
+        qemu = not s["engine"].startswith("blockmirror")
         switch = s["ready_s"] if qemu else s["switchover_s"]
         lines.append(
             f"| {s['engine']} | {s['rate_requested_mib']:g} | {s['writer_rate_mib']:.1f} | "
@@ -380,6 +396,12 @@ def summary_markdown(result: MatrixResult) -> str:
                 f"{_fmt(x['qemu_ready_s'])} | {_fmt(x['qemu_predicate_s'])} | "
                 f"{_mib(x['bm_bytes'])} / {_mib(x['qemu_bytes'])} | "
                 f"{_mib(x['bm_recopied'])} / {_mib(x['qemu_recopied'])} |")
+    if cfg.dest_bandwidth or any(r.get("converge") in ("mirror", "auto") or r.get("defer_hot")
+                                 or r["engine"] == "qemu-wb" for r in result.rows):
+        from . import issue10
+
+        lines += ["", *issue10.markdown(result.rows, cfg.dest_bandwidth or c,
+                                        cfg.target_downtime, c)]
     plots = [p for k, p in result.files.items() if str(p).endswith(".png")]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -447,7 +469,7 @@ def rebuild(output: Path, *, log: Log = print) -> MatrixResult:
     for row in rows:
         if row.get("engine") == "blockmirror" and row.get("pass_list"):
             derive_row(row, cfg)
-        elif row.get("engine") == "qemu-mirror" and "bytes_copied" in row:
+        elif row.get("engine") in ("qemu-mirror", "qemu-wb") and "bytes_copied" in row:
             derive_recopied(row, cfg.image_size)
     c = measured_copy_throughput(rows, cfg)
     result = MatrixResult(cfg, rows, c, evaluate_targets(rows, cfg, c), {},

@@ -57,6 +57,7 @@ class WriterStats:
     started: float = 0.0  # time.monotonic() when writing began
     max_write_seconds: float = 0.0  # the longest single write (a freeze shows here)
     timeline: list[tuple[float, int]] | None = None  # (time.monotonic(), bytes so far)
+    latencies: list[tuple[float, float]] | None = None  # (start, seconds) of each timed write
 
     @property
     def rate(self) -> float:
@@ -140,6 +141,7 @@ def run_writer(
     writes = written = 0
     longest = 0.0
     timeline: list[tuple[float, int]] | None = [] if timeline_interval else None
+    latencies: list[tuple[float, float]] = []
     with TrackedImage(image) as img:
         picker = OffsetPicker(region or img.size, write_size, pattern, seed,
                               zipf_exponent=zipf_exponent)
@@ -163,7 +165,8 @@ def run_writer(
             if timeline is not None:
                 began = time.monotonic()
                 img.pwrite(payload, offset)
-                longest = max(longest, time.monotonic() - began)
+                latencies.append((began, time.monotonic() - began))
+                longest = max(longest, latencies[-1][1])
             else:
                 img.pwrite(payload, offset)
             if log is not None:
@@ -179,7 +182,8 @@ def run_writer(
             timeline.append((start + elapsed, written))
     if log is not None:
         log.close()
-    return WriterStats(writes, written, elapsed, start, longest, timeline)
+    return WriterStats(writes, written, elapsed, start, longest, timeline,
+                       latencies if timeline is not None else None)
 
 
 def read_log(path: str) -> list[tuple[int, int, int]]:
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "seconds": stats.seconds, "rate": stats.rate}
         if stats.timeline is not None:
             out.update(started=stats.started, max_write_seconds=stats.max_write_seconds,
-                       timeline=stats.timeline)
+                       timeline=stats.timeline, latencies=stats.latencies)
         # Created exclusively, never through a link (the folder may be shared).
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
