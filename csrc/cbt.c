@@ -398,113 +398,126 @@ static int join(bm_tracker *t, int flags)
     return 0;
 }
 
-bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
-{
-    struct stat st, img;
-    uint64_t btime = 0;
-    struct bm_header h;
-    int shift;
-    bm_tracker *t = NULL;
-    if (bm_guard_install() < 0)
-        goto fail;
-    if ((flags & ~(BM_OPEN_WRITER)) != 0) {
-        bm_fail(EINVAL, "unknown bm_open flags %#x", (unsigned)flags);
-        goto fail;
-    }
-    if (image_fd < 0 && (flags & BM_OPEN_WRITER)) {
-        bm_fail(EBADF, "a writer must open sidecar %s with its image", path);
-        goto fail;
-    }
-    if (image_fd >= 0 && bm_image_identity(image_fd, &img, &btime) < 0) {
-        bm_fail(errno, "cannot stat the image of sidecar %s: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (fstat(fd, &st) < 0) {
-        bm_fail(errno, "cannot stat sidecar %s: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        bm_fail(EPERM, "sidecar %s is not a regular file", path);
-        goto fail;
-    }
-    if (image_fd >= 0 && st.st_uid != img.st_uid) {
-        bm_fail(EPERM, "sidecar %s is owned by uid %u, not the image's owner uid %u",
-                path, (unsigned)st.st_uid, (unsigned)img.st_uid);
-        goto fail;
-    }
-    if (st.st_mode & (S_IWGRP | S_IWOTH)) {
-        bm_fail(EPERM, "sidecar %s is writable by group or others (mode %04o); "
-                "it can redirect writers, so it must be 0600", path,
-                (unsigned)(st.st_mode & 07777));
-        goto fail;
-    }
-    if ((uint64_t)st.st_size < BM_BITMAP_OFFSET ||
-        pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
-        bm_fail(EUCLEAN, "sidecar %s is truncated (%lld bytes)", path, (long long)st.st_size);
-        goto fail;
-    }
-    if (memcmp(h.magic, BM_MAGIC, 8) != 0) {
-        bm_fail(EUCLEAN, "%s is not a blockmirror sidecar (bad magic)", path);
-        goto fail;
-    }
-    if (h.version != BM_FORMAT_VERSION) {
-        bm_fail(EUCLEAN, "sidecar %s has format version %u; this build reads only %u%s", path,
-                h.version, BM_FORMAT_VERSION,
-                h.version < BM_FORMAT_VERSION
-                    ? " (made by an older blockmirror: remove it and enable tracking again, "
-                      "then take a full copy)"
-                    : "");
-        goto fail;
-    }
-    shift = shift_of(h.granularity);
-    if (h.checksum != header_checksum(&h) || shift < 0 || (uint32_t)shift != h.granularity_shift ||
-        h.header_size != BM_PAGE || h.control_offset != BM_CONTROL_OFFSET ||
-        h.bitmap_offset != BM_BITMAP_OFFSET) {
-        bm_fail(EUCLEAN, "sidecar %s header is corrupt (checksum mismatch)", path);
-        goto fail;
-    }
-    if (h.image_size > bm_max_image_for((uint32_t)shift) ||
-        (uint64_t)st.st_size < BM_BITMAP_OFFSET + bitmap_bytes_for(h.image_size, (uint32_t)shift)) {
-        bm_fail(EUCLEAN, "sidecar %s is truncated: its bitmap cannot cover %llu bytes", path,
-                (unsigned long long)h.image_size);
-        goto fail;
-    }
-    int bound = image_fd >= 0 && h.image_dev == (uint64_t)img.st_dev &&
-                h.image_ino == (uint64_t)img.st_ino && h.image_btime_ns == btime;
-    if ((flags & BM_OPEN_WRITER) && !bound) {
-        /* Left beside a new file at the old path (a move killed after its
-         * redirect, an image replaced by rename): its bitmap and any
-         * redirect in it are about another file. */
-        bm_fail(EUCLEAN, "sidecar %s was made for another file (device %llu, inode %llu, "
-                "born %llu), not this image (device %llu, inode %llu, born %llu): remove it, "
-                "or accept it with blockmirror track reset", path,
-                (unsigned long long)h.image_dev, (unsigned long long)h.image_ino,
-                (unsigned long long)h.image_btime_ns, (unsigned long long)img.st_dev,
-                (unsigned long long)img.st_ino, (unsigned long long)btime);
-        goto fail;
-    }
+/* What bm_open_fd learns about a sidecar and its image before it maps it. */
+struct opening {
+    struct stat st;         /* the sidecar */
+    struct stat img;        /* its image (when opened with one) */
+    uint64_t btime;         /* the image's birth time, 0 where unknown */
+    struct bm_header h;     /* the header as read */
+    int shift;              /* log2(granularity) */
+    int bound;              /* the header names this image */
+};
 
-    t = calloc(1, sizeof *t);
+/* The sidecar file itself (I5): a regular file, owned by the image's owner,
+ * writable by nobody else. */
+static int check_sidecar_file(int fd, const char *path, int flags, int image_fd,
+                              struct opening *o)
+{
+    if ((flags & ~(BM_OPEN_WRITER)) != 0)
+        return bm_fail(EINVAL, "unknown bm_open flags %#x", (unsigned)flags);
+    if (image_fd < 0 && (flags & BM_OPEN_WRITER))
+        return bm_fail(EBADF, "a writer must open sidecar %s with its image", path);
+    if (image_fd >= 0 && bm_image_identity(image_fd, &o->img, &o->btime) < 0)
+        return bm_fail(errno, "cannot stat the image of sidecar %s: %s", path, strerror(errno));
+    if (fstat(fd, &o->st) < 0)
+        return bm_fail(errno, "cannot stat sidecar %s: %s", path, strerror(errno));
+    if (!S_ISREG(o->st.st_mode))
+        return bm_fail(EPERM, "sidecar %s is not a regular file", path);
+    if (image_fd >= 0 && o->st.st_uid != o->img.st_uid)
+        return bm_fail(EPERM, "sidecar %s is owned by uid %u, not the image's owner uid %u",
+                       path, (unsigned)o->st.st_uid, (unsigned)o->img.st_uid);
+    if (o->st.st_mode & (S_IWGRP | S_IWOTH))
+        return bm_fail(EPERM, "sidecar %s is writable by group or others (mode %04o); "
+                       "it can redirect writers, so it must be 0600", path,
+                       (unsigned)(o->st.st_mode & 07777));
+    return 0;
+}
+
+/* The header: magic, format version, checksum, layout, and a file long
+ * enough for the bitmap it describes. */
+static int check_header(int fd, const char *path, struct opening *o)
+{
+    struct bm_header *h = &o->h;
+    if ((uint64_t)o->st.st_size < BM_BITMAP_OFFSET || pread(fd, h, sizeof *h, 0) != (ssize_t)sizeof *h)
+        return bm_fail(EUCLEAN, "sidecar %s is truncated (%lld bytes)", path,
+                       (long long)o->st.st_size);
+    if (memcmp(h->magic, BM_MAGIC, 8) != 0)
+        return bm_fail(EUCLEAN, "%s is not a blockmirror sidecar (bad magic)", path);
+    if (h->version != BM_FORMAT_VERSION)
+        return bm_fail(EUCLEAN, "sidecar %s has format version %u; this build reads only %u%s",
+                       path, h->version, BM_FORMAT_VERSION,
+                       h->version < BM_FORMAT_VERSION
+                           ? " (made by an older blockmirror: remove it and enable tracking "
+                             "again, then take a full copy)"
+                           : "");
+    o->shift = shift_of(h->granularity);
+    if (h->checksum != header_checksum(h) || o->shift < 0 ||
+        (uint32_t)o->shift != h->granularity_shift || h->header_size != BM_PAGE ||
+        h->control_offset != BM_CONTROL_OFFSET || h->bitmap_offset != BM_BITMAP_OFFSET)
+        return bm_fail(EUCLEAN, "sidecar %s header is corrupt (checksum mismatch)", path);
+    if (h->image_size > bm_max_image_for((uint32_t)o->shift) ||
+        (uint64_t)o->st.st_size < BM_BITMAP_OFFSET + bitmap_bytes_for(h->image_size,
+                                                                       (uint32_t)o->shift))
+        return bm_fail(EUCLEAN, "sidecar %s is truncated: its bitmap cannot cover %llu bytes",
+                       path, (unsigned long long)h->image_size);
+    return 0;
+}
+
+/* Does the header name the image (dev, ino, birth time)? A writer may only
+ * open a sidecar of its own image: one left beside a new file at the old
+ * path (a move killed after its redirect, an image replaced by rename) has a
+ * bitmap, and maybe a redirect, about another file. */
+static int check_binding(const char *path, int flags, int image_fd, struct opening *o)
+{
+    const struct bm_header *h = &o->h;
+    o->bound = image_fd >= 0 && h->image_dev == (uint64_t)o->img.st_dev &&
+               h->image_ino == (uint64_t)o->img.st_ino && h->image_btime_ns == o->btime;
+    if ((flags & BM_OPEN_WRITER) && !o->bound)
+        return bm_fail(EUCLEAN, "sidecar %s was made for another file (device %llu, inode "
+                       "%llu, born %llu), not this image (device %llu, inode %llu, born "
+                       "%llu): remove it, or accept it with blockmirror track reset", path,
+                       (unsigned long long)h->image_dev, (unsigned long long)h->image_ino,
+                       (unsigned long long)h->image_btime_ns,
+                       (unsigned long long)o->img.st_dev, (unsigned long long)o->img.st_ino,
+                       (unsigned long long)o->btime);
+    return 0;
+}
+
+static void free_handle(bm_tracker *t)
+{
+    if (t->map)
+        munmap(t->map, t->map_len);
+    pthread_mutex_destroy(&t->grow_lock);
+    pthread_mutex_destroy(&t->mirror_lock);
+    free(t);
+}
+
+/* A handle on the checked sidecar FD, mapped; NULL with bm_fail on failure
+ * (FD is the caller's to close then). */
+static bm_tracker *new_handle(int fd, const char *path, int flags, int image_fd,
+                              const struct opening *o)
+{
+    bm_tracker *t = calloc(1, sizeof *t);
     if (!t) {
         bm_fail(ENOMEM, "out of memory");
-        goto fail;
+        return NULL;
     }
     t->fd = fd;
     t->flags = flags;
     t->owner_pid = getpid();
     t->my_start_time = bm_proc_start_time(t->owner_pid);
-    t->sidecar_dev = st.st_dev;
-    t->sidecar_ino = st.st_ino;
+    t->sidecar_dev = o->st.st_dev;
+    t->sidecar_ino = o->st.st_ino;
     t->slot = -1;
-    t->shift = (uint32_t)shift;
-    t->map_len = reservation_for((uint32_t)shift);
+    t->shift = (uint32_t)o->shift;
+    t->map_len = reservation_for((uint32_t)o->shift);
     if (image_fd >= 0) {
         t->have_image = 1;
-        t->bound = bound;
-        t->image_dev = (uint64_t)img.st_dev;
-        t->image_ino = (uint64_t)img.st_ino;
-        t->image_btime_ns = btime;
-        t->image_uid = (uint32_t)img.st_uid;
+        t->bound = o->bound;
+        t->image_dev = (uint64_t)o->img.st_dev;
+        t->image_ino = (uint64_t)o->img.st_ino;
+        t->image_btime_ns = o->btime;
+        t->image_uid = (uint32_t)o->img.st_uid;
     }
     pthread_mutex_init(&t->grow_lock, NULL);
     pthread_mutex_init(&t->mirror_lock, NULL);
@@ -512,14 +525,30 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
     void *m = mmap(NULL, t->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (m == MAP_FAILED) {
         bm_fail(errno, "cannot map sidecar %s: %s", path, strerror(errno));
-        goto fail;
+        free_handle(t);
+        return NULL;
     }
     t->map = m;
     t->hdr = (struct bm_header *)t->map;
     t->ctl = (struct bm_control *)(t->map + BM_CONTROL_OFFSET);
     t->data = t->map + BM_BITMAP_OFFSET;
     t->stripes = (struct bm_stripe *)(t->map + BM_INTERLOCK_OFFSET);
+    return t;
+}
 
+bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
+{
+    struct opening o;
+    memset(&o, 0, sizeof o);
+    bm_tracker *t = NULL;
+    if (bm_guard_install() < 0 || check_sidecar_file(fd, path, flags, image_fd, &o) < 0 ||
+        check_header(fd, path, &o) < 0 || check_binding(path, flags, image_fd, &o) < 0 ||
+        (t = new_handle(fd, path, flags, image_fd, &o)) == NULL) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return NULL;
+    }
     if (join(t, flags) < 0) {
         bm_close(t);
         return NULL;
@@ -530,20 +559,6 @@ bm_tracker *bm_open_fd(int fd, const char *path, int flags, int image_fd)
         return NULL;
     }
     return t;
-fail:
-    if (t) {
-        if (t->map)
-            munmap(t->map, t->map_len);
-        pthread_mutex_destroy(&t->grow_lock);
-        pthread_mutex_destroy(&t->mirror_lock);
-        free(t);
-    }
-    {
-        int e = errno;
-        close(fd);
-        errno = e;
-    }
-    return NULL;
 }
 
 bm_tracker *bm_open(const char *path, int flags, int image_fd)
@@ -592,12 +607,9 @@ int bm_close(bm_tracker *t)
         leave(t);
     if (t->mirror_fd >= 0)
         close(t->mirror_fd);
-    munmap(t->map, t->map_len);
     int rc = close(t->fd);
     int e = errno;
-    pthread_mutex_destroy(&t->grow_lock);
-    pthread_mutex_destroy(&t->mirror_lock);
-    free(t);
+    free_handle(t);
     if (rc < 0)
         return bm_fail(e, "closing sidecar failed: %s", strerror(e));
     return 0;
