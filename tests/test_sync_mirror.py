@@ -165,3 +165,37 @@ def test_a_writer_killed_while_mirroring_fails_the_sync_safely(dirs, tmp_path):
             writer.proc.kill()
         writer.proc.wait()
     assert os.listdir(dst) == []
+
+
+def test_mirrored_passes_copy_with_one_thread(dirs, live_writer, monkeypatch):
+    """While writers mirror into the copy, the dirty passes share its disk
+    with them: they run on one copy thread; the final pass, with writers
+    frozen, on all of them again."""
+    from blockmirror.copying.copier import Copier
+
+    made: list[int] = []
+    used: list[int] = []
+    init, copy = Copier.__init__, Copier.copy_extents
+
+    def spy_init(self, *args, **kwargs):
+        made.append(kwargs.get("workers", 4))
+        init(self, *args, **kwargs)
+
+    def spy_copy(self, *args, **kwargs):
+        used.append(self.workers)
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(Copier, "__init__", spy_init)
+    monkeypatch.setattr(Copier, "copy_extents", spy_copy)
+    src, dst = dirs
+    image = src / "w.img"
+    initial = make_data_image(image, 16 * MiB, extents=4, tracked=True)
+    writer = live_writer(image, rate="16M", wait=10)
+    result = sync(image, dst, target_downtime=0.2, rate_limit=4 * MiB, max_passes=40,
+                  converge="mirror", workers=4)
+    assert result.strategy == "mirror"
+    assert made == [4, 1]
+    kinds = [p.kind for p in result.passes]
+    assert used[0] == 4 and used[-1] == 4, (kinds, used)  # bulk and final
+    assert set(used[1:-1]) == {1}, (kinds, used)  # the mirrored dirty passes
+    writer.assert_point_in_time((dst / "w.img").read_bytes(), initial)
