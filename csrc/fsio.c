@@ -35,28 +35,27 @@ int bm_errno_unsupported(int op, int err)
     }
 }
 
-int bm_punch_hole(int fd, uint64_t offset, uint64_t len)
+/* fallocate MODE over [OFFSET, OFFSET+LEN), retrying EINTR; an errno that
+ * means the filesystem can't becomes EOPNOTSUPP. */
+static int fallocate_range(int fd, int mode, uint64_t offset, uint64_t len)
 {
     int rc;
     do {
-        rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset,
-                       (off_t)len);
+        rc = fallocate(fd, mode, (off_t)offset, (off_t)len);
     } while (rc < 0 && errno == EINTR);
     if (rc < 0 && bm_errno_unsupported(BM_OP_PUNCH, errno))
         errno = EOPNOTSUPP;
     return rc;
 }
 
+int bm_punch_hole(int fd, uint64_t offset, uint64_t len)
+{
+    return fallocate_range(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
+}
+
 int bm_zero_in_place(int fd, uint64_t offset, uint64_t len)
 {
-    int rc;
-    do {
-        rc = fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)offset,
-                       (off_t)len);
-    } while (rc < 0 && errno == EINTR);
-    if (rc < 0 && bm_errno_unsupported(BM_OP_PUNCH, errno))
-        errno = EOPNOTSUPP;
-    return rc;
+    return fallocate_range(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, len);
 }
 
 int bm_write_zeros(int fd, uint64_t offset, uint64_t len)

@@ -349,19 +349,6 @@ static int do_mirror_status(bm_tracker *t, bm_mirror_info *out)
     return 0;
 }
 
-static int interlock_disabled(void);
-
-static int do_copy_release(bm_tracker *t, uint64_t offset, uint64_t len)
-{
-    if (len == 0 || interlock_disabled())
-        return 0;
-    uint64_t first = offset >> t->shift;
-    uint64_t n = stripes_in(first, last_granule_excl(t, offset, len));
-    for (uint64_t i = 0; i < n; i++)
-        __atomic_fetch_sub(&stripe_of(t, first + i)->copying, 1, __ATOMIC_SEQ_CST);
-    return 0;
-}
-
 /* Test seam: BLOCKMIRROR_TEST_NO_INTERLOCK=1 in a copier's environment
  * makes its claims no-ops, so tests/test_mirror.py can show the race the
  * interlock closes. Read once per process. */
@@ -375,6 +362,17 @@ static int interlock_disabled(void)
         __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
     }
     return v;
+}
+
+static int do_copy_release(bm_tracker *t, uint64_t offset, uint64_t len)
+{
+    if (len == 0 || interlock_disabled())
+        return 0;
+    uint64_t first = offset >> t->shift;
+    uint64_t n = stripes_in(first, last_granule_excl(t, offset, len));
+    for (uint64_t i = 0; i < n; i++)
+        __atomic_fetch_sub(&stripe_of(t, first + i)->copying, 1, __ATOMIC_SEQ_CST);
+    return 0;
 }
 
 static int do_copy_claim(bm_tracker *t, uint64_t offset, uint64_t len)

@@ -151,12 +151,12 @@ class ConvergencePolicy:
         last = passes[-1]
         if self.polish_passes == 0 or len(passes) >= self.max_passes:
             return False
-        if predict_downtime(last.dirty_left, self.copy_throughput(passes)) <= self.min_pause:
+        throughput = self.copy_throughput(passes)
+        if predict_downtime(last.dirty_left, throughput) <= self.min_pause:
             return False
         if len(passes) == 1:
             return True  # the bulk pass says nothing yet of how fast writers dirty
-        fitting = sum(1 for p in passes[:-1]
-                      if self.fits(p.dirty_left, self.copy_throughput(passes)))
+        fitting = sum(1 for p in passes[:-1] if self.fits(p.dirty_left, throughput))
         if fitting >= self.polish_passes:
             return False
         return last.dirty_left <= self.polish_ratio * passes[-2].dirty_left

@@ -128,6 +128,12 @@ static int open_image(const char *path, uint64_t *size)
     return fd;
 }
 
+/* The sidecar's path beside the image at PATH (freed by nbdkit at unload). */
+static const char *sidecar_of(const char *path)
+{
+    return nbdkit_printf_intern("%s%s", path, bm_sidecar_suffix());
+}
+
 /* Checks before nbdkit forks or listens, so a bad image fails the start
  * itself (in after_fork a daemonised nbdkit could only log it). The real
  * open waits for after_fork: the writer slot records this process. */
@@ -138,7 +144,7 @@ static int bm_get_ready(void)
     if (fd < 0)
         return -1;
     close(fd);
-    const char *sidecar = nbdkit_printf_intern("%s%s", image_path, bm_sidecar_suffix());
+    const char *sidecar = sidecar_of(image_path);
     if (sidecar == NULL)
         return -1;
     if (access(sidecar, F_OK) < 0) {
@@ -205,7 +211,7 @@ static void *watch_redirect(void *unused)
 /* The sidecar of the image at PATH, open as FD: as a writer unless READONLY. */
 static bm_tracker *open_tracker(const char *path, int read_only, int fd)
 {
-    const char *sidecar = nbdkit_printf_intern("%s%s", path, bm_sidecar_suffix());
+    const char *sidecar = sidecar_of(path);
     if (sidecar == NULL)
         return NULL;
     bm_tracker *t = bm_open(sidecar, read_only ? BM_OPEN_READER : BM_OPEN_WRITER, fd);
