@@ -85,6 +85,17 @@ def parse_int_between(text: str, low: int, high: int) -> int:
     return value
 
 
+def size_argument(text: str) -> int:
+    """An argparse ``type=`` for a positive size such as 64k or 1G."""
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 def int_argument(low: int, high: int) -> Callable[[str], int]:
     """An argparse ``type=`` for a whole number from LOW to HIGH."""
     def parse(text: str) -> int:

@@ -381,15 +381,9 @@ def write_output(result: Result) -> list[Path]:
 
 
 def _size(text: str) -> int:
-    from blockmirror.units import parse_size
+    from blockmirror.units import size_argument
 
-    try:
-        value = parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+    return size_argument(text)
 
 
 def _names(known: Sequence[str]) -> Callable[[str], list[str]]:

@@ -37,6 +37,7 @@ from blockmirror.units import (
     int_argument,
     parse_duration,
     parse_size,
+    size_argument,
 )
 
 EXIT_OK = 0
@@ -92,14 +93,7 @@ def _bounded_duration(high: float) -> Any:
     return parse
 
 
-def _size(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+_size = size_argument  # the name the parsers below use
 
 
 DEMO_MIN_SIZE = 16 << 20
