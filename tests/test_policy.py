@@ -136,3 +136,20 @@ def test_polishing_never_outlasts_max_passes():
     policy = ConvergencePolicy(target_downtime=1.0, max_passes=2)
     passes = [rec(0, 1000 * MiB, 10.0, 40 * MiB), rec(1, 40 * MiB, 0.4, 10 * MiB)]
     assert policy.decide(passes) is Decision.SWITCHOVER
+
+
+def test_mirrored_passes_are_paced_to_what_writers_leave():
+    policy = ConvergencePolicy(mirror_copy_share=0.4)
+    assert policy.mirror_copy_rate(100 * MiB, 30 * MiB) == 70 * MiB
+    # Writers asking more than the destination takes: the copy keeps its floor.
+    assert policy.mirror_copy_rate(100 * MiB, 150 * MiB) == 40 * MiB
+    assert policy.mirror_copy_rate(0.0, 10 * MiB) == 0.0  # nothing measured: no pace
+
+
+def test_a_paced_pass_does_not_predict_the_final_pass():
+    bulk = PassRecord(index=0, kind="bulk", bytes=640 * MiB, seconds=10.0, dirty_left=64 * MiB)
+    paced = PassRecord(index=1, kind="dirty", bytes=64 * MiB, seconds=4.0, dirty_left=8 * MiB,
+                       paced=True)
+    assert ConvergencePolicy.copy_throughput([bulk, paced]) == 64 * MiB
+    unpaced = PassRecord(index=1, kind="dirty", bytes=64 * MiB, seconds=4.0, dirty_left=8 * MiB)
+    assert ConvergencePolicy.copy_throughput([bulk, unpaced]) == 16 * MiB

@@ -169,13 +169,18 @@ def test_a_writer_killed_while_mirroring_fails_the_sync_safely(dirs, tmp_path):
 
 def test_mirrored_passes_copy_with_one_thread(dirs, live_writer, monkeypatch):
     """While writers mirror into the copy, the dirty passes share its disk
-    with them: they run on one copy thread; the final pass, with writers
-    frozen, on all of them again."""
+    with them: they run on one copy thread, paced to what the writers leave
+    of it; the final pass, with writers frozen, on all of them again."""
     from blockmirror.copying.copier import Copier
 
     made: list[int] = []
     used: list[int] = []
-    init, copy = Copier.__init__, Copier.copy_extents
+    paces: list[float | None] = []
+    init, copy, pace = Copier.__init__, Copier.copy_extents, Copier.pace
+
+    def spy_pace(self, rate):
+        paces.append(rate)
+        pace(self, rate)
 
     def spy_init(self, *args, **kwargs):
         made.append(kwargs.get("workers", 4))
@@ -187,6 +192,7 @@ def test_mirrored_passes_copy_with_one_thread(dirs, live_writer, monkeypatch):
 
     monkeypatch.setattr(Copier, "__init__", spy_init)
     monkeypatch.setattr(Copier, "copy_extents", spy_copy)
+    monkeypatch.setattr(Copier, "pace", spy_pace)
     src, dst = dirs
     image = src / "w.img"
     initial = make_data_image(image, 16 * MiB, extents=4, tracked=True)
@@ -198,4 +204,12 @@ def test_mirrored_passes_copy_with_one_thread(dirs, live_writer, monkeypatch):
     kinds = [p.kind for p in result.passes]
     assert used[0] == 4 and used[-1] == 4, (kinds, used)  # bulk and final
     assert set(used[1:-1]) == {1}, (kinds, used)  # the mirrored dirty passes
+    # Writers at 16 MiB/s outrun the 4 MiB/s copy: each mirrored pass is
+    # paced to the floor, MIRROR_COPY_SHARE of the bulk pass's throughput,
+    # well under the --bwlimit, and is recorded as paced.
+    bulk = result.passes[0].throughput
+    assert len(paces) == kinds.count("dirty"), (paces, kinds)
+    for rate in paces:
+        assert rate is not None and 0.39 * bulk <= rate <= 0.6 * bulk, (rate, bulk)
+    assert [p.paced for p in result.passes] == [k == "dirty" for k in kinds]
     writer.assert_point_in_time((dst / "w.img").read_bytes(), initial)

@@ -405,6 +405,22 @@ class Copier(Closeable):
 
     # -- lifetime -------------------------------------------------------------
 
+    def pace(self, bytes_per_s: float | None) -> None:
+        """Change the cap on the data rate for the calls that follow (None or
+        0: no cap). converge="mirror" paces its dirty passes this way, to what
+        mirrored writes leave of the destination."""
+        if not bytes_per_s:
+            self._rate_cap = None
+            self.rate_limit = None
+            return
+        rate = max(1, round(bytes_per_s))
+        if self._rate_cap is None:
+            self._rate_cap = _c.new_rate_cap(rate)
+        else:
+            cap: Any = self._rate_cap
+            cap.bytes_per_s = rate  # read atomically by each C call
+        self.rate_limit = float(rate)
+
     def close(self) -> None:
         """Stop the worker threads (after any running copy). Idempotent."""
         if self._executor is not None:

@@ -10,10 +10,14 @@ write, mirrored or not) and carries out the step this returns.
   the dirty set stopped shrinking, or shrinks too slowly to fit the target
   within the passes left. Not after a fixed number of passes.
 - From mirror to throttle: mirrored writes wait for the destination, so a
-  destination that cannot take them (a slow disk, NFS latency) shows as the
-  writers' rate falling; below MIRROR_KEEPS of what they wrote before the
-  mirror, the guest pays too much and the throttle, which at least leaves
-  writers a known rate, takes over. Likewise if the mirror did not turn the
+  destination that cannot take them (NFS latency, a disk far slower than
+  the copy measured) shows as the writers' rate falling. The throttle would
+  hold writers to half the copy's throughput (or their own rate, if lower);
+  once mirroring leaves them under MIRROR_KEEPS of that, the throttle is
+  the better deal for the guest and takes over. A destination that is just
+  slower than the writers is not that case: mirroring holds them to what
+  it takes, which is about what the throttle would leave too, and the copy
+  still finishes. Likewise to the throttle if the mirror did not turn the
   trend.
 """
 
@@ -25,7 +29,8 @@ from enum import Enum
 from blockmirror.migration.policy import ConvergencePolicy, PassRecord
 from blockmirror.units import format_rate
 
-# The share of their unmirrored rate writers must keep while mirroring.
+# The share of what the throttle would leave them that writers must keep
+# while mirroring.
 MIRROR_KEEPS = 0.5
 
 
@@ -57,10 +62,12 @@ class Escalation:
                            f"{format_rate(throughput)}; mirroring their writes")
             return self._go("mirror", passes, Step.MIRROR)
         if self.strategy == "mirror":
-            if writer_rate < MIRROR_KEEPS * self.rate_before_mirror:
+            throttled = min(self.rate_before_mirror, throughput / 2)
+            if writer_rate < MIRROR_KEEPS * throttled:
                 self.reason = (f"mirroring held writers to {format_rate(writer_rate)} of "
-                               f"{format_rate(self.rate_before_mirror)}: the destination cannot "
-                               "take their writes; throttling them instead")
+                               f"{format_rate(self.rate_before_mirror)}, under half the "
+                               f"{format_rate(throttled)} the throttle leaves: the destination "
+                               "cannot take their writes; throttling them instead")
                 return self._go("throttle", passes, Step.THROTTLE)
             mirrored_passes = len(passes) - 1 - self.since_pass
             if mirrored_passes >= 2 and not self.policy.will_converge(passes, self.since_pass + 1):

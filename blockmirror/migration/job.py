@@ -95,7 +95,8 @@ class FileSyncJob:
         self.manifest: Manifest | None = None
         self.throttle_rate = 0  # bytes/s this job holds writers to (0: none)
         self.mirror: MirrorSession | None = None  # converge="mirror", once engaged
-        self.mirror_copier: Copier | None = None  # the one-thread copier of mirrored passes
+        self.mirror_copier: Copier | None = None  # the one-thread, paced copier of mirrored passes
+        self.unshared_throughput = 0.0  # the copy's, measured before writers mirrored
         self.mirror_changed: list[Extent] = []  # what mirrored writes may have changed
         self.escalation = Escalation(self.policy) if options.converge == "auto" else None
         self.rate_sample = (0, 0.0)  # writers' bytes_written and when, at a pass's start
@@ -211,6 +212,7 @@ class FileSyncJob:
         # I2: clear before read. Everything is copied by the first pass, so
         # bits from before it are stale; writes from now on are marked again.
         self.tracker.fetch_and_clear_array()
+        self.rate_sample = (self.tracker.info().bytes_written, time.perf_counter())
         self._first_pass()
         if self.options.converge == "mirror":
             self._start_mirror()
@@ -241,6 +243,8 @@ class FileSyncJob:
     def _dirty_pass(self) -> None:
         assert self.passes is not None and self.tracker is not None
         budget = self.policy.defer_budget(self.result.passes) if self.options.defer_hot else 0
+        if self.mirror is not None:
+            self._pace_mirrored_pass()
         self.rate_sample = (self.tracker.info().bytes_written, time.perf_counter())
         self.passes.dirty(budget)
         if self.mirror is not None:
@@ -522,25 +526,36 @@ class FileSyncJob:
                                      "blocks in passes instead")
             return
         self.passes.mirror = self.mirror
-        if self.options.workers > 1:
-            # Mirrored writes and the dirty passes now share the destination:
-            # one copy thread instead of several leaves writers most of it
-            # (bench/README.md, issue 10: writers kept 0.26-0.30 of a slow
-            # disk's bandwidth against 4 copy threads, 0.42-0.49 against one).
-            assert self.copier is not None
+        # Mirrored writes and the dirty passes now share the destination:
+        # the passes copy on one thread, paced to what writers leave of it
+        # (bench/README.md, issue 10: against 4 copy threads at full speed
+        # writers kept 0.26-0.30 of a slow disk's bandwidth, 0.42-0.49
+        # against one). The final pass, writers frozen, uses them all.
+        self.unshared_throughput = self.policy.copy_throughput(self.result.passes)
+        if self.mirror_copier is None:
             self.mirror_copier = Copier(
                 self.src_fd, self.dst_fd, workers=1, rate_limit=self.options.rate_limit,
                 src_path=self.plan.source, dst_path=self.plan.partial)
-            self._copy_threads(every=False)
+        self._copy_threads(every=False)
         self.result.strategy = "mirror"
         self.result.notes.append("mirroring writes to the copy")
 
     def _copy_threads(self, *, every: bool) -> None:
         """Passes copy with every thread, or (EVERY false, while writers
-        mirror) with the one-thread copier, if there is one."""
+        mirror) with the one-thread, paced copier."""
         assert self.passes is not None and self.copier is not None
         one = self.mirror_copier if not every and self.mirror is not None else None
         self.passes.copier = one if one is not None else self.copier
+        self.passes.paced = one is not None
+
+    def _pace_mirrored_pass(self) -> None:
+        """Before a dirty pass while writers mirror: pace the copy to what
+        they left of the destination in the last pass (within --bwlimit)."""
+        assert self.mirror_copier is not None
+        rate = self.policy.mirror_copy_rate(self.unshared_throughput, self._writer_rate())
+        if self.options.rate_limit:
+            rate = min(rate, self.options.rate_limit) if rate else self.options.rate_limit
+        self.mirror_copier.pace(rate)
 
     def _stop_mirror(self, *, check: bool = True) -> None:
         """No write reaches the copy after this but through the passes (the

@@ -81,6 +81,8 @@ class PassRunner:
     fresh_digests: DigestTable | None = None
     # converge="mirror": the interlock each dirty pass's items hold (I7).
     mirror: MirrorSession | None = None
+    # converge="mirror": dirty passes run paced (see ConvergencePolicy.mirror_copy_rate).
+    paced: bool = False
     _last_taken: list[Extent] | None = None  # what the last dirty pass took (hot-block deferral)
     _touched: list[Extents] = field(default_factory=list)  # what this run wrote into the copy
 
@@ -231,7 +233,7 @@ class PassRunner:
         self.result.passes.append(PassRecord(
             index=len(self.result.passes), kind=kind, bytes=stats.copied,
             seconds=stats.seconds, dirty_left=dirty_left, bytes_written=stats.bytes_written,
-            deferred=deferred,
+            deferred=deferred, paced=self.paced and kind == "dirty",
         ))
         self.result.bytes_copied += stats.copied
         self.result.bytes_written += stats.bytes_written

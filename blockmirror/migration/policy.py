@@ -40,6 +40,7 @@ class PassRecord:
     dirty_left: int  # dirty bytes waiting when the pass ended
     bytes_written: int = 0
     deferred: int = 0  # hot bytes left dirty for the final pass (counted in dirty_left)
+    paced: bool = False  # copied at a pace below the destination's (converge="mirror")
 
     @property
     def throughput(self) -> float:
@@ -65,6 +66,7 @@ class PassRecord:
             "throughput": round(self.throughput, 1),
             "dirty_left": self.dirty_left,
             "deferred": self.deferred,
+            "paced": self.paced,
             "write_rate": round(self.write_rate, 1),
             "predicted_downtime": round(predict_downtime(self.dirty_left, tp), 6)
             if math.isfinite(predict_downtime(self.dirty_left, tp))
@@ -110,6 +112,10 @@ class ConvergencePolicy:
     # Hot-block deferral: blocks dirty in two passes in a row wait for the
     # final pass, up to this share of what the target pause can copy.
     defer_share: float = 0.5
+    # While writers mirror, a dirty pass is paced to what they leave of the
+    # destination but takes at least this share of it (issue 10: a copy
+    # at full speed left writers 0.26-0.49 of a slow disk's bandwidth).
+    mirror_copy_share: float = 0.4
 
     def __post_init__(self) -> None:
         if not (self.target_downtime > 0 and math.isfinite(self.target_downtime)):
@@ -122,11 +128,23 @@ class ConvergencePolicy:
     @staticmethod
     def copy_throughput(passes: list[PassRecord]) -> float:
         """Throughput to predict the final pass with: the latest pass that
-        moved enough bytes for its timing to mean something, else the bulk."""
+        moved enough bytes for its timing to mean something, else the bulk.
+        A paced pass measured its pace, not the destination: the final pass,
+        with writers frozen, runs unpaced."""
         for rec in reversed(passes):
-            if rec.bytes >= 4 * 1024 * 1024 and rec.throughput > 0:
+            if rec.bytes >= 4 * 1024 * 1024 and rec.throughput > 0 and not rec.paced:
                 return rec.throughput
         return max((r.throughput for r in passes), default=0.0)
+
+    def mirror_copy_rate(self, unshared: float, writer_rate: float) -> float:
+        """The pace of a dirty pass while writers mirror (bytes/s; 0: none).
+        Mirrored writes and the pass share the destination, whose throughput
+        with the copy alone on it was UNSHARED: the pass takes what writers,
+        at WRITER_RATE in the last pass, leave of it, but never less than
+        MIRROR_COPY_SHARE of it, so the dirty set still drains."""
+        if unshared <= 0 or not math.isfinite(unshared):
+            return 0.0
+        return max(self.mirror_copy_share * unshared, unshared - max(0.0, writer_rate))
 
     def stalled_for(self, passes: list[PassRecord], stall_from: int = 0) -> int:
         """Passes in a row, up to now, after which the dirty set did not
