@@ -696,6 +696,43 @@ def test_rate_limit_caps_data_but_not_holes(tmp_path: Path) -> None:
     assert elapsed < 0.5 * (260 / 8)  # the hole was not charged
 
 
+def test_pace_spaces_items_outside_their_hooks(tmp_path: Path) -> None:
+    """A paced copy waits between work items, never between an item's
+    BEFORE_ITEM and AFTER_ITEM (the mirror's interlock is held in there)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(os.urandom(8 * MiB))
+    dst.write_bytes(b"")
+    held: list[float] = []
+    began: list[float] = []
+
+    def before(item) -> None:
+        began.append(time.perf_counter())
+
+    def after(item) -> None:
+        held.append(time.perf_counter() - began[-1])
+
+    src_fd, dst_fd = open_pair(src, dst)
+    try:
+        with Copier(src_fd, dst_fd, workers=1, batch_bytes=1 * MiB,
+                    use_copy_file_range=False) as copier:
+            copier.pace(16 * MiB)
+            start = time.perf_counter()
+            copier.copy_extents([(0, 8 * MiB)], dst_fresh=True, before_item=before,
+                                after_item=after)
+            elapsed = time.perf_counter() - start
+            copier.pace(None)
+            assert copier.pace_rate == 0
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    assert dst.read_bytes() == src.read_bytes()
+    assert len(began) == 8
+    # 8 items of 1 MiB at 16 MiB/s: the last starts no earlier than 7/16 s...
+    assert elapsed >= 0.4
+    # ...and the waiting was not done holding the hooks.
+    assert sum(held) < elapsed / 2, (held, elapsed)
+
+
 def test_bad_arguments_are_refused(image_pair) -> None:
     src, dst, _ = image_pair
     dst.write_bytes(b"")

@@ -103,8 +103,10 @@ def test_auto_stays_with_passes_when_they_converge(dirs, live_writer):
 
 def test_auto_throttles_when_the_destination_cannot_take_mirrored_writes(tmp_path,
                                                                          live_writer):
-    """A destination 30 ms away per request: mirrored writes would hold the
-    writer to a few writes a second, so auto gives way to the throttle."""
+    """A destination 30 ms away per request: mirrored 64 KiB writes would
+    hold the writer to ~33 writes a second (about 2 MiB/s), under half the
+    6 MiB/s the throttle leaves it (half the 12 MiB/s copy, which keeps
+    many requests in flight), so auto gives way to the throttle."""
     nfs_standin = pytest.importorskip("nfs_standin")
     if nfs_standin.skip_reason() is not None:
         pytest.skip(str(nfs_standin.skip_reason()))
@@ -112,9 +114,9 @@ def test_auto_throttles_when_the_destination_cannot_take_mirrored_writes(tmp_pat
     backing.mkdir()
     image = tmp_path / "c.img"
     make_data_image(image, 16 * MiB, extents=2, tracked=True)
-    writer = live_writer(image, rate="16M", wait=10)
+    writer = live_writer(image, rate="32M", wait=10)
     with nfs_standin.mounted(backing, latency=0.03) as fs:
-        result = sync(image, fs.mountpoint, target_downtime=0.3, rate_limit=2 * MiB,
+        result = sync(image, fs.mountpoint, target_downtime=0.3, rate_limit=12 * MiB,
                       max_passes=60, converge="auto")
     writer.wait_for_more(5)
     assert result.status == "ok"
@@ -181,6 +183,7 @@ def test_mirrored_passes_copy_with_one_thread(dirs, live_writer, monkeypatch):
     def spy_pace(self, rate):
         paces.append(rate)
         pace(self, rate)
+        assert self.pace_rate == rate
 
     def spy_init(self, *args, **kwargs):
         made.append(kwargs.get("workers", 4))

@@ -219,6 +219,9 @@ class Copier(Closeable):
             _c.new_rate_cap(max(1, round(rate_limit))) if rate_limit else None
         )
         self._local = threading.local()
+        self._pace_lock = threading.Lock()
+        self.pace_rate = 0.0  # bytes/s work items are spaced to (see pace); 0: none
+        self._pace_next = 0.0
         # Work items are cut at multiples of this, so punches cover whole
         # blocks of the destination's filesystem as well as zero blocks.
         self._align = max(block_size, 4096)
@@ -373,6 +376,7 @@ class Copier(Closeable):
         digests: DigestRequest | None = None,
     ) -> CopyStats:
         """One C call, on a worker thread."""
+        self._wait_for_pace(item)
         if before_item is not None:
             before_item(item)
         try:
@@ -406,20 +410,27 @@ class Copier(Closeable):
     # -- lifetime -------------------------------------------------------------
 
     def pace(self, bytes_per_s: float | None) -> None:
-        """Change the cap on the data rate for the calls that follow (None or
-        0: no cap). converge="mirror" paces its dirty passes this way, to what
-        mirrored writes leave of the destination."""
-        if not bytes_per_s:
-            self._rate_cap = None
-            self.rate_limit = None
-            return
-        rate = max(1, round(bytes_per_s))
-        if self._rate_cap is None:
-            self._rate_cap = _c.new_rate_cap(rate)
-        else:
-            cap: Any = self._rate_cap
-            cap.bytes_per_s = rate  # read atomically by each C call
-        self.rate_limit = float(rate)
+        """Space the work items that follow so the copy moves at most
+        BYTES_PER_S (None or 0: no pace), on top of any rate_limit.
+        converge="mirror" paces its dirty passes this way, to what mirrored
+        writes leave of the destination. Unlike rate_limit, which sleeps
+        inside the C call, the wait comes before an item's BEFORE_ITEM: a
+        paced copy never sleeps holding the mirror's interlock, where every
+        write it blocked would have to be copied again."""
+        with self._pace_lock:
+            self.pace_rate = max(0.0, float(bytes_per_s or 0.0))
+
+    def _wait_for_pace(self, item: ExtentArray) -> None:
+        """GCRA over whole items: each starts once those before it have had
+        their time at pace_rate."""
+        with self._pace_lock:
+            if self.pace_rate <= 0:
+                return
+            now = time.perf_counter()
+            start = max(now, self._pace_next)
+            self._pace_next = start + int(item["length"].sum()) / self.pace_rate
+        if start > now:
+            time.sleep(start - now)
 
     def close(self) -> None:
         """Stop the worker threads (after any running copy). Idempotent."""

@@ -51,6 +51,8 @@ from blockmirror.units import format_bytes, format_rate, format_seconds
 # A failed switchover (lease ran out mid final pass) goes back to dirty
 # passes; this many failures in one run are declared non-convergence.
 MAX_SWITCHOVER_ATTEMPTS = 3
+# Work items of the paced copier of mirrored passes (see _start_mirror).
+MIRRORED_ITEM_BYTES = 1 << 20
 
 
 class JobState(Enum):
@@ -533,9 +535,12 @@ class FileSyncJob:
         # against one). The final pass, writers frozen, uses them all.
         self.unshared_throughput = self.policy.copy_throughput(self.result.passes)
         if self.mirror_copier is None:
+            # Small items: a mirrored write that meets the copier's claim on
+            # its range is marked dirty instead, so claims are kept short.
             self.mirror_copier = Copier(
                 self.src_fd, self.dst_fd, workers=1, rate_limit=self.options.rate_limit,
-                src_path=self.plan.source, dst_path=self.plan.partial)
+                batch_bytes=MIRRORED_ITEM_BYTES, src_path=self.plan.source,
+                dst_path=self.plan.partial)
         self._copy_threads(every=False)
         self.result.strategy = "mirror"
         self.result.notes.append("mirroring writes to the copy")
@@ -553,9 +558,7 @@ class FileSyncJob:
         they left of the destination in the last pass (within --bwlimit)."""
         assert self.mirror_copier is not None
         rate = self.policy.mirror_copy_rate(self.unshared_throughput, self._writer_rate())
-        if self.options.rate_limit:
-            rate = min(rate, self.options.rate_limit) if rate else self.options.rate_limit
-        self.mirror_copier.pace(rate)
+        self.mirror_copier.pace(rate)  # --bwlimit still caps it inside each item
 
     def _stop_mirror(self, *, check: bool = True) -> None:
         """No write reaches the copy after this but through the passes (the
