@@ -4,7 +4,7 @@ histories, and the trend rule they rest on (policy.will_converge)."""
 from __future__ import annotations
 
 from blockmirror.migration.escalation import Escalation, Step
-from blockmirror.migration.policy import ConvergencePolicy, PassRecord
+from blockmirror.migration.policy import ConvergencePolicy, Decision, PassRecord
 
 MiB = 1 << 20
 
@@ -68,3 +68,22 @@ def test_throttle_is_the_last_step():
     esc = Escalation(POLICY, strategy="throttle", since_pass=1)
     passes = [BULK, rec(1, 200 * MiB, 3.1, 210 * MiB), rec(2, 210 * MiB, 3.2, 220 * MiB)]
     assert esc.next_step(passes, 10 * MiB) is Step.STAY
+
+
+def test_a_pause_passes_cannot_shrink_is_shortened_by_mirroring():
+    # 64 MiB/s; the target fits since pass 2, but passes stopped shrinking at
+    # 4 MiB (62 ms): each takes as long as writers need to dirty it again.
+    passes = [BULK, rec(1, 200 * MiB, 3.1, 16 * MiB), rec(2, 16 * MiB, 0.25, 4 * MiB),
+              rec(3, 4 * MiB, 0.07, int(3.9 * MiB))]
+    assert POLICY.decide(passes) is Decision.SWITCHOVER
+    esc = Escalation(POLICY)
+    assert esc.next_step(passes, 16 * MiB) is Step.MIRROR
+    assert esc.strategy == "mirror" and "shorten the pause" in esc.reason
+    # The first mirrored pass is always made, whatever the polishing budget.
+    assert POLICY.decide(passes, stall_from=len(passes) - 1) is Decision.CONTINUE
+
+
+def test_a_pause_already_short_is_left_to_passes():
+    passes = [BULK, rec(1, 200 * MiB, 3.1, 16 * MiB), rec(2, 16 * MiB, 0.25, 1 * MiB),
+              rec(3, 1 * MiB, 0.02, int(0.9 * MiB))]  # 14 ms: under MIRROR_POLISH_PAUSE
+    assert Escalation(POLICY).next_step(passes, 16 * MiB) is Step.STAY

@@ -103,10 +103,12 @@ def test_auto_stays_with_passes_when_they_converge(dirs, live_writer):
 
 def test_auto_throttles_when_the_destination_cannot_take_mirrored_writes(tmp_path,
                                                                          live_writer):
-    """A destination 30 ms away per request: mirrored 64 KiB writes would
-    hold the writer to ~33 writes a second (about 2 MiB/s), under half the
-    6 MiB/s the throttle leaves it (half the 12 MiB/s copy, which keeps
-    many requests in flight), so auto gives way to the throttle."""
+    """A destination 30 ms away per request: mirrored 4 KiB writes would hold
+    the writer to ~33 writes a second (130 KiB/s), far under half of what the
+    throttle leaves it (half the copy's throughput, which keeps 128 KiB
+    requests in flight on several threads), so auto gives way to the
+    throttle. (Sequential writes: the throttled writer then dirties few
+    granules, so the passes converge.)"""
     nfs_standin = pytest.importorskip("nfs_standin")
     if nfs_standin.skip_reason() is not None:
         pytest.skip(str(nfs_standin.skip_reason()))
@@ -114,7 +116,7 @@ def test_auto_throttles_when_the_destination_cannot_take_mirrored_writes(tmp_pat
     backing.mkdir()
     image = tmp_path / "c.img"
     make_data_image(image, 16 * MiB, extents=2, tracked=True)
-    writer = live_writer(image, rate="32M", wait=10)
+    writer = live_writer(image, rate="16M", write_size="4k", pattern="sequential", wait=10)
     with nfs_standin.mounted(backing, latency=0.03) as fs:
         result = sync(image, fs.mountpoint, target_downtime=0.3, rate_limit=12 * MiB,
                       max_passes=60, converge="auto")

@@ -9,6 +9,11 @@ write, mirrored or not) and carries out the step this returns.
 - From passes to mirror: the policy's trend (``will_converge``) says no -
   the dirty set stopped shrinking, or shrinks too slowly to fit the target
   within the passes left. Not after a fixed number of passes.
+- From passes to mirror, too, when they converge but stop shrinking the
+  pause above MIRROR_POLISH_PAUSE: each pass then takes about as long as
+  writers need to dirty what it copied, so passes alone cannot go lower,
+  while mirrored writes leave nothing new behind the copy and the pause
+  falls to a few milliseconds, as a mirror that waits for zero dirty gets.
 - From mirror to throttle: mirrored writes wait for the destination, so a
   destination that cannot take them (NFS latency, a disk far slower than
   the copy measured) shows as the writers' rate falling. The throttle would
@@ -26,12 +31,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from blockmirror.migration.policy import ConvergencePolicy, PassRecord
+from blockmirror.migration.policy import ConvergencePolicy, PassRecord, predict_downtime
 from blockmirror.units import format_rate
 
 # The share of what the throttle would leave them that writers must keep
 # while mirroring.
 MIRROR_KEEPS = 0.5
+# A pause passes alone cannot shrink below this is shortened by mirroring
+# (issue 10: QEMU's mirror pauses 2-5 ms at low write rates).
+MIRROR_POLISH_PAUSE = 0.02
 
 
 class Step(Enum):
@@ -55,6 +63,12 @@ class Escalation:
         (bytes/s). Updates the strategy and reason it returns a step for."""
         throughput = self.policy.copy_throughput(passes)
         if self.strategy == "passes":
+            if self._pause_stuck(passes):
+                pause = predict_downtime(passes[-1].dirty_left, throughput)
+                self.rate_before_mirror = writer_rate
+                self.reason = (f"passes alone would pause writers {pause * 1000:.0f} ms; "
+                               "mirroring their writes to shorten the pause")
+                return self._go("mirror", passes, Step.MIRROR)
             if self.policy.will_converge(passes, self.since_pass):
                 return Step.STAY
             self.rate_before_mirror = writer_rate
@@ -75,6 +89,17 @@ class Escalation:
                                "instead")
                 return self._go("throttle", passes, Step.THROTTLE)
         return Step.STAY
+
+    def _pause_stuck(self, passes: list[PassRecord]) -> bool:
+        """The target fits, more passes would not shorten the pause, and it
+        is still over MIRROR_POLISH_PAUSE."""
+        throughput = self.policy.copy_throughput(passes)
+        last = passes[-1]
+        if not self.policy.fits(last.dirty_left, throughput):
+            return False
+        if self.policy.worth_polishing(passes, self.since_pass):
+            return False
+        return predict_downtime(last.dirty_left, throughput) > MIRROR_POLISH_PAUSE
 
     def _go(self, strategy: str, passes: list[PassRecord], step: Step) -> Step:
         self.strategy = strategy

@@ -163,18 +163,21 @@ class ConvergencePolicy:
         predicted = predict_downtime(dirty_bytes, throughput)
         return predicted < self.target_downtime * self.switchover_margin
 
-    def worth_polishing(self, passes: list[PassRecord]) -> bool:
+    def worth_polishing(self, passes: list[PassRecord], since: int = 0) -> bool:
         """The target fits after PASSES: would one more pass shorten the
-        pause enough to be worth its time?"""
+        pause enough to be worth its time? Passes before index SINCE (a
+        change of strategy) do not count against the polishing budget."""
         last = passes[-1]
         if self.polish_passes == 0 or len(passes) >= self.max_passes:
             return False
         throughput = self.copy_throughput(passes)
         if predict_downtime(last.dirty_left, throughput) <= self.min_pause:
             return False
-        if len(passes) == 1:
-            return True  # the bulk pass says nothing yet of how fast writers dirty
-        fitting = sum(1 for p in passes[:-1] if self.fits(p.dirty_left, throughput))
+        if len(passes) - 1 <= since:
+            # The bulk pass (or the last under an old strategy) says nothing
+            # yet of how fast writers dirty what is left.
+            return True
+        fitting = sum(1 for p in passes[since:-1] if self.fits(p.dirty_left, throughput))
         if fitting >= self.polish_passes:
             return False
         return last.dirty_left <= self.polish_ratio * passes[-2].dirty_left
@@ -217,7 +220,7 @@ class ConvergencePolicy:
             return Decision.CONTINUE
         last = passes[-1]
         if self.fits(last.dirty_left, self.copy_throughput(passes)):
-            if self.worth_polishing(passes):
+            if self.worth_polishing(passes, stall_from):
                 return Decision.CONTINUE
             return Decision.SWITCHOVER
         if self.stalled_for(passes, stall_from) >= self.stall_passes:
