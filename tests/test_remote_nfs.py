@@ -237,6 +237,37 @@ def test_server_killed_in_the_final_pass(ram_tmp_path, serve_nfs, live_writer):
         assert tracker.state == "running"
 
 
+def test_link_cut_mid_copy_fails_in_bounded_time(ram_tmp_path, serve_nfs, live_writer):
+    """`ip link set ... down` in the bulk pass: no reply ever comes; after
+    BLOCKMIRROR_NFS_TIMEOUT the sync fails (exit 1), the partial is reported
+    left behind, writers keep going; a new mount over the dead link gives up
+    after the timeout too (exit 2)."""
+    server = serve_nfs()
+    image = ram_tmp_path / "live.img"
+    make_data_image(image, 64 * MiB, extents=32, tracked=True)
+    url = server.url("disk.img")
+    partial = server.folder / f"disk.img{PARTIAL}"
+    writer = live_writer(image, rate="4M", wait=10)
+    env = {**os.environ, "BLOCKMIRROR_NFS_TIMEOUT": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", str(image), url,
+                             "--bwlimit", "8M"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: partial.exists() and allocated_bytes(partial) > 4 * MiB, 30,
+             "the bulk pass to write")
+    subprocess.run(["ip", "link", "set", server.link.local_dev, "down"], check=True)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert time.monotonic() - started < 15, "the failure took too long"
+    assert len(err.strip().splitlines()) == 1 and "could not be removed" in err, err
+    writer.wait_for_more(10, timeout=5)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "blockmirror", "verify", str(image), url],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert "no answer" in one_line_error(done, 2)
+    assert time.monotonic() - started < 15
+
+
 # -- refusals: one line, exit 2 -----------------------------------------------------------------
 
 
