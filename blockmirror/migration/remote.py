@@ -82,8 +82,9 @@ def _sync_to_nfs(src: str, url: NfsUrl, options: SyncOptions) -> SyncResult:
     _refuse_unsupported(src, url, options)
     st = precheck.check_source(src, move=False)
     nfs_file = NfsFile(url, connections=options.workers)
-    plan = Plan(os.path.abspath(src), url.display, url.display + PARTIAL_SUFFIX, st.st_size,
-                st.st_blocks * 512, st.st_uid, st.st_mode)
+    partial = url.display.partition("?")[0] + PARTIAL_SUFFIX  # for messages
+    plan = Plan(os.path.abspath(src), url.display, partial, st.st_size, st.st_blocks * 512,
+                st.st_uid, st.st_mode)
     return NfsSyncJob(plan, options, nfs_file).run()
 
 

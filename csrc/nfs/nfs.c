@@ -204,12 +204,12 @@ static int lose(struct conn *k, int err, const char *what)
     return fail(err, "%s", what);
 }
 
-/* One round of K's event loop: wait up to POLL_MS for its socket, then let
+/* One round of K's event loop: wait up to WAIT_MS for its socket, then let
  * libnfs read, write and call back. 1 if the socket had events, 0 if not. */
-static int pump(struct conn *k)
+static int pump_for(struct conn *k, int wait_ms)
 {
     struct pollfd p = {.fd = nfs_get_fd(k->nfs), .events = (short)nfs_which_events(k->nfs)};
-    int r = poll(&p, 1, POLL_MS);
+    int r = poll(&p, 1, wait_ms);
     if (r < 0 && errno != EINTR)
         return lose(k, errno, "poll on the NFS connection failed");
     if (nfs_service(k->nfs, r > 0 ? p.revents : 0) < 0) {
@@ -218,6 +218,11 @@ static int pump(struct conn *k)
         return lose(k, EIO, why);
     }
     return r > 0;
+}
+
+static int pump(struct conn *k)
+{
+    return pump_for(k, POLL_MS);
 }
 
 static int usable(bm_nfs *h, uint32_t conn)
@@ -735,10 +740,17 @@ static int check_errors(struct call *c)
     return 0;
 }
 
-/* A slot with nothing outstanding; waits for one if all are busy. */
+/* A slot with nothing outstanding; waits for one if all are busy. First,
+ * without waiting, let libnfs send what is queued and take the replies that
+ * are in: libnfs writes to the socket only from nfs_service, so the wire
+ * would idle while the next slot is read. */
 static struct slot *free_slot(struct call *c)
 {
     for (;;) {
+        if (pump_for(c->k, 0) < 0) {
+            c->st->error_side = BM_NFS_SIDE_DST;
+            return NULL;
+        }
         if (check_errors(c) < 0)
             return NULL;
         for (uint32_t i = 0; i < c->nslots; i++)
