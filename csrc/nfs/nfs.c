@@ -90,6 +90,8 @@ struct call {
     struct slot *slots;
     char *zeros;                        /* write_bytes of zeros, for zero runs not skipped */
     uint32_t in_flight;
+    int draining;                       /* waiting for the last replies: CANCEL no longer
+                                         * cuts a wait short, the timeout still does */
     int error;                          /* the first failed call's errno */
     uint64_t error_offset;
     char error_msg[160];
@@ -205,7 +207,9 @@ static int lose(struct conn *k, int err, const char *what)
 }
 
 /* One round of K's event loop: wait up to WAIT_MS for its socket, then let
- * libnfs read, write and call back. 1 if the socket had events, 0 if not. */
+ * libnfs read, write and call back. 1 if the server sent something (only
+ * that counts as an answer: a socket that takes more output says nothing
+ * about a server that stopped replying), 0 if not. */
 static int pump_for(struct conn *k, int wait_ms)
 {
     struct pollfd p = {.fd = nfs_get_fd(k->nfs), .events = (short)nfs_which_events(k->nfs)};
@@ -217,7 +221,7 @@ static int pump_for(struct conn *k, int wait_ms)
         snprintf(why, sizeof why, "the NFS connection failed: %s", nfs_get_error(k->nfs));
         return lose(k, EIO, why);
     }
-    return r > 0;
+    return r > 0 && (p.revents & POLLIN);
 }
 
 static int pump(struct conn *k)
@@ -722,7 +726,7 @@ static int wait_some(struct call *c)
             c->st->error_side = BM_NFS_SIDE_DST;
             return lose(c->k, ETIMEDOUT, "no reply from the NFS server in time");
         }
-        if (c->cancel && __atomic_load_n(c->cancel, __ATOMIC_ACQUIRE))
+        if (!c->draining && c->cancel && __atomic_load_n(c->cancel, __ATOMIC_ACQUIRE))
             return 0; /* the caller sees it in check_errors */
     }
     return 0;
@@ -1032,6 +1036,7 @@ static int drain(struct call *c, int rc)
     int saved = errno;
     char reason[sizeof last_error];
     memcpy(reason, last_error, sizeof reason);
+    c->draining = 1;
     while (c->in_flight > 0 && !c->k->failed)
         if (wait_some(c) < 0) {
             if (rc == 0)
