@@ -166,22 +166,43 @@ def test_many_writes_in_flight_on_each_connection(ram_tmp_path, serve_nfs):
 
 def test_export_filled_mid_copy_is_exit_4_and_the_partial_goes(ram_tmp_path, serve_nfs,
                                                                live_writer):
-    """24 MiB of data into an 8 MiB tmpfs under the export: the server says
-    NOSPC mid-copy; exit 4 in one line, nothing left on the server, the
-    writer never paused, and the source is exactly what the writer made it."""
-    server = serve_nfs(tiny="8m")
+    """16 MiB of data into a 24 MiB tmpfs under the export (the pre-check
+    passes), which another file fills mid-copy: the server says NOSPC; exit 4
+    in one line, the partial gone from the server, the writer never paused,
+    and the source exactly what the writer made it."""
+    server = serve_nfs(tiny="24m")
+    small = server.folder / "small"
     image = ram_tmp_path / "live.img"
-    initial = make_data_image(image, 64 * MiB, extents=24, tracked=True)
+    initial = make_data_image(image, 64 * MiB, extents=16, tracked=True)
+    partial = small / f"disk.img{PARTIAL}"
     writer = live_writer(image, rate="4M", wait=10)
-    proc = run_cli("sync", image, server.url("small/disk.img"))
-    line = one_line_error(proc, 4)
-    assert "ran out of space" in line and "was removed" in line, line
-    assert list((server.folder / "small").iterdir()) == []
+    proc = start_cli("sync", image, server.url("small/disk.img"), "--bwlimit", "8M")
+    wait_for(lambda: partial.exists() and allocated_bytes(partial) > 2 * MiB, 30,
+             "the bulk pass to write")
+    with contextlib.suppress(OSError), open(small / "filler", "wb") as filler:
+        while True:  # until this host's write of the tmpfs fails: it is full
+            filler.write(b"\xff" * MiB)
+            filler.flush()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 4, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "ran out of space" in err and "was removed" in err, err
+    assert sorted(p.name for p in small.iterdir()) == ["filler"]
     writer.wait_for_more(10, timeout=5)
     with Tracker.open(image) as tracker:
         assert tracker.state == "running"
     assert writer.stop() == 0
     assert image.read_bytes() == writer.replayed(initial)
+
+
+def test_too_little_room_on_the_server_is_exit_4_before_anything(ram_tmp_path, serve_nfs):
+    """Step 0, as for a local copy: 24 MiB of data, 8 MiB free (FSSTAT)."""
+    server = serve_nfs(tiny="8m")
+    image = ram_tmp_path / "a.img"
+    make_data_image(image, 64 * MiB, extents=24)
+    line = one_line_error(run_cli("sync", image, server.url("small/disk.img")), 4)
+    assert "need 24" in line and "free" in line, line
+    assert list((server.folder / "small").iterdir()) == []
 
 
 def test_server_killed_mid_copy_then_a_rerun_after_restart(ram_tmp_path, serve_nfs,

@@ -145,6 +145,13 @@ def commit(handle: Handle, name: str | None = None) -> None:
     _check(_lib().bm_nfs_commit(handle), name)
 
 
+def free_bytes(handle: Handle, path: str, name: str | None = None) -> int:
+    """Available bytes on the filesystem of the directory PATH (FSSTAT)."""
+    value = int(_lib().bm_nfs_free_bytes(handle, os.fsencode(path)))
+    _check(value, name)
+    return value
+
+
 def rename(handle: Handle, old: str, new: str, name: str | None = None) -> None:
     _check(_lib().bm_nfs_rename(handle, os.fsencode(old), os.fsencode(new)), name)
 

@@ -111,6 +111,11 @@ class NfsFile(Closeable):
         self.size = size
         self.fresh = True
 
+    def free_bytes(self) -> int:
+        """Available bytes on the server's filesystem where the target goes
+        (FSSTAT; a stale partial a killed run left is not counted)."""
+        return _n.free_bytes(self.handle, os.path.dirname(self.target) or "/", self.name)
+
     def reads_zero(self, offset: int, length: int) -> bool:
         """Whether the range reads as zeros: the whole of a new partial does,
         until the first copy into it."""

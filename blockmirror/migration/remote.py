@@ -33,7 +33,7 @@ from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
 from blockmirror.copying.nfs import PARTIAL_SUFFIX, NfsCopier, NfsFile
 from blockmirror.copying.remote import NbdExport, RemoteCopier
 from blockmirror.copying.remote_compare import compare_with_export
-from blockmirror.errors import BlockMirrorError, InvalidInputError, VerifyError
+from blockmirror.errors import BlockMirrorError, InvalidInputError, OutOfSpaceError, VerifyError
 from blockmirror.extents import subtract
 from blockmirror.migration import precheck
 from blockmirror.migration.job import FileSyncJob, JobState
@@ -82,10 +82,28 @@ def _sync_to_nfs(src: str, url: NfsUrl, options: SyncOptions) -> SyncResult:
     _refuse_unsupported(src, url, options)
     st = precheck.check_source(src, move=False)
     nfs_file = NfsFile(url, connections=options.workers)
+    try:
+        _check_nfs_space(nfs_file, st.st_blocks * 512)
+    except BaseException:
+        nfs_file.close()
+        raise
     partial = url.display.partition("?")[0] + PARTIAL_SUFFIX  # for messages
     plan = Plan(os.path.abspath(src), url.display, partial, st.st_size, st.st_blocks * 512,
                 st.st_uid, st.st_mode)
     return NfsSyncJob(plan, options, nfs_file).run()
+
+
+def _check_nfs_space(nfs_file: NfsFile, allocated: int) -> None:
+    """Step 0 as for a local copy: room on the server for the source's
+    allocated bytes, or exit 4 before anything is created there."""
+    try:
+        available = nfs_file.free_bytes()
+    except OSError as e:
+        raise InvalidInputError(f"cannot ask {nfs_file.name}'s server for its free space: "
+                                f"{e.strerror}") from None
+    if allocated > available:
+        raise OutOfSpaceError(f"need {format_bytes(allocated)} of data on the NFS server for "
+                              f"{nfs_file.name}, {format_bytes(available)} free", nfs_file.name)
 
 
 def _refuse_unsupported(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) -> None:

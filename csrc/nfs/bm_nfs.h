@@ -108,6 +108,10 @@ int bm_nfs_truncate(bm_nfs *h, uint64_t size);
  * that errno. Call with no copy running. */
 int bm_nfs_commit(bm_nfs *h);
 
+/* Bytes an unprivileged writer may still use on the filesystem holding the
+ * directory PATH (under the export): FSSTAT's available bytes, or -1. */
+int64_t bm_nfs_free_bytes(bm_nfs *h, const char *path);
+
 /* RENAME FROM over TO, and REMOVE PATH (paths under the export), on the
  * first connection. */
 int bm_nfs_rename(bm_nfs *h, const char *from, const char *to);

@@ -288,6 +288,16 @@ static void stat_done(int err, struct nfs_context *nfs, void *data, void *privat
         ((struct op *)private_data)->size = ((struct nfs_stat_64 *)data)->nfs_size;
 }
 
+static void statvfs_done(int err, struct nfs_context *nfs, void *data, void *private_data)
+{
+    op_done(err, nfs, data, private_data);
+    if (err >= 0) {
+        const struct nfs_statvfs_64 *v = data;
+        ((struct op *)private_data)->size = v->f_bavail * (v->f_frsize ? v->f_frsize
+                                                                       : v->f_bsize);
+    }
+}
+
 static struct op *new_op(struct conn *k)
 {
     memset(&k->op, 0, sizeof k->op);
@@ -483,6 +493,17 @@ int bm_nfs_truncate(bm_nfs *h, uint64_t size)
     struct conn *k = &h->conn[0];
     return finish_op(h, k, nfs_ftruncate_async(k->nfs, k->fh, size, op_done, new_op(k)),
                      "truncate");
+}
+
+int64_t bm_nfs_free_bytes(bm_nfs *h, const char *path)
+{
+    if (usable(h, 0) < 0)
+        return -1;
+    struct conn *k = &h->conn[0];
+    if (finish_op(h, k, nfs_statvfs64_async(k->nfs, path, statvfs_done, new_op(k)),
+                  "statvfs") < 0)
+        return -1;
+    return k->op.size > INT64_MAX ? INT64_MAX : (int64_t)k->op.size;
 }
 
 int bm_nfs_rename(bm_nfs *h, const char *from, const char *to)
