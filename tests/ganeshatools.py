@@ -11,7 +11,9 @@ NFSv4 writes over 4 KiB.
 The export's pseudo path is ``/export``; with Mount_Path_Pseudo a client
 mounts that, and a file NAME in the folder is ``nfs://IP/export/NAME``. The
 server skips its grace period (Graceless), so a restarted server takes
-writes at once. Root only: :func:`require_ganesha` skips the test otherwise.
+writes at once. Root only: :func:`require_ganesha` skips the test otherwise
+(or where ganesha, its VFS FSAL or rpcbind is missing); one installed that
+does not start fails it.
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ class Ganesha:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 log = self.log.read_text(errors="replace")[-2000:]
                 self.stop()
-                pytest.skip(f"nfs-ganesha did not start here: {log.strip() or 'no log'}")
+                # Installed (require_ganesha) but not serving: a failure, not a
+                # skip, or a broken config would silently skip every NFS test.
+                pytest.fail(f"nfs-ganesha did not start: {log.strip() or 'no log'}")
             time.sleep(0.1)
 
     def _ready(self) -> bool:
