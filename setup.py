@@ -54,9 +54,20 @@ def _libnbd_headers() -> bool:
                for d in ("/usr/include", "/usr/local/include"))
 
 
+def _libnfs_headers() -> bool:
+    """libnfs's header (Debian libnfs-dev): without it blockmirror._nfs
+    (nfs:// endpoints) is not built; BLOCKMIRROR_NO_LIBNFS=1 skips it."""
+    if os.environ.get("BLOCKMIRROR_NO_LIBNFS") == "1":
+        return False
+    return any(os.path.exists(os.path.join(d, "nfsc", "libnfs.h"))
+               for d in ("/usr/include", "/usr/local/include"))
+
+
 cffi_modules = ["csrc/build_ffi.py:ffibuilder"]
 if _libnbd_headers():
     cffi_modules.append("csrc/remote/build_ffi.py:ffibuilder")
+if _libnfs_headers():
+    cffi_modules.append("csrc/nfs/build_ffi.py:ffibuilder")
 
 setup(
     cffi_modules=cffi_modules,

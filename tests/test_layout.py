@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "blockmirror"
 # Layers from the bottom; a module may import its own layer and those below.
 LAYERS = [
     {"_version", "errors", "units", "extents", "files", "closeable", "_core", "_fastwrite",
-     "_remote"},
+     "_remote", "_nfs"},
     {"_bindings"},
     {"tracking", "copying"},
     {"migration", "frontend"},  # frontend: serve, beside the sync (tracking, never _bindings)
@@ -105,7 +105,7 @@ def test_only_the_thin_wrappers_import_the_binding() -> None:
         f"{src} imports {dst}"
         for src, targets in _graph().items()
         for dst in targets
-        if _top(dst) in ("_bindings", "_core", "_fastwrite", "_remote")
+        if _top(dst) in ("_bindings", "_core", "_fastwrite", "_remote", "_nfs")
         and _top(src) not in BINDING_USERS
     ]
     assert offenders == []

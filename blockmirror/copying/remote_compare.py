@@ -1,4 +1,5 @@
-"""Block-by-block comparison where one side (or both) is an NBD export.
+"""Block-by-block comparison where one side (or both) is an NBD export or an
+NFS file.
 
 Two local files go to :func:`blockmirror.copying.verify.compare_files` (holes
 skipped, compared in C). With an export the whole common range is read —
@@ -15,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from blockmirror.copying.endpoint import NbdUri, parse
+from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
+from blockmirror.copying.nfs import NfsFile
 from blockmirror.copying.remote import NbdExport
 from blockmirror.copying.verify import compare_files
 from blockmirror.errors import InvalidInputError
@@ -28,16 +30,18 @@ Reader = Callable[[int, int, int], bytes]
 
 
 class _Side:
-    """One side of a comparison: a local file or an export, and its readers."""
+    """One side of a comparison: a local file, an export or an NFS file, and
+    its readers."""
 
-    def __init__(self, text: str, workers: int, export: NbdExport | None = None) -> None:
+    def __init__(self, text: str, workers: int,
+                 export: NbdExport | NfsFile | None = None) -> None:
         where = parse(text)
         self.name = str(where)
         self.export = export
         self.owned = export is None  # close() disconnects only what it connected
         self.fd = -1
-        if isinstance(where, NbdUri):
-            self.export = export or NbdExport(where, connections=workers)
+        if isinstance(where, (NbdUri, NfsUrl)):
+            self.export = export or _connect(where, workers)
             self.size = self.export.size
             self.lanes = self.export.connections
         else:
@@ -60,6 +64,18 @@ class _Side:
             os.close(self.fd)
 
 
+def _connect(where: NbdUri | NfsUrl, workers: int) -> NbdExport | NfsFile:
+    if isinstance(where, NbdUri):
+        return NbdExport(where, connections=workers)
+    nfs_file = NfsFile(where, connections=workers)
+    try:
+        nfs_file.open_existing()
+    except BaseException:
+        nfs_file.close()
+        raise
+    return nfs_file
+
+
 def _differing_blocks(a: bytes, b: bytes, offset: int, block: int) -> list[Extent]:
     """BLOCK-aligned extents (clipped to the chunk) where A and B differ."""
     if a == b:
@@ -80,8 +96,8 @@ def _chunks(size: int) -> Iterator[Extent]:
 
 def compare_endpoints(a: str, b: str, *, block: int = 65536, workers: int = 4) -> list[Extent]:
     """Extents (BLOCK-aligned, merged) where A and B differ, each a local
-    path or an NBD URI; sizes that differ differ past the shorter."""
-    if not isinstance(parse(a), NbdUri) and not isinstance(parse(b), NbdUri):
+    path, an NBD URI or an NFS URL; sizes that differ differ past the shorter."""
+    if isinstance(parse(a), str) and isinstance(parse(b), str):
         return compare_files(a, b, block=block, workers=workers)
     side_a = _Side(a, workers)
     try:
@@ -94,13 +110,15 @@ def compare_endpoints(a: str, b: str, *, block: int = 65536, workers: int = 4) -
         side_a.close()
 
 
-def compare_with_export(path: str, export: NbdExport, *, block: int = 65536,
+def compare_with_export(path: str, export: NbdExport | NfsFile, *, block: int = 65536,
                         workers: int = 4) -> list[Extent]:
-    """Like compare_endpoints for the local file PATH and an export already
-    connected (a sync's: a server taking one client could not take more)."""
+    """Like compare_endpoints for the local file PATH and an export (or an
+    NFS file open for reading) already connected (a sync's: a server taking
+    one client could not take more)."""
     local = _Side(path, workers)
     try:
-        remote = _Side(export.uri.uri, workers, export)
+        text = export.uri.uri if isinstance(export, NbdExport) else export.uri.url
+        remote = _Side(text, workers, export)
         return _compare_sides(local, remote, block, workers)
     finally:
         local.close()

@@ -1,4 +1,5 @@
-"""A copy-mode sync whose destination is an NBD export (``nbd://``, ``nbd+unix://``).
+"""A copy-mode sync whose destination is an NBD export (``nbd://``, ``nbd+unix://``)
+or a file on an NFS server (``nfs://``).
 
 The flow is the file sync's — bulk pass, dirty passes, freeze, final pass,
 thaw, commit — with the same predicate, progress and result, but the passes
@@ -13,6 +14,12 @@ to a remote image), incremental syncs onto one (each sync is a full copy),
 an export as a sync's source, and ``--converge mirror`` (writers mirror only
 into a local file). Each is refused with one line (exit 2), except that
 ``--converge auto`` escalates to the throttle instead of mirroring.
+
+Into NFS (:class:`NfsSyncJob`, the same job with another endpoint) the copy
+goes to ``NAME.bm-partial`` beside the target, created sparse, and the commit
+is COMMIT3 then a rename over the target, as a local copy's fsync and
+rename; on any failure the partial is removed from the server (over a new
+mount if the old one died), and the error says whether that worked.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import contextlib
 import errno
 import os
 
-from blockmirror.copying.endpoint import NbdUri, parse
+from blockmirror.copying.copier import Copier
+from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
+from blockmirror.copying.nfs import PARTIAL_SUFFIX, NfsCopier, NfsFile
 from blockmirror.copying.remote import NbdExport, RemoteCopier
 from blockmirror.copying.remote_compare import compare_with_export
-from blockmirror.errors import BlockMirrorError, InvalidInputError, VerifyError
+from blockmirror.errors import BlockMirrorError, InvalidInputError, OutOfSpaceError, VerifyError
 from blockmirror.extents import subtract
 from blockmirror.migration import precheck
 from blockmirror.migration.job import FileSyncJob, JobState
@@ -39,12 +48,19 @@ LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
 
 
 def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
-    """File mode into an export: checked (one line, exit 2, nothing written
-    on bad input), connected, then run as a :class:`RemoteSyncJob`."""
-    if isinstance(parse(src), NbdUri):
+    """File mode into an export or an NFS file: checked (one line, exit 2,
+    nothing written on bad input), connected, then run as a
+    :class:`RemoteSyncJob` (or :class:`NfsSyncJob`)."""
+    source = parse(src)
+    if isinstance(source, NbdUri):
         raise InvalidInputError("an NBD export as the source of sync is not supported yet; "
                                 "copy it with nbdcopy, or serve a local image")
+    if isinstance(source, NfsUrl):
+        raise InvalidInputError("an NFS file as the source of sync is not supported yet; "
+                                "copy it with nfs-cp, or sync from a local image")
     uri = parse(dst)
+    if isinstance(uri, NfsUrl):
+        return _sync_to_nfs(src, uri, options)
     assert isinstance(uri, NbdUri)
     _refuse_unsupported(src, uri, options)
     st = precheck.check_source(src, move=False)
@@ -62,12 +78,41 @@ def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     return RemoteSyncJob(plan, options, export).run()
 
 
-def _refuse_unsupported(src: str, uri: NbdUri, options: SyncOptions) -> None:
+def _sync_to_nfs(src: str, url: NfsUrl, options: SyncOptions) -> SyncResult:
+    _refuse_unsupported(src, url, options)
+    st = precheck.check_source(src, move=False)
+    nfs_file = NfsFile(url, connections=options.workers)
+    try:
+        _check_nfs_space(nfs_file, st.st_blocks * 512)
+    except BaseException:
+        nfs_file.close()
+        raise
+    partial = url.display.partition("?")[0] + PARTIAL_SUFFIX  # for messages
+    plan = Plan(os.path.abspath(src), url.display, partial, st.st_size, st.st_blocks * 512,
+                st.st_uid, st.st_mode)
+    return NfsSyncJob(plan, options, nfs_file).run()
+
+
+def _check_nfs_space(nfs_file: NfsFile, allocated: int) -> None:
+    """Step 0 as for a local copy: room on the server for the source's
+    allocated bytes, or exit 4 before anything is created there."""
+    try:
+        available = nfs_file.free_bytes()
+    except OSError as e:
+        raise InvalidInputError(f"cannot ask {nfs_file.name}'s server for its free space: "
+                                f"{e.strerror}") from None
+    if allocated > available:
+        raise OutOfSpaceError(f"need {format_bytes(allocated)} of data on the NFS server for "
+                              f"{nfs_file.name}, {format_bytes(available)} free", nfs_file.name)
+
+
+def _refuse_unsupported(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) -> None:
+    kind = "an NFS file" if isinstance(uri, NfsUrl) else "an NBD export"
     if os.path.isdir(src):
-        raise InvalidInputError(f"directory mode into an NBD export is not supported: {uri} "
-                                "holds one image; sync each image to its own export")
+        raise InvalidInputError(f"directory mode into {kind} is not supported: {uri} "
+                                "holds one image; sync each image to its own place")
     if options.move:
-        raise InvalidInputError(f"--move to an NBD export is not supported yet ({uri}): "
+        raise InvalidInputError(f"--move to {kind} is not supported yet ({uri}): "
                                 "writers cannot be redirected to a remote image; copy instead")
     if options.converge == "mirror":
         raise InvalidInputError(f"--converge mirror needs a local copy; into {uri} use "
@@ -77,15 +122,22 @@ def _refuse_unsupported(src: str, uri: NbdUri, options: SyncOptions) -> None:
 class RemotePassRunner(PassRunner):
     """The passes into an export: the bulk pass covers the whole image (the
     export's old bytes under the source's holes must go), and the copy
-    follows the source's size within the export's."""
+    follows the source's size within the export's. Into an NFS file (a new
+    partial, which reads as zeros) the bulk pass takes the allocated extents
+    only, and the file follows the source's size."""
 
     def bulk(self) -> None:
         """Into an export the server says reads as zeros: the allocated
         extents, zeros skipped (as into a new sparse file). Otherwise the
         whole image, every zero run sent as WRITE_ZEROES."""
-        assert isinstance(self.copier, RemoteCopier)
+        assert isinstance(self.copier, (RemoteCopier, NfsCopier))
         export = self.copier.export
         fresh = export.reads_zero(0, export.size)
+        if isinstance(export, NfsFile):
+            stats = self._copy("bulk", self.copier.allocated_extents(), dst_fresh=fresh,
+                               before_item=self._clear_before_read if self.tracker else None)
+            self._record("bulk", stats)
+            return
         self.result.notes.append(
             "the export read as zeros (block status): only data was sent" if fresh else
             "the export held data (or cannot say): every zero run was zeroed on it")
@@ -95,9 +147,14 @@ class RemotePassRunner(PassRunner):
         self._record("bulk", stats)
 
     def follow_source_size(self) -> None:
-        assert isinstance(self.copier, RemoteCopier)
+        assert isinstance(self.copier, (RemoteCopier, NfsCopier))
         export = self.copier.export
         size = os.fstat(self.src_fd).st_size
+        if isinstance(export, NfsFile):
+            if size != export.size:
+                export.resize(size)
+            self.result.image_size = size
+            return
         if size > export.size:
             raise OSError(errno.EFBIG, f"the source grew to {format_bytes(size)}, past the "
                           f"NBD export's {format_bytes(export.size)}", export.name)
@@ -108,18 +165,27 @@ class RemotePassRunner(PassRunner):
 
 
 class RemoteSyncJob(FileSyncJob):
-    """A copy-mode :class:`FileSyncJob` into EXPORT (connected, checked)."""
+    """A copy-mode :class:`FileSyncJob` into EXPORT (connected, checked).
+    Subclasses for other endpoints override the hooks: _notes, _new_copier,
+    _commit, _left_behind (and _abort, to clean up)."""
 
-    def __init__(self, plan: Plan, options: SyncOptions, export: NbdExport) -> None:
+    def __init__(self, plan: Plan, options: SyncOptions, export: NbdExport | NfsFile) -> None:
         super().__init__(plan, options)
         self.export = export
-        self.result.notes.append(
-            "written straight into the NBD export: no shadow copy, no rename, no manifest "
-            "(each sync to an export is a full copy)")
-        if export.size > plan.size:
-            self.result.notes.append(
-                f"the export is {format_bytes(export.size)}: the bytes past the source's "
-                f"{format_bytes(plan.size)} were left as they were")
+        self.result.notes.extend(self._notes())
+
+    def _notes(self) -> list[str]:
+        assert isinstance(self.export, NbdExport)
+        notes = ["written straight into the NBD export: no shadow copy, no rename, no "
+                 "manifest (each sync to an export is a full copy)"]
+        if self.export.size > self.plan.size:
+            notes.append(f"the export is {format_bytes(self.export.size)}: the bytes past the "
+                         f"source's {format_bytes(self.plan.size)} were left as they were")
+        return notes
+
+    def _left_behind(self) -> str:
+        """What a failure left on the remote side, for its message."""
+        return LEFT_PARTLY
 
     def run(self) -> SyncResult:
         try:
@@ -129,7 +195,7 @@ class RemoteSyncJob(FileSyncJob):
         except OSError as e:
             if self.failed_from in (None, JobState.PLANNED):
                 raise  # nothing was written yet
-            raise OSError(e.errno, f"{e.strerror}; {LEFT_PARTLY}", e.filename) from e
+            raise OSError(e.errno, f"{e.strerror}; {self._left_behind()}", e.filename) from e
 
     def _open(self) -> None:
         plan = self.plan
@@ -137,10 +203,14 @@ class RemoteSyncJob(FileSyncJob):
         if os.path.exists(sidecar_path(plan.source)):
             self._open_tracker()
         self.state = JobState.COPYING  # from here the export holds bytes of this run
-        self.copier = RemoteCopier(self.src_fd, self.export, rate_limit=self.options.rate_limit,
-                                   src_path=plan.source)
+        self.copier = self._new_copier()
         self.passes = RemotePassRunner(self.copier, self.tracker, self.src_fd, -1, self.result,
                                        self.report)
+
+    def _new_copier(self) -> Copier:
+        assert isinstance(self.export, NbdExport)
+        return RemoteCopier(self.src_fd, self.export, rate_limit=self.options.rate_limit,
+                            src_path=self.plan.source)
 
     def _commit(self) -> None:
         self.export.flush()
@@ -169,9 +239,12 @@ class RemoteSyncJob(FileSyncJob):
     def _out_of_space_message(self) -> str:
         return f"the NBD export {self.plan.destination} ran out of space; {LEFT_PARTLY}"
 
+    def _undo_remote(self) -> None:
+        """Remove what this run made on the remote side (nothing, on NBD)."""
+
     def _abort(self) -> None:
-        """Writers first (I6): thawed, throttle lifted. Nothing on the
-        export can be removed."""
+        """Writers first (I6): thawed, throttle lifted. Then what the
+        endpoint can take back (nothing on an export)."""
         self.failed_from = self.state
         if self.tracker is not None:
             with contextlib.suppress(Exception):
@@ -179,9 +252,67 @@ class RemoteSyncJob(FileSyncJob):
             if self.state is JobState.FROZEN:
                 with contextlib.suppress(Exception):
                     self.tracker.thaw()
+        self._undo_remote()
 
     def _release(self) -> None:
         try:
             super()._release()
         finally:
             self.export.close()
+
+
+class NfsSyncJob(RemoteSyncJob):
+    """A :class:`RemoteSyncJob` into a file on an NFS server: through a
+    sparse partial beside the target, committed and renamed at the switch,
+    removed on failure."""
+
+    export: NfsFile
+
+    def __init__(self, plan: Plan, options: SyncOptions, nfs_file: NfsFile) -> None:
+        super().__init__(plan, options, nfs_file)
+        self.created = False  # the partial exists on the server
+        self.cleanup_error: str | None = None
+
+    def _notes(self) -> list[str]:
+        return [f"written to {os.path.basename(self.export.partial)} on the NFS server, "
+                "committed (COMMIT) and renamed over the target; no manifest (each sync to "
+                "NFS is a full copy)"]
+
+    def _open(self) -> None:
+        """The partial first (bad input if the server will not create it)."""
+        try:
+            self.export.create_partial(self.plan.size, self.plan.mode)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.export.discard(self.export.partial)
+            raise InvalidInputError(f"cannot create {self.plan.partial}: "
+                                    f"{e.strerror}") from None
+        self.created = True
+        super()._open()
+
+    def _new_copier(self) -> Copier:
+        return NfsCopier(self.src_fd, self.export, rate_limit=self.options.rate_limit,
+                         src_path=self.plan.source)
+
+    def _commit(self) -> None:
+        """COMMIT3 (late write errors surface here), then the rename."""
+        self.export.publish()
+        self.state = JobState.COMMITTED
+
+    def _undo_remote(self) -> None:
+        """The partial goes; so does a copy already renamed into place whose
+        verify failed (as a local copy's is unpublished)."""
+        if not self.created or self.state in (JobState.DONE, JobState.REDIRECTED):
+            return
+        path = self.export.target if self.state is JobState.COMMITTED else self.export.partial
+        self.cleanup_error = self.export.discard(path)
+
+    def _left_behind(self) -> str:
+        if self.cleanup_error is None:
+            return "the partial copy on the NFS server was removed; the source is untouched"
+        return (f"the partial copy {self.plan.partial} could not be removed "
+                f"({self.cleanup_error}); remove it by hand; the source is untouched")
+
+    def _out_of_space_message(self) -> str:
+        return f"the NFS server ran out of space for {self.plan.destination}; " + \
+            self._left_behind()

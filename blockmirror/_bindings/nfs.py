@@ -1,0 +1,203 @@
+"""Bindings of the NFS endpoint (csrc/nfs/nfs.c, module ``blockmirror._nfs``).
+
+The module exists only where libnfs-dev was installed at build time;
+:func:`available` says so and every other call raises
+:class:`~blockmirror.errors.InvalidInputError` naming the package otherwise.
+Handles are freed by cffi with their last reference (``bm_nfs_close``) and
+must outlive every call on them. Messages never hold the URL: the caller
+names the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeAlias
+
+from blockmirror.errors import InvalidInputError
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+
+try:
+    from blockmirror import _nfs as _module
+except ImportError:  # built without libnfs-dev
+    _nfs: ModuleType | None = None
+else:
+    _nfs = _module
+
+Handle: TypeAlias = Any
+"""A ``bm_nfs *`` owned by ffi.gc (bm_nfs_close runs with its last reference)."""
+
+MISSING = ("nfs:// endpoints need libnfs: install Debian's libnfs-dev and rebuild "
+           "blockmirror (pip install .)")
+
+
+def available() -> bool:
+    """Whether this build has the NFS endpoint."""
+    return _nfs is not None
+
+
+def _lib() -> Any:
+    if _nfs is None:
+        raise InvalidInputError(MISSING)
+    return _nfs.lib
+
+
+def _ffi() -> Any:
+    if _nfs is None:
+        raise InvalidInputError(MISSING)
+    return _nfs.ffi
+
+
+def _constant(name: str, default: int) -> int:
+    return int(getattr(_nfs.lib, name)) if _nfs is not None else default
+
+
+CREATE = _constant("BM_NFS_CREATE", 1)
+READ = _constant("BM_NFS_READ", 0)
+DST_FRESH = _constant("BM_NFS_DST_FRESH", 1)
+SIDE_SRC = _constant("BM_NFS_SIDE_SRC", 1)
+SIDE_DST = _constant("BM_NFS_SIDE_DST", 2)
+MAX_CONNS = _constant("BM_NFS_MAX_CONNS", 8)
+DEFAULT_REQUESTS = _constant("BM_NFS_DEFAULT_REQUESTS", 16)
+DEFAULT_REQUEST_BYTES = _constant("BM_NFS_DEFAULT_REQUEST_BYTES", 1048576)
+
+
+def error_from_c(name: str | None = None) -> OSError:
+    """The exception for the call that just failed on this thread; NAME (the
+    file's display name, or a local path) goes into it as the filename."""
+    ffi, lib = _ffi(), _lib()
+    err = ffi.errno
+    raw = ffi.string(lib.bm_nfs_last_error())
+    message = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return OSError(err, message or os.strerror(err), name)
+
+
+@dataclass(frozen=True)
+class CopyCounts:
+    """What one bm_nfs_copy_extents call did (``bm_nfs_copy_stats``)."""
+
+    bytes_read: int
+    bytes_written: int
+    bytes_zero: int
+    bytes_hole: int
+    bytes_punched: int
+    requests: int
+    max_in_flight: int
+
+
+def mount(url: str, connections: int, *, timeout_s: float, name: str) -> Handle:
+    """Mount URL's export on CONNECTIONS connections. NAME labels errors."""
+    ffi, lib = _ffi(), _lib()
+    handle = lib.bm_nfs_mount(url.encode(), connections, max(0, round(timeout_s * 1000)))
+    if handle == ffi.NULL:
+        raise error_from_c(name)
+    return ffi.gc(handle, lib.bm_nfs_close)
+
+
+def close(handle: Handle) -> None:
+    """Disconnect now instead of at garbage collection."""
+    _ffi().release(handle)
+
+
+def url_file(handle: Handle) -> str:
+    """The URL's file, '/NAME' under the export."""
+    raw = _ffi().string(_lib().bm_nfs_url_file(handle))
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+def connections(handle: Handle) -> int:
+    return int(_lib().bm_nfs_connections(handle))
+
+
+def write_max(handle: Handle) -> int:
+    return int(_lib().bm_nfs_write_max(handle))
+
+
+def _check(rc: int, name: str | None) -> None:
+    if rc < 0:
+        raise error_from_c(name)
+
+
+def open_file(handle: Handle, path: str, *, create: bool, mode: int = 0o600,
+              name: str | None = None) -> None:
+    """Open PATH on every connection (CREATE: created or truncated)."""
+    _check(_lib().bm_nfs_open_file(handle, os.fsencode(path), CREATE if create else READ,
+                                   mode), name)
+
+
+def close_file(handle: Handle, name: str | None = None) -> None:
+    _check(_lib().bm_nfs_close_file(handle), name)
+
+
+def size(handle: Handle, name: str | None = None) -> int:
+    value = int(_lib().bm_nfs_size(handle))
+    _check(value, name)
+    return value
+
+
+def truncate(handle: Handle, length: int, name: str | None = None) -> None:
+    _check(_lib().bm_nfs_truncate(handle, length), name)
+
+
+def commit(handle: Handle, name: str | None = None) -> None:
+    """COMMIT3 on every connection that wrote: late write errors surface here."""
+    _check(_lib().bm_nfs_commit(handle), name)
+
+
+def free_bytes(handle: Handle, path: str, name: str | None = None) -> int:
+    """Available bytes on the filesystem of the directory PATH (FSSTAT)."""
+    value = int(_lib().bm_nfs_free_bytes(handle, os.fsencode(path)))
+    _check(value, name)
+    return value
+
+
+def rename(handle: Handle, old: str, new: str, name: str | None = None) -> None:
+    _check(_lib().bm_nfs_rename(handle, os.fsencode(old), os.fsencode(new)), name)
+
+
+def unlink(handle: Handle, path: str, name: str | None = None) -> None:
+    _check(_lib().bm_nfs_unlink(handle, os.fsencode(path)), name)
+
+
+def new_buffer(nbytes: int) -> Any:
+    return _ffi().new("char[]", nbytes)
+
+
+def pread(handle: Handle, conn: int, buf: Any, nbytes: int, offset: int,
+          name: str | None = None) -> bytes:
+    """NBYTES at OFFSET of the open file, read through BUF (new_buffer, at
+    least NBYTES long); zeros past its end."""
+    _check(_lib().bm_nfs_pread(handle, conn, buf, nbytes, offset), name)
+    return bytes(_ffi().buffer(buf, nbytes))
+
+
+def new_rate_cap(bytes_per_s: int) -> Any:
+    cap = _ffi().new("bm_nfs_rate_cap *")
+    cap.bytes_per_s = max(0, int(bytes_per_s))
+    return cap
+
+
+def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
+                 block_size: int, *, requests: int = 0, request_bytes: int = 0,
+                 flags: int = 0, rate_cap: Any = None, cancel: Any = None,
+                 src_path: str | None = None, dst_name: str | None = None) -> CopyCounts:
+    """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) of SRC_FD into the
+    open file over connection CONN, in one C call; errors name the side.
+    CANCEL is the Copier's ``uint32_t *`` flag (any cffi module's)."""
+    ffi, lib = _ffi(), _lib()
+    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
+        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
+    ext = (ffi.cast("bm_nfs_extent *", ffi.from_buffer(extents.data)) if len(extents)
+           else ffi.NULL)
+    stats = ffi.new("bm_nfs_copy_stats *")
+    flag = ffi.NULL if cancel is None else ffi.cast("uint32_t *", cancel)
+    rc = lib.bm_nfs_copy_extents(handle, conn, src_fd, ext, len(extents), block_size,
+                                 requests, request_bytes, flags,
+                                 ffi.NULL if rate_cap is None else rate_cap, flag, stats)
+    if rc < 0:
+        side = stats.error_side
+        raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)
+    return CopyCounts(int(stats.bytes_read), int(stats.bytes_written), int(stats.bytes_zero),
+                      int(stats.bytes_hole), int(stats.bytes_punched), int(stats.requests),
+                      int(stats.max_in_flight))

@@ -1,0 +1,230 @@
+"""Copying into a file on an NFS server, and reading one: the NFS endpoint.
+
+:class:`NfsFile` is one file under an export, mounted over several
+connections (each its own libnfs context: libnfs is not thread-safe). A sync
+writes a partial copy beside the target (``NAME.bm-partial``, created sparse
+at the source's size), commits it (COMMIT3, where NFS reports late errors
+such as ENOSPC) and renames it over the target; on failure the partial is
+removed. :class:`NfsCopier` is a :class:`~blockmirror.copying.copier.Copier`
+whose work items go, one C call per worker thread, each on its own
+connection, into the file through libnfs's asynchronous API
+(csrc/nfs/nfs.c): many WRITE3 calls in flight, holes and zeros of a fresh
+file skipped so it stays sparse on the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from blockmirror._bindings import nfs as _n
+from blockmirror.closeable import Closeable
+from blockmirror.copying.copier import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BLOCK_SIZE,
+    Copier,
+    CopyStats,
+    DigestRequest,
+)
+from blockmirror.copying.endpoint import NfsUrl
+from blockmirror.errors import InvalidInputError
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+
+PARTIAL_SUFFIX = ".bm-partial"  # as a local copy's (precheck.PARTIAL_SUFFIX)
+
+
+def _timeout_from_environment() -> float:
+    try:
+        return max(0.1, float(os.environ.get("BLOCKMIRROR_NFS_TIMEOUT", "30")))
+    except ValueError:
+        return 30.0
+
+
+DEFAULT_TIMEOUT_S = _timeout_from_environment()
+"""A connection with calls outstanding and no reply this long has failed
+(30 s; BLOCKMIRROR_NFS_TIMEOUT=SECONDS changes it)."""
+CLEANUP_TIMEOUT_S = 5.0
+DEFAULT_REQUESTS = _n.DEFAULT_REQUESTS
+REQUEST_BYTES = _n.DEFAULT_REQUEST_BYTES
+
+
+def libnfs_available() -> bool:
+    """Whether this build can reach NFS servers (built with libnfs-dev)."""
+    return _n.available()
+
+
+class NfsFile(Closeable):
+    """URL's export mounted on CONNECTIONS connections; no file open yet.
+    Mounting fails with InvalidInputError (one line, exit 2) when the server
+    cannot be reached or refuses the export."""
+
+    def __init__(self, url: NfsUrl, *, connections: int = 4,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.uri = url
+        self.name = url.display
+        self.timeout_s = timeout_s
+        self._handle: Any = self._mount(max(1, min(connections, _n.MAX_CONNS)), timeout_s)
+        self.connections = _n.connections(self._handle)
+        self.target = _n.url_file(self._handle)  # "/NAME" under the export
+        self.partial = self.target + PARTIAL_SUFFIX
+        self.size = 0
+        self.open_path: str | None = None
+        self.fresh = False  # a new partial nothing was written to yet
+        self._buffers = threading.local()
+
+    def _mount(self, connections: int, timeout_s: float) -> Any:
+        try:
+            return _n.mount(self.uri.url, connections, timeout_s=timeout_s, name=self.name)
+        except OSError as e:
+            reason = (e.strerror or str(e)).replace(self.uri.url, self.name)
+            raise InvalidInputError(f"cannot use NFS export {self.uri.export} of "
+                                    f"{self.name}: {reason}") from None
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            raise ValueError(f"NFS file {self.name} is closed")
+        return self._handle
+
+    def _open(self, path: str, *, create: bool, mode: int = 0o600) -> None:
+        _n.open_file(self.handle, path, create=create, mode=mode, name=self.name)
+        self.open_path = path
+
+    def open_existing(self) -> None:
+        """Open the target for reading (verify); a missing file is bad input."""
+        try:
+            self._open(self.target, create=False)
+            self.size = _n.size(self.handle, self.name)
+        except OSError as e:
+            raise InvalidInputError(f"cannot read {self.name}: {e.strerror}") from None
+
+    def create_partial(self, size: int, mode: int) -> None:
+        """NAME.bm-partial beside the target, empty (truncated if a killed run
+        left one) and then sparse at SIZE bytes."""
+        self._open(self.partial, create=True, mode=mode & 0o7777)
+        _n.truncate(self.handle, size, self.name)
+        self.size = size
+        self.fresh = True
+
+    def free_bytes(self) -> int:
+        """Available bytes on the server's filesystem where the target goes
+        (FSSTAT; a stale partial a killed run left is not counted)."""
+        return _n.free_bytes(self.handle, os.path.dirname(self.target) or "/", self.name)
+
+    def reads_zero(self, offset: int, length: int) -> bool:
+        """Whether the range reads as zeros: the whole of a new partial does,
+        until the first copy into it."""
+        return self.fresh
+
+    def resize(self, size: int) -> None:
+        _n.truncate(self.handle, size, self.name)
+        self.size = size
+
+    def flush(self) -> None:
+        """Every completed write durable on the server (COMMIT3)."""
+        _n.commit(self.handle, self.name)
+
+    def publish(self) -> None:
+        """Commit the partial, close it, rename it over the target, and open
+        the target for reading (a verify after the sync reads it)."""
+        self.flush()
+        _n.close_file(self.handle, self.name)
+        self.open_path = None
+        _n.rename(self.handle, self.partial, self.target, self.name)
+        self._open(self.target, create=False)
+
+    def discard(self, path: str) -> str | None:
+        """Remove PATH (the partial, or a published copy) from the server,
+        over a new mount if this one's connections failed. None when done,
+        else why not."""
+        with contextlib.suppress(OSError):
+            _n.close_file(self.handle, self.name)
+        self.open_path = None
+        try:
+            _n.unlink(self.handle, path, self.name)
+            return None
+        except OSError as first:
+            reason = first.strerror or str(first)
+        try:
+            fresh = _n.mount(self.uri.url, 1, timeout_s=min(self.timeout_s, CLEANUP_TIMEOUT_S),
+                             name=self.name)
+            try:
+                _n.unlink(fresh, path, self.name)
+            finally:
+                _n.close(fresh)
+            return None
+        except OSError as e:
+            return e.strerror or reason
+
+    def pread(self, conn: int, nbytes: int, offset: int) -> bytes:
+        """NBYTES at OFFSET over connection CONN (one thread per connection)."""
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._buffers.buf = _n.new_buffer(max(nbytes, 1 << 20))
+        return _n.pread(self.handle, conn, buf, nbytes, offset, self.name)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            _n.close(self._handle)
+            self._handle = None
+
+
+class NfsCopier(Copier):
+    """Copies extents of the local ``src_fd`` into the file open in NFS_FILE
+    at the same offsets: one worker thread per connection, each with up to
+    REQUESTS WRITE3 calls in flight. The file is resized and committed only
+    by the caller; ``dst_fresh`` is the caller's promise that the file reads
+    as zeros over the extents (a new partial), ``start_writeback`` means
+    nothing here."""
+
+    def __init__(self, src_fd: int, nfs_file: NfsFile, *, requests: int = DEFAULT_REQUESTS,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
+                 rate_limit: float | None = None, src_path: str | None = None) -> None:
+        self.export = nfs_file
+        self.requests = max(1, requests)
+        super().__init__(src_fd, -1, workers=nfs_file.connections, batch_bytes=batch_bytes,
+                         block_size=block_size, use_copy_file_range=False,
+                         rate_limit=rate_limit, src_path=src_path, dst_path=nfs_file.name)
+        self._nfs_rate_cap = _n.new_rate_cap(round(rate_limit)) if rate_limit else None
+        self._next_conn = itertools.count()
+        self._stats_lock = threading.Lock()
+        self.most_in_flight = 0
+        """The most WRITE3 calls one connection had in flight at once so far."""
+        self.requests_sent = 0
+
+    def _new_handle(self, use_copy_file_range: bool) -> Any:
+        return None  # the file's connections are the handle
+
+    @property
+    def uses_copy_file_range(self) -> bool:
+        return False
+
+    def whole_image(self) -> ExtentArray:
+        """[0, the source's size)."""
+        return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
+
+    def _connection(self) -> int:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = next(self._next_conn) % self.export.connections
+        return int(conn)
+
+    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+                       start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
+        # No digests: nothing keeps a manifest of a remote copy (yet).
+        counts = _n.copy_extents(
+            self.export.handle, self._connection(), self.src_fd, item, self.block_size,
+            requests=self.requests, request_bytes=REQUEST_BYTES,
+            flags=_n.DST_FRESH if dst_fresh else 0, rate_cap=self._nfs_rate_cap,
+            cancel=cancel, src_path=self.src_path, dst_name=self.export.name)
+        with self._stats_lock:
+            self.export.fresh = False
+            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
+            self.requests_sent += counts.requests
+        return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
+                         counts.bytes_hole, counts.bytes_punched)
