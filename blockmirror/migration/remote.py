@@ -41,9 +41,10 @@ LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
 def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     """File mode into an export: checked (one line, exit 2, nothing written
     on bad input), connected, then run as a :class:`RemoteSyncJob`."""
-    if isinstance(parse(src), NbdUri):
-        raise InvalidInputError("an NBD export as the source of sync is not supported yet; "
-                                "copy it with nbdcopy, or serve a local image")
+    if isinstance(parse(src), NbdUri):  # a one-shot copy of the export (remote_source.py)
+        from blockmirror.migration.remote_source import sync_from_export
+
+        return sync_from_export(src, dst, options)
     uri = parse(dst)
     assert isinstance(uri, NbdUri)
     _refuse_unsupported(src, uri, options)
@@ -138,7 +139,7 @@ class RemoteSyncJob(FileSyncJob):
             self._open_tracker()
         self.state = JobState.COPYING  # from here the export holds bytes of this run
         self.copier = RemoteCopier(self.src_fd, self.export, rate_limit=self.options.rate_limit,
-                                   src_path=plan.source)
+                                   requests=self.options.requests, src_path=plan.source)
         self.passes = RemotePassRunner(self.copier, self.tracker, self.src_fd, -1, self.result,
                                        self.report)
 
