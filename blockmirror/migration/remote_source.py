@@ -58,10 +58,10 @@ def sync_from_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     uri = parse(src)
     assert isinstance(uri, NbdUri)
     _refuse_unsupported(uri, dst, options)
-    destination = _destination(dst, force=options.force)
     export = NbdExport(uri, connections=options.workers, write=False)
     try:
-        note = _exactness_note(export, options)
+        note = _exactness_note(export, options)  # first: the refusal that matters most
+        destination = _destination(dst, force=options.force)
         extents = export.data_extents()
         _check_space(destination, total_bytes(extents))
         return _ExportCopy(export, destination, options, extents, note).run()
