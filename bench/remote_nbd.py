@@ -5,6 +5,7 @@ export, same run, interleaved rounds (issue 12's target: >= 1.0x nbdcopy).
                                [--server nbdkit qemu-nbd] [--netns] [--workers 4]
                                [--requests N]
     python bench/remote_nbd.py --size 4G --data 1G --netns   # issue 12's bulk case
+    python bench/remote_nbd.py --from-export ...             # export -> local file
 
 The source is SIZE apparent with DATA of random data (default all of it) in
 64 evenly spaced extents, untracked, in /dev/shm; each server serves a raw
@@ -15,13 +16,15 @@ the server and qemu-nbd runs unshaped, which the output says). Before every
 run the export's file is punched back to all zeros, so each tool starts
 from the same export: blockmirror sees that in block status and sends data
 only; nbdcopy zeroes the source's holes (WRITE_ZEROES) unless told the
-destination is zero, which `nbdcopy -z` (--destination-is-zero) does and is
+destination is zero, which `nbdcopy --destination-is-zero` ("-z" below) does and is
 timed too. nbdcopy gets as many connections (and threads) as blockmirror's
 --workers: by default it takes one per core, 2 here. Both tools flush at
 the end (nbdcopy --flush). Times are wall
 clock of the whole command; blockmirror's own elapsed (from --json) is shown
 too. The ratio is nbdcopy's time over blockmirror's: above 1.0 blockmirror
-is faster.
+is faster. With --from-export the direction turns: each server serves the
+source itself read-only, and `blockmirror sync URI FILE` (block status:
+holes not read) races `nbdcopy URI FILE` into a new file in /dev/shm.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ def wait_listening(proc: subprocess.Popen[bytes], uri: str, timeout: float = 15.
     raise RuntimeError(f"no server at {uri}")
 
 
-def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | None
-            ) -> tuple[str, str]:
+def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | None,
+            readonly: bool = False) -> tuple[str, str]:
     """Start KIND serving FILE; (its URI, how its requests are delayed)."""
     shaping = "none (unix socket)"
     if link is None:
@@ -82,14 +85,15 @@ def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | 
         uri = f"nbd://{ip}:10809/"
         shaping = "netem 0.5 ms each way" if link.shaped else "none (veth, no netem)"  # type: ignore[attr-defined]
     if kind == "qemu-nbd":
-        argv = ["qemu-nbd", "-t", "-e", "8", "-f", "raw", "--discard=unmap", *where_q, str(file)]
+        argv = ["qemu-nbd", "-t", "-e", "8", "-f", "raw", "--discard=unmap", *where_q,
+                *(["-r"] if readonly else []), str(file)]
     else:
         filters: list[str] = []
         if link is not None and not link.shaped:  # type: ignore[attr-defined]
             filters = ["--filter=delay", "file", f"file={file}", "delay-read=1ms",
                        "delay-write=1ms", "delay-zero=1ms"]
             shaping = "nbdkit delay filter, 1 ms per request"
-        argv = ["nbdkit", "--foreground", *where_k,
+        argv = ["nbdkit", "--foreground", *where_k, *(["-r"] if readonly else []),
                 *(filters or ["file", f"file={file}"])]
     if link is not None:
         argv = ["ip", "netns", "exec", link.netns, *argv]  # type: ignore[attr-defined]
@@ -113,9 +117,9 @@ def blockmirror_sync(src: Path, uri: str, workers: int, extra: list[str] | None 
     return wall, float(json.loads(done.stdout)["elapsed"])
 
 
-def _nbdcopy(src: Path, uri: str, extra: list[str]) -> float:
+def _nbdcopy(src: Path | str, dst: Path | str, extra: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(["nbdcopy", "--flush", *extra, str(src), uri], check=True)
+    subprocess.run(["nbdcopy", "--flush", *extra, str(src), str(dst)], check=True)
     return time.perf_counter() - started
 
 
@@ -138,9 +142,44 @@ def _rounds(src: Path, uri: str, export: Path, args: argparse.Namespace) -> dict
                 times["inside"].append(elapsed)
             else:
                 same = [f"--connections={args.workers}", f"--threads={args.workers}"]
-                times[tool].append(_nbdcopy(src, uri, same + (["-z"] if tool == "nbdcopy -z"
-                                                              else [])))
+                if tool == "nbdcopy -z":
+                    same.append("--destination-is-zero")
+                times[tool].append(_nbdcopy(src, uri, same))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rounds_from(uri: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The other direction: the export (serving the source, read-only) into
+    a new local file, blockmirror against nbdcopy, each copy removed after."""
+    times: dict[str, list[float]] = {"bm": [], "inside": [], "nbdcopy": []}
+    extra = ["--requests", str(args.requests)] if args.requests else []
+    copy = folder / "copy.img"
+    for r in range(args.rounds):
+        for tool in (("bm", "nbdcopy") if r % 2 == 0 else ("nbdcopy", "bm")):
+            if tool == "bm":
+                started = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", uri,
+                                       str(copy), "--json", "--workers", str(args.workers),
+                                       *extra], capture_output=True, text=True)
+                times["bm"].append(time.perf_counter() - started)
+                if done.returncode != 0:
+                    raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
+                times["inside"].append(float(json.loads(done.stdout)["elapsed"]))
+            else:
+                copy.touch()
+                times["nbdcopy"].append(_nbdcopy(uri, copy, [f"--connections={args.workers}",
+                                                            f"--threads={args.workers}"]))
+            copy.unlink()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _report_from(kind: str, shaping: str, data: int, m: dict[str, float]) -> None:
+    mib = data / MiB
+    print(f"{kind:9s} FROM the export, delay: {shaping}; blockmirror {m['bm']:.2f} s "
+          f"(sync itself {m['inside']:.2f} s, {mib / m['inside']:.0f} MiB/s of data), nbdcopy "
+          f"{m['nbdcopy']:.2f} s ({mib / m['nbdcopy']:.0f} MiB/s): ratio "
+          f"{m['nbdcopy'] / m['bm']:.2f} (command), {m['nbdcopy'] / m['inside']:.2f} "
+          "(sync itself)", flush=True)
 
 
 def _report(kind: str, shaping: str, data: int, m: dict[str, float]) -> None:
@@ -165,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--requests", type=int, default=None,
                         help="blockmirror sync --requests (default: its own, 32)")
+    parser.add_argument("--from-export", action="store_true",
+                        help="the other direction: the export (the source, read-only) into a "
+                        "new local file")
     args = parser.parse_args(argv)
     data = min(args.data or args.size, args.size)
     for tool in ("nbdcopy", "nbdinfo", "fallocate", *args.server):
@@ -188,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                     from netnstools import two_hosts
 
                     link = stack.enter_context(two_hosts(delay_ms=0.5, rate="10gbit"))
+                if args.from_export:
+                    uri, shaping = _server(stack, kind, src, folder / f"{kind}.sock", link,
+                                           readonly=True)
+                    _report_from(kind, shaping, data, _rounds_from(uri, folder, args))
+                    continue
                 export = folder / f"{kind}.img"
                 with open(export, "wb") as f:
                     f.truncate(args.size)

@@ -301,3 +301,31 @@ def test_sigint_mid_copy_leaves_nothing(ram_tmp_path, serve_image):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert not dst.exists() and not partial_exists(ram_tmp_path)
+
+
+# -- --requests, either direction ------------------------------------------------------------
+
+
+def test_requests_sets_the_depth_in_both_directions(ram_tmp_path, serve_image):
+    """--requests reaches the C calls: with one request per connection and
+    nbdkit holding each 5 ms, 16 MiB of data over one connection take at
+    least 64 round trips; with 64 (nbdkit serves 16 at once) about 4. Out of
+    range is refused."""
+    image = ram_tmp_path / "served.img"
+    content = make_data_image(image, 16 * MiB, extents=16)
+    server = serve_image("nbdkit", image, readonly=False,
+                         filters=("delay", "delay-read=5ms", "delay-write=5ms"))
+    seconds, back_seconds = {}, {}
+    for requests in ("1", "64"):
+        dst = ram_tmp_path / f"copy{requests}.img"
+        result = sync_json(server.uri, dst, "--quiesced", "--workers", "1",
+                           "--requests", requests)
+        assert dst.read_bytes() == content
+        seconds[requests] = result["passes"][0]["seconds"]  # type: ignore[index]
+        back = sync_json(dst, server.uri, "--workers", "1", "--requests", requests)
+        back_seconds[requests] = back["passes"][0]["seconds"]  # type: ignore[index]
+    for took in (seconds, back_seconds):
+        assert took["1"] >= 64 * 0.005, took
+        assert took["64"] < took["1"] / 2, took
+    done = run_cli("sync", server.uri, ram_tmp_path / "x.img", "--quiesced", "--requests", "300")
+    assert done.returncode == 2 and not (ram_tmp_path / "x.img").exists()

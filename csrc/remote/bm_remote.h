@@ -1,4 +1,5 @@
-/* bm_remote.h - blockmirror's NBD endpoint (csrc/remote/nbd.c) and the cdef
+/* bm_remote.h - blockmirror's NBD endpoint (csrc/remote/nbd.c: an export
+ * written from a local file, or read into one) and the cdef
  * of the second cffi module, blockmirror._remote (csrc/remote/build_ffi.py).
  *
  * Built only where libnbd's header is installed (Debian libnbd-dev), so the

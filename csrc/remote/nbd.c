@@ -1,5 +1,8 @@
 /* nbd.c - the NBD endpoint: a local file's extents written into an NBD
- * export through libnbd's asynchronous API, many requests in flight.
+ * export through libnbd's asynchronous API, many requests in flight; and
+ * the other way (bm_nbd_read_extents), an export's data read into a new
+ * sparse local file the same way, with bm_nbd_map saying from block status
+ * which ranges need reading at all.
  *
  * A bm_nbd handle holds up to BM_NBD_MAX_CONNS connections to one export
  * (several only when the server offers multi-conn, as nbdcopy does). One
@@ -11,8 +14,10 @@
  * drops the GIL around the call, so Python runs one call per connection on
  * a thread pool.
  *
- * Completion callbacks run inside nbd_poll on the calling thread, so the
- * call's counters need no atomics. A call that returns with commands still
+ * Reading, a slot holds one NBD_CMD_READ; its completion callback writes
+ * the slot's non-zero blocks to the local file (pwrite) before the slot is
+ * reused. Completion callbacks run inside nbd_poll on the calling thread, so
+ * the call's counters need no atomics. A call that returns with commands still
  * outstanding (a connection that hung past its timeout) leaves its state
  * allocated and the connection marked failed: a late callback never touches
  * freed memory. */
