@@ -15,6 +15,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ from imagetools import (
     tmpfs,
     wait_for,
 )
+from netnstools import two_hosts
 from test_remote_nbd import Server, one_line_error
 
 from blockmirror.copying import endpoint
@@ -287,6 +290,59 @@ def test_server_killed_mid_copy_is_exit_1_and_leaves_nothing(kind, ram_tmp_path,
     assert time.monotonic() - started < 10
     assert len(err.strip().splitlines()) == 1, err
     assert not dst.exists() and not partial_exists(ram_tmp_path)
+
+
+@pytest.mark.parametrize("where", ["data", "hole"])
+def test_verify_catches_a_write_behind_the_copy(where, ram_tmp_path, serve_image):
+    """--quiesced was not true: a write lands on the export in a data range
+    already copied, or in a hole the first map skipped. --verify maps and
+    re-reads the export before the rename: it fails as a local sync's verify
+    does (exit 1), nothing left at the destination."""
+    image = ram_tmp_path / "served.img"
+    content = make_data_image(image, 64 * MiB, extents=48)
+    holes = [o for o in range(0, 64 * MiB, MiB) if not any(content[o:o + MiB])]
+    offset = holes[0] if where == "hole" else next(
+        o for o in range(0, 64 * MiB, MiB) if any(content[o:o + MiB]))
+    server = serve_image("nbdkit", image, readonly=False)
+    dst = ram_tmp_path / "copy.img"
+    proc = start_cli("sync", server.uri, dst, "--quiesced", "--verify", "--workers", "1",
+                     "--bwlimit", "16M")
+    wait_for(lambda: partial_exists(ram_tmp_path) and any(
+        allocated_bytes(ram_tmp_path / n) > 8 * MiB for n in os.listdir(ram_tmp_path)
+        if n.endswith(".bm-partial")), 30, "the copy to pass the first extents")
+    with open(image, "r+b") as f:  # behind the copy: the first extents were read
+        f.seek(offset)
+        f.write(b"\xff" * 4096)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "written during the copy" in err
+    assert not dst.exists() and not partial_exists(ram_tmp_path)
+
+
+def test_link_cut_mid_copy_fails_in_bounded_time_and_leaves_nothing(ram_tmp_path):
+    """The export on another host; `ip link set ... down` mid-copy: no reply
+    comes, after BLOCKMIRROR_NBD_TIMEOUT the copy fails (exit 1), no partial."""
+    image = ram_tmp_path / "served.img"
+    make_data_image(image, 64 * MiB, extents=48)
+    with two_hosts(delay_ms=0.5) as link:
+        server = Server("nbdkit", image, None, tcp=(link.remote_ip, 10809), netns=link.netns,
+                        readonly=True)
+        try:
+            env = {**os.environ, "BLOCKMIRROR_NBD_TIMEOUT": "3"}
+            dst = ram_tmp_path / "copy.img"
+            proc = subprocess.Popen([sys.executable, "-m", "blockmirror", "sync", server.uri,
+                                     str(dst), "--bwlimit", "8M"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: partial_exists(ram_tmp_path), 30, "the copy to start")
+            time.sleep(0.5)
+            subprocess.run(["ip", "link", "set", link.local_dev, "down"], check=True)
+            started = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 1, err
+            assert time.monotonic() - started < 15, "the failure took too long"
+            assert not dst.exists() and not partial_exists(ram_tmp_path)
+        finally:
+            server.stop()
 
 
 def test_sigint_mid_copy_leaves_nothing(ram_tmp_path, serve_image):
