@@ -159,8 +159,10 @@ def _add_sync_parser(sub: Any) -> None:
         description="Bulk-copy SRC to DST, re-copy blocks written meanwhile until the rest "
         "fits in the target downtime, then pause writers and switch over.",
     )
-    p.add_argument("src", help="source image (or folder, for directory mode)")
-    p.add_argument("dst", help="destination image path, or an existing folder")
+    p.add_argument("src", help="source image (or folder, for directory mode), or an nbd:// "
+                   "export to copy once into a local file")
+    p.add_argument("dst", help="destination image path, an existing folder, or an nbd:// "
+                   "export")
     p.add_argument("--target-downtime", type=_bounded_duration(3600.0), default=5.0,
                    metavar="TIME",
                    help="longest pause for writers, e.g. 5s, 200ms (default 5s)")
