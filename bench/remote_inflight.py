@@ -6,6 +6,7 @@ nbdcopy's.
 
     python bench/remote_inflight.py [--size 256M] [--requests 1 4 16 64]
                                     [--rtt 0.2 1 5] [--connections 4] [--rounds 2]
+                                    [--from-export]
 
 Root only: the server, `nbdkit file` with multi-conn, runs in a second
 network namespace behind a veth pair (tests/netnstools.py). This kernel has
@@ -22,6 +23,9 @@ all of it. `blockmirror sync --workers C --requests R --json` is timed by
 the sync's own `elapsed` (the copy, no interpreter start-up) and by the
 whole command; `nbdcopy --flush --connections C --threads C --requests R`
 by its whole run (its start-up is milliseconds). Both flush at the end.
+With --from-export the direction turns: the export serves the source
+read-only and both tools copy it into a new file in /dev/shm (blockmirror
+reads only what block status calls data; here that is all of it).
 """
 
 from __future__ import annotations
@@ -47,15 +51,16 @@ from blockmirror.units import format_bytes, size_argument
 PORT = 10809
 
 
-def _nbdcopy(src: Path, uri: str, connections: int, requests: int) -> float:
+def _nbdcopy(src: Path | str, dst: Path | str, connections: int, requests: int) -> float:
     started = time.perf_counter()
     subprocess.run(["nbdcopy", "--flush", f"--connections={connections}",
-                    f"--threads={connections}", f"--requests={requests}", str(src), uri],
+                    f"--threads={connections}", f"--requests={requests}", str(src), str(dst)],
                    check=True)
     return time.perf_counter() - started
 
 
-def _serve(stack: ExitStack, link: object, file: Path, rtt_ms: float, threads: int) -> str:
+def _serve(stack: ExitStack, link: object, file: Path, rtt_ms: float, threads: int,
+           readonly: bool) -> str:
     """nbdkit file in LINK's namespace; requests held RTT_MS at the server
     unless netem already delays the link."""
     ip = link.remote_ip  # type: ignore[attr-defined]
@@ -67,7 +72,8 @@ def _serve(stack: ExitStack, link: object, file: Path, rtt_ms: float, threads: i
     print(f"# rtt {rtt_ms:g} ms made by " + ("netem on the veth pair" if link.shaped  # type: ignore[attr-defined]
           else "nbdkit's delay filter at the server (no netem here)"), flush=True)
     argv = ["ip", "netns", "exec", link.netns,  # type: ignore[attr-defined]
-            "nbdkit", "--foreground", "-i", ip, "-p", str(PORT), "-t", str(threads), *plugin]
+            "nbdkit", "--foreground", "-i", ip, "-p", str(PORT), "-t", str(threads),
+            *(["-r"] if readonly else []), *plugin]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(lambda: (proc.terminate(), proc.wait()))
     uri = f"nbd://{ip}:{PORT}/"
@@ -76,23 +82,32 @@ def _serve(stack: ExitStack, link: object, file: Path, rtt_ms: float, threads: i
 
 
 def _point(src: Path, uri: str, args: argparse.Namespace, requests: int) -> dict[str, float]:
-    """Medians over the rounds, the tools' order alternating."""
+    """Medians over the rounds, the tools' order alternating. With
+    --from-export the export (serving SRC) is copied into a new file."""
     inside, command, theirs = [], [], []
+    copy = src.with_name("copy.img")
+    a, b = (uri, copy) if args.from_export else (src, uri)
     for r in range(args.rounds):
         for tool in (("bm", "nbdcopy") if r % 2 == 0 else ("nbdcopy", "bm")):
+            if args.from_export:
+                copy.unlink(missing_ok=True)
+                copy.touch()  # nbdcopy writes into a file that exists
             if tool == "bm":
-                wall, elapsed = blockmirror_sync(src, uri, args.connections,
+                wall, elapsed = blockmirror_sync(a, b, args.connections,
+                                                 ["--requests", str(requests), "--force"]
+                                                 if args.from_export else
                                                  ["--requests", str(requests)])
                 command.append(wall)
                 inside.append(elapsed)
             else:
-                theirs.append(_nbdcopy(src, uri, args.connections, requests))
+                theirs.append(_nbdcopy(a, b, args.connections, requests))
     return {"sync": statistics.median(inside), "command": statistics.median(command),
             "nbdcopy": statistics.median(theirs)}
 
 
 def _header(args: argparse.Namespace) -> None:
-    print(f"# {format_bytes(args.size)} of random data into nbdkit file in a network "
+    way = "from (read-only)" if args.from_export else "into"
+    print(f"# {format_bytes(args.size)} of random data {way} nbdkit file in a network "
           f"namespace, {args.connections} connections (multi-conn), 256 KiB requests, "
           f"{args.rounds} rounds, medians")
     print("# round trip = nbdkit delay filter at the SERVER (delay-read/write/zero/extents), "
@@ -112,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="round trips in ms (server-side delay per request)")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--from-export", action="store_true",
+                        help="the other direction: `blockmirror sync nbd://... FILE` (the "
+                        "export serves the source, read-only) against `nbdcopy nbd://... FILE`")
     args = parser.parse_args(argv)
     for tool in ("nbdcopy", "nbdinfo", "nbdkit", "ip"):
         if shutil.which(tool) is None:
@@ -134,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         for rtt in args.rtt:
             with ExitStack() as stack:
                 link = stack.enter_context(two_hosts(delay_ms=rtt / 2))
-                uri = _serve(stack, link, export, rtt, max(16, max(args.requests)))
+                uri = _serve(stack, link, src if args.from_export else export, rtt,
+                             max(16, max(args.requests)), args.from_export)
                 for requests in args.requests:
                     m = _point(src, uri, args, requests)
                     mib = args.size / MiB

@@ -103,12 +103,13 @@ def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | 
     return uri, shaping
 
 
-def blockmirror_sync(src: Path, uri: str, workers: int, extra: list[str] | None = None
-                     ) -> tuple[float, float]:
-    """`blockmirror sync SRC URI --json`: (wall seconds of the command, the
-    sync's own elapsed)."""
+def blockmirror_sync(src: Path | str, uri: Path | str, workers: int,
+                     extra: list[str] | None = None) -> tuple[float, float]:
+    """`blockmirror sync SRC URI --json` (either may be the export): (wall
+    seconds of the command, the sync's own elapsed)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(src), uri, "--json",
+    done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(src), str(uri),
+                           "--json",
                            "--workers", str(workers), *(extra or [])],
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
