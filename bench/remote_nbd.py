@@ -1,17 +1,30 @@
 """`blockmirror sync` into an NBD export against `nbdcopy` into the same
 export, same run, interleaved rounds (issue 12's target: >= 1.0x nbdcopy).
 
-    python bench/remote_nbd.py [--size 1024] [--rounds 3] [--server nbdkit qemu-nbd]
-                               [--netns] [--workers 4]
+    python bench/remote_nbd.py [--size 1G] [--data SIZE] [--rounds 3]
+                               [--server nbdkit qemu-nbd] [--netns] [--workers 4]
+                               [--requests N]
+    python bench/remote_nbd.py --size 4G --data 1G --netns   # issue 12's bulk case
+    python bench/remote_nbd.py --from-export ...             # export -> local file
 
-The source is SIZE MiB of random data (untracked, in /dev/shm); each server
-serves a raw file of the same size in /dev/shm on a unix socket, or with
---netns (root) on TCP in a network namespace behind a veth pair (netem 0.5 ms
-each way where the kernel has it; otherwise nbdkit's delay filter holds each
-request 1 ms and qemu-nbd runs unshaped, which the output says). Both tools
-flush at the end (nbdcopy --flush). Times are wall clock of the whole
-command; blockmirror's own elapsed (from --json) is shown too. The ratio is
-nbdcopy's time over blockmirror's: above 1.0 blockmirror is faster.
+The source is SIZE apparent with DATA of random data (default all of it) in
+64 evenly spaced extents, untracked, in /dev/shm; each server serves a raw
+file of SIZE in /dev/shm on a unix socket, or with --netns (root) on TCP in
+a network namespace behind a veth pair (netem 0.5 ms each way where the
+kernel has it; otherwise nbdkit's delay filter holds each request 1 ms at
+the server and qemu-nbd runs unshaped, which the output says). Before every
+run the export's file is punched back to all zeros, so each tool starts
+from the same export: blockmirror sees that in block status and sends data
+only; nbdcopy zeroes the source's holes (WRITE_ZEROES) unless told the
+destination is zero, which `nbdcopy --destination-is-zero` ("-z" below) does and is
+timed too. nbdcopy gets as many connections (and threads) as blockmirror's
+--workers: by default it takes one per core, 2 here. Both tools flush at
+the end (nbdcopy --flush). Times are wall
+clock of the whole command; blockmirror's own elapsed (from --json) is shown
+too. The ratio is nbdcopy's time over blockmirror's: above 1.0 blockmirror
+is faster. With --from-export the direction turns: each server serves the
+source itself read-only, and `blockmirror sync URI FILE` (block status:
+holes not read) races `nbdcopy URI FILE` into a new file in /dev/shm.
 """
 
 from __future__ import annotations
@@ -28,19 +41,28 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from blockmirror.units import format_bytes, size_argument
 
 MiB = 1 << 20
 
 
-def _source(path: Path, size: int) -> None:
+def make_source(path: Path, size: int, data: int) -> None:
+    """SIZE bytes apparent, DATA of them random, in up to 64 evenly spaced
+    extents (holes between)."""
+    pieces = 64 if data < size else 1
+    piece = data // pieces
     with open(path, "wb") as f:
-        for _ in range(size // (64 * MiB)):
-            f.write(os.urandom(64 * MiB))
+        for i in range(pieces):
+            f.seek(i * (size // pieces))
+            for left in range(piece, 0, -64 * MiB):
+                f.write(os.urandom(min(left, 64 * MiB)))
         f.truncate(size)
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], uri: str, timeout: float = 15.0) -> None:
+def wait_listening(proc: subprocess.Popen[bytes], uri: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -51,8 +73,8 @@ def _wait_listening(proc: subprocess.Popen[bytes], uri: str, timeout: float = 15
     raise RuntimeError(f"no server at {uri}")
 
 
-def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | None
-            ) -> tuple[str, str]:
+def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | None,
+            readonly: bool = False) -> tuple[str, str]:
     """Start KIND serving FILE; (its URI, how its requests are delayed)."""
     shaping = "none (unix socket)"
     if link is None:
@@ -63,72 +85,145 @@ def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | 
         uri = f"nbd://{ip}:10809/"
         shaping = "netem 0.5 ms each way" if link.shaped else "none (veth, no netem)"  # type: ignore[attr-defined]
     if kind == "qemu-nbd":
-        argv = ["qemu-nbd", "-t", "-e", "8", "-f", "raw", "--discard=unmap", *where_q, str(file)]
+        argv = ["qemu-nbd", "-t", "-e", "8", "-f", "raw", "--discard=unmap", *where_q,
+                *(["-r"] if readonly else []), str(file)]
     else:
         filters: list[str] = []
         if link is not None and not link.shaped:  # type: ignore[attr-defined]
             filters = ["--filter=delay", "file", f"file={file}", "delay-read=1ms",
                        "delay-write=1ms", "delay-zero=1ms"]
             shaping = "nbdkit delay filter, 1 ms per request"
-        argv = ["nbdkit", "--foreground", *where_k,
+        argv = ["nbdkit", "--foreground", *where_k, *(["-r"] if readonly else []),
                 *(filters or ["file", f"file={file}"])]
     if link is not None:
         argv = ["ip", "netns", "exec", link.netns, *argv]  # type: ignore[attr-defined]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(lambda: (proc.terminate(), proc.wait()))
-    _wait_listening(proc, uri)
+    wait_listening(proc, uri)
     return uri, shaping
 
 
-def _blockmirror(src: Path, uri: str, workers: int) -> tuple[float, float]:
+def blockmirror_sync(src: Path | str, uri: Path | str, workers: int,
+                     extra: list[str] | None = None) -> tuple[float, float]:
+    """`blockmirror sync SRC URI --json` (either may be the export): (wall
+    seconds of the command, the sync's own elapsed)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(src), uri, "--json",
-                           "--workers", str(workers)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(src), str(uri),
+                           "--json",
+                           "--workers", str(workers), *(extra or [])],
+                          capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
     return wall, float(json.loads(done.stdout)["elapsed"])
 
 
-def _nbdcopy(src: Path, uri: str) -> float:
+def _nbdcopy(src: Path | str, dst: Path | str, extra: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(["nbdcopy", "--flush", str(src), uri], check=True)
+    subprocess.run(["nbdcopy", "--flush", *extra, str(src), str(dst)], check=True)
     return time.perf_counter() - started
 
 
-def _rounds(src: Path, uri: str, args: argparse.Namespace) -> dict[str, float]:
-    ours, inside, theirs = [], [], []
+def _fresh(export: Path) -> None:
+    """The export's file back to all zeros (holes), size unchanged."""
+    subprocess.run(["fallocate", "--punch-hole", "--offset", "0", "--length",
+                    str(export.stat().st_size), str(export)], check=True)
+
+
+def _rounds(src: Path, uri: str, export: Path, args: argparse.Namespace) -> dict[str, float]:
+    times: dict[str, list[float]] = {"bm": [], "inside": [], "nbdcopy": [], "nbdcopy -z": []}
+    extra = ["--requests", str(args.requests)] if args.requests else []
+    tools = ["bm", "nbdcopy", "nbdcopy -z"]
     for r in range(args.rounds):
-        order = ("bm", "nbdcopy") if r % 2 == 0 else ("nbdcopy", "bm")
-        for tool in order:
+        for tool in tools[r % 3:] + tools[:r % 3]:
+            _fresh(export)
             if tool == "bm":
-                wall, elapsed = _blockmirror(src, uri, args.workers)
-                ours.append(wall)
-                inside.append(elapsed)
+                wall, elapsed = blockmirror_sync(src, uri, args.workers, extra)
+                times["bm"].append(wall)
+                times["inside"].append(elapsed)
             else:
-                theirs.append(_nbdcopy(src, uri))
-    return {"blockmirror_s": statistics.median(ours), "blockmirror_inside_s":
-            statistics.median(inside), "nbdcopy_s": statistics.median(theirs)}
+                same = [f"--connections={args.workers}", f"--threads={args.workers}"]
+                if tool == "nbdcopy -z":
+                    same.append("--destination-is-zero")
+                times[tool].append(_nbdcopy(src, uri, same))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rounds_from(uri: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The other direction: the export (serving the source, read-only) into
+    a new local file, blockmirror against nbdcopy, each copy removed after."""
+    times: dict[str, list[float]] = {"bm": [], "inside": [], "nbdcopy": []}
+    extra = ["--requests", str(args.requests)] if args.requests else []
+    copy = folder / "copy.img"
+    for r in range(args.rounds):
+        for tool in (("bm", "nbdcopy") if r % 2 == 0 else ("nbdcopy", "bm")):
+            if tool == "bm":
+                started = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", uri,
+                                       str(copy), "--json", "--workers", str(args.workers),
+                                       *extra], capture_output=True, text=True)
+                times["bm"].append(time.perf_counter() - started)
+                if done.returncode != 0:
+                    raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
+                times["inside"].append(float(json.loads(done.stdout)["elapsed"]))
+            else:
+                copy.touch()
+                times["nbdcopy"].append(_nbdcopy(uri, copy, [f"--connections={args.workers}",
+                                                            f"--threads={args.workers}"]))
+            copy.unlink()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _report_from(kind: str, shaping: str, data: int, m: dict[str, float]) -> None:
+    mib = data / MiB
+    print(f"{kind:9s} FROM the export, delay: {shaping}; blockmirror {m['bm']:.2f} s "
+          f"(sync itself {m['inside']:.2f} s, {mib / m['inside']:.0f} MiB/s of data), nbdcopy "
+          f"{m['nbdcopy']:.2f} s ({mib / m['nbdcopy']:.0f} MiB/s): ratio "
+          f"{m['nbdcopy'] / m['bm']:.2f} (command), {m['nbdcopy'] / m['inside']:.2f} "
+          "(sync itself)", flush=True)
+
+
+def _report(kind: str, shaping: str, data: int, m: dict[str, float]) -> None:
+    mib = data / MiB
+    print(f"{kind:9s} delay: {shaping}; blockmirror {m['bm']:.2f} s ({mib / m['bm']:.0f} MiB/s "
+          f"of data; sync itself {m['inside']:.2f} s, {mib / m['inside']:.0f} MiB/s), nbdcopy "
+          f"{m['nbdcopy']:.2f} s ({mib / m['nbdcopy']:.0f} MiB/s), nbdcopy -z "
+          f"{m['nbdcopy -z']:.2f} s: ratio {m['nbdcopy'] / m['bm']:.2f} (command), "
+          f"{m['nbdcopy'] / m['inside']:.2f} (sync itself), "
+          f"{m['nbdcopy -z'] / m['bm']:.2f} (command vs -z)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=1024, help="MiB of data (default 1024)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--size", type=size_argument, default=1 << 30,
+                        help="apparent size (default 1G)")
+    parser.add_argument("--data", type=size_argument, default=None,
+                        help="random data in it (default: all of it)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--server", nargs="+", default=["nbdkit", "qemu-nbd"])
     parser.add_argument("--netns", action="store_true", help="server in a network namespace")
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=None,
+                        help="blockmirror sync --requests (default: its own, 32)")
+    parser.add_argument("--from-export", action="store_true",
+                        help="the other direction: the export (the source, read-only) into a "
+                        "new local file")
     args = parser.parse_args(argv)
-    for tool in ("nbdcopy", "nbdinfo", *args.server):
+    data = min(args.data or args.size, args.size)
+    for tool in ("nbdcopy", "nbdinfo", "fallocate", *args.server):
         if shutil.which(tool) is None:
             print(f"needs {tool}", file=sys.stderr)
             return 2
     folder = Path(tempfile.mkdtemp(prefix="bm-remote-bench-", dir="/dev/shm"))
     try:
         src = folder / "src.img"
-        _source(src, args.size * MiB)
-        print(f"{args.size} MiB of data, {args.rounds} rounds, medians; ratio = nbdcopy / "
-              "blockmirror time (> 1: blockmirror faster)")
+        make_source(src, args.size, data)
+        print(f"{format_bytes(args.size)} apparent, {format_bytes(data)} of data, "
+              f"{args.rounds} rounds, medians; blockmirror --workers {args.workers} "
+              f"--requests {args.requests or 32}, nbdcopy --connections/--threads "
+              f"{args.workers} (its default on 2 cores would be 2) --requests 64 (its "
+              "default); ratio = nbdcopy / blockmirror time "
+              "(> 1: blockmirror faster)")
         for kind in args.server:
             with ExitStack() as stack:
                 link = None
@@ -136,17 +231,16 @@ def main(argv: list[str] | None = None) -> int:
                     from netnstools import two_hosts
 
                     link = stack.enter_context(two_hosts(delay_ms=0.5, rate="10gbit"))
+                if args.from_export:
+                    uri, shaping = _server(stack, kind, src, folder / f"{kind}.sock", link,
+                                           readonly=True)
+                    _report_from(kind, shaping, data, _rounds_from(uri, folder, args))
+                    continue
                 export = folder / f"{kind}.img"
                 with open(export, "wb") as f:
-                    f.truncate(args.size * MiB)
+                    f.truncate(args.size)
                 uri, shaping = _server(stack, kind, export, folder / f"{kind}.sock", link)
-                m = _rounds(src, uri, args)
-                rate = args.size / m["blockmirror_s"]
-                print(f"{kind:9s} delay: {shaping}; blockmirror {m['blockmirror_s']:.2f} s "
-                      f"({rate:.0f} MiB/s; sync itself {m['blockmirror_inside_s']:.2f} s), "
-                      f"nbdcopy {m['nbdcopy_s']:.2f} s "
-                      f"({args.size / m['nbdcopy_s']:.0f} MiB/s): ratio "
-                      f"{m['nbdcopy_s'] / m['blockmirror_s']:.2f}")
+                _report(kind, shaping, data, _rounds(src, uri, export, args))
                 export.unlink()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -10,13 +10,16 @@ names the export (without its user info) itself.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeAlias
 
+import numpy as np
+
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray, merge_touching
 
 try:
     from blockmirror import _remote as _module
@@ -178,6 +181,56 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     if rc < 0:
         side = stats.error_side
         raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)
+    return CopyCounts(int(stats.bytes_read), int(stats.bytes_written), int(stats.bytes_zero),
+                      int(stats.bytes_hole), int(stats.bytes_punched), int(stats.requests),
+                      int(stats.max_in_flight))
+
+
+MAP_BATCH = 65536
+"""Extents one bm_nbd_map call may return (1 MiB of output)."""
+
+
+def map_data(handle: Handle, conn: int, offset: int, length: int,
+             name: str | None = None) -> ExtentArray:
+    """The extents of [OFFSET, OFFSET+LENGTH) the export does not say read as
+    zeros (NBD block status; all of it where the server cannot say), merged."""
+    ffi, lib = _ffi(), _lib()
+    out = np.zeros(MAP_BATCH, dtype=EXTENT_DTYPE)
+    described = ffi.new("uint64_t *")
+    found: list[ExtentArray] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        n = lib.bm_nbd_map(handle, conn, pos, end - pos,
+                           ffi.cast("bm_nbd_extent *", ffi.from_buffer(out.data)), MAP_BATCH,
+                           described)
+        if n < 0:
+            raise error_from_c(name)
+        found.append(out[:n].copy())
+        if int(described[0]) <= pos:
+            raise OSError(errno.EIO, "NBD block status made no progress", name)
+        pos = int(described[0])
+    return merge_touching(np.concatenate(found)) if found else out[:0].copy()
+
+
+def read_extents(handle: Handle, conn: int, dst_fd: int, extents: ExtentArray,
+                 block_size: int, *, requests: int = 0, request_bytes: int = 0,
+                 rate_cap: Any = None, cancel: Any = None, src_name: str | None = None,
+                 dst_path: str | None = None) -> CopyCounts:
+    """Read EXTENTS of the export over connection CONN into the same offsets
+    of the fresh local file DST_FD (data blocks only), in one C call."""
+    ffi, lib = _ffi(), _lib()
+    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
+        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
+    ext = (ffi.cast("bm_nbd_extent *", ffi.from_buffer(extents.data)) if len(extents)
+           else ffi.NULL)
+    stats = ffi.new("bm_nbd_copy_stats *")
+    rc = lib.bm_nbd_read_extents(handle, conn, dst_fd, ext, len(extents), block_size,
+                                 requests, request_bytes,
+                                 ffi.NULL if rate_cap is None else rate_cap,
+                                 ffi.NULL if cancel is None else cancel, stats)
+    if rc < 0:
+        side = stats.error_side
+        raise error_from_c(src_name if side == SIDE_SRC else dst_path if side else None)
     return CopyCounts(int(stats.bytes_read), int(stats.bytes_written), int(stats.bytes_zero),
                       int(stats.bytes_hole), int(stats.bytes_punched), int(stats.requests),
                       int(stats.max_in_flight))

@@ -159,8 +159,10 @@ def _add_sync_parser(sub: Any) -> None:
         description="Bulk-copy SRC to DST, re-copy blocks written meanwhile until the rest "
         "fits in the target downtime, then pause writers and switch over.",
     )
-    p.add_argument("src", help="source image (or folder, for directory mode)")
-    p.add_argument("dst", help="destination image path, or an existing folder")
+    p.add_argument("src", help="source image (or folder, for directory mode), or an nbd:// "
+                   "export to copy once into a local file")
+    p.add_argument("dst", help="destination image path, an existing folder, or an nbd:// "
+                   "export")
     p.add_argument("--target-downtime", type=_bounded_duration(3600.0), default=5.0,
                    metavar="TIME",
                    help="longest pause for writers, e.g. 5s, 200ms (default 5s)")
@@ -182,6 +184,12 @@ def _add_sync_parser(sub: Any) -> None:
                    help="copy requests in flight, 1 to 256 (default 4)")
     p.add_argument("--bwlimit", type=_size, metavar="RATE",
                    help="cap copy bandwidth, e.g. 50M (bytes/s; holes are free)")
+    p.add_argument("--requests", type=int_argument(1, 256), metavar="N",
+                   help="nbd:// only: NBD requests of 256 KiB in flight per connection "
+                   "(default 32; a long round trip needs more, see bench/README.md)")
+    p.add_argument("--quiesced", action="store_true",
+                   help="nbd:// source only: nothing writes the export during the copy "
+                   "(its writers are not tracked; a read-only export needs no flag)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
@@ -365,12 +373,14 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     from blockmirror.cli.progress import ProgressLine
     from blockmirror.migration import sync
 
+    _check_nbd_only_options(args)
     progress = None if (args.quiet or args.json) else ProgressLine(sys.stderr)
     result = sync(
         args.src, args.dst, target_downtime=args.target_downtime,
         mode="move" if args.move else "copy", max_passes=args.max_passes, verify=args.verify,
         progress=progress, force=args.force, workers=args.workers, converge=args.converge,
-        rate_limit=args.bwlimit, defer_hot=args.defer_hot,
+        rate_limit=args.bwlimit, defer_hot=args.defer_hot, requests=args.requests,
+        quiesced=args.quiesced,
     )
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -379,6 +389,17 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         for note in result.notes:
             print(f"  note: {note}")
     return EXIT_OK
+
+
+def _check_nbd_only_options(args: argparse.Namespace) -> None:
+    from blockmirror.copying.endpoint import looks_like_uri
+
+    if args.requests is not None and not (looks_like_uri(args.src) or looks_like_uri(args.dst)):
+        raise InvalidInputError("--requests applies to nbd:// endpoints only "
+                                "(a local copy's requests are --workers)")
+    if args.quiesced and not looks_like_uri(args.src):
+        raise InvalidInputError("--quiesced applies to an nbd:// source only "
+                                "(a local source's writers are tracked)")
 
 
 def _check_image_arg(image: str, *, for_create: bool = False) -> None:

@@ -13,6 +13,11 @@ An export is not a new sparse file: unless the server says it reads as zeros
 whole image, holes included (see ``whole_image``), with no zero run skipped;
 where it does, the bulk pass is a local one's: allocated extents only,
 ``dst_fresh``.
+
+:class:`ExportReader` is the other direction, an export as the source: the
+ranges block status does not call zero (:meth:`NbdExport.data_extents`) are
+read with many reads in flight per connection and only their data blocks
+are written into a new sparse local file.
 """
 
 from __future__ import annotations
@@ -84,6 +89,11 @@ class NbdExport(Closeable):
         return bool(self.capabilities & _r.CAN_MULTI_CONN)
 
     @property
+    def writable(self) -> bool:
+        """Whether the server lets this client write (not a read-only export)."""
+        return bool(self.capabilities & _r.CAN_WRITE)
+
+    @property
     def can_zero(self) -> bool:
         return bool(self.capabilities & _r.CAN_ZERO)
 
@@ -97,6 +107,12 @@ class NbdExport(Closeable):
         """Whether the export says the range reads as zeros (block status,
         base:allocation); False where the server cannot say."""
         return _r.reads_zero(self.handle, 0, offset, length, self.name)
+
+    def data_extents(self) -> ExtentArray:
+        """Where the export may hold data: every range block status
+        (base:allocation) does not flag as reading zeros; all of it where
+        the server cannot say."""
+        return _r.map_data(self.handle, 0, 0, self.size, self.name)
 
     def flush(self) -> None:
         """Every completed write durable on the server (NBD_CMD_FLUSH)."""
@@ -126,11 +142,12 @@ class RemoteCopier(Copier):
     as zeros over the extents, ``start_writeback`` means nothing here.
     """
 
-    def __init__(self, src_fd: int, export: NbdExport, *, requests: int = DEFAULT_REQUESTS,
+    def __init__(self, src_fd: int, export: NbdExport, *,
+                 requests: int | None = DEFAULT_REQUESTS,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
                  rate_limit: float | None = None, src_path: str | None = None) -> None:
         self.export = export
-        self.requests = max(1, requests)
+        self.requests = max(1, requests or DEFAULT_REQUESTS)
         super().__init__(src_fd, -1, workers=export.connections, batch_bytes=batch_bytes,
                          block_size=block_size, use_copy_file_range=False,
                          rate_limit=rate_limit, src_path=src_path, dst_path=export.name)
@@ -173,3 +190,53 @@ class RemoteCopier(Copier):
             self.requests_sent += counts.requests
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)
+
+
+class ExportReader(Copier):
+    """Copies extents of EXPORT into the same offsets of the local ``dst_fd``,
+    which must read as zeros there (a new sparse file: only data blocks are
+    written). One worker thread per connection, each with up to REQUESTS
+    reads of REQUEST_BYTES in flight; ``copy_extents`` keeps the Copier's
+    interface (``dst_fresh`` must be True)."""
+
+    def __init__(self, export: NbdExport, dst_fd: int, *, requests: int | None = None,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
+                 rate_limit: float | None = None, dst_path: str | None = None) -> None:
+        self.export = export
+        self.requests = max(1, requests or DEFAULT_REQUESTS)
+        super().__init__(-1, dst_fd, workers=export.connections, batch_bytes=batch_bytes,
+                         block_size=block_size, use_copy_file_range=False,
+                         rate_limit=rate_limit, src_path=export.name, dst_path=dst_path)
+        self._nbd_rate_cap = _r.new_rate_cap(round(rate_limit)) if rate_limit else None
+        self._next_conn = itertools.count()
+        self._stats_lock = threading.Lock()
+        self.most_in_flight = 0
+        """The most reads one connection had in flight at once so far."""
+
+    def _new_handle(self, use_copy_file_range: bool) -> Any:
+        return None  # the export's connections are the handle
+
+    @property
+    def uses_copy_file_range(self) -> bool:
+        return False
+
+    def allocated_extents(self) -> ExtentArray:
+        return self.export.data_extents()
+
+    def _connection(self) -> int:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = next(self._next_conn) % self.export.connections
+        return int(conn)
+
+    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+                       start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
+        if not dst_fresh:
+            raise ValueError("an export is read only into a fresh (all-zero) local file")
+        counts = _r.read_extents(
+            self.export.handle, self._connection(), self.dst_fd, item, self.block_size,
+            requests=self.requests, request_bytes=REQUEST_BYTES, rate_cap=self._nbd_rate_cap,
+            cancel=cancel, src_name=self.export.name, dst_path=self.dst_path)
+        with self._stats_lock:
+            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
+        return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero, 0, 0)

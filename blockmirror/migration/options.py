@@ -10,6 +10,7 @@ from blockmirror.migration.result import ProgressCallback
 
 MODES = ("copy", "move")
 CONVERGE_STRATEGIES = ("fail", "throttle", "mirror", "auto")
+MAX_REQUESTS = 256  # of 256 KiB each, per connection: 64 MiB of buffers
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class SyncOptions:
     # Hot blocks wait for the final pass (policy.defer_budget). Off by default:
     # bench/defer_hot.py has not shown it saving bytes here yet (README).
     defer_hot: bool = False
+    # NBD commands in flight per connection to an nbd:// endpoint (None: 32);
+    # a long link needs more (bench/README.md, "requests in flight").
+    requests: int | None = None
+    # The caller's word that nothing writes an nbd:// *source* during the copy
+    # (its writers are not tracked): needed for a writable export.
+    quiesced: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -42,6 +49,8 @@ class SyncOptions:
             )
         if self.workers < 1:
             raise InvalidInputError(f"workers must be >= 1, got {self.workers}")
+        if self.requests is not None and not 1 <= self.requests <= MAX_REQUESTS:
+            raise InvalidInputError(f"requests must be 1 to {MAX_REQUESTS}, got {self.requests}")
         if self.rate_limit is not None and not 0 <= self.rate_limit < 2**63:
             raise InvalidInputError(f"rate limit must be >= 0 and < 2**63, got {self.rate_limit}")
         self.policy()  # the policy checks the downtime and pass limits

@@ -11,7 +11,7 @@ written: the export is left partly written, and the error says so.
 
 Not yet (issue 12): ``--move`` to an export (writers cannot be redirected
 to a remote image), incremental syncs onto one (each sync is a full copy),
-an export as a sync's source, and ``--converge mirror`` (writers mirror only
+and ``--converge mirror`` (writers mirror only
 into a local file). Each is refused with one line (exit 2), except that
 ``--converge auto`` escalates to the throttle instead of mirroring.
 
@@ -50,11 +50,13 @@ LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
 def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     """File mode into an export or an NFS file: checked (one line, exit 2,
     nothing written on bad input), connected, then run as a
-    :class:`RemoteSyncJob` (or :class:`NfsSyncJob`)."""
+    :class:`RemoteSyncJob` (or :class:`NfsSyncJob`). An export as the
+    source is a one-shot copy of it (remote_source.py)."""
     source = parse(src)
     if isinstance(source, NbdUri):
-        raise InvalidInputError("an NBD export as the source of sync is not supported yet; "
-                                "copy it with nbdcopy, or serve a local image")
+        from blockmirror.migration.remote_source import sync_from_export
+
+        return sync_from_export(src, dst, options)
     if isinstance(source, NfsUrl):
         raise InvalidInputError("an NFS file as the source of sync is not supported yet; "
                                 "copy it with nfs-cp, or sync from a local image")
@@ -210,7 +212,7 @@ class RemoteSyncJob(FileSyncJob):
     def _new_copier(self) -> Copier:
         assert isinstance(self.export, NbdExport)
         return RemoteCopier(self.src_fd, self.export, rate_limit=self.options.rate_limit,
-                            src_path=self.plan.source)
+                            requests=self.options.requests, src_path=self.plan.source)
 
     def _commit(self) -> None:
         self.export.flush()

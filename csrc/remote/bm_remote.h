@@ -1,4 +1,5 @@
-/* bm_remote.h - blockmirror's NBD endpoint (csrc/remote/nbd.c) and the cdef
+/* bm_remote.h - blockmirror's NBD endpoint (csrc/remote/nbd.c: an export
+ * written from a local file, or read into one) and the cdef
  * of the second cffi module, blockmirror._remote (csrc/remote/build_ffi.py).
  *
  * Built only where libnbd's header is installed (Debian libnbd-dev), so the
@@ -121,4 +122,30 @@ int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
 int bm_nbd_copy_extents(bm_nbd *h, uint32_t conn, int src_fd, const bm_nbd_extent *extents,
                         uint64_t count, uint32_t block_size, uint32_t requests,
                         uint64_t request_bytes, uint32_t flags, bm_nbd_rate_cap *rate_cap,
+                        const uint32_t *cancel, bm_nbd_copy_stats *stats);
+
+/* The parts of [OFFSET, OFFSET+LEN) of the export that may hold data: what
+ * NBD block status (base:allocation) does not flag NBD_STATE_ZERO, merged,
+ * in order, into OUT (up to MAX_OUT extents). Without block status the
+ * whole range is data. Returns how many extents were stored, and in
+ * DESCRIBED the first byte not yet described (OFFSET+LEN once the range is
+ * done; less when OUT filled up: call again from there). Over connection
+ * CONN, one thread at a time, with the handle's timeout. */
+int64_t bm_nbd_map(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len, bm_nbd_extent *out,
+                   uint64_t max_out, uint64_t *described);
+
+/* Read each extent of the export into the same offsets of the local file
+ * DST_FD over connection CONN, with up to REQUESTS reads of at most
+ * REQUEST_BYTES (and the export's largest request) in flight (0: the
+ * defaults). The local file must read as zeros over the extents (a new
+ * sparse file): each read, as it lands, is checked in BLOCK_SIZE blocks
+ * and only its data runs are written (pwrite); zero blocks stay holes.
+ * STATS: bytes_read from the export, bytes_written and bytes_zero to and not
+ * to the file; error_side BM_NBD_SIDE_SRC for the export, BM_NBD_SIDE_DST
+ * for the local file (ENOSPC there). RATE_CAP, CANCEL and the timeout as for
+ * bm_nbd_copy_extents; the export is never written. One call per connection
+ * at a time; calls on different connections may run in parallel. */
+int bm_nbd_read_extents(bm_nbd *h, uint32_t conn, int dst_fd, const bm_nbd_extent *extents,
+                        uint64_t count, uint32_t block_size, uint32_t requests,
+                        uint64_t request_bytes, bm_nbd_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nbd_copy_stats *stats);

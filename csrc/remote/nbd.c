@@ -1,5 +1,8 @@
 /* nbd.c - the NBD endpoint: a local file's extents written into an NBD
- * export through libnbd's asynchronous API, many requests in flight.
+ * export through libnbd's asynchronous API, many requests in flight; and
+ * the other way (bm_nbd_read_extents), an export's data read into a new
+ * sparse local file the same way, with bm_nbd_map saying from block status
+ * which ranges need reading at all.
  *
  * A bm_nbd handle holds up to BM_NBD_MAX_CONNS connections to one export
  * (several only when the server offers multi-conn, as nbdcopy does). One
@@ -11,8 +14,10 @@
  * drops the GIL around the call, so Python runs one call per connection on
  * a thread pool.
  *
- * Completion callbacks run inside nbd_poll on the calling thread, so the
- * call's counters need no atomics. A call that returns with commands still
+ * Reading, a slot holds one NBD_CMD_READ; its completion callback writes
+ * the slot's non-zero blocks to the local file (pwrite) before the slot is
+ * reused. Completion callbacks run inside nbd_poll on the calling thread, so
+ * the call's counters need no atomics. A call that returns with commands still
  * outstanding (a connection that hung past its timeout) leaves its state
  * allocated and the connection marked failed: a late callback never touches
  * freed memory. */
@@ -57,6 +62,7 @@ struct slot {
     char *buf;
     uint32_t pending;
     uint64_t offset;                    /* of the latest command, for messages */
+    uint64_t len;                       /* a read's length (the read pipeline) */
 };
 
 /* The state of one bm_nbd_copy_extents call. */
@@ -64,7 +70,9 @@ struct call {
     bm_nbd *h;
     uint32_t index;
     struct nbd_handle *nbd;
-    int src;
+    int src;                            /* the local file: read (copy) or written (read) */
+    uint32_t export_side;               /* BM_NBD_SIDE_* of the export in this call */
+    const char *verb;                   /* what its commands do: "write", "read" */
     uint32_t flags, block, nslots;
     uint64_t slot_bytes;
     struct slot *slots;
@@ -72,6 +80,8 @@ struct call {
     uint32_t in_flight;
     int error;                          /* the first failed command's errno */
     uint64_t error_offset;
+    int local_error;                    /* the first failed local write's errno (read) */
+    uint64_t local_error_offset;
     uint64_t zero_start, zero_end;      /* pending zero run */
     bm_nbd_rate_cap *rate_cap;
     const uint32_t *cancel;
@@ -391,7 +401,7 @@ static int command_done(void *user_data, int *error)
 static int lose_connection(struct call *c, int err, const char *what)
 {
     c->h->failed[c->index] = err;
-    c->st->error_side = BM_NBD_SIDE_DST;
+    c->st->error_side = c->export_side;
     return fail(err, "%s: %s", what, strerror(err));
 }
 
@@ -404,7 +414,7 @@ static int wait_some(struct call *c)
         int r = nbd_poll(c->nbd, POLL_MS);
         if (r < 0) {
             int err = nbd_get_errno() ? nbd_get_errno() : EIO;
-            c->st->error_side = BM_NBD_SIDE_DST;
+            c->st->error_side = c->export_side;
             fail_nbd("NBD connection");
             c->h->failed[c->index] = err;
             errno = err;
@@ -416,13 +426,28 @@ static int wait_some(struct call *c)
     return 0;
 }
 
-static int check_errors(struct call *c)
+/* The first failure a completion recorded: a command the export failed, or
+ * (reading) a write of the local copy. */
+static int recorded_error(struct call *c)
 {
     if (c->error) {
-        c->st->error_side = BM_NBD_SIDE_DST;
-        return fail(c->error, "NBD write near offset %llu failed: %s",
+        c->st->error_side = c->export_side;
+        return fail(c->error, "NBD %s near offset %llu failed: %s", c->verb,
                     (unsigned long long)c->error_offset, strerror(c->error));
     }
+    if (c->local_error) {
+        c->st->error_side = c->export_side == BM_NBD_SIDE_SRC ? BM_NBD_SIDE_DST
+                                                              : BM_NBD_SIDE_SRC;
+        return fail(c->local_error, "write of %llu+ to the local copy failed: %s",
+                    (unsigned long long)c->local_error_offset, strerror(c->local_error));
+    }
+    return 0;
+}
+
+static int check_errors(struct call *c)
+{
+    if (recorded_error(c) < 0)
+        return -1;
     if (c->cancel && __atomic_load_n(c->cancel, __ATOMIC_ACQUIRE))
         return fail(ECANCELED, "copy cancelled");
     return 0;
@@ -448,7 +473,7 @@ static int issued(struct call *c, struct slot *s, int64_t cookie, const char *wh
     if (cookie < 0) {
         s->pending--;
         c->in_flight--;
-        c->st->error_side = BM_NBD_SIDE_DST;
+        c->st->error_side = c->export_side;
         int err = nbd_get_errno() ? nbd_get_errno() : EIO;
         if (nbd_aio_is_dead(c->nbd) == 1)
             c->h->failed[c->index] = err;
@@ -762,12 +787,7 @@ static int drain(struct call *c, int rc)
         errno = saved;
         return -1;
     }
-    if (c->error) {
-        c->st->error_side = BM_NBD_SIDE_DST;
-        return fail(c->error, "NBD write near offset %llu failed: %s",
-                    (unsigned long long)c->error_offset, strerror(c->error));
-    }
-    return 0;
+    return recorded_error(c);
 }
 
 static int check_args(bm_nbd *h, uint32_t conn, const bm_nbd_extent *extents, uint64_t count,
@@ -810,6 +830,8 @@ int bm_nbd_copy_extents(bm_nbd *h, uint32_t conn, int src_fd, const bm_nbd_exten
     if (!c)
         return fail(ENOMEM, "cannot allocate %u request buffers", requests);
     c->src = src_fd;
+    c->export_side = BM_NBD_SIDE_DST;
+    c->verb = "write";
     c->flags = flags;
     c->block = block_size;
     c->rate_cap = rate_cap;
@@ -820,6 +842,219 @@ int bm_nbd_copy_extents(bm_nbd *h, uint32_t conn, int src_fd, const bm_nbd_exten
         rc = copy_one(c, extents[i].offset, extents[i].offset + extents[i].length);
     if (rc == 0)
         rc = flush_zero_run(c);
+    rc = drain(c, rc);
+    int saved = errno;
+    end_call(c);
+    errno = saved;
+    return rc;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The other way: the export read into a local file                        */
+
+/* Where block status reported data, for bm_nbd_map. */
+struct map_scan {
+    bm_nbd_extent *out;
+    uint64_t max_out, count;
+    uint64_t next;      /* the first byte not described yet */
+    uint64_t end;       /* the end of the range asked about */
+    int full;           /* OUT filled up before the reply's end */
+};
+
+/* Note [AT, AT+LEN) as data, merged with the extent before when they touch. */
+static int map_data(struct map_scan *m, uint64_t at, uint64_t len)
+{
+    if (m->count && m->out[m->count - 1].offset + m->out[m->count - 1].length == at) {
+        m->out[m->count - 1].length += len;
+        return 0;
+    }
+    if (m->count == m->max_out)
+        return -1;
+    m->out[m->count].offset = at;
+    m->out[m->count].length = len;
+    m->count++;
+    return 0;
+}
+
+static int on_map(void *user_data, const char *context, uint64_t offset, uint32_t *entries,
+                  size_t nr_entries, int *error)
+{
+    struct map_scan *m = user_data;
+    if (strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0 || *error || m->full)
+        return 0;
+    uint64_t pos = offset;
+    for (size_t i = 0; i + 1 < nr_entries && pos < m->end; i += 2) {
+        uint64_t len = entries[i] < m->end - pos ? entries[i] : m->end - pos;
+        /* Only NBD_STATE_ZERO promises zeros: a HOLE alone may read as anything. */
+        if (!(entries[i + 1] & LIBNBD_STATE_ZERO) && map_data(m, pos, len) < 0) {
+            m->full = 1;
+            break;
+        }
+        pos += len;
+    }
+    if (pos > m->next)
+        m->next = pos;
+    return 0;
+}
+
+int64_t bm_nbd_map(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len, bm_nbd_extent *out,
+                   uint64_t max_out, uint64_t *described)
+{
+    if (!h || !out || !described || max_out == 0)
+        return fail(EINVAL, "handle, output and described must not be NULL");
+    if (usable(h, conn) < 0)
+        return -1;
+    if (offset > h->size || len > h->size - offset)
+        return fail(EINVAL, "range %llu+%llu is past the export's end",
+                    (unsigned long long)offset, (unsigned long long)len);
+    struct map_scan m = {.out = out, .max_out = max_out, .next = offset, .end = offset + len};
+    if (!(h->caps & BM_NBD_CAN_BLOCK_STATUS)) { /* it cannot say: all of it is data */
+        *described = offset + len;
+        if (len == 0)
+            return 0;
+        map_data(&m, offset, len);
+        return 1;
+    }
+    while (!m.full && m.next < m.end) {
+        uint64_t at = m.next, n = m.end - at < (1u << 30) ? m.end - at : (1u << 30);
+        nbd_extent_callback cb = {.callback = on_map, .user_data = &m};
+        int64_t cookie = nbd_aio_block_status(h->conn[conn], n, at, cb, NBD_NULL_COMPLETION, 0);
+        if (wait_command(h, conn, cookie, "block status") < 0)
+            return -1;
+        if (m.next <= at) /* a reply that describes nothing: the rest is data */
+            if (map_data(&m, at, m.end - at) == 0)
+                m.next = m.end;
+    }
+    *described = m.next;
+    return (int64_t)m.count;
+}
+
+static int write_local(struct call *c, const char *buf, uint64_t len, uint64_t offset)
+{
+    for (uint64_t done = 0; done < len;) {
+        ssize_t n = pwrite(c->src, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            c->local_error = n < 0 ? errno : EIO;
+            c->local_error_offset = offset + done;
+            return -1;
+        }
+        done += (uint64_t)n;
+    }
+    c->st->bytes_written += len;
+    return 0;
+}
+
+/* A read landed in S: its data blocks go to the local file; all-zero
+ * blocks are left as the (fresh, sparse) file's holes. */
+static void land(struct call *c, struct slot *s)
+{
+    uint64_t bs = c->block, len = s->len, offset = s->offset, i = 0, run = 0;
+    int in_data = 0;
+    while (i < len && !c->local_error) {
+        uint64_t end = ((offset + i) / bs + 1) * bs - offset;
+        if (end > len)
+            end = len;
+        if (!is_zero(s->buf + i, end - i)) {
+            if (!in_data)
+                run = i;
+            in_data = 1;
+        } else {
+            if (in_data && write_local(c, s->buf + run, i - run, offset + run) < 0)
+                return;
+            in_data = 0;
+            c->st->bytes_zero += end - i;
+        }
+        i = end;
+    }
+    if (in_data && !c->local_error)
+        write_local(c, s->buf + run, len - run, offset + run);
+}
+
+/* Runs inside nbd_poll on the calling thread: the local write happens here. */
+static int read_done(void *user_data, int *error)
+{
+    struct slot *s = user_data;
+    struct call *c = s->call;
+    if (*error && !c->error) {
+        c->error = *error;
+        c->error_offset = s->offset;
+    } else if (!*error && !c->error) {
+        c->st->bytes_read += s->len;
+        if (!c->local_error)
+            land(c, s);
+    }
+    s->pending--;
+    c->in_flight--;
+    return 1;
+}
+
+/* [OFFSET, END) of the export, a request per free slot, block-aligned. */
+static int read_range(struct call *c, uint64_t offset, uint64_t end)
+{
+    uint64_t step = c->slot_bytes < c->h->max_request ? c->slot_bytes : c->h->max_request;
+    while (offset < end) {
+        struct slot *s = free_slot(c);
+        if (!s)
+            return -1;
+        uint64_t stop = end;
+        if (end - offset > step) {
+            stop = (offset + step) / c->block * c->block;
+            if (stop <= offset)
+                stop = offset + step;
+        }
+        pace(c, stop - offset);
+        s->offset = offset;
+        s->len = stop - offset;
+        nbd_completion_callback cb = {.callback = read_done, .user_data = s};
+        s->pending++;
+        c->in_flight++;
+        int64_t cookie = nbd_aio_pread(c->nbd, s->buf, (size_t)s->len, offset, cb, 0);
+        if (issued(c, s, cookie, "read") < 0)
+            return -1;
+        offset = stop;
+    }
+    return 0;
+}
+
+int bm_nbd_read_extents(bm_nbd *h, uint32_t conn, int dst_fd, const bm_nbd_extent *extents,
+                        uint64_t count, uint32_t block_size, uint32_t requests,
+                        uint64_t request_bytes, bm_nbd_rate_cap *rate_cap,
+                        const uint32_t *cancel, bm_nbd_copy_stats *stats)
+{
+    if (!stats)
+        return fail(EINVAL, "stats must not be NULL");
+    memset(stats, 0, sizeof *stats);
+    requests = requests ? requests : BM_NBD_DEFAULT_REQUESTS;
+    request_bytes = request_bytes ? request_bytes : BM_NBD_DEFAULT_REQUEST_BYTES;
+    if (!h || (count && !extents) || dst_fd < 0)
+        return fail(EINVAL, "handle, extents and the local file must be given");
+    if (block_size < BM_NBD_MIN_BLOCK || block_size > BM_NBD_MAX_BLOCK ||
+        (block_size & (block_size - 1)) || request_bytes < block_size ||
+        request_bytes > (1u << 30))
+        return fail(EINVAL, "block size %u or request size %llu out of range", block_size,
+                    (unsigned long long)request_bytes);
+    for (uint64_t i = 0; i < count; i++)
+        if (extents[i].offset > h->size || extents[i].length > h->size - extents[i].offset)
+            return fail(EINVAL, "extent %llu+%llu is past the export's end (%llu bytes)",
+                        (unsigned long long)extents[i].offset,
+                        (unsigned long long)extents[i].length, (unsigned long long)h->size);
+    if (usable(h, conn) < 0)
+        return -1;
+    struct call *c = new_call(h, conn, requests, request_bytes);
+    if (!c)
+        return fail(ENOMEM, "cannot allocate %u request buffers", requests);
+    c->src = dst_fd;
+    c->export_side = BM_NBD_SIDE_SRC;
+    c->verb = "read";
+    c->block = block_size;
+    c->rate_cap = rate_cap;
+    c->cancel = cancel;
+    c->st = stats;
+    int rc = 0;
+    for (uint64_t i = 0; i < count && rc == 0; i++)
+        rc = read_range(c, extents[i].offset, extents[i].offset + extents[i].length);
     rc = drain(c, rc);
     int saved = errno;
     end_call(c);
