@@ -79,6 +79,10 @@ def test_a_pause_passes_cannot_shrink_is_shortened_by_mirroring():
     esc = Escalation(POLICY)
     assert esc.next_step(passes, 16 * MiB) is Step.MIRROR
     assert esc.strategy == "mirror" and "shorten the pause" in esc.reason
+    assert esc.polishing
+    # A sync that cannot mirror (into an export) just switches.
+    refused = Escalation(POLICY, mirror_refused=True)
+    assert refused.next_step(passes, 16 * MiB) is Step.STAY
     # The first mirrored pass is always made, whatever the polishing budget.
     assert POLICY.decide(passes, stall_from=len(passes) - 1) is Decision.CONTINUE
 

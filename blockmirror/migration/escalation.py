@@ -57,21 +57,25 @@ class Escalation:
     reason: str = ""
     rate_before_mirror: float = 0.0
     since_pass: int = 0  # trends are judged from here (the last escalation)
+    polishing: bool = False  # the last escalation to mirror was to shorten the pause
+    mirror_refused: bool = False  # this sync cannot mirror (an export, an earlier copy)
 
     def next_step(self, passes: list[PassRecord], writer_rate: float) -> Step:
         """After a dirty pass; WRITER_RATE is what writers achieved during it
         (bytes/s). Updates the strategy and reason it returns a step for."""
         throughput = self.policy.copy_throughput(passes)
         if self.strategy == "passes":
-            if self._pause_stuck(passes):
+            if not self.mirror_refused and self._pause_stuck(passes):
                 pause = predict_downtime(passes[-1].dirty_left, throughput)
                 self.rate_before_mirror = writer_rate
+                self.polishing = True
                 self.reason = (f"passes alone would pause writers {pause * 1000:.0f} ms; "
                                "mirroring their writes to shorten the pause")
                 return self._go("mirror", passes, Step.MIRROR)
             if self.policy.will_converge(passes, self.since_pass):
                 return Step.STAY
             self.rate_before_mirror = writer_rate
+            self.polishing = False
             self.reason = (f"writers at {format_rate(writer_rate)} outpaced the copy at "
                            f"{format_rate(throughput)}; mirroring their writes")
             return self._go("mirror", passes, Step.MIRROR)

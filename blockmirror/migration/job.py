@@ -586,8 +586,13 @@ class FileSyncJob:
         self.result.notes.append(self.escalation.reason)
         if step is Step.MIRROR:
             self._start_mirror()
-            if self.mirror is None:  # refused (see _start_mirror): go straight on
-                self.escalation.strategy = "throttle"
+            if self.mirror is None:  # refused (see _start_mirror)
+                self.escalation.mirror_refused = True
+                if self.escalation.polishing:
+                    # The target fits already: switch as passes alone allow.
+                    self.escalation.strategy = "passes"
+                    return
+                self.escalation.strategy = "throttle"  # go straight on
                 step = Step.THROTTLE
         if step is Step.THROTTLE:
             self._stop_mirror(check=False)
