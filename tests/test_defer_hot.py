@@ -34,3 +34,18 @@ def test_deferred_hot_blocks_reach_the_copy_at_one_instant(dirs, live_writer):
     assert result.status == "ok"
     assert any(p.deferred > 0 for p in result.passes), [p.to_dict() for p in result.passes]
     writer.assert_point_in_time((dst / "hot.img").read_bytes(), initial)
+
+
+def test_deferral_switches_as_soon_as_the_target_fits():
+    """Polishing passes would copy the held-back hot blocks again and again,
+    so with --defer-hot a fitting pass is the last (bench/defer_hot.py: 23 %
+    fewer bytes re-copied, a longer pause)."""
+    from blockmirror.migration.options import SyncOptions
+    from blockmirror.migration.policy import Decision
+
+    bulk = PassRecord(index=0, kind="bulk", bytes=640 * MiB, seconds=10.0, dirty_left=64 * MiB)
+    fits = PassRecord(index=1, kind="dirty", bytes=64 * MiB, seconds=1.0, dirty_left=16 * MiB)
+    passes = [bulk, fits]  # 16 MiB at 64 MiB/s: 0.25 s, within a 0.5 s target
+    assert SyncOptions(target_downtime=0.5).policy().decide(passes) is Decision.CONTINUE
+    deferring = SyncOptions(target_downtime=0.5, defer_hot=True).policy()
+    assert deferring.decide(passes) is Decision.SWITCHOVER

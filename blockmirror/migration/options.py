@@ -30,8 +30,9 @@ class SyncOptions:
     workers: int = 4
     rate_limit: float | None = None  # bytes/s the copier may move (None: no cap)
     converge: str = "fail"  # what to do when writes outpace the copy
-    # Hot blocks wait for the final pass (policy.defer_budget). Off by default:
-    # bench/defer_hot.py has not shown it saving bytes here yet (README).
+    # Hot blocks wait for the final pass (policy.defer_budget), and the switch
+    # comes as soon as the target fits, without polishing passes. Off by
+    # default: it lengthens the pause at low rates (README).
     defer_hot: bool = False
     # NBD commands in flight per connection to an nbd:// endpoint (None: 32);
     # a long link needs more (bench/README.md, "requests in flight").
@@ -58,8 +59,11 @@ class SyncOptions:
     def policy(self) -> ConvergencePolicy:
         """The switchover and stall rules these options ask for."""
         try:
+            # Deferral trades the shortest pause for fewer bytes: polishing
+            # passes would copy the hot blocks it holds back, again and again.
+            polish = 0 if self.defer_hot else ConvergencePolicy.polish_passes
             return ConvergencePolicy(target_downtime=self.target_downtime,
-                                     max_passes=self.max_passes)
+                                     max_passes=self.max_passes, polish_passes=polish)
         except ValueError as e:
             raise InvalidInputError(str(e)) from None
 
