@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+
+if TYPE_CHECKING:
+    from blockmirror.extents import ExtentArray
 
 try:
     from blockmirror import _remote as _module
@@ -165,6 +167,8 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
                  src_path: str | None = None, dst_name: str | None = None) -> CopyCounts:
     """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) of SRC_FD into the
     export over connection CONN, in one C call; errors name the side."""
+    from blockmirror.extents import EXTENT_DTYPE  # late: numpy (see blockmirror.extents)
+
     ffi, lib = _ffi(), _lib()
     if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
         raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")

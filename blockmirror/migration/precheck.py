@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from blockmirror import files
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
 from blockmirror.migration import journal
-from blockmirror.migration.manifest import MAGIC_PREFIX as MANIFEST_MAGIC_PREFIX
-from blockmirror.migration.manifest import SUFFIX as MANIFEST_SUFFIX
-from blockmirror.migration.manifest import TMP_SUFFIX as MANIFEST_TMP
-from blockmirror.migration.manifest import stored_bytes as manifest_stored_bytes
+from blockmirror.migration.manifest_names import MAGIC_PREFIX as MANIFEST_MAGIC_PREFIX
+from blockmirror.migration.manifest_names import SUFFIX as MANIFEST_SUFFIX
+from blockmirror.migration.manifest_names import TMP_SUFFIX as MANIFEST_TMP
 from blockmirror.tracking.tracker import SIDECAR_SUFFIX, sidecar_bytes
 from blockmirror.units import format_bytes
 
@@ -123,7 +122,9 @@ def on_pseudo_filesystem(path: str) -> bool:
 
 def manifest_bytes(allocated: int, granularity: int) -> int:
     """Disk a new manifest needs at worst (zero granules are not stored)."""
-    return manifest_stored_bytes(allocated, granularity)
+    from blockmirror.migration.manifest import stored_bytes  # late: numpy (a sync's cost)
+
+    return stored_bytes(allocated, granularity)
 
 
 def _physical_memory() -> int:
