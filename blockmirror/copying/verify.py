@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 from blockmirror._bindings import compare as _compare
 from blockmirror._bindings import copy as _copy
@@ -79,9 +78,16 @@ def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
                                       a_path=path_a, b_path=path_b)
 
     differing: list[Extent] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for diffs in pool.map(compare_batch, _batches(_dedupe(chunks), limit)):
-            differing.extend(diffs)
+    batches = list(_batches(_dedupe(chunks), limit))
+    if len(batches) <= 1:  # a small or sparse pair: no pool (nor its import) to pay for
+        for batch in batches:
+            differing.extend(compare_batch(batch))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for diffs in pool.map(compare_batch, batches):
+                differing.extend(diffs)
     if size_a != size_b:
         differing.append((common, max(size_a, size_b) - common))
     return union(differing)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from blockmirror import files
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
-from blockmirror.migration import journal
 from blockmirror.migration.manifest_names import MAGIC_PREFIX as MANIFEST_MAGIC_PREFIX
 from blockmirror.migration.manifest_names import SUFFIX as MANIFEST_SUFFIX
 from blockmirror.migration.manifest_names import TMP_SUFFIX as MANIFEST_TMP
@@ -315,6 +314,8 @@ def plan_file_sync(
     st = check_source(source, move)
     src = os.path.abspath(source)
     dst = _destination_path(src, destination)
+    from blockmirror.migration import journal  # late: track and verify need none of it
+
     interrupted = journal.interrupted_commit(src, dst) if not force else None
     resume = interrupted.mode if interrupted and interrupted.mode == ("move" if move else "copy") \
         else None
