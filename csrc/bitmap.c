@@ -23,16 +23,29 @@ static inline uint64_t word_mask(uint64_t w, uint64_t first, uint64_t last_excl)
 }
 
 /* Raise each granule's era to at least ERA (never lower it: a slow writer
- * holding an older era must not hide a newer write's mark). */
+ * holding an older era must not hide a newer write's mark). A chunk where an
+ * era rose is marked afterwards, so the next sealing recomputes its checksum
+ * (eras.c); re-writing a granule already of this era costs nothing more. */
 static void raise_eras(bm_tracker *t, uint64_t first, uint64_t last_excl, uint32_t era)
 {
-    for (uint64_t g = first; g < last_excl; g++) {
-        uint32_t *slot = bm_era(t, g);
-        uint32_t cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
-        while (cur < era &&
-               !__atomic_compare_exchange_n(slot, &cur, era, 1, __ATOMIC_SEQ_CST,
-                                            __ATOMIC_RELAXED))
-            ;
+    for (uint64_t g = first; g < last_excl;) {
+        uint64_t stop = (g / BM_CHUNK_GRANULES + 1) * BM_CHUNK_GRANULES;
+        if (stop > last_excl)
+            stop = last_excl;
+        int raised = 0;
+        for (; g < stop; g++) {
+            uint32_t *slot = bm_era(t, g);
+            uint32_t cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
+            while (cur < era) {
+                if (__atomic_compare_exchange_n(slot, &cur, era, 1, __ATOMIC_SEQ_CST,
+                                                __ATOMIC_RELAXED)) {
+                    raised = 1;
+                    break;
+                }
+            }
+        }
+        if (raised)
+            bm_touch_chunk(t, (stop - 1) / BM_CHUNK_GRANULES);
     }
 }
 

@@ -649,9 +649,7 @@ static int reset_locked(bm_tracker *t)
     /* Forget the old series' eras so they raise no false positives later. A
      * writer racing with this can only leave an era too high (a false
      * positive), never too low: eras are raised with compare-and-swap. */
-    uint64_t ngran = bm_granules(t, bm_image_size(t));
-    for (uint64_t g = 0; g < ngran; g++)
-        __atomic_store_n(bm_era(t, g), 0, __ATOMIC_RELAXED);
+    bm_zero_eras(t);
     uint8_t series[16];
     if (getrandom(series, sizeof series, 0) != (ssize_t)sizeof series)
         return bm_fail(errno ? errno : EIO, "no randomness for a new series id");
