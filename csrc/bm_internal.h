@@ -195,6 +195,10 @@ static inline uint64_t bm_max_image_for(uint32_t shift)
     return by_granules < BM_MAX_IMAGE_SIZE ? by_granules : BM_MAX_IMAGE_SIZE;
 }
 
+/* cbt.c: sidecars from this size up (an image of about 4 TiB at 64 KiB
+ * granules) are mapped for random access (no readahead, see new_handle). */
+#define BM_RANDOM_ACCESS_BYTES (256ull << 20)
+
 /* cbt.c */
 int bm_fail_too_big(uint32_t shift, uint64_t size);
 int bm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -528,6 +528,14 @@ static bm_tracker *new_handle(int fd, const char *path, int flags, int image_fd,
         free_handle(t);
         return NULL;
     }
+    /* Scans read a word or a slot per chunk (16 KiB apart): on a cold big
+     * sidecar, readahead around each would pull in all of it (1 GiB at
+     * 15 TiB: seconds, and a peak of mapped pages), so there the kernel is
+     * told to fault in only what is touched. A small one is cheap to read
+     * whole once, and readahead's large folios make its later scans fault
+     * less. Advice only: a refusal changes nothing. */
+    if ((uint64_t)o->st.st_size >= BM_RANDOM_ACCESS_BYTES)
+        (void)madvise(m, t->map_len, MADV_RANDOM);
     t->map = m;
     t->hdr = (struct bm_header *)t->map;
     t->ctl = (struct bm_control *)(t->map + BM_CONTROL_OFFSET);
