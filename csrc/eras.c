@@ -152,6 +152,9 @@ static int sum_touched(bm_tracker *t, uint32_t epoch)
                 ok = 0;
                 break;
             }
+            /* Eras read after this see every raise made before our
+             * SEALING was published (C11's rule for seq_cst fences). */
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
             uint64_t want = ((uint64_t)epoch << 32) | sum32(t, c);
             if (__atomic_compare_exchange_n(slot, &old, want, 0, __ATOMIC_SEQ_CST,
                                             __ATOMIC_SEQ_CST))
