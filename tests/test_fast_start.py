@@ -86,3 +86,32 @@ def test_the_probe_sees_numpy_when_a_sync_loads_it(
     code, loaded = loaded_by("sync", "--quiet", a, tmp_path / "copy.img", cwd=tmp_path)
     assert code == 0
     assert "numpy" in loaded and "blockmirror.migration.manifest" in loaded
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1024])
+def test_the_numpy_free_scan_agrees_with_the_numpy_one(tmp_path: Path, chunk: int) -> None:
+    """scan_pairs (cffi buffer, what verify uses) and scan_all (numpy) give
+    the same merged extents, whatever the number of extents per C call."""
+    from blockmirror._bindings import _ffi
+    from blockmirror._bindings import copy as _copy
+    from blockmirror.extents import pairs
+
+    path = tmp_path / "fragmented.img"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+        for i in range(0, 60, 3):  # 20 data extents with holes between
+            f.seek(i << 20)
+            f.write(b"d" * ((1 + i % 2) << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size
+
+        def step(cursor: object, out: object, room: int) -> int:
+            return int(_ffi.lib.bm_data_extents(fd, cursor, end, out, room))
+
+        expected = pairs(_copy.data_extents(fd, end))
+        assert len(expected) > 1
+        assert _ffi.scan_pairs(step, chunk) == expected
+        assert _copy.data_extent_pairs(fd, end) == expected
+    finally:
+        os.close(fd)

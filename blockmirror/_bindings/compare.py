@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from blockmirror._bindings._ffi import CData, error_from_c, extents_pointer, ffi, lib
+from blockmirror._bindings._ffi import CData, error_from_c, extent_pairs, extents_pointer, ffi, lib
 from blockmirror.extents import Extent
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def compare_pairs(
     ext = ffi.new("bm_extent[]", extents) if extents else ffi.NULL
     n = _call(a_fd, b_fd, ext, len(extents), block_size, buf, cancel, out, room,
               (a_path, b_path))
-    return [(int(out[i].offset), int(out[i].length)) for i in range(n)]
+    return extent_pairs(out, n)
 
 
 def _call(a_fd: int, b_fd: int, ext: CData, count: int, block_size: int, buf: CData | None,
