@@ -251,6 +251,12 @@ void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl);
 /* Every era of the image to 0 (a reset; the caller opened the seal), and
  * the checksums with them. */
 void bm_zero_eras(bm_tracker *t);
+/* 1 while the eras are sealed: every chunk's checksum then holds (the
+ * last seal stored it, and a writer opens the seal before it raises). */
+int bm_eras_sealed(const bm_tracker *t);
+/* 1 if chunk C's checksum is that of all-zero eras (and no mark): with the
+ * eras sealed, none of its granules was written in this series. */
+int bm_chunk_sum_zero(const bm_tracker *t, uint64_t c);
 /* After raising eras in chunk C (the caller holds a writer slot, or opened
  * the seal): mark its slot so the next sealing recomputes its checksum. */
 void bm_touch_chunk(bm_tracker *t, uint64_t c);

@@ -88,6 +88,17 @@ void bm_touch_chunk(bm_tracker *t, uint64_t c)
         ;
 }
 
+int bm_eras_sealed(const bm_tracker *t)
+{
+    return SEAL_STATE(__atomic_load_n(&t->hdr->era_seal, __ATOMIC_SEQ_CST)) == BM_SEAL_SEALED;
+}
+
+int bm_chunk_sum_zero(const bm_tracker *t, uint64_t c)
+{
+    uint64_t slot = __atomic_load_n(bm_era_sum_slot(t, c), __ATOMIC_RELAXED);
+    return !is_touch(slot) && (uint32_t)slot == 0;
+}
+
 static uint64_t chunks_of(const bm_tracker *t)
 {
     return (bm_granules(t, bm_image_size(t)) + BM_CHUNK_GRANULES - 1) / BM_CHUNK_GRANULES;

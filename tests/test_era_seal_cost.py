@@ -175,3 +175,20 @@ def test_racing_sealers_leave_correct_checksums(eight_chunks):
             assert t.consistent
             t.changed_extents(since)  # checks the seal if one is in place
         change_id(image)  # the next round raises eras to a new generation
+
+
+def test_changed_since_skips_only_chunks_sealed_unwritten(eight_chunks):
+    """A sealed query skips chunks whose checksum says never written; every
+    write still shows, with the writer gone (sealed) or still in (open)."""
+    image = eight_chunks
+    since = change_id(image)
+    write_session(image, [2 * CHUNK_GRANULES + 3])
+    with TrackedImage(image) as img:
+        img.pwrite(b"live", (6 * CHUNK_GRANULES + 1) * G)
+        with Tracker.open(image) as reader:  # the seal is open: all eras read
+            assert reader.changed_extents(since) == [((2 * CHUNK_GRANULES + 3) * G, G),
+                                                     ((6 * CHUNK_GRANULES + 1) * G, G)]
+    assert seal_state(image) == SEALED
+    with Tracker.open(image) as reader:
+        assert reader.changed_extents(since) == [((2 * CHUNK_GRANULES + 3) * G, G),
+                                                 ((6 * CHUNK_GRANULES + 1) * G, G)]
