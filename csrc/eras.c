@@ -30,10 +30,10 @@
  * - a sealer that finds a mark of epoch >= E knows a writer came in during
  *   its sealing, and gives up (its final exchange would fail anyway).
  * A sealer's epoch is one past the seal word's, and the word only ever
- * moves to a later epoch, so an old mark never comes back (no ABA). Sealers may race (two
- * writers closing at once, or one still computing when a writer came, wrote
- * and left and sealed again): whichever swap lands is right, since both
- * read eras no writer changed since. */
+ * moves to a later epoch, so an old mark never comes back (no ABA). Sealers
+ * may race (two writers closing at once, or one still computing when a
+ * writer came, wrote and left and sealed again): whichever swap lands is
+ * right, since both read eras no writer changed since. */
 #include "bm_internal.h"
 
 #define SEAL_STATE(w) ((w) & 3u)
