@@ -264,8 +264,9 @@ void bm_touch_chunk(bm_tracker *t, uint64_t c);
 /* 64-bit checksum of chunk C's eras as they are now (0 when all are zero). */
 uint64_t bm_era_sum(const bm_tracker *t, uint64_t c);
 /* Last one out: if no writer slot is claimed, store the checksum of every
- * chunk marked since the last sealing and mark the eras sealed (a Dekker handshake with bm_unseal_eras keeps a
- * writer arriving meanwhile from being sealed over). */
+ * chunk marked since the last sealing and mark the eras sealed (a Dekker
+ * handshake with bm_unseal_eras keeps a writer arriving meanwhile from being
+ * sealed over). */
 void bm_seal_eras(bm_tracker *t);
 /* About to change eras (the caller holds a writer slot): if they were
  * sealed, check them first (a mismatch sets BM_FLAG_ERAS_DAMAGED), then open
