@@ -20,9 +20,12 @@
 
 /* 3: the header binds the image (dev, ino), each chunk keeps its eras
  * checksum, the control block keeps move tokens. 4: the mirror interlock
- * pages and the mirror's control fields. Older sidecars are refused
- * (EUCLEAN, saying so). */
-#define BM_FORMAT_VERSION 4
+ * pages and the mirror's control fields. 5: a writer that raises eras in a
+ * chunk marks its checksum slot, and a seal sums only marked chunks (eras.c):
+ * a writer of format 4 would raise without marking and leave a stale sum, so
+ * the version says the two must not share a sidecar. Other versions are
+ * refused (EUCLEAN, saying so). */
+#define BM_FORMAT_VERSION 5
 #define BM_DEFAULT_GRANULARITY 65536
 #define BM_MIN_GRANULARITY 4096
 #define BM_MAX_GRANULARITY 67108864
