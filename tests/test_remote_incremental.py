@@ -243,3 +243,22 @@ def test_the_manifest_records_the_export_as_flushed(ram_tmp_path, serve,  # noqa
     want = [digest(export[k * GRANULE:(k + 1) * GRANULE]) for k in keys.tolist()]
     assert m.table.get(keys).tolist() == want
     assert run_cli("verify", image, server.uri).returncode == 5  # the writer went on
+
+
+def test_a_folder_others_can_write_is_never_used(ram_tmp_path, serve):  # noqa: F811
+    """SRC.bm-remote made by someone else (here: writable by all): no
+    manifest is read from it or kept in it; each sync is a full copy."""
+    image = ram_tmp_path / "a.img"
+    make_data_image(image, SIZE, extents=12, tracked=True)
+    server, log = logged_server(serve, ram_tmp_path, junk=False)
+    sync_json(image, server.uri)
+    folder = Path(str(image) + FOLDER_SUFFIX)
+    os.chmod(folder, 0o777)
+    content = write_tracked(image, 3 * MiB, GRANULE, 0x66)
+    start = log.stat().st_size
+    again = sync_json(image, server.uri)
+    assert_wrote_everything(log, start)
+    assert not again["incremental"]
+    assert any("writable by others" in n for n in again["notes"]), again["notes"]
+    assert any(n.startswith("no manifest kept") for n in again["notes"]), again["notes"]
+    assert server.file.read_bytes() == content

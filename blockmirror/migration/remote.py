@@ -257,7 +257,9 @@ class RemoteSyncJob(FileSyncJob):
             self.earlier = self._usable_manifest()
             # Before the first byte goes into the export: a run that dies
             # from here on must leave no manifest that could lie.
-            invalidate(*self.manifest_at)
+            # (A folder we do not trust is never read: nothing to remove.)
+            with contextlib.suppress(ManifestError):
+                invalidate(*self.manifest_at)
             if self.tracker is not None:
                 fresh = (self.earlier.table if self.earlier is not None
                          else DigestTable(self._granularity, plan.size))

@@ -55,7 +55,7 @@ DATA_SAMPLES = 12  # granules holding data, read back at random
 ANY_SAMPLES = 4  # granules anywhere in the image (holes too)
 
 
-class ExportReader(Protocol):
+class SampledExport(Protocol):
     """What the sample check needs of an export (NbdExport has it)."""
 
     size: int
@@ -234,7 +234,7 @@ def sample_granules(table: DigestTable, rng: random.Random) -> list[int]:
     return sorted(picked)
 
 
-def sample_mismatch(manifest: RemoteManifest, export: ExportReader,
+def sample_mismatch(manifest: RemoteManifest, export: SampledExport,
                     rng: random.Random | None = None) -> str | None:
     """Why the export is not what MANIFEST says it holds, or None when its
     size and every sampled granule (read back, hashed) agree."""
