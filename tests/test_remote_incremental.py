@@ -262,3 +262,22 @@ def test_a_folder_others_can_write_is_never_used(ram_tmp_path, serve):  # noqa: 
     assert any("writable by others" in n for n in again["notes"]), again["notes"]
     assert any(n.startswith("no manifest kept") for n in again["notes"]), again["notes"]
     assert server.file.read_bytes() == content
+
+
+def test_incremental_into_qemu_nbd_is_exact_and_verified(ram_tmp_path, serve,  # noqa: F811
+                                                         live_writer):
+    """The same through qemu-nbd (one connection, no log filter: the
+    result counts): the second sync copies about the writer's region only,
+    verifies, and the export is the source at its switchover."""
+    image = ram_tmp_path / "live.img"
+    initial = make_data_image(image, SIZE, extents=12, tracked=True)
+    server = serve("qemu-nbd", SIZE, junk=True)
+    region = 2 * MiB
+    writer = live_writer(image, rate="4M", wait=20, extra=["--region", str(region)])
+    first = sync_json(image, server.uri, "--target-downtime", "1s")
+    writer.wait_for_more(30)
+    second = sync_json(image, server.uri, "--target-downtime", "1s", "--verify")
+    assert writer.stop() == 0
+    writer.assert_point_in_time(server.file.read_bytes(), initial)
+    assert not first["incremental"] and second["incremental"] and second["verified"], second
+    assert second["bytes_copied"] <= 4 * region < first["bytes_copied"] // 4, second
