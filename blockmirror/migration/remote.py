@@ -310,7 +310,7 @@ class RemoteSyncJob(FileSyncJob):
             else:
                 self.result.notes.append(f"incremental since change id {earlier.change_id}")
                 self.result.incremental = True
-                self.result.bytes_skipped = self.plan.size - total_bytes(changed)
+                self.result.bytes_skipped = max(0, self.plan.size - total_bytes(changed))
                 self.passes.incremental(changed)
                 return
         self.passes.bulk()
