@@ -43,6 +43,15 @@ verify
     ``verify.compare_files`` in-process and the ``blockmirror verify`` command
     against ``cmp`` and ``qemu-img compare``; on the fully written pair of the
     incremental section and on the sparse pair of the bulk section.
+startup
+    The light commands, where start-up is most of the cost (issue 11): the
+    ``blockmirror verify A B`` command on a sparse 1 GiB pair (1 MiB of data)
+    and on a 4 GiB / 64 MiB pair against ``qemu-img compare``, ``blockmirror
+    track status IMG`` against ``qemu-img info IMG``, and ``blockmirror
+    --help``, with the interpreter alone (``python -c pass``, and ``python -I
+    -S`` without site's .pth files) as floors. Python runs with compiled
+    bytecode, as an installed package has it (``PYTHONPYCACHEPREFIX`` in the
+    working folder, warmed once), whatever ``PYTHONDONTWRITEBYTECODE`` says.
 
 Timing: wall clock of the whole operation (subprocesses included); rounds
 interleave the contenders in a rotating order so drift hits all of them;
@@ -91,7 +100,7 @@ from blockmirror.units import parse_size
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 EXTENT = 4 * MiB
 GRANULE = 64 * KiB
-SECTIONS = ("bulk", "tib", "dirty", "incremental", "verify")
+SECTIONS = ("bulk", "tib", "dirty", "incremental", "verify", "startup")
 
 
 # -- running things ----------------------------------------------------------------
@@ -789,6 +798,78 @@ def section_verify(b: Bench, pairs: dict[str, tuple[Path, Path]], reps: int) -> 
     return "\n".join(out)
 
 
+# -- startup -----------------------------------------------------------------------
+
+
+def section_startup(b: Bench, d: Path, reps: int) -> str:
+    """The light commands against the C tools they are compared with."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(d / "pycache")
+    pairs_: dict[str, tuple[Path, Path]] = {}
+    for name, size, data in (("sparse 1 GiB / 1 MiB", GiB, MiB),
+                             ("4 GiB / 64 MiB", 4 * GiB, 64 * MiB)):
+        a, c = d / f"start-{size}-a.img", d / f"start-{size}-b.img"
+        if data >= EXTENT:
+            write_random_extents(a, size, data // EXTENT, seed=11)
+        else:  # one small extent a third of the way in
+            with open(a, "wb") as f:
+                f.truncate(size)
+                f.seek(size // 3)
+                f.write(random.Random(11).randbytes(data))
+        run("cp", "--sparse=always", a, c)
+        pairs_[name] = (a, c)
+    status_img = pairs_["sparse 1 GiB / 1 MiB"][0]
+    bm = [sys.executable, "-m", "blockmirror"]
+    subprocess.run([*bm, "track", "enable", str(status_img)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+    def command(*argv: str | os.PathLike[str], ok: tuple[int, ...] = (0,)) -> Callable[[], None]:
+        def go() -> None:
+            proc = subprocess.run([os.fspath(x) for x in argv], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if proc.returncode not in ok:
+                raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}")
+        return go
+
+    cs = [Contender("python -c pass (the interpreter here)", "", command(sys.executable, "-c",
+                                                                         "pass")),
+          Contender("python -I -S -c pass (no site)", "", command(sys.executable, "-I", "-S",
+                                                                  "-c", "pass")),
+          Contender("blockmirror --help", "", command(*bm, "--help")),
+          Contender("blockmirror track status IMG", "", command(*bm, "track", "status",
+                                                                status_img)),
+          Contender("qemu-img info IMG", "", command("qemu-img", "info", "-f", "raw",
+                                                     status_img))]
+    for name, (a, c) in pairs_.items():
+        cs.append(Contender(f"blockmirror verify A B, {name}", "", command(*bm, "verify", a, c)))
+        cs.append(Contender(f"qemu-img compare A B, {name}", "",
+                            command("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
+                                    a, c)))
+    if not have("qemu-img"):
+        cs = [x for x in cs if not x.label.startswith("qemu-img")]
+    for x in cs:  # warm: bytecode compiled, images in the page cache
+        x.run()
+    rows = b.rounds("startup", cs, reps=reps)
+    lines = [[r.label, fmt_s(r.median), spread(r)] for r in rows.values()]
+    out = [f"Each command run as its own process, {reps} interleaved rounds, page-cached "
+           "images, compiled bytecode.\n", table(["what", "median s", "min-max"], lines), ""]
+    for mine, peer in [(f"blockmirror verify A B, {n}", f"qemu-img compare A B, {n}")
+                       for n in pairs_] + [("blockmirror track status IMG", "qemu-img info IMG")]:
+        if peer in rows:
+            ratio = rows[mine].median / rows[peer].median
+            out.append(f"- {mine} ≤ {peer}: {ratio:.2f}x, "
+                       f"**{'MET' if ratio <= 1.0 else 'MISSED'}**")
+    floor = rows["python -c pass (the interpreter here)"].median
+    out.append(f"- the same above the interpreter's own start ({fmt_s(floor)}): verify "
+               + ", ".join(f"{n} +{fmt_s(rows[f'blockmirror verify A B, {n}'].median - floor)}"
+                           for n in pairs_)
+               + f"; track status +{fmt_s(rows['blockmirror track status IMG'].median - floor)}")
+    for a, c in pairs_.values():
+        remove_copy(a)
+        remove_copy(c)
+    return "\n".join(out)
+
+
 # -- main --------------------------------------------------------------------------
 
 
@@ -802,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="rounds for bulk and verify (default 5)")
     p.add_argument("--tib-reps", type=int, default=5, help="rounds for tib (default 5)")
     p.add_argument("--dirty-reps", type=int, default=5, help="rounds for dirty (default 5)")
+    p.add_argument("--startup-reps", type=int, default=21,
+                   help="rounds for startup (default 21)")
     p.add_argument("--dirty-mib", default="0,4,16,64",
                    help="dirty: MiB dirty per pass, comma-separated (default 0,4,16,64)")
     p.add_argument("--incr-size", default="4G", help="incremental: image size (default 4G)")
@@ -863,6 +946,9 @@ def main(argv: list[str] | None = None) -> int:
             for pa, pc in verify_pairs.values():
                 remove_copy(pa)
                 remove_copy(pc)
+        if "startup" in only:
+            report += ["## Start-up of the light commands (issue 11)\n",
+                       section_startup(b, d, args.startup_reps)]
     finally:
         if made and not args.keep:
             shutil.rmtree(d, ignore_errors=True)

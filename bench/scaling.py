@@ -21,6 +21,10 @@ For each image, each round runs, as separate processes (what a user runs):
 - ``verify`` of the source against its copy;
 - an incremental ``sync`` onto the tracked copy's copy after 1 MiB (16
   granules of 64 KiB) was written through ``TrackedImage``;
+- the tracker's own seal: a process takes a change id, writes 16 random
+  granules through ``TrackedImage`` and closes it - the last writer out
+  seals the eras (*call alone* is that close); the next writer's open
+  checks them;
 - the peer ``cp --sparse=always SRC DST && sync DST``.
 
 Each process reports its own in-process seconds (the sync or verify call
@@ -84,6 +88,27 @@ seconds = time.perf_counter() - t0
 if op == "verify" and out:
     sys.exit(5)
 print(json.dumps({"seconds": seconds, "code": 0}))
+"""
+
+
+# The last writer's close (the era seal) and the next writer's open (the
+# check), timed in a process of their own after 16 writes of a new era.
+SEAL = r"""
+import json, random, sys, time
+from blockmirror import TrackedImage, Tracker
+path, seed = sys.argv[1], int(sys.argv[2])
+with Tracker.open(path) as t:
+    t.change_id()  # the writes below raise eras, as after any backup
+rng = random.Random(seed)
+img = TrackedImage(path)
+for _ in range(16):
+    img.pwrite(b"s" * 4096, rng.randrange(img.size // 65536) * 65536)
+t0 = time.perf_counter()
+img.close()
+seal = time.perf_counter() - t0
+t0 = time.perf_counter()
+TrackedImage(path).close()
+print(json.dumps({"seconds": seal, "open": time.perf_counter() - t0, "code": 0}))
 """
 
 
@@ -191,6 +216,7 @@ def one_round(case: Case, d: Path, r: int) -> None:
     write_tracked(case.tracked, seed=r)
     os.sync()
     incremental(case, tcopy)
+    seal(case, seed=r)
     for p in (copy, tcopy, pcopy):
         remove_copy(p)
 
@@ -206,6 +232,18 @@ def incremental(case: Case, copy: Path) -> None:
     os.sync()
     _, _, out = measured([sys.executable, "-c", CALL, "sync", str(case.tracked), str(copy)])
     row.call.append(json.loads(out.strip().splitlines()[-1])["seconds"])
+
+
+def seal(case: Case, seed: int) -> None:
+    """The last writer's close after 16 writes (call alone) and the next
+    writer's open (in the note column), in a process of their own."""
+    row = case.row("last writer's close (era seal), 16 writes")
+    wall, rss, out = measured([sys.executable, "-c", SEAL, str(case.tracked), str(seed)])
+    figures = json.loads(out.strip().splitlines()[-1])
+    row.wall.append(wall)
+    row.rss.append(rss)
+    row.call.append(figures["seconds"])
+    case.row("next writer's open (era check)").call.append(figures["open"])
 
 
 def write_tracked(image: Path, seed: int) -> None:
@@ -237,7 +275,9 @@ def fmt_size(n: int) -> str:
 
 
 def fmt_s(x: float) -> str:
-    return "n/a" if x != x else f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
+    if x != x:
+        return "n/a"
+    return f"{x * 1e3:.1f} ms" if x < 0.01 else f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
 def verdicts(case: Case) -> dict[str, str]:
@@ -266,9 +306,11 @@ def table(cases: list[Case]) -> str:
     for case in cases:
         marks = verdicts(case)
         for name, row in case.rows.items():
+            rss = row.median("rss")
             lines.append(f"| {fmt_size(case.size)} | {fmt_size(case.data)} | {name} | "
                          f"{fmt_s(row.median('wall'))} | {fmt_s(row.median('call'))} | "
-                         f"{row.median('rss') / MiB:.0f} MiB | {marks.get(name, '')} |")
+                         f"{f'{rss / MiB:.0f} MiB' if rss == rss else 'n/a'} | "
+                         f"{marks.get(name, '')} |")
     return "\n".join(lines)
 
 

@@ -5,40 +5,81 @@ extents around as numpy structured arrays (``EXTENT_DTYPE``, the layout of
 ``bm_extent``); the passes and checks above them reason with sorted lists of
 pairs. This module is the one home of both and of every operation on them:
 conversion, merging, union, subtraction and cutting into work items.
+
+numpy is imported on first use, not with this module: it costs ~40 ms of
+start-up, which the light commands (``track status``, ``verify`` of sparse
+images, ``--help``) should not pay. ``EXTENT_DTYPE``, ``ExtentArray`` and
+``Extents`` load it when first looked up (PEP 562); the functions here load
+it when they are first handed an array.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
-
-import numpy as np
-import numpy.typing as npt
-
-EXTENT_DTYPE = np.dtype([("offset", np.uint64), ("length", np.uint64)])
-"""The layout of ``bm_extent``: what every extent array holds."""
-
-ExtentArray = npt.NDArray[np.void]
-"""A structured array with uint64 fields ``offset`` and ``length``."""
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 Extent = tuple[int, int]
 
-Extents = ExtentArray | Iterable[Extent]
-"""What the copier accepts: an extent array, or ``(offset, length)`` pairs."""
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    EXTENT_DTYPE: np.dtype[np.void]
+    """The layout of ``bm_extent``: what every extent array holds."""
+
+    ExtentArray: TypeAlias = npt.NDArray[np.void]
+    """A structured array with uint64 fields ``offset`` and ``length``."""
+
+    Extents: TypeAlias = ExtentArray | Iterable[Extent]
+    """What the copier accepts: an extent array, or ``(offset, length)`` pairs."""
 
 _MAX_OFFSET = 2**63 - 1
 
 
+def _numpy_names() -> dict[str, Any]:
+    import numpy as np
+    import numpy.typing as npt
+
+    array = npt.NDArray[np.void]
+    return {"EXTENT_DTYPE": np.dtype([("offset", np.uint64), ("length", np.uint64)]),
+            "ExtentArray": array, "Extents": array | Iterable[Extent]}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in ("EXTENT_DTYPE", "ExtentArray", "Extents"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals().update(_numpy_names())
+    return globals()[name]
+
+
+def _extent_dtype() -> np.dtype[np.void]:
+    dtype: np.dtype[np.void] | None = globals().get("EXTENT_DTYPE")
+    return __getattr__("EXTENT_DTYPE") if dtype is None else dtype
+
+
+def is_extent_array(extents: object) -> bool:
+    """EXTENTS is a numpy array (without importing numpy: a program that
+    has not imported it holds none)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(extents, np.ndarray)
+
+
 def pairs(extents: Extents) -> list[Extent]:
     """EXTENTS (a structured array or an iterable of pairs) as a list of ints."""
-    if isinstance(extents, np.ndarray):
-        return list(zip(extents["offset"].tolist(), extents["length"].tolist(), strict=True))
+    if is_extent_array(extents):
+        arr = cast("ExtentArray", extents)
+        return list(zip(arr["offset"].tolist(), arr["length"].tolist(), strict=True))
     return [(int(o), int(n)) for o, n in extents]
 
 
 def total_bytes(extents: Extents) -> int:
     """The bytes EXTENTS cover, counted with overlaps."""
-    if isinstance(extents, np.ndarray):
-        return int(extents["length"].sum(dtype=np.uint64)) if len(extents) else 0
+    if is_extent_array(extents):
+        import numpy as np
+
+        arr = cast("ExtentArray", extents)
+        return int(arr["length"].sum(dtype=np.uint64)) if len(arr) else 0
     return sum(int(n) for _, n in extents)
 
 
@@ -49,8 +90,10 @@ def as_extent_array(extents: Extents) -> ExtentArray:
     ``length`` fields) or an iterable of ``(offset, length)`` pairs.
     Raises ValueError for a negative value or a range ending past 2**63 - 1.
     """
+    import numpy as np
+
     bad = "extents must have offset, length >= 0 and end before 2**63"
-    if isinstance(extents, np.ndarray) and extents.dtype == EXTENT_DTYPE:
+    if isinstance(extents, np.ndarray) and extents.dtype == _extent_dtype():
         arr: ExtentArray = np.ascontiguousarray(extents)
         if len(arr):
             # Each below 2**63, so their uint64 sum cannot wrap.
@@ -66,7 +109,7 @@ def as_extent_array(extents: Extents) -> ExtentArray:
             raise ValueError(bad)
         offsets.append(offset)
         lengths.append(length)
-    arr = np.empty(len(offsets), dtype=EXTENT_DTYPE)
+    arr = np.empty(len(offsets), dtype=_extent_dtype())
     arr["offset"] = offsets
     arr["length"] = lengths
     return arr
@@ -76,6 +119,8 @@ def merge_touching(extents: ExtentArray) -> ExtentArray:
     """EXTENTS with runs of touching extents (one ending where the next
     starts) merged into one, so no work item boundary splits a range that
     is really contiguous. Empty extents are dropped; order is kept."""
+    import numpy as np
+
     ext = extents[extents["length"] > 0]
     if len(ext) < 2:
         return np.ascontiguousarray(ext)
@@ -85,7 +130,7 @@ def merge_touching(extents: ExtentArray) -> ExtentArray:
         return np.ascontiguousarray(ext)
     starts = np.flatnonzero(np.concatenate(([True], ~touching)))
     last = np.concatenate((starts[1:], [len(ext)])) - 1
-    out = np.empty(len(starts), dtype=EXTENT_DTYPE)
+    out = np.empty(len(starts), dtype=_extent_dtype())
     out["offset"] = ext["offset"][starts]
     out["length"] = ends[last] - out["offset"]
     return out
@@ -101,6 +146,8 @@ def split_extents(extents: ExtentArray, item_bytes: int, align: int = 1) -> list
     ALIGN - 1 bytes more or less. Empty extents are dropped. Each item is a
     non-empty contiguous array.
     """
+    import numpy as np
+
     if item_bytes <= 0 or align <= 0:
         raise ValueError(f"item_bytes and align must be > 0, got {item_bytes}, {align}")
     ext = extents[extents["length"] > 0]
@@ -134,7 +181,7 @@ def split_extents(extents: ExtentArray, item_bytes: int, align: int = 1) -> list
         next_start[:-1] = file_start[1:]
         next_start[-1:] = file_end[-1:]
         file_end = np.where(same_next, next_start, file_end)
-    pieces = np.empty(len(owner), dtype=EXTENT_DTYPE)
+    pieces = np.empty(len(owner), dtype=_extent_dtype())
     pieces["offset"] = file_start
     pieces["length"] = file_end - file_start
     keep = pieces["length"] > 0

@@ -23,16 +23,29 @@ static inline uint64_t word_mask(uint64_t w, uint64_t first, uint64_t last_excl)
 }
 
 /* Raise each granule's era to at least ERA (never lower it: a slow writer
- * holding an older era must not hide a newer write's mark). */
+ * holding an older era must not hide a newer write's mark). A chunk where an
+ * era rose is marked afterwards, so the next sealing recomputes its checksum
+ * (eras.c); re-writing a granule already of this era costs nothing more. */
 static void raise_eras(bm_tracker *t, uint64_t first, uint64_t last_excl, uint32_t era)
 {
-    for (uint64_t g = first; g < last_excl; g++) {
-        uint32_t *slot = bm_era(t, g);
-        uint32_t cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
-        while (cur < era &&
-               !__atomic_compare_exchange_n(slot, &cur, era, 1, __ATOMIC_SEQ_CST,
-                                            __ATOMIC_RELAXED))
-            ;
+    for (uint64_t g = first; g < last_excl;) {
+        uint64_t stop = (g / BM_CHUNK_GRANULES + 1) * BM_CHUNK_GRANULES;
+        if (stop > last_excl)
+            stop = last_excl;
+        int raised = 0;
+        for (; g < stop; g++) {
+            uint32_t *slot = bm_era(t, g);
+            uint32_t cur = __atomic_load_n(slot, __ATOMIC_RELAXED);
+            while (cur < era) {
+                if (__atomic_compare_exchange_n(slot, &cur, era, 1, __ATOMIC_SEQ_CST,
+                                                __ATOMIC_RELAXED)) {
+                    raised = 1;
+                    break;
+                }
+            }
+        }
+        if (raised)
+            bm_touch_chunk(t, (stop - 1) / BM_CHUNK_GRANULES);
     }
 }
 
@@ -296,6 +309,40 @@ static int do_new_change_id(bm_tracker *t, uint64_t *generation)
     return 0;
 }
 
+/* Append the granules of [G, CHUNK_END) (one chunk) whose era is past LIMIT
+ * to OUT (*N used of MAX), merging touching ones. Returns the granule where
+ * OUT ran out of room, or CHUNK_END when the chunk is done. */
+static uint64_t changed_in_chunk(const bm_tracker *t, uint64_t g, uint64_t chunk_end,
+                                 uint32_t limit, bm_extent *out, uint64_t *n, uint64_t max)
+{
+    uint64_t size = bm_image_size(t);
+    const uint32_t *eras = bm_era(t, g);
+    uint64_t i = 0, len = chunk_end - g;
+    while (i < len) {
+        if (__atomic_load_n(&eras[i], __ATOMIC_RELAXED) <= limit) {
+            i++;
+            continue;
+        }
+        uint64_t start = i;
+        while (i < len && __atomic_load_n(&eras[i], __ATOMIC_RELAXED) > limit)
+            i++;
+        uint64_t off = (g + start) << t->shift;
+        uint64_t end = (g + i) << t->shift;
+        if (end > size)
+            end = size;
+        if (*n > 0 && out[*n - 1].offset + out[*n - 1].length == off) {
+            out[*n - 1].length = end - out[*n - 1].offset;
+        } else if (*n == max) {
+            return g + start;
+        } else {
+            out[*n].offset = off;
+            out[*n].length = end - off;
+            (*n)++;
+        }
+    }
+    return chunk_end;
+}
+
 static int64_t do_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor, bm_extent *out,
                          uint64_t max)
 {
@@ -306,42 +353,27 @@ static int64_t do_changed_since(bm_tracker *t, uint64_t since, uint64_t *cursor,
     if (since >= UINT32_MAX)
         return bm_fail(EINVAL, "change id generation %llu is out of range",
                        (unsigned long long)since);
-    uint64_t size = bm_image_size(t);
-    uint64_t ngran = bm_granules(t, size);
-    uint32_t limit = (uint32_t)since;
+    uint64_t ngran = bm_granules(t, bm_image_size(t));
     uint64_t n = 0;
     struct bm_forget_walk walk = {0};
+    /* Sealed, a chunk whose checksum says all-zero eras holds no change:
+     * skip it unread, so the query costs what was written, not 1 GiB of
+     * eras at 15 TiB. (Open, a writer of an older blockmirror may have
+     * raised eras without marking the chunk: read them all.) */
+    int skip_unwritten = bm_eras_sealed(t);
     for (uint64_t g = *cursor; g < ngran;) {
         bm_forget_behind(t, &walk, g / BM_CHUNK_GRANULES, 0);
         /* Scan within one chunk: its eras are contiguous. */
         uint64_t chunk_end = (g / BM_CHUNK_GRANULES + 1) * BM_CHUNK_GRANULES;
         if (chunk_end > ngran)
             chunk_end = ngran;
-        const uint32_t *eras = bm_era(t, g);
-        uint64_t i = 0, len = chunk_end - g;
-        while (i < len) {
-            if (__atomic_load_n(&eras[i], __ATOMIC_RELAXED) <= limit) {
-                i++;
-                continue;
-            }
-            uint64_t start = i;
-            while (i < len && __atomic_load_n(&eras[i], __ATOMIC_RELAXED) > limit)
-                i++;
-            uint64_t off = (g + start) << t->shift;
-            uint64_t end = (g + i) << t->shift;
-            if (end > size)
-                end = size;
-            if (n > 0 && out[n - 1].offset + out[n - 1].length == off) {
-                out[n - 1].length = end - out[n - 1].offset;
-            } else if (n == max) {
-                *cursor = g + start;
-                bm_forget_behind(t, &walk, g / BM_CHUNK_GRANULES, 1);
-                return (int64_t)n;
-            } else {
-                out[n].offset = off;
-                out[n].length = end - off;
-                n++;
-            }
+        uint64_t next = skip_unwritten && bm_chunk_sum_zero(t, g / BM_CHUNK_GRANULES)
+                            ? chunk_end
+                            : changed_in_chunk(t, g, chunk_end, (uint32_t)since, out, &n, max);
+        if (next < chunk_end) { /* OUT is full: resume there */
+            *cursor = next;
+            bm_forget_behind(t, &walk, g / BM_CHUNK_GRANULES, 1);
+            return (int64_t)n;
         }
         g = chunk_end;
     }

@@ -74,7 +74,7 @@ struct bm_header {
     uint64_t generation;        /* bumped by change ids and full scans; eras record it */
     uint32_t flags;
     uint32_t era_seal;          /* epoch << 2 | BM_SEAL_* (eras.c) */
-    uint32_t seal_epoch;        /* bumped by every sealing: its epoch */
+    uint32_t seal_epoch;        /* the latest sealing's epoch (for dumps only) */
     uint32_t reserved0;
 };
 
@@ -195,6 +195,10 @@ static inline uint64_t bm_max_image_for(uint32_t shift)
     return by_granules < BM_MAX_IMAGE_SIZE ? by_granules : BM_MAX_IMAGE_SIZE;
 }
 
+/* cbt.c: sidecars from this size up (an image of about 4 TiB at 64 KiB
+ * granules) are mapped for random access (no readahead, see new_handle). */
+#define BM_RANDOM_ACCESS_BYTES (256ull << 20)
+
 /* cbt.c */
 int bm_fail_too_big(uint32_t shift, uint64_t size);
 int bm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -230,7 +234,9 @@ static inline uint32_t *bm_era(const bm_tracker *t, uint64_t g)
     return (uint32_t *)(t->data + (g / BM_CHUNK_GRANULES) * BM_CHUNK_BYTES +
                         BM_CHUNK_ERAS_OFFSET) + (g % BM_CHUNK_GRANULES);
 }
-/* Chunk C's era checksum slot: the sealing epoch << 32 | a 32-bit checksum. */
+/* Chunk C's era checksum slot: the sealing epoch << 32 | a 32-bit checksum,
+ * or a writer's mark, BM_SLOT_TOUCH | epoch << 32 (eras.c). */
+#define BM_SLOT_TOUCH (1ull << 63)
 static inline uint64_t *bm_era_sum_slot(const bm_tracker *t, uint64_t c)
 {
     return (uint64_t *)(t->data + c * BM_CHUNK_BYTES + BM_CHUNK_SUM_OFFSET);
@@ -238,14 +244,29 @@ static inline uint64_t *bm_era_sum_slot(const bm_tracker *t, uint64_t c)
 void bm_mark_granules(bm_tracker *t, uint64_t first, uint64_t last_excl);
 
 /* eras.c: the era checksums (header.era_seal). All thread- and
- * process-safe; each touches every chunk of the image, so none is for a hot
- * path. */
+ * process-safe; the seal and the check load one slot per chunk and read the
+ * eras of the chunks written (marked, or sealed non-zero), so none is for a
+ * hot path but bm_touch_chunk. */
+
+/* Every era of the image to 0 (a reset; the caller opened the seal), and
+ * the checksums with them. */
+void bm_zero_eras(bm_tracker *t);
+/* 1 while the eras are sealed: every chunk's checksum then holds (the
+ * last seal stored it, and a writer opens the seal before it raises). */
+int bm_eras_sealed(const bm_tracker *t);
+/* 1 if chunk C's checksum is that of all-zero eras (and no mark): with the
+ * eras sealed, none of its granules was written in this series. */
+int bm_chunk_sum_zero(const bm_tracker *t, uint64_t c);
+/* After raising eras in chunk C (the caller holds a writer slot, or opened
+ * the seal): mark its slot so the next sealing recomputes its checksum. */
+void bm_touch_chunk(bm_tracker *t, uint64_t c);
 
 /* 64-bit checksum of chunk C's eras as they are now (0 when all are zero). */
 uint64_t bm_era_sum(const bm_tracker *t, uint64_t c);
-/* Last one out: if no writer slot is claimed, store every chunk's checksum
- * and mark the eras sealed (a Dekker handshake with bm_unseal_eras keeps a
- * writer arriving meanwhile from being sealed over). */
+/* Last one out: if no writer slot is claimed, store the checksum of every
+ * chunk marked since the last sealing and mark the eras sealed (a Dekker
+ * handshake with bm_unseal_eras keeps a writer arriving meanwhile from being
+ * sealed over). */
 void bm_seal_eras(bm_tracker *t);
 /* About to change eras (the caller holds a writer slot): if they were
  * sealed, check them first (a mismatch sets BM_FLAG_ERAS_DAMAGED), then open

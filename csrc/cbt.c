@@ -528,6 +528,14 @@ static bm_tracker *new_handle(int fd, const char *path, int flags, int image_fd,
         free_handle(t);
         return NULL;
     }
+    /* Scans read a word or a slot per chunk (16 KiB apart): on a cold big
+     * sidecar, readahead around each would pull in all of it (1 GiB at
+     * 15 TiB: seconds, and a peak of mapped pages), so there the kernel is
+     * told to fault in only what is touched. A small one is cheap to read
+     * whole once, and readahead's large folios make its later scans fault
+     * less. Advice only: a refusal changes nothing. */
+    if ((uint64_t)o->st.st_size >= BM_RANDOM_ACCESS_BYTES)
+        (void)madvise(m, t->map_len, MADV_RANDOM);
     t->map = m;
     t->hdr = (struct bm_header *)t->map;
     t->ctl = (struct bm_control *)(t->map + BM_CONTROL_OFFSET);
@@ -649,9 +657,7 @@ static int reset_locked(bm_tracker *t)
     /* Forget the old series' eras so they raise no false positives later. A
      * writer racing with this can only leave an era too high (a false
      * positive), never too low: eras are raised with compare-and-swap. */
-    uint64_t ngran = bm_granules(t, bm_image_size(t));
-    for (uint64_t g = 0; g < ngran; g++)
-        __atomic_store_n(bm_era(t, g), 0, __ATOMIC_RELAXED);
+    bm_zero_eras(t);
     uint8_t series[16];
     if (getrandom(series, sizeof series, 0) != (ssize_t)sizeof series)
         return bm_fail(errno ? errno : EIO, "no randomness for a new series id");

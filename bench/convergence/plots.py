@@ -8,6 +8,7 @@ matplotlib is optional (``pip install 'blockmirror[bench]'``); without it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,28 @@ if TYPE_CHECKING:
     from .harness import MatrixResult
 
 MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One QEMU engine's rows and how its points look."""
+
+    name: str
+    rows: list[dict[str, Any]]
+    color: str
+    marker: str
+
+
+def _peers(result: MatrixResult) -> list[Peer]:
+    """QEMU's background mirror and (--qemu-wb) its write-blocking mode."""
+    looks = (("qemu-mirror", "QEMU mirror", "tab:orange", "s"),
+             ("qemu-wb", "QEMU write-blocking", "tab:purple", "D"))
+    peers = []
+    for engine, name, color, marker in looks:
+        rows = [r for r in result.rows if r["engine"] == engine and r["outcome"] != "error"]
+        if rows:
+            peers.append(Peer(name, rows, color, marker))
+    return peers
 
 
 def make_plots(result: MatrixResult) -> list[Path] | str:
@@ -33,7 +56,7 @@ def make_plots(result: MatrixResult) -> list[Path] | str:
     out = result.config.output
     c = result.copy_throughput
     bm = [r for r in result.rows if r["engine"] == "blockmirror" and r["outcome"] != "error"]
-    qm = [r for r in result.rows if r["engine"] == "qemu-mirror" and r["outcome"] != "error"]
+    peers = _peers(result)
     files = []
     specs = [
         ("convergence_time", "time to switchover decision (s)", _time_points),
@@ -43,7 +66,7 @@ def make_plots(result: MatrixResult) -> list[Path] | str:
     ]
     for name, ylabel, fill in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-        fill(ax, bm, qm, curves, result)
+        fill(ax, bm, peers, curves, result)
         if c > 0:
             ax.axvline(c / MiB, color="tab:red", lw=1, ls="--",
                        label=f"write rate = copy rate ({c / MiB:.0f} MiB/s)")
@@ -117,7 +140,7 @@ def _model_line(ax: Any, curves: dict[str, Any], key: str, scale: float = 1.0,
                    label="model: not converged")
 
 
-def _time_points(ax: Any, bm: list[Any], qm: list[Any], curves: dict[str, Any],
+def _time_points(ax: Any, bm: list[Any], peers: list[Peer], curves: dict[str, Any],
                  result: MatrixResult) -> None:
     _model_line(ax, curves, "switchover_s")
     ok = [r for r in bm if r["converged"]]
@@ -127,17 +150,17 @@ def _time_points(ax: Any, bm: list[Any], qm: list[Any], curves: dict[str, Any],
     if no:
         ax.scatter(_x(no), [r["decision_s"] for r in no], color="tab:blue", marker="x", s=30,
                    label="blockmirror: not converged (declared at)", zorder=3)
-    if qm:
-        qok = [r for r in qm if r.get("ready_s") is not None]
-        qno = [r for r in qm if r.get("ready_s") is None]
-        ax.scatter(_x(qok), [r["ready_s"] for r in qok], color="tab:orange", marker="s", s=18,
-                   label="QEMU mirror: ready", zorder=3)
+    for peer in peers:
+        qok = [r for r in peer.rows if r.get("ready_s") is not None]
+        qno = [r for r in peer.rows if r.get("ready_s") is None]
+        ax.scatter(_x(qok), [r["ready_s"] for r in qok], color=peer.color, marker=peer.marker,
+                   s=18, label=f"{peer.name}: ready", zorder=3)
         if qno:
-            ax.scatter(_x(qno), [result.config.qemu_timeout_s for _ in qno], color="tab:orange",
-                       marker="^", s=30, label="QEMU mirror: never ready (limit)", zorder=3)
+            ax.scatter(_x(qno), [result.config.qemu_timeout_s for _ in qno], color=peer.color,
+                       marker="^", s=30, label=f"{peer.name}: never ready (limit)", zorder=3)
 
 
-def _bytes_points(ax: Any, bm: list[Any], qm: list[Any], curves: dict[str, Any],
+def _bytes_points(ax: Any, bm: list[Any], peers: list[Peer], curves: dict[str, Any],
                   result: MatrixResult) -> None:
     size = result.config.image_size
     _model_line(ax, curves, "bytes_copied", 1.0 / size)
@@ -148,12 +171,12 @@ def _bytes_points(ax: Any, bm: list[Any], qm: list[Any], curves: dict[str, Any],
     if no:
         ax.scatter(_x(no), [r["amplification"] for r in no], color="tab:blue", marker="x",
                    s=30, label="blockmirror: not converged (copied until declared)", zorder=3)
-    if qm:
-        ax.scatter(_x(qm), [r["amplification"] for r in qm], color="tab:orange", marker="s",
-                   s=18, label="QEMU mirror (counts holes too)", zorder=3)
+    for peer in peers:
+        ax.scatter(_x(peer.rows), [r["amplification"] for r in peer.rows], color=peer.color,
+                   marker=peer.marker, s=18, label=f"{peer.name} (counts holes too)", zorder=3)
 
 
-def _downtime_points(ax: Any, bm: list[Any], qm: list[Any], curves: dict[str, Any],
+def _downtime_points(ax: Any, bm: list[Any], peers: list[Peer], curves: dict[str, Any],
                      result: MatrixResult) -> None:
     _model_line(ax, curves, "downtime_s", 1000.0)
     ok = [r for r in bm if r["converged"]]
@@ -161,15 +184,16 @@ def _downtime_points(ax: Any, bm: list[Any], qm: list[Any], curves: dict[str, An
                label="blockmirror (freeze to thaw)", zorder=3)
     ax.scatter(_x(ok), [r.get("writer_max_write_s", 0) * 1000 for r in ok], color="tab:blue",
                marker="v", s=14, alpha=0.5, label="blockmirror: longest write seen", zorder=3)
-    qok = [r for r in qm if r["converged"]]
-    if qok:
-        ax.scatter(_x(qok), [r["downtime_s"] * 1000 for r in qok], color="tab:orange",
-                   marker="s", s=18, label="QEMU mirror: job-complete", zorder=3)
+    for peer in peers:
+        qok = [r for r in peer.rows if r["converged"]]
+        if qok:
+            ax.scatter(_x(qok), [r["downtime_s"] * 1000 for r in qok], color=peer.color,
+                       marker=peer.marker, s=18, label=f"{peer.name}: job-complete", zorder=3)
     ax.axhline(result.config.target_downtime * 1000, color="tab:green", lw=1,
                label="target downtime")
 
 
-def _passes_points(ax: Any, bm: list[Any], qm: list[Any], curves: dict[str, Any],
+def _passes_points(ax: Any, bm: list[Any], peers: list[Peer], curves: dict[str, Any],
                    result: MatrixResult) -> None:
     if curves:
         ax.plot([r / MiB for r in curves["rate"]], curves["passes"], color="tab:gray", lw=1.5,

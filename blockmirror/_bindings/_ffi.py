@@ -3,21 +3,22 @@ and the resumable extent scans of the C core."""
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
-import numpy as np
-
 from blockmirror._core import ffi, lib
 from blockmirror.errors import SidecarCorruptError, SidecarUnsafeError
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray, merge_touching
+from blockmirror.extents import Extent, merge_touching
 
 if TYPE_CHECKING:
     from cffi import FFI
 
-__all__ = ["EXTENT_DTYPE", "SCAN_DONE", "CData", "check", "error_from_c", "ffi", "lib", "scan_all"]
+    from blockmirror.extents import ExtentArray
+
+__all__ = ["SCAN_DONE", "CData", "check", "error_from_c", "ffi", "lib", "scan_all", "scan_pairs"]
 
 if TYPE_CHECKING:  # the stubs' name for a cffi pointer or array (types-cffi)
     CData: TypeAlias = FFI.CData
@@ -57,6 +58,10 @@ def scan_all(step: ScanStep, chunk: int = SCAN_CHUNK) -> ExtentArray:
     into numpy memory. The C scans merge runs within a call, and a run split
     across two calls is joined here, so the answer never depends on the
     chunk size (CHUNK extents per call; tests use small ones)."""
+    import numpy as np  # late: see blockmirror.extents
+
+    from blockmirror.extents import EXTENT_DTYPE
+
     cursor = ffi.new("uint64_t *", 0)
     parts: list[ExtentArray] = []
     while cursor[0] != SCAN_DONE:
@@ -68,8 +73,33 @@ def scan_all(step: ScanStep, chunk: int = SCAN_CHUNK) -> ExtentArray:
     return merge_touching(np.concatenate(parts))
 
 
+def scan_pairs(step: ScanStep, chunk: int = 1024) -> list[Extent]:
+    """:func:`scan_all` as ``(offset, length)`` pairs, through a cffi buffer
+    instead of numpy: for the light commands, whose scans find few extents."""
+    cursor = ffi.new("uint64_t *", 0)
+    buf = ffi.new("bm_extent[]", chunk)
+    out: list[Extent] = []
+    while cursor[0] != SCAN_DONE:
+        for offset, length in extent_pairs(buf, check(step(cursor, buf, chunk))):
+            if out and out[-1][0] + out[-1][1] == offset:  # a run split across calls
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            elif length:
+                out.append((offset, length))
+    return out
+
+
+def extent_pairs(buf: CData, count: int) -> list[Extent]:
+    """The first COUNT entries of a ``bm_extent[]`` as pairs, converted in
+    one go (array of uint64) rather than field by field through cffi."""
+    words = array.array("Q")
+    words.frombytes(ffi.buffer(buf, count * ffi.sizeof("bm_extent")))
+    return list(zip(words[0::2], words[1::2], strict=True))
+
+
 def extents_pointer(extents: ExtentArray) -> CData:
     """A ``bm_extent *`` over EXTENTS (NULL when empty), checked."""
+    from blockmirror.extents import EXTENT_DTYPE
+
     if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
         raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
     return ffi.cast("bm_extent *", ffi.from_buffer(extents.data)) if len(extents) else ffi.NULL

@@ -9,10 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import Any, TypeAlias
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror._bindings._ffi import (
     SCAN_CHUNK,
@@ -22,8 +19,15 @@ from blockmirror._bindings._ffi import (
     ffi,
     lib,
     scan_all,
+    scan_pairs,
 )
-from blockmirror.extents import ExtentArray
+from blockmirror.extents import Extent
+
+if TYPE_CHECKING:  # numpy loads late (see blockmirror.extents)
+    import numpy as np
+    import numpy.typing as npt
+
+    from blockmirror.extents import ExtentArray
 
 Handle: TypeAlias = CData
 """A ``bm_copier *`` owned by ffi.gc: bm_copier_free runs with its last reference."""
@@ -132,6 +136,8 @@ _KEEP: list[object] = []
 
 def _sink(fn: CData, granularity: int, zero: int, out: npt.NDArray[np.uint64]) -> CData:
     """A ``bm_digest_sink`` writing into OUT (which must outlive its use)."""
+    import numpy as np
+
     if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("digest slots must be a writable C-contiguous uint64 array")
     sink: Any = ffi.new("bm_digest_sink *")
@@ -148,6 +154,8 @@ def digest_extents(fd: int, extents: ExtentArray, granularity: int,
     a granule boundary; see bm_digest_extents), in slot order, read and
     hashed in one C call with the GIL released; None where the digest
     cannot be called from C (see digest_function)."""
+    import numpy as np
+
     fn = digest_function()
     if fn is None:
         return None
@@ -164,6 +172,8 @@ def digest_extents(fd: int, extents: ExtentArray, granularity: int,
 def digest_slots(extents: ExtentArray, granularity: int) -> npt.NDArray[np.int64]:
     """The granule of each slot a digest sink needs for EXTENTS: one per
     granule each extent touches, extent after extent (see bm_digest_sink)."""
+    import numpy as np
+
     if not len(extents):
         return np.zeros(0, dtype=np.int64)
     first = (extents["offset"] // np.uint64(granularity)).astype(np.int64)
@@ -215,6 +225,11 @@ def data_extents(fd: int, end: int, chunk: int = SCAN_CHUNK) -> ExtentArray:
     """The data extents of FD over [0, END) (SEEK_DATA/SEEK_HOLE)."""
     return scan_all(lambda cursor, out, room: lib.bm_data_extents(fd, cursor, end, out, room),
                     chunk)
+
+
+def data_extent_pairs(fd: int, end: int) -> list[Extent]:
+    """:func:`data_extents` as ``(offset, length)`` pairs, without numpy."""
+    return scan_pairs(lambda cursor, out, room: lib.bm_data_extents(fd, cursor, end, out, room))
 
 
 def buffer_is_zero(data: bytes | bytearray | memoryview) -> bool:

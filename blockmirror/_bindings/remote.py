@@ -14,12 +14,12 @@ import errno
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeAlias
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray, merge_touching
+
+if TYPE_CHECKING:
+    from blockmirror.extents import ExtentArray
 
 try:
     from blockmirror import _remote as _module
@@ -168,6 +168,8 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
                  src_path: str | None = None, dst_name: str | None = None) -> CopyCounts:
     """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) of SRC_FD into the
     export over connection CONN, in one C call; errors name the side."""
+    from blockmirror.extents import EXTENT_DTYPE  # late: numpy (see blockmirror.extents)
+
     ffi, lib = _ffi(), _lib()
     if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
         raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
@@ -194,6 +196,10 @@ def map_data(handle: Handle, conn: int, offset: int, length: int,
              name: str | None = None) -> ExtentArray:
     """The extents of [OFFSET, OFFSET+LENGTH) the export does not say read as
     zeros (NBD block status; all of it where the server cannot say), merged."""
+    import numpy as np  # late: numpy (see blockmirror.extents)
+
+    from blockmirror.extents import EXTENT_DTYPE, merge_touching
+
     ffi, lib = _ffi(), _lib()
     out = np.zeros(MAP_BATCH, dtype=EXTENT_DTYPE)
     described = ffi.new("uint64_t *")
@@ -218,6 +224,8 @@ def read_extents(handle: Handle, conn: int, dst_fd: int, extents: ExtentArray,
                  dst_path: str | None = None) -> CopyCounts:
     """Read EXTENTS of the export over connection CONN into the same offsets
     of the fresh local file DST_FD (data blocks only), in one C call."""
+    from blockmirror.extents import EXTENT_DTYPE  # late: numpy (see blockmirror.extents)
+
     ffi, lib = _ffi(), _lib()
     if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
         raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror._bindings._ffi import SCAN_CHUNK, CData, check, error_from_c, ffi, lib, scan_all
 from blockmirror.errors import ChangeIdInvalidError
-from blockmirror.extents import ExtentArray
+
+if TYPE_CHECKING:
+    from blockmirror.extents import ExtentArray
 
 Handle: TypeAlias = CData
 """A ``bm_tracker *`` owned by ffi.gc: bm_close runs with its last reference."""

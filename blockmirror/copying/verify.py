@@ -9,6 +9,8 @@ The comparing itself is one C call per chunk (``bm_compare_extents``): it
 reads both sides into a small cache-resident buffer and compares there
 without the GIL, so the threads really run in parallel. (Python reads into
 fresh 4 MiB bytes and a GIL-held ``==`` only matched ``qemu-img compare``.)
+Extents travel as pairs, not numpy arrays: the lists are short, and the
+command then starts without numpy's import.
 """
 
 from __future__ import annotations
@@ -16,14 +18,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 from blockmirror._bindings import compare as _compare
 from blockmirror._bindings import copy as _copy
-from blockmirror.copying.copier import data_extents
-from blockmirror.extents import EXTENT_DTYPE, Extent, pairs, union
+from blockmirror.extents import Extent, union
 
 # Bytes per work item (one C call); big enough that the call overhead is
 # nothing, small enough that every worker gets several.
@@ -56,7 +54,7 @@ def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
                          f"{_copy.MIN_BLOCK} and {_copy.MAX_BLOCK}")
     size_a, size_b = os.fstat(fd_a).st_size, os.fstat(fd_b).st_size
     common = min(size_a, size_b)
-    regions = union(pairs(data_extents(fd_a, common)), pairs(data_extents(fd_b, common)))
+    regions = union(_copy.data_extent_pairs(fd_a, common), _copy.data_extent_pairs(fd_b, common))
     # Align to BLOCK so a difference is reported in whole blocks.
     aligned = [(off - off % block, min(common, -(-(off + length) // block) * block))
                for off, length in regions]
@@ -76,15 +74,20 @@ def compare_fds(fd_a: int, fd_b: int, *, block: int = 65536, workers: int = 4,
         buf = getattr(local, "buf", None)
         if buf is None:  # one cache-sized scratch buffer per worker thread
             buf = local.buf = _copy.new_buffer(_compare.DEFAULT_BUFFER)
-        extents = np.array(batch, dtype=EXTENT_DTYPE)
-        diffs = _compare.compare_extents(fd_a, fd_b, extents, block, buf,
-                                         a_path=path_a, b_path=path_b)
-        return pairs(diffs)
+        return _compare.compare_pairs(fd_a, fd_b, batch, block, buf,
+                                      a_path=path_a, b_path=path_b)
 
     differing: list[Extent] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for diffs in pool.map(compare_batch, _batches(_dedupe(chunks), limit)):
-            differing.extend(diffs)
+    batches = list(_batches(_dedupe(chunks), limit))
+    if len(batches) <= 1:  # a small or sparse pair: no pool (nor its import) to pay for
+        for batch in batches:
+            differing.extend(compare_batch(batch))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for diffs in pool.map(compare_batch, batches):
+                differing.extend(diffs)
     if size_a != size_b:
         differing.append((common, max(size_a, size_b) - common))
     return union(differing)

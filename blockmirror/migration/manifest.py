@@ -82,13 +82,13 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.extents import Extent, pairs
 from blockmirror.migration import digests as dg
 from blockmirror.migration.digests import UNKNOWN, DigestTable, digest, zero_digest
+from blockmirror.migration.manifest_names import MAGIC_PREFIX as MAGIC_PREFIX
+from blockmirror.migration.manifest_names import SUFFIX as SUFFIX
+from blockmirror.migration.manifest_names import TMP_SUFFIX as TMP_SUFFIX
 
 MAGIC = b"BMMANIFEST 3\n"
-MAGIC_PREFIX = b"BMMANIFEST "
 FORMAT_VERSION = 3
 HEADER_BYTES = 4096
-SUFFIX = ".bm-manifest"
-TMP_SUFFIX = ".tmp"  # a new manifest's name until commit (see Manifest.discard)
 STATE_CLEAN = "clean"
 STATE_UPDATING = "updating"
 # The digests say nothing (a failed verify, or the copy is not the file the

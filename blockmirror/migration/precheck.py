@@ -12,11 +12,9 @@ from dataclasses import dataclass
 
 from blockmirror import files
 from blockmirror.errors import InvalidInputError, OutOfSpaceError
-from blockmirror.migration import journal
-from blockmirror.migration.manifest import MAGIC_PREFIX as MANIFEST_MAGIC_PREFIX
-from blockmirror.migration.manifest import SUFFIX as MANIFEST_SUFFIX
-from blockmirror.migration.manifest import TMP_SUFFIX as MANIFEST_TMP
-from blockmirror.migration.manifest import stored_bytes as manifest_stored_bytes
+from blockmirror.migration.manifest_names import MAGIC_PREFIX as MANIFEST_MAGIC_PREFIX
+from blockmirror.migration.manifest_names import SUFFIX as MANIFEST_SUFFIX
+from blockmirror.migration.manifest_names import TMP_SUFFIX as MANIFEST_TMP
 from blockmirror.tracking.tracker import SIDECAR_SUFFIX, sidecar_bytes
 from blockmirror.units import format_bytes
 
@@ -123,7 +121,9 @@ def on_pseudo_filesystem(path: str) -> bool:
 
 def manifest_bytes(allocated: int, granularity: int) -> int:
     """Disk a new manifest needs at worst (zero granules are not stored)."""
-    return manifest_stored_bytes(allocated, granularity)
+    from blockmirror.migration.manifest import stored_bytes  # late: numpy (a sync's cost)
+
+    return stored_bytes(allocated, granularity)
 
 
 def _physical_memory() -> int:
@@ -314,6 +314,8 @@ def plan_file_sync(
     st = check_source(source, move)
     src = os.path.abspath(source)
     dst = _destination_path(src, destination)
+    from blockmirror.migration import journal  # late: track and verify need none of it
+
     interrupted = journal.interrupted_commit(src, dst) if not force else None
     resume = interrupted.mode if interrupted and interrupted.mode == ("move" if move else "copy") \
         else None

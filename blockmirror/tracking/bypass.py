@@ -88,7 +88,9 @@ class BypassWatch:
         self._found: dict[int, BypassingWriter] = {}
         self._overflowed = False
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        # close() wakes the reader through this pipe: it waits on the events
+        # without a timeout, so ending a sync costs no polling interval.
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name="blockmirror-bypass",
                                         daemon=True)
         self._thread.start()
@@ -113,10 +115,11 @@ class BypassWatch:
         return cls(fd, sidecar)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self._fd], [], [], 0.05)
-            if ready:
-                self._drain()
+        while True:
+            ready, _, _ = select.select([self._fd, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            self._drain()
 
     def _drain(self) -> None:
         while True:
@@ -165,6 +168,7 @@ class BypassWatch:
         return found
 
     def close(self) -> None:
-        self._stop.set()
+        os.write(self._wake_w, b"x")
         self._thread.join()
-        os.close(self._fd)
+        for fd in (self._fd, self._wake_r, self._wake_w):
+            os.close(fd)

@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from blockmirror._bindings import copy as _copy
 from blockmirror._bindings import mirror as _m
@@ -29,8 +30,11 @@ from blockmirror._bindings.tracker import (
 from blockmirror._bindings.writer import PwriteFunction, StaleHandler
 from blockmirror.closeable import Closeable
 from blockmirror.errors import ChangeIdInvalidError, SidecarError
-from blockmirror.extents import Extent, ExtentArray, pairs
+from blockmirror.extents import Extent, pairs
 from blockmirror.tracking.changeid import ChangeId
+
+if TYPE_CHECKING:  # numpy loads late (see blockmirror.extents)
+    from blockmirror.extents import ExtentArray
 
 
 def sidecar_path(image_path: str | os.PathLike[str]) -> str:
@@ -442,7 +446,7 @@ retire_pwrite_function = _w.retire_pwrite_function
 def _allocated_extents(image_path: str) -> list[Extent]:
     fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return pairs(_copy.data_extents(fd, os.fstat(fd).st_size))
+        return _copy.data_extent_pairs(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 

@@ -1,0 +1,117 @@
+"""The light commands start without numpy (issue 11, fast start).
+
+numpy's import alone costs ~40 ms, more than ``qemu-img compare`` of a
+sparse pair takes in all. Each command runs here in a fresh interpreter
+(``runpy``, as ``python -m blockmirror`` does), and the test asks that
+interpreter which modules it loaded: a top-level ``import numpy`` creeping
+back into the path of ``--help``, ``track status`` or ``verify`` fails it.
+The heavy path (a sync) is checked to load numpy, so the probe can see it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Run the command in-process, then print whether numpy (and the other heavy
+# modules) were ever imported, whatever the command's exit code.
+PROBE = """
+import json, runpy, sys
+sys.argv = ["blockmirror", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module("blockmirror", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = ("numpy", "xxhash", "blockmirror.migration.manifest", "blockmirror.copying.copier")
+print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}),
+      file=sys.stderr)
+"""
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def loaded_by(*argv: str | os.PathLike[str], cwd: Path) -> tuple[int, list[str]]:
+    """(exit code, heavy modules loaded) of ``blockmirror ARGV``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run([sys.executable, "-c", PROBE, *map(str, argv)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stderr.strip().splitlines()[-1])
+    return int(report["code"] or 0), list(report["loaded"])
+
+
+@pytest.fixture
+def sparse_pair(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    for path in (a, b):
+        with open(path, "wb") as f:
+            f.truncate(64 << 20)
+            f.seek(5 << 20)
+            f.write(b"data" * 4096)
+    return a, b
+
+
+def test_help_loads_no_numpy(tmp_path: Path) -> None:
+    code, loaded = loaded_by("--help", cwd=tmp_path)
+    assert code == 0
+    assert loaded == []
+
+
+def test_verify_of_sparse_images_loads_no_numpy(
+        tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
+    a, b = sparse_pair
+    assert loaded_by("verify", a, b, cwd=tmp_path) == (0, [])
+    with open(b, "r+b") as f:  # differing images take the same path
+        f.seek(9 << 20)
+        f.write(b"x")
+    assert loaded_by("verify", a, b, cwd=tmp_path) == (5, [])
+
+
+def test_track_commands_load_no_numpy(tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
+    a, _ = sparse_pair
+    assert loaded_by("track", "enable", a, cwd=tmp_path) == (0, [])
+    assert loaded_by("track", "status", a, cwd=tmp_path) == (0, [])
+    assert loaded_by("track", "status", "--json", a, cwd=tmp_path) == (0, [])
+
+
+def test_the_probe_sees_numpy_when_a_sync_loads_it(
+        tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
+    a, _ = sparse_pair
+    code, loaded = loaded_by("sync", "--quiet", a, tmp_path / "copy.img", cwd=tmp_path)
+    assert code == 0
+    assert "numpy" in loaded and "blockmirror.migration.manifest" in loaded
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1024])
+def test_the_numpy_free_scan_agrees_with_the_numpy_one(tmp_path: Path, chunk: int) -> None:
+    """scan_pairs (cffi buffer, what verify uses) and scan_all (numpy) give
+    the same merged extents, whatever the number of extents per C call."""
+    from blockmirror._bindings import _ffi
+    from blockmirror._bindings import copy as _copy
+    from blockmirror.extents import pairs
+
+    path = tmp_path / "fragmented.img"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+        for i in range(0, 60, 3):  # 20 data extents with holes between
+            f.seek(i << 20)
+            f.write(b"d" * ((1 + i % 2) << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size
+
+        def step(cursor: object, out: object, room: int) -> int:
+            return int(_ffi.lib.bm_data_extents(fd, cursor, end, out, room))
+
+        expected = pairs(_copy.data_extents(fd, end))
+        assert len(expected) > 1
+        assert _ffi.scan_pairs(step, chunk) == expected
+        assert _copy.data_extent_pairs(fd, end) == expected
+    finally:
+        os.close(fd)
