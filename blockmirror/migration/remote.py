@@ -3,15 +3,22 @@ or a file on an NFS server (``nfs://``).
 
 The flow is the file sync's — bulk pass, dirty passes, freeze, final pass,
 thaw, commit — with the same predicate, progress and result, but the passes
-write straight into the export: there is no shadow copy, no rename and no
-manifest beside it (the remote side holds only the image). The commit is an
-NBD flush, after the thaw as a local copy's fsync is. A failure thaws the
-writers and leaves the source untouched, but cannot take back what was
-written: the export is left partly written, and the error says so.
+write straight into the export: there is no shadow copy and no rename. The
+commit is an NBD flush, after the thaw as a local copy's fsync is. A failure
+thaws the writers and leaves the source untouched, but cannot take back what
+was written: the export is left partly written, and the error says so.
+
+Incremental syncs onto an export: the remote side holds only the image, so
+its manifest is kept beside the source (remote_manifest.py). A tracked sync
+records, after the final flush, the change id the export is exact at and
+the export's granule digests; the next sync to the same export, when that
+manifest still describes the export (size, sampled granules read back) and
+the change id is still trusted, copies only what changed since as its first
+pass. Any doubt means a full copy, with a note saying why. The manifest is
+removed before the export is written, and again on any failure.
 
 Not yet (issue 12): ``--move`` to an export (writers cannot be redirected
-to a remote image), incremental syncs onto one (each sync is a full copy),
-and ``--converge mirror`` (writers mirror only
+to a remote image), and ``--converge mirror`` (writers mirror only
 into a local file). Each is refused with one line (exit 2), except that
 ``--converge auto`` escalates to the throttle instead of mirroring.
 
@@ -27,19 +34,37 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from typing import Any
 
-from blockmirror.copying.copier import Copier
+import numpy as np
+
+from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
 from blockmirror.copying.nfs import PARTIAL_SUFFIX, NfsCopier, NfsFile
 from blockmirror.copying.remote import NbdExport, RemoteCopier
 from blockmirror.copying.remote_compare import compare_with_export
-from blockmirror.errors import BlockMirrorError, InvalidInputError, OutOfSpaceError, VerifyError
-from blockmirror.extents import subtract
+from blockmirror.errors import (
+    BlockMirrorError,
+    ChangeIdInvalidError,
+    InvalidInputError,
+    OutOfSpaceError,
+    VerifyError,
+)
+from blockmirror.extents import Extents, pairs, subtract, total_bytes
+from blockmirror.migration import digests as dg
 from blockmirror.migration import precheck
+from blockmirror.migration.digests import DigestTable
 from blockmirror.migration.job import FileSyncJob, JobState
+from blockmirror.migration.manifest import ManifestError, hash_granules
 from blockmirror.migration.options import SyncOptions
 from blockmirror.migration.passes import PassRunner
 from blockmirror.migration.precheck import Plan
+from blockmirror.migration.remote_manifest import (
+    RemoteManifest,
+    invalidate,
+    manifest_location,
+    sample_mismatch,
+)
 from blockmirror.migration.result import SyncResult
 from blockmirror.tracking.tracker import sidecar_path
 from blockmirror.units import format_bytes
@@ -148,6 +173,24 @@ class RemotePassRunner(PassRunner):
                            before_item=self._clear_before_read if self.tracker else None)
         self._record("bulk", stats)
 
+    def _copy(self, phase: str, extents: Extents, **kwargs: Any) -> CopyStats:
+        """Copy, then (into an export that keeps a manifest) digest what was
+        copied, reading the source again: libnbd's copy path does not hash.
+        A write landing between the copy's read and this one is marked
+        dirty (I1, after the clear), so its granule is copied and hashed
+        again later. The final pass is not hashed (writers are frozen, and
+        this would lengthen the pause): the base class forgot its granules,
+        and the commit reads them back from the flushed export."""
+        stats = super()._copy(phase, extents, **kwargs)
+        table = self.fresh_digests
+        if table is not None and phase != "final":
+            runs = dg.granule_runs(pairs(extents), table.granularity, table.granules)
+            keys, values, holes = hash_granules(self.src_fd, runs, table.granularity,
+                                                table.size, self.copier.workers)
+            table.set_zero(holes)
+            table.put(keys, values)
+        return stats
+
     def follow_source_size(self) -> None:
         assert isinstance(self.copier, (RemoteCopier, NfsCopier))
         export = self.copier.export
@@ -169,17 +212,22 @@ class RemotePassRunner(PassRunner):
 class RemoteSyncJob(FileSyncJob):
     """A copy-mode :class:`FileSyncJob` into EXPORT (connected, checked).
     Subclasses for other endpoints override the hooks: _notes, _new_copier,
-    _commit, _left_behind (and _abort, to clean up)."""
+    _commit, _left_behind (and _abort, to clean up). Into an NBD export it
+    keeps the export's manifest beside the source (``keeps_manifest``)."""
+
+    keeps_manifest = True
 
     def __init__(self, plan: Plan, options: SyncOptions, export: NbdExport | NfsFile) -> None:
         super().__init__(plan, options)
         self.export = export
+        self.manifest_at = manifest_location(plan.source, export.name)
+        self.earlier: RemoteManifest | None = None  # the last sync's, when it can be used
         self.result.notes.extend(self._notes())
 
     def _notes(self) -> list[str]:
         assert isinstance(self.export, NbdExport)
-        notes = ["written straight into the NBD export: no shadow copy, no rename, no "
-                 "manifest (each sync to an export is a full copy)"]
+        notes = ["written straight into the NBD export: no shadow copy, no rename; its "
+                 "manifest is kept beside the source"]
         if self.export.size > self.plan.size:
             notes.append(f"the export is {format_bytes(self.export.size)}: the bytes past the "
                          f"source's {format_bytes(self.plan.size)} were left as they were")
@@ -204,10 +252,69 @@ class RemoteSyncJob(FileSyncJob):
         self.src_fd = os.open(plan.source, os.O_RDONLY | os.O_CLOEXEC)
         if os.path.exists(sidecar_path(plan.source)):
             self._open_tracker()
+        fresh = None
+        if self.keeps_manifest:
+            self.earlier = self._usable_manifest()
+            # Before the first byte goes into the export: a run that dies
+            # from here on must leave no manifest that could lie.
+            # (A folder we do not trust is never read: nothing to remove.)
+            with contextlib.suppress(ManifestError):
+                invalidate(*self.manifest_at)
+            if self.tracker is not None:
+                fresh = (self.earlier.table if self.earlier is not None
+                         else DigestTable(self._granularity, plan.size))
         self.state = JobState.COPYING  # from here the export holds bytes of this run
         self.copier = self._new_copier()
         self.passes = RemotePassRunner(self.copier, self.tracker, self.src_fd, -1, self.result,
-                                       self.report)
+                                       self.report, fresh_digests=fresh)
+
+    def _usable_manifest(self) -> RemoteManifest | None:
+        """The last sync's manifest of this export, if this sync may start
+        from it; else None, with a note saying why it takes a full copy."""
+        why = self._doubt()
+        if isinstance(why, RemoteManifest):
+            return why
+        self.result.notes.append(f"full copy: {why}")
+        return None
+
+    def _doubt(self) -> RemoteManifest | str:
+        """The usable manifest, or the reason there is none."""
+        if self.options.force:
+            return "--force"
+        if self.tracker is None:
+            return "the source is not tracked (no change id to start from)"
+        try:
+            earlier = RemoteManifest.load(*self.manifest_at)
+        except ManifestError as e:
+            return str(e)
+        if earlier.export != self.export.name:
+            return "the manifest names another export"
+        if (earlier.image_size, earlier.granularity) != (self.plan.size, self._granularity):
+            return "the manifest is for another size or granularity of the source"
+        mismatch = sample_mismatch(earlier, self.export)
+        return earlier if mismatch is None else mismatch
+
+    def _first_pass(self) -> None:
+        """Incremental when the last sync's manifest can be used and the
+        tracker still vouches for its change id (asked only now, after the
+        job's first fetch-and-clear: a write landing between the two is in
+        one or the other); otherwise the bulk pass."""
+        assert isinstance(self.passes, RemotePassRunner)
+        earlier = self.earlier
+        if earlier is not None and self.tracker is not None:
+            try:
+                changed = self.tracker.changed_extents_array(earlier.change_id)
+            except ChangeIdInvalidError as e:
+                self.result.notes.append(f"full copy: {e}")
+                self.passes.fresh_digests = DigestTable(self._granularity, self.plan.size)
+            else:
+                self.result.notes.append(f"incremental since change id {earlier.change_id}")
+                self.result.incremental = True
+                self.result.bytes_skipped = max(0, self.plan.size - total_bytes(changed))
+                self.passes.incremental(changed)
+                return
+        self.passes.bulk()
+
 
     def _new_copier(self) -> Copier:
         assert isinstance(self.export, NbdExport)
@@ -217,6 +324,27 @@ class RemoteSyncJob(FileSyncJob):
     def _commit(self) -> None:
         self.export.flush()
         self.state = JobState.COMMITTED
+        self._keep_manifest()
+
+    def _keep_manifest(self) -> None:
+        """After the flush: record what the export now holds, for the next
+        sync. Granules no pass hashed (the final pass's) are read back from
+        the export itself, which holds exactly the switchover instant."""
+        assert self.passes is not None
+        table = self.passes.fresh_digests
+        if table is None or self.result.change_id is None:
+            return
+        if self.result.image_size != table.size:
+            self.result.notes.append("no manifest kept: the source changed size during the sync")
+            return
+        assert isinstance(self.export, NbdExport)
+        series, _, generation = self.result.change_id.rpartition(":")
+        try:
+            _read_back(table, self.export)
+            RemoteManifest(self.export.name, self.export.size, table.size, table.granularity,
+                           series, int(generation), table).save(*self.manifest_at)
+        except (OSError, ManifestError) as e:
+            self.result.notes.append(f"no manifest kept ({e}): the next sync is a full copy")
 
     def _start_mirror(self) -> None:
         self.result.notes.append("mirroring writes needs a local copy: copying dirty blocks "
@@ -248,6 +376,11 @@ class RemoteSyncJob(FileSyncJob):
         """Writers first (I6): thawed, throttle lifted. Then what the
         endpoint can take back (nothing on an export)."""
         self.failed_from = self.state
+        if self.keeps_manifest and self.state is not JobState.PLANNED:
+            # A verify that failed after the commit, or anything earlier:
+            # the export may not be what a manifest would say.
+            with contextlib.suppress(Exception):
+                invalidate(*self.manifest_at)
         if self.tracker is not None:
             with contextlib.suppress(Exception):
                 self._lift_throttle()
@@ -263,12 +396,28 @@ class RemoteSyncJob(FileSyncJob):
             self.export.close()
 
 
+def _read_back(table: DigestTable, export: NbdExport, chunk: int = 4 << 20) -> None:
+    """Digest TABLE's unknown granules from the export (over connection 0)."""
+    g = table.granularity
+    step = max(g, chunk // g * g)
+    for offset, length in dg.byte_extents(table.unknown, g, table.size):
+        for start in range(offset, offset + length, step):
+            n = min(step, offset + length - start)
+            data = memoryview(export.pread(0, n, start))
+            first = start // g
+            keys = np.arange(first, first + -(-n // g), dtype=np.int64)
+            values = np.array([dg.digest(data[i * g:(i + 1) * g]) for i in range(len(keys))],
+                              dtype=np.uint64)
+            table.put(keys, values)
+
+
 class NfsSyncJob(RemoteSyncJob):
     """A :class:`RemoteSyncJob` into a file on an NFS server: through a
     sparse partial beside the target, committed and renamed at the switch,
     removed on failure."""
 
     export: NfsFile
+    keeps_manifest = False  # a new partial every time: each sync is a full copy
 
     def __init__(self, plan: Plan, options: SyncOptions, nfs_file: NfsFile) -> None:
         super().__init__(plan, options, nfs_file)

@@ -52,6 +52,7 @@ class SyncResult:
     verified: bool = False
     notes: list[str] = field(default_factory=list)
     incremental: bool = False  # an earlier copy was updated in place
+    bytes_skipped: int = 0  # incremental: the image's bytes the first pass did not copy
     change_id: str | None = None  # the source's change id the copy is exact at
     children: list[SyncResult] = field(default_factory=list)  # directory mode: one per image
     # What finished the job: "passes" (dirty passes alone), "mirror" or
@@ -76,6 +77,7 @@ class SyncResult:
             "elapsed": round(self.elapsed, 6),
             "verified": self.verified,
             "incremental": self.incremental,
+            "bytes_skipped": self.bytes_skipped,
             "change_id": self.change_id,
             "notes": self.notes,
             "strategy": self.strategy,
