@@ -153,6 +153,24 @@ def test_model_converges_below_and_not_far_above_the_copy_rate() -> None:
     assert above.passes == 4  # bulk + 3 growing dirty passes
 
 
+def test_mirrored_model_converges_past_the_copy_rate_in_one_paced_pass() -> None:
+    """Where passes alone stall, mirroring leaves nothing dirty after the
+    pass that copies what the bulk pass left, paced to the 0.4 C floor."""
+    wl = _uniform(256 * MiB)
+    passes_only = model.predict(wl, allocated=128 * MiB, copy_throughput=64 * MiB,
+                                target_downtime=0.25)
+    mirrored = model.predict(wl, allocated=128 * MiB, copy_throughput=64 * MiB,
+                             target_downtime=0.25, mirror_writer_rate=32 * MiB)
+    assert not passes_only.converged
+    assert mirrored.converged and mirrored.passes == 3 and mirrored.downtime_s == 0.0
+    bulk, paced = mirrored.pass_list[0], mirrored.pass_list[1]
+    assert paced.bytes == bulk.dirty_left and paced.dirty_left == 0.0
+    assert paced.seconds == pytest.approx(bulk.dirty_left / (0.5 * 64 * MiB))  # C - W_m
+    slow = model.predict(wl, allocated=128 * MiB, copy_throughput=64 * MiB,
+                         target_downtime=0.25, mirror_writer_rate=60 * MiB)
+    assert slow.pass_list[1].seconds == pytest.approx(bulk.dirty_left / (0.4 * 64 * MiB))
+
+
 def test_model_dirty_set_saturates_at_the_working_set() -> None:
     d = model.DirtyModel(_uniform(64 * MiB))
     writes = 1000

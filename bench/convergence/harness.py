@@ -608,7 +608,11 @@ def derive_row(row: Row, cfg: MatrixConfig) -> None:
     # A: what the bulk pass copied (writers fill holes before the sync starts).
     allocated = first or row["allocated_bytes"]
     if c > 0:
-        pred = predict_row(cfg, allocated, c, row["writer_rate"])
+        # A run that mirrored from its first dirty pass on is put next to the
+        # mirrored model; auto, which may have mirrored later, to the passes.
+        mirrored = row.get("converge") == "mirror" and row.get("strategy") == "mirror"
+        pred = predict_row(cfg, allocated, c, row["writer_rate"],
+                           mirror_writer_rate=row.get("mirror_writer_rate") if mirrored else None)
         row["model_converged"] = pred.converged
         row["model_reason"] = pred.reason
         row["model_passes"] = pred.passes
@@ -620,13 +624,16 @@ def derive_row(row: Row, cfg: MatrixConfig) -> None:
 
 
 def predict_row(cfg: MatrixConfig, allocated: float, copy_throughput: float,
-                write_rate: float) -> _model.Prediction:
-    """The model's prediction for one point of CFG."""
+                write_rate: float, *, mirror_writer_rate: float | None = None
+                ) -> _model.Prediction:
+    """The model's prediction for one point of CFG (mirrored passes with
+    MIRROR_WRITER_RATE, see model.py)."""
     wl = _model.Workload(image_size=cfg.image_size, write_rate=max(0.0, write_rate),
                          write_size=cfg.write_size, pattern=cfg.pattern, writers=cfg.writers,
                          granularity=cfg.granularity, zipf_exponent=cfg.zipf_exponent)
     return _model.predict(wl, allocated=allocated, copy_throughput=copy_throughput,
-                          target_downtime=cfg.target_downtime, max_passes=cfg.max_passes)
+                          target_downtime=cfg.target_downtime, max_passes=cfg.max_passes,
+                          mirror_writer_rate=mirror_writer_rate)
 
 
 # -- the matrix ---------------------------------------------------------------------------

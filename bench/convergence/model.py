@@ -70,6 +70,21 @@ D* = x* S), from below (the dirty set grows) or from above (a bulk pass long
 enough to dirty more than D*: it shrinks, ever more slowly). Either way the
 ratio D_i / D_{i-1} tends to 1, and the stall rule fires once it is above 0.9.
 
+Mirroring (``--converge mirror``)
+--------------------------------
+From the first dirty pass on, a write to a clean range goes to the copy too,
+and a dirty pass starts by clearing the bitmap: what writers do during it is
+mirrored, not left dirty. So the pass after the bulk copies D_0 and leaves
+nothing (bar writes that met the copier's interlock, which the model leaves
+out), at the pace ``ConvergencePolicy.mirror_copy_rate`` gives it, C less the
+writers' rate while mirroring W_m, never under 0.4 C:
+
+    pass 1 (mirrored): copies D_0 in t_1 = D_0 / max(0.4 C, C - W_m);   D_1 = 0
+
+and the final pass has nothing left: passes = 3, downtime ~ 0. The measured
+runs take one or two passes more (the interlock's fallbacks) and longer
+than t_1 where the copier gets less than its pace.
+
 What the model leaves out: per-pass fixed costs (bitmap scan, thread pool),
 fsync, the writers' slow-down under CPU contention (feed it the achieved
 rate), and noise.
@@ -237,9 +252,12 @@ def predict(
     copy_throughput: float,
     target_downtime: float,
     max_passes: int = 30,
+    mirror_writer_rate: float | None = None,
 ) -> Prediction:
     """Run the pass loop of blockmirror.sync on expected values, with the
-    decisions taken by blockmirror's own ConvergencePolicy."""
+    decisions taken by blockmirror's own ConvergencePolicy. With
+    MIRROR_WRITER_RATE (bytes/s writers got while mirroring), the passes
+    after the bulk one are mirrored (see the module docstring)."""
     from blockmirror.migration.policy import ConvergencePolicy, Decision, PassRecord
 
     if copy_throughput <= 0:
@@ -257,7 +275,9 @@ def predict(
         # policy's throughput estimate is C.
         records = [PassRecord(index=p.index, kind=p.kind, bytes=round(p.bytes),
                               seconds=p.seconds if p.bytes else 0.0,
-                              dirty_left=round(p.dirty_left)) for p in passes]
+                              dirty_left=round(p.dirty_left),
+                              paced=mirror_writer_rate is not None and p.kind == "dirty")
+                   for p in passes]
         decision = policy.decide(records)
         last = passes[-1]
         if decision is Decision.SWITCHOVER:
@@ -268,6 +288,11 @@ def predict(
         if decision is not Decision.CONTINUE:
             return Prediction(False, decision.value, len(passes), elapsed,
                               sum(p.bytes for p in passes), 0.0, fixed, passes)
-        t = last.dirty_left / c
+        if mirror_writer_rate is None:
+            t = last.dirty_left / c
+            left = dirty.dirty_after(t)
+        else:
+            t = last.dirty_left / policy.mirror_copy_rate(c, mirror_writer_rate)
+            left = 0.0
         elapsed += t
-        passes.append(ModelPass(len(passes), "dirty", last.dirty_left, t, dirty.dirty_after(t)))
+        passes.append(ModelPass(len(passes), "dirty", last.dirty_left, t, left))
