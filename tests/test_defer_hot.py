@@ -36,6 +36,23 @@ def test_deferred_hot_blocks_reach_the_copy_at_one_instant(dirs, live_writer):
     writer.assert_point_in_time((dst / "hot.img").read_bytes(), initial)
 
 
+def test_the_first_dirty_pass_defers_what_the_bulk_saw_dirtied_early(dirs, live_writer):
+    """Halfway through the bulk pass the job looks (without clearing) at what
+    writers already dirtied again: the first dirty pass leaves those blocks
+    for the final pass. Without the look, nothing is deferred before a
+    second dirty pass, which a fitting target never reaches."""
+    src, dst = dirs
+    image = src / "early.img"
+    initial = make_data_image(image, 32 * MiB, extents=8, tracked=True)
+    writer = live_writer(image, rate="12M", pattern="hotspot", wait=10)
+    result = sync(image, dst, target_downtime=0.2, rate_limit=8 * MiB, max_passes=40,
+                  defer_hot=True, converge="throttle")
+    assert result.status == "ok"
+    first = result.passes[1]
+    assert first.kind == "dirty" and first.deferred > 0, [p.to_dict() for p in result.passes]
+    writer.assert_point_in_time((dst / "early.img").read_bytes(), initial)
+
+
 def test_deferral_switches_as_soon_as_the_target_fits():
     """Polishing passes would copy the held-back hot blocks again and again,
     so with --defer-hot a fitting pass is the last (bench/defer_hot.py: 23 %

@@ -161,6 +161,7 @@ class FileSyncJob:
         self.passes = PassRunner(self.copier, self.tracker, self.src_fd, self.dst_fd,
                                  self.result, self.report,
                                  self.manifest if plan.incremental else None, fresh)
+        self.passes.watch_hot = self.options.defer_hot
 
     def _open_tracker(self) -> None:
         self._lock_source()

@@ -83,6 +83,8 @@ class PassRunner:
     mirror: MirrorSession | None = None
     # converge="mirror": dirty passes run paced (see ConvergencePolicy.mirror_copy_rate).
     paced: bool = False
+    # Hot-block deferral: the bulk pass notes what writers dirtied in its first half.
+    watch_hot: bool = False
     _last_taken: list[Extent] | None = None  # what the last dirty pass took (hot-block deferral)
     _touched: list[Extents] = field(default_factory=list)  # what this run wrote into the copy
 
@@ -107,7 +109,8 @@ class PassRunner:
             extents = _granule_aligned(extents, table.granularity,
                                        os.fstat(self.src_fd).st_size)
         stats = self._copy("bulk", extents, dst_fresh=True, start_writeback=True,
-                           before_item=self._clear_before_read if self.tracker else None)
+                           before_item=self._clear_before_read if self.tracker else None,
+                           halfway=self._note_early_dirt if self.watch_hot else None)
         self._record("bulk", stats)
 
     def incremental(self, extents: Extents) -> None:
@@ -165,6 +168,14 @@ class PassRunner:
             self.tracker.mark(offset, length)
         return subtract(taken, hot), hot_bytes
 
+    def _note_early_dirt(self) -> None:
+        """Halfway through the bulk pass: blocks already dirty were written
+        within half a pass of being copied. The first dirty pass counts them
+        as seen dirty before, so hot blocks can wait from that pass on (the
+        target usually fits after it, and then nothing is deferred)."""
+        assert self.tracker is not None
+        self._last_taken = self.tracker.dirty_extents()  # a look; the bits stay
+
     def follow_source_size(self) -> None:
         """Writers may grow or shrink the image; the copy follows its size."""
         size = os.fstat(self.src_fd).st_size
@@ -186,7 +197,8 @@ class PassRunner:
     def _copy(self, phase: str, extents: Extents, *, dst_fresh: bool, dirty: int = 0,
               start_writeback: bool = False,
               before_item: Callable[[ExtentArray], None] | None = None,
-              after_item: Callable[[ExtentArray], None] | None = None) -> CopyStats:
+              after_item: Callable[[ExtentArray], None] | None = None,
+              halfway: Callable[[], None] | None = None) -> CopyStats:
         if self.manifest is not None:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
@@ -205,14 +217,17 @@ class PassRunner:
         done = 0
 
         def on_progress(nbytes: int) -> None:
-            nonlocal done
+            nonlocal done, halfway
             done += nbytes
+            if halfway is not None and 2 * done >= total:
+                halfway()
+                halfway = None
             elapsed = time.perf_counter() - start
             self.report(phase, index, done, total, done / elapsed if elapsed > 0 else 0.0, dirty)
 
         stats = self.copier.copy_extents(
             extents, dst_fresh=dst_fresh,
-            progress=on_progress if self.report.callback else None,
+            progress=on_progress if self.report.callback or halfway else None,
             start_writeback=start_writeback, before_item=before_item, after_item=after_item,
             digests=request,
         )
