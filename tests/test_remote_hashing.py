@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from imagetools import MiB
-from test_remote_nbd import serve  # noqa: F401  (a fixture)
 from test_remote_incremental import manifests
+from test_remote_nbd import serve  # noqa: F401  (a fixture)
 
 from blockmirror import Tracker
 from blockmirror._bindings import copy as _c
