@@ -182,11 +182,14 @@ class RemotePassRunner(PassRunner):
         Only granules the copy could not see whole (cut by an extent's
         edge, the source's short last granule, a granule too coarse for the
         copy's buffers) are digested here, by reading the source again. A
-        write landing between the copy's read and either hash is marked
-        dirty (I1, after the clear), so its granule is copied and hashed
-        again later. The final pass's digests are dropped (writers are
-        frozen; no re-read may lengthen the pause): the commit reads those
-        granules back from the flushed export."""
+        write landing after the copy's read is marked dirty (I1, after the
+        clear), so its granule is copied and hashed again later: that keeps
+        a re-read digest (which may be of newer bytes than were sent) from
+        lasting, as it keeps the export's bytes from lagging. The final
+        pass's digests are dropped and nothing is re-read there (writers
+        are frozen; the pause must not grow): the commit reads those
+        granules back from the flushed export, which holds exactly the
+        switchover instant."""
         stats = super()._copy(phase, extents, **kwargs)
         table = self.fresh_digests
         if table is None:
