@@ -203,7 +203,8 @@ class RemoteCopier(Copier):
             fn = _c.digest_function()
             assert fn is not None
             g = digests.granularity
-            request_bytes = max(REQUEST_BYTES, g)  # powers of two: a granule divides it
+            # Each request buffer holds whole granules (powers of two: g divides it).
+            request_bytes = max(REQUEST_BYTES, g)
             slots = _c.digest_slots(item, g)
             out = np.zeros(len(slots), dtype=np.uint64)
             spec = (fn, g, _zero_digest(g), out)
@@ -213,8 +214,8 @@ class RemoteCopier(Copier):
             flags=_r.DST_FRESH if dst_fresh else 0, rate_cap=self._nbd_rate_cap,
             cancel=cancel, src_path=self.src_path, dst_name=self.export.name, digests=spec)
         if digests is not None and spec is not None:
-            whole = np.flatnonzero(spec[3])
-            digests.found.append((slots[whole], spec[3][whole]))  # list.append: atomic
+            whole = np.flatnonzero(out)
+            digests.found.append((slots[whole], out[whole]))  # list.append: atomic
         with self._stats_lock:
             self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
             self.requests_sent += counts.requests
