@@ -99,8 +99,10 @@ def test_nbd_copy_digests_what_the_file_holds(g, ram_tmp_path, serve):  # noqa: 
                 RemoteCopier(fd, export, src_path=str(image)) as copier:
             whole = [(0, len(content))]
             request = DigestRequest(g)
-            copier.copy_extents(whole, digests=request)
+            stats = copier.copy_extents(whole, digests=request)
             keys, values = request.take()
+            # Data is read from its granule's start to its granule's end, no more.
+            assert stats.bytes_read == 14 * g + tail, stats
             assert keys.tolist() == list(range(granules))
             assert values.tolist() == expected(content, g, list(range(granules)))
             assert values[4] == values[7] == digest(bytes(g))  # written zeros, hole

@@ -12,7 +12,9 @@
  * NBD_CMD_WRITE for data and NBD_CMD_WRITE_ZEROES for merged zero runs,
  * waiting in nbd_poll only when every slot has a command outstanding. cffi
  * drops the GIL around the call, so Python runs one call per connection on
- * a thread pool.
+ * a thread pool. With a digest sink (bm_nbd_copy_extents_hashed) each whole
+ * granule is hashed from its slot once the slot's writes are queued: the
+ * digest is of the bytes sent, and the source is read once.
  *
  * Reading, a slot holds one NBD_CMD_READ; its completion callback writes
  * the slot's non-zero blocks to the local file (pwrite) before the slot is
@@ -718,6 +720,7 @@ static int copy_one(struct call *c, uint64_t offset, uint64_t end)
         }
         if (data > end)
             data = end;
+        uint64_t found = data; /* where the data itself starts */
         if (c->sink && data < end) {
             /* Read from the granule's start, so it is hashed whole. */
             uint64_t down = data / c->sink->granularity * c->sink->granularity;
@@ -731,8 +734,9 @@ static int copy_one(struct call *c, uint64_t offset, uint64_t end)
             offset = data;
             continue;
         }
-        off_t h = seek(c->src, offset, SEEK_HOLE);
-        uint64_t stop = (h < 0 || (uint64_t)h <= offset || (uint64_t)h > end) ? end : (uint64_t)h;
+        /* From FOUND: OFFSET may be a granule start inside the hole before it. */
+        off_t h = seek(c->src, found, SEEK_HOLE);
+        uint64_t stop = (h < 0 || (uint64_t)h <= found || (uint64_t)h > end) ? end : (uint64_t)h;
         if (c->sink) { /* ... and to its end */
             uint64_t g = c->sink->granularity;
             uint64_t up = stop % g ? (stop / g + 1) * g : stop;
