@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from blockmirror.errors import InvalidInputError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from blockmirror.extents import ExtentArray
 
 try:
@@ -162,12 +165,42 @@ def new_rate_cap(bytes_per_s: int) -> Any:
     return cap
 
 
+def _hash_fn(core_fn: Any) -> Any:
+    """The core's digest function pointer (copy.digest_function(), a
+    ``bm_hash_fn`` of the other cffi module) as this module's
+    ``bm_nbd_hash_fn``: the same address, so the same digest."""
+    from blockmirror._bindings._ffi import ffi as core_ffi
+
+    return _ffi().cast("bm_nbd_hash_fn", int(core_ffi.cast("uintptr_t", core_fn)))
+
+
+def _sink(fn: Any, granularity: int, zero: int, out: npt.NDArray[np.uint64]) -> Any:
+    """A ``bm_nbd_digest_sink`` writing into OUT (which must outlive its use)."""
+    import numpy as np  # late: numpy (see blockmirror.extents)
+
+    if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("digest slots must be a writable C-contiguous uint64 array")
+    ffi = _ffi()
+    sink = ffi.new("bm_nbd_digest_sink *")
+    sink.hash, sink.granularity, sink.zero_digest = _hash_fn(fn), granularity, zero
+    sink.count = len(out)
+    sink.digests = ffi.cast("uint64_t *", ffi.from_buffer(out.data)) if len(out) else ffi.NULL
+    return sink
+
+
 def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
                  block_size: int, *, requests: int = 0, request_bytes: int = 0,
                  flags: int = 0, rate_cap: Any = None, cancel: Any = None,
-                 src_path: str | None = None, dst_name: str | None = None) -> CopyCounts:
+                 src_path: str | None = None, dst_name: str | None = None,
+                 digests: tuple[Any, int, int, npt.NDArray[np.uint64]] | None = None
+                 ) -> CopyCounts:
     """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) of SRC_FD into the
-    export over connection CONN, in one C call; errors name the side."""
+    export over connection CONN, in one C call (the GIL released); errors
+    name the side. DIGESTS, if given, is as for copy.copy_extents
+    (copy.digest_function(), granularity, zero-granule digest, out): OUT
+    (zeroed, one uint64 per slot of ``copy.digest_slots``) receives the
+    digest of each granule copied whole, hashed from the bytes sent (0:
+    none). The granularity must divide REQUEST_BYTES."""
     from blockmirror.extents import EXTENT_DTYPE  # late: numpy (see blockmirror.extents)
 
     ffi, lib = _ffi(), _lib()
@@ -176,10 +209,11 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     ext = (ffi.cast("bm_nbd_extent *", ffi.from_buffer(extents.data)) if len(extents)
            else ffi.NULL)
     stats = ffi.new("bm_nbd_copy_stats *")
-    rc = lib.bm_nbd_copy_extents(handle, conn, src_fd, ext, len(extents), block_size,
-                                 requests, request_bytes, flags,
-                                 ffi.NULL if rate_cap is None else rate_cap,
-                                 ffi.NULL if cancel is None else cancel, stats)
+    sink = ffi.NULL if digests is None else _sink(*digests)
+    rc = lib.bm_nbd_copy_extents_hashed(handle, conn, src_fd, ext, len(extents), block_size,
+                                        requests, request_bytes, flags,
+                                        ffi.NULL if rate_cap is None else rate_cap,
+                                        ffi.NULL if cancel is None else cancel, sink, stats)
     if rc < 0:
         side = stats.error_side
         raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)

@@ -29,14 +29,17 @@ from typing import Any
 
 import numpy as np
 
+from blockmirror._bindings import copy as _c
 from blockmirror._bindings import remote as _r
 from blockmirror.closeable import Closeable
 from blockmirror.copying.copier import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
     Copier,
     CopyStats,
     DigestRequest,
+    _zero_digest,
 )
 from blockmirror.copying.endpoint import NbdUri
 from blockmirror.errors import InvalidInputError
@@ -56,6 +59,10 @@ DEFAULT_TIMEOUT_S = _timeout_from_environment()
 the link)."""
 DEFAULT_REQUESTS = 32
 REQUEST_BYTES = _r.DEFAULT_REQUEST_BYTES
+MAX_HASHED_GRANULE = 1 << 20
+"""The largest granule the copy hashes from its buffers: each request
+buffer then holds a granule (32 of them per connection); coarser granules
+are digested by the caller."""
 
 
 def libnbd_available() -> bool:
@@ -140,6 +147,10 @@ class RemoteCopier(Copier):
     (:meth:`NbdExport.flush`). ``copy_extents`` keeps the Copier's
     interface; ``dst_fresh`` is the caller's promise that the export reads
     as zeros over the extents, ``start_writeback`` means nothing here.
+    A :class:`DigestRequest` is served as the local copier serves it: each
+    granule copied whole is hashed, in C with the GIL released, from the
+    request buffer its bytes were read into and sent from (the same xxh3-64
+    function pointer, the same zero-granule digest).
     """
 
     def __init__(self, src_fd: int, export: NbdExport, *,
@@ -176,15 +187,35 @@ class RemoteCopier(Copier):
             conn = self._local.conn = next(self._next_conn) % self.export.connections
         return int(conn)
 
+    def _digest_spec(self, digests: DigestRequest | None) -> bool:
+        """Whether DIGESTS can be served from the copy's buffers."""
+        if digests is None:
+            return False
+        g = digests.granularity
+        return (_c.digest_function() is not None and MIN_BLOCK_SIZE <= g <= MAX_HASHED_GRANULE
+                and not g & (g - 1))
+
     def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
-        # No digests: nothing keeps a manifest of an export (yet).
+        spec = None
+        request_bytes = REQUEST_BYTES
+        if digests is not None:
+            fn = _c.digest_function()
+            assert fn is not None
+            g = digests.granularity
+            # Each request buffer holds whole granules (powers of two: g divides it).
+            request_bytes = max(REQUEST_BYTES, g)
+            slots = _c.digest_slots(item, g)
+            out = np.zeros(len(slots), dtype=np.uint64)
+            spec = (fn, g, _zero_digest(g), out)
         counts = _r.copy_extents(
             self.export.handle, self._connection(), self.src_fd, item, self.block_size,
-            requests=self.requests, request_bytes=REQUEST_BYTES,
+            requests=self.requests, request_bytes=request_bytes,
             flags=_r.DST_FRESH if dst_fresh else 0, rate_cap=self._nbd_rate_cap,
-            cancel=cancel, src_path=self.src_path,
-            dst_name=self.export.name)
+            cancel=cancel, src_path=self.src_path, dst_name=self.export.name, digests=spec)
+        if digests is not None and spec is not None:
+            whole = np.flatnonzero(out)
+            digests.found.append((slots[whole], out[whole]))  # list.append: atomic
         with self._stats_lock:
             self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
             self.requests_sent += counts.requests

@@ -174,18 +174,33 @@ class RemotePassRunner(PassRunner):
         self._record("bulk", stats)
 
     def _copy(self, phase: str, extents: Extents, **kwargs: Any) -> CopyStats:
-        """Copy, then (into an export that keeps a manifest) digest what was
-        copied, reading the source again: libnbd's copy path does not hash.
-        A write landing between the copy's read and this one is marked
-        dirty (I1, after the clear), so its granule is copied and hashed
-        again later. The final pass is not hashed (writers are frozen, and
-        this would lengthen the pause): the base class forgot its granules,
-        and the commit reads them back from the flushed export."""
+        """Copy; into an export that keeps a manifest, the copy itself
+        hashes each granule it copies whole from the buffer it read the
+        bytes into and sent them from (RemoteCopier, as the local copier
+        does), so the digest is of exactly the bytes sent: stronger than a
+        second read, which could only see the same bytes or newer ones.
+        Only granules the copy could not see whole (cut by an extent's
+        edge, the source's short last granule, a granule too coarse for the
+        copy's buffers) are digested here, by reading the source again. A
+        write landing after the copy's read is marked dirty (I1, after the
+        clear), so its granule is copied and hashed again later: that keeps
+        a re-read digest (which may be of newer bytes than were sent) from
+        lasting, as it keeps the export's bytes from lagging. The final
+        pass's digests are dropped and nothing is re-read there (writers
+        are frozen; the pause must not grow): the commit reads those
+        granules back from the flushed export, which holds exactly the
+        switchover instant."""
         stats = super()._copy(phase, extents, **kwargs)
         table = self.fresh_digests
-        if table is not None and phase != "final":
-            runs = dg.granule_runs(pairs(extents), table.granularity, table.granules)
-            keys, values, holes = hash_granules(self.src_fd, runs, table.granularity,
+        if table is None:
+            return stats
+        runs = dg.granule_runs(pairs(extents), table.granularity, table.granules)
+        if phase == "final":
+            table.forget(runs)
+            return stats
+        left = dg.intersect(runs, table.unknown)  # what the copy did not hash
+        if len(left):
+            keys, values, holes = hash_granules(self.src_fd, left, table.granularity,
                                                 table.size, self.copier.workers)
             table.set_zero(holes)
             table.put(keys, values)
