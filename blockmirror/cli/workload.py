@@ -105,6 +105,46 @@ class OffsetPicker:
         return block * self.write_size
 
 
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the writer finishes its write and stops."""
+
+    def __init__(self) -> None:
+        self.set = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.set = True
+
+
+@dataclass
+class _Tally:
+    """What one writer has done so far, and (timed) when and how long."""
+
+    timed: bool
+    writes: int = 0
+    written: int = 0
+    longest: float = 0.0
+    timeline: list[tuple[float, int]] | None = None
+    latencies: list[tuple[float, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.timed:
+            self.timeline, self.latencies = [], []
+
+    def write(self, img: TrackedImage, payload: bytes, offset: int) -> None:
+        if self.latencies is None:
+            img.pwrite(payload, offset)
+        else:
+            began = time.monotonic()
+            img.pwrite(payload, offset)
+            took = time.monotonic() - began
+            self.latencies.append((began, took))
+            self.longest = max(self.longest, took)
+        self.writes += 1
+        self.written += len(payload)
+
+
 def run_writer(
     image: str,
     *,
@@ -128,62 +168,41 @@ def run_writer(
     behind its schedule (a late wake-up on a busy machine) catch up on that
     much lost time at full speed; 0 (the default) never runs ahead by more than
     one write."""
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = _StopFlag()
     # Unbuffered: a record is in the file as soon as its write completed.
     log = open(log_path, "ab", buffering=0) if log_path else None  # noqa: SIM115
-    writes = written = 0
-    longest = 0.0
-    timeline: list[tuple[float, int]] | None = [] if timeline_interval else None
-    latencies: list[tuple[float, float]] = []
+    tally = _Tally(timed=bool(timeline_interval))
     with TrackedImage(image) as img:
         picker = OffsetPicker(region or img.size, write_size, pattern, seed,
                               zipf_exponent=zipf_exponent)
-        start = time.monotonic()
-        next_at = start
-        sample_at = start
-        while not stop:
+        start = next_at = sample_at = time.monotonic()
+        while not stop.set:
             now = time.monotonic()
-            if timeline is not None and now >= sample_at:
-                timeline.append((now, written))
+            if tally.timeline is not None and now >= sample_at:
+                tally.timeline.append((now, tally.written))
                 sample_at = now + timeline_interval  # type: ignore[operator]
-            if seconds is not None and now - start >= seconds:
-                break
-            if max_writes is not None and writes >= max_writes:
+            if (seconds is not None and now - start >= seconds) or (
+                    max_writes is not None and tally.writes >= max_writes):
                 break
             if rate > 0 and now < next_at:
                 time.sleep(min(next_at - now, 0.05))
                 continue
             offset = picker.next()
-            payload = block_payload(seed, writes, write_size)
-            if timeline is not None:
-                began = time.monotonic()
-                img.pwrite(payload, offset)
-                latencies.append((began, time.monotonic() - began))
-                longest = max(longest, latencies[-1][1])
-            else:
-                img.pwrite(payload, offset)
+            sequence = tally.writes
+            tally.write(img, block_payload(seed, sequence, write_size), offset)
             if log is not None:
-                log.write(LOG_RECORD.pack(writes, offset, write_size))
-            writes += 1
-            written += write_size
+                log.write(LOG_RECORD.pack(sequence, offset, write_size))
             if rate > 0:
                 # Token bucket: by default without burst, so the schedule never
                 # runs ahead of real time by more than one write.
                 next_at = max(next_at, now - burst - write_size / rate) + write_size / rate
         elapsed = time.monotonic() - start
-        if timeline is not None:
-            timeline.append((start + elapsed, written))
+        if tally.timeline is not None:
+            tally.timeline.append((start + elapsed, tally.written))
     if log is not None:
         log.close()
-    return WriterStats(writes, written, elapsed, start, longest, timeline,
-                       latencies if timeline is not None else None)
+    return WriterStats(tally.writes, tally.written, elapsed, start, tally.longest,
+                       tally.timeline, tally.latencies)
 
 
 def read_log(path: str) -> list[tuple[int, int, int]]:
