@@ -241,8 +241,6 @@ def check_source(source: str, move: bool = False) -> os.stat_result:
     """SOURCE is an image a sync may read: a non-empty regular file on real
     storage, none of blockmirror's own files, within the tracker's and the
     manifest's limits. Returns its stat."""
-    from blockmirror.tracking.tracker import MAX_IMAGE_SIZE
-
     if source == "":
         raise InvalidInputError("source must not be empty")
     src = os.path.abspath(source)
@@ -283,6 +281,15 @@ def check_source(source: str, move: bool = False) -> os.stat_result:
         raise InvalidInputError(
             f"sidecar {src + SIDECAR_SUFFIX} is a symbolic link: refused (it could steer "
             "writers elsewhere); remove it and run blockmirror track enable")
+    _check_source_limits(source, src, st, move)
+    return st
+
+
+def _check_source_limits(source: str, src: str, st: os.stat_result, move: bool) -> None:
+    """Within what change tracking covers, and (copy mode) with a manifest
+    that fits in memory."""
+    from blockmirror.tracking.tracker import MAX_IMAGE_SIZE
+
     granularity = _source_granularity(src)
     limit = min(MAX_IMAGE_SIZE, (1 << 34) * granularity)
     if st.st_size > limit:
@@ -299,7 +306,6 @@ def check_source(source: str, move: bool = False) -> os.stat_result:
                 f"source {source} holds {format_bytes(held)}: its digest manifest "
                 f"({format_bytes(granules * 16)} at {format_bytes(granularity)} granules) "
                 f"would not fit in this machine's memory ({format_bytes(memory)})")
-    return st
 
 
 def plan_file_sync(
