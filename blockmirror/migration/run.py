@@ -8,7 +8,6 @@ from typing import Any
 
 from blockmirror.copying.endpoint import looks_like_uri
 from blockmirror.migration import precheck
-from blockmirror.migration.directory import sync_directory
 from blockmirror.migration.job import FileSyncJob
 from blockmirror.migration.options import SyncOptions
 from blockmirror.migration.result import SyncResult
@@ -54,6 +53,8 @@ def sync(
 
         return sync_to_export(src_s, dst_s, opts)
     if os.path.isdir(src_s):
+        from blockmirror.migration.directory import sync_directory  # late: few syncs need it
+
         return sync_directory(src_s, dst_s, opts, sync_file=sync_file)
     return sync_file(src_s, dst_s, opts)
 
