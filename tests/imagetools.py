@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from blockmirror.cli.workload import block_payload, read_log
+from blockmirror.cli.workload import DISCARD, block_payload, read_log
 
 MiB = 1 << 20
 
@@ -206,19 +206,32 @@ class WriterProcess:
 
     def assert_point_in_time(self, copy: bytes, initial: bytes) -> int:
         """COPY must be INITIAL with exactly a prefix of the logged writes
-        applied (the source at one instant); returns that prefix's length."""
-        k = applied_prefix(copy, self.writes())
-        assert copy == self.replayed(initial, k), f"not the source at any instant (k={k})"
+        applied (the source at one instant); returns that prefix's length.
+        (Discards leave no tag, and may zero another write's: the prefix is
+        then looked for a little past the last tag COPY shows.)"""
+        writes = self.writes()
+        k = applied_prefix(copy, writes)
+        out = bytearray(self.replayed(initial, k))
+        if any(logged & DISCARD for _, _, logged in writes):
+            # A discard may have zeroed the last tag the copy shows: walk on,
+            # one operation at a time, looking for the instant.
+            last = min(len(writes), k + 256)
+            while out != copy and k < last:
+                out[:] = replay(bytes(out), writes[k:k + 1], self.seed)
+                k += 1
+        assert out == copy, f"not the source at any instant (k={k})"
         return k
 
 
 def replay(initial: bytes, writes: list[tuple[int, int, int]], seed: int) -> bytes:
     """INITIAL with WRITES applied in order (the image can grow)."""
     out = bytearray(initial)
-    for seq, offset, length in writes:
+    for seq, offset, logged in writes:
+        length = logged & ~DISCARD
         if offset + length > len(out):
             out.extend(bytes(offset + length - len(out)))
-        out[offset:offset + length] = block_payload(seed, seq, length)
+        out[offset:offset + length] = (bytes(length) if logged & DISCARD
+                                       else block_payload(seed, seq, length))
     return bytes(out)
 
 
@@ -226,7 +239,9 @@ def applied_prefix(content: bytes, writes: list[tuple[int, int, int]]) -> int:
     """How many writes (a prefix of the log) CONTENT shows: every block a
     write put down starts with its sequence number + 1."""
     highest = 0
-    for seq, offset, _length in writes:
+    for seq, offset, logged in writes:
+        if logged & DISCARD:
+            continue
         tag = int.from_bytes(content[offset:offset + 8], "little")
         if tag == seq + 1:
             highest = max(highest, seq + 1)

@@ -31,6 +31,8 @@ from blockmirror.units import parse_size
 PATTERNS = ("uniform", "hotspot", "sequential", "zipf")
 DEFAULT_ZIPF_EXPONENT = 1.1
 LOG_RECORD = struct.Struct("<QQQ")  # sequence, offset, length
+# A logged length with this bit set is a discard of that many bytes (they read as zeros).
+DISCARD = 1 << 63
 
 
 def block_payload(seed: int, sequence: int, length: int) -> bytes:
@@ -132,6 +134,10 @@ class _Tally:
         if self.timed:
             self.timeline, self.latencies = [], []
 
+    def discard(self, img: TrackedImage, offset: int, length: int) -> None:
+        img.discard(offset, length)
+        self.writes += 1
+
     def write(self, img: TrackedImage, payload: bytes, offset: int) -> None:
         if self.latencies is None:
             img.pwrite(payload, offset)
@@ -159,6 +165,9 @@ def run_writer(
     zipf_exponent: float = DEFAULT_ZIPF_EXPONENT,
     timeline_interval: float | None = None,
     burst: float = 0.0,
+    base: int = 0,
+    unaligned: bool = False,
+    discard_every: int = 0,
 ) -> WriterStats:
     """Write to IMAGE at RATE bytes/s (0: as fast as possible) until SECONDS
     pass, MAX_WRITES are done, or SIGTERM/SIGINT arrives.
@@ -167,14 +176,21 @@ def run_writer(
     that often into the returned stats. BURST (seconds) lets a writer that fell
     behind its schedule (a late wake-up on a busy machine) catch up on that
     much lost time at full speed; 0 (the default) never runs ahead by more than
-    one write."""
+    one write.
+
+    Writes land in [BASE, BASE + REGION). UNALIGNED shifts each one by a few
+    bytes off its block (it still ends inside the region); with
+    DISCARD_EVERY = N, every Nth operation discards a whole block instead
+    (logged with the DISCARD bit in its length)."""
     stop = _StopFlag()
     # Unbuffered: a record is in the file as soon as its write completed.
     log = open(log_path, "ab", buffering=0) if log_path else None  # noqa: SIM115
     tally = _Tally(timed=bool(timeline_interval))
     with TrackedImage(image) as img:
-        picker = OffsetPicker(region or img.size, write_size, pattern, seed,
+        span = (region or img.size - base) - (write_size if unaligned else 0)
+        picker = OffsetPicker(max(write_size, span), write_size, pattern, seed,
                               zipf_exponent=zipf_exponent)
+        shifts = random.Random(seed + 7)
         start = next_at = sample_at = time.monotonic()
         while not stop.set:
             now = time.monotonic()
@@ -187,11 +203,18 @@ def run_writer(
             if rate > 0 and now < next_at:
                 time.sleep(min(next_at - now, 0.05))
                 continue
-            offset = picker.next()
+            offset = base + picker.next()
             sequence = tally.writes
-            tally.write(img, block_payload(seed, sequence, write_size), offset)
+            if discard_every and sequence % discard_every == discard_every - 1:
+                tally.discard(img, offset, write_size)
+                record = LOG_RECORD.pack(sequence, offset, write_size | DISCARD)
+            else:
+                if unaligned:
+                    offset += shifts.randrange(1, 512)
+                tally.write(img, block_payload(seed, sequence, write_size), offset)
+                record = LOG_RECORD.pack(sequence, offset, write_size)
             if log is not None:
-                log.write(LOG_RECORD.pack(sequence, offset, write_size))
+                log.write(record)
             if rate > 0:
                 # Token bucket: by default without burst, so the schedule never
                 # runs ahead of real time by more than one write.
@@ -223,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--max-writes", type=int)
-    parser.add_argument("--region", help="confine writes to the first N bytes")
+    parser.add_argument("--region", help="confine writes to N bytes (from --base)")
+    parser.add_argument("--base", default="0", help="where the region starts (default 0)")
+    parser.add_argument("--unaligned", action="store_true",
+                        help="shift each write 1-511 bytes off its block")
+    parser.add_argument("--discard-every", type=int, default=0, metavar="N",
+                        help="every Nth operation discards a block instead of writing")
     parser.add_argument("--log", help="append a binary record of each completed write")
     parser.add_argument("--stats", help="write achieved rate as JSON here on exit")
     parser.add_argument("--zipf-exponent", type=float, default=DEFAULT_ZIPF_EXPONENT,
@@ -240,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         pattern=args.pattern, seed=args.seed, seconds=args.seconds, max_writes=args.max_writes,
         log_path=args.log, region=parse_size(args.region) if args.region else None,
         zipf_exponent=args.zipf_exponent, timeline_interval=args.timeline, burst=args.burst,
+        base=parse_size(args.base), unaligned=args.unaligned, discard_every=args.discard_every,
     )
     if args.stats:
         tmp = args.stats + ".tmp"
