@@ -27,6 +27,11 @@
 /* copy_file_range is asked for at most this much at a time, so the cancel
  * flag and the rate cap are looked at now and then. */
 #define CFR_STEP (8u << 20)
+/* Each pwrite is at most this much. Longer writes (1 MiB and up) were
+ * bimodal on this VM, 1 GiB cached taking 0.22 s or 1.1-2 s, the time all
+ * in copying into the new page-cache folios; 128 KiB writes (cp's size)
+ * stayed at the fast mode (bench/README.md, "Cached bulk copy"). */
+#define WRITE_STEP (128u << 10)
 #define ALL_CAPS (BM_COPIER_CAN_PUNCH | BM_COPIER_CAN_SEEK | BM_COPIER_CAN_FILE_RANGE)
 #define ALL_CALL_FLAGS (BM_COPY_DST_FRESH | BM_COPY_START_WRITEBACK)
 
@@ -172,7 +177,8 @@ static int write_full(struct copier *c, const char *buf, uint64_t len, uint64_t 
 {
     uint64_t done = 0;
     while (done < len) {
-        ssize_t n = pwrite(c->dst, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        uint64_t want = len - done < WRITE_STEP ? len - done : WRITE_STEP;
+        ssize_t n = pwrite(c->dst, buf + done, (size_t)want, (off_t)(offset + done));
         if (n < 0) {
             if (errno == EINTR)
                 continue;

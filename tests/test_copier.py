@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -366,7 +367,7 @@ def test_copier_matches_reference(
         ) as copier:
             stats = copier.copy_extents(extents, dst_fresh=fresh, progress=progress)
             used_cfr = copier.uses_copy_file_range
-            assert used_cfr == (copier.source_reports_holes() if cfr is None else cfr)
+            assert used_cfr == (copier.prefers_copy_file_range() if cfr is None else cfr)
     finally:
         os.close(src_fd)
         os.close(dst_fd)
@@ -536,7 +537,10 @@ def test_auto_copy_file_range_follows_source_holes(image_pair, tmp_path: Path) -
         try:
             with Copier(src_fd, dst_fd) as copier:
                 assert copier.source_reports_holes() is expected
-                assert copier.uses_copy_file_range is expected
+                fs = subprocess.run(["stat", "-f", "-c", "%T", str(dst)], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+                # ext2/3/4 (stat's "ext2/ext3"): read/write beats the kernel's splice.
+                assert copier.uses_copy_file_range is (expected and fs != "ext2/ext3")
         finally:
             os.close(src_fd)
             os.close(dst_fd)
