@@ -418,6 +418,7 @@ def test_sync_across_a_network_namespace(kind, ram_tmp_path, serve, live_writer,
     assert run_cli("verify", server.file, server.uri).returncode == 0
 
 
+@pytest.mark.slow
 def test_link_cut_mid_copy_fails_in_bounded_time(ram_tmp_path, serve, live_writer, link):
     """`ip link set ... down` in the bulk pass: no reply ever comes; after
     BLOCKMIRROR_NBD_TIMEOUT the sync fails (exit 1), writers keep going."""

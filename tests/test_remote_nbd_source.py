@@ -319,6 +319,7 @@ def test_verify_catches_a_write_behind_the_copy(where, ram_tmp_path, serve_image
     assert not dst.exists() and not partial_exists(ram_tmp_path)
 
 
+@pytest.mark.slow
 def test_link_cut_mid_copy_fails_in_bounded_time_and_leaves_nothing(ram_tmp_path):
     """The export on another host; `ip link set ... down` mid-copy: no reply
     comes, after BLOCKMIRROR_NBD_TIMEOUT the copy fails (exit 1), no partial."""

@@ -258,6 +258,7 @@ def test_server_killed_in_the_final_pass(ram_tmp_path, serve_nfs, live_writer):
         assert tracker.state == "running"
 
 
+@pytest.mark.slow
 def test_link_cut_mid_copy_fails_in_bounded_time(ram_tmp_path, serve_nfs, live_writer):
     """`ip link set ... down` in the bulk pass: no reply ever comes; after
     BLOCKMIRROR_NFS_TIMEOUT the sync fails (exit 1), the partial is reported

@@ -35,6 +35,7 @@ def test_mirror_converges_where_fail_would_not_and_is_one_instant(dirs, live_wri
         assert t.mirror_status().state == "off"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("converge", ["mirror", "auto"])
 def test_four_writers_unaligned_with_discards_get_one_instant(dirs, live_writer, converge):
     """Four writer processes, each in its own quarter of the image, writing
@@ -120,6 +121,7 @@ def test_destination_full_mid_mirror_fails_cleanly(small_tmpfs, tmp_path, live_w
         assert t.mirror_status().state != "on"
 
 
+@pytest.mark.slow
 def test_auto_escalates_to_mirror_and_says_why(dirs, live_writer):
     src, dst = dirs
     image = src / "a.img"
@@ -143,6 +145,7 @@ def test_auto_stays_with_passes_when_they_converge(dirs, live_writer):
     assert not result.strategy_reason
 
 
+@pytest.mark.slow
 def test_auto_throttles_when_the_destination_cannot_take_mirrored_writes(tmp_path,
                                                                          live_writer):
     """A destination 30 ms away per request: mirrored 4 KiB writes would hold
