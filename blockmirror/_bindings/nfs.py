@@ -11,46 +11,24 @@ names the file itself.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, TypeAlias
 
-from blockmirror.errors import InvalidInputError
+from blockmirror._bindings.optional import CopyCounts, OptionalModule
 from blockmirror.extents import EXTENT_DTYPE, ExtentArray
-
-try:
-    from blockmirror import _nfs as _module
-except ImportError:  # built without libnfs-dev
-    _nfs: ModuleType | None = None
-else:
-    _nfs = _module
 
 Handle: TypeAlias = Any
 """A ``bm_nfs *`` owned by ffi.gc (bm_nfs_close runs with its last reference)."""
 
 MISSING = ("nfs:// endpoints need libnfs: install Debian's libnfs-dev and rebuild "
            "blockmirror (pip install .)")
+_EXT = OptionalModule("blockmirror._nfs", MISSING, "bm_nfs_last_error")
+_lib, _ffi, _constant = _EXT.lib, _EXT.ffi, _EXT.constant
+error_from_c = _EXT.error_from_c
 
 
 def available() -> bool:
-    """Whether this build has the NFS endpoint."""
-    return _nfs is not None
-
-
-def _lib() -> Any:
-    if _nfs is None:
-        raise InvalidInputError(MISSING)
-    return _nfs.lib
-
-
-def _ffi() -> Any:
-    if _nfs is None:
-        raise InvalidInputError(MISSING)
-    return _nfs.ffi
-
-
-def _constant(name: str, default: int) -> int:
-    return int(getattr(_nfs.lib, name)) if _nfs is not None else default
+    """Whether this build has the NFS endpoint (built with libnfs-dev)."""
+    return _EXT.available()
 
 
 CREATE = _constant("BM_NFS_CREATE", 1)
@@ -61,29 +39,6 @@ SIDE_DST = _constant("BM_NFS_SIDE_DST", 2)
 MAX_CONNS = _constant("BM_NFS_MAX_CONNS", 8)
 DEFAULT_REQUESTS = _constant("BM_NFS_DEFAULT_REQUESTS", 16)
 DEFAULT_REQUEST_BYTES = _constant("BM_NFS_DEFAULT_REQUEST_BYTES", 1048576)
-
-
-def error_from_c(name: str | None = None) -> OSError:
-    """The exception for the call that just failed on this thread; NAME (the
-    file's display name, or a local path) goes into it as the filename."""
-    ffi, lib = _ffi(), _lib()
-    err = ffi.errno
-    raw = ffi.string(lib.bm_nfs_last_error())
-    message = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    return OSError(err, message or os.strerror(err), name)
-
-
-@dataclass(frozen=True)
-class CopyCounts:
-    """What one bm_nfs_copy_extents call did (``bm_nfs_copy_stats``)."""
-
-    bytes_read: int
-    bytes_written: int
-    bytes_zero: int
-    bytes_hole: int
-    bytes_punched: int
-    requests: int
-    max_in_flight: int
 
 
 def mount(url: str, connections: int, *, timeout_s: float, name: str) -> Handle:
@@ -198,6 +153,4 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     if rc < 0:
         side = stats.error_side
         raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)
-    return CopyCounts(int(stats.bytes_read), int(stats.bytes_written), int(stats.bytes_zero),
-                      int(stats.bytes_hole), int(stats.bytes_punched), int(stats.requests),
-                      int(stats.max_in_flight))
+    return CopyCounts.of(stats)

@@ -11,12 +11,9 @@ names the export (without its user info) itself.
 from __future__ import annotations
 
 import errno
-import os
-from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from blockmirror.errors import InvalidInputError
+from blockmirror._bindings.optional import CopyCounts, OptionalModule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,39 +21,19 @@ if TYPE_CHECKING:
 
     from blockmirror.extents import ExtentArray
 
-try:
-    from blockmirror import _remote as _module
-except ImportError:  # built without libnbd-dev
-    _remote: ModuleType | None = None
-else:
-    _remote = _module
-
 Handle: TypeAlias = Any
 """A ``bm_nbd *`` owned by ffi.gc (bm_nbd_close runs with its last reference)."""
 
 MISSING = ("nbd:// endpoints need libnbd: install Debian's libnbd-dev and rebuild "
            "blockmirror (pip install .)")
+_EXT = OptionalModule("blockmirror._remote", MISSING, "bm_nbd_last_error")
+_lib, _ffi, _constant = _EXT.lib, _EXT.ffi, _EXT.constant
+error_from_c = _EXT.error_from_c
 
 
 def available() -> bool:
-    """Whether this build has the NBD endpoint."""
-    return _remote is not None
-
-
-def _lib() -> Any:
-    if _remote is None:
-        raise InvalidInputError(MISSING)
-    return _remote.lib
-
-
-def _ffi() -> Any:
-    if _remote is None:
-        raise InvalidInputError(MISSING)
-    return _remote.ffi
-
-
-def _constant(name: str, default: int) -> int:
-    return int(getattr(_remote.lib, name)) if _remote is not None else default
+    """Whether this build has the NBD endpoint (built with libnbd-dev)."""
+    return _EXT.available()
 
 
 CAN_WRITE = _constant("BM_NBD_CAN_WRITE", 1)
@@ -72,29 +49,6 @@ SIDE_DST = _constant("BM_NBD_SIDE_DST", 2)
 MAX_CONNS = _constant("BM_NBD_MAX_CONNS", 16)
 DEFAULT_REQUESTS = _constant("BM_NBD_DEFAULT_REQUESTS", 16)
 DEFAULT_REQUEST_BYTES = _constant("BM_NBD_DEFAULT_REQUEST_BYTES", 262144)
-
-
-def error_from_c(name: str | None = None) -> OSError:
-    """The exception for the call that just failed on this thread; NAME (the
-    export's display name, or a local path) goes into it as the filename."""
-    ffi, lib = _ffi(), _lib()
-    err = ffi.errno
-    raw = ffi.string(lib.bm_nbd_last_error())
-    message = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    return OSError(err, message or os.strerror(err), name)
-
-
-@dataclass(frozen=True)
-class CopyCounts:
-    """What one bm_nbd_copy_extents call did (``bm_nbd_copy_stats``)."""
-
-    bytes_read: int
-    bytes_written: int
-    bytes_zero: int
-    bytes_hole: int
-    bytes_punched: int
-    requests: int
-    max_in_flight: int
 
 
 def open_export(uri: str, connections: int, *, write: bool, timeout_s: float,
@@ -217,9 +171,7 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     if rc < 0:
         side = stats.error_side
         raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)
-    return CopyCounts(int(stats.bytes_read), int(stats.bytes_written), int(stats.bytes_zero),
-                      int(stats.bytes_hole), int(stats.bytes_punched), int(stats.requests),
-                      int(stats.max_in_flight))
+    return CopyCounts.of(stats)
 
 
 MAP_BATCH = 65536
@@ -273,6 +225,4 @@ def read_extents(handle: Handle, conn: int, dst_fd: int, extents: ExtentArray,
     if rc < 0:
         side = stats.error_side
         raise error_from_c(src_name if side == SIDE_SRC else dst_path if side else None)
-    return CopyCounts(int(stats.bytes_read), int(stats.bytes_written), int(stats.bytes_zero),
-                      int(stats.bytes_hole), int(stats.bytes_punched), int(stats.requests),
-                      int(stats.max_in_flight))
+    return CopyCounts.of(stats)
