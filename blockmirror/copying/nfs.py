@@ -15,37 +15,27 @@ file skipped so it stays sparse on the server.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import threading
 from typing import Any
 
-import numpy as np
-
 from blockmirror._bindings import nfs as _n
 from blockmirror.closeable import Closeable
+from blockmirror.copying.connections import ConnectionCopier, timeout_from_environment
 from blockmirror.copying.copier import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BLOCK_SIZE,
-    Copier,
     CopyStats,
     DigestRequest,
 )
 from blockmirror.copying.endpoint import NfsUrl
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+from blockmirror.extents import ExtentArray
 
 PARTIAL_SUFFIX = ".bm-partial"  # as a local copy's (precheck.PARTIAL_SUFFIX)
 
 
-def _timeout_from_environment() -> float:
-    try:
-        return max(0.1, float(os.environ.get("BLOCKMIRROR_NFS_TIMEOUT", "30")))
-    except ValueError:
-        return 30.0
-
-
-DEFAULT_TIMEOUT_S = _timeout_from_environment()
+DEFAULT_TIMEOUT_S = timeout_from_environment("BLOCKMIRROR_NFS_TIMEOUT")
 """A connection with calls outstanding and no reply this long has failed
 (30 s; BLOCKMIRROR_NFS_TIMEOUT=SECONDS changes it)."""
 CLEANUP_TIMEOUT_S = 5.0
@@ -174,7 +164,7 @@ class NfsFile(Closeable):
             self._handle = None
 
 
-class NfsCopier(Copier):
+class NfsCopier(ConnectionCopier):
     """Copies extents of the local ``src_fd`` into the file open in NFS_FILE
     at the same offsets: one worker thread per connection, each with up to
     REQUESTS WRITE3 calls in flight. The file is resized and committed only
@@ -185,34 +175,12 @@ class NfsCopier(Copier):
     def __init__(self, src_fd: int, nfs_file: NfsFile, *, requests: int = DEFAULT_REQUESTS,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
                  rate_limit: float | None = None, src_path: str | None = None) -> None:
-        self.export = nfs_file
-        self.requests = max(1, requests)
-        super().__init__(src_fd, -1, workers=nfs_file.connections, batch_bytes=batch_bytes,
-                         block_size=block_size, use_copy_file_range=False,
-                         rate_limit=rate_limit, src_path=src_path, dst_path=nfs_file.name)
+        super().__init__(nfs_file, src_fd, -1, requests=max(1, requests),
+                         default_requests=DEFAULT_REQUESTS, batch_bytes=batch_bytes,
+                         block_size=block_size, rate_limit=rate_limit, src_path=src_path,
+                         dst_path=nfs_file.name)
+        self.export: NfsFile = nfs_file
         self._nfs_rate_cap = _n.new_rate_cap(round(rate_limit)) if rate_limit else None
-        self._next_conn = itertools.count()
-        self._stats_lock = threading.Lock()
-        self.most_in_flight = 0
-        """The most WRITE3 calls one connection had in flight at once so far."""
-        self.requests_sent = 0
-
-    def _new_handle(self, use_copy_file_range: bool) -> Any:
-        return None  # the file's connections are the handle
-
-    @property
-    def uses_copy_file_range(self) -> bool:
-        return False
-
-    def whole_image(self) -> ExtentArray:
-        """[0, the source's size)."""
-        return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
-
-    def _connection(self) -> int:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = next(self._next_conn) % self.export.connections
-        return int(conn)
 
     def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
@@ -222,9 +190,7 @@ class NfsCopier(Copier):
             requests=self.requests, request_bytes=REQUEST_BYTES,
             flags=_n.DST_FRESH if dst_fresh else 0, rate_cap=self._nfs_rate_cap,
             cancel=cancel, src_path=self.src_path, dst_name=self.export.name)
-        with self._stats_lock:
-            self.export.fresh = False
-            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
-            self.requests_sent += counts.requests
+        self.export.fresh = False
+        self._tally(counts)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)

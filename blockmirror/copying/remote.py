@@ -22,8 +22,6 @@ are written into a new sparse local file.
 
 from __future__ import annotations
 
-import itertools
-import os
 import threading
 from typing import Any
 
@@ -32,28 +30,20 @@ import numpy as np
 from blockmirror._bindings import copy as _c
 from blockmirror._bindings import remote as _r
 from blockmirror.closeable import Closeable
+from blockmirror.copying.connections import ConnectionCopier, timeout_from_environment
 from blockmirror.copying.copier import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
-    Copier,
     CopyStats,
     DigestRequest,
     _zero_digest,
 )
 from blockmirror.copying.endpoint import NbdUri
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+from blockmirror.extents import ExtentArray
 
-
-def _timeout_from_environment() -> float:
-    try:
-        return max(0.1, float(os.environ.get("BLOCKMIRROR_NBD_TIMEOUT", "30")))
-    except ValueError:
-        return 30.0
-
-
-DEFAULT_TIMEOUT_S = _timeout_from_environment()
+DEFAULT_TIMEOUT_S = timeout_from_environment("BLOCKMIRROR_NBD_TIMEOUT")
 """A connection with requests outstanding and no reply this long has failed
 (30 s; BLOCKMIRROR_NBD_TIMEOUT=SECONDS changes it, e.g. for a test that cuts
 the link)."""
@@ -138,7 +128,7 @@ class NbdExport(Closeable):
             self._handle = None
 
 
-class RemoteCopier(Copier):
+class RemoteCopier(ConnectionCopier):
     """Copies extents of the local ``src_fd`` into EXPORT at the same offsets.
 
     One worker thread per connection of the export, each with up to REQUESTS
@@ -157,35 +147,12 @@ class RemoteCopier(Copier):
                  requests: int | None = DEFAULT_REQUESTS,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
                  rate_limit: float | None = None, src_path: str | None = None) -> None:
-        self.export = export
-        self.requests = max(1, requests or DEFAULT_REQUESTS)
-        super().__init__(src_fd, -1, workers=export.connections, batch_bytes=batch_bytes,
-                         block_size=block_size, use_copy_file_range=False,
-                         rate_limit=rate_limit, src_path=src_path, dst_path=export.name)
+        super().__init__(export, src_fd, -1, requests=requests,
+                         default_requests=DEFAULT_REQUESTS, batch_bytes=batch_bytes,
+                         block_size=block_size, rate_limit=rate_limit, src_path=src_path,
+                         dst_path=export.name)
+        self.export: NbdExport = export
         self._nbd_rate_cap = _r.new_rate_cap(round(rate_limit)) if rate_limit else None
-        self._next_conn = itertools.count()
-        self._stats_lock = threading.Lock()
-        self.most_in_flight = 0
-        """The most NBD commands one connection had in flight at once so far."""
-        self.requests_sent = 0
-
-    def _new_handle(self, use_copy_file_range: bool) -> Any:
-        return None  # the export's connections are the handle
-
-    @property
-    def uses_copy_file_range(self) -> bool:
-        return False
-
-    def whole_image(self) -> ExtentArray:
-        """[0, the source's size): what a bulk pass into an export copies,
-        since the export's old content is unknown where the source has holes."""
-        return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
-
-    def _connection(self) -> int:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = next(self._next_conn) % self.export.connections
-        return int(conn)
 
     def _digest_spec(self, digests: DigestRequest | None) -> bool:
         """Whether DIGESTS can be served from the copy's buffers."""
@@ -216,14 +183,12 @@ class RemoteCopier(Copier):
         if digests is not None and spec is not None:
             whole = np.flatnonzero(out)
             digests.found.append((slots[whole], out[whole]))  # list.append: atomic
-        with self._stats_lock:
-            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
-            self.requests_sent += counts.requests
+        self._tally(counts)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)
 
 
-class ExportReader(Copier):
+class ExportReader(ConnectionCopier):
     """Copies extents of EXPORT into the same offsets of the local ``dst_fd``,
     which must read as zeros there (a new sparse file: only data blocks are
     written). One worker thread per connection, each with up to REQUESTS
@@ -233,32 +198,15 @@ class ExportReader(Copier):
     def __init__(self, export: NbdExport, dst_fd: int, *, requests: int | None = None,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
                  rate_limit: float | None = None, dst_path: str | None = None) -> None:
-        self.export = export
-        self.requests = max(1, requests or DEFAULT_REQUESTS)
-        super().__init__(-1, dst_fd, workers=export.connections, batch_bytes=batch_bytes,
-                         block_size=block_size, use_copy_file_range=False,
-                         rate_limit=rate_limit, src_path=export.name, dst_path=dst_path)
+        super().__init__(export, -1, dst_fd, requests=requests,
+                         default_requests=DEFAULT_REQUESTS, batch_bytes=batch_bytes,
+                         block_size=block_size, rate_limit=rate_limit, src_path=export.name,
+                         dst_path=dst_path)
+        self.export: NbdExport = export
         self._nbd_rate_cap = _r.new_rate_cap(round(rate_limit)) if rate_limit else None
-        self._next_conn = itertools.count()
-        self._stats_lock = threading.Lock()
-        self.most_in_flight = 0
-        """The most reads one connection had in flight at once so far."""
-
-    def _new_handle(self, use_copy_file_range: bool) -> Any:
-        return None  # the export's connections are the handle
-
-    @property
-    def uses_copy_file_range(self) -> bool:
-        return False
 
     def allocated_extents(self) -> ExtentArray:
         return self.export.data_extents()
-
-    def _connection(self) -> int:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = next(self._next_conn) % self.export.connections
-        return int(conn)
 
     def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
@@ -268,6 +216,5 @@ class ExportReader(Copier):
             self.export.handle, self._connection(), self.dst_fd, item, self.block_size,
             requests=self.requests, request_bytes=REQUEST_BYTES, rate_cap=self._nbd_rate_cap,
             cancel=cancel, src_name=self.export.name, dst_path=self.dst_path)
-        with self._stats_lock:
-            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
+        self._tally(counts)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero, 0, 0)

@@ -1,0 +1,84 @@
+"""A Copier over an endpoint's connections: what the copiers into an NBD
+export (remote.py: RemoteCopier), out of one (ExportReader) and into an NFS
+file (nfs.py: NfsCopier) share.
+
+Each worker thread keeps one connection of the endpoint for every work item
+it copies, and each item is one C call with many requests in flight on it;
+there is no local copier handle and no copy_file_range. The C calls' counts
+are tallied here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Any, Protocol
+
+import numpy as np
+
+from blockmirror._bindings.optional import CopyCounts
+from blockmirror.copying.copier import DEFAULT_BATCH_BYTES, DEFAULT_BLOCK_SIZE, Copier
+from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+
+
+def timeout_from_environment(variable: str, default: float = 30.0) -> float:
+    """Seconds from the environment VARIABLE (at least 0.1), else DEFAULT."""
+    try:
+        return max(0.1, float(os.environ.get(variable, str(default))))
+    except ValueError:
+        return default
+
+
+class Endpoint(Protocol):
+    """What a connection copier needs of its endpoint."""
+
+    name: str
+    connections: int
+
+
+class ConnectionCopier(Copier):
+    """One worker thread per connection of ENDPOINT, each with up to
+    REQUESTS (DEFAULT_REQUESTS when None) requests in flight per call.
+    Subclasses make the C call in ``_copy_item_now`` on ``_connection()``
+    and pass its counts to ``_tally``."""
+
+    def __init__(self, endpoint: Endpoint, src_fd: int, dst_fd: int, *,
+                 requests: int | None, default_requests: int,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
+                 rate_limit: float | None = None, src_path: str | None = None,
+                 dst_path: str | None = None) -> None:
+        self.export = endpoint
+        self.requests = max(1, requests or default_requests)
+        super().__init__(src_fd, dst_fd, workers=endpoint.connections, batch_bytes=batch_bytes,
+                         block_size=block_size, use_copy_file_range=False,
+                         rate_limit=rate_limit, src_path=src_path, dst_path=dst_path)
+        self._next_conn = itertools.count()
+        self._stats_lock = threading.Lock()
+        self.most_in_flight = 0
+        """The most requests one connection had in flight at once so far."""
+        self.requests_sent = 0
+
+    def _new_handle(self, use_copy_file_range: bool) -> Any:
+        return None  # the endpoint's connections are the handle
+
+    @property
+    def uses_copy_file_range(self) -> bool:
+        return False
+
+    def _connection(self) -> int:
+        """This worker thread's connection (assigned on its first item)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = next(self._next_conn) % self.export.connections
+        return int(conn)
+
+    def _tally(self, counts: CopyCounts) -> None:
+        with self._stats_lock:
+            self.most_in_flight = max(self.most_in_flight, counts.max_in_flight)
+            self.requests_sent += counts.requests
+
+    def whole_image(self) -> ExtentArray:
+        """[0, the source's size): what a bulk pass into a remote copy covers
+        where the copy's old content is unknown under the source's holes."""
+        return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
