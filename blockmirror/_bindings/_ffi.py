@@ -7,7 +7,7 @@ import array
 import errno
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror._core import ffi, lib
 from blockmirror.errors import SidecarCorruptError, SidecarUnsafeError
@@ -96,10 +96,17 @@ def extent_pairs(buf: CData, count: int) -> list[Extent]:
     return list(zip(words[0::2], words[1::2], strict=True))
 
 
-def extents_pointer(extents: ExtentArray) -> CData:
-    """A ``bm_extent *`` over EXTENTS (NULL when empty), checked."""
+def extents_pointer(extents: ExtentArray, *, on: Any = None,
+                    ctype: str = "bm_extent *") -> CData:
+    """A CTYPE over EXTENTS (NULL when empty), checked. ON is the ffi of the
+    module the pointer is for: the core's by default, or an endpoint's
+    (its extent struct has the same two uint64 fields)."""
     from blockmirror.extents import EXTENT_DTYPE
 
     if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
         raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
-    return ffi.cast("bm_extent *", ffi.from_buffer(extents.data)) if len(extents) else ffi.NULL
+    module_ffi = ffi if on is None else on
+    if not len(extents):
+        return module_ffi.NULL
+    pointer: CData = module_ffi.cast(ctype, module_ffi.from_buffer(extents.data))
+    return pointer

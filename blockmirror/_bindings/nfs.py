@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any, TypeAlias
 
+from blockmirror._bindings._ffi import extents_pointer
 from blockmirror._bindings.optional import CopyCounts, OptionalModule
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+from blockmirror.extents import ExtentArray
 
 Handle: TypeAlias = Any
 """A ``bm_nfs *`` owned by ffi.gc (bm_nfs_close runs with its last reference)."""
@@ -141,10 +142,7 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     open file over connection CONN, in one C call; errors name the side.
     CANCEL is the Copier's ``uint32_t *`` flag (any cffi module's)."""
     ffi, lib = _ffi(), _lib()
-    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
-        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
-    ext = (ffi.cast("bm_nfs_extent *", ffi.from_buffer(extents.data)) if len(extents)
-           else ffi.NULL)
+    ext = extents_pointer(extents, on=ffi, ctype="bm_nfs_extent *")
     stats = ffi.new("bm_nfs_copy_stats *")
     flag = ffi.NULL if cancel is None else ffi.cast("uint32_t *", cancel)
     rc = lib.bm_nfs_copy_extents(handle, conn, src_fd, ext, len(extents), block_size,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from blockmirror._bindings._ffi import extents_pointer
 from blockmirror._bindings.optional import CopyCounts, OptionalModule
 
 if TYPE_CHECKING:
@@ -155,13 +156,8 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     (zeroed, one uint64 per slot of ``copy.digest_slots``) receives the
     digest of each granule copied whole, hashed from the bytes sent (0:
     none). The granularity must divide REQUEST_BYTES."""
-    from blockmirror.extents import EXTENT_DTYPE  # late: numpy (see blockmirror.extents)
-
     ffi, lib = _ffi(), _lib()
-    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
-        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
-    ext = (ffi.cast("bm_nbd_extent *", ffi.from_buffer(extents.data)) if len(extents)
-           else ffi.NULL)
+    ext = extents_pointer(extents, on=ffi, ctype="bm_nbd_extent *")
     stats = ffi.new("bm_nbd_copy_stats *")
     sink = ffi.NULL if digests is None else _sink(*digests)
     rc = lib.bm_nbd_copy_extents_hashed(handle, conn, src_fd, ext, len(extents), block_size,
@@ -210,13 +206,8 @@ def read_extents(handle: Handle, conn: int, dst_fd: int, extents: ExtentArray,
                  dst_path: str | None = None) -> CopyCounts:
     """Read EXTENTS of the export over connection CONN into the same offsets
     of the fresh local file DST_FD (data blocks only), in one C call."""
-    from blockmirror.extents import EXTENT_DTYPE  # late: numpy (see blockmirror.extents)
-
     ffi, lib = _ffi(), _lib()
-    if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
-        raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
-    ext = (ffi.cast("bm_nbd_extent *", ffi.from_buffer(extents.data)) if len(extents)
-           else ffi.NULL)
+    ext = extents_pointer(extents, on=ffi, ctype="bm_nbd_extent *")
     stats = ffi.new("bm_nbd_copy_stats *")
     rc = lib.bm_nbd_read_extents(handle, conn, dst_fd, ext, len(extents), block_size,
                                  requests, request_bytes,
