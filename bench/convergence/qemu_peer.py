@@ -287,18 +287,58 @@ def _run_point(cfg: MatrixConfig, rate: float, repetition: int, folder: Path,
     image, allocated = make_source(folder / "src", cfg, cfg.seed + repetition, tracked=False)
     with open(target, "wb") as f:
         f.truncate(cfg.image_size)
-    # Unix socket paths must stay short (108 bytes): not under the workdir.
-    sockets = Path(tempfile.mkdtemp(prefix="bmq-"))
-    nbd_sock, qmp_sock = sockets / "nbd.sock", sockets / "qmp.sock"
     row = _base_row(engine, cfg, rate, repetition)
     row.update(allocated_bytes=allocated, passes=None, pass_list=[])
-    qsd = fio = None
-    fio_report = folder / "fio.json"
-    qmp: QMP | None = None
+    point = _QemuPoint(cfg, rate, cfg.seed + repetition, image, target, folder / "fio.json",
+                       engine, row)
     try:
-        qsd = subprocess.Popen(
+        return point.run()
+    finally:
+        point.close()
+
+
+class _QemuPoint:
+    """One run of a QEMU peer: daemon, guest, mirror job, switch, checks.
+    Each stage is a method; ``close`` stops whatever is still running."""
+
+    def __init__(self, cfg: MatrixConfig, rate: float, seed: int, image: Path, target: Path,
+                 fio_report: Path, engine: str, row: Row) -> None:
+        self.cfg, self.rate, self.seed, self.engine, self.row = cfg, rate, seed, engine, row
+        self.image, self.target, self.fio_report = image, target, fio_report
+        # Unix socket paths must stay short (108 bytes): not under the workdir.
+        self.sockets = Path(tempfile.mkdtemp(prefix="bmq-"))
+        self.qsd: subprocess.Popen[bytes] | None = None
+        self.fio: subprocess.Popen[bytes] | None = None
+        self.qmp: QMP | None = None
+        self.samples: list[tuple[float, int, int]] = []
+        self.t0 = self.wall0 = 0.0
+
+    def run(self) -> Row:
+        self._start_daemon()
+        if self.rate > 0:
+            self._start_guest()
+        time.sleep(self.cfg.warmup_s)
+        self._start_mirror()
+        ready = self._watch_until_ready()
+        t_decided = time.monotonic()
+        self.row.update(decision_s=ready if ready is not None else t_decided - self.t0,
+                        initial_total=initial_total(self.samples, self.cfg.image_size),
+                        progress=[[round(t, 3), c, tt] for t, c, tt in self.samples])
+        paused = time.monotonic()
+        self._stop_guest(t_decided)
+        if ready is not None:
+            self._complete(paused)
+        else:
+            self._cancel()
+        self._quit_daemon()
+        self._derive()
+        return self.row
+
+    def _start_daemon(self) -> None:
+        nbd_sock, qmp_sock = self.sockets / "nbd.sock", self.sockets / "qmp.sock"
+        self.qsd = subprocess.Popen(
             ["qemu-storage-daemon",
-             "--blockdev", f"driver=file,filename={image},node-name=src-file,"
+             "--blockdev", f"driver=file,filename={self.image},node-name=src-file,"
              "cache.direct=on,aio=threads",
              "--blockdev", "driver=raw,file=src-file,node-name=src",
              "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
@@ -307,47 +347,58 @@ def _run_point(cfg: MatrixConfig, rate: float, repetition: int, folder: Path,
              "--monitor", "chardev=qmp0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        qmp = QMP(qmp_sock)
-        if rate > 0:
-            fio = subprocess.Popen(
-                [*guest_fio_command(cfg, rate, cfg.seed + repetition,
-                                    f"nbd+unix:///src?socket={nbd_sock}", fio_report),
-                 f"--status-interval={STATUS_INTERVAL}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            deadline = time.monotonic() + 20
-            while not _guest_started(qmp):
-                if fio.poll() is not None:
-                    raise RuntimeError(f"fio exited early (status {fio.returncode})")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("fio did not start writing within 20 s")
-                time.sleep(0.05)
-        time.sleep(cfg.warmup_s)
-        qmp.cmd("blockdev-add", driver="file", filename=str(target), **{"node-name": "dst-file"},
-                cache={"direct": True}, aio="threads", discard="unmap")
-        qmp.cmd("blockdev-add", driver="raw", file="dst-file", **{"node-name": "dst"},
-                discard="unmap")
+        self.qmp = QMP(qmp_sock)
+
+    def _start_guest(self) -> None:
+        """fio over the export, until QEMU sees its first write."""
+        assert self.qmp is not None
+        uri = f"nbd+unix:///src?socket={self.sockets / 'nbd.sock'}"
+        self.fio = subprocess.Popen(
+            [*guest_fio_command(self.cfg, self.rate, self.seed, uri, self.fio_report),
+             f"--status-interval={STATUS_INTERVAL}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while not _guest_started(self.qmp):
+            if self.fio.poll() is not None:
+                raise RuntimeError(f"fio exited early (status {self.fio.returncode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError("fio did not start writing within 20 s")
+            time.sleep(0.05)
+
+    def _start_mirror(self) -> None:
+        assert self.qmp is not None
+        self.qmp.cmd("blockdev-add", driver="file", filename=str(self.target),
+                     **{"node-name": "dst-file"}, cache={"direct": True}, aio="threads",
+                     discard="unmap")
+        self.qmp.cmd("blockdev-add", driver="raw", file="dst-file", **{"node-name": "dst"},
+                     discard="unmap")
         mirror: dict[str, Any] = {"job-id": "mirror", "device": "src", "target": "dst",
-                                  "sync": "full", "granularity": cfg.granularity}
-        if cfg.copy_cap:
-            mirror["speed"] = int(cfg.copy_cap)
-        if engine == "qemu-wb":
+                                  "sync": "full", "granularity": self.cfg.granularity}
+        if self.cfg.copy_cap:
+            mirror["speed"] = int(self.cfg.copy_cap)
+        if self.engine == "qemu-wb":
             mirror["copy-mode"] = "write-blocking"
-        wall0 = time.time()
-        t0 = time.monotonic()
-        qmp.cmd("blockdev-mirror", **mirror)
-        samples: list[tuple[float, int, int]] = []
+        self.wall0 = time.time()
+        self.t0 = time.monotonic()
+        self.qmp.cmd("blockdev-mirror", **mirror)
+
+    def _watch_until_ready(self) -> float | None:
+        """Poll the job until ready (its time, from the event) or the time
+        limit (None); notes on the way when a time-based predicate would
+        have switched and when 2 MiB were left."""
+        assert self.qmp is not None
+        cfg = self.cfg
         le_2mib = predicate = ready = None
-        status = ""
         while True:
-            jobs = {j["id"]: j for j in qmp.cmd("query-jobs")}
+            jobs = {j["id"]: j for j in self.qmp.cmd("query-jobs")}
             job = jobs.get("mirror")
-            now = time.monotonic() - t0
+            now = time.monotonic() - self.t0
             if job is None:
                 raise RuntimeError("the mirror job vanished")
             status = job["status"]
             cur, tot = int(job["current-progress"]), int(job["total-progress"])
-            samples.append((now, cur, tot))
+            self.samples.append((now, cur, tot))
             left = tot - cur
             if le_2mib is None and left <= 2 * MiB and now > 0:
                 le_2mib = now
@@ -356,82 +407,99 @@ def _run_point(cfg: MatrixConfig, rate: float, repetition: int, folder: Path,
                     left / throughput < cfg.target_downtime:
                 predicate = now
             if status == "ready":
-                ev = qmp.event("BLOCK_JOB_READY")
-                ready = (ev[0] - t0) if ev else now
+                ev = self.qmp.event("BLOCK_JOB_READY")
+                ready = (ev[0] - self.t0) if ev else now
                 break
             if status in ("aborting", "concluded", "null"):
                 raise RuntimeError(f"mirror job ended early: {status}")
             if now > cfg.qemu_timeout_s:
                 break
             time.sleep(POLL_S)
-        t_decided = time.monotonic()
-        wall_decided = wall0 + (t_decided - t0)
-        row.update(ready_s=ready, le_2mib_s=le_2mib, predicate_s=predicate,
-                   decision_s=ready if ready is not None else t_decided - t0,
-                   initial_total=initial_total(samples, cfg.image_size),
-                   progress=[[round(t, 3), c, tt] for t, c, tt in samples])
-        paused = time.monotonic()
-        _stop(fio, grace=10)  # the guest completes its requests in flight and exits
-        fio = None
-        rate_got, p99 = fio_write_stats(fio_report)
-        row["writer_rate"] = row["writer_rate_overall"] = rate_got
-        # The guest's rate from blockdev-mirror to ready (or giving up); fio's
-        # p99 covers its whole run (it keeps no latencies per window).
-        row.update(mirror_s=t_decided - t0, mirror_write_p99_s=p99 if rate > 0 else None,
-                   mirror_writer_rate=fio_written_between(fio_report, wall0, wall_decided)
-                   if rate > 0 else None)
-        if ready is not None:
-            qmp.cmd("block-export-del", id="exp0", mode="hard")
-            completing = time.monotonic()
-            qmp.cmd("job-complete", id="mirror")
-            while True:
-                done = qmp.event("BLOCK_JOB_COMPLETED")
-                if done is not None:
-                    break
-                jobs = {j["id"]: j for j in qmp.cmd("query-jobs")}
-                if "mirror" not in jobs or jobs["mirror"]["status"] in ("concluded", "null"):
-                    done = qmp.event("BLOCK_JOB_COMPLETED")
-                    break
-                time.sleep(0.001)
-            finished = done[0] if done else time.monotonic()
-            copied = int(done[1]["data"]["offset"]) if done else samples[-1][1]
-            if done and done[1]["data"].get("error"):
-                raise RuntimeError(f"mirror failed: {done[1]['data']['error']}")
-            row.update(outcome="converged", converged=True, downtime_s=finished - completing,
-                       pause_s=finished - paused, bytes_copied=copied)
-        else:
-            qmp.cmd("block-job-cancel", device="mirror", force=True)
-            row.update(outcome="not_converged", converged=False, downtime_s=0.0,
-                       bytes_copied=samples[-1][1] if samples else 0,
-                       notes=f"not ready within {cfg.qemu_timeout_s:g} s")
+        self.row.update(ready_s=ready, le_2mib_s=le_2mib, predicate_s=predicate)
+        return ready
+
+    def _stop_guest(self, t_decided: float) -> None:
+        """The guest completes its requests in flight and exits; its rate
+        from blockdev-mirror to the decision (fio's p99 covers its whole
+        run: it keeps no latencies per window)."""
+        _stop(self.fio, grace=10)
+        self.fio = None
+        rate_got, p99 = fio_write_stats(self.fio_report)
+        wall_decided = self.wall0 + (t_decided - self.t0)
+        guest = self.rate > 0
+        self.row.update(
+            writer_rate=rate_got, writer_rate_overall=rate_got, mirror_s=t_decided - self.t0,
+            mirror_write_p99_s=p99 if guest else None,
+            mirror_writer_rate=fio_written_between(self.fio_report, self.wall0, wall_decided)
+            if guest else None)
+
+    def _complete(self, paused: float) -> None:
+        """block-export-del, then job-complete: its duration is the downtime."""
+        assert self.qmp is not None
+        self.qmp.cmd("block-export-del", id="exp0", mode="hard")
+        completing = time.monotonic()
+        self.qmp.cmd("job-complete", id="mirror")
+        while True:
+            done = self.qmp.event("BLOCK_JOB_COMPLETED")
+            if done is not None:
+                break
+            jobs = {j["id"]: j for j in self.qmp.cmd("query-jobs")}
+            if "mirror" not in jobs or jobs["mirror"]["status"] in ("concluded", "null"):
+                done = self.qmp.event("BLOCK_JOB_COMPLETED")
+                break
+            time.sleep(0.001)
+        finished = done[0] if done else time.monotonic()
+        copied = int(done[1]["data"]["offset"]) if done else self.samples[-1][1]
+        if done and done[1]["data"].get("error"):
+            raise RuntimeError(f"mirror failed: {done[1]['data']['error']}")
+        self.row.update(outcome="converged", converged=True, downtime_s=finished - completing,
+                        pause_s=finished - paused, bytes_copied=copied)
+
+    def _cancel(self) -> None:
+        assert self.qmp is not None
+        self.qmp.cmd("block-job-cancel", device="mirror", force=True)
+        self.row.update(outcome="not_converged", converged=False, downtime_s=0.0,
+                        bytes_copied=self.samples[-1][1] if self.samples else 0,
+                        notes=f"not ready within {self.cfg.qemu_timeout_s:g} s")
+
+    def _quit_daemon(self) -> None:
+        assert self.qmp is not None and self.qsd is not None
         with contextlib.suppress(QMPError, OSError):
-            qmp.cmd("quit")
-        qmp.close()
-        qmp = None
-        if qsd.wait(timeout=30) != 0:
-            err = qsd.stderr.read().decode(errors="replace") if qsd.stderr else ""
-            row["notes"] = (row.get("notes", "") + f" qemu-storage-daemon: {err[-300:]}").strip()
+            self.qmp.cmd("quit")
+        self.qmp.close()
+        self.qmp = None
+        if self.qsd.wait(timeout=30) != 0:
+            err = self.qsd.stderr.read().decode(errors="replace") if self.qsd.stderr else ""
+            self._note(f"qemu-storage-daemon: {err[-300:]}")
+
+    def _derive(self) -> None:
+        """qemu-img compare of a converged copy, and the derived columns."""
+        row = self.row
         if row["converged"]:
-            cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image),
-                                  str(target)], capture_output=True, text=True)
+            cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+                                  str(self.image), str(self.target)],
+                                 capture_output=True, text=True)
             row["identical"] = cmp.returncode == 0
             if cmp.returncode != 0:
-                row["notes"] = (row.get("notes", "") + " " + cmp.stdout.strip()).strip()
+                self._note(cmp.stdout.strip())
         row["writer_max_write_s"] = None
-        row["elapsed_s"] = time.monotonic() - t0
+        row["elapsed_s"] = time.monotonic() - self.t0
         row["switchover_s"] = row["ready_s"] if row["converged"] else None
-        row["amplification"] = row["bytes_copied"] / cfg.image_size
-        derive_recopied(row, cfg.image_size)
-        row["dst_allocated"] = os.stat(target).st_blocks * 512
-        return row
-    finally:
-        _stop(fio)
-        if qmp is not None:
+        row["amplification"] = row["bytes_copied"] / self.cfg.image_size
+        derive_recopied(row, self.cfg.image_size)
+        row["dst_allocated"] = os.stat(self.target).st_blocks * 512
+
+    def _note(self, text: str) -> None:
+        self.row["notes"] = (self.row.get("notes", "") + " " + text).strip()
+
+    def close(self) -> None:
+        _stop(self.fio)
+        if self.qmp is not None:
             with contextlib.suppress(QMPError, OSError):
-                qmp.cmd("quit")
-            qmp.close()
-        if qsd is not None:
-            _stop(qsd, grace=10)
-            if qsd.stderr:
-                qsd.stderr.close()
-        shutil.rmtree(sockets, ignore_errors=True)
+                self.qmp.cmd("quit")
+            self.qmp.close()
+        if self.qsd is not None:
+            _stop(self.qsd, grace=10)
+            if self.qsd.stderr:
+                self.qsd.stderr.close()
+        shutil.rmtree(self.sockets, ignore_errors=True)
