@@ -306,7 +306,24 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 def summary_markdown(result: MatrixResult) -> str:
     cfg = result.config
     c = result.copy_throughput
-    lines = [
+    lines = [*_header_lines(result), *_engine_table(result.rows), *_target_lines(result.targets)]
+    if cfg.dest_bandwidth or any(r.get("converge") in ("mirror", "auto") or r.get("defer_hot")
+                                 or r["engine"] == "qemu-wb" for r in result.rows):
+        from . import issue10
+
+        lines += ["", *issue10.markdown(result.rows, cfg.dest_bandwidth or c,
+                                        cfg.target_downtime, c)]
+    plots = [p for k, p in result.files.items() if str(p).endswith(".png")]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(result: MatrixResult) -> list[str]:
+    """Title, command, the matrix's settings and notes."""
+    cfg = result.config
+    c = result.copy_throughput
+    return [
         f"# Convergence versus write rate ({result.started})",
         "",
         f"`{result.command}`" if result.command else "",
@@ -324,6 +341,12 @@ def summary_markdown(result: MatrixResult) -> str:
         "",
         *[f"- {n}" for n in result.notes],
         "",
+    ]
+
+
+def _engine_table(rows: list[Row]) -> list[str]:
+    """The medians of every engine at every point, beside the model."""
+    lines = [
         "Medians per point. passes = pass records incl. bulk and final; switch s = time "
         "to the switchover decision (QEMU: to \"ready\"); copied = bytes copied ÷ image size; "
         "downtime = writers paused (QEMU: job-complete with the guest disconnected); model = "
@@ -334,7 +357,7 @@ def summary_markdown(result: MatrixResult) -> str:
         "write ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in summarize(result.rows):
+    for s in summarize(rows):
         qemu = not s["engine"].startswith("blockmirror")
         switch = s["ready_s"] if qemu else s["switchover_s"]
         lines.append(
@@ -350,8 +373,12 @@ def summary_markdown(result: MatrixResult) -> str:
                f"{_fmt(s['downtime_ms'], '.1f')} ({_fmt(s['model_downtime_ms'], '.1f')}) | ")
             + f"{_fmt(s['writer_max_write_ms'], '.1f')} |"
         )
-    lines += ["", "## Targets", ""]
-    t = result.targets
+    return lines
+
+
+def _target_lines(t: dict[str, Any]) -> list[str]:
+    """The issue-4 targets' verdicts, and the QEMU side-by-side table."""
+    lines = ["", "## Targets", ""]
     a = t["converge_below_0.8C"]
     lines.append(f"- converges at every rate ≤ 0.8 x C with downtime ≤ target: "
                  f"{_verdict(a['met'])} ({a['runs'] - a['failed']}/{a['runs']} runs; worst "
@@ -396,16 +423,7 @@ def summary_markdown(result: MatrixResult) -> str:
                 f"{_fmt(x['qemu_ready_s'])} | {_fmt(x['qemu_predicate_s'])} | "
                 f"{_mib(x['bm_bytes'])} / {_mib(x['qemu_bytes'])} | "
                 f"{_mib(x['bm_recopied'])} / {_mib(x['qemu_recopied'])} |")
-    if cfg.dest_bandwidth or any(r.get("converge") in ("mirror", "auto") or r.get("defer_hot")
-                                 or r["engine"] == "qemu-wb" for r in result.rows):
-        from . import issue10
-
-        lines += ["", *issue10.markdown(result.rows, cfg.dest_bandwidth or c,
-                                        cfg.target_downtime, c)]
-    plots = [p for k, p in result.files.items() if str(p).endswith(".png")]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _mib(v: float | None) -> str:
