@@ -346,6 +346,24 @@ class Tracker(Closeable):
         with Tracker.open(real) as destination:
             _c.redirect(self._h, real, destination._h)
 
+    def redirect_to_export(self, uri: str) -> None:
+        """Send frozen writers to the NBD export URI (``nbd://`` or
+        ``nbd+unix://``, no user info): a move onto an export. Their next
+        write, read or flush goes there through libnbd, untracked. Raises
+        OSError ETIMEDOUT if the freeze ended first (writers went on against
+        the source: nothing was redirected)."""
+        if len(uri.encode()) >= _c.REDIRECT_MAX:
+            raise OSError(errno.EINVAL, f"redirect URI is {_c.REDIRECT_MAX} bytes or longer")
+        _c.redirect_uri(self._h, uri)
+
+    def export_to_follow(self) -> str:
+        """The export URI this image was moved onto, if this process may
+        follow it: only a process whose effective uid owns the image does
+        (the owner is the only one who can forge the sidecar; see
+        csrc/redirect.c). Raises ``SidecarUnsafeError`` otherwise, OSError
+        EXDEV if the image moved to a file, ENOENT if it did not move."""
+        return _c.redirect_uri_to_follow(self._h, self.path)
+
     def mirror_start(self, target: str | os.PathLike[str]) -> None:
         """Mirror writers' writes to clean ranges into TARGET, which must hold
         a copy of every clean range already (csrc/mirror.c, I7). The tracker
