@@ -14,6 +14,7 @@ import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from blockmirror import files
 from blockmirror._bindings import copy as _copy
 from blockmirror._bindings import mirror as _m
 from blockmirror._bindings import tracker as _c
@@ -459,6 +460,38 @@ class Tracker(Closeable):
 
 
 retire_pwrite_function = _w.retire_pwrite_function
+
+
+def sidecar_users(image_path: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """(pid, effective uid) of every other process that maps IMAGE's sidecar
+    now: its writers, a front end, a copier. Read from /proc, so processes
+    whose maps this one may not read (another user's, unless root) are
+    missed."""
+    try:
+        st = os.stat(sidecar_path(image_path))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        if files.process_maps(int(entry), st.st_dev, st.st_ino):
+            uid = _effective_uid(int(entry))
+            if uid is not None:
+                found.append((int(entry), uid))
+    return found
+
+
+def _effective_uid(pid: int) -> int | None:
+    """PID's effective uid (/proc/PID/status), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
 
 
 def _allocated_extents(image_path: str) -> list[Extent]:
