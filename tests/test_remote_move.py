@@ -266,6 +266,40 @@ def test_flush_failing_under_the_freeze_keeps_writers_on_the_source(ram_tmp_path
         writer.stop()
 
 
+@pytest.mark.parametrize("failing", ["flush", "redirect"])
+def test_a_failed_commit_or_redirect_thaws_writers_at_once(failing, ram_tmp_path, serve,
+                                                           monkeypatch):
+    """The library call, in this process (whose freeze binds until thawed):
+    the commit's flush, or the redirect itself, fails; the sync leaves the
+    tracker running, not frozen until the lease ends; the source is
+    untouched."""
+    from blockmirror import sync
+    from blockmirror.copying.remote import NbdExport
+
+    image = ram_tmp_path / "a.img"
+    content = make_data_image(image, 8 * MiB, extents=3, tracked=True)
+    server = serve("nbdkit", 8 * MiB)
+    real = NbdExport.flush
+
+    def flush(self: NbdExport) -> None:
+        if sys._getframe(1).f_code.co_name == "_commit":
+            raise OSError(5, "refused (injected)", self.name)
+        real(self)
+
+    def redirect(self: Tracker, uri: str) -> None:
+        raise OSError(110, "refused (injected)")
+
+    if failing == "flush":
+        monkeypatch.setattr(NbdExport, "flush", flush)
+    else:
+        monkeypatch.setattr(Tracker, "redirect_to_export", redirect)
+    with pytest.raises(OSError, match="refused"):
+        sync(image, server.uri, mode="move", target_downtime=5.0)
+    with Tracker.open(image) as tracker:
+        assert tracker.state == "running"
+    assert image.read_bytes() == content
+
+
 def test_copier_killed_just_before_the_redirect(ram_tmp_path, serve):
     """SIGKILL after the flush, before the redirect: writers resume on the
     source (the copier is gone), which keeps every write."""
@@ -402,3 +436,25 @@ def test_uri_redirects_are_refused_with_user_info(ram_tmp_path):
     assert shutil.which("true")  # the environment is sane; nothing moved
     with Tracker.open(image) as t:
         assert t.state == "running"
+
+
+def test_a_move_whose_writer_is_not_the_owner_is_refused(ram_tmp_path, serve):
+    """A root writer on an image of uid 4242 could not follow the URI: the
+    move is refused before anything is written, and the writer goes on."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (files of another uid)")
+    image = ram_tmp_path / "user.img"
+    make_data_image(image, 8 * MiB, extents=2, tracked=True)
+    for path in (image, Path(f"{image}.cbt")):
+        os.chown(path, 4242, 4242)
+    server = serve("nbdkit", 8 * MiB, junk=True)
+    before = server.file.read_bytes()
+    writer = WriterProcess(image, ram_tmp_path / "w.log", rate="4M")
+    try:
+        writer.wait_for_writes(10)
+        line = one_line_error(run_cli("sync", image, server.uri, "--move"), 2)
+        assert "not the image's owner (uid 4242)" in line and f"pid {writer.proc.pid}" in line
+        writer.wait_for_more(5)
+    finally:
+        assert writer.stop() == 0
+    assert server.file.read_bytes() == before and image.exists()
