@@ -458,3 +458,43 @@ def test_a_move_whose_writer_is_not_the_owner_is_refused(ram_tmp_path, serve):
     finally:
         assert writer.stop() == 0
     assert server.file.read_bytes() == before and image.exists()
+
+
+def test_a_front_end_that_meets_a_redirect_to_an_export_fails_requests_not_freezes(
+        ram_tmp_path, serve):
+    """Past the copier's refusal (a front end started mid-move): the nbdkit
+    plugin cannot follow a URI; its client's write fails at once with an
+    error, is written nowhere, and the plugin says why in its log."""
+    from nbdtools import Exports, NbdClient
+
+    image = ram_tmp_path / "served.img"
+    content = make_data_image(image, 4 * MiB, extents=2, tracked=True)
+    target = serve("nbdkit", 4 * MiB)
+    with Exports(ram_tmp_path) as exports:
+        front = exports.start(image)
+        with NbdClient(front.socket, timeout=20) as client:
+            client.pwrite(b"\x01" * 4096, 0)
+            content = b"\x01" * 4096 + content[4096:]
+            with Tracker.open(image) as tracker:
+                tracker.freeze(5)
+                tracker.redirect_to_export(target.uri)
+            started = time.monotonic()
+            with pytest.raises(OSError):
+                client.pwrite(b"\x02" * 4096, 8192)
+            assert time.monotonic() - started < 5, "the client was held"
+        wait_for(lambda: "cannot follow it there" in front.stderr(), 10, "the plugin's reason")
+    assert image.read_bytes() == content
+    assert b"\x02" * 4096 not in target.file.read_bytes()
+
+
+def test_an_untracked_image_is_moved_and_removed(ram_tmp_path, serve):
+    """No sidecar, so no writer to send anywhere: copied, flushed, checked
+    unchanged, then the source goes, as in a local move."""
+    image = ram_tmp_path / "still.img"
+    content = make_data_image(image, 8 * MiB, extents=3)
+    server = serve("qemu-nbd", 8 * MiB, junk=True)
+    proc = run_cli("sync", image, server.uri, "--move", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["mode"] == "move"
+    assert server.file.read_bytes() == content
+    assert not image.exists()
