@@ -270,6 +270,18 @@ int bm_thaw(bm_tracker *t);
  * so they reopen the target. Only valid while frozen by this process. */
 int bm_redirect(bm_tracker *t, const char *target, bm_tracker *target_tracker);
 
+/* Send writers to the NBD export URI (nbd:// or nbd+unix://, shorter than
+ * BM_REDIRECT_MAX, no user info) instead of a file: a move onto an export.
+ * Only valid while frozen by this process; ETIMEDOUT when the freeze ended
+ * first (writers went on against the source). See csrc/redirect.c. */
+int bm_redirect_uri(bm_tracker *t, const char *uri);
+
+/* A writer's check before it follows a redirect to an export: copy the URI
+ * into BUF (LEN bytes with the NUL) only if T is bound to its image, the
+ * redirect names a move, and this process's effective uid owns the image
+ * (EPERM otherwise); EXDEV if the redirect is to a file, ENOENT if none. */
+int bm_redirect_uri_to_follow(bm_tracker *t, char *buf, uint64_t len);
+
 /* Follow T's redirect: open the target image (O_RDWR, into *IMAGE_FD) and
  * its sidecar (bm_open with FLAGS), and return the new tracker. Refuses
  * (EPERM, nothing left open) unless T is bound to the image it was opened

@@ -16,7 +16,30 @@
  *   - whose sidecar records the move: bm_redirect draws a random token into
  *     both control blocks, and the target's must match the source's.
  * The copier resolves the target itself (realpath) before it redirects, so a
- * legitimate destination behind a folder link still works. */
+ * legitimate destination behind a folder link still works.
+ *
+ * A move onto an NBD export (issue 12) redirects to a URI instead
+ * (bm_redirect_uri: "nbd://" or "nbd+unix://", never a path, which always
+ * starts with "/"). No sidecar sits beside an export to hold a token, and
+ * a URI can reach anything the writer can connect to - another user's
+ * disk behind a root-owned socket, a server elsewhere on the network -, so
+ * a token would prove nothing. The rule instead (bm_redirect_uri_to_follow):
+ *   - the sidecar is bound to the image the writer opened, as above;
+ *   - the writer's effective uid is the image's owner. Only the image's
+ *     owner (and root) can write its sidecar, which is refused when it is
+ *     owned by anyone else or writable by group/others (cbt.c), so a forged
+ *     URI can then only come from the writer's own principal, who could
+ *     point its own writes anywhere anyway: following it grants nothing.
+ *     A writer of any other uid (root running a user's VM) refuses, with
+ *     EPERM, and the copier refuses such a move before it starts.
+ *   - the URI has no user info and no control characters: nothing secret
+ *     is kept in the sidecar, and nothing read from it can smuggle a line
+ *     into a log.
+ * The redirect itself is a compare-and-swap from FROZEN: a writer that
+ * found the freeze's lease over swaps FROZEN back to RUNNING the same way
+ * (writer.c), so either the redirect wins and no write reached the source
+ * after the final pass, or the writer wins and the redirect fails (the
+ * copier then thaws and the source keeps every write). */
 #include "bm_internal.h"
 
 #include <fcntl.h>
@@ -155,6 +178,8 @@ static int record_move(bm_tracker *dst, const uint8_t *token)
     return 0;
 }
 
+static int publish_redirect(bm_tracker *t);
+
 static int do_redirect(bm_tracker *t, const char *target, bm_tracker *dst)
 {
     if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) != BM_STATE_FROZEN ||
@@ -185,8 +210,19 @@ static int do_redirect(bm_tracker *t, const char *target, bm_tracker *dst)
         return -1;
     memcpy(t->ctl->move_token, token, sizeof token);
     memcpy(t->ctl->redirect_target, target, strlen(target) + 1);
-    /* Token and target first: a writer that sees the state sees them. */
-    __atomic_store_n(&t->ctl->state, BM_STATE_REDIRECTED, __ATOMIC_SEQ_CST);
+    return publish_redirect(t);
+}
+
+/* Token and target are stored: switch FROZEN -> REDIRECTED in one
+ * compare-and-swap (see the header comment), so a writer that sees the
+ * state sees them, and no writer that judged the freeze over wrote first. */
+static int publish_redirect(bm_tracker *t)
+{
+    uint32_t frozen = BM_STATE_FROZEN;
+    if (!__atomic_compare_exchange_n(&t->ctl->state, &frozen, BM_STATE_REDIRECTED, 0,
+                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        return bm_fail(ETIMEDOUT, "the freeze ended before the redirect (its lease ran "
+                                  "out): writers went on against the source");
     __atomic_store_n(&t->ctl->copier_pid, 0, __ATOMIC_SEQ_CST);
     bm_wake_writers(t);
     return 0;
@@ -195,6 +231,93 @@ static int do_redirect(bm_tracker *t, const char *target, bm_tracker *dst)
 int bm_redirect(bm_tracker *t, const char *target, bm_tracker *target_tracker)
 {
     BM_GUARDED(int, t, do_redirect(t, target, target_tracker));
+}
+
+/* 1 if S (NUL-terminated within BM_REDIRECT_MAX) names an NBD export. */
+static int is_export_uri(const char *s)
+{
+    return strncmp(s, "nbd://", 6) == 0 || strncmp(s, "nbd+unix://", 11) == 0;
+}
+
+/* 0 if URI may be stored or followed: an export URI, shorter than
+ * BM_REDIRECT_MAX, printable, with no user info; else -1, EINVAL. */
+static int check_export_uri(const char *uri)
+{
+    size_t n = strnlen(uri, BM_REDIRECT_MAX);
+    if (n == 0 || n >= BM_REDIRECT_MAX)
+        return bm_fail(EINVAL, "redirect URI is empty or %d bytes or longer", BM_REDIRECT_MAX);
+    if (!is_export_uri(uri))
+        return bm_fail(EINVAL, "redirect URI is not nbd:// or nbd+unix://");
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)uri[i] < 0x21 || (unsigned char)uri[i] == 0x7f)
+            return bm_fail(EINVAL, "redirect URI holds a space or control character");
+    const char *authority = strstr(uri, "://") + 3;
+    size_t end = strcspn(authority, "/?#");
+    if (memchr(authority, '@', end))
+        return bm_fail(EINVAL, "redirect URI holds user info; it is never stored");
+    return 0;
+}
+
+static int do_redirect_uri(bm_tracker *t, const char *uri)
+{
+    if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) != BM_STATE_FROZEN ||
+        !bm_frozen_by_me(t))
+        return bm_fail(EINVAL, "redirect needs a freeze held by this process");
+    if (!t->have_image || !t->bound)
+        return bm_fail(EINVAL, "redirect needs the tracker opened with its own image");
+    if (check_export_uri(uri) < 0)
+        return -1;
+    uint8_t token[16];
+    do {
+        if (getrandom(token, sizeof token, 0) != (ssize_t)sizeof token)
+            return bm_fail(errno ? errno : EIO, "no randomness for a move token");
+    } while (token_is_zero(token));
+    /* The token names the move (a zero one is "no move"); nothing checks it
+     * against a target, which has no sidecar. */
+    memcpy(t->ctl->move_token, token, sizeof token);
+    memset(t->ctl->redirect_target, 0, BM_REDIRECT_MAX);
+    memcpy(t->ctl->redirect_target, uri, strlen(uri) + 1);
+    return publish_redirect(t);
+}
+
+int bm_redirect_uri(bm_tracker *t, const char *uri)
+{
+    BM_GUARDED(int, t, do_redirect_uri(t, uri));
+}
+
+static int do_redirect_uri_to_follow(bm_tracker *t, char *buf, uint64_t len)
+{
+    if (__atomic_load_n(&t->ctl->state, __ATOMIC_SEQ_CST) != BM_STATE_REDIRECTED)
+        return bm_fail(ENOENT, "the image was not redirected");
+    if (!t->have_image || !t->bound)
+        return bm_fail(EPERM, "this sidecar is not bound to the image it was opened with; "
+                              "refusing to follow its redirect");
+    char uri[BM_REDIRECT_MAX];
+    memcpy(uri, t->ctl->redirect_target, sizeof uri);
+    uri[sizeof uri - 1] = '\0';
+    if (!is_export_uri(uri))
+        return bm_fail(EXDEV, "the image was moved to a file, not to an NBD export");
+    if (check_export_uri(uri) < 0)
+        return bm_fail(EPERM, "the redirect to an NBD export is malformed; refusing to "
+                              "follow it");
+    if (token_is_zero(t->ctl->move_token))
+        return bm_fail(EPERM, "the redirect to an NBD export names no move; refusing to "
+                              "follow it");
+    if (geteuid() != (uid_t)t->image_uid)
+        return bm_fail(EPERM, "the image was moved to an NBD export, but this writer runs as "
+                              "uid %u, not as the image's owner (uid %u): only the owner's "
+                              "own processes follow a move onto an export; refusing to "
+                              "follow it", (unsigned)geteuid(), (unsigned)t->image_uid);
+    size_t n = strlen(uri);
+    if (n + 1 > len)
+        return bm_fail(ERANGE, "buffer too small for the redirect URI");
+    memcpy(buf, uri, n + 1);
+    return 0;
+}
+
+int bm_redirect_uri_to_follow(bm_tracker *t, char *buf, uint64_t len)
+{
+    BM_GUARDED(int, t, do_redirect_uri_to_follow(t, buf, len));
 }
 
 /* Open BASE in DIR (PATH in messages, WHAT naming its role) read-write for
@@ -264,6 +387,11 @@ static bm_tracker *do_open_target(bm_tracker *t, int flags, int *image_fd)
     memcpy(target, t->ctl->redirect_target, sizeof target);
     target[sizeof target - 1] = '\0';
     memcpy(token, t->ctl->move_token, sizeof token);
+    if (is_export_uri(target)) {
+        bm_fail(EXDEV, "the image was moved to an NBD export; this writer cannot follow it "
+                       "there (a TrackedImage can)");
+        return NULL;
+    }
     if (token_is_zero(token)) {
         bm_fail(EPERM, "the redirect to %s names no move; refusing to follow it", target);
         return NULL;

@@ -51,7 +51,7 @@ class Server:
     def __init__(self, kind: str, file: Path, sock: Path | None, *,
                  tcp: tuple[str, int] | None = None, netns: str | None = None,
                  filters: tuple[str, ...] = (), readonly: bool = False,
-                 discard: bool = True) -> None:
+                 discard: bool = True, shared: int = 1) -> None:
         require(kind)
         self.kind, self.file, self.socket, self.tcp = kind, file, sock, tcp
         if kind == "qemu-nbd":
@@ -59,6 +59,7 @@ class Server:
             # -t: stay up across clients (sync, then verify); --discard=unmap:
             # WRITE_ZEROES may punch holes (qemu's default only zeroes).
             argv = ["qemu-nbd", "-t", "-f", "raw", *(["--discard=unmap"] if discard else []),
+                    *(["-e", str(shared)] if shared > 1 else []),
                     *where,
                     *(["-r"] if readonly else []), str(file)]
         else:
@@ -250,7 +251,6 @@ def test_endpoint_display_and_repr_hide_user_info():
 
 
 @pytest.mark.parametrize("options, said", [
-    (("--move",), "--move to an NBD export is not supported yet"),
     (("--converge", "mirror"), "--converge mirror needs a local copy"),
 ])
 def test_refused_modes(options, said, ram_tmp_path, serve):

@@ -110,6 +110,26 @@ def pread(handle: Handle, conn: int, buf: Any, nbytes: int, offset: int,
     return bytes(_ffi().buffer(buf, nbytes))
 
 
+def pwrite(handle: Handle, conn: int, data: bytes | bytearray | memoryview, offset: int,
+           name: str | None = None) -> int:
+    """Write DATA at OFFSET of the export over connection CONN (a writer's
+    write after a move onto it); the bytes written, all of them."""
+    ffi = _ffi()
+    view = memoryview(data).cast("B")
+    buf = ffi.from_buffer(view)
+    if _lib().bm_nbd_pwrite(handle, conn, buf, len(view), offset) < 0:
+        raise error_from_c(name)
+    return len(view)
+
+
+def zero(handle: Handle, conn: int, offset: int, length: int, *, may_trim: bool,
+         name: str | None = None) -> None:
+    """Make [OFFSET, OFFSET+LENGTH) of the export read as zeros (WRITE_ZEROES;
+    MAY_TRIM lets the server punch it)."""
+    if _lib().bm_nbd_zero(handle, conn, offset, length, 1 if may_trim else 0) < 0:
+        raise error_from_c(name)
+
+
 def new_cancel_flag() -> Any:
     return _ffi().new("uint32_t *", 0)
 

@@ -217,6 +217,21 @@ def redirect(handle: Handle, target: str, target_handle: Handle) -> None:
     check(lib.bm_redirect(handle, os.fsencode(target), target_handle))
 
 
+def redirect_uri(handle: Handle, uri: str) -> None:
+    """Send HANDLE's frozen writers to the NBD export URI (no user info)."""
+    check(lib.bm_redirect_uri(handle, uri.encode()))
+
+
+def redirect_uri_to_follow(handle: Handle, path: str) -> str:
+    """The export URI HANDLE's writers were sent to, if this process may
+    follow it (it owns the image; csrc/redirect.c); else ``SidecarUnsafeError``
+    (EPERM), or OSError EXDEV for a redirect to a file."""
+    buf = ffi.new("char[]", lib.BM_REDIRECT_MAX)
+    if lib.bm_redirect_uri_to_follow(handle, buf, lib.BM_REDIRECT_MAX) < 0:
+        raise error_from_c(path, sidecar=True)
+    return os.fsdecode(ffi.string(buf))
+
+
 def state(handle: Handle) -> str:
     """The control-block state's name (one atomic load in C)."""
     st = check(lib.bm_get_state(handle))

@@ -284,7 +284,7 @@ class FileSyncJob:
             # before writers go there): flush what the passes wrote first,
             # while writers still run, so that fsync has little left to do.
             # Copy mode fsyncs after the thaw, so it skips this.
-            os.fdatasync(self.dst_fd)
+            self._flush_before_freeze()
             # Writers went on during the flush: decide again on what is dirty
             # now, or the pause would outlast the target.
             throughput = self.policy.copy_throughput(self.result.passes)
@@ -323,6 +323,10 @@ class FileSyncJob:
         self._lift_throttle()
         self._finish()
         return _Switch.DONE
+
+    def _flush_before_freeze(self) -> None:
+        """Move mode: what the passes wrote, made durable while writers run."""
+        os.fdatasync(self.dst_fd)
 
     def _freeze(self) -> None:
         assert self.tracker is not None

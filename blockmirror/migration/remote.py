@@ -17,10 +17,29 @@ the change id is still trusted, copies only what changed since as its first
 pass. Any doubt means a full copy, with a note saying why. The manifest is
 removed before the export is written, and again on any failure.
 
-Not yet (issue 12): ``--move`` to an export (writers cannot be redirected
-to a remote image), and ``--converge mirror`` (writers mirror only
-into a local file). Each is refused with one line (exit 2), except that
-``--converge auto`` escalates to the throttle instead of mirroring.
+Move mode onto an export (``--move``): the same passes, then under the
+freeze the final pass, an NBD flush (the commit), and only then the
+redirect: writers are sent to the export's URI (Tracker.redirect_to_export,
+a compare-and-swap from FROZEN, so a freeze whose lease ran out during the
+flush fails the redirect instead of losing the writes made meanwhile), and
+each writer's next I/O goes to the export through libnbd, untracked
+(tracking/image.py). Any failure before the redirect thaws writers on the
+untouched source; the export is left partly written, as in copy mode.
+After the redirect the source and its sidecar are removed once writers
+have followed (as a local move does); no manifest is kept (there is no
+source left to update the export from). Refused up front (one line, exit
+2, nothing written) when not every writer could follow: an image served
+by ``blockmirror serve`` (the nbdkit front end follows only moves to a
+file), a live writer that is not the image's owner (only the owner
+follows a URI; csrc/redirect.c says why), a URI with user info (it is
+never stored in the sidecar) or a relative socket path; also with
+``--verify`` (writes after the switch land on the export untracked, so
+nothing could tell them from a copy error).
+
+Not yet: ``--move`` to an NFS file, and ``--converge mirror`` (writers
+mirror only into a local file). Each is refused with one line (exit 2),
+except that ``--converge auto`` escalates to the throttle instead of
+mirroring.
 
 Into NFS (:class:`NfsSyncJob`, the same job with another endpoint) the copy
 goes to ``NAME.bm-partial`` beside the target, created sparse, and the commit
@@ -34,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import urllib.parse
 from typing import Any
 
 import numpy as np
@@ -51,8 +71,8 @@ from blockmirror.errors import (
     VerifyError,
 )
 from blockmirror.extents import Extents, pairs, subtract, total_bytes
+from blockmirror.migration import commit, precheck
 from blockmirror.migration import digests as dg
-from blockmirror.migration import precheck
 from blockmirror.migration.digests import DigestTable
 from blockmirror.migration.job import FileSyncJob, JobState
 from blockmirror.migration.manifest import ManifestError, hash_granules
@@ -66,7 +86,7 @@ from blockmirror.migration.remote_manifest import (
     sample_mismatch,
 )
 from blockmirror.migration.result import SyncResult
-from blockmirror.tracking.tracker import sidecar_path
+from blockmirror.tracking.tracker import sidecar_path, sidecar_users
 from blockmirror.units import format_bytes
 
 LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
@@ -90,6 +110,8 @@ def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
         return _sync_to_nfs(src, uri, options)
     assert isinstance(uri, NbdUri)
     _refuse_unsupported(src, uri, options)
+    if options.move:
+        _check_move_onto_export(src, uri, options)
     st = precheck.check_source(src, move=False)
     export = NbdExport(uri, connections=options.workers, write=True)
     try:
@@ -138,12 +160,56 @@ def _refuse_unsupported(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) ->
     if os.path.isdir(src):
         raise InvalidInputError(f"directory mode into {kind} is not supported: {uri} "
                                 "holds one image; sync each image to its own place")
-    if options.move:
+    if options.move and isinstance(uri, NfsUrl):
         raise InvalidInputError(f"--move to {kind} is not supported yet ({uri}): "
-                                "writers cannot be redirected to a remote image; copy instead")
+                                "writers cannot be redirected to a remote file; copy instead")
     if options.converge == "mirror":
         raise InvalidInputError(f"--converge mirror needs a local copy; into {uri} use "
                                 "--converge throttle or auto")
+
+
+def _check_move_onto_export(src: str, uri: NbdUri, options: SyncOptions) -> None:
+    """--move onto an export, before anything is written: refused (exit 2)
+    unless every writer of SRC could follow the URI and the source can go."""
+    why = _move_refusal(os.path.abspath(src), uri, options)
+    if why:
+        raise InvalidInputError(f"--move to {uri}: {why}; nothing was written")
+
+
+def _move_refusal(src: str, uri: NbdUri, options: SyncOptions) -> str | None:
+    parts = urllib.parse.urlsplit(uri.uri)
+    if "@" in parts.netloc:
+        return "a URI with user info cannot be a redirect (it is never stored)"
+    socket = urllib.parse.parse_qs(parts.query).get("socket", [""])[0]
+    if parts.scheme == "nbd+unix" and not socket.startswith("/"):
+        return "the socket path must be absolute (writers reopen it from their own folders)"
+    if options.verify:
+        return ("--verify cannot check a move onto an export (writes after the switch land "
+                "there untracked); verify a copy, or compare before writers start")
+    if not os.access(os.path.dirname(src), os.W_OK):
+        return f"{os.path.dirname(src)} is not writable: a move removes the source"
+    return _writers_that_cannot_follow(src)
+
+
+def _writers_that_cannot_follow(src: str) -> str | None:
+    """Why a writer of SRC could not follow a redirect to an export, or None:
+    a front end serving it (the nbdkit plugin follows moves to files only),
+    or a live process mapping its sidecar that is not the image's owner
+    (writers follow a URI only as the owner; csrc/redirect.c)."""
+    from blockmirror.frontend.plugin import served_elsewhere
+
+    if not os.path.exists(sidecar_path(src)):
+        return None
+    if served_elsewhere(src, readonly=False):
+        return ("the image is served by blockmirror serve, whose clients cannot follow a move "
+                "onto an export; stop it (or move to a file) first")
+    owner = os.stat(src).st_uid
+    foreign = [(pid, uid) for pid, uid in sidecar_users(src) if uid != owner]
+    if foreign:
+        who = ", ".join(f"pid {pid} (uid {uid})" for pid, uid in foreign[:3])
+        return (f"writers that are not the image's owner (uid {owner}) cannot follow a move "
+                f"onto an export: {who}")
+    return None
 
 
 class RemotePassRunner(PassRunner):
@@ -241,8 +307,10 @@ class RemoteSyncJob(FileSyncJob):
 
     def _notes(self) -> list[str]:
         assert isinstance(self.export, NbdExport)
-        notes = ["written straight into the NBD export: no shadow copy, no rename; its "
-                 "manifest is kept beside the source"]
+        notes = (["moved onto the NBD export: flushed, then writers sent there; the source "
+                  "is removed once they follow; no manifest"] if self.options.move else
+                 ["written straight into the NBD export: no shadow copy, no rename; its "
+                  "manifest is kept beside the source"])
         if self.export.size > self.plan.size:
             notes.append(f"the export is {format_bytes(self.export.size)}: the bytes past the "
                          f"source's {format_bytes(self.plan.size)} were left as they were")
@@ -275,7 +343,7 @@ class RemoteSyncJob(FileSyncJob):
             # (A folder we do not trust is never read: nothing to remove.)
             with contextlib.suppress(ManifestError):
                 invalidate(*self.manifest_at)
-            if self.tracker is not None:
+            if self.tracker is not None and not self.options.move:
                 fresh = (self.earlier.table if self.earlier is not None
                          else DigestTable(self._granularity, plan.size))
         self.state = JobState.COPYING  # from here the export holds bytes of this run
@@ -337,9 +405,45 @@ class RemoteSyncJob(FileSyncJob):
                             requests=self.options.requests, src_path=self.plan.source)
 
     def _commit(self) -> None:
+        """The NBD flush. In move mode it runs frozen, after the final pass and
+        before the redirect: writers go only to an export that has flushed."""
         self.export.flush()
         self.state = JobState.COMMITTED
-        self._keep_manifest()
+        if not self.options.move:
+            self._keep_manifest()
+
+    def _flush_before_freeze(self) -> None:
+        """Move mode: flush what the passes sent while writers still run, so
+        the flush inside the freeze has little left to do."""
+        self.export.flush()
+
+    def _redirect(self) -> None:
+        """Move mode, frozen and flushed: send writers to the export. A front
+        end that began serving the image since the start is checked for once
+        more (one lock query); a writer that joined since then as another
+        uid fails its next write with EPERM instead of following."""
+        from blockmirror.frontend.plugin import served_elsewhere
+
+        assert self.tracker is not None and isinstance(self.export, NbdExport)
+        if served_elsewhere(self.plan.source, readonly=False):
+            raise InvalidInputError(f"{self.plan.source} began to be served by blockmirror "
+                                    "serve during the move; its clients cannot follow a move "
+                                    "onto an export; the source keeps running")
+        self.tracker.redirect_to_export(self.export.uri.uri)
+        self.state = JobState.REDIRECTED
+
+    def _finish(self) -> None:
+        """Move mode: once writers have followed (or after a moment), the
+        source and its sidecar go, as after a local move."""
+        if self.options.verify:
+            self._verify()
+        if self.options.move:
+            # Nothing more to send: free our connections first, for servers
+            # that take few clients at once (qemu-nbd takes one unless -e N).
+            self.export.close()
+            self._wait_for_writers_to_follow()
+            commit.remove_source(self.plan)
+        self.state = JobState.DONE
 
     def _keep_manifest(self) -> None:
         """After the flush: record what the export now holds, for the next
@@ -399,7 +503,9 @@ class RemoteSyncJob(FileSyncJob):
         if self.tracker is not None:
             with contextlib.suppress(Exception):
                 self._lift_throttle()
-            if self.state is JobState.FROZEN:
+            # A move is frozen until its redirect, committed (flushed) or not.
+            if self.state is JobState.FROZEN or (self.state is JobState.COMMITTED
+                                                 and self.options.move):
                 with contextlib.suppress(Exception):
                     self.tracker.thaw()
         self._undo_remote()

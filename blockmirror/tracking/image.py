@@ -5,6 +5,14 @@
 range dirty, writes it and marks it again (I1), waiting out a copier's freeze
 for at most the freeze's lease (I3). When a ``sync --move`` redirects writers,
 the next write transparently reopens the image at its new place.
+
+A move onto an NBD export (``sync --move SRC nbd://...``) sends writers to a
+URI instead: the next write, read, zeroing or flush connects to the export
+through libnbd (:class:`ExportImage`) and all I/O goes there from then on,
+untracked (the remote side holds only the image). A writer follows such a
+move only if it runs as the image's owner (csrc/redirect.c says why); where
+this build has no libnbd, or the export cannot be reached, the call fails
+with an OSError saying so instead of writing anywhere.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from blockmirror import files
 from blockmirror.closeable import Closeable
@@ -46,6 +56,71 @@ def _redirect_handler(image: TrackedImage) -> Callable[[Buffer, int], int]:
     return on_stale
 
 
+def _export_timeout() -> float:
+    """Seconds a writer's export request may go unanswered
+    (BLOCKMIRROR_NBD_TIMEOUT, as for the copier; default 30)."""
+    try:
+        return max(0.1, float(os.environ.get("BLOCKMIRROR_NBD_TIMEOUT", "30")))
+    except ValueError:
+        return 30.0
+
+
+class ExportImage:
+    """A moved image's I/O on the NBD export it was moved onto: one libnbd
+    connection, one request at a time (threads sharing the image take
+    turns), each answered or failed within the timeout, never retried
+    elsewhere. Untracked: the export is no tracked image."""
+
+    def __init__(self, uri: str) -> None:
+        from blockmirror._bindings import remote as _r
+
+        if not _r.available():
+            raise OSError(errno.ENOSYS, "the image was moved onto an NBD export, but this "
+                          "build has no libnbd (blockmirror._remote): install Debian's "
+                          "libnbd-dev and rebuild blockmirror; nothing was written", uri)
+        self._r = _r
+        self.name = uri  # stored without user info (csrc/redirect.c)
+        self._lock = threading.Lock()
+        self._h: Any = _r.open_export(uri, 1, write=True, timeout_s=_export_timeout(),
+                                      name=uri)
+        self.size = _r.size(self._h)
+        self._buf: Any = None
+        self._buf_len = 0
+
+    def pwrite(self, data: Buffer, offset: int) -> int:
+        with self._lock:
+            return self._r.pwrite(self._h, 0, data, offset, self.name)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Up to LENGTH bytes (short only at the export's end)."""
+        n = max(0, min(length, self.size - offset))
+        if n == 0:
+            return b""
+        with self._lock:
+            if self._buf_len < n:
+                self._buf, self._buf_len = self._r.new_buffer(n), n
+            return self._r.pread(self._h, 0, self._buf, n, offset, self.name)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool) -> None:
+        with self._lock:
+            self._r.zero(self._h, 0, offset, length, may_trim=may_trim, name=self.name)
+
+    def truncate(self, size: int) -> None:
+        if size != self.size:
+            raise OSError(errno.EOPNOTSUPP, "the image was moved onto an NBD export, which "
+                          "cannot be resized", self.name)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._r.flush(self._h, self.name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._h is not None:
+                self._r.close(self._h)
+                self._h = None
+
+
 class TrackedImage(Closeable):
     """A writer's handle on an image and its change-tracking sidecar.
 
@@ -60,6 +135,8 @@ class TrackedImage(Closeable):
         self._granularity = granularity
         self._tracker: Tracker | None = None
         self._fd = -1
+        self._export: ExportImage | None = None  # once moved onto an NBD export
+        self._follow_lock = threading.Lock()
         self._attach(os.fspath(image_path), create_sidecar=True)
 
     def _attach(self, path: str, *, create_sidecar: bool) -> None:
@@ -105,8 +182,15 @@ class TrackedImage(Closeable):
     @property
     def tracker(self) -> Tracker:
         if self._tracker is None:
-            raise ValueError("image is closed")
+            raise ValueError("image is closed" if self._export is None else
+                             "the image was moved onto an NBD export: it has no tracker")
         return self._tracker
+
+    @property
+    def export(self) -> ExportImage | None:
+        """Where I/O goes since the image was moved onto an NBD export; None
+        while it is a local file."""
+        return self._export
 
     def _follow_redirect(self) -> None:
         """The copier moved the image: reopen it where it went (ESTALE).
@@ -115,14 +199,38 @@ class TrackedImage(Closeable):
         already) without following a symbolic link anywhere on the path, and
         only if it belongs to this image's owner and its sidecar records the
         move: the sidecar is the image owner's to edit, and a forged redirect
-        must not let our writes escape (I5, issue 13)."""
-        old_fd, old_tracker = self._fd, self._tracker
-        tracker, fd = self.tracker.open_redirect_target()
+        must not let our writes escape (I5, issue 13). A move onto an NBD
+        export is followed only by the image's owner (csrc/redirect.c)."""
+        with self._follow_lock:
+            if self._export is not None or not self.tracker.redirected:
+                return  # another thread of this process followed it already
+            if self.tracker.redirect_target().startswith("nbd"):
+                self._follow_to_export()
+                return
+            old_fd, old_tracker = self._fd, self._tracker
+            tracker, fd = self.tracker.open_redirect_target()
+            old_writes = self._bound_writes()
+            self._bind(tracker.image_path, fd, tracker)
+            self._retire(old_writes)
+            assert old_tracker is not None
+            old_tracker.close()
+            os.close(old_fd)
+
+    def _follow_to_export(self) -> None:
+        """Moved onto an export: connect, then drop the source's tracker
+        (its writer slot, so the copier sees this writer has followed) and
+        file. Nothing changes if the rule refuses or the export is out of
+        reach: the call fails, and the next one tries again."""
+        export = ExportImage(self.tracker.export_to_follow())
         old_writes = self._bound_writes()
-        self._bind(tracker.image_path, fd, tracker)
+        self._export = export
+        self.path = export.name
+        self._pwrite = self.pwrite = export.pwrite  # type: ignore[method-assign]
         self._retire(old_writes)
-        assert old_tracker is not None
-        old_tracker.close()
+        old_tracker, old_fd = self._tracker, self._fd
+        self._tracker, self._fd = None, -1
+        if old_tracker is not None:
+            old_tracker.close()
         os.close(old_fd)
 
     def pwrite(self, data: Buffer, offset: int) -> int:
@@ -148,42 +256,62 @@ class TrackedImage(Closeable):
 
         After a move, reads follow the image too: the old file no longer
         sees other writers' writes."""
-        if self.tracker.redirected:
+        if self._export is None and self.tracker.redirected:
             self._follow_redirect()
+        if self._export is not None:
+            return self._export.pread(length, offset)
         return files.pread_full(self._fd, length, offset)
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate [offset, offset+length): it reads back as zeros."""
-        self._retry_on_redirect(lambda: self.tracker.discard(
-            self._fd, offset, length, self.path))
+        self._retry_on_redirect(
+            lambda: self.tracker.discard(self._fd, offset, length, self.path),
+            lambda export: export.zero(offset, length, may_trim=True))
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False) -> None:
         """Make [offset, offset+length) read as zeros (NBD's WRITE_ZEROES):
         kept allocated unless MAY_TRIM lets it become a hole."""
-        self._retry_on_redirect(lambda: self.tracker.zero(
-            self._fd, offset, length, self.path, may_trim=may_trim))
+        self._retry_on_redirect(
+            lambda: self.tracker.zero(self._fd, offset, length, self.path, may_trim=may_trim),
+            lambda export: export.zero(offset, length, may_trim=may_trim))
 
     def truncate(self, size: int) -> None:
-        """Resize the image to SIZE bytes, tracked."""
-        self._retry_on_redirect(lambda: self.tracker.truncate(
-            self._fd, size, self.path))
+        """Resize the image to SIZE bytes, tracked (an export cannot be
+        resized: EOPNOTSUPP for any other size than its own)."""
+        self._retry_on_redirect(lambda: self.tracker.truncate(self._fd, size, self.path),
+                                lambda export: export.truncate(size))
 
-    def _retry_on_redirect(self, op) -> None:  # type: ignore[no-untyped-def]
-        try:
-            op()
-            return
-        except OSError as e:
-            if e.errno != errno.ESTALE:
-                raise
-        self._follow_redirect()
-        op()
+    def _retry_on_redirect(self, local: Callable[[], None],
+                           remote: Callable[[ExportImage], None]) -> None:
+        """LOCAL on the file; after a move (ESTALE, followed once) LOCAL on
+        the new file, or REMOTE on the export it went to."""
+        if self._export is None:
+            try:
+                local()
+                return
+            except OSError as e:
+                if e.errno != errno.ESTALE:
+                    raise
+            self._follow_redirect()
+        if self._export is not None:
+            remote(self._export)
+        else:
+            local()
 
     def flush(self) -> None:
-        """Make every completed write durable (fdatasync)."""
-        os.fdatasync(self._fd)
+        """Make every completed write durable (fdatasync; NBD_CMD_FLUSH once
+        the image was moved onto an export)."""
+        if self._export is None and self._tracker is not None and self._tracker.redirected:
+            self._follow_redirect()
+        if self._export is not None:
+            self._export.flush()
+        else:
+            os.fdatasync(self._fd)
 
     @property
     def size(self) -> int:
+        if self._export is not None:
+            return self._export.size
         return os.fstat(self._fd).st_size
 
     def close(self) -> None:
@@ -199,4 +327,7 @@ class TrackedImage(Closeable):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._export is not None:
+            self._export.close()
+            self._export = None
 

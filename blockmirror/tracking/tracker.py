@@ -14,6 +14,7 @@ import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from blockmirror import files
 from blockmirror._bindings import copy as _copy
 from blockmirror._bindings import mirror as _m
 from blockmirror._bindings import tracker as _c
@@ -346,6 +347,24 @@ class Tracker(Closeable):
         with Tracker.open(real) as destination:
             _c.redirect(self._h, real, destination._h)
 
+    def redirect_to_export(self, uri: str) -> None:
+        """Send frozen writers to the NBD export URI (``nbd://`` or
+        ``nbd+unix://``, no user info): a move onto an export. Their next
+        write, read or flush goes there through libnbd, untracked. Raises
+        OSError ETIMEDOUT if the freeze ended first (writers went on against
+        the source: nothing was redirected)."""
+        if len(uri.encode()) >= _c.REDIRECT_MAX:
+            raise OSError(errno.EINVAL, f"redirect URI is {_c.REDIRECT_MAX} bytes or longer")
+        _c.redirect_uri(self._h, uri)
+
+    def export_to_follow(self) -> str:
+        """The export URI this image was moved onto, if this process may
+        follow it: only a process whose effective uid owns the image does
+        (the owner is the only one who can forge the sidecar; see
+        csrc/redirect.c). Raises ``SidecarUnsafeError`` otherwise, OSError
+        EXDEV if the image moved to a file, ENOENT if it did not move."""
+        return _c.redirect_uri_to_follow(self._h, self.path)
+
     def mirror_start(self, target: str | os.PathLike[str]) -> None:
         """Mirror writers' writes to clean ranges into TARGET, which must hold
         a copy of every clean range already (csrc/mirror.c, I7). The tracker
@@ -441,6 +460,38 @@ class Tracker(Closeable):
 
 
 retire_pwrite_function = _w.retire_pwrite_function
+
+
+def sidecar_users(image_path: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """(pid, effective uid) of every other process that maps IMAGE's sidecar
+    now: its writers, a front end, a copier. Read from /proc, so processes
+    whose maps this one may not read (another user's, unless root) are
+    missed."""
+    try:
+        st = os.stat(sidecar_path(image_path))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        if files.process_maps(int(entry), st.st_dev, st.st_ino):
+            uid = _effective_uid(int(entry))
+            if uid is not None:
+                found.append((int(entry), uid))
+    return found
+
+
+def _effective_uid(pid: int) -> int | None:
+    """PID's effective uid (/proc/PID/status), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
 
 
 def _allocated_extents(image_path: str) -> list[Extent]:

@@ -100,6 +100,17 @@ int bm_nbd_reads_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len);
  * at a time. */
 int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t offset);
 
+/* A writer's I/O, for a TrackedImage whose image was moved onto the export
+ * (issue 12): write LEN bytes of BUF at OFFSET, or make [OFFSET, OFFSET+LEN)
+ * read as zeros (NBD_CMD_WRITE_ZEROES; with MAY_TRIM the server may punch
+ * it, else NO_HOLE keeps it allocated; zeros written where the export has
+ * no WRITE_ZEROES). Each returns once the server answered, or -1 with
+ * errno (EINVAL past the export's end, which is never resized; EROFS on a
+ * read-only export; ETIMEDOUT after the handle's timeout, the connection
+ * then failed for good). One thread per connection at a time. */
+int bm_nbd_pwrite(bm_nbd *h, uint32_t conn, const char *buf, uint64_t len, uint64_t offset);
+int bm_nbd_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len, int may_trim);
+
 /* Copy each extent [offset, offset+length) of the local file SRC_FD to the
  * same offset of the export, over connection CONN, with up to REQUESTS
  * commands of at most REQUEST_BYTES in flight (0: the defaults).

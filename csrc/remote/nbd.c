@@ -340,6 +340,69 @@ int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
     return 0;
 }
 
+/* ---------------------------------------------------------------------- */
+/* A writer's I/O: a TrackedImage whose image was moved onto this export   */
+/* (one command at a time, waited for, with the handle's timeout).         */
+
+static int in_export(bm_nbd *h, uint64_t len, uint64_t offset, const char *what)
+{
+    if (offset > h->size || len > h->size - offset)
+        return fail(EINVAL, "%s of %llu bytes at %llu is past the export's end (%llu)", what,
+                    (unsigned long long)len, (unsigned long long)offset,
+                    (unsigned long long)h->size);
+    if (!(h->caps & BM_NBD_CAN_WRITE))
+        return fail(EROFS, "the export is read-only");
+    return 0;
+}
+
+int bm_nbd_pwrite(bm_nbd *h, uint32_t conn, const char *buf, uint64_t len, uint64_t offset)
+{
+    if (usable(h, conn) < 0 || in_export(h, len, offset, "write") < 0)
+        return -1;
+    for (uint64_t done = 0; done < len;) {
+        uint64_t n = len - done < h->max_request ? len - done : h->max_request;
+        int64_t cookie = nbd_aio_pwrite(h->conn[conn], buf + done, (size_t)n, offset + done,
+                                        NBD_NULL_COMPLETION, 0);
+        if (wait_command(h, conn, cookie, "write") < 0)
+            return -1;
+        done += n;
+    }
+    return 0;
+}
+
+int bm_nbd_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len, int may_trim)
+{
+    if (usable(h, conn) < 0 || in_export(h, len, offset, "write zeroes") < 0)
+        return -1;
+    if (!(h->caps & BM_NBD_CAN_ZERO)) {
+        /* No WRITE_ZEROES: zeros as data (TRIM never promises zeros). */
+        uint64_t step = len < h->max_request ? len : h->max_request;
+        char *zeros = calloc(1, step ? step : 1);
+        if (!zeros)
+            return fail(ENOMEM, "out of memory");
+        int rc = 0;
+        for (uint64_t done = 0; rc == 0 && done < len;) {
+            uint64_t n = len - done < step ? len - done : step;
+            rc = bm_nbd_pwrite(h, conn, zeros, n, offset + done);
+            done += n;
+        }
+        /* A timed-out connection is never driven again, so ZEROS is not
+         * read after this free. */
+        free(zeros);
+        return rc;
+    }
+    uint32_t flags = may_trim ? 0 : LIBNBD_CMD_FLAG_NO_HOLE;
+    for (uint64_t done = 0; done < len;) {
+        uint64_t n = len - done < ZERO_REQUEST_MAX ? len - done : ZERO_REQUEST_MAX;
+        int64_t cookie = nbd_aio_zero(h->conn[conn], n, offset + done, NBD_NULL_COMPLETION,
+                                      flags);
+        if (wait_command(h, conn, cookie, "write zeroes") < 0)
+            return -1;
+        done += n;
+    }
+    return 0;
+}
+
 /* What one NBD_CMD_BLOCK_STATUS reply said, for bm_nbd_reads_zero. */
 struct zero_scan {
     uint64_t next;      /* the first byte not described yet */
