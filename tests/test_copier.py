@@ -737,6 +737,68 @@ def test_pace_spaces_items_outside_their_hooks(tmp_path: Path) -> None:
     assert sum(held) < elapsed / 2, (held, elapsed)
 
 
+
+class _Clock:
+    """perf_counter and sleep for the copier's pace, on a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds
+        self.now += seconds
+
+
+def _paced_waits(monkeypatch, tmp_path: Path, stall: float, items: int) -> float:
+    """Seconds a copier paced at 10 MiB/s waits before ITEMS items of 1 MiB
+    that follow one item which took STALL seconds."""
+    import blockmirror.copying.copier as copier_module
+
+    clock = _Clock()
+    monkeypatch.setattr(copier_module, "time", clock)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"")
+    dst.write_bytes(b"")
+    item = as_extent_array([(0, 1 * MiB)])
+    src_fd, dst_fd = open_pair(src, dst)
+    try:
+        with Copier(src_fd, dst_fd, workers=1) as copier:
+            copier.pace(10 * MiB)
+            copier._wait_for_pace(item)
+            clock.now += stall  # the item the kernel held
+            clock.slept = 0.0
+            for _ in range(items):
+                copier._wait_for_pace(item)
+                clock.now += 0.001  # each of these copies at once
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    return clock.slept
+
+
+def test_pace_makes_up_for_an_item_slower_than_its_time(monkeypatch, tmp_path: Path) -> None:
+    """An item held 0.4 s instead of its 0.1 s leaves credit: the next three
+    go at once, so the copy still averages its pace (without the credit
+    each would wait its 0.1 s and the copy would fall behind for good)."""
+    assert _paced_waits(monkeypatch, tmp_path, stall=0.4, items=3) < 0.01
+
+
+def test_pace_credit_is_bounded(monkeypatch, tmp_path: Path) -> None:
+    """After a 3 s stall at most PACE_CATCH_UP s are made up: a long stall
+    does not turn into a burst that would crowd writers out."""
+    from blockmirror.copying.copier import PACE_CATCH_UP
+
+    n = 10
+    waited = _paced_waits(monkeypatch, tmp_path, stall=3.0, items=n)
+    # The last item starts (n - 1) x 0.1 s after the first, which may start
+    # PACE_CATCH_UP s early; the items' own 1 ms each is time not waited.
+    assert waited == pytest.approx((n - 1) * 0.1 - PACE_CATCH_UP - (n - 1) * 0.001, abs=0.005)
+
+
 def test_bad_arguments_are_refused(image_pair) -> None:
     src, dst, _ = image_pair
     dst.write_bytes(b"")
