@@ -321,14 +321,20 @@ int bm_nbd_flush(bm_nbd *h)
     return 0;
 }
 
-int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t offset)
+/* LEN bytes at OFFSET lie inside the export (WHAT names the request). */
+static int in_bounds(bm_nbd *h, uint64_t len, uint64_t offset, const char *what)
 {
-    if (usable(h, conn) < 0)
-        return -1;
     if (offset > h->size || len > h->size - offset)
-        return fail(EINVAL, "read of %llu bytes at %llu is past the export's end (%llu)",
+        return fail(EINVAL, "%s of %llu bytes at %llu is past the export's end (%llu)", what,
                     (unsigned long long)len, (unsigned long long)offset,
                     (unsigned long long)h->size);
+    return 0;
+}
+
+int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t offset)
+{
+    if (usable(h, conn) < 0 || in_bounds(h, len, offset, "read") < 0)
+        return -1;
     for (uint64_t done = 0; done < len;) {
         uint64_t n = len - done < h->max_request ? len - done : h->max_request;
         int64_t cookie = nbd_aio_pread(h->conn[conn], buf + done, (size_t)n, offset + done,
@@ -346,10 +352,8 @@ int bm_nbd_pread(bm_nbd *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
 
 static int in_export(bm_nbd *h, uint64_t len, uint64_t offset, const char *what)
 {
-    if (offset > h->size || len > h->size - offset)
-        return fail(EINVAL, "%s of %llu bytes at %llu is past the export's end (%llu)", what,
-                    (unsigned long long)len, (unsigned long long)offset,
-                    (unsigned long long)h->size);
+    if (in_bounds(h, len, offset, what) < 0)
+        return -1;
     if (!(h->caps & BM_NBD_CAN_WRITE))
         return fail(EROFS, "the export is read-only");
     return 0;
