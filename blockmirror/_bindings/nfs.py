@@ -34,6 +34,7 @@ def available() -> bool:
 
 CREATE = _constant("BM_NFS_CREATE", 1)
 READ = _constant("BM_NFS_READ", 0)
+UPDATE = _constant("BM_NFS_UPDATE", 2)
 DST_FRESH = _constant("BM_NFS_DST_FRESH", 1)
 SIDE_SRC = _constant("BM_NFS_SIDE_SRC", 1)
 SIDE_DST = _constant("BM_NFS_SIDE_DST", 2)
@@ -75,11 +76,13 @@ def _check(rc: int, name: str | None) -> None:
         raise error_from_c(name)
 
 
-def open_file(handle: Handle, path: str, *, create: bool, mode: int = 0o600,
+def open_file(handle: Handle, path: str, *, how: int, mode: int = 0o600,
               name: str | None = None) -> None:
-    """Open PATH on every connection (CREATE: created or truncated)."""
-    _check(_lib().bm_nfs_open_file(handle, os.fsencode(path), CREATE if create else READ,
-                                   mode), name)
+    """Open PATH on every connection: HOW is READ (read only), UPDATE
+    (read-write, as it is) or CREATE (created with MODE, or truncated)."""
+    if how not in (READ, UPDATE, CREATE):
+        raise ValueError(f"unknown way to open an NFS file: {how}")
+    _check(_lib().bm_nfs_open_file(handle, os.fsencode(path), how, mode), name)
 
 
 def close_file(handle: Handle, name: str | None = None) -> None:

@@ -27,6 +27,8 @@
 /* bm_nfs_open_file flags. */
 #define BM_NFS_READ 0               /* an existing file, read only */
 #define BM_NFS_CREATE 1             /* create or truncate to zero, read-write */
+#define BM_NFS_UPDATE 2             /* an existing file, read-write, kept as it is
+                                     * (an incremental sync updates it in place) */
 
 /* bm_nfs_copy_extents flags (in, per call). */
 #define BM_NFS_DST_FRESH 1          /* the file reads as zeros over the extents
@@ -88,8 +90,10 @@ uint64_t bm_nfs_write_max(const bm_nfs *h);   /* the largest WRITE3 the server t
 
 /* Open PATH (under the export) on every connection: BM_NFS_CREATE creates
  * it with MODE or truncates it to zero bytes (on the first connection; the
- * others open it read-write), BM_NFS_READ opens an existing file read only.
- * At most one file is open at a time. */
+ * others open it read-write), BM_NFS_UPDATE opens an existing file
+ * read-write without changing it, BM_NFS_READ opens an existing file read
+ * only (MODE is used only with BM_NFS_CREATE). At most one file is open at
+ * a time. */
 int bm_nfs_open_file(bm_nfs *h, const char *path, uint32_t flags, uint32_t mode);
 
 /* Close the open file on every connection; the first error wins. */

@@ -436,7 +436,8 @@ int bm_nfs_close_file(bm_nfs *h)
 
 int bm_nfs_open_file(bm_nfs *h, const char *path, uint32_t flags, uint32_t mode)
 {
-    if (!h || !path || (flags & ~(uint32_t)BM_NFS_CREATE))
+    if (!h || !path || (flags != BM_NFS_READ && flags != BM_NFS_CREATE &&
+                        flags != BM_NFS_UPDATE))
         return fail(EINVAL, "bad arguments to bm_nfs_open_file");
     if (h->conn[0].fh)
         return fail(EBUSY, "a file is open already");
@@ -444,8 +445,8 @@ int bm_nfs_open_file(bm_nfs *h, const char *path, uint32_t flags, uint32_t mode)
         struct conn *k = &h->conn[i];
         if (usable(h, i) < 0)
             goto undo;
-        int how = !(flags & BM_NFS_CREATE) ? O_RDONLY : i == 0 ? O_CREAT | O_TRUNC | O_RDWR
-                                                               : O_RDWR;
+        int how = flags == BM_NFS_READ ? O_RDONLY
+                  : flags == BM_NFS_CREATE && i == 0 ? O_CREAT | O_TRUNC | O_RDWR : O_RDWR;
         int queued = nfs_open2_async(k->nfs, path, how, (int)mode, open_done, new_op(k));
         if (finish_op(h, k, queued, "open") < 0)
             goto undo;
