@@ -360,3 +360,89 @@ def test_two_targets_of_one_source_keep_a_manifest_each(ram_tmp_path, serve_nfs)
     for name in ("one.img", "two.img"):
         assert (server.folder / name).read_bytes() == content
     assert run_cli("verify", image, urls[1]).returncode == 0
+
+
+# -- hash while copying ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("g", [64 * 1024, 512 * 1024])  # 512 KiB: not a default request's divisor
+def test_nfs_copy_digests_what_the_file_holds(g, ram_tmp_path, serve_nfs):
+    """As into an NBD export (test_remote_hashing.py): every whole granule
+    NfsCopier copies is digested from the bytes it sent, equal to the
+    file's own digest and to the local copier's; data is read from its
+    granule's start to its granule's end; granules an extent's edge cuts,
+    and the short last one, get none."""
+    from test_remote_hashing import expected, local_digests, mixed_image
+
+    from blockmirror._bindings import copy as _c
+    from blockmirror.copying import endpoint
+    from blockmirror.copying.copier import DigestRequest
+    from blockmirror.copying.nfs import NfsCopier, NfsFile
+
+    if _c.digest_function() is None:
+        pytest.skip("xxhash's library does not export XXH3_64bits")
+    server = serve_nfs()
+    granules, tail = 32, 5000
+    image = ram_tmp_path / "mixed.img"
+    content = mixed_image(image, g, granules, tail)
+    parsed = endpoint.parse(server.url("mixed.img"))
+    assert isinstance(parsed, endpoint.NfsUrl)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        with NfsFile(parsed, connections=2) as nfs_file:
+            nfs_file.create_partial(len(content), 0o600)
+            with NfsCopier(fd, nfs_file, src_path=str(image)) as copier:
+                whole = [(0, len(content))]
+                request = DigestRequest(g)
+                stats = copier.copy_extents(whole, dst_fresh=True, digests=request)
+                keys, values = request.take()
+                assert stats.bytes_read == 14 * g + tail, stats
+                assert keys.tolist() == list(range(granules))
+                assert values.tolist() == expected(content, g, list(range(granules)))
+                assert (keys.tolist(), values.tolist()) == local_digests(
+                    fd, ram_tmp_path / "local.img", whole, g)
+                cut = [(g + 100, 4 * g), (10 * g + 1, 3 * g - 1), (20 * g, 7 * g)]
+                request = DigestRequest(g)
+                copier.copy_extents(cut, digests=request)  # over what is there: in place
+                keys, values = request.take()
+                assert keys.tolist() == [2, 3, 4, 11, 12, 20, 21, 22, 23, 24, 25, 26]
+                assert values.tolist() == expected(content, g, keys.tolist())
+            nfs_file.publish()
+    finally:
+        os.close(fd)
+    assert (server.folder / "mixed.img").read_bytes() == content
+
+
+def test_a_sync_to_nfs_never_reads_the_source_twice(ram_tmp_path, serve_nfs, monkeypatch):
+    """In-process syncs of a tracked image (whole granules) to NFS, a full
+    copy then an incremental one: the digests come from the copy itself,
+    so the source is never read again to hash it (hash_granules is not
+    called), and each manifest kept equals the served file's digests."""
+    from blockmirror.migration import remote as remote_sync
+    from blockmirror.migration.options import SyncOptions
+
+    server = serve_nfs()
+    image = ram_tmp_path / "a.img"
+    content = make_data_image(image, SIZE, extents=12, tracked=True)
+    url, served = server.url("disk.img"), server.folder / "disk.img"
+    reread: list[object] = []
+    real = remote_sync.hash_granules
+
+    def counted(fd: int, runs: object, *args: object, **kwargs: object) -> object:
+        reread.append(runs)
+        return real(fd, runs, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(remote_sync, "hash_granules", counted)
+    for incremental in (False, True):
+        if incremental:
+            content = write_tracked(image, 3 * MiB + 12345, b"\x77" * (GRANULE + 9))
+        result = remote_sync.sync_to_export(str(image), url, SyncOptions())
+        assert result.incremental is incremental, result.notes
+        assert reread == [], reread
+        assert served.read_bytes() == content
+        [kept] = manifests(image)
+        m = RemoteManifest.from_bytes(kept.read_bytes(), str(kept))
+        assert m.change_id == result.change_id
+        keys = np.arange(SIZE // GRANULE, dtype=np.int64)
+        assert m.table.get(keys).tolist() == [digest(content[k * GRANULE:(k + 1) * GRANULE])
+                                              for k in keys.tolist()]

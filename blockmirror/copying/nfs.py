@@ -188,7 +188,9 @@ class NfsCopier(ConnectionCopier):
     REQUESTS WRITE3 calls in flight. The file is resized and committed only
     by the caller; ``dst_fresh`` is the caller's promise that the file reads
     as zeros over the extents (a new partial), ``start_writeback`` means
-    nothing here."""
+    nothing here. A :class:`DigestRequest` is served in C as into an NBD
+    export: each granule copied whole is hashed from the buffer its bytes
+    were read into and sent from."""
 
     def __init__(self, src_fd: int, nfs_file: NfsFile, *, requests: int = DEFAULT_REQUESTS,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -202,14 +204,14 @@ class NfsCopier(ConnectionCopier):
 
     def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
-        # No digests from here: the pass runner digests what this copied by
-        # reading the source again (RemotePassRunner._copy).
+        spec, request_bytes, slots = self._digest_sink(item, digests, REQUEST_BYTES)
         counts = _n.copy_extents(
             self.export.handle, self._connection(), self.src_fd, item, self.block_size,
-            requests=self.requests, request_bytes=REQUEST_BYTES,
+            requests=self.requests, request_bytes=request_bytes,
             flags=_n.DST_FRESH if dst_fresh else 0, rate_cap=self._nfs_rate_cap,
-            cancel=cancel, src_path=self.src_path, dst_name=self.export.name)
+            cancel=cancel, src_path=self.src_path, dst_name=self.export.name, digests=spec)
         self.export.fresh = False
+        self._take_digests(digests, spec, slots)
         self._tally(counts)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)

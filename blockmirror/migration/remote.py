@@ -60,7 +60,7 @@ from blockmirror.migration.digests import DigestTable
 from blockmirror.migration.job import FileSyncJob, JobState
 from blockmirror.migration.manifest import ManifestError, hash_granules
 from blockmirror.migration.options import SyncOptions
-from blockmirror.migration.passes import PassRunner
+from blockmirror.migration.passes import PassRunner, _granule_aligned
 from blockmirror.migration.precheck import Plan
 from blockmirror.migration.remote_manifest import (
     RemoteManifest,
@@ -163,6 +163,9 @@ class RemotePassRunner(PassRunner):
             # A full copy in place (a change id the tracker no longer
             # vouches for) must also zero what the source has as holes.
             extents = self.copier.allocated_extents() if fresh else self.copier.whole_image()
+            if self.fresh_digests is not None:  # whole granules, each hashed as it is sent
+                extents = _granule_aligned(extents, self.fresh_digests.granularity,
+                                           os.fstat(self.src_fd).st_size)
             stats = self._copy("bulk", extents, dst_fresh=fresh,
                                before_item=self._clear_before_read if self.tracker else None)
             self._record("bulk", stats)

@@ -148,3 +148,37 @@ int bm_nfs_copy_extents(bm_nfs *h, uint32_t conn, int src_fd, const bm_nfs_exten
                         uint64_t count, uint32_t block_size, uint32_t requests,
                         uint64_t request_bytes, uint32_t flags, bm_nfs_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nfs_copy_stats *stats);
+
+/* Hash while copying, as bm_nbd_digest_sink (csrc/remote/bm_remote.h) under
+ * names of its own: HASH is the caller's (the manifest's xxh3-64, the very
+ * function pointer the local copier calls); a result of 0 is stored as 1
+ * (0 means "unknown" to the manifest). */
+typedef uint64_t (*bm_nfs_hash_fn)(const void *data, size_t len);
+
+typedef struct {
+    bm_nfs_hash_fn hash;
+    uint64_t granularity;   /* a power of two >= BM_NFS_MIN_BLOCK, dividing REQUEST_BYTES */
+    uint64_t zero_digest;   /* HASH of GRANULARITY zero bytes (for holes) */
+    uint64_t count;         /* slots in digests */
+    uint64_t *digests;      /* out: one slot per granule each extent touches, extent
+                             * after extent (an extent [o, o+n) takes granules
+                             * o/g .. (o+n-1)/g); slots of granules not copied whole
+                             * are left as they were (the caller zeroes them) */
+} bm_nfs_digest_sink;
+
+/* bm_nfs_copy_extents, and the digest of every granule of SINK's range that
+ * lies wholly inside one extent goes into SINK: hashed from the slot buffer
+ * the bytes were read into and sent from (the source is read once), or
+ * SINK's zero_digest for a granule wholly in a source hole. Data is read
+ * from its granule's start to its granule's end (clipped to the extent;
+ * holes inside read as zeros and are treated as zero runs) and slots end on
+ * granule boundaries. A granule cut by an extent's edge or by the source's
+ * end gets no digest. SINK NULL is bm_nfs_copy_extents; too few slots, or a
+ * granularity that does not divide REQUEST_BYTES, is EINVAL. On failure the
+ * slots filled are meaningless. */
+int bm_nfs_copy_extents_hashed(bm_nfs *h, uint32_t conn, int src_fd,
+                               const bm_nfs_extent *extents, uint64_t count,
+                               uint32_t block_size, uint32_t requests, uint64_t request_bytes,
+                               uint32_t flags, bm_nfs_rate_cap *rate_cap,
+                               const uint32_t *cancel, bm_nfs_digest_sink *sink,
+                               bm_nfs_copy_stats *stats);
