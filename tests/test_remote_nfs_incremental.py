@@ -342,6 +342,35 @@ def test_server_killed_mid_update_then_a_full_copy_after_restart(ram_tmp_path, s
     assert partials(server.folder) == []
 
 
+def test_server_killed_in_the_final_pass_of_an_update(ram_tmp_path, serve_nfs, live_writer):
+    """The server dies while writers are frozen for the final pass of an
+    incremental sync: exit 1 saying the file was left partly updated, and
+    the writer goes on at once (long before the lease), the tracker running."""
+    server = serve_nfs()
+    image = ram_tmp_path / "live.img"
+    content = make_data_image(image, SIZE, extents=4, tracked=True)
+    url, served = server.url("disk.img"), server.folder / "disk.img"
+    first_sync(image, url, served, content)
+    write_tracked(image, 16 * MiB, b"\x33" * (16 * MiB))  # the first pass: 16 MiB at 4 MB/s
+    writer = live_writer(image, rate="8M", wait=20, extra=["--region", "8M"])
+    proc = start_cli("sync", image, url, "--bwlimit", "4M", "--target-downtime", "10s",
+                     "--max-passes", "2")
+    with Tracker.open(image) as tracker:
+        wait_for(lambda: tracker.state == "frozen" or proc.poll() is not None, 60,
+                 "the final pass", every=0.01)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)
+        server.kill_server()
+        killed = time.monotonic()
+        writer.wait_for_more(10, timeout=10)
+        assert time.monotonic() - killed < 10
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, err
+        assert len(err.strip().splitlines()) == 1 and "left partly updated" in err, err
+        assert tracker.state == "running"
+    assert manifests(image) == []
+
+
 def test_two_targets_of_one_source_keep_a_manifest_each(ram_tmp_path, serve_nfs):
     """Two NFS targets of one source keep a manifest each (named by URL):
     syncing to one never makes the other's incremental lie."""
