@@ -11,11 +11,15 @@ names the file itself.
 from __future__ import annotations
 
 import os
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror._bindings._ffi import extents_pointer
 from blockmirror._bindings.optional import CopyCounts, OptionalModule
 from blockmirror.extents import ExtentArray
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 Handle: TypeAlias = Any
 """A ``bm_nfs *`` owned by ffi.gc (bm_nfs_close runs with its last reference)."""
@@ -34,6 +38,7 @@ def available() -> bool:
 
 CREATE = _constant("BM_NFS_CREATE", 1)
 READ = _constant("BM_NFS_READ", 0)
+UPDATE = _constant("BM_NFS_UPDATE", 2)
 DST_FRESH = _constant("BM_NFS_DST_FRESH", 1)
 SIDE_SRC = _constant("BM_NFS_SIDE_SRC", 1)
 SIDE_DST = _constant("BM_NFS_SIDE_DST", 2)
@@ -75,11 +80,13 @@ def _check(rc: int, name: str | None) -> None:
         raise error_from_c(name)
 
 
-def open_file(handle: Handle, path: str, *, create: bool, mode: int = 0o600,
+def open_file(handle: Handle, path: str, *, how: int, mode: int = 0o600,
               name: str | None = None) -> None:
-    """Open PATH on every connection (CREATE: created or truncated)."""
-    _check(_lib().bm_nfs_open_file(handle, os.fsencode(path), CREATE if create else READ,
-                                   mode), name)
+    """Open PATH on every connection: HOW is READ (read only), UPDATE
+    (read-write, as it is) or CREATE (created with MODE, or truncated)."""
+    if how not in (READ, UPDATE, CREATE):
+        raise ValueError(f"unknown way to open an NFS file: {how}")
+    _check(_lib().bm_nfs_open_file(handle, os.fsencode(path), how, mode), name)
 
 
 def close_file(handle: Handle, name: str | None = None) -> None:
@@ -137,17 +144,25 @@ def new_rate_cap(bytes_per_s: int) -> Any:
 def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
                  block_size: int, *, requests: int = 0, request_bytes: int = 0,
                  flags: int = 0, rate_cap: Any = None, cancel: Any = None,
-                 src_path: str | None = None, dst_name: str | None = None) -> CopyCounts:
+                 src_path: str | None = None, dst_name: str | None = None,
+                 digests: tuple[Any, int, int, npt.NDArray[np.uint64]] | None = None
+                 ) -> CopyCounts:
     """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) of SRC_FD into the
     open file over connection CONN, in one C call; errors name the side.
-    CANCEL is the Copier's ``uint32_t *`` flag (any cffi module's)."""
+    CANCEL is the Copier's ``uint32_t *`` flag (any cffi module's). DIGESTS,
+    if given, is (copy.digest_function(), granularity, zero-granule digest,
+    out): OUT (zeroed, one uint64 per slot of ``copy.digest_slots``)
+    receives the digest of each granule copied whole, hashed from the bytes
+    sent (0: none). The granularity must divide REQUEST_BYTES."""
     ffi, lib = _ffi(), _lib()
     ext = extents_pointer(extents, on=ffi, ctype="bm_nfs_extent *")
     stats = ffi.new("bm_nfs_copy_stats *")
     flag = ffi.NULL if cancel is None else ffi.cast("uint32_t *", cancel)
-    rc = lib.bm_nfs_copy_extents(handle, conn, src_fd, ext, len(extents), block_size,
-                                 requests, request_bytes, flags,
-                                 ffi.NULL if rate_cap is None else rate_cap, flag, stats)
+    sink = ffi.NULL if digests is None else _EXT.digest_sink("bm_nfs", *digests)
+    rc = lib.bm_nfs_copy_extents_hashed(handle, conn, src_fd, ext, len(extents), block_size,
+                                        requests, request_bytes, flags,
+                                        ffi.NULL if rate_cap is None else rate_cap, flag, sink,
+                                        stats)
     if rc < 0:
         side = stats.error_side
         raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)

@@ -1,6 +1,7 @@
 """What the endpoint bindings (remote.py: NBD, nfs.py: NFS) share: a cffi
 module that setup.py builds only where its library's headers were
-installed, and the counts each endpoint's copy call reports.
+installed, the counts each endpoint's copy call reports, and the digest
+sink its hashed copy call fills.
 
 :class:`OptionalModule` loads such a module if it was built; without it,
 every call that needs it raises :class:`~blockmirror.errors.InvalidInputError`
@@ -50,6 +51,27 @@ class OptionalModule:
         if self.module is None:
             return default
         return int(getattr(self.module.lib, name))
+
+    def digest_sink(self, prefix: str, core_fn: Any, granularity: int, zero: int,
+                    out: Any) -> Any:
+        """A ``PREFIX_digest_sink *`` of this module writing into OUT (a
+        writable C-contiguous uint64 numpy array that must outlive its use),
+        hashing with CORE_FN (copy.digest_function(), the core module's
+        ``bm_hash_fn``) cast to this module's ``PREFIX_hash_fn``: the same
+        address, so the same digest."""
+        import numpy as np  # late: numpy (see blockmirror.extents)
+
+        from blockmirror._bindings._ffi import ffi as core_ffi
+
+        if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("digest slots must be a writable C-contiguous uint64 array")
+        ffi = self.ffi()
+        sink = ffi.new(f"{prefix}_digest_sink *")
+        sink.hash = ffi.cast(f"{prefix}_hash_fn", int(core_ffi.cast("uintptr_t", core_fn)))
+        sink.granularity, sink.zero_digest = granularity, zero
+        sink.count = len(out)
+        sink.digests = ffi.cast("uint64_t *", ffi.from_buffer(out.data)) if len(out) else ffi.NULL
+        return sink
 
     def error_from_c(self, name: str | None = None) -> OSError:
         """The exception for the call that just failed on this thread; NAME

@@ -140,29 +140,6 @@ def new_rate_cap(bytes_per_s: int) -> Any:
     return cap
 
 
-def _hash_fn(core_fn: Any) -> Any:
-    """The core's digest function pointer (copy.digest_function(), a
-    ``bm_hash_fn`` of the other cffi module) as this module's
-    ``bm_nbd_hash_fn``: the same address, so the same digest."""
-    from blockmirror._bindings._ffi import ffi as core_ffi
-
-    return _ffi().cast("bm_nbd_hash_fn", int(core_ffi.cast("uintptr_t", core_fn)))
-
-
-def _sink(fn: Any, granularity: int, zero: int, out: npt.NDArray[np.uint64]) -> Any:
-    """A ``bm_nbd_digest_sink`` writing into OUT (which must outlive its use)."""
-    import numpy as np  # late: numpy (see blockmirror.extents)
-
-    if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("digest slots must be a writable C-contiguous uint64 array")
-    ffi = _ffi()
-    sink = ffi.new("bm_nbd_digest_sink *")
-    sink.hash, sink.granularity, sink.zero_digest = _hash_fn(fn), granularity, zero
-    sink.count = len(out)
-    sink.digests = ffi.cast("uint64_t *", ffi.from_buffer(out.data)) if len(out) else ffi.NULL
-    return sink
-
-
 def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
                  block_size: int, *, requests: int = 0, request_bytes: int = 0,
                  flags: int = 0, rate_cap: Any = None, cancel: Any = None,
@@ -179,7 +156,7 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     ffi, lib = _ffi(), _lib()
     ext = extents_pointer(extents, on=ffi, ctype="bm_nbd_extent *")
     stats = ffi.new("bm_nbd_copy_stats *")
-    sink = ffi.NULL if digests is None else _sink(*digests)
+    sink = ffi.NULL if digests is None else _EXT.digest_sink("bm_nbd", *digests)
     rc = lib.bm_nbd_copy_extents_hashed(handle, conn, src_fd, ext, len(extents), block_size,
                                         requests, request_bytes, flags,
                                         ffi.NULL if rate_cap is None else rate_cap,

@@ -5,7 +5,9 @@ file (nfs.py: NfsCopier) share.
 Each worker thread keeps one connection of the endpoint for every work item
 it copies, and each item is one C call with many requests in flight on it;
 there is no local copier handle and no copy_file_range. The C calls' counts
-are tallied here.
+are tallied here, and a digest request is turned into the C call's digest
+sink here (the copies into an export and into an NFS file hash each whole
+granule from the buffer its bytes were sent from).
 """
 
 from __future__ import annotations
@@ -13,13 +15,31 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
+from blockmirror._bindings import copy as _c
 from blockmirror._bindings.optional import CopyCounts
-from blockmirror.copying.copier import DEFAULT_BATCH_BYTES, DEFAULT_BLOCK_SIZE, Copier
+from blockmirror.copying.copier import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    Copier,
+    DigestRequest,
+    _zero_digest,
+)
 from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+
+MAX_HASHED_GRANULE = 1 << 20
+"""The largest granule a connection copy hashes from its buffers: each request
+buffer then holds a granule (REQUESTS of them per connection); coarser
+granules are digested by the caller."""
+
+DigestSpec: TypeAlias = tuple[Any, int, int, npt.NDArray[np.uint64]]
+"""What an endpoint binding's copy_extents takes as DIGESTS: the C digest
+function, the granularity, the zero granule's digest, the slots it fills."""
 
 
 def timeout_from_environment(variable: str, default: float = 30.0) -> float:
@@ -72,6 +92,39 @@ class ConnectionCopier(Copier):
         if conn is None:
             conn = self._local.conn = next(self._next_conn) % self.export.connections
         return int(conn)
+
+    def _digest_spec(self, digests: DigestRequest | None) -> bool:
+        """Whether DIGESTS can be served from the copy's buffers."""
+        if digests is None:
+            return False
+        g = digests.granularity
+        return (_c.digest_function() is not None and MIN_BLOCK_SIZE <= g <= MAX_HASHED_GRANULE
+                and not g & (g - 1))
+
+    @staticmethod
+    def _digest_sink(item: ExtentArray, digests: DigestRequest | None, request_bytes: int
+                     ) -> tuple[DigestSpec | None, int, npt.NDArray[np.int64] | None]:
+        """For one C call over ITEM: the DIGESTS argument (None: no digests),
+        the request size to use (whole granules per request buffer: powers
+        of two, so the granule divides it) and the granule of each slot."""
+        if digests is None:
+            return None, request_bytes, None
+        fn = _c.digest_function()
+        assert fn is not None
+        g = digests.granularity
+        slots = _c.digest_slots(item, g)
+        out = np.zeros(len(slots), dtype=np.uint64)
+        return (fn, g, _zero_digest(g), out), max(request_bytes, g), slots
+
+    @staticmethod
+    def _take_digests(digests: DigestRequest | None, spec: DigestSpec | None,
+                      slots: npt.NDArray[np.int64] | None) -> None:
+        """Hand DIGESTS the granules the C call hashed whole (non-zero slots)."""
+        if digests is None or spec is None or slots is None:
+            return
+        out = spec[3]
+        whole = np.flatnonzero(out)
+        digests.found.append((slots[whole], out[whole]))  # list.append: atomic
 
     def _tally(self, counts: CopyCounts) -> None:
         with self._stats_lock:

@@ -5,11 +5,14 @@ connections (each its own libnfs context: libnfs is not thread-safe). A sync
 writes a partial copy beside the target (``NAME.bm-partial``, created sparse
 at the source's size), commits it (COMMIT3, where NFS reports late errors
 such as ENOSPC) and renames it over the target; on failure the partial is
-removed. :class:`NfsCopier` is a :class:`~blockmirror.copying.copier.Copier`
-whose work items go, one C call per worker thread, each on its own
-connection, into the file through libnfs's asynchronous API
-(csrc/nfs/nfs.c): many WRITE3 calls in flight, holes and zeros of a fresh
-file skipped so it stays sparse on the server.
+removed. An incremental sync opens the target itself read-write instead
+(:meth:`NfsFile.open_for_update`) and only commits it.
+
+:class:`NfsCopier` is a :class:`~blockmirror.copying.copier.Copier` whose
+work items go, one C call per worker thread, each on its own connection,
+into the file through libnfs's asynchronous API (csrc/nfs/nfs.c): many
+WRITE3 calls in flight, holes and zeros of a fresh file skipped so it stays
+sparse on the server.
 """
 
 from __future__ import annotations
@@ -81,22 +84,39 @@ class NfsFile(Closeable):
             raise ValueError(f"NFS file {self.name} is closed")
         return self._handle
 
-    def _open(self, path: str, *, create: bool, mode: int = 0o600) -> None:
-        _n.open_file(self.handle, path, create=create, mode=mode, name=self.name)
+    def _open(self, path: str, *, how: int, mode: int = 0o600) -> None:
+        _n.open_file(self.handle, path, how=how, mode=mode, name=self.name)
         self.open_path = path
 
     def open_existing(self) -> None:
         """Open the target for reading (verify); a missing file is bad input."""
         try:
-            self._open(self.target, create=False)
+            self._open(self.target, how=_n.READ)
             self.size = _n.size(self.handle, self.name)
         except OSError as e:
             raise InvalidInputError(f"cannot read {self.name}: {e.strerror}") from None
 
+    def open_for_update(self) -> None:
+        """Open the target read-write as it is (an incremental sync updates
+        it in place); its size from the server. OSError (ENOENT...) as is."""
+        self._open(self.target, how=_n.UPDATE)
+        self.fresh = False
+        try:
+            self.size = _n.size(self.handle, self.name)
+        except OSError:
+            self.close_file()
+            raise
+
+    def close_file(self) -> None:
+        """Close the open file (errors ignored: nothing was written to it)."""
+        with contextlib.suppress(OSError):
+            _n.close_file(self.handle, self.name)
+        self.open_path = None
+
     def create_partial(self, size: int, mode: int) -> None:
         """NAME.bm-partial beside the target, empty (truncated if a killed run
         left one) and then sparse at SIZE bytes."""
-        self._open(self.partial, create=True, mode=mode & 0o7777)
+        self._open(self.partial, how=_n.CREATE, mode=mode & 0o7777)
         _n.truncate(self.handle, size, self.name)
         self.size = size
         self.fresh = True
@@ -126,15 +146,13 @@ class NfsFile(Closeable):
         _n.close_file(self.handle, self.name)
         self.open_path = None
         _n.rename(self.handle, self.partial, self.target, self.name)
-        self._open(self.target, create=False)
+        self._open(self.target, how=_n.READ)
 
     def discard(self, path: str) -> str | None:
         """Remove PATH (the partial, or a published copy) from the server,
         over a new mount if this one's connections failed. None when done,
         else why not."""
-        with contextlib.suppress(OSError):
-            _n.close_file(self.handle, self.name)
-        self.open_path = None
+        self.close_file()
         try:
             _n.unlink(self.handle, path, self.name)
             return None
@@ -170,7 +188,9 @@ class NfsCopier(ConnectionCopier):
     REQUESTS WRITE3 calls in flight. The file is resized and committed only
     by the caller; ``dst_fresh`` is the caller's promise that the file reads
     as zeros over the extents (a new partial), ``start_writeback`` means
-    nothing here."""
+    nothing here. A :class:`DigestRequest` is served in C as into an NBD
+    export: each granule copied whole is hashed from the buffer its bytes
+    were read into and sent from."""
 
     def __init__(self, src_fd: int, nfs_file: NfsFile, *, requests: int = DEFAULT_REQUESTS,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -184,13 +204,14 @@ class NfsCopier(ConnectionCopier):
 
     def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
-        # No digests: nothing keeps a manifest of a remote copy (yet).
+        spec, request_bytes, slots = self._digest_sink(item, digests, REQUEST_BYTES)
         counts = _n.copy_extents(
             self.export.handle, self._connection(), self.src_fd, item, self.block_size,
-            requests=self.requests, request_bytes=REQUEST_BYTES,
+            requests=self.requests, request_bytes=request_bytes,
             flags=_n.DST_FRESH if dst_fresh else 0, rate_cap=self._nfs_rate_cap,
-            cancel=cancel, src_path=self.src_path, dst_name=self.export.name)
+            cancel=cancel, src_path=self.src_path, dst_name=self.export.name, digests=spec)
         self.export.fresh = False
+        self._take_digests(digests, spec, slots)
         self._tally(counts)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)

@@ -25,19 +25,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
-
-from blockmirror._bindings import copy as _c
 from blockmirror._bindings import remote as _r
 from blockmirror.closeable import Closeable
 from blockmirror.copying.connections import ConnectionCopier, timeout_from_environment
 from blockmirror.copying.copier import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BLOCK_SIZE,
-    MIN_BLOCK_SIZE,
     CopyStats,
     DigestRequest,
-    _zero_digest,
 )
 from blockmirror.copying.endpoint import NbdUri
 from blockmirror.errors import InvalidInputError
@@ -49,10 +44,6 @@ DEFAULT_TIMEOUT_S = timeout_from_environment("BLOCKMIRROR_NBD_TIMEOUT")
 the link)."""
 DEFAULT_REQUESTS = 32
 REQUEST_BYTES = _r.DEFAULT_REQUEST_BYTES
-MAX_HASHED_GRANULE = 1 << 20
-"""The largest granule the copy hashes from its buffers: each request
-buffer then holds a granule (32 of them per connection); coarser granules
-are digested by the caller."""
 
 
 def libnbd_available() -> bool:
@@ -154,35 +145,15 @@ class RemoteCopier(ConnectionCopier):
         self.export: NbdExport = export
         self._nbd_rate_cap = _r.new_rate_cap(round(rate_limit)) if rate_limit else None
 
-    def _digest_spec(self, digests: DigestRequest | None) -> bool:
-        """Whether DIGESTS can be served from the copy's buffers."""
-        if digests is None:
-            return False
-        g = digests.granularity
-        return (_c.digest_function() is not None and MIN_BLOCK_SIZE <= g <= MAX_HASHED_GRANULE
-                and not g & (g - 1))
-
     def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
-        spec = None
-        request_bytes = REQUEST_BYTES
-        if digests is not None:
-            fn = _c.digest_function()
-            assert fn is not None
-            g = digests.granularity
-            # Each request buffer holds whole granules (powers of two: g divides it).
-            request_bytes = max(REQUEST_BYTES, g)
-            slots = _c.digest_slots(item, g)
-            out = np.zeros(len(slots), dtype=np.uint64)
-            spec = (fn, g, _zero_digest(g), out)
+        spec, request_bytes, slots = self._digest_sink(item, digests, REQUEST_BYTES)
         counts = _r.copy_extents(
             self.export.handle, self._connection(), self.src_fd, item, self.block_size,
             requests=self.requests, request_bytes=request_bytes,
             flags=_r.DST_FRESH if dst_fresh else 0, rate_cap=self._nbd_rate_cap,
             cancel=cancel, src_path=self.src_path, dst_name=self.export.name, digests=spec)
-        if digests is not None and spec is not None:
-            whole = np.flatnonzero(out)
-            digests.found.append((slots[whole], out[whole]))  # list.append: atomic
+        self._take_digests(digests, spec, slots)
         self._tally(counts)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)

@@ -45,7 +45,12 @@ Into NFS (:class:`NfsSyncJob`, the same job with another endpoint) the copy
 goes to ``NAME.bm-partial`` beside the target, created sparse, and the commit
 is COMMIT3 then a rename over the target, as a local copy's fsync and
 rename; on any failure the partial is removed from the server (over a new
-mount if the old one died), and the error says whether that worked.
+mount if the old one died), and the error says whether that worked. An
+incremental sync to NFS (a usable manifest, checked as for an export) skips
+the partial: it updates the target in place and only commits it; the
+manifest is gone before the first byte changes, so a sync that dies midway
+leaves the target partly updated and no manifest (the next one is a full
+copy), and its error says so.
 """
 
 from __future__ import annotations
@@ -55,8 +60,6 @@ import errno
 import os
 import urllib.parse
 from typing import Any
-
-import numpy as np
 
 from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
@@ -77,12 +80,13 @@ from blockmirror.migration.digests import DigestTable
 from blockmirror.migration.job import FileSyncJob, JobState
 from blockmirror.migration.manifest import ManifestError, hash_granules
 from blockmirror.migration.options import SyncOptions
-from blockmirror.migration.passes import PassRunner
+from blockmirror.migration.passes import PassRunner, _granule_aligned
 from blockmirror.migration.precheck import Plan
 from blockmirror.migration.remote_manifest import (
     RemoteManifest,
     invalidate,
     manifest_location,
+    read_back,
     sample_mismatch,
 )
 from blockmirror.migration.result import SyncResult
@@ -131,11 +135,6 @@ def _sync_to_nfs(src: str, url: NfsUrl, options: SyncOptions) -> SyncResult:
     _refuse_unsupported(src, url, options)
     st = precheck.check_source(src, move=False)
     nfs_file = NfsFile(url, connections=options.workers)
-    try:
-        _check_nfs_space(nfs_file, st.st_blocks * 512)
-    except BaseException:
-        nfs_file.close()
-        raise
     partial = url.display.partition("?")[0] + PARTIAL_SUFFIX  # for messages
     plan = Plan(os.path.abspath(src), url.display, partial, st.st_size, st.st_blocks * 512,
                 st.st_uid, st.st_mode)
@@ -227,7 +226,13 @@ class RemotePassRunner(PassRunner):
         export = self.copier.export
         fresh = export.reads_zero(0, export.size)
         if isinstance(export, NfsFile):
-            stats = self._copy("bulk", self.copier.allocated_extents(), dst_fresh=fresh,
+            # A full copy in place (a change id the tracker no longer
+            # vouches for) must also zero what the source has as holes.
+            extents = self.copier.allocated_extents() if fresh else self.copier.whole_image()
+            if self.fresh_digests is not None:  # whole granules, each hashed as it is sent
+                extents = _granule_aligned(extents, self.fresh_digests.granularity,
+                                           os.fstat(self.src_fd).st_size)
+            stats = self._copy("bulk", extents, dst_fresh=fresh,
                                before_item=self._clear_before_read if self.tracker else None)
             self._record("bulk", stats)
             return
@@ -374,8 +379,12 @@ class RemoteSyncJob(FileSyncJob):
             return "the manifest names another export"
         if (earlier.image_size, earlier.granularity) != (self.plan.size, self._granularity):
             return "the manifest is for another size or granularity of the source"
-        mismatch = sample_mismatch(earlier, self.export)
+        mismatch = self._still_holds(earlier)
         return earlier if mismatch is None else mismatch
+
+    def _still_holds(self, earlier: RemoteManifest) -> str | None:
+        """Why the export may not hold what EARLIER says, or None."""
+        return sample_mismatch(earlier, self.export)
 
     def _first_pass(self) -> None:
         """Incremental when the last sync's manifest can be used and the
@@ -456,10 +465,9 @@ class RemoteSyncJob(FileSyncJob):
         if self.result.image_size != table.size:
             self.result.notes.append("no manifest kept: the source changed size during the sync")
             return
-        assert isinstance(self.export, NbdExport)
         series, _, generation = self.result.change_id.rpartition(":")
         try:
-            _read_back(table, self.export)
+            read_back(table, self.export)
             RemoteManifest(self.export.name, self.export.size, table.size, table.granularity,
                            series, int(generation), table).save(*self.manifest_at)
         except (OSError, ManifestError) as e:
@@ -517,41 +525,70 @@ class RemoteSyncJob(FileSyncJob):
             self.export.close()
 
 
-def _read_back(table: DigestTable, export: NbdExport, chunk: int = 4 << 20) -> None:
-    """Digest TABLE's unknown granules from the export (over connection 0)."""
-    g = table.granularity
-    step = max(g, chunk // g * g)
-    for offset, length in dg.byte_extents(table.unknown, g, table.size):
-        for start in range(offset, offset + length, step):
-            n = min(step, offset + length - start)
-            data = memoryview(export.pread(0, n, start))
-            first = start // g
-            keys = np.arange(first, first + -(-n // g), dtype=np.int64)
-            values = np.array([dg.digest(data[i * g:(i + 1) * g]) for i in range(len(keys))],
-                              dtype=np.uint64)
-            table.put(keys, values)
+LEFT_UPDATED = ("the NFS file was left partly updated and its manifest removed (the next "
+                "sync is a full copy); the source is untouched")
 
 
 class NfsSyncJob(RemoteSyncJob):
-    """A :class:`RemoteSyncJob` into a file on an NFS server: through a
-    sparse partial beside the target, committed and renamed at the switch,
-    removed on failure."""
+    """A :class:`RemoteSyncJob` into a file on an NFS server. A full copy
+    goes through a sparse partial beside the target, committed (COMMIT3)
+    and renamed over it at the switch, removed on failure. When the last
+    sync's manifest can be used (the checks of ``_doubt``, and those of
+    ``_still_holds`` here) the target is updated in place and committed.
+
+    In place is safe because the manifest is removed, durably, before the
+    first byte of the target changes (``RemoteSyncJob._open``): a run that
+    dies midway leaves no manifest, so the next sync can only be a full
+    copy, never one that trusts digests the target no longer matches. What
+    a failed update cannot do is take the old bytes back: the target is
+    left partly updated (the error says so), the source untouched."""
 
     export: NfsFile
-    keeps_manifest = False  # a new partial every time: each sync is a full copy
 
     def __init__(self, plan: Plan, options: SyncOptions, nfs_file: NfsFile) -> None:
         super().__init__(plan, options, nfs_file)
+        self.in_place = False  # updating the target itself (else through the partial)
         self.created = False  # the partial exists on the server
         self.cleanup_error: str | None = None
 
     def _notes(self) -> list[str]:
-        return [f"written to {os.path.basename(self.export.partial)} on the NFS server, "
-                "committed (COMMIT) and renamed over the target; no manifest (each sync to "
-                "NFS is a full copy)"]
+        return []  # which way it writes is known only in _usable_manifest
 
-    def _open(self) -> None:
-        """The partial first (bad input if the server will not create it)."""
+    def _usable_manifest(self) -> RemoteManifest | None:
+        """A usable manifest means in place; none, a new partial."""
+        earlier = super()._usable_manifest()
+        self.in_place = earlier is not None
+        if self.in_place:
+            self.result.notes.append(f"updated {os.path.basename(self.export.target)} in "
+                                     "place on the NFS server, then committed (COMMIT)")
+        else:
+            self.export.close_file()  # the target, if the sample check opened it
+            self._create_partial()
+            self.result.notes.append(
+                f"written to {os.path.basename(self.export.partial)} on the NFS server, "
+                "committed (COMMIT) and renamed over the target")
+        return earlier
+
+    def _still_holds(self, earlier: RemoteManifest) -> str | None:
+        """First the tracker still vouching for EARLIER's change id (asked
+        again after the first clear, in _first_pass): a reset tracker takes
+        the partial, not a rewrite of the whole target in place. Then the
+        target, opened for update, sampled."""
+        assert self.tracker is not None
+        try:
+            self.tracker.changed_extents_array(earlier.change_id)
+        except ChangeIdInvalidError as e:
+            return str(e)
+        try:
+            self.export.open_for_update()
+        except OSError as e:
+            return f"cannot open {self.plan.destination} for update: {e.strerror}"
+        return super()._still_holds(earlier)
+
+    def _create_partial(self) -> None:
+        """Room for the source's data on the server (or exit 4 with nothing
+        made), then the partial (bad input if the server will not make it)."""
+        _check_nfs_space(self.export, self.plan.allocated)
         try:
             self.export.create_partial(self.plan.size, self.plan.mode)
         except OSError as e:
@@ -560,26 +597,34 @@ class NfsSyncJob(RemoteSyncJob):
             raise InvalidInputError(f"cannot create {self.plan.partial}: "
                                     f"{e.strerror}") from None
         self.created = True
-        super()._open()
 
     def _new_copier(self) -> Copier:
         return NfsCopier(self.src_fd, self.export, rate_limit=self.options.rate_limit,
                          src_path=self.plan.source)
 
     def _commit(self) -> None:
-        """COMMIT3 (late write errors surface here), then the rename."""
-        self.export.publish()
+        """COMMIT3 (late write errors surface here), the rename of a
+        partial, then the manifest of what the server now holds."""
+        if self.in_place:
+            self.export.flush()
+        else:
+            self.export.publish()
         self.state = JobState.COMMITTED
+        self._keep_manifest()
 
     def _undo_remote(self) -> None:
         """The partial goes; so does a copy already renamed into place whose
-        verify failed (as a local copy's is unpublished)."""
-        if not self.created or self.state in (JobState.DONE, JobState.REDIRECTED):
+        verify failed (as a local copy's is unpublished). A target updated
+        in place stays as it is: its old bytes are gone."""
+        if (self.in_place or not self.created
+                or self.state in (JobState.DONE, JobState.REDIRECTED)):
             return
         path = self.export.target if self.state is JobState.COMMITTED else self.export.partial
         self.cleanup_error = self.export.discard(path)
 
     def _left_behind(self) -> str:
+        if self.in_place:
+            return LEFT_UPDATED
         if self.cleanup_error is None:
             return "the partial copy on the NFS server was removed; the source is untouched"
         return (f"the partial copy {self.plan.partial} could not be removed "

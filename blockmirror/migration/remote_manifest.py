@@ -1,11 +1,12 @@
-"""The manifest of a copy held in an NBD export, kept beside the source.
+"""The manifest of a copy held in an NBD export or an NFS file, kept beside
+the source.
 
 The remote side holds only the image, so what an incremental sync needs to
-know about the export lives in ``SRC.bm-remote/`` (a folder of ours, 0700),
-one file per export: ``<sha256 of the export's display URI>.manifest``
-(0600). The display URI never carries user info, and only its hash names
-the file; the file itself records the display URI, never the one with
-credentials.
+know about the export (or NFS file: "export" below) lives in
+``SRC.bm-remote/`` (a folder of ours, 0700), one file per export:
+``<sha256 of the export's display URI>.manifest`` (0600). The display URI
+never carries user info, and only its hash names the file; the file itself
+records the display URI, never the one with credentials.
 
 A manifest says: the export (display URI) and its size, the source's size,
 the change id of the source the export was exact at, and the digest of each
@@ -56,7 +57,8 @@ ANY_SAMPLES = 4  # granules anywhere in the image (holes too)
 
 
 class SampledExport(Protocol):
-    """What the sample check needs of an export (NbdExport has it)."""
+    """What the sample check and the read-back need of an export (NbdExport
+    and NfsFile have it)."""
 
     size: int
 
@@ -251,3 +253,19 @@ def sample_mismatch(manifest: RemoteManifest, export: SampledExport,
             return (f"the export does not hold what the last sync left there (granule at "
                     f"byte {offset} differs): it was written behind blockmirror's back")
     return None
+
+
+def read_back(table: DigestTable, export: SampledExport, chunk: int = 4 << 20) -> None:
+    """Digest TABLE's unknown granules from the export (over connection 0):
+    the granules no pass hashed, read back after the export's flush."""
+    g = table.granularity
+    step = max(g, chunk // g * g)
+    for offset, length in dg.byte_extents(table.unknown, g, table.size):
+        for start in range(offset, offset + length, step):
+            n = min(step, offset + length - start)
+            data = memoryview(export.pread(0, n, start))
+            first = start // g
+            keys = np.arange(first, first + -(-n // g), dtype=np.int64)
+            values = np.array([dg.digest(data[i * g:(i + 1) * g]) for i in range(len(keys))],
+                              dtype=np.uint64)
+            table.put(keys, values)

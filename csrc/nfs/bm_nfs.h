@@ -27,6 +27,8 @@
 /* bm_nfs_open_file flags. */
 #define BM_NFS_READ 0               /* an existing file, read only */
 #define BM_NFS_CREATE 1             /* create or truncate to zero, read-write */
+#define BM_NFS_UPDATE 2             /* an existing file, read-write, kept as it is
+                                     * (an incremental sync updates it in place) */
 
 /* bm_nfs_copy_extents flags (in, per call). */
 #define BM_NFS_DST_FRESH 1          /* the file reads as zeros over the extents
@@ -88,8 +90,10 @@ uint64_t bm_nfs_write_max(const bm_nfs *h);   /* the largest WRITE3 the server t
 
 /* Open PATH (under the export) on every connection: BM_NFS_CREATE creates
  * it with MODE or truncates it to zero bytes (on the first connection; the
- * others open it read-write), BM_NFS_READ opens an existing file read only.
- * At most one file is open at a time. */
+ * others open it read-write), BM_NFS_UPDATE opens an existing file
+ * read-write without changing it, BM_NFS_READ opens an existing file read
+ * only (MODE is used only with BM_NFS_CREATE). At most one file is open at
+ * a time. */
 int bm_nfs_open_file(bm_nfs *h, const char *path, uint32_t flags, uint32_t mode);
 
 /* Close the open file on every connection; the first error wins. */
@@ -144,3 +148,37 @@ int bm_nfs_copy_extents(bm_nfs *h, uint32_t conn, int src_fd, const bm_nfs_exten
                         uint64_t count, uint32_t block_size, uint32_t requests,
                         uint64_t request_bytes, uint32_t flags, bm_nfs_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nfs_copy_stats *stats);
+
+/* Hash while copying, as bm_nbd_digest_sink (csrc/remote/bm_remote.h) under
+ * names of its own: HASH is the caller's (the manifest's xxh3-64, the very
+ * function pointer the local copier calls); a result of 0 is stored as 1
+ * (0 means "unknown" to the manifest). */
+typedef uint64_t (*bm_nfs_hash_fn)(const void *data, size_t len);
+
+typedef struct {
+    bm_nfs_hash_fn hash;
+    uint64_t granularity;   /* a power of two >= BM_NFS_MIN_BLOCK, dividing REQUEST_BYTES */
+    uint64_t zero_digest;   /* HASH of GRANULARITY zero bytes (for holes) */
+    uint64_t count;         /* slots in digests */
+    uint64_t *digests;      /* out: one slot per granule each extent touches, extent
+                             * after extent (an extent [o, o+n) takes granules
+                             * o/g .. (o+n-1)/g); slots of granules not copied whole
+                             * are left as they were (the caller zeroes them) */
+} bm_nfs_digest_sink;
+
+/* bm_nfs_copy_extents, and the digest of every granule of SINK's range that
+ * lies wholly inside one extent goes into SINK: hashed from the slot buffer
+ * the bytes were read into and sent from (the source is read once), or
+ * SINK's zero_digest for a granule wholly in a source hole. Data is read
+ * from its granule's start to its granule's end (clipped to the extent;
+ * holes inside read as zeros and are treated as zero runs) and slots end on
+ * granule boundaries. A granule cut by an extent's edge or by the source's
+ * end gets no digest. SINK NULL is bm_nfs_copy_extents; too few slots, or a
+ * granularity that does not divide REQUEST_BYTES, is EINVAL. On failure the
+ * slots filled are meaningless. */
+int bm_nfs_copy_extents_hashed(bm_nfs *h, uint32_t conn, int src_fd,
+                               const bm_nfs_extent *extents, uint64_t count,
+                               uint32_t block_size, uint32_t requests, uint64_t request_bytes,
+                               uint32_t flags, bm_nfs_rate_cap *rate_cap,
+                               const uint32_t *cancel, bm_nfs_digest_sink *sink,
+                               bm_nfs_copy_stats *stats);

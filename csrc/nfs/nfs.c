@@ -99,6 +99,9 @@ struct call {
     bm_nfs_rate_cap *rate_cap;
     const uint32_t *cancel;
     bm_nfs_copy_stats *st;
+    bm_nfs_digest_sink *sink;           /* NULL: no digests asked for */
+    uint64_t slot_base;                 /* the current extent's first sink slot */
+    uint64_t slot_granule;              /* ... and the granule it stands for */
 };
 
 /* One WRITE3 or READ3 in flight. */
@@ -436,7 +439,8 @@ int bm_nfs_close_file(bm_nfs *h)
 
 int bm_nfs_open_file(bm_nfs *h, const char *path, uint32_t flags, uint32_t mode)
 {
-    if (!h || !path || (flags & ~(uint32_t)BM_NFS_CREATE))
+    if (!h || !path || (flags != BM_NFS_READ && flags != BM_NFS_CREATE &&
+                        flags != BM_NFS_UPDATE))
         return fail(EINVAL, "bad arguments to bm_nfs_open_file");
     if (h->conn[0].fh)
         return fail(EBUSY, "a file is open already");
@@ -444,8 +448,8 @@ int bm_nfs_open_file(bm_nfs *h, const char *path, uint32_t flags, uint32_t mode)
         struct conn *k = &h->conn[i];
         if (usable(h, i) < 0)
             goto undo;
-        int how = !(flags & BM_NFS_CREATE) ? O_RDONLY : i == 0 ? O_CREAT | O_TRUNC | O_RDWR
-                                                               : O_RDWR;
+        int how = flags == BM_NFS_READ ? O_RDONLY
+                  : flags == BM_NFS_CREATE && i == 0 ? O_CREAT | O_TRUNC | O_RDWR : O_RDWR;
         int queued = nfs_open2_async(k->nfs, path, how, (int)mode, open_done, new_op(k));
         if (finish_op(h, k, queued, "open") < 0)
             goto undo;
@@ -927,16 +931,41 @@ static int64_t read_full(struct call *c, char *buf, uint64_t len, uint64_t offse
     return (int64_t)done;
 }
 
-/* Source data [OFFSET, END): a slot at a time, whole blocks per slot. */
+/* The digests of the granules wholly inside [OFFSET, OFFSET+LEN), whose
+ * bytes are at BUF (NULL: they are zeros), go into the sink. Granules only
+ * partly inside are left alone: this call did not see all of them. */
+static void sink_granules(struct call *c, const char *buf, uint64_t offset, uint64_t len)
+{
+    bm_nfs_digest_sink *k = c->sink;
+    if (!k || len == 0)
+        return;
+    uint64_t g = k->granularity;
+    uint64_t first = (offset + g - 1) / g, stop = (offset + len) / g;
+    for (uint64_t i = first; i < stop; i++) {
+        uint64_t d = k->zero_digest;
+        if (buf) {
+            d = k->hash(buf + (i * g - offset), (size_t)g);
+            if (d == 0) /* 0 means "unknown" to the manifest */
+                d = 1;
+        }
+        k->digests[c->slot_base + (i - c->slot_granule)] = d;
+    }
+}
+
+/* Source data [OFFSET, END): a slot at a time, whole blocks (and, hashing,
+ * whole granules) per slot. */
 static int copy_data(struct call *c, uint64_t offset, uint64_t end)
 {
+    uint64_t align = c->block;
+    if (c->sink && c->sink->granularity > align)
+        align = c->sink->granularity;
     while (offset < end) {
         struct slot *s = free_slot(c);
         if (!s)
             return -1;
         uint64_t stop = end;
         if (end - offset > c->slot_bytes) {
-            stop = (offset + c->slot_bytes) / c->block * c->block;
+            stop = (offset + c->slot_bytes) / align * align;
             if (stop <= offset)
                 stop = offset + c->slot_bytes;
         }
@@ -947,6 +976,9 @@ static int copy_data(struct call *c, uint64_t offset, uint64_t end)
         c->st->bytes_read += (uint64_t)got;
         if (scatter(c, s, (uint64_t)got, offset) < 0)
             return -1;
+        /* After the writes are queued (they only read the slot): the
+         * digest is of exactly the bytes sent. */
+        sink_granules(c, s->buf, offset, (uint64_t)got);
         if ((uint64_t)got < stop - offset) { /* the source ends here: the rest is zeros */
             c->st->bytes_hole += end - offset - (uint64_t)got;
             return add_zeros(c, offset + (uint64_t)got, end - offset - (uint64_t)got);
@@ -978,16 +1010,29 @@ static int copy_one(struct call *c, uint64_t offset, uint64_t end)
         }
         uint64_t data = d < 0 ? (errno == ENXIO ? end : offset) : (uint64_t)d;
         data = data > end ? end : data;
+        uint64_t found = data; /* where the data itself starts */
+        if (c->sink && data < end) {
+            /* Read from the granule's start, so it is hashed whole. */
+            uint64_t down = data / c->sink->granularity * c->sink->granularity;
+            data = down > offset ? down : offset;
+        }
         if (data > offset) {
             c->st->bytes_hole += data - offset;
             if (add_zeros(c, offset, data - offset) < 0)
                 return -1;
+            sink_granules(c, NULL, offset, data - offset);
             offset = data;
             continue;
         }
-        off_t hole = seek(c->src, offset, SEEK_HOLE);
-        uint64_t stop = (hole < 0 || (uint64_t)hole <= offset || (uint64_t)hole > end)
+        /* From FOUND: OFFSET may be a granule start inside the hole before it. */
+        off_t hole = seek(c->src, found, SEEK_HOLE);
+        uint64_t stop = (hole < 0 || (uint64_t)hole <= found || (uint64_t)hole > end)
                         ? end : (uint64_t)hole;
+        if (c->sink) { /* ... and to its end */
+            uint64_t g = c->sink->granularity;
+            uint64_t up = stop % g ? (stop / g + 1) * g : stop;
+            stop = up < end ? up : end;
+        }
         if (copy_data(c, offset, stop) < 0)
             return -1;
         offset = stop;
@@ -1091,17 +1136,54 @@ static int check_args(bm_nfs *h, uint32_t conn, const bm_nfs_extent *extents, ui
     return h->conn[conn].fh ? 0 : fail(EBADF, "no file is open");
 }
 
+/* The sink slots extent [OFFSET, OFFSET+LEN) takes: one per granule it touches. */
+static uint64_t slots_of(uint64_t g, uint64_t offset, uint64_t len)
+{
+    return len ? (offset + len + g - 1) / g - offset / g : 0;
+}
+
+static int check_sink(const bm_nfs_digest_sink *sink, const bm_nfs_extent *extents,
+                      uint64_t count, uint64_t request_bytes)
+{
+    if (!sink)
+        return 0;
+    uint64_t g = sink->granularity;
+    if (!sink->hash || g < BM_NFS_MIN_BLOCK || (g & (g - 1)) || request_bytes % g)
+        return fail(EINVAL, "digest sink needs a hash function and a power-of-two "
+                            "granularity of at least %u dividing the request size %llu",
+                    BM_NFS_MIN_BLOCK, (unsigned long long)request_bytes);
+    uint64_t need = 0;
+    for (uint64_t i = 0; i < count; i++)
+        need += slots_of(g, extents[i].offset, extents[i].length);
+    if (need > sink->count || (need && !sink->digests))
+        return fail(EINVAL, "digest sink has %llu slots, the extents need %llu",
+                    (unsigned long long)sink->count, (unsigned long long)need);
+    return 0;
+}
+
 int bm_nfs_copy_extents(bm_nfs *h, uint32_t conn, int src_fd, const bm_nfs_extent *extents,
                         uint64_t count, uint32_t block_size, uint32_t requests,
                         uint64_t request_bytes, uint32_t flags, bm_nfs_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nfs_copy_stats *stats)
+{
+    return bm_nfs_copy_extents_hashed(h, conn, src_fd, extents, count, block_size, requests,
+                                      request_bytes, flags, rate_cap, cancel, NULL, stats);
+}
+
+int bm_nfs_copy_extents_hashed(bm_nfs *h, uint32_t conn, int src_fd,
+                               const bm_nfs_extent *extents, uint64_t count,
+                               uint32_t block_size, uint32_t requests, uint64_t request_bytes,
+                               uint32_t flags, bm_nfs_rate_cap *rate_cap,
+                               const uint32_t *cancel, bm_nfs_digest_sink *sink,
+                               bm_nfs_copy_stats *stats)
 {
     if (!stats)
         return fail(EINVAL, "stats must not be NULL");
     memset(stats, 0, sizeof *stats);
     requests = requests ? requests : BM_NFS_DEFAULT_REQUESTS;
     request_bytes = request_bytes ? request_bytes : BM_NFS_DEFAULT_REQUEST_BYTES;
-    if (check_args(h, conn, extents, count, block_size, request_bytes, flags) < 0)
+    if (check_args(h, conn, extents, count, block_size, request_bytes, flags) < 0 ||
+        check_sink(sink, extents, count, request_bytes) < 0)
         return -1;
     uint64_t write_bytes = request_bytes < h->write_max ? request_bytes : h->write_max;
     struct call *c = new_call(h, conn, requests, request_bytes, write_bytes);
@@ -1113,9 +1195,15 @@ int bm_nfs_copy_extents(bm_nfs *h, uint32_t conn, int src_fd, const bm_nfs_exten
     c->rate_cap = rate_cap;
     c->cancel = cancel;
     c->st = stats;
+    c->sink = sink;
     int rc = 0;
-    for (uint64_t i = 0; i < count && rc == 0; i++)
+    for (uint64_t i = 0; i < count && rc == 0; i++) {
+        if (sink)
+            c->slot_granule = extents[i].offset / sink->granularity;
         rc = copy_one(c, extents[i].offset, extents[i].offset + extents[i].length);
+        if (sink)
+            c->slot_base += slots_of(sink->granularity, extents[i].offset, extents[i].length);
+    }
     if (rc == 0)
         rc = flush_zero_run(c);
     return drain(c, rc);
