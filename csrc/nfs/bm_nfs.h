@@ -3,9 +3,11 @@
  *
  * Built only where libnfs's header is installed (Debian libnfs-dev), so the
  * core never links libnfs. Like blockmirror.h this file is read verbatim by
- * cffi: no #include, integer constants only. It shares no symbol with the
- * core or with blockmirror._remote (the NBD endpoint), though its extents,
- * rate cap and copy statistics have their layouts.
+ * cffi: no #include, integer constants only. It comes after
+ * csrc/endpoint/bm_endpoint.h (in the cdef and in C), whose types it names
+ * again as bm_nfs_*: the extents, rate cap, copy statistics and digest sink
+ * the NBD endpoint has too. It shares no symbol with the core or with
+ * blockmirror._remote (the NBD endpoint).
  *
  * NFSv3 only: libnfs 4.0 (Debian 12) fails every NFSv4 WRITE over 4 KiB.
  * Data goes out as raw WRITE3 (UNSTABLE) calls and is made durable by one
@@ -41,32 +43,16 @@
 
 typedef struct bm_nfs bm_nfs;
 
-typedef struct {
-    uint64_t offset;
-    uint64_t length;
-} bm_nfs_extent;
+typedef bm_ep_extent bm_nfs_extent;
 
-/* GCRA over next_ns, shared by every call handed it (the core's bm_rate_cap).
- * Zero-initialise next_ns; 0 bytes_per_s is no cap. */
-typedef struct {
-    uint64_t bytes_per_s;
-    uint64_t next_ns;
-} bm_nfs_rate_cap;
+/* GCRA over next_ns, shared by every call handed it (bm_ep_rate_cap, the
+ * core's bm_rate_cap). Zero-initialise next_ns; 0 bytes_per_s is no cap. */
+typedef bm_ep_rate_cap bm_nfs_rate_cap;
 
-/* What one bm_nfs_copy_extents call did. Over a successful call:
- *   bytes_read + bytes_hole == the sum of the extent lengths, and
- *   bytes_written + bytes_zero == bytes_read. */
-typedef struct {
-    uint64_t bytes_read;     /* data bytes read from the local source */
-    uint64_t bytes_written;  /* data bytes sent with WRITE3 */
-    uint64_t bytes_zero;     /* read, found all-zero, not sent as data */
-    uint64_t bytes_hole;     /* source holes (and bytes past its end), not read */
-    uint64_t bytes_punched;  /* file bytes made zero by writes of zeros (never with
-                              * BM_NFS_DST_FRESH); never in bytes_written */
-    uint64_t requests;       /* WRITE3 calls issued */
-    uint32_t max_in_flight;  /* most calls in flight at once on the connection */
-    uint32_t error_side;     /* BM_NFS_SIDE_* of the failure, when the call failed */
-} bm_nfs_copy_stats;
+/* What one bm_nfs_copy_extents call did (bm_ep_copy_stats): bytes_written
+ * are sent with WRITE3; bytes_punched made zero by writes of zeros (never
+ * with BM_NFS_DST_FRESH); requests and max_in_flight count WRITE3 calls. */
+typedef bm_ep_copy_stats bm_nfs_copy_stats;
 
 /* The calling thread's reason for its last failure; never NULL. */
 const char *bm_nfs_last_error(void);
@@ -149,22 +135,10 @@ int bm_nfs_copy_extents(bm_nfs *h, uint32_t conn, int src_fd, const bm_nfs_exten
                         uint64_t request_bytes, uint32_t flags, bm_nfs_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nfs_copy_stats *stats);
 
-/* Hash while copying, as bm_nbd_digest_sink (csrc/remote/bm_remote.h) under
- * names of its own: HASH is the caller's (the manifest's xxh3-64, the very
- * function pointer the local copier calls); a result of 0 is stored as 1
- * (0 means "unknown" to the manifest). */
-typedef uint64_t (*bm_nfs_hash_fn)(const void *data, size_t len);
-
-typedef struct {
-    bm_nfs_hash_fn hash;
-    uint64_t granularity;   /* a power of two >= BM_NFS_MIN_BLOCK, dividing REQUEST_BYTES */
-    uint64_t zero_digest;   /* HASH of GRANULARITY zero bytes (for holes) */
-    uint64_t count;         /* slots in digests */
-    uint64_t *digests;      /* out: one slot per granule each extent touches, extent
-                             * after extent (an extent [o, o+n) takes granules
-                             * o/g .. (o+n-1)/g); slots of granules not copied whole
-                             * are left as they were (the caller zeroes them) */
-} bm_nfs_digest_sink;
+/* Hash while copying (bm_ep_hash_fn, bm_ep_digest_sink: the core's
+ * bm_digest_sink convention; csrc/endpoint/bm_endpoint.h). */
+typedef bm_ep_hash_fn bm_nfs_hash_fn;
+typedef bm_ep_digest_sink bm_nfs_digest_sink;
 
 /* bm_nfs_copy_extents, and the digest of every granule of SINK's range that
  * lies wholly inside one extent goes into SINK: hashed from the slot buffer

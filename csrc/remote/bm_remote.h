@@ -4,9 +4,10 @@
  *
  * Built only where libnbd's header is installed (Debian libnbd-dev), so the
  * core (blockmirror._core) never links libnbd. Like blockmirror.h this file
- * is read verbatim by cffi: no #include, integer constants only. It shares
- * no symbol with the core: its extents and rate cap have the core's layout
- * (two uint64 each) under names of their own.
+ * is read verbatim by cffi: no #include, integer constants only. It comes
+ * after csrc/endpoint/bm_endpoint.h (in the cdef and in C), whose types it
+ * names again as bm_nbd_*: the extents, rate cap, copy statistics and
+ * digest sink the NFS endpoint has too. It shares no symbol with the core.
  *
  * Error convention: -1 (or NULL) with errno set, never a print;
  * bm_nbd_last_error() then holds a one-line reason for the calling thread
@@ -38,32 +39,17 @@
 
 typedef struct bm_nbd bm_nbd;
 
-typedef struct {
-    uint64_t offset;
-    uint64_t length;
-} bm_nbd_extent;
+typedef bm_ep_extent bm_nbd_extent;
 
-/* The core's bm_rate_cap, for this module: GCRA over next_ns, shared by every
- * call handed it. Zero-initialise next_ns; 0 bytes_per_s is no cap. */
-typedef struct {
-    uint64_t bytes_per_s;
-    uint64_t next_ns;
-} bm_nbd_rate_cap;
+/* The core's bm_rate_cap (bm_ep_rate_cap): zero-initialise next_ns; 0
+ * bytes_per_s is no cap. */
+typedef bm_ep_rate_cap bm_nbd_rate_cap;
 
-/* What one bm_nbd_copy_extents call did. Over a successful call:
- *   bytes_read + bytes_hole == the sum of the extent lengths, and
- *   bytes_written + bytes_zero == bytes_read. */
-typedef struct {
-    uint64_t bytes_read;     /* data bytes read from the local source */
-    uint64_t bytes_written;  /* data bytes sent with NBD_CMD_WRITE */
-    uint64_t bytes_zero;     /* read, found all-zero, not sent as data */
-    uint64_t bytes_hole;     /* source holes (and bytes past its end), not read */
-    uint64_t bytes_punched;  /* export bytes made zero (WRITE_ZEROES, or zeros written
-                              * where the export cannot); never in bytes_written */
-    uint64_t requests;       /* NBD commands issued */
-    uint32_t max_in_flight;  /* most commands in flight at once on the connection */
-    uint32_t error_side;     /* BM_NBD_SIDE_* of the failure, when the call failed */
-} bm_nbd_copy_stats;
+/* What one bm_nbd_copy_extents call did (bm_ep_copy_stats): bytes_written
+ * are sent with NBD_CMD_WRITE; bytes_punched made zero with
+ * NBD_CMD_WRITE_ZEROES or, where the export cannot, zeros written;
+ * requests and max_in_flight count NBD commands. */
+typedef bm_ep_copy_stats bm_nbd_copy_stats;
 
 /* The calling thread's reason for its last failure; never NULL. */
 const char *bm_nbd_last_error(void);
@@ -135,22 +121,10 @@ int bm_nbd_copy_extents(bm_nbd *h, uint32_t conn, int src_fd, const bm_nbd_exten
                         uint64_t request_bytes, uint32_t flags, bm_nbd_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nbd_copy_stats *stats);
 
-/* Hash while copying, as the core's bm_digest_sink (csrc/blockmirror.h)
- * under names of its own: HASH is the caller's (the manifest's xxh3-64, the
- * very function pointer the local copier calls), a result of 0 is stored as
- * 1 (0 means "unknown" to the manifest). */
-typedef uint64_t (*bm_nbd_hash_fn)(const void *data, size_t len);
-
-typedef struct {
-    bm_nbd_hash_fn hash;
-    uint64_t granularity;   /* a power of two >= BM_NBD_MIN_BLOCK, dividing REQUEST_BYTES */
-    uint64_t zero_digest;   /* HASH of GRANULARITY zero bytes (for holes) */
-    uint64_t count;         /* slots in digests */
-    uint64_t *digests;      /* out: one slot per granule each extent touches, extent
-                             * after extent (an extent [o, o+n) takes granules
-                             * o/g .. (o+n-1)/g); slots of granules not copied whole
-                             * are left as they were (the caller zeroes them) */
-} bm_nbd_digest_sink;
+/* Hash while copying (bm_ep_hash_fn, bm_ep_digest_sink: the core's
+ * bm_digest_sink convention; csrc/endpoint/bm_endpoint.h). */
+typedef bm_ep_hash_fn bm_nbd_hash_fn;
+typedef bm_ep_digest_sink bm_nbd_digest_sink;
 
 /* bm_nbd_copy_extents, and the digest of every granule of SINK's range that
  * lies wholly inside one extent goes into SINK: hashed from the slot buffer

@@ -6,15 +6,14 @@
  *
  * A bm_nbd handle holds up to BM_NBD_MAX_CONNS connections to one export
  * (several only when the server offers multi-conn, as nbdcopy does). One
- * bm_nbd_copy_extents call drives one connection from one thread: it reads
- * the source a request at a time into a ring of slot buffers, splits each
- * into data and zero runs (the zero detection of copy.c), and issues
- * NBD_CMD_WRITE for data and NBD_CMD_WRITE_ZEROES for merged zero runs,
- * waiting in nbd_poll only when every slot has a command outstanding. cffi
- * drops the GIL around the call, so Python runs one call per connection on
- * a thread pool. With a digest sink (bm_nbd_copy_extents_hashed) each whole
- * granule is hashed from its slot once the slot's writes are queued: the
- * digest is of the bytes sent, and the source is read once.
+ * bm_nbd_copy_extents call drives one connection from one thread through
+ * the source loop every endpoint shares (csrc/endpoint/source_loop.c: the
+ * source read into a ring of slot buffers, zero detection, digests, the
+ * counts); this file is its NBD side, the callbacks in nbd_ops: data goes
+ * out as NBD_CMD_WRITE, merged zero runs as NBD_CMD_WRITE_ZEROES, and the
+ * loop waits in nbd_poll only when every slot has a command outstanding.
+ * cffi drops the GIL around the call, so Python runs one call per
+ * connection on a thread pool.
  *
  * Reading, a slot holds one NBD_CMD_READ; its completion callback writes
  * the slot's non-zero blocks to the local file (pwrite) before the slot is
@@ -28,20 +27,25 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <libnbd.h>
 
+#include "source_loop.h" /* and bm_endpoint.h, which bm_remote.h needs first */
 #include "bm_remote.h"
 
 #define ZERO_REQUEST_MAX (1ull << 30)   /* WRITE_ZEROES carries a 32-bit length */
 #define POLL_MS 200                     /* how often a waiting call looks at CANCEL */
+
+/* bm_remote.h's constants are the shared loop's. */
+_Static_assert(BM_NBD_DST_FRESH == BM_EP_DST_FRESH && BM_NBD_SIDE_SRC == BM_EP_SIDE_SRC &&
+               BM_NBD_SIDE_DST == BM_EP_SIDE_DST && BM_NBD_MIN_BLOCK == BM_EP_MIN_BLOCK &&
+               BM_NBD_MAX_BLOCK == BM_EP_MAX_BLOCK, "bm_remote.h and bm_endpoint.h disagree");
 
 struct call;
 
@@ -57,97 +61,54 @@ struct bm_nbd {
                                            * fresh buffers would page-fault every call */
 };
 
-/* One buffer and the commands still reading it (its writes) or counted on
- * it (a zero run it was taken for). */
-struct slot {
-    struct call *call;
-    char *buf;
-    uint32_t pending;
-    uint64_t offset;                    /* of the latest command, for messages */
-    uint64_t len;                       /* a read's length (the read pipeline) */
-};
-
-/* The state of one bm_nbd_copy_extents call. */
+/* The state of one bm_nbd_copy_extents (or bm_nbd_read_extents) call: the
+ * shared loop's (its slots, counts and zero run) and the NBD side's. */
 struct call {
+    struct bm_ep_loop loop;
     bm_nbd *h;
     uint32_t index;
     struct nbd_handle *nbd;
-    int src;                            /* the local file: read (copy) or written (read) */
+    int local;                          /* reading: the local file written */
     uint32_t export_side;               /* BM_NBD_SIDE_* of the export in this call */
     const char *verb;                   /* what its commands do: "write", "read" */
-    uint32_t flags, block, nslots;
-    uint64_t slot_bytes;
-    struct slot *slots;
-    char *zeros;                        /* slot_bytes of zeros, for exports without WRITE_ZEROES */
-    uint32_t in_flight;
     int error;                          /* the first failed command's errno */
     uint64_t error_offset;
     int local_error;                    /* the first failed local write's errno (read) */
     uint64_t local_error_offset;
-    uint64_t zero_start, zero_end;      /* pending zero run */
-    bm_nbd_rate_cap *rate_cap;
-    const uint32_t *cancel;
-    bm_nbd_copy_stats *st;
-    bm_nbd_digest_sink *sink;           /* NULL: no digests asked for */
-    uint64_t slot_base;                 /* the current extent's first sink slot */
-    uint64_t slot_granule;              /* ... and the granule it stands for */
 };
 
-static __thread char last_error[512];
+static struct call *call_of(struct bm_ep_loop *loop)
+{
+    return (struct call *)(void *)((char *)loop - offsetof(struct call, loop));
+}
 
 const char *bm_nbd_last_error(void)
 {
-    return last_error;
+    return bm_ep_last_error();
 }
 
-static int fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static int fail(int err, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
-    va_end(ap);
-    errno = err;
-    return -1;
-}
-
-/* libnbd failed: keep its one-line reason and errno (EIO when it has none). */
 static int fail_nbd(const char *what)
 {
     int err = nbd_get_errno();
     const char *msg = nbd_get_error();
-    return fail(err ? err : EIO, "%s: %s", what, msg ? msg : "NBD error");
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return bm_ep_fail(err ? err : EIO, "%s: %s", what, msg ? msg : "NBD error");
 }
 
 /* ---------------------------------------------------------------------- */
 /* The handle                                                              */
 
-static uint64_t deadline_after(uint32_t timeout_ms)
-{
-    return timeout_ms ? now_ns() + (uint64_t)timeout_ms * 1000000u : 0;
-}
-
-/* Connect and shake hands, giving up after TIMEOUT_MS (0: never): a host
- * that drops packets would otherwise hold connect(2) for minutes. */
 static int connect_within(struct nbd_handle *nbd, const char *uri, uint32_t timeout_ms)
 {
-    uint64_t deadline = deadline_after(timeout_ms);
+    uint64_t deadline = bm_ep_deadline_after(timeout_ms);
     if (nbd_aio_connect_uri(nbd, uri) < 0)
         return fail_nbd("connect");
     while (nbd_aio_is_connecting(nbd) == 1) {
         int r = nbd_poll(nbd, POLL_MS);
         if (r < 0)
             return fail_nbd("connect");
-        if (r == 0 && deadline && now_ns() > deadline)
-            return fail(ETIMEDOUT, "connect: no answer from the NBD server in %u ms", timeout_ms);
+        if (r == 0 && deadline && bm_ep_now_ns() > deadline)
+            return bm_ep_fail(ETIMEDOUT, "connect: no answer from the NBD server in %u ms",
+                              timeout_ms);
     }
     if (nbd_aio_is_ready(nbd) != 1)
         return fail_nbd("connect");
@@ -177,7 +138,7 @@ static struct nbd_handle *connect_one(const char *uri, int write, uint32_t timeo
     }
     if (write && nbd_is_read_only(nbd) == 1) {
         nbd_close(nbd);
-        fail(EROFS, "the export is read-only");
+        bm_ep_fail(EROFS, "the export is read-only");
         return NULL;
     }
     return nbd;
@@ -202,12 +163,12 @@ static void learn_caps(bm_nbd *h)
 bm_nbd *bm_nbd_open(const char *uri, uint32_t max_conns, int write, uint32_t timeout_ms)
 {
     if (!uri || max_conns == 0 || max_conns > BM_NBD_MAX_CONNS) {
-        fail(EINVAL, "need a URI and 1 to %d connections", BM_NBD_MAX_CONNS);
+        bm_ep_fail(EINVAL, "need a URI and 1 to %d connections", BM_NBD_MAX_CONNS);
         return NULL;
     }
     bm_nbd *h = calloc(1, sizeof *h);
     if (!h) {
-        fail(ENOMEM, "out of memory");
+        bm_ep_fail(ENOMEM, "out of memory");
         return NULL;
     }
     h->timeout_ms = timeout_ms;
@@ -270,10 +231,10 @@ uint32_t bm_nbd_connections(const bm_nbd *h)
 static int usable(bm_nbd *h, uint32_t conn)
 {
     if (conn >= h->nconns)
-        return fail(EINVAL, "no connection %u (the handle has %u)", conn, h->nconns);
+        return bm_ep_fail(EINVAL, "no connection %u (the handle has %u)", conn, h->nconns);
     if (h->failed[conn])
-        return fail(h->failed[conn], "the NBD connection failed earlier: %s",
-                    strerror(h->failed[conn]));
+        return bm_ep_fail(h->failed[conn], "the NBD connection failed earlier: %s",
+                          strerror(h->failed[conn]));
     return 0;
 }
 
@@ -286,7 +247,7 @@ static int wait_command(bm_nbd *h, uint32_t conn, int64_t cookie, const char *wh
     struct nbd_handle *nbd = h->conn[conn];
     if (cookie < 0)
         return fail_nbd(what);
-    uint64_t deadline = deadline_after(h->timeout_ms);
+    uint64_t deadline = bm_ep_deadline_after(h->timeout_ms);
     for (;;) {
         int done = nbd_aio_command_completed(nbd, (uint64_t)cookie);
         if (done == 1)
@@ -298,10 +259,10 @@ static int wait_command(bm_nbd *h, uint32_t conn, int64_t cookie, const char *wh
             h->failed[conn] = nbd_get_errno() ? nbd_get_errno() : EIO;
             return fail_nbd(what);
         }
-        if (r == 0 && deadline && now_ns() > deadline) {
+        if (r == 0 && deadline && bm_ep_now_ns() > deadline) {
             h->failed[conn] = ETIMEDOUT;
-            return fail(ETIMEDOUT, "%s: no reply from the NBD server in %u ms", what,
-                        h->timeout_ms);
+            return bm_ep_fail(ETIMEDOUT, "%s: no reply from the NBD server in %u ms", what,
+                              h->timeout_ms);
         }
     }
 }
@@ -325,9 +286,9 @@ int bm_nbd_flush(bm_nbd *h)
 static int in_bounds(bm_nbd *h, uint64_t len, uint64_t offset, const char *what)
 {
     if (offset > h->size || len > h->size - offset)
-        return fail(EINVAL, "%s of %llu bytes at %llu is past the export's end (%llu)", what,
-                    (unsigned long long)len, (unsigned long long)offset,
-                    (unsigned long long)h->size);
+        return bm_ep_fail(EINVAL, "%s of %llu bytes at %llu is past the export's end (%llu)", what,
+                          (unsigned long long)len, (unsigned long long)offset,
+                          (unsigned long long)h->size);
     return 0;
 }
 
@@ -355,7 +316,7 @@ static int in_export(bm_nbd *h, uint64_t len, uint64_t offset, const char *what)
     if (in_bounds(h, len, offset, what) < 0)
         return -1;
     if (!(h->caps & BM_NBD_CAN_WRITE))
-        return fail(EROFS, "the export is read-only");
+        return bm_ep_fail(EROFS, "the export is read-only");
     return 0;
 }
 
@@ -383,7 +344,7 @@ int bm_nbd_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len, int may
         uint64_t step = len < h->max_request ? len : h->max_request;
         char *zeros = calloc(1, step ? step : 1);
         if (!zeros)
-            return fail(ENOMEM, "out of memory");
+            return bm_ep_fail(ENOMEM, "out of memory");
         int rc = 0;
         for (uint64_t done = 0; rc == 0 && done < len;) {
             uint64_t n = len - done < step ? len - done : step;
@@ -437,8 +398,8 @@ int bm_nbd_reads_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len)
     if (!(h->caps & BM_NBD_CAN_BLOCK_STATUS))
         return 0;
     if (offset > h->size || len > h->size - offset)
-        return fail(EINVAL, "range %llu+%llu is past the export's end",
-                    (unsigned long long)offset, (unsigned long long)len);
+        return bm_ep_fail(EINVAL, "range %llu+%llu is past the export's end",
+                          (unsigned long long)offset, (unsigned long long)len);
     struct zero_scan z = {.next = offset, .all_zero = 1};
     while (z.all_zero && z.next < offset + len) {
         uint64_t at = z.next, n = offset + len - at;
@@ -454,18 +415,17 @@ int bm_nbd_reads_zero(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len)
 }
 
 /* ---------------------------------------------------------------------- */
-/* Commands in flight                                                      */
+/* Commands in flight: the NBD side of the shared loop                     */
 
 static int command_done(void *user_data, int *error)
 {
-    struct slot *s = user_data;
-    struct call *c = s->call;
+    struct bm_ep_slot *s = user_data;
+    struct call *c = call_of(s->loop);
     if (*error && !c->error) {
         c->error = *error;
         c->error_offset = s->offset;
     }
-    s->pending--;
-    c->in_flight--;
+    bm_ep_loop_release(s->loop, s);
     return 1; /* retire the command */
 }
 
@@ -473,26 +433,27 @@ static int command_done(void *user_data, int *error)
 static int lose_connection(struct call *c, int err, const char *what)
 {
     c->h->failed[c->index] = err;
-    c->st->error_side = c->export_side;
-    return fail(err, "%s: %s", what, strerror(err));
+    c->loop.st->error_side = c->export_side;
+    return bm_ep_fail(err, "%s: %s", what, strerror(err));
 }
 
-/* Wait in nbd_poll until a command completes (or the timeout, or CANCEL). */
-static int wait_some(struct call *c)
+/* Wait in nbd_poll until a command completes (or the timeout). */
+static int wait_some(struct bm_ep_loop *loop)
 {
-    uint64_t deadline = deadline_after(c->h->timeout_ms);
-    uint32_t before = c->in_flight;
-    while (c->in_flight == before && c->in_flight > 0) {
+    struct call *c = call_of(loop);
+    uint64_t deadline = bm_ep_deadline_after(c->h->timeout_ms);
+    uint32_t before = loop->in_flight;
+    while (loop->in_flight == before && loop->in_flight > 0) {
         int r = nbd_poll(c->nbd, POLL_MS);
         if (r < 0) {
             int err = nbd_get_errno() ? nbd_get_errno() : EIO;
-            c->st->error_side = c->export_side;
+            loop->st->error_side = c->export_side;
             fail_nbd("NBD connection");
             c->h->failed[c->index] = err;
             errno = err;
             return -1;
         }
-        if (r == 0 && deadline && now_ns() > deadline)
+        if (r == 0 && deadline && bm_ep_now_ns() > deadline)
             return lose_connection(c, ETIMEDOUT, "no reply from the NBD server in time");
     }
     return 0;
@@ -500,321 +461,70 @@ static int wait_some(struct call *c)
 
 /* The first failure a completion recorded: a command the export failed, or
  * (reading) a write of the local copy. */
-static int recorded_error(struct call *c)
+static int recorded_error(struct bm_ep_loop *loop)
 {
+    struct call *c = call_of(loop);
     if (c->error) {
-        c->st->error_side = c->export_side;
-        return fail(c->error, "NBD %s near offset %llu failed: %s", c->verb,
-                    (unsigned long long)c->error_offset, strerror(c->error));
+        loop->st->error_side = c->export_side;
+        return bm_ep_fail(c->error, "NBD %s near offset %llu failed: %s", c->verb,
+                          (unsigned long long)c->error_offset, strerror(c->error));
     }
     if (c->local_error) {
-        c->st->error_side = c->export_side == BM_NBD_SIDE_SRC ? BM_NBD_SIDE_DST
-                                                              : BM_NBD_SIDE_SRC;
-        return fail(c->local_error, "write of %llu+ to the local copy failed: %s",
-                    (unsigned long long)c->local_error_offset, strerror(c->local_error));
+        loop->st->error_side = c->export_side == BM_NBD_SIDE_SRC ? BM_NBD_SIDE_DST
+                                                                 : BM_NBD_SIDE_SRC;
+        return bm_ep_fail(c->local_error, "write of %llu+ to the local copy failed: %s",
+                          (unsigned long long)c->local_error_offset,
+                          strerror(c->local_error));
     }
     return 0;
-}
-
-static int check_errors(struct call *c)
-{
-    if (recorded_error(c) < 0)
-        return -1;
-    if (c->cancel && __atomic_load_n(c->cancel, __ATOMIC_ACQUIRE))
-        return fail(ECANCELED, "copy cancelled");
-    return 0;
-}
-
-/* A slot with nothing outstanding; waits for one if all are busy. */
-static struct slot *free_slot(struct call *c)
-{
-    for (;;) {
-        if (check_errors(c) < 0)
-            return NULL;
-        for (uint32_t i = 0; i < c->nslots; i++)
-            if (c->slots[i].pending == 0)
-                return &c->slots[i];
-        if (wait_some(c) < 0)
-            return NULL;
-    }
 }
 
 /* Count a command issued on S (or, COOKIE < 0, one libnbd refused). */
-static int issued(struct call *c, struct slot *s, int64_t cookie, const char *what)
+static int issued(struct call *c, struct bm_ep_slot *s, int64_t cookie, const char *what)
 {
     if (cookie < 0) {
-        s->pending--;
-        c->in_flight--;
-        c->st->error_side = c->export_side;
+        bm_ep_loop_release(&c->loop, s);
+        c->loop.st->error_side = c->export_side;
         int err = nbd_get_errno() ? nbd_get_errno() : EIO;
         if (nbd_aio_is_dead(c->nbd) == 1)
             c->h->failed[c->index] = err;
         return fail_nbd(what);
     }
-    c->st->requests++;
-    if (c->in_flight > c->st->max_in_flight)
-        c->st->max_in_flight = c->in_flight;
+    bm_ep_loop_issued(&c->loop);
     return 0;
 }
 
-static int send_write(struct call *c, struct slot *s, const char *buf, uint64_t len,
-                      uint64_t offset)
+/* One NBD_CMD_WRITE (LEN is at most the export's largest request). */
+static int send_write(struct bm_ep_loop *loop, struct bm_ep_slot *s, const char *buf,
+                      uint64_t len, uint64_t offset)
 {
-    for (uint64_t done = 0; done < len;) {
-        uint64_t n = len - done < c->h->max_request ? len - done : c->h->max_request;
-        nbd_completion_callback cb = {.callback = command_done, .user_data = s};
-        s->pending++;
-        c->in_flight++;
-        s->offset = offset + done;
-        int64_t cookie = nbd_aio_pwrite(c->nbd, buf + done, (size_t)n, offset + done, cb, 0);
-        if (issued(c, s, cookie, "write") < 0)
-            return -1;
-        done += n;
-    }
-    return 0;
+    struct call *c = call_of(loop);
+    nbd_completion_callback cb = {.callback = command_done, .user_data = s};
+    bm_ep_loop_hold(loop, s);
+    s->offset = offset;
+    return issued(c, s, nbd_aio_pwrite(c->nbd, buf, (size_t)len, offset, cb, 0), "write");
 }
 
-/* Make [OFFSET, OFFSET+LEN) of the export read as zeros. */
-static int send_zeros(struct call *c, uint64_t offset, uint64_t len)
+/* One NBD_CMD_WRITE_ZEROES (no NO_HOLE: the server may punch). Exports
+ * without it get writes of zeros instead: the loop then has a zeros buffer. */
+static int send_zeros(struct bm_ep_loop *loop, struct bm_ep_slot *s, uint64_t offset,
+                      uint64_t len)
 {
-    int can_zero = (c->h->caps & BM_NBD_CAN_ZERO) != 0;
-    uint64_t step = can_zero ? ZERO_REQUEST_MAX : c->slot_bytes;
-    for (uint64_t done = 0; done < len;) {
-        uint64_t n = len - done < step ? len - done : step;
-        struct slot *s = free_slot(c);
-        if (!s)
-            return -1;
-        if (!can_zero) {
-            if (send_write(c, s, c->zeros, n, offset + done) < 0)
-                return -1;
-        } else {
-            nbd_completion_callback cb = {.callback = command_done, .user_data = s};
-            s->pending++;
-            c->in_flight++;
-            s->offset = offset + done;
-            if (issued(c, s, nbd_aio_zero(c->nbd, n, offset + done, cb, 0), "write zeroes") < 0)
-                return -1;
-        }
-        c->st->bytes_punched += n;
-        done += n;
-    }
-    return 0;
+    struct call *c = call_of(loop);
+    nbd_completion_callback cb = {.callback = command_done, .user_data = s};
+    bm_ep_loop_hold(loop, s);
+    s->offset = offset;
+    return issued(c, s, nbd_aio_zero(c->nbd, len, offset, cb, 0), "write zeroes");
 }
 
-/* ---------------------------------------------------------------------- */
-/* Reading the source                                                      */
-
-static int flush_zero_run(struct call *c)
-{
-    uint64_t offset = c->zero_start, len = c->zero_end - c->zero_start;
-    c->zero_start = c->zero_end = 0;
-    if (len == 0 || (c->flags & BM_NBD_DST_FRESH))
-        return 0;
-    return send_zeros(c, offset, len);
-}
-
-static int add_zeros(struct call *c, uint64_t offset, uint64_t len)
-{
-    if (len == 0)
-        return 0;
-    if (c->zero_end != c->zero_start && c->zero_end == offset) {
-        c->zero_end += len;
-        return 0;
-    }
-    if (flush_zero_run(c) < 0)
-        return -1;
-    c->zero_start = offset;
-    c->zero_end = offset + len;
-    return 0;
-}
-
-static int is_zero(const char *buf, uint64_t len)
-{
-    if (len == 0)
-        return 1;
-    if (buf[0])
-        return 0;
-    return memcmp(buf, buf + 1, (size_t)(len - 1)) == 0;
-}
-
-/* Slot S holds LEN source bytes of OFFSET: data runs out, zero runs noted. */
-static int scatter(struct call *c, struct slot *s, uint64_t len, uint64_t offset)
-{
-    uint64_t bs = c->block, i = 0, run = 0;
-    int run_zero = -1;
-    while (i <= len) {
-        uint64_t end = ((offset + i) / bs + 1) * bs - offset;
-        if (end > len)
-            end = len;
-        int zero = i < len ? is_zero(s->buf + i, end - i) : -2;
-        if (zero != run_zero) {
-            if (run_zero == 1) {
-                c->st->bytes_zero += i - run;
-                if (add_zeros(c, offset + run, i - run) < 0)
-                    return -1;
-            } else if (run_zero == 0) {
-                if (flush_zero_run(c) < 0 || send_write(c, s, s->buf + run, i - run,
-                                                        offset + run) < 0)
-                    return -1;
-                c->st->bytes_written += i - run;
-            }
-            run = i;
-            run_zero = zero;
-        }
-        if (i == len)
-            break;
-        i = end;
-    }
-    return 0;
-}
-
-static void pace(struct call *c, uint64_t len)
-{
-    bm_nbd_rate_cap *cap = c->rate_cap;
-    if (!cap || !__atomic_load_n(&cap->bytes_per_s, __ATOMIC_ACQUIRE))
-        return;
-    uint64_t cost = (uint64_t)((double)len * 1e9 / (double)cap->bytes_per_s);
-    uint64_t now = now_ns(), next = __atomic_load_n(&cap->next_ns, __ATOMIC_ACQUIRE), start;
-    do {
-        start = next > now ? next : now;
-    } while (!__atomic_compare_exchange_n(&cap->next_ns, &next, start + cost, 0,
-                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
-    if (start > now) {
-        struct timespec ts = {(time_t)((start - now) / 1000000000u),
-                              (long)((start - now) % 1000000000u)};
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-            ;
-    }
-}
-
-static int64_t read_full(struct call *c, char *buf, uint64_t len, uint64_t offset)
-{
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t n = pread(c->src, buf + done, (size_t)(len - done), (off_t)(offset + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            c->st->error_side = BM_NBD_SIDE_SRC;
-            return fail(errno, "read of %llu bytes at offset %llu failed: %s",
-                        (unsigned long long)(len - done), (unsigned long long)(offset + done),
-                        strerror(errno));
-        }
-        if (n == 0)
-            break;
-        done += (uint64_t)n;
-    }
-    return (int64_t)done;
-}
-
-/* The digests of the granules wholly inside [OFFSET, OFFSET+LEN), whose
- * bytes are at BUF (NULL: they are zeros), go into the sink. Granules only
- * partly inside are left alone: this call did not see all of them. */
-static void sink_granules(struct call *c, const char *buf, uint64_t offset, uint64_t len)
-{
-    bm_nbd_digest_sink *k = c->sink;
-    if (!k || len == 0)
-        return;
-    uint64_t g = k->granularity;
-    uint64_t first = (offset + g - 1) / g, stop = (offset + len) / g;
-    for (uint64_t i = first; i < stop; i++) {
-        uint64_t d = k->zero_digest;
-        if (buf) {
-            d = k->hash(buf + (i * g - offset), (size_t)g);
-            if (d == 0) /* 0 means "unknown" to the manifest */
-                d = 1;
-        }
-        k->digests[c->slot_base + (i - c->slot_granule)] = d;
-    }
-}
-
-/* Source data [OFFSET, END): a slot at a time, whole blocks (and, hashing,
- * whole granules) per slot. */
-static int copy_data(struct call *c, uint64_t offset, uint64_t end)
-{
-    uint64_t align = c->block;
-    if (c->sink && c->sink->granularity > align)
-        align = c->sink->granularity;
-    while (offset < end) {
-        struct slot *s = free_slot(c);
-        if (!s)
-            return -1;
-        uint64_t stop = end;
-        if (end - offset > c->slot_bytes) {
-            stop = (offset + c->slot_bytes) / align * align;
-            if (stop <= offset)
-                stop = offset + c->slot_bytes;
-        }
-        pace(c, stop - offset);
-        int64_t got = read_full(c, s->buf, stop - offset, offset);
-        if (got < 0)
-            return -1;
-        c->st->bytes_read += (uint64_t)got;
-        if (scatter(c, s, (uint64_t)got, offset) < 0)
-            return -1;
-        /* After the writes are queued (they only read the slot): the
-         * digest is of exactly the bytes sent. */
-        sink_granules(c, s->buf, offset, (uint64_t)got);
-        if ((uint64_t)got < stop - offset) { /* the source ends here: the rest is zeros */
-            c->st->bytes_hole += end - offset - (uint64_t)got;
-            return add_zeros(c, offset + (uint64_t)got, end - offset - (uint64_t)got);
-        }
-        offset = stop;
-    }
-    return 0;
-}
-
-static off_t seek(int fd, uint64_t offset, int whence)
-{
-    off_t r;
-    do {
-        r = lseek(fd, (off_t)offset, whence);
-    } while (r < 0 && errno == EINTR);
-    return r;
-}
-
-/* One extent: holes by SEEK_DATA/SEEK_HOLE (a filesystem without them has
- * none: everything is data), data through copy_data. */
-static int copy_one(struct call *c, uint64_t offset, uint64_t end)
-{
-    while (offset < end) {
-        off_t d = seek(c->src, offset, SEEK_DATA);
-        uint64_t data = d < 0 ? (errno == ENXIO ? end : offset) : (uint64_t)d;
-        if (d < 0 && errno != ENXIO && errno != EINVAL && errno != EOPNOTSUPP) {
-            c->st->error_side = BM_NBD_SIDE_SRC;
-            return fail(errno, "SEEK_DATA at %llu failed: %s", (unsigned long long)offset,
-                        strerror(errno));
-        }
-        if (data > end)
-            data = end;
-        uint64_t found = data; /* where the data itself starts */
-        if (c->sink && data < end) {
-            /* Read from the granule's start, so it is hashed whole. */
-            uint64_t down = data / c->sink->granularity * c->sink->granularity;
-            data = down > offset ? down : offset;
-        }
-        if (data > offset) {
-            c->st->bytes_hole += data - offset;
-            if (add_zeros(c, offset, data - offset) < 0)
-                return -1;
-            sink_granules(c, NULL, offset, data - offset);
-            offset = data;
-            continue;
-        }
-        /* From FOUND: OFFSET may be a granule start inside the hole before it. */
-        off_t h = seek(c->src, found, SEEK_HOLE);
-        uint64_t stop = (h < 0 || (uint64_t)h <= found || (uint64_t)h > end) ? end : (uint64_t)h;
-        if (c->sink) { /* ... and to its end */
-            uint64_t g = c->sink->granularity;
-            uint64_t up = stop % g ? (stop / g + 1) * g : stop;
-            stop = up < end ? up : end;
-        }
-        if (copy_data(c, offset, stop) < 0)
-            return -1;
-        offset = stop;
-    }
-    return 0;
-}
+/* libnbd sends a command as it is queued: no service callback. A cancel
+ * seen after the last reply does not fail a call that did all its work. */
+static const struct bm_ep_ops nbd_ops = {
+    .write = send_write,
+    .zero = send_zeros,
+    .wait = wait_some,
+    .recorded_error = recorded_error,
+};
 
 /* ---------------------------------------------------------------------- */
 /* One call                                                                */
@@ -823,133 +533,59 @@ static void free_call(struct call *c)
 {
     if (!c)
         return;
-    for (uint32_t i = 0; c->slots && i < c->nslots; i++)
-        free(c->slots[i].buf);
-    free(c->slots);
-    free(c->zeros);
+    bm_ep_loop_free(&c->loop);
     free(c);
 }
 
-/* The connection's call state: its spare when the shape matches (the spare
- * is only ever kept with nothing in flight), else a new one. */
+/* The connection's call state: its spare (only ever kept with nothing in
+ * flight), with its buffers when the shape matches, else a new one. */
 static struct call *new_call(bm_nbd *h, uint32_t conn, uint32_t requests, uint64_t request_bytes)
 {
-    struct call *spare = h->spare[conn];
+    struct call *c = h->spare[conn];
     h->spare[conn] = NULL;
-    if (spare && spare->nslots == requests && spare->slot_bytes == request_bytes) {
-        struct slot *slots = spare->slots;
-        char *zeros = spare->zeros;
-        memset(spare, 0, sizeof *spare);
-        spare->slots = slots;
-        spare->zeros = zeros;
-        spare->h = h;
-        spare->index = conn;
-        spare->nbd = h->conn[conn];
-        spare->nslots = requests;
-        spare->slot_bytes = request_bytes;
-        for (uint32_t i = 0; i < requests; i++)
-            spare->slots[i].pending = 0;
-        return spare;
-    }
-    free_call(spare);
-    struct call *c = calloc(1, sizeof *c);
-    if (!c)
+    if (!c && !(c = calloc(1, sizeof *c))) {
+        bm_ep_fail(ENOMEM, "cannot allocate %u request buffers", requests);
         return NULL;
-    c->h = h;
-    c->index = conn;
-    c->nbd = h->conn[conn];
-    c->nslots = requests;
-    c->slot_bytes = request_bytes;
-    c->slots = calloc(requests, sizeof *c->slots);
-    c->zeros = (h->caps & BM_NBD_CAN_ZERO) ? NULL : calloc(1, (size_t)request_bytes);
-    int ok = c->slots && (c->zeros || (h->caps & BM_NBD_CAN_ZERO));
-    for (uint32_t i = 0; ok && i < requests; i++) {
-        c->slots[i].call = c;
-        c->slots[i].buf = malloc((size_t)request_bytes);
-        ok = c->slots[i].buf != NULL;
     }
-    if (ok)
-        return c;
-    free_call(c);
-    return NULL;
+    /* Exports without WRITE_ZEROES are sent zeros as data, a slot's worth
+     * at a time (TRIM never promises zeros). */
+    int can_zero = (h->caps & BM_NBD_CAN_ZERO) != 0;
+    if (bm_ep_loop_buffers(&c->loop, requests, request_bytes, can_zero ? 0 : request_bytes) < 0) {
+        free_call(c);
+        return NULL;
+    }
+    *c = (struct call){.loop = c->loop, .h = h, .index = conn, .nbd = h->conn[conn],
+                       .local = -1};
+    c->loop.write_max = h->max_request;
+    c->loop.zero_step = can_zero ? ZERO_REQUEST_MAX : request_bytes;
+    return c;
 }
 
 /* Keep C as its connection's spare, unless a command may still call back
  * into it: then it is left allocated for good (see the top). */
 static void end_call(struct call *c)
 {
-    if (c->in_flight)
+    if (c->loop.in_flight)
         return;
     c->h->spare[c->index] = c;
-}
-
-/* Wait until nothing is in flight; the first failure wins. */
-static int drain(struct call *c, int rc)
-{
-    int saved = errno;
-    char reason[sizeof last_error];
-    memcpy(reason, last_error, sizeof reason);
-    while (c->in_flight > 0)
-        if (wait_some(c) < 0) {
-            if (rc == 0)
-                return -1;
-            break;
-        }
-    if (rc < 0) {
-        memcpy(last_error, reason, sizeof reason);
-        errno = saved;
-        return -1;
-    }
-    return recorded_error(c);
 }
 
 static int check_args(bm_nbd *h, uint32_t conn, const bm_nbd_extent *extents, uint64_t count,
                       uint32_t block_size, uint64_t request_bytes, uint32_t flags)
 {
     if (!h || (count && !extents))
-        return fail(EINVAL, "handle and extents must not be NULL");
-    if (block_size < BM_NBD_MIN_BLOCK || block_size > BM_NBD_MAX_BLOCK ||
-        (block_size & (block_size - 1)))
-        return fail(EINVAL, "block size %u is not a power of two between %u and %u",
-                    block_size, BM_NBD_MIN_BLOCK, BM_NBD_MAX_BLOCK);
-    if (request_bytes < block_size || request_bytes > (1u << 30))
-        return fail(EINVAL, "request size %llu is below the block size or above 1 GiB",
-                    (unsigned long long)request_bytes);
-    if (flags & ~(uint32_t)BM_NBD_DST_FRESH)
-        return fail(EINVAL, "unknown copy flags %#x", flags);
+        return bm_ep_fail(EINVAL, "handle and extents must not be NULL");
+    if (bm_ep_check_shape(block_size, request_bytes, flags) < 0)
+        return -1;
     if (!(h->caps & BM_NBD_CAN_WRITE))
-        return fail(EROFS, "the export is read-only");
+        return bm_ep_fail(EROFS, "the export is read-only");
     for (uint64_t i = 0; i < count; i++)
         if (extents[i].offset > h->size || extents[i].length > h->size - extents[i].offset)
-            return fail(ENOSPC, "extent %llu+%llu is past the export's end (%llu bytes)",
-                        (unsigned long long)extents[i].offset,
-                        (unsigned long long)extents[i].length, (unsigned long long)h->size);
+            return bm_ep_fail(ENOSPC, "extent %llu+%llu is past the export's end (%llu bytes)",
+                              (unsigned long long)extents[i].offset,
+                              (unsigned long long)extents[i].length,
+                              (unsigned long long)h->size);
     return usable(h, conn);
-}
-
-/* The sink slots extent [OFFSET, OFFSET+LEN) takes: one per granule it touches. */
-static uint64_t slots_of(uint64_t g, uint64_t offset, uint64_t len)
-{
-    return len ? (offset + len + g - 1) / g - offset / g : 0;
-}
-
-static int check_sink(const bm_nbd_digest_sink *sink, const bm_nbd_extent *extents,
-                      uint64_t count, uint64_t request_bytes)
-{
-    if (!sink)
-        return 0;
-    uint64_t g = sink->granularity;
-    if (!sink->hash || g < BM_NBD_MIN_BLOCK || (g & (g - 1)) || request_bytes % g)
-        return fail(EINVAL, "digest sink needs a hash function and a power-of-two "
-                            "granularity of at least %u dividing the request size %llu",
-                    BM_NBD_MIN_BLOCK, (unsigned long long)request_bytes);
-    uint64_t need = 0;
-    for (uint64_t i = 0; i < count; i++)
-        need += slots_of(g, extents[i].offset, extents[i].length);
-    if (need > sink->count || (need && !sink->digests))
-        return fail(EINVAL, "digest sink has %llu slots, the extents need %llu",
-                    (unsigned long long)sink->count, (unsigned long long)need);
-    return 0;
 }
 
 int bm_nbd_copy_extents(bm_nbd *h, uint32_t conn, int src_fd, const bm_nbd_extent *extents,
@@ -969,36 +605,21 @@ int bm_nbd_copy_extents_hashed(bm_nbd *h, uint32_t conn, int src_fd,
                                bm_nbd_copy_stats *stats)
 {
     if (!stats)
-        return fail(EINVAL, "stats must not be NULL");
+        return bm_ep_fail(EINVAL, "stats must not be NULL");
     memset(stats, 0, sizeof *stats);
     requests = requests ? requests : BM_NBD_DEFAULT_REQUESTS;
     request_bytes = request_bytes ? request_bytes : BM_NBD_DEFAULT_REQUEST_BYTES;
     if (check_args(h, conn, extents, count, block_size, request_bytes, flags) < 0 ||
-        check_sink(sink, extents, count, request_bytes) < 0)
+        bm_ep_check_sink(sink, extents, count, request_bytes) < 0)
         return -1;
     struct call *c = new_call(h, conn, requests, request_bytes);
     if (!c)
-        return fail(ENOMEM, "cannot allocate %u request buffers", requests);
-    c->src = src_fd;
+        return -1;
     c->export_side = BM_NBD_SIDE_DST;
     c->verb = "write";
-    c->flags = flags;
-    c->block = block_size;
-    c->rate_cap = rate_cap;
-    c->cancel = cancel;
-    c->st = stats;
-    c->sink = sink;
-    int rc = 0;
-    for (uint64_t i = 0; i < count && rc == 0; i++) {
-        if (sink)
-            c->slot_granule = extents[i].offset / sink->granularity;
-        rc = copy_one(c, extents[i].offset, extents[i].offset + extents[i].length);
-        if (sink)
-            c->slot_base += slots_of(sink->granularity, extents[i].offset, extents[i].length);
-    }
-    if (rc == 0)
-        rc = flush_zero_run(c);
-    rc = drain(c, rc);
+    bm_ep_loop_start(&c->loop, &nbd_ops, src_fd, flags, block_size, rate_cap, cancel, sink,
+                     stats);
+    int rc = bm_ep_loop_copy(&c->loop, extents, count);
     int saved = errno;
     end_call(c);
     errno = saved;
@@ -1057,12 +678,12 @@ int64_t bm_nbd_map(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len, bm_n
                    uint64_t max_out, uint64_t *described)
 {
     if (!h || !out || !described || max_out == 0)
-        return fail(EINVAL, "handle, output and described must not be NULL");
+        return bm_ep_fail(EINVAL, "handle, output and described must not be NULL");
     if (usable(h, conn) < 0)
         return -1;
     if (offset > h->size || len > h->size - offset)
-        return fail(EINVAL, "range %llu+%llu is past the export's end",
-                    (unsigned long long)offset, (unsigned long long)len);
+        return bm_ep_fail(EINVAL, "range %llu+%llu is past the export's end",
+                          (unsigned long long)offset, (unsigned long long)len);
     struct map_scan m = {.out = out, .max_out = max_out, .next = offset, .end = offset + len};
     if (!(h->caps & BM_NBD_CAN_BLOCK_STATUS)) { /* it cannot say: all of it is data */
         *described = offset + len;
@@ -1085,10 +706,11 @@ int64_t bm_nbd_map(bm_nbd *h, uint32_t conn, uint64_t offset, uint64_t len, bm_n
     return (int64_t)m.count;
 }
 
+
 static int write_local(struct call *c, const char *buf, uint64_t len, uint64_t offset)
 {
     for (uint64_t done = 0; done < len;) {
-        ssize_t n = pwrite(c->src, buf + done, (size_t)(len - done), (off_t)(offset + done));
+        ssize_t n = pwrite(c->local, buf + done, (size_t)(len - done), (off_t)(offset + done));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
@@ -1098,21 +720,21 @@ static int write_local(struct call *c, const char *buf, uint64_t len, uint64_t o
         }
         done += (uint64_t)n;
     }
-    c->st->bytes_written += len;
+    c->loop.st->bytes_written += len;
     return 0;
 }
 
 /* A read landed in S: its data blocks go to the local file; all-zero
  * blocks are left as the (fresh, sparse) file's holes. */
-static void land(struct call *c, struct slot *s)
+static void land(struct call *c, struct bm_ep_slot *s)
 {
-    uint64_t bs = c->block, len = s->len, offset = s->offset, i = 0, run = 0;
+    uint64_t bs = c->loop.block, len = s->len, offset = s->offset, i = 0, run = 0;
     int in_data = 0;
     while (i < len && !c->local_error) {
         uint64_t end = ((offset + i) / bs + 1) * bs - offset;
         if (end > len)
             end = len;
-        if (!is_zero(s->buf + i, end - i)) {
+        if (!bm_ep_is_zero(s->buf + i, end - i)) {
             if (!in_data)
                 run = i;
             in_data = 1;
@@ -1120,7 +742,7 @@ static void land(struct call *c, struct slot *s)
             if (in_data && write_local(c, s->buf + run, i - run, offset + run) < 0)
                 return;
             in_data = 0;
-            c->st->bytes_zero += end - i;
+            c->loop.st->bytes_zero += end - i;
         }
         i = end;
     }
@@ -1131,41 +753,40 @@ static void land(struct call *c, struct slot *s)
 /* Runs inside nbd_poll on the calling thread: the local write happens here. */
 static int read_done(void *user_data, int *error)
 {
-    struct slot *s = user_data;
-    struct call *c = s->call;
+    struct bm_ep_slot *s = user_data;
+    struct call *c = call_of(s->loop);
     if (*error && !c->error) {
         c->error = *error;
         c->error_offset = s->offset;
     } else if (!*error && !c->error) {
-        c->st->bytes_read += s->len;
+        c->loop.st->bytes_read += s->len;
         if (!c->local_error)
             land(c, s);
     }
-    s->pending--;
-    c->in_flight--;
+    bm_ep_loop_release(s->loop, s);
     return 1;
 }
 
 /* [OFFSET, END) of the export, a request per free slot, block-aligned. */
 static int read_range(struct call *c, uint64_t offset, uint64_t end)
 {
-    uint64_t step = c->slot_bytes < c->h->max_request ? c->slot_bytes : c->h->max_request;
+    struct bm_ep_loop *loop = &c->loop;
+    uint64_t step = loop->slot_bytes < c->h->max_request ? loop->slot_bytes : c->h->max_request;
     while (offset < end) {
-        struct slot *s = free_slot(c);
+        struct bm_ep_slot *s = bm_ep_loop_free_slot(loop);
         if (!s)
             return -1;
         uint64_t stop = end;
         if (end - offset > step) {
-            stop = (offset + step) / c->block * c->block;
+            stop = (offset + step) / loop->block * loop->block;
             if (stop <= offset)
                 stop = offset + step;
         }
-        pace(c, stop - offset);
+        bm_ep_loop_pace(loop, stop - offset);
         s->offset = offset;
         s->len = stop - offset;
         nbd_completion_callback cb = {.callback = read_done, .user_data = s};
-        s->pending++;
-        c->in_flight++;
+        bm_ep_loop_hold(loop, s);
         int64_t cookie = nbd_aio_pread(c->nbd, s->buf, (size_t)s->len, offset, cb, 0);
         if (issued(c, s, cookie, "read") < 0)
             return -1;
@@ -1180,38 +801,36 @@ int bm_nbd_read_extents(bm_nbd *h, uint32_t conn, int dst_fd, const bm_nbd_exten
                         const uint32_t *cancel, bm_nbd_copy_stats *stats)
 {
     if (!stats)
-        return fail(EINVAL, "stats must not be NULL");
+        return bm_ep_fail(EINVAL, "stats must not be NULL");
     memset(stats, 0, sizeof *stats);
     requests = requests ? requests : BM_NBD_DEFAULT_REQUESTS;
     request_bytes = request_bytes ? request_bytes : BM_NBD_DEFAULT_REQUEST_BYTES;
     if (!h || (count && !extents) || dst_fd < 0)
-        return fail(EINVAL, "handle, extents and the local file must be given");
+        return bm_ep_fail(EINVAL, "handle, extents and the local file must be given");
     if (block_size < BM_NBD_MIN_BLOCK || block_size > BM_NBD_MAX_BLOCK ||
         (block_size & (block_size - 1)) || request_bytes < block_size ||
         request_bytes > (1u << 30))
-        return fail(EINVAL, "block size %u or request size %llu out of range", block_size,
-                    (unsigned long long)request_bytes);
+        return bm_ep_fail(EINVAL, "block size %u or request size %llu out of range", block_size,
+                          (unsigned long long)request_bytes);
     for (uint64_t i = 0; i < count; i++)
         if (extents[i].offset > h->size || extents[i].length > h->size - extents[i].offset)
-            return fail(EINVAL, "extent %llu+%llu is past the export's end (%llu bytes)",
-                        (unsigned long long)extents[i].offset,
-                        (unsigned long long)extents[i].length, (unsigned long long)h->size);
+            return bm_ep_fail(EINVAL, "extent %llu+%llu is past the export's end (%llu bytes)",
+                              (unsigned long long)extents[i].offset,
+                              (unsigned long long)extents[i].length,
+                              (unsigned long long)h->size);
     if (usable(h, conn) < 0)
         return -1;
     struct call *c = new_call(h, conn, requests, request_bytes);
     if (!c)
-        return fail(ENOMEM, "cannot allocate %u request buffers", requests);
-    c->src = dst_fd;
+        return -1;
+    c->local = dst_fd;
     c->export_side = BM_NBD_SIDE_SRC;
     c->verb = "read";
-    c->block = block_size;
-    c->rate_cap = rate_cap;
-    c->cancel = cancel;
-    c->st = stats;
+    bm_ep_loop_start(&c->loop, &nbd_ops, -1, 0, block_size, rate_cap, cancel, NULL, stats);
     int rc = 0;
     for (uint64_t i = 0; i < count && rc == 0; i++)
         rc = read_range(c, extents[i].offset, extents[i].offset + extents[i].length);
-    rc = drain(c, rc);
+    rc = bm_ep_loop_drain(&c->loop, rc);
     int saved = errno;
     end_call(c);
     errno = saved;
