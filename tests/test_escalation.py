@@ -87,6 +87,17 @@ def test_a_pause_passes_cannot_shrink_is_shortened_by_mirroring():
     assert POLICY.decide(passes, stall_from=len(passes) - 1) is Decision.CONTINUE
 
 
+
+def test_a_fitting_pause_is_shortened_by_mirroring_without_polishing_first():
+    """The first pass that fits the target mirrors at once, though passes
+    still halve the dirty set: polishing passes would re-copy what writers
+    dirty meanwhile, one mirrored pass leaves nothing behind the copy."""
+    passes = [BULK, rec(1, 200 * MiB, 3.1, 16 * MiB)]  # fits the 500 ms target
+    assert POLICY.worth_polishing(passes)  # passes alone would polish on
+    esc = Escalation(POLICY)
+    assert esc.next_step(passes, 4 * MiB) is Step.MIRROR
+    assert esc.polishing and "248 ms" in esc.reason  # 16 MiB at 200 MiB / 3.1 s
+
 def test_a_pause_already_short_is_left_to_passes():
     passes = [BULK, rec(1, 200 * MiB, 3.1, 16 * MiB), rec(2, 16 * MiB, 0.25, 1 * MiB),
               rec(3, 1 * MiB, 0.02, int(0.9 * MiB))]  # 14 ms: under MIRROR_POLISH_PAUSE

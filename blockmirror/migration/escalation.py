@@ -9,11 +9,14 @@ write, mirrored or not) and carries out the step this returns.
 - From passes to mirror: the policy's trend (``will_converge``) says no -
   the dirty set stopped shrinking, or shrinks too slowly to fit the target
   within the passes left. Not after a fixed number of passes.
-- From passes to mirror, too, when they converge but stop shrinking the
-  pause above MIRROR_POLISH_PAUSE: each pass then takes about as long as
-  writers need to dirty what it copied, so passes alone cannot go lower,
-  while mirrored writes leave nothing new behind the copy and the pause
-  falls to a few milliseconds, as a mirror that waits for zero dirty gets.
+- From passes to mirror, too, as soon as they fit the target with a pause
+  still above MIRROR_POLISH_PAUSE: one mirrored pass leaves nothing new
+  behind the copy and the pause falls to a few milliseconds, as a mirror
+  that waits for zero dirty gets, where polishing passes re-copy what
+  writers dirtied meanwhile, pass after pass, and may not get under it at
+  all (bench/README.md, issue 10: at half the disk's bandwidth the
+  polishing passes re-copied twice what one mirrored pass did and switched
+  0.8 s later).
 - From mirror to throttle: mirrored writes wait for the destination, so a
   destination that cannot take them (NFS latency, a disk far slower than
   the copy measured) shows as the writers' rate falling. The throttle would
@@ -65,7 +68,7 @@ class Escalation:
         (bytes/s). Updates the strategy and reason it returns a step for."""
         throughput = self.policy.copy_throughput(passes)
         if self.strategy == "passes":
-            if not self.mirror_refused and self._pause_stuck(passes):
+            if not self.mirror_refused and self._pause_to_shorten(passes):
                 pause = predict_downtime(passes[-1].dirty_left, throughput)
                 self.rate_before_mirror = writer_rate
                 self.polishing = True
@@ -94,14 +97,11 @@ class Escalation:
                 return self._go("throttle", passes, Step.THROTTLE)
         return Step.STAY
 
-    def _pause_stuck(self, passes: list[PassRecord]) -> bool:
-        """The target fits, more passes would not shorten the pause, and it
-        is still over MIRROR_POLISH_PAUSE."""
+    def _pause_to_shorten(self, passes: list[PassRecord]) -> bool:
+        """The target fits, with a pause still over MIRROR_POLISH_PAUSE."""
         throughput = self.policy.copy_throughput(passes)
         last = passes[-1]
         if not self.policy.fits(last.dirty_left, throughput):
-            return False
-        if self.policy.worth_polishing(passes, self.since_pass):
             return False
         return predict_downtime(last.dirty_left, throughput) > MIRROR_POLISH_PAUSE
 
