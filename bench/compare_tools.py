@@ -91,6 +91,9 @@ from typing import Any
 
 import numpy as np
 
+# This tree's blockmirror, in-process as in the commands (see REPO below).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from blockmirror import TrackedImage, Tracker
 from blockmirror.cli.demo import make_demo_image
 from blockmirror.copying.copier import Copier, data_extents
