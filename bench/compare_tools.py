@@ -109,6 +109,7 @@ EXTENT = 4 * MiB
 GRANULE = 64 * KiB
 SYNC_COMMAND = "blockmirror sync SRC DST (the command: python -m blockmirror)"
 SYNC_IN_PROCESS = "blockmirror.sync() in-process (no interpreter start or exit)"
+SYNC_BASELINE = "blockmirror sync SRC DST (the command), tree"
 SECTIONS = ("bulk", "tib", "dirty", "incremental", "verify", "startup")
 
 
@@ -143,11 +144,11 @@ def blockmirror_argv(*args: str | os.PathLike[str]) -> list[str]:
 
 
 def run(*argv: str | os.PathLike[str], ok: tuple[int, ...] = (0,),
-        env: dict[str, str] | None = None) -> int:
+        env: dict[str, str] | None = None, cwd: Path = REPO) -> int:
     """Run a command, output discarded; raise unless its exit code is in OK.
-    blockmirror commands run from REPO (see there)."""
+    blockmirror commands run from REPO (see there) unless CWD says."""
     proc = subprocess.run([os.fspath(a) for a in argv], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     if proc.returncode not in ok:
         raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: "
                            f"{proc.stderr.strip()}")
@@ -362,7 +363,8 @@ def copier_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, wor
     return stats.seconds
 
 
-def section_bulk(b: Bench, d: Path, size: int, data: int, workers: int) -> str:
+def section_bulk(b: Bench, d: Path, size: int, data: int, workers: int,
+                 baseline: Path | None = None) -> str:
     src = d / "bulk-src.img"
     dst = d / "bulk-dst.img"
     b.log(f"bulk: making {size / GiB:g} GiB apparent / {data / MiB:g} MiB data ...")
@@ -391,8 +393,12 @@ def section_bulk(b: Bench, d: Path, size: int, data: int, workers: int) -> str:
     # Bytecode compiled and the modules' files cached before the first round.
     run(sys.executable, "-c", "import blockmirror.cli.main, blockmirror.migration.run", env=env)
 
-    def bm_command_run() -> None:
-        run(*blockmirror_argv("sync", "--quiet", src, dst), env=env)
+    def bm_command_run(tree: Path = REPO) -> None:
+        run(*blockmirror_argv("sync", "--quiet", src, dst), env=env, cwd=tree)
+
+    if baseline is not None:  # its bytecode too, before the first round
+        run(sys.executable, "-c", "import blockmirror.cli.main, blockmirror.migration.run",
+            env=env, cwd=baseline)
 
     def copier_run(fsync: bool, writeback: bool) -> Callable[[], dict[str, float]]:
         def go() -> dict[str, float]:
@@ -420,6 +426,9 @@ def section_bulk(b: Bench, d: Path, size: int, data: int, workers: int) -> str:
                   bm_command_run, prepare=cleanup, after=cleanup, check=copy_check),
         Contender(SYNC_IN_PROCESS, "durable",
                   bm_sync_run, prepare=cleanup, after=cleanup, check=copy_check),
+        *([Contender(f"{SYNC_BASELINE} {baseline}", "durable",
+                     lambda: bm_command_run(baseline), prepare=cleanup, after=cleanup,
+                     check=copy_check)] if baseline is not None else []),
         Contender(f"Copier ({workers} workers) + start_writeback + fsync", "durable",
                   copier_run(True, True), prepare=cleanup, after=cleanup, check=copy_check),
         Contender(f"Copier ({workers} workers) + fsync, no writeback hint", "durable",
@@ -505,6 +514,12 @@ def bulk_verdicts(rows: dict[str, Row], workers: int) -> str:
                        f"{ratio:.2f}x {peer} (target ≤ {limit:.1f}x): **{verdict}** "
                        f"(in-process call {fmt_s(inner.median)} s = "
                        f"{inner.median / rows[peer].median:.2f}x)")
+    for label, row in rows.items():
+        if label.startswith(SYNC_BASELINE) and "nbdcopy --flush" in rows:
+            peer = rows["nbdcopy --flush"].median
+            out.append(f"- baseline ({label[len(SYNC_BASELINE):].strip()}): the command "
+                       f"{fmt_s(row.median)} s = {row.median / peer:.2f}x nbdcopy --flush, "
+                       f"this tree's {sync_row.median / row.median:.2f}x the baseline's")
     cop = rows.get(f"Copier ({workers} workers), no fsync")
     peers = [r for r in rows.values() if r.kind == "cached" and not r.label.startswith("Copier")]
     if cop is not None and peers:
@@ -940,6 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--incr-fraction", type=float, default=0.01,
                    help="incremental: fraction of 64 KiB blocks rewritten (default 0.01)")
     p.add_argument("--workers", type=int, default=4, help="Copier workers (sync's default 4)")
+    p.add_argument("--baseline-tree", metavar="DIR",
+                   help="bulk: also run the sync command of another checkout (built in "
+                   "place), interleaved in the same rounds: before/after in one run")
     p.add_argument("--dir", help="where the big files go (default: a new folder in $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
     p.add_argument("--json", help="also write every timing to this file")
@@ -964,7 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         verify_pairs: dict[str, tuple[Path, Path]] = {}
         if "bulk" in only:
-            report += ["## Bulk pass (issue 3)\n", section_bulk(b, d, size, data, args.workers)]
+            baseline = Path(args.baseline_tree).resolve() if args.baseline_tree else None
+            report += ["## Bulk pass (issue 3)\n", section_bulk(b, d, size, data, args.workers,
+                                                                baseline)]
         if "tib" in only:
             report += ["## 1 TiB apparent, 64 MiB of data (issue 3)\n",
                        section_tib(b, d, args.tib_reps)]

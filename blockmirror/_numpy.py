@@ -23,6 +23,7 @@ import threading
 from types import ModuleType
 from typing import Any
 
+PRELOAD_SWITCH_INTERVAL_S = 0.0002
 _lock = threading.Lock()
 _preload: threading.Thread | None = None
 
@@ -45,8 +46,16 @@ def preload() -> None:
 def _import_quietly() -> None:
     # A failure is raised again where numpy is really needed (the import
     # system forgets a module whose import failed).
-    with contextlib.suppress(BaseException):
-        importlib.import_module("numpy")
+    # While it imports (~45 ms holding the GIL), a copy worker coming back
+    # from C, or the thread feeding them, would wait up to the interpreter's
+    # switch interval (5 ms) for the GIL each time: hand it over sooner.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, PRELOAD_SWITCH_INTERVAL_S))
+    try:
+        with contextlib.suppress(BaseException):
+            importlib.import_module("numpy")
+    finally:
+        sys.setswitchinterval(interval)
 
 
 _numpy: ModuleType | None = None

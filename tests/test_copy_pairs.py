@@ -109,3 +109,16 @@ def test_pairs_and_arrays_copy_and_digest_the_same(tmp_path: Path):
         os.close(sfd)
     assert results[0] == results[1]
     assert results[0][1], "some granules were digested"
+
+
+def test_extent_words_are_checked():
+    from array import array
+
+    from blockmirror._bindings._ffi import extents_pointer, ffi
+
+    assert extents_pointer(_c.pairs_array([])) == ffi.NULL
+    assert extents_pointer(_c.pairs_array([(4096, 8192)])) != ffi.NULL
+    with pytest.raises(ValueError):
+        extents_pointer(array("Q", [1, 2, 3]))  # not pairs
+    with pytest.raises(ValueError):
+        extents_pointer(array("q", [1, 2]))  # not uint64

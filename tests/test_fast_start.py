@@ -125,14 +125,15 @@ def test_the_numpy_free_scan_agrees_with_the_numpy_one(tmp_path: Path, chunk: in
 SYNC_IMPORTS = """
 import json, sys
 import blockmirror.cli.main, blockmirror.cli.progress, blockmirror.migration.run
+import blockmirror.migration.remote  # a sync into nbd:// or nfs://
 print(json.dumps([m for m in ("numpy", "xxhash") if m in sys.modules]))
 """
 
 
 def test_a_syncs_modules_load_without_numpy(tmp_path: Path) -> None:
-    """A local sync imports numpy only once its bulk copy runs (beside it,
-    on another thread: blockmirror._numpy), not before: no module on its
-    path may import numpy at load."""
+    """A sync (local, or into an export) imports numpy only once its bulk
+    copy runs (beside it, on another thread: blockmirror._numpy), not
+    before: no module on its path may import numpy at load."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     out = subprocess.run([sys.executable, "-c", SYNC_IMPORTS], cwd=tmp_path, env=env,

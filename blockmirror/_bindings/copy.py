@@ -238,12 +238,8 @@ def copy_extents(
     digest, out): OUT (zeroed, one uint64 per slot of ``digest_slots``: an
     array, or new_digest_slots) receives the digest of each granule copied
     whole (0: none)."""
-    if isinstance(extents, array.array):
-        count = len(extents) // 2
-        ext = ffi.cast("bm_extent *", ffi.from_buffer(extents)) if count else ffi.NULL
-    else:
-        count = len(extents)
-        ext = extents_pointer(extents)
+    count = len(extents) // 2 if isinstance(extents, array.array) else len(extents)
+    ext = extents_pointer(extents)
     stats: Any = ffi.new("bm_copy_stats *")
     sink: Any = ffi.NULL if digests is None else _sink(*digests)
     rc = lib.bm_copy_extents_hashed(

@@ -11,11 +11,13 @@ names the file itself.
 from __future__ import annotations
 
 import os
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror._bindings._ffi import extents_pointer
 from blockmirror._bindings.optional import CopyCounts, OptionalModule
-from blockmirror.extents import ExtentArray
+
+if TYPE_CHECKING:  # numpy-backed (blockmirror.extents)
+    from blockmirror.extents import ExtentArray
 
 Handle: TypeAlias = Any
 """A ``bm_nfs *`` owned by ffi.gc (bm_nfs_close runs with its last reference)."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blockmirror._bindings.optional import CopyCounts
 from blockmirror.copying.copier import DEFAULT_BATCH_BYTES, DEFAULT_BLOCK_SIZE, Copier
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+from blockmirror.extents import Extent
+
+if TYPE_CHECKING:
+    from blockmirror.extents import ExtentArray
 
 
 def timeout_from_environment(variable: str, default: float = 30.0) -> float:
@@ -81,4 +82,12 @@ class ConnectionCopier(Copier):
     def whole_image(self) -> ExtentArray:
         """[0, the source's size): what a bulk pass into a remote copy covers
         where the copy's old content is unknown under the source's holes."""
-        return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
+        import numpy as np
+
+        from blockmirror.extents import EXTENT_DTYPE
+
+        return np.array(self.whole_image_pairs(), dtype=EXTENT_DTYPE)
+
+    def whole_image_pairs(self) -> list[Extent]:
+        """:meth:`whole_image` as pairs (no numpy)."""
+        return [(0, os.fstat(self.src_fd).st_size)]

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from blockmirror._bindings import copy as _c
 from blockmirror.closeable import Closeable
@@ -161,6 +161,16 @@ def digest_granules(fd: int, offset: int, length: int, granularity: int
     short; bytes past the end read as zeros), read and hashed in C with the
     GIL released; None where C cannot call the digest (hash in Python then)."""
     return _c.digest_extents(fd, as_extent_array([(offset, length)]), granularity)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def takes_pair_items(method: _F) -> _F:
+    """Marks a copier's ``_copy_item_now`` as taking work items that are
+    lists of pairs as well as extent arrays (see Copier.copies_pairs)."""
+    setattr(method, "takes_pair_items", True)  # noqa: B010 - a mark on a function
+    return method
 
 
 def data_extents(fd: int, end: int) -> ExtentArray:
@@ -305,15 +315,17 @@ class Copier(Closeable):
 
     @property
     def copies_pairs(self) -> bool:
-        """Whether this copier takes extents as pairs without numpy: the
-        local copier does (:meth:`allocated_extent_pairs`, work items of
-        pairs); copiers to other endpoints cut arrays."""
-        cls = type(self)
-        return (cls._copy_item_now is Copier._copy_item_now
-                and cls.allocated_extents is Copier.allocated_extents)
+        """Whether this copier copies extents handed as pairs without numpy
+        (work items that are lists of pairs): where its ``_copy_item_now``
+        says so (:func:`takes_pair_items`); copiers that override it
+        without saying so are handed arrays."""
+        return bool(getattr(type(self)._copy_item_now, "takes_pair_items", False))
 
     def allocated_extent_pairs(self) -> list[Extent]:
-        """:meth:`allocated_extents` as pairs, found without numpy."""
+        """:meth:`allocated_extents` as pairs, found without numpy (where a
+        subclass finds them its own way, its answer as pairs)."""
+        if type(self).allocated_extents is not Copier.allocated_extents:
+            return pairs(self.allocated_extents())
         size = os.fstat(self.src_fd).st_size
         return _c.data_extent_pairs(self.src_fd, size)
 
@@ -468,6 +480,7 @@ class Copier(Closeable):
             if after_item is not None:
                 after_item(item)
 
+    @takes_pair_items
     def _copy_item_now(self, item: WorkItem, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
         size = self._buffer_len(digests)

@@ -23,9 +23,7 @@ are written into a new sparse local file.
 from __future__ import annotations
 
 import threading
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from blockmirror._bindings import copy as _c
 from blockmirror._bindings import remote as _r
@@ -38,10 +36,18 @@ from blockmirror.copying.copier import (
     CopyStats,
     DigestRequest,
     _zero_digest,
+    takes_pair_items,
 )
 from blockmirror.copying.endpoint import NbdUri
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import ExtentArray
+from blockmirror.extents import as_extent_array
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from blockmirror.extents import ExtentArray
+else:  # on first use: a bulk copy into an export starts without it (blockmirror._numpy)
+    from blockmirror._numpy import np
 
 DEFAULT_TIMEOUT_S = timeout_from_environment("BLOCKMIRROR_NBD_TIMEOUT")
 """A connection with requests outstanding and no reply this long has failed
@@ -162,8 +168,11 @@ class RemoteCopier(ConnectionCopier):
         return (_c.digest_function() is not None and MIN_BLOCK_SIZE <= g <= MAX_HASHED_GRANULE
                 and not g & (g - 1))
 
-    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+    @takes_pair_items
+    def _copy_item_now(self, item: Any, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
+        if isinstance(item, list):  # pairs (see Copier.copies_pairs); hashing takes arrays
+            item = as_extent_array(item) if digests is not None else _c.pairs_array(item)
         spec = None
         request_bytes = REQUEST_BYTES
         if digests is not None:

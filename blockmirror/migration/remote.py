@@ -34,10 +34,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from blockmirror import _numpy
 from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
 from blockmirror.copying.nfs import PARTIAL_SUFFIX, NfsCopier, NfsFile
@@ -50,7 +49,7 @@ from blockmirror.errors import (
     OutOfSpaceError,
     VerifyError,
 )
-from blockmirror.extents import Extents, pairs, subtract, total_bytes
+from blockmirror.extents import pairs, subtract, total_bytes
 from blockmirror.migration import digests as dg
 from blockmirror.migration import precheck
 from blockmirror.migration.digests import DigestTable
@@ -68,6 +67,13 @@ from blockmirror.migration.remote_manifest import (
 from blockmirror.migration.result import SyncResult
 from blockmirror.tracking.tracker import sidecar_path
 from blockmirror.units import format_bytes
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from blockmirror.extents import Extents
+else:  # numpy on first use (see blockmirror._numpy)
+    from blockmirror._numpy import np
 
 LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
 
@@ -168,9 +174,12 @@ class RemotePassRunner(PassRunner):
         self.result.notes.append(
             "the export read as zeros (block status): only data was sent" if fresh else
             "the export held data (or cannot say): every zero run was zeroed on it")
-        extents = self.copier.allocated_extents() if fresh else self.copier.whole_image()
+        # As pairs, so the copy starts before numpy loads (beside it: PassRunner.bulk).
+        extents = (self.copier.allocated_extent_pairs() if fresh
+                   else self.copier.whole_image_pairs())
         stats = self._copy("bulk", extents, dst_fresh=fresh,
-                           before_item=self._clear_before_read if self.tracker else None)
+                           before_item=self._clear_before_read if self.tracker else None,
+                           started=_numpy.preload)
         self._record("bulk", stats)
 
     def _copy(self, phase: str, extents: Extents, **kwargs: Any) -> CopyStats:
