@@ -50,3 +50,36 @@ def test_connections_are_made_without_waiting_for_delayed_acks(kind, tmp_path: P
     # A handshake is a few round trips (1 ms each with netem; less without):
     # even four of them stay below one delayed ACK (~40 ms), let alone two.
     assert best < 0.03, f"{made} connection(s) took {best * 1e3:.0f} ms"
+
+
+def test_an_untracked_sync_into_an_export_never_loads_numpy(tmp_path: Path):
+    """Nothing after the copy needs numpy there (no manifest is kept for an
+    untracked source), so the command must not pay its import at all."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_fast_start import PROBE, REPO
+
+    size = 8 << 20
+    source, export = tmp_path / "src.img", tmp_path / "export.img"
+    with open(source, "wb") as f:
+        f.truncate(size)
+        f.seek(1 << 20)
+        f.write(os.urandom(1 << 20))
+    with open(export, "wb") as f:
+        f.truncate(size)
+    server = Server("nbdkit", export, tmp_path / "nbd.sock")
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        out = subprocess.run([sys.executable, "-c", PROBE, "sync", "--quiet", str(source),
+                              server.uri], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+        report = json.loads(out.stderr.strip().splitlines()[-1])
+    finally:
+        server.stop()
+    assert report["code"] == 0, out.stderr
+    assert "numpy" not in report["loaded"]
+    assert export.read_bytes() == source.read_bytes()

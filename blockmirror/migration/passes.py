@@ -107,13 +107,13 @@ class PassRunner:
         without numpy, which the digests need only once it is done: numpy
         loads on another thread meanwhile (see blockmirror._numpy)."""
         extents: Extents
+        table = self._table()
         started = None
         if self.copier.copies_pairs:
             extents = self.copier.allocated_extent_pairs()
-            started = _numpy.preload
+            started = self.numpy_preload()
         else:
             extents = self.copier.allocated_extents()
-        table = self._table()
         if table is not None:
             # Whole granules, so each is read (and hashed) whole; the holes
             # inside them are still skipped.
@@ -125,6 +125,14 @@ class PassRunner:
                            halfway=self._note_early_dirt if self.watch_hot else None,
                            started=started)
         self._record("bulk", stats)
+
+    def numpy_preload(self) -> Callable[[], None] | None:
+        """What starts loading numpy beside a bulk copy, if the sync needs
+        numpy after it: for the digest table (the manifest) or the tracker's
+        arrays. A sync that needs neither (untracked, no manifest: into an
+        export, or --move) never loads it, and must not pay its import."""
+        needed = self._table() is not None or self.tracker is not None
+        return _numpy.preload if needed else None
 
     def incremental(self, extents: Extents) -> None:
         """The first pass onto an earlier copy: EXTENTS, copied in place."""

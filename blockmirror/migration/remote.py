@@ -36,7 +36,6 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any
 
-from blockmirror import _numpy
 from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
 from blockmirror.copying.nfs import PARTIAL_SUFFIX, NfsCopier, NfsFile
@@ -179,7 +178,7 @@ class RemotePassRunner(PassRunner):
                    else self.copier.whole_image_pairs())
         stats = self._copy("bulk", extents, dst_fresh=fresh,
                            before_item=self._clear_before_read if self.tracker else None,
-                           started=_numpy.preload)
+                           started=self.numpy_preload())
         self._record("bulk", stats)
 
     def _copy(self, phase: str, extents: Extents, **kwargs: Any) -> CopyStats:
