@@ -20,9 +20,10 @@ import fcntl
 import os
 import time
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockmirror.copying.copier import Copier
+from blockmirror.copying.verify import compare_files
 from blockmirror.errors import (
     FreezeError,
     InvalidInputError,
@@ -46,13 +47,24 @@ from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker, sidecar_p
 from blockmirror.units import format_bytes, format_rate, format_seconds
 
 # Loaded where a sync needs them (an earlier copy, a tracked source, mirror
-# or auto convergence, --verify): a plain sync does not pay their imports
+# or auto convergence): a plain sync does not pay their imports
 # (incremental's loads numpy, which a plain sync wants loaded only while its
 # bulk copy runs; see blockmirror._numpy).
 if TYPE_CHECKING:
     from blockmirror.migration.escalation import Escalation
     from blockmirror.migration.mirroring import MirrorSession
     from blockmirror.tracking.bypass import BypassWatch
+
+
+def __getattr__(name: str) -> Any:
+    """``job.BypassWatch``, imported on first use (its ctypes.util loads
+    subprocess): the name stays this module's, for callers and tests."""
+    if name != "BypassWatch":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from blockmirror.tracking.bypass import BypassWatch
+
+    globals()[name] = BypassWatch
+    return BypassWatch
 
 # A failed switchover (lease ran out mid final pass) goes back to dirty
 # passes; this many failures in one run are declared non-convergence.
@@ -180,9 +192,8 @@ class FileSyncJob:
         self.tracker = tracker = Tracker.open(self.plan.source)
         self.start_mtime_ns = os.fstat(self.src_fd).st_mtime_ns
         self.result.tracked = True
-        from blockmirror.tracking.bypass import BypassWatch
-
-        self.bypass = BypassWatch.start(self.plan.source, tracker.path)
+        watch = globals().get("BypassWatch") or __getattr__("BypassWatch")
+        self.bypass = watch.start(self.plan.source, tracker.path)
         if self.bypass is None:
             self.result.notes.append("writes that bypass the tracker are not watched "
                                      "(fanotify needs root); see the README")
@@ -497,8 +508,6 @@ class FileSyncJob:
         """Compare the copy with the source, excusing blocks written since the
         switch (the tracker says which); anything else that differs is a bug."""
         self.report("verify", len(self.result.passes), 0, self.result.image_size)
-        from blockmirror.copying.verify import compare_files
-
         differing = compare_files(self.plan.source, self.plan.destination)
         copy_size = os.path.getsize(self.plan.destination)
         if copy_size == self.result.image_size:
