@@ -47,6 +47,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from blockmirror.units import format_bytes, size_argument
 
 MiB = 1 << 20
+# `python -m blockmirror` loads the package from its working folder first:
+# the commands run from this tree, whatever folder the bench started in.
+REPO = Path(__file__).resolve().parent.parent
+# Compiled bytecode, as an installed package has it, whatever
+# PYTHONDONTWRITEBYTECODE says (compiling every module each run: +15-20 ms).
+PYTHON_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+PYTHON_ENV["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "bm-bench-pycache")
+
+
+def blockmirror_command(*args: str) -> list[str]:
+    """A blockmirror command as the bench runs it: the real interpreter
+    (sys.executable, never a console-script shim), as nbdcopy runs as its
+    binary; see REPO and PYTHON_ENV for where from and how."""
+    return [sys.executable, "-m", "blockmirror", *args]
 
 
 def make_source(path: Path, size: int, data: int) -> None:
@@ -104,14 +118,13 @@ def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | 
 
 
 def blockmirror_sync(src: Path | str, uri: Path | str, workers: int,
-                     extra: list[str] | None = None) -> tuple[float, float]:
+                     extra: list[str] | None = None, tree: Path = REPO) -> tuple[float, float]:
     """`blockmirror sync SRC URI --json` (either may be the export): (wall
     seconds of the command, the sync's own elapsed)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(src), str(uri),
-                           "--json",
-                           "--workers", str(workers), *(extra or [])],
-                          capture_output=True, text=True)
+    done = subprocess.run(blockmirror_command("sync", str(src), str(uri), "--json",
+                                              "--workers", str(workers), *(extra or [])),
+                          capture_output=True, text=True, cwd=tree, env=PYTHON_ENV)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
@@ -131,22 +144,31 @@ def _fresh(export: Path) -> None:
 
 
 def _rounds(src: Path, uri: str, export: Path, args: argparse.Namespace) -> dict[str, float]:
-    times: dict[str, list[float]] = {"bm": [], "inside": [], "nbdcopy": [], "nbdcopy -z": []}
+    times: dict[str, list[float]] = {"bm": [], "inside": [], "nbdcopy": [], "nbdcopy -z": [],
+                                     "baseline": [], "baseline inside": []}
     extra = ["--requests", str(args.requests)] if args.requests else []
-    tools = ["bm", "nbdcopy", "nbdcopy -z"]
+    tools = ["bm", "nbdcopy", "nbdcopy -z", *(["baseline"] if args.baseline_tree else [])]
+    warm = subprocess.run([sys.executable, "-c", "import blockmirror.cli.main, "
+                           "blockmirror.migration.run, blockmirror.migration.remote"],
+                          capture_output=True, cwd=REPO, env=PYTHON_ENV)  # bytecode compiled
+    warm.check_returncode()
+    for tree in filter(None, [args.baseline_tree]):
+        subprocess.run(warm.args, capture_output=True, cwd=tree, env=PYTHON_ENV, check=True)
     for r in range(args.rounds):
-        for tool in tools[r % 3:] + tools[:r % 3]:
+        n = len(tools)
+        for tool in tools[r % n:] + tools[:r % n]:
             _fresh(export)
-            if tool == "bm":
-                wall, elapsed = blockmirror_sync(src, uri, args.workers, extra)
-                times["bm"].append(wall)
-                times["inside"].append(elapsed)
+            if tool in ("bm", "baseline"):
+                tree = REPO if tool == "bm" else Path(args.baseline_tree)
+                wall, elapsed = blockmirror_sync(src, uri, args.workers, extra, tree)
+                times[tool].append(wall)
+                times["inside" if tool == "bm" else "baseline inside"].append(elapsed)
             else:
                 same = [f"--connections={args.workers}", f"--threads={args.workers}"]
                 if tool == "nbdcopy -z":
                     same.append("--destination-is-zero")
                 times[tool].append(_nbdcopy(src, uri, same))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items() if v}
 
 
 def _rounds_from(uri: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -159,9 +181,11 @@ def _rounds_from(uri: str, folder: Path, args: argparse.Namespace) -> dict[str, 
         for tool in (("bm", "nbdcopy") if r % 2 == 0 else ("nbdcopy", "bm")):
             if tool == "bm":
                 started = time.perf_counter()
-                done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", uri,
-                                       str(copy), "--json", "--workers", str(args.workers),
-                                       *extra], capture_output=True, text=True)
+                done = subprocess.run(blockmirror_command("sync", uri, str(copy), "--json",
+                                                          "--workers", str(args.workers),
+                                                          *extra),
+                                      capture_output=True, text=True, cwd=REPO,
+                                      env=PYTHON_ENV)
                 times["bm"].append(time.perf_counter() - started)
                 if done.returncode != 0:
                     raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
@@ -191,6 +215,13 @@ def _report(kind: str, shaping: str, data: int, m: dict[str, float]) -> None:
           f"{m['nbdcopy -z']:.2f} s: ratio {m['nbdcopy'] / m['bm']:.2f} (command), "
           f"{m['nbdcopy'] / m['inside']:.2f} (sync itself), "
           f"{m['nbdcopy -z'] / m['bm']:.2f} (command vs -z)", flush=True)
+    ratio = m["nbdcopy"] / m["bm"]
+    print(f"{kind:9s} issue 12 target, the command >= 1.0x nbdcopy's throughput: "
+          f"{ratio:.2f}x, {'MET' if ratio >= 1.0 else 'MISSED'}", flush=True)
+    if "baseline" in m:
+        print(f"{kind:9s} baseline tree, same rounds: {m['baseline']:.2f} s (sync itself "
+              f"{m['baseline inside']:.2f} s): ratio {m['nbdcopy'] / m['baseline']:.2f} "
+              "(command)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--requests", type=int, default=None,
                         help="blockmirror sync --requests (default: its own, 32)")
+    parser.add_argument("--baseline-tree", metavar="DIR",
+                        help="also time another checkout's command (built in place) in the "
+                        "same rounds: before/after in one run")
     parser.add_argument("--from-export", action="store_true",
                         help="the other direction: the export (the source, read-only) into a "
                         "new local file")

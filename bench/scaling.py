@@ -64,15 +64,13 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 EXTENT = 4 * MiB
 RSS_TARGET = 100 * MiB
 
-# The child: runs one blockmirror call and prints its own seconds as JSON.
+# The child: one blockmirror command, started and ended as the command is.
 CHILD = r"""
-import json, sys, time
-t0 = time.perf_counter()
+import sys
 op, a, b = sys.argv[1:4]
-from blockmirror.cli.main import main
-code = main([op, a, b, "--quiet"] if op == "sync" else [op, a, b])
-print(json.dumps({"seconds": time.perf_counter() - t0, "code": code}))
-sys.exit(code)
+sys.argv = ["blockmirror", op, a, b, *(["--quiet"] if op == "sync" else [])]
+from blockmirror.cli.main import entry  # what python -m blockmirror runs, exit included
+entry()
 """
 # In-process seconds of the call itself, imports excluded.
 CALL = r"""
@@ -133,7 +131,8 @@ def measured(argv: list[str]) -> tuple[float, int, str]:
         wrapped = (["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *argv]
                    if os.path.exists("/usr/bin/time") else argv)
         t0 = time.perf_counter()
-        proc = subprocess.run(wrapped, capture_output=True, env=env, check=False)
+        # From ROOT: "-c" and "-m" put the working folder first on sys.path.
+        proc = subprocess.run(wrapped, capture_output=True, env=env, check=False, cwd=ROOT)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: "

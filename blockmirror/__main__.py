@@ -1,5 +1,3 @@
-import sys
+from blockmirror.cli.main import entry
 
-from blockmirror.cli import main
-
-sys.exit(main())
+entry()

@@ -61,8 +61,10 @@ def _extent_dtype() -> np.dtype[np.void]:
 def is_extent_array(extents: object) -> bool:
     """EXTENTS is a numpy array (without importing numpy: a program that
     has not imported it holds none)."""
-    np = sys.modules.get("numpy")
-    return np is not None and isinstance(extents, np.ndarray)
+    # No ndarray yet while numpy's import runs on another thread (see
+    # blockmirror._numpy): nobody can hold an array then either.
+    ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
+    return ndarray is not None and isinstance(extents, ndarray)
 
 
 def pairs(extents: Extents) -> list[Extent]:

@@ -490,9 +490,10 @@ static int copy_one(struct copier *c, uint64_t offset, uint64_t end)
     while (offset < end) {
         if (check_cancel(c) < 0)
             return -1;
-        uint64_t data = end;
-        if (next_data(c, offset, end, &data) < 0)
+        uint64_t found = end;
+        if (next_data(c, offset, end, &found) < 0)
             return -1;
+        uint64_t data = found;
         if (c->sink && data < end) {
             /* Read from the granule's start, so it is hashed whole. */
             uint64_t down = data / c->sink->granularity * c->sink->granularity;
@@ -506,8 +507,11 @@ static int copy_one(struct copier *c, uint64_t offset, uint64_t end)
             offset = data;
             continue;
         }
+        /* Where the data ends is asked from FOUND, the data itself: OFFSET
+         * may be a granule's start inside the hole before it, and SEEK_HOLE
+         * there answers OFFSET (read as "no hole seen": the whole rest). */
         uint64_t stop = end;
-        if (data_end(c, offset, end, &stop) < 0)
+        if (data_end(c, found, end, &stop) < 0)
             return -1;
         if (c->sink) {
             uint64_t g = c->sink->granularity;

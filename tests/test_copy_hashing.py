@@ -153,3 +153,43 @@ def test_digest_granules_in_c_matches_python(tmp_path):
             digest_granules(fd, 4096, 65536, 65536)
     finally:
         os.close(fd)
+
+
+@needs_c_digest
+def test_data_found_mid_granule_is_read_to_its_granules_end_only(tmp_path):
+    """One extent over the whole file; data starts inside a granule whose
+    start is a hole, and far more hole follows before the next data. The
+    copy reads from that granule's start (to hash it whole) but asks where
+    the data ends from the data itself: it must not read the whole rest."""
+    g = 64 * KiB
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    size = 64 * MiB
+    first, second = os.urandom(8 * KiB), os.urandom(g)
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(3 * g + 20 * KiB)  # mid-granule, a hole before it in the granule
+        f.write(first)
+        f.seek(size - 2 * g)
+        f.write(second)
+    sfd = os.open(src, os.O_RDONLY)
+    if os.lseek(sfd, 0, os.SEEK_DATA) == 0:  # the filesystem shows no holes
+        os.close(sfd)
+        pytest.skip("the filesystem under tmp_path does not report holes")
+    dfd = os.open(dst, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        request = DigestRequest(g)
+        with Copier(sfd, dfd, workers=1, use_copy_file_range=False) as c:
+            stats = c.copy_extents([(0, size)], dst_fresh=True, digests=request)
+        os.ftruncate(dfd, size)
+        keys, values = request.take()
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    # Granule 3 (hole, then the data) and the granule of the second write;
+    # a filesystem may round data out to its own block, never to the rest.
+    assert stats.bytes_read <= 4 * g, stats
+    assert dst.read_bytes() == src.read_bytes()
+    content = src.read_bytes()
+    for k, v in zip(keys.tolist(), values.tolist(), strict=True):
+        assert v == _digest(content[k * g:(k + 1) * g])
+    assert {3, size // g - 2} <= set(keys.tolist())

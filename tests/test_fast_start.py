@@ -19,10 +19,14 @@ from pathlib import Path
 import pytest
 
 # Run the command in-process, then print whether numpy (and the other heavy
-# modules) were ever imported, whatever the command's exit code.
+# modules) were ever imported, whatever the command's exit code (and however
+# the command ends its process).
 PROBE = """
-import json, runpy, sys
+import json, os, runpy, sys
 sys.argv = ["blockmirror", *sys.argv[1:]]
+def _exit(code):  # the command's quick end (cli.main.entry), caught like sys.exit
+    raise SystemExit(code)
+os._exit = _exit
 code = 0
 try:
     runpy.run_module("blockmirror", run_name="__main__")
@@ -115,3 +119,76 @@ def test_the_numpy_free_scan_agrees_with_the_numpy_one(tmp_path: Path, chunk: in
         assert _copy.data_extent_pairs(fd, end) == expected
     finally:
         os.close(fd)
+
+
+# What a plain sync's modules load before it copies anything.
+SYNC_IMPORTS = """
+import json, sys
+import blockmirror.cli.main, blockmirror.cli.progress, blockmirror.migration.run
+import blockmirror.migration.remote  # a sync into nbd:// or nfs://
+print(json.dumps([m for m in ("numpy", "xxhash") if m in sys.modules]))
+"""
+
+
+def test_a_syncs_modules_load_without_numpy(tmp_path: Path) -> None:
+    """A sync (local, or into an export) imports numpy only once its bulk
+    copy runs (beside it, on another thread: blockmirror._numpy), not
+    before: no module on its path may import numpy at load."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run([sys.executable, "-c", SYNC_IMPORTS], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "numpy" not in json.loads(out.stdout)
+
+
+def test_the_bulk_copy_starts_before_numpy_is_loaded(
+        tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
+    """In a fresh interpreter, the first C copy call of a sync runs while
+    numpy is not yet (or only partly) imported; the copy and its manifest
+    are whole all the same."""
+    a, _ = sparse_pair
+    probe = """
+import json, sys
+from blockmirror._bindings import copy as _c
+seen = []
+real = _c.copy_extents
+def spy(*args, **kwargs):
+    numpy = sys.modules.get("numpy")  # fully imported: in sys.modules, not initializing
+    seen.append(numpy is not None and not getattr(numpy.__spec__, "_initializing", False))
+    return real(*args, **kwargs)
+_c.copy_extents = spy
+from blockmirror.migration import sync
+result = sync(sys.argv[1], sys.argv[2])
+print(json.dumps({"numpy_ready_at_first_copy": seen[0], "passes": len(result.passes)}))
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    copy = tmp_path / "copy.img"
+    out = subprocess.run([sys.executable, "-c", probe, str(a), str(copy)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"numpy_ready_at_first_copy": False, "passes": 1}
+    assert copy.read_bytes() == a.read_bytes()
+    assert (tmp_path / "copy.img.bm-manifest").exists()
+
+
+def test_the_sync_command_exits_with_its_output_flushed(
+        tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
+    """``python -m blockmirror sync`` ends its process without the
+    interpreter's teardown (cli.main.entry): what it printed must still
+    all arrive, with the exit code, and the copy be whole."""
+    a, _ = sparse_pair
+    copy = tmp_path / "copy.img"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run([sys.executable, "-m", "blockmirror", "sync", "--json", str(a),
+                          str(copy)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["status"] == "ok"
+    assert copy.read_bytes() == a.read_bytes()
+    failed = subprocess.run([sys.executable, "-m", "blockmirror", "verify", str(a),
+                             str(tmp_path / "missing.img")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and failed.stderr.strip()

@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "blockmirror"
 
 # Layers from the bottom; a module may import its own layer and those below.
 LAYERS = [
-    {"_version", "errors", "units", "extents", "files", "closeable", "_core", "_fastwrite",
-     "_remote", "_nfs"},
+    {"_version", "errors", "units", "extents", "files", "closeable", "_numpy", "_core",
+     "_fastwrite", "_remote", "_nfs"},
     {"_bindings"},
     {"tracking", "copying"},
     {"migration", "frontend"},  # frontend: serve, beside the sync (tracking, never _bindings)

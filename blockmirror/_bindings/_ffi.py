@@ -96,16 +96,25 @@ def extent_pairs(buf: CData, count: int) -> list[Extent]:
     return list(zip(words[0::2], words[1::2], strict=True))
 
 
-def extents_pointer(extents: ExtentArray, *, on: Any = None,
+def extents_pointer(extents: ExtentArray | array.array[int], *, on: Any = None,
                     ctype: str = "bm_extent *") -> CData:
-    """A CTYPE over EXTENTS (NULL when empty), checked. ON is the ffi of the
-    module the pointer is for: the core's by default, or an endpoint's
-    (its extent struct has the same two uint64 fields)."""
+    """A CTYPE over EXTENTS (NULL when empty), checked: an EXTENT_DTYPE
+    array, or pairs laid out as uint64 words (``copy.pairs_array``: no
+    numpy). ON is the ffi of the module the pointer is for: the core's by
+    default, or an endpoint's (its extent struct has the same two uint64
+    fields)."""
+    module_ffi = ffi if on is None else on
+    if isinstance(extents, array.array):
+        if extents.typecode != "Q" or len(extents) % 2:
+            raise ValueError("extent words must be uint64 (offset, length) pairs")
+        if not len(extents):
+            return module_ffi.NULL
+        words: CData = module_ffi.cast(ctype, module_ffi.from_buffer(extents))
+        return words
     from blockmirror.extents import EXTENT_DTYPE
 
     if extents.dtype != EXTENT_DTYPE or not extents.flags.c_contiguous:
         raise ValueError("extents must be a C-contiguous EXTENT_DTYPE array")
-    module_ffi = ffi if on is None else on
     if not len(extents):
         return module_ffi.NULL
     pointer: CData = module_ffi.cast(ctype, module_ffi.from_buffer(extents.data))

@@ -6,6 +6,7 @@ a copier handle must outlive every call on it, and its fds the handle)."""
 
 from __future__ import annotations
 
+import array
 import functools
 import importlib
 from dataclasses import dataclass
@@ -134,14 +135,48 @@ def digest_function() -> CData | None:
 _KEEP: list[object] = []
 
 
-def _sink(fn: CData, granularity: int, zero: int, out: npt.NDArray[np.uint64]) -> CData:
-    """A ``bm_digest_sink`` writing into OUT (which must outlive its use)."""
+def new_digest_slots(count: int) -> CData:
+    """COUNT zeroed digest slots in C memory (a sink's OUT without numpy)."""
+    slots: CData = ffi.new("uint64_t[]", max(1, count))
+    return slots
+
+
+def slot_values(slots: CData, count: int) -> memoryview:
+    """The first COUNT slots of new_digest_slots' SLOTS, as uint64 bytes."""
+    return memoryview(ffi.buffer(slots, 8 * count))
+
+
+def slot_count(extents: list[Extent], granularity: int) -> int:
+    """How many slots a digest sink needs for EXTENTS (pairs): one per
+    granule each non-empty extent touches (``len(digest_slots(...))``)."""
+    g = granularity
+    return sum(-(-(o + n) // g) - o // g for o, n in extents if n > 0)
+
+
+def pairs_array(extents: list[Extent]) -> array.array[int]:
+    """EXTENTS (pairs) laid out as ``bm_extent[]`` in an array of uint64:
+    what copy_extents takes without numpy."""
+    words = array.array("Q")
+    for offset, length in extents:
+        words.append(offset)
+        words.append(length)
+    return words
+
+
+def _sink(fn: CData, granularity: int, zero: int, out: Any) -> CData:
+    """A ``bm_digest_sink`` writing into OUT (which must outlive its use):
+    a uint64 numpy array, or slots from new_digest_slots."""
+    sink: Any = ffi.new("bm_digest_sink *")
+    sink.hash, sink.granularity, sink.zero_digest = fn, granularity, zero
+    if isinstance(out, ffi.CData):
+        sink.count = len(out)
+        sink.digests = out
+        owned_c: CData = sink
+        return owned_c
     import numpy as np
 
     if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("digest slots must be a writable C-contiguous uint64 array")
-    sink: Any = ffi.new("bm_digest_sink *")
-    sink.hash, sink.granularity, sink.zero_digest = fn, granularity, zero
     sink.count = len(out)
     sink.digests = ffi.cast("uint64_t *", ffi.from_buffer(out.data)) if len(out) else ffi.NULL
     owned: CData = sink
@@ -185,27 +220,30 @@ def digest_slots(extents: ExtentArray, granularity: int) -> npt.NDArray[np.int64
 
 def copy_extents(
     copier: Handle,
-    extents: ExtentArray,
+    extents: ExtentArray | array.array[int],
     buf: CData | None,
     flags: int = 0,
     rate_cap: CData | None = None,
     cancel: CData | None = None,
     src_path: str | None = None,
     dst_path: str | None = None,
-    digests: tuple[CData, int, int, npt.NDArray[np.uint64]] | None = None,
+    digests: tuple[CData, int, int, Any] | None = None,
 ) -> CopyCounts:
-    """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array) with COPIER in one C
-    call (FLAGS: DST_FRESH, START_WRITEBACK); any thread, in parallel on
-    disjoint extents. Errors raise OSError naming the side that failed.
+    """Copy EXTENTS (a C-contiguous EXTENT_DTYPE array, or the uint64 words
+    of pairs_array) with COPIER in one C call (FLAGS: DST_FRESH,
+    START_WRITEBACK); any thread, in parallel on disjoint extents. Errors
+    raise OSError naming the side that failed.
 
     DIGESTS, if given, is (digest_function(), granularity, zero-granule
-    digest, out): OUT (zeroed, one uint64 per slot of ``digest_slots``)
-    receives the digest of each granule copied whole (0: none)."""
+    digest, out): OUT (zeroed, one uint64 per slot of ``digest_slots``: an
+    array, or new_digest_slots) receives the digest of each granule copied
+    whole (0: none)."""
+    count = len(extents) // 2 if isinstance(extents, array.array) else len(extents)
     ext = extents_pointer(extents)
     stats: Any = ffi.new("bm_copy_stats *")
     sink: Any = ffi.NULL if digests is None else _sink(*digests)
     rc = lib.bm_copy_extents_hashed(
-        copier, ext, len(extents),
+        copier, ext, count,
         ffi.NULL if buf is None else buf, 0 if buf is None else len(buf),
         flags,
         ffi.NULL if rate_cap is None else rate_cap,

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror._bindings._ffi import extents_pointer
 from blockmirror._bindings.optional import CopyCounts, OptionalModule
-from blockmirror.extents import ExtentArray
+
+if TYPE_CHECKING:  # numpy-backed (blockmirror.extents)
+    from blockmirror.extents import ExtentArray
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,6 +10,7 @@ names the export (without its user info) itself.
 
 from __future__ import annotations
 
+import array
 import errno
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -157,7 +158,8 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     ext = extents_pointer(extents, on=ffi, ctype="bm_nbd_extent *")
     stats = ffi.new("bm_nbd_copy_stats *")
     sink = ffi.NULL if digests is None else _EXT.digest_sink("bm_nbd", *digests)
-    rc = lib.bm_nbd_copy_extents_hashed(handle, conn, src_fd, ext, len(extents), block_size,
+    count = len(extents) // 2 if isinstance(extents, array.array) else len(extents)  # words
+    rc = lib.bm_nbd_copy_extents_hashed(handle, conn, src_fd, ext, count, block_size,
                                         requests, request_bytes, flags,
                                         ffi.NULL if rate_cap is None else rate_cap,
                                         ffi.NULL if cancel is None else cancel, sink, stats)

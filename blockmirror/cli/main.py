@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from blockmirror import files
 from blockmirror.errors import (
@@ -257,6 +257,50 @@ def _add_demo_parser(sub: Any) -> None:
     d.add_argument("--target-downtime", type=_bounded_duration(3600.0), default=0.2,
                    metavar="TIME")
     d.add_argument("--json", action="store_true")
+
+
+# The commands whose process ends without the interpreter's teardown (see
+# entry): everything they must do is done, and checked, before main returns.
+_QUICK_EXIT = ("sync", "verify")
+
+
+def entry() -> NoReturn:
+    """The process's entry (``python -m blockmirror``, the console script).
+
+    A sync or verify ends the process as soon as its output is flushed: the
+    interpreter's teardown (freeing every module's objects, numpy's among
+    them) took ~25 ms of a 0.25 s sync, for nothing the command needs. By
+    then the copy is fsynced, committed and its manifest published, every
+    file of ours is closed and every worker thread joined; the kernel drops
+    the rest. If a thread of ours were still running, or for any other
+    command, the process ends the ordinary way."""
+    argv = sys.argv[1:]
+    quick = bool(argv) and argv[0] in _QUICK_EXIT
+    if quick:
+        # numpy's OpenBLAS starts a thread per core at load, which spins
+        # (4.8 % of a 1 GiB sync's samples, perf) on the cores the copy
+        # needs; blockmirror never calls BLAS. The user's setting wins.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    code = main(argv)
+    if quick:
+        _end_now(code)
+    sys.exit(code)
+
+
+def _end_now(code: int) -> NoReturn:
+    import atexit
+    import threading
+
+    if threading.active_count() > 1:
+        sys.exit(code)  # the ordinary exit waits for it
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            code = code or 120  # what the interpreter exits with when stdout fails
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,10 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Any, Protocol, TypeAlias
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blockmirror._bindings import copy as _c
 from blockmirror._bindings.optional import CopyCounts
@@ -30,16 +27,26 @@ from blockmirror.copying.copier import (
     DigestRequest,
     _zero_digest,
 )
-from blockmirror.extents import EXTENT_DTYPE, ExtentArray
+from blockmirror.extents import Extent
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy as np
+    import numpy.typing as npt
+
+    from blockmirror.extents import ExtentArray
+
+    DigestSpec: TypeAlias = tuple[Any, int, int, npt.NDArray[np.uint64]]
+    """What an endpoint binding's copy_extents takes as DIGESTS: the C digest
+    function, the granularity, the zero granule's digest, the slots it fills."""
+else:  # on first use: a copy that hashes nothing never loads it (blockmirror._numpy)
+    from blockmirror._numpy import np
 
 MAX_HASHED_GRANULE = 1 << 20
 """The largest granule a connection copy hashes from its buffers: each request
 buffer then holds a granule (REQUESTS of them per connection); coarser
 granules are digested by the caller."""
-
-DigestSpec: TypeAlias = tuple[Any, int, int, npt.NDArray[np.uint64]]
-"""What an endpoint binding's copy_extents takes as DIGESTS: the C digest
-function, the granularity, the zero granule's digest, the slots it fills."""
 
 
 def timeout_from_environment(variable: str, default: float = 30.0) -> float:
@@ -134,4 +141,12 @@ class ConnectionCopier(Copier):
     def whole_image(self) -> ExtentArray:
         """[0, the source's size): what a bulk pass into a remote copy covers
         where the copy's old content is unknown under the source's holes."""
-        return np.array([(0, os.fstat(self.src_fd).st_size)], dtype=EXTENT_DTYPE)
+        import numpy as np
+
+        from blockmirror.extents import EXTENT_DTYPE
+
+        return np.array(self.whole_image_pairs(), dtype=EXTENT_DTYPE)
+
+    def whole_image_pairs(self) -> list[Extent]:
+        """:meth:`whole_image` as pairs (no numpy)."""
+        return [(0, os.fstat(self.src_fd).st_size)]

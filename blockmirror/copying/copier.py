@@ -33,20 +33,33 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from blockmirror._bindings import copy as _c
 from blockmirror.closeable import Closeable
 from blockmirror.extents import (
-    ExtentArray,
-    Extents,
+    Extent,
     as_extent_array,
+    is_extent_array,
     merge_touching,
+    pairs,
     split_extents,
+    total_bytes,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from blockmirror.extents import ExtentArray, Extents
+else:
+    # numpy loads on first use: a bulk copy handed pairs starts without it
+    # (see blockmirror._numpy).
+    from blockmirror._numpy import np
+
+# A work item: an extent array, or (handed pairs, on the local copier) a
+# list of pairs, which needs no numpy.
+WorkItem = Any
 
 MiB = 1 << 20
 DEFAULT_BATCH_BYTES = 32 * MiB
@@ -117,18 +130,30 @@ class DigestRequest:
     none: the caller digests those itself. Collects from every worker."""
 
     granularity: int
-    found: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]] = field(
-        default_factory=list)
+    # (granules, digests) arrays; or, from an item of pairs, (the item, its
+    # slots' digests in a cffi uint64_t[], 0 where none), turned into arrays
+    # by take() (after the copy: numpy may still be loading while it runs).
+    found: list[tuple[Any, Any]] = field(default_factory=list)
 
     def take(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
         """The granules digested so far (sorted) and their digests; forgets them."""
         found, self.found = self.found, []
         if not found:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
-        keys = np.concatenate([k for k, _ in found])
-        values = np.concatenate([v for _, v in found])
+        parts = [self._as_arrays(k, v) for k, v in found]
+        keys = np.concatenate([k for k, _ in parts])
+        values = np.concatenate([v for _, v in parts])
         order = np.argsort(keys, kind="stable")
         return keys[order], values[order]
+
+    def _as_arrays(self, keys: Any, values: Any
+                   ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+        if not isinstance(keys, list):
+            return keys, values
+        slots = _c.digest_slots(as_extent_array(keys), self.granularity)
+        out = np.frombuffer(_c.slot_values(values, len(slots)), dtype=np.uint64)
+        whole = np.flatnonzero(out)
+        return slots[whole], out[whole]
 
 
 def digest_granules(fd: int, offset: int, length: int, granularity: int
@@ -138,6 +163,16 @@ def digest_granules(fd: int, offset: int, length: int, granularity: int
     short; bytes past the end read as zeros), read and hashed in C with the
     GIL released; None where C cannot call the digest (hash in Python then)."""
     return _c.digest_extents(fd, as_extent_array([(offset, length)]), granularity)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def takes_pair_items(method: _F) -> _F:
+    """Marks a copier's ``_copy_item_now`` as taking work items that are
+    lists of pairs as well as extent arrays (see Copier.copies_pairs)."""
+    setattr(method, "takes_pair_items", True)  # noqa: B010 - a mark on a function
+    return method
 
 
 def data_extents(fd: int, end: int) -> ExtentArray:
@@ -281,6 +316,22 @@ class Copier(Closeable):
         return data_extents(self.src_fd, size)
 
     @property
+    def copies_pairs(self) -> bool:
+        """Whether this copier copies extents handed as pairs without numpy
+        (work items that are lists of pairs): where its ``_copy_item_now``
+        says so (:func:`takes_pair_items`); copiers that override it
+        without saying so are handed arrays."""
+        return bool(getattr(type(self)._copy_item_now, "takes_pair_items", False))
+
+    def allocated_extent_pairs(self) -> list[Extent]:
+        """:meth:`allocated_extents` as pairs, found without numpy (where a
+        subclass finds them its own way, its answer as pairs)."""
+        if type(self).allocated_extents is not Copier.allocated_extents:
+            return pairs(self.allocated_extents())
+        size = os.fstat(self.src_fd).st_size
+        return _c.data_extent_pairs(self.src_fd, size)
+
+    @property
     def uses_copy_file_range(self) -> bool:
         """Whether data segments currently go through copy_file_range."""
         return bool(_c.capabilities(self._copier) & _c.CAN_FILE_RANGE)
@@ -294,9 +345,10 @@ class Copier(Closeable):
         dst_fresh: bool = False,
         progress: Callable[[int], None] | None = None,
         start_writeback: bool = False,
-        before_item: Callable[[ExtentArray], None] | None = None,
-        after_item: Callable[[ExtentArray], None] | None = None,
+        before_item: Callable[[WorkItem], None] | None = None,
+        after_item: Callable[[WorkItem], None] | None = None,
         digests: DigestRequest | None = None,
+        in_flight: Callable[[], None] | None = None,
     ) -> CopyStats:
         """Copy EXTENTS of the source to the same offsets of the destination.
 
@@ -314,7 +366,8 @@ class Copier(Closeable):
         and may write blocks twice, when the same range is rewritten soon.
 
         BEFORE_ITEM, if given, is called on the worker thread with each work
-        item's extents just before they are read: a tracked copy clears their
+        item's extents (an extent array, or a list of pairs where EXTENTS came
+        as pairs: read it with ``pairs()``) just before they are read: a tracked copy clears their
         dirty bits there (clear before read, I2), so a block written ahead of
         the copy is read once, with its new data, instead of twice.
         AFTER_ITEM, if given, is called there once the item's bytes are on the
@@ -326,6 +379,9 @@ class Copier(Closeable):
         copied whole; copy_file_range is not used then (the bytes must pass
         through the buffer).
 
+        IN_FLIGHT, if given, is called in this thread once the first work
+        items are in flight: a sync loads numpy there, beside the copy.
+
         Raises the first OSError of any work item (ENOSPC, EIO, ...) after
         stopping the others; the destination is then partly copied. Nothing
         touches the files once this returns or raises.
@@ -334,11 +390,9 @@ class Copier(Closeable):
             raise ValueError("copier is closed")
         executor = self._executor
         started = time.perf_counter()
-        arr = merge_touching(as_extent_array(extents))
-        total_bytes = int(arr["length"].sum(dtype=np.uint64)) if len(arr) else 0
         hashing = self._digest_spec(digests)
         align = max(self._align, digests.granularity) if digests and hashing else self._align
-        items = split_extents(arr, self._item_bytes(total_bytes), align)
+        items = self._work_items(extents, align)
         cancel = _c.new_cancel_flag()
         window = 2 * self.workers
         result = CopyStats()
@@ -353,8 +407,11 @@ class Copier(Closeable):
                     progress(stats.copied)
 
         try:
-            queue: Iterator[ExtentArray] = iter(items)
+            queue: Iterator[WorkItem] = iter(items)
             for item in queue:
+                if len(pending) == window and in_flight is not None:
+                    in_flight()
+                    in_flight = None
                 while len(pending) >= window:
                     done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                     collect(done)
@@ -362,6 +419,8 @@ class Copier(Closeable):
                     executor.submit(self._copy_item, item, dst_fresh, cancel, start_writeback,
                                     before_item, after_item, digests if hashing else None)
                 )
+            if in_flight is not None:  # fewer items than the window
+                in_flight()
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 collect(done)
@@ -373,6 +432,16 @@ class Copier(Closeable):
             raise
         result.seconds = time.perf_counter() - started
         return result
+
+    def _work_items(self, extents: Extents, align: int) -> list[WorkItem]:
+        """EXTENTS, touching ones merged, cut into work items (see
+        _item_bytes): lists of pairs where this copier takes pairs and was
+        handed pairs (no numpy), else extent arrays."""
+        if self.copies_pairs and not is_extent_array(extents):
+            merged = merge_touching_pairs(pairs(extents))
+            return split_pairs(merged, self._item_bytes(total_bytes(merged)), align)
+        arr = merge_touching(as_extent_array(extents))
+        return list(split_extents(arr, self._item_bytes(total_bytes(arr)), align))
 
     def _digest_spec(self, digests: DigestRequest | None) -> bool:
         """Whether DIGESTS can be served from C on this copier."""
@@ -398,9 +467,9 @@ class Copier(Closeable):
         return max(1, min(self.batch_bytes, max(MIN_ITEM_BYTES, share)))
 
     def _copy_item(
-        self, item: ExtentArray, dst_fresh: bool, cancel: Any, start_writeback: bool = False,
-        before_item: Callable[[ExtentArray], None] | None = None,
-        after_item: Callable[[ExtentArray], None] | None = None,
+        self, item: WorkItem, dst_fresh: bool, cancel: Any, start_writeback: bool = False,
+        before_item: Callable[[WorkItem], None] | None = None,
+        after_item: Callable[[WorkItem], None] | None = None,
         digests: DigestRequest | None = None,
     ) -> CopyStats:
         """One C call, on a worker thread."""
@@ -413,26 +482,35 @@ class Copier(Closeable):
             if after_item is not None:
                 after_item(item)
 
-    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+    @takes_pair_items
+    def _copy_item_now(self, item: WorkItem, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
         size = self._buffer_len(digests)
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) != size:
             buf = self._local.buf = _c.new_buffer(size)
         flags = (_c.DST_FRESH if dst_fresh else 0) | (_c.START_WRITEBACK if start_writeback else 0)
+        as_pairs = isinstance(item, list)  # see _work_items
+        c_item = _c.pairs_array(item) if as_pairs else item
         spec = None
         if digests is not None:
             fn = _c.digest_function()
             assert fn is not None
             g = digests.granularity
-            slots = _c.digest_slots(item, g)
-            out = np.zeros(len(slots), dtype=np.uint64)
+            if as_pairs:
+                out: Any = _c.new_digest_slots(_c.slot_count(item, g))
+            else:
+                slots = _c.digest_slots(item, g)
+                out = np.zeros(len(slots), dtype=np.uint64)
             spec = (fn, g, _zero_digest(g), out)
-        counts = _c.copy_extents(self._copier, item, buf, flags, self._rate_cap, cancel,
+        counts = _c.copy_extents(self._copier, c_item, buf, flags, self._rate_cap, cancel,
                                  self.src_path, self.dst_path, spec)
         if digests is not None and spec is not None:
-            whole = np.flatnonzero(out)
-            digests.found.append((slots[whole], out[whole]))  # list.append: atomic
+            if as_pairs:
+                digests.found.append((item, out))  # list.append: atomic
+            else:
+                whole = np.flatnonzero(out)
+                digests.found.append((slots[whole], out[whole]))
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)
 
@@ -450,7 +528,7 @@ class Copier(Closeable):
             self.pace_rate = max(0.0, float(bytes_per_s or 0.0))
             self._pace_next = time.perf_counter()  # no credit from before
 
-    def _wait_for_pace(self, item: ExtentArray) -> None:
+    def _wait_for_pace(self, item: WorkItem) -> None:
         """GCRA over whole items: each starts once those before it have had
         their time at pace_rate. An item that took longer than its time (a
         write the kernel held in its dirty throttle) leaves credit, up to
@@ -462,7 +540,7 @@ class Copier(Closeable):
                 return
             now = time.perf_counter()
             due = max(self._pace_next, now - PACE_CATCH_UP)
-            self._pace_next = due + int(item["length"].sum()) / self.pace_rate
+            self._pace_next = due + total_bytes(item) / self.pace_rate
         if due > now:
             time.sleep(due - now)
 
@@ -496,3 +574,54 @@ def _zero_digest(granularity: int) -> int:
     import xxhash
 
     return xxhash.xxh3_64_intdigest(bytes(granularity)) or 1
+
+
+_BAD_EXTENTS = "extents must have offset, length >= 0 and end before 2**63"
+
+
+def merge_touching_pairs(extents: list[Extent]) -> list[Extent]:
+    """:func:`blockmirror.extents.merge_touching` on pairs (checked as
+    ``as_extent_array`` checks them): empty ones dropped, touching ones
+    merged, order kept."""
+    out: list[Extent] = []
+    for offset, length in extents:
+        if offset < 0 or length < 0 or offset + length > 2**63 - 1:
+            raise ValueError(_BAD_EXTENTS)
+        if length == 0:
+            continue
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((offset, length))
+    return out
+
+
+def split_pairs(extents: list[Extent], item_bytes: int, align: int = 1) -> list[list[Extent]]:
+    """:func:`blockmirror.extents.split_extents` on pairs, without numpy:
+    the extents laid end to end and cut every ITEM_BYTES, a cut inside an
+    extent moved down to a multiple of ALIGN in file offsets (not below the
+    extent's start); empty pieces dropped. Each item is a non-empty list."""
+    if item_bytes <= 0 or align <= 0:
+        raise ValueError(f"item_bytes and align must be > 0, got {item_bytes}, {align}")
+    ext = [(o, n) for o, n in extents if n > 0]
+    if sum(n for _, n in ext) <= item_bytes:
+        return [ext] if ext else []
+    items: list[list[Extent]] = []
+    last_item = -1
+    laid = 0  # where this extent starts, laid end to end
+    for offset, length in ext:
+        first, last = laid // item_bytes, (laid + length - 1) // item_bytes
+        begins = [offset]
+        for k in range(first + 1, last + 1):
+            cut = offset + (k * item_bytes - laid)
+            begins.append(max(cut - cut % align, offset))
+        ends = [*begins[1:], offset + length]
+        for k, begin, end in zip(range(first, last + 1), begins, ends, strict=True):
+            if end <= begin:
+                continue
+            if k != last_item:
+                items.append([])
+                last_item = k
+            items[-1].append((begin, end - begin))
+        laid += length
+    return items

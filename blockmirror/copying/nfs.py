@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockmirror._bindings import nfs as _n
 from blockmirror.closeable import Closeable
@@ -33,7 +33,9 @@ from blockmirror.copying.copier import (
 )
 from blockmirror.copying.endpoint import NfsUrl
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import ExtentArray
+
+if TYPE_CHECKING:  # numpy-backed (blockmirror.extents)
+    from blockmirror.extents import ExtentArray
 
 PARTIAL_SUFFIX = ".bm-partial"  # as a local copy's (precheck.PARTIAL_SUFFIX)
 

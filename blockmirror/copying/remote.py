@@ -23,8 +23,9 @@ are written into a new sparse local file.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from blockmirror._bindings import copy as _c
 from blockmirror._bindings import remote as _r
 from blockmirror.closeable import Closeable
 from blockmirror.copying.connections import ConnectionCopier, timeout_from_environment
@@ -33,10 +34,14 @@ from blockmirror.copying.copier import (
     DEFAULT_BLOCK_SIZE,
     CopyStats,
     DigestRequest,
+    takes_pair_items,
 )
 from blockmirror.copying.endpoint import NbdUri
 from blockmirror.errors import InvalidInputError
-from blockmirror.extents import ExtentArray
+from blockmirror.extents import as_extent_array
+
+if TYPE_CHECKING:
+    from blockmirror.extents import ExtentArray
 
 DEFAULT_TIMEOUT_S = timeout_from_environment("BLOCKMIRROR_NBD_TIMEOUT")
 """A connection with requests outstanding and no reply this long has failed
@@ -145,8 +150,11 @@ class RemoteCopier(ConnectionCopier):
         self.export: NbdExport = export
         self._nbd_rate_cap = _r.new_rate_cap(round(rate_limit)) if rate_limit else None
 
-    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+    @takes_pair_items
+    def _copy_item_now(self, item: Any, dst_fresh: bool, cancel: Any,
                        start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
+        if isinstance(item, list):  # pairs (see Copier.copies_pairs); hashing takes arrays
+            item = as_extent_array(item) if digests is not None else _c.pairs_array(item)
         spec, request_bytes, slots = self._digest_sink(item, digests, REQUEST_BYTES)
         counts = _r.copy_extents(
             self.export.handle, self._connection(), self.src_fd, item, self.block_size,

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
 from blockmirror.copying.nfs import NfsFile
@@ -22,6 +21,11 @@ from blockmirror.copying.remote import NbdExport
 from blockmirror.copying.verify import compare_files
 from blockmirror.errors import InvalidInputError
 from blockmirror.extents import Extent, union
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # numpy on first use (see blockmirror._numpy)
+    from blockmirror._numpy import np
 
 CHUNK = 4 << 20
 

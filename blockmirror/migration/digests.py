@@ -22,13 +22,20 @@ on how a zero granule became zero).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, TypeAlias
 
-import numpy as np
-import numpy.typing as npt
 import xxhash
 
-U64 = npt.NDArray[np.uint64]
-Runs = npt.NDArray[np.int64]  # shape (n, 2): [start, end) granule indices, sorted, disjoint
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    U64: TypeAlias = npt.NDArray[np.uint64]
+    Runs: TypeAlias = npt.NDArray[np.int64]  # shape (n, 2): [start, end) granule indices
+else:
+    # numpy loads on first use: a sync's bulk copy runs before it is needed
+    # (see blockmirror._numpy).
+    from blockmirror._numpy import np
 
 UNKNOWN = 0  # the digest value that says nothing; real digests are never 0
 
@@ -143,9 +150,44 @@ class DigestTable:
     def __init__(self, granularity: int, size: int) -> None:
         self.granularity = granularity
         self.size = size
-        self.unknown: Runs = no_runs()
-        self.keys: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-        self.values: U64 = np.zeros(0, dtype=np.uint64)
+        # Made on first use: a new copy's table exists before its bulk copy,
+        # numpy need not (see blockmirror._numpy).
+        self._unknown: Runs | None = None
+        self._keys: npt.NDArray[np.int64] | None = None
+        self._values: U64 | None = None
+
+    @property
+    def unknown(self) -> Runs:
+        """The runs of unknown granules."""
+        if self._unknown is None:
+            self._unknown = no_runs()
+        return self._unknown
+
+    @unknown.setter
+    def unknown(self, runs: Runs) -> None:
+        self._unknown = runs
+
+    @property
+    def keys(self) -> npt.NDArray[np.int64]:
+        """The granules holding data, sorted (parallel to ``values``)."""
+        if self._keys is None:
+            self._keys = np.zeros(0, dtype=np.int64)
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: npt.NDArray[np.int64]) -> None:
+        self._keys = keys
+
+    @property
+    def values(self) -> U64:
+        """The digests of ``keys``."""
+        if self._values is None:
+            self._values = np.zeros(0, dtype=np.uint64)
+        return self._values
+
+    @values.setter
+    def values(self, values: U64) -> None:
+        self._values = values
 
     @property
     def granules(self) -> int:

@@ -20,6 +20,7 @@ import fcntl
 import os
 import time
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 from blockmirror.copying.copier import Copier
 from blockmirror.copying.verify import compare_files
@@ -32,21 +33,38 @@ from blockmirror.errors import (
     VerifyError,
 )
 from blockmirror.extents import Extent, pairs, subtract, union
-from blockmirror.migration import commit, incremental, journal
+from blockmirror.migration import commit, journal
 from blockmirror.migration import digests as dg
 from blockmirror.migration.digests import DigestTable
-from blockmirror.migration.escalation import Escalation, Step
 from blockmirror.migration.manifest import Manifest, manifest_path
-from blockmirror.migration.mirroring import MirrorSession
 from blockmirror.migration.options import SyncOptions
 from blockmirror.migration.passes import PassRunner, ProgressReporter
 from blockmirror.migration.policy import Decision, predict_downtime
 from blockmirror.migration.precheck import Plan, claim_partial
 from blockmirror.migration.result import SyncResult
-from blockmirror.tracking.bypass import BypassWatch
 from blockmirror.tracking.changeid import ChangeId
 from blockmirror.tracking.tracker import DEFAULT_GRANULARITY, Tracker, sidecar_path
 from blockmirror.units import format_bytes, format_rate, format_seconds
+
+# Loaded where a sync needs them (an earlier copy, a tracked source, mirror
+# or auto convergence): a plain sync does not pay their imports
+# (incremental's loads numpy, which a plain sync wants loaded only while its
+# bulk copy runs; see blockmirror._numpy).
+if TYPE_CHECKING:
+    from blockmirror.migration.escalation import Escalation
+    from blockmirror.migration.mirroring import MirrorSession
+    from blockmirror.tracking.bypass import BypassWatch
+
+
+def __getattr__(name: str) -> Any:
+    """``job.BypassWatch``, imported on first use (its ctypes.util loads
+    subprocess): the name stays this module's, for callers and tests."""
+    if name != "BypassWatch":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from blockmirror.tracking.bypass import BypassWatch
+
+    globals()[name] = BypassWatch
+    return BypassWatch
 
 # A failed switchover (lease ran out mid final pass) goes back to dirty
 # passes; this many failures in one run are declared non-convergence.
@@ -100,7 +118,11 @@ class FileSyncJob:
         self.mirror_copier: Copier | None = None  # the one-thread, paced copier of mirrored passes
         self.unshared_throughput = 0.0  # the copy's, measured before writers mirrored
         self.mirror_changed: list[Extent] = []  # what mirrored writes may have changed
-        self.escalation = Escalation(self.policy) if options.converge == "auto" else None
+        self.escalation: Escalation | None = None
+        if options.converge == "auto":
+            from blockmirror.migration.escalation import Escalation
+
+            self.escalation = Escalation(self.policy)
         self.rate_sample = (0, 0.0)  # writers' bytes_written and when, at a pass's start
         self.stall_from = 0  # passes before this index don't count as stalls
 
@@ -137,6 +159,8 @@ class FileSyncJob:
         if plan.resume == "move" and self._resume_move():
             return
         if plan.incremental:
+            from blockmirror.migration import incremental
+
             self.manifest, self.dst_fd = incremental.open_earlier_copy(
                 plan.destination, notes=self.result.notes, rebuild=plan.resume == "copy",
                 source=plan.source,
@@ -168,7 +192,8 @@ class FileSyncJob:
         self.tracker = tracker = Tracker.open(self.plan.source)
         self.start_mtime_ns = os.fstat(self.src_fd).st_mtime_ns
         self.result.tracked = True
-        self.bypass = BypassWatch.start(self.plan.source, tracker.path)
+        watch = globals().get("BypassWatch") or __getattr__("BypassWatch")
+        self.bypass = watch.start(self.plan.source, tracker.path)
         if self.bypass is None:
             self.result.notes.append("writes that bypass the tracker are not watched "
                                      "(fanotify needs root); see the README")
@@ -268,6 +293,8 @@ class FileSyncJob:
             self.passes.bulk()
             return
         assert self.manifest is not None
+        from blockmirror.migration import incremental
+
         extents = incremental.first_pass_extents(
             self.tracker, self.manifest, self.src_fd, self.dst_fd,
             workers=self.options.workers, notes=self.result.notes)
@@ -525,6 +552,8 @@ class FileSyncJob:
                                      "place; copying dirty blocks in passes instead")
             return
         try:
+            from blockmirror.migration.mirroring import MirrorSession
+
             self.mirror = MirrorSession(self.tracker, self.plan.partial)
         except OSError as e:
             # E.g. root syncing a user's image: writers only mirror into a
@@ -584,6 +613,8 @@ class FileSyncJob:
 
     def _auto_step(self) -> None:
         """converge="auto", after a dirty pass: escalate if the trend says so."""
+        from blockmirror.migration.escalation import Step
+
         assert self.escalation is not None
         step = self.escalation.next_step(self.result.passes, self._writer_rate())
         if step is Step.STAY:

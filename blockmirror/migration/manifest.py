@@ -70,10 +70,8 @@ import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
 import xxhash
 
 from blockmirror import files
@@ -85,6 +83,12 @@ from blockmirror.migration.digests import UNKNOWN, DigestTable, digest, zero_dig
 from blockmirror.migration.manifest_names import MAGIC_PREFIX as MAGIC_PREFIX
 from blockmirror.migration.manifest_names import SUFFIX as SUFFIX
 from blockmirror.migration.manifest_names import TMP_SUFFIX as TMP_SUFFIX
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+else:
+    from blockmirror._numpy import np  # on first use (see blockmirror._numpy)
 
 MAGIC = b"BMMANIFEST 3\n"
 FORMAT_VERSION = 3

@@ -12,13 +12,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from blockmirror import _numpy
 from blockmirror.copying.copier import Copier, CopyStats, DigestRequest
 from blockmirror.extents import (
     Extent,
-    ExtentArray,
-    Extents,
-    as_extent_array,
     intersect,
     pairs,
     subtract,
@@ -26,12 +25,15 @@ from blockmirror.extents import (
     union,
 )
 from blockmirror.migration import digests as dg
-from blockmirror.migration.digests import DigestTable
-from blockmirror.migration.manifest import Manifest
-from blockmirror.migration.mirroring import MirrorSession
 from blockmirror.migration.policy import PassRecord
 from blockmirror.migration.result import ProgressCallback, SyncProgress, SyncResult
-from blockmirror.tracking.tracker import Tracker
+
+if TYPE_CHECKING:  # numpy-backed names: numpy loads while the bulk copy runs
+    from blockmirror.extents import ExtentArray, Extents
+    from blockmirror.migration.digests import DigestTable
+    from blockmirror.migration.manifest import Manifest
+    from blockmirror.migration.mirroring import MirrorSession
+    from blockmirror.tracking.tracker import Tracker
 
 
 def _up_to(extents: list[Extent], budget: int) -> list[Extent]:
@@ -99,9 +101,19 @@ class PassRunner:
         work item's dirty bits are cleared just before it is read, so a block
         written ahead of the pass is copied once, not again by a dirty pass
         (QEMU's mirror clears per chunk the same way). Its writeback starts as
-        it goes: all of it is fsynced before the commit."""
-        extents = self.copier.allocated_extents()
+        it goes: all of it is fsynced before the commit.
+
+        The local copier takes the extents as pairs, so the copy starts
+        without numpy, which the digests need only once it is done: numpy
+        loads on another thread meanwhile (see blockmirror._numpy)."""
+        extents: Extents
         table = self._table()
+        started = None
+        if self.copier.copies_pairs:
+            extents = self.copier.allocated_extent_pairs()
+            started = self.numpy_preload()
+        else:
+            extents = self.copier.allocated_extents()
         if table is not None:
             # Whole granules, so each is read (and hashed) whole; the holes
             # inside them are still skipped.
@@ -110,8 +122,17 @@ class PassRunner:
                                        os.fstat(self.src_fd).st_size)
         stats = self._copy("bulk", extents, dst_fresh=True, start_writeback=True,
                            before_item=self._clear_before_read if self.tracker else None,
-                           halfway=self._note_early_dirt if self.watch_hot else None)
+                           halfway=self._note_early_dirt if self.watch_hot else None,
+                           started=started)
         self._record("bulk", stats)
+
+    def numpy_preload(self) -> Callable[[], None] | None:
+        """What starts loading numpy beside a bulk copy, if the sync needs
+        numpy after it: for the digest table (the manifest) or the tracker's
+        arrays. A sync that needs neither (untracked, no manifest: into an
+        export, or --move) never loads it, and must not pay its import."""
+        needed = self._table() is not None or self.tracker is not None
+        return _numpy.preload if needed else None
 
     def incremental(self, extents: Extents) -> None:
         """The first pass onto an earlier copy: EXTENTS, copied in place."""
@@ -198,18 +219,14 @@ class PassRunner:
               start_writeback: bool = False,
               before_item: Callable[[ExtentArray], None] | None = None,
               after_item: Callable[[ExtentArray], None] | None = None,
-              halfway: Callable[[], None] | None = None) -> CopyStats:
+              halfway: Callable[[], None] | None = None,
+              started: Callable[[], None] | None = None) -> CopyStats:
         if self.manifest is not None:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
             self.manifest.forget(pairs(extents))
         table = self._table()
-        request = None
-        if table is not None:
-            if self.manifest is None:
-                table.forget(dg.granule_runs(pairs(extents), table.granularity,
-                                             table.granules))
-            request = DigestRequest(table.granularity)
+        request = DigestRequest(table.granularity) if table is not None else None
         self._touched.append(extents)
         index = len(self.result.passes)
         total = total_bytes(extents)
@@ -229,9 +246,15 @@ class PassRunner:
             extents, dst_fresh=dst_fresh,
             progress=on_progress if self.report.callback or halfway else None,
             start_writeback=start_writeback, before_item=before_item, after_item=after_item,
-            digests=request,
+            digests=request, in_flight=started,
         )
         if table is not None and request is not None:
+            if self.manifest is None:
+                # A new copy's table lives in memory only and nothing reads
+                # it during the copy: what the copy touched becomes unknown
+                # now, then gets the digests the copy took.
+                table.forget(dg.granule_runs(pairs(extents), table.granularity,
+                                             table.granules))
             keys, values = request.take()
             inside = keys < table.granules  # the source may have shrunk meanwhile
             table.put(keys[inside], values[inside])
@@ -254,8 +277,18 @@ class PassRunner:
         self.result.bytes_written += stats.bytes_written
 
 
-def _granule_aligned(extents: ExtentArray, granularity: int, size: int) -> ExtentArray:
-    """EXTENTS rounded out to whole granules (clipped to SIZE), merged."""
-    granules = -(-size // granularity)
-    runs = dg.granule_runs(pairs(extents), granularity, granules)
-    return as_extent_array(dg.byte_extents(runs, granularity, size))
+def _granule_aligned(extents: Extents, granularity: int, size: int) -> list[Extent]:
+    """EXTENTS rounded out to whole granules (clipped to SIZE), sorted and
+    merged (``dg.granule_runs`` then ``dg.byte_extents``, without numpy)."""
+    g = granularity
+    granules = -(-size // g)
+    runs: list[list[int]] = []
+    for offset, length in sorted(pairs(extents)):
+        start, end = offset // g, min(granules, -(-(offset + length) // g))
+        if length <= 0 or start >= end:
+            continue
+        if runs and start <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    return [(s * g, min(size, e * g) - s * g) for s, e in runs if min(size, e * g) > s * g]

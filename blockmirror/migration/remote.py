@@ -59,7 +59,7 @@ import contextlib
 import errno
 import os
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
@@ -73,7 +73,7 @@ from blockmirror.errors import (
     OutOfSpaceError,
     VerifyError,
 )
-from blockmirror.extents import Extents, pairs, subtract, total_bytes
+from blockmirror.extents import pairs, subtract, total_bytes
 from blockmirror.migration import commit, precheck
 from blockmirror.migration import digests as dg
 from blockmirror.migration.digests import DigestTable
@@ -92,6 +92,9 @@ from blockmirror.migration.remote_manifest import (
 from blockmirror.migration.result import SyncResult
 from blockmirror.tracking.tracker import sidecar_path, sidecar_users
 from blockmirror.units import format_bytes
+
+if TYPE_CHECKING:
+    from blockmirror.extents import Extents
 
 LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
 
@@ -228,20 +231,24 @@ class RemotePassRunner(PassRunner):
         if isinstance(export, NfsFile):
             # A full copy in place (a change id the tracker no longer
             # vouches for) must also zero what the source has as holes.
-            extents = self.copier.allocated_extents() if fresh else self.copier.whole_image()
+            ranges: Extents = (self.copier.allocated_extents() if fresh
+                               else self.copier.whole_image())
             if self.fresh_digests is not None:  # whole granules, each hashed as it is sent
-                extents = _granule_aligned(extents, self.fresh_digests.granularity,
-                                           os.fstat(self.src_fd).st_size)
-            stats = self._copy("bulk", extents, dst_fresh=fresh,
+                ranges = _granule_aligned(ranges, self.fresh_digests.granularity,
+                                          os.fstat(self.src_fd).st_size)
+            stats = self._copy("bulk", ranges, dst_fresh=fresh,
                                before_item=self._clear_before_read if self.tracker else None)
             self._record("bulk", stats)
             return
         self.result.notes.append(
             "the export read as zeros (block status): only data was sent" if fresh else
             "the export held data (or cannot say): every zero run was zeroed on it")
-        extents = self.copier.allocated_extents() if fresh else self.copier.whole_image()
+        # As pairs, so the copy starts before numpy loads (beside it: PassRunner.bulk).
+        extents = (self.copier.allocated_extent_pairs() if fresh
+                   else self.copier.whole_image_pairs())
         stats = self._copy("bulk", extents, dst_fresh=fresh,
-                           before_item=self._clear_before_read if self.tracker else None)
+                           before_item=self._clear_before_read if self.tracker else None,
+                           started=self.numpy_preload())
         self._record("bulk", stats)
 
     def _copy(self, phase: str, extents: Extents, **kwargs: Any) -> CopyStats:

@@ -38,15 +38,19 @@ import os
 import random
 import stat
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import xxhash
 
 from blockmirror import files
 from blockmirror.migration import digests as dg
 from blockmirror.migration.digests import UNKNOWN, DigestTable
 from blockmirror.migration.manifest import ManifestError
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # numpy on first use (see blockmirror._numpy)
+    from blockmirror._numpy import np
 
 MAGIC = b"BMREMOTE 1\n"
 FOLDER_SUFFIX = ".bm-remote"
