@@ -153,3 +153,22 @@ def test_a_paced_pass_does_not_predict_the_final_pass():
     assert ConvergencePolicy.copy_throughput([bulk, paced]) == 64 * MiB
     unpaced = PassRecord(index=1, kind="dirty", bytes=64 * MiB, seconds=4.0, dirty_left=8 * MiB)
     assert ConvergencePolicy.copy_throughput([bulk, unpaced]) == 16 * MiB
+
+
+def test_after_a_mirrored_pass_only_zero_dirty_is_short_enough():
+    """A few KiB left after an unpaced pass predict a pause under min_pause:
+    switch. Left after a mirrored (paced) pass they are worth one more pass,
+    which costs writers no pause: a final pass of even one granule waited
+    36-110 ms in a slow destination's dirty throttle (bench/README.md)."""
+    policy = ConvergencePolicy(target_downtime=0.5)
+    bulk = PassRecord(index=0, kind="bulk", bytes=640 * MiB, seconds=10.0,
+                      dirty_left=100 * MiB)
+
+    def after(paced: bool, left: int) -> list[PassRecord]:
+        return [bulk, PassRecord(index=1, kind="dirty", bytes=100 * MiB, seconds=2.0,
+                                 dirty_left=left, paced=paced)]
+
+    assert not policy.worth_polishing(after(False, 128 * 1024))  # 2 ms at 64 MiB/s
+    assert policy.worth_polishing(after(True, 128 * 1024))
+    assert policy.decide(after(True, 128 * 1024)) is Decision.CONTINUE
+    assert policy.decide(after(True, 0)) is Decision.SWITCHOVER

@@ -171,7 +171,13 @@ class ConvergencePolicy:
         if self.polish_passes == 0 or len(passes) >= self.max_passes:
             return False
         throughput = self.copy_throughput(passes)
-        if predict_downtime(last.dirty_left, throughput) <= self.min_pause:
+        # After a mirrored pass nothing short of zero dirty is short enough:
+        # a final pass of even one granule writes into a destination the
+        # writers kept busy, and waited there 36-110 ms in the kernel's dirty
+        # throttle (bench/README.md, issue 10), where one more mirrored pass
+        # costs the writers no pause and leaves nothing behind it.
+        floor = 0.0 if last.paced else self.min_pause
+        if predict_downtime(last.dirty_left, throughput) <= floor:
             return False
         if len(passes) - 1 <= since:
             # The bulk pass (or the last under an old strategy) says nothing
