@@ -55,6 +55,18 @@ def test_mirror_that_starves_writers_gives_way_to_the_throttle():
     assert esc.strategy == "throttle" and "cannot take their writes" in esc.reason
 
 
+def test_a_mirrored_pass_too_short_to_time_writers_changes_nothing():
+    """A mirrored pass of two granules lasts milliseconds: no write may end
+    in it, and the rate it measures (0) says nothing of the destination."""
+    esc = Escalation(POLICY, strategy="mirror", rate_before_mirror=16 * MiB, since_pass=2)
+    passes = [BULK, rec(1, 200 * MiB, 3.1, 20 * MiB), rec(2, 20 * MiB, 1.2, 128 * 1024),
+              rec(3, 128 * 1024, 0.004, 0)]
+    assert esc.next_step(passes, 0.0) is Step.STAY
+    assert esc.strategy == "mirror"
+    longer = [*passes[:-1], rec(3, 128 * 1024, 0.3, 0)]
+    assert esc.next_step(longer, 0.0) is Step.THROTTLE
+
+
 def test_mirror_that_does_not_turn_the_trend_gives_way_to_the_throttle():
     esc = Escalation(POLICY, strategy="mirror", rate_before_mirror=60 * MiB, since_pass=2)
     passes = [BULK, rec(1, 200 * MiB, 3.1, 100 * MiB), rec(2, 100 * MiB, 1.6, 98 * MiB),

@@ -40,6 +40,10 @@ from blockmirror.units import format_rate
 # The share of what the throttle would leave them that writers must keep
 # while mirroring.
 MIRROR_KEEPS = 0.5
+# A pass shorter than this says nothing of the writers' rate: a mirrored
+# pass of a few granules lasts milliseconds, in which no write may complete
+# ("held writers to 0 B/s" sent a 16 MiB/s hot spot to the throttle).
+MIN_RATE_WINDOW = 0.2
 # A pause passes alone cannot shrink below this is shortened by mirroring
 # (issue 10: QEMU's mirror pauses 2-5 ms at low write rates).
 MIRROR_POLISH_PAUSE = 0.02
@@ -84,7 +88,8 @@ class Escalation:
             return self._go("mirror", passes, Step.MIRROR)
         if self.strategy == "mirror":
             throttled = min(self.rate_before_mirror, throughput / 2)
-            if writer_rate < MIRROR_KEEPS * throttled:
+            if writer_rate < MIRROR_KEEPS * throttled and \
+                    passes[-1].seconds >= MIN_RATE_WINDOW:
                 self.reason = (f"mirroring held writers to {format_rate(writer_rate)} of "
                                f"{format_rate(self.rate_before_mirror)}, under half the "
                                f"{format_rate(throttled)} the throttle leaves: the destination "
