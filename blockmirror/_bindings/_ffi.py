@@ -96,6 +96,12 @@ def extent_pairs(buf: CData, count: int) -> list[Extent]:
     return list(zip(words[0::2], words[1::2], strict=True))
 
 
+def extent_count(extents: ExtentArray | array.array[int]) -> int:
+    """How many extents EXTENTS holds, in either form extents_pointer takes
+    (an array of uint64 words holds two per extent)."""
+    return len(extents) // 2 if isinstance(extents, array.array) else len(extents)
+
+
 def extents_pointer(extents: ExtentArray | array.array[int], *, on: Any = None,
                     ctype: str = "bm_extent *") -> CData:
     """A CTYPE over EXTENTS (NULL when empty), checked: an EXTENT_DTYPE

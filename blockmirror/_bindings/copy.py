@@ -16,6 +16,7 @@ from blockmirror._bindings._ffi import (
     SCAN_CHUNK,
     CData,
     error_from_c,
+    extent_count,
     extents_pointer,
     ffi,
     lib,
@@ -238,7 +239,7 @@ def copy_extents(
     digest, out): OUT (zeroed, one uint64 per slot of ``digest_slots``: an
     array, or new_digest_slots) receives the digest of each granule copied
     whole (0: none)."""
-    count = len(extents) // 2 if isinstance(extents, array.array) else len(extents)
+    count = extent_count(extents)
     ext = extents_pointer(extents)
     stats: Any = ffi.new("bm_copy_stats *")
     sink: Any = ffi.NULL if digests is None else _sink(*digests)

@@ -10,11 +10,10 @@ names the export (without its user info) itself.
 
 from __future__ import annotations
 
-import array
 import errno
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from blockmirror._bindings._ffi import extents_pointer
+from blockmirror._bindings._ffi import extent_count, extents_pointer
 from blockmirror._bindings.optional import CopyCounts, OptionalModule
 
 if TYPE_CHECKING:
@@ -158,7 +157,7 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     ext = extents_pointer(extents, on=ffi, ctype="bm_nbd_extent *")
     stats = ffi.new("bm_nbd_copy_stats *")
     sink = ffi.NULL if digests is None else _EXT.digest_sink("bm_nbd", *digests)
-    count = len(extents) // 2 if isinstance(extents, array.array) else len(extents)  # words
+    count = extent_count(extents)
     rc = lib.bm_nbd_copy_extents_hashed(handle, conn, src_fd, ext, count, block_size,
                                         requests, request_bytes, flags,
                                         ffi.NULL if rate_cap is None else rate_cap,

@@ -22,7 +22,6 @@ from blockmirror._bindings.optional import CopyCounts
 from blockmirror.copying.copier import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BLOCK_SIZE,
-    MIN_BLOCK_SIZE,
     Copier,
     DigestRequest,
     _zero_digest,
@@ -100,13 +99,8 @@ class ConnectionCopier(Copier):
             conn = self._local.conn = next(self._next_conn) % self.export.connections
         return int(conn)
 
-    def _digest_spec(self, digests: DigestRequest | None) -> bool:
-        """Whether DIGESTS can be served from the copy's buffers."""
-        if digests is None:
-            return False
-        g = digests.granularity
-        return (_c.digest_function() is not None and MIN_BLOCK_SIZE <= g <= MAX_HASHED_GRANULE
-                and not g & (g - 1))
+    def _largest_hashed_granule(self) -> int:
+        return MAX_HASHED_GRANULE
 
     @staticmethod
     def _digest_sink(item: ExtentArray, digests: DigestRequest | None, request_bytes: int
@@ -141,8 +135,6 @@ class ConnectionCopier(Copier):
     def whole_image(self) -> ExtentArray:
         """[0, the source's size): what a bulk pass into a remote copy covers
         where the copy's old content is unknown under the source's holes."""
-        import numpy as np
-
         from blockmirror.extents import EXTENT_DTYPE
 
         return np.array(self.whole_image_pairs(), dtype=EXTENT_DTYPE)

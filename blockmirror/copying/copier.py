@@ -449,8 +449,12 @@ class Copier(Closeable):
             return False
         g = digests.granularity
         return (_c.digest_function() is not None
-                and g <= max(self.buffer_bytes, MAX_HASH_BUFFER_BYTES)
-                and g >= MIN_BLOCK_SIZE and not g & (g - 1))
+                and MIN_BLOCK_SIZE <= g <= self._largest_hashed_granule()
+                and not g & (g - 1))
+
+    def _largest_hashed_granule(self) -> int:
+        """The coarsest granule the C copy hashes from its own buffers."""
+        return max(self.buffer_bytes, MAX_HASH_BUFFER_BYTES)
 
     def _buffer_len(self, digests: DigestRequest | None) -> int:
         """A worker's buffer: buffer_bytes, rounded up to whole granules
