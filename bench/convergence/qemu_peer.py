@@ -462,12 +462,17 @@ class _QemuPoint:
                         bytes_copied=self.samples[-1][1] if self.samples else 0,
                         notes=f"not ready within {self.cfg.qemu_timeout_s:g} s")
 
+    def _close_qmp(self) -> None:
+        """Ask the daemon to quit (it may be gone already) and hang up."""
+        if self.qmp is not None:
+            with contextlib.suppress(QMPError, OSError):
+                self.qmp.cmd("quit")
+            self.qmp.close()
+            self.qmp = None
+
     def _quit_daemon(self) -> None:
-        assert self.qmp is not None and self.qsd is not None
-        with contextlib.suppress(QMPError, OSError):
-            self.qmp.cmd("quit")
-        self.qmp.close()
-        self.qmp = None
+        assert self.qsd is not None
+        self._close_qmp()
         if self.qsd.wait(timeout=30) != 0:
             err = self.qsd.stderr.read().decode(errors="replace") if self.qsd.stderr else ""
             self._note(f"qemu-storage-daemon: {err[-300:]}")
@@ -494,10 +499,7 @@ class _QemuPoint:
 
     def close(self) -> None:
         _stop(self.fio)
-        if self.qmp is not None:
-            with contextlib.suppress(QMPError, OSError):
-                self.qmp.cmd("quit")
-            self.qmp.close()
+        self._close_qmp()
         if self.qsd is not None:
             _stop(self.qsd, grace=10)
             if self.qsd.stderr:
