@@ -243,6 +243,13 @@ def test_server_killed_in_the_final_pass(ram_tmp_path, serve_nfs, live_writer):
     # The writer dirties up to 8 MiB; the final pass copies it at 4 MB/s.
     proc = start_cli("sync", image, server.url("disk.img"), "--bwlimit", "4M",
                      "--target-downtime", "10s", "--max-passes", "2")
+    kill_server_in_final_pass(server, image, proc, writer)
+
+
+def kill_server_in_final_pass(server, image, proc, writer) -> str:
+    """Kill SERVER once PROC's sync of IMAGE has writers frozen for its
+    final pass: WRITER goes on within 10 s, the sync exits 1 with one line
+    (returned) and leaves the tracker running."""
     with Tracker.open(image) as tracker:
         wait_for(lambda: tracker.state == "frozen" or proc.poll() is not None, 60,
                  "the final pass", every=0.01)
@@ -256,6 +263,7 @@ def test_server_killed_in_the_final_pass(ram_tmp_path, serve_nfs, live_writer):
         assert proc.returncode == 1, err
         assert len(err.strip().splitlines()) == 1, err
         assert tracker.state == "running"
+    return err
 
 
 @pytest.mark.slow
