@@ -148,12 +148,9 @@ def _rounds(src: Path, uri: str, export: Path, args: argparse.Namespace) -> dict
                                      "baseline": [], "baseline inside": []}
     extra = ["--requests", str(args.requests)] if args.requests else []
     tools = ["bm", "nbdcopy", "nbdcopy -z", *(["baseline"] if args.baseline_tree else [])]
-    warm = subprocess.run([sys.executable, "-c", "import blockmirror.cli.main, "
-                           "blockmirror.migration.run, blockmirror.migration.remote"],
-                          capture_output=True, cwd=REPO, env=PYTHON_ENV)  # bytecode compiled
-    warm.check_returncode()
-    for tree in filter(None, [args.baseline_tree]):
-        subprocess.run(warm.args, capture_output=True, cwd=tree, env=PYTHON_ENV, check=True)
+    for tree in [REPO, *filter(None, [args.baseline_tree])]:  # bytecode compiled, every module
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "blockmirror"],
+                       capture_output=True, cwd=tree, env=PYTHON_ENV, check=True)
     for r in range(args.rounds):
         n = len(tools)
         for tool in tools[r % n:] + tools[:r % n]:

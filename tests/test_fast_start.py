@@ -125,7 +125,7 @@ def test_the_numpy_free_scan_agrees_with_the_numpy_one(tmp_path: Path, chunk: in
 SYNC_IMPORTS = """
 import json, sys
 import blockmirror.cli.main, blockmirror.cli.progress, blockmirror.migration.run
-import blockmirror.migration.remote  # a sync into nbd:// or nfs://
+import blockmirror.migration.remote, blockmirror.migration.remote_nfs  # into nbd://, nfs://
 print(json.dumps([m for m in ("numpy", "xxhash") if m in sys.modules]))
 """
 
@@ -139,6 +139,25 @@ def test_a_syncs_modules_load_without_numpy(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", SYNC_IMPORTS], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120, check=True)
     assert "numpy" not in json.loads(out.stdout)
+
+
+# What a sync into an NBD export loads: not the NFS client, nor verify's reader.
+EXPORT_SYNC_IMPORTS = """
+import json, sys
+import blockmirror.cli.main, blockmirror.migration.run, blockmirror.migration.remote
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("blockmirror."))))
+"""
+
+
+def test_a_sync_into_an_export_loads_no_nfs_module(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run([sys.executable, "-c", EXPORT_SYNC_IMPORTS], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert "blockmirror.copying.remote" in loaded  # the probe did load the export's path
+    assert not loaded & {"blockmirror.copying.nfs", "blockmirror._bindings.nfs",
+                         "blockmirror.migration.remote_nfs", "blockmirror.copying.remote_compare"}
 
 
 def test_the_bulk_copy_starts_before_numpy_is_loaded(

@@ -41,16 +41,7 @@ mirror only into a local file). Each is refused with one line (exit 2),
 except that ``--converge auto`` escalates to the throttle instead of
 mirroring.
 
-Into NFS (:class:`NfsSyncJob`, the same job with another endpoint) the copy
-goes to ``NAME.bm-partial`` beside the target, created sparse, and the commit
-is COMMIT3 then a rename over the target, as a local copy's fsync and
-rename; on any failure the partial is removed from the server (over a new
-mount if the old one died), and the error says whether that worked. An
-incremental sync to NFS (a usable manifest, checked as for an export) skips
-the partial: it updates the target in place and only commits it; the
-manifest is gone before the first byte changes, so a sync that dies midway
-leaves the target partly updated and no manifest (the next one is a full
-copy), and its error says so.
+Into NFS: remote_nfs.py (the same job, another endpoint).
 """
 
 from __future__ import annotations
@@ -63,14 +54,11 @@ from typing import TYPE_CHECKING, Any
 
 from blockmirror.copying.copier import Copier, CopyStats
 from blockmirror.copying.endpoint import NbdUri, NfsUrl, parse
-from blockmirror.copying.nfs import PARTIAL_SUFFIX, NfsCopier, NfsFile
 from blockmirror.copying.remote import NbdExport, RemoteCopier
-from blockmirror.copying.remote_compare import compare_with_export
 from blockmirror.errors import (
     BlockMirrorError,
     ChangeIdInvalidError,
     InvalidInputError,
-    OutOfSpaceError,
     VerifyError,
 )
 from blockmirror.extents import pairs, subtract, total_bytes
@@ -80,7 +68,7 @@ from blockmirror.migration.digests import DigestTable
 from blockmirror.migration.job import FileSyncJob, JobState
 from blockmirror.migration.manifest import ManifestError, hash_granules
 from blockmirror.migration.options import SyncOptions
-from blockmirror.migration.passes import PassRunner, _granule_aligned
+from blockmirror.migration.passes import PassRunner
 from blockmirror.migration.precheck import Plan
 from blockmirror.migration.remote_manifest import (
     RemoteManifest,
@@ -94,6 +82,7 @@ from blockmirror.tracking.tracker import sidecar_path, sidecar_users
 from blockmirror.units import format_bytes
 
 if TYPE_CHECKING:
+    from blockmirror.copying.nfs import NfsFile
     from blockmirror.extents import Extents
 
 LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
@@ -114,9 +103,12 @@ def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
                                 "copy it with nfs-cp, or sync from a local image")
     uri = parse(dst)
     if isinstance(uri, NfsUrl):
-        return _sync_to_nfs(src, uri, options)
+        # Its own module: a sync into an export never loads the NFS client.
+        from blockmirror.migration.remote_nfs import sync_to_nfs
+
+        return sync_to_nfs(src, uri, options)
     assert isinstance(uri, NbdUri)
-    _refuse_unsupported(src, uri, options)
+    refuse_unsupported(src, uri, options)
     if options.move:
         _check_move_onto_export(src, uri, options)
     st = precheck.check_source(src, move=False)
@@ -134,30 +126,7 @@ def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     return RemoteSyncJob(plan, options, export).run()
 
 
-def _sync_to_nfs(src: str, url: NfsUrl, options: SyncOptions) -> SyncResult:
-    _refuse_unsupported(src, url, options)
-    st = precheck.check_source(src, move=False)
-    nfs_file = NfsFile(url, connections=options.workers)
-    partial = url.display.partition("?")[0] + PARTIAL_SUFFIX  # for messages
-    plan = Plan(os.path.abspath(src), url.display, partial, st.st_size, st.st_blocks * 512,
-                st.st_uid, st.st_mode)
-    return NfsSyncJob(plan, options, nfs_file).run()
-
-
-def _check_nfs_space(nfs_file: NfsFile, allocated: int) -> None:
-    """Step 0 as for a local copy: room on the server for the source's
-    allocated bytes, or exit 4 before anything is created there."""
-    try:
-        available = nfs_file.free_bytes()
-    except OSError as e:
-        raise InvalidInputError(f"cannot ask {nfs_file.name}'s server for its free space: "
-                                f"{e.strerror}") from None
-    if allocated > available:
-        raise OutOfSpaceError(f"need {format_bytes(allocated)} of data on the NFS server for "
-                              f"{nfs_file.name}, {format_bytes(available)} free", nfs_file.name)
-
-
-def _refuse_unsupported(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) -> None:
+def refuse_unsupported(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) -> None:
     kind = "an NFS file" if isinstance(uri, NfsUrl) else "an NBD export"
     if os.path.isdir(src):
         raise InvalidInputError(f"directory mode into {kind} is not supported: {uri} "
@@ -217,29 +186,16 @@ def _writers_that_cannot_follow(src: str) -> str | None:
 class RemotePassRunner(PassRunner):
     """The passes into an export: the bulk pass covers the whole image (the
     export's old bytes under the source's holes must go), and the copy
-    follows the source's size within the export's. Into an NFS file (a new
-    partial, which reads as zeros) the bulk pass takes the allocated extents
-    only, and the file follows the source's size."""
+    follows the source's size within the export's. (Into an NFS file:
+    remote_nfs.NfsPassRunner.)"""
 
     def bulk(self) -> None:
         """Into an export the server says reads as zeros: the allocated
         extents, zeros skipped (as into a new sparse file). Otherwise the
         whole image, every zero run sent as WRITE_ZEROES."""
-        assert isinstance(self.copier, (RemoteCopier, NfsCopier))
+        assert isinstance(self.copier, RemoteCopier)
         export = self.copier.export
         fresh = export.reads_zero(0, export.size)
-        if isinstance(export, NfsFile):
-            # A full copy in place (a change id the tracker no longer
-            # vouches for) must also zero what the source has as holes.
-            ranges: Extents = (self.copier.allocated_extents() if fresh
-                               else self.copier.whole_image())
-            if self.fresh_digests is not None:  # whole granules, each hashed as it is sent
-                ranges = _granule_aligned(ranges, self.fresh_digests.granularity,
-                                          os.fstat(self.src_fd).st_size)
-            stats = self._copy("bulk", ranges, dst_fresh=fresh,
-                               before_item=self._clear_before_read if self.tracker else None)
-            self._record("bulk", stats)
-            return
         self.result.notes.append(
             "the export read as zeros (block status): only data was sent" if fresh else
             "the export held data (or cannot say): every zero run was zeroed on it")
@@ -285,14 +241,9 @@ class RemotePassRunner(PassRunner):
         return stats
 
     def follow_source_size(self) -> None:
-        assert isinstance(self.copier, (RemoteCopier, NfsCopier))
+        assert isinstance(self.copier, RemoteCopier)
         export = self.copier.export
         size = os.fstat(self.src_fd).st_size
-        if isinstance(export, NfsFile):
-            if size != export.size:
-                export.resize(size)
-            self.result.image_size = size
-            return
         if size > export.size:
             raise OSError(errno.EFBIG, f"the source grew to {format_bytes(size)}, past the "
                           f"NBD export's {format_bytes(export.size)}", export.name)
@@ -309,6 +260,7 @@ class RemoteSyncJob(FileSyncJob):
     keeps the export's manifest beside the source (``keeps_manifest``)."""
 
     keeps_manifest = True
+    pass_runner: type[RemotePassRunner] = RemotePassRunner
 
     def __init__(self, plan: Plan, options: SyncOptions, export: NbdExport | NfsFile) -> None:
         super().__init__(plan, options)
@@ -360,8 +312,8 @@ class RemoteSyncJob(FileSyncJob):
                          else DigestTable(self._granularity, plan.size))
         self.state = JobState.COPYING  # from here the export holds bytes of this run
         self.copier = self._new_copier()
-        self.passes = RemotePassRunner(self.copier, self.tracker, self.src_fd, -1, self.result,
-                                       self.report, fresh_digests=fresh)
+        self.passes = self.pass_runner(self.copier, self.tracker, self.src_fd, -1, self.result,
+                                        self.report, fresh_digests=fresh)
 
     def _usable_manifest(self) -> RemoteManifest | None:
         """The last sync's manifest of this export, if this sync may start
@@ -487,6 +439,8 @@ class RemoteSyncJob(FileSyncJob):
     def _verify(self) -> None:
         """The export against the source, excusing blocks written since the
         switch (read from the tracker only now, I1)."""
+        from blockmirror.copying.remote_compare import compare_with_export
+
         self.report("verify", len(self.result.passes), 0, self.result.image_size)
         differing = compare_with_export(self.plan.source, self.export,
                                         workers=self.options.workers)
@@ -530,113 +484,3 @@ class RemoteSyncJob(FileSyncJob):
             super()._release()
         finally:
             self.export.close()
-
-
-LEFT_UPDATED = ("the NFS file was left partly updated and its manifest removed (the next "
-                "sync is a full copy); the source is untouched")
-
-
-class NfsSyncJob(RemoteSyncJob):
-    """A :class:`RemoteSyncJob` into a file on an NFS server. A full copy
-    goes through a sparse partial beside the target, committed (COMMIT3)
-    and renamed over it at the switch, removed on failure. When the last
-    sync's manifest can be used (the checks of ``_doubt``, and those of
-    ``_still_holds`` here) the target is updated in place and committed.
-
-    In place is safe because the manifest is removed, durably, before the
-    first byte of the target changes (``RemoteSyncJob._open``): a run that
-    dies midway leaves no manifest, so the next sync can only be a full
-    copy, never one that trusts digests the target no longer matches. What
-    a failed update cannot do is take the old bytes back: the target is
-    left partly updated (the error says so), the source untouched."""
-
-    export: NfsFile
-
-    def __init__(self, plan: Plan, options: SyncOptions, nfs_file: NfsFile) -> None:
-        super().__init__(plan, options, nfs_file)
-        self.in_place = False  # updating the target itself (else through the partial)
-        self.created = False  # the partial exists on the server
-        self.cleanup_error: str | None = None
-
-    def _notes(self) -> list[str]:
-        return []  # which way it writes is known only in _usable_manifest
-
-    def _usable_manifest(self) -> RemoteManifest | None:
-        """A usable manifest means in place; none, a new partial."""
-        earlier = super()._usable_manifest()
-        self.in_place = earlier is not None
-        if self.in_place:
-            self.result.notes.append(f"updated {os.path.basename(self.export.target)} in "
-                                     "place on the NFS server, then committed (COMMIT)")
-        else:
-            self.export.close_file()  # the target, if the sample check opened it
-            self._create_partial()
-            self.result.notes.append(
-                f"written to {os.path.basename(self.export.partial)} on the NFS server, "
-                "committed (COMMIT) and renamed over the target")
-        return earlier
-
-    def _still_holds(self, earlier: RemoteManifest) -> str | None:
-        """First the tracker still vouching for EARLIER's change id (asked
-        again after the first clear, in _first_pass): a reset tracker takes
-        the partial, not a rewrite of the whole target in place. Then the
-        target, opened for update, sampled."""
-        assert self.tracker is not None
-        try:
-            self.tracker.changed_extents_array(earlier.change_id)
-        except ChangeIdInvalidError as e:
-            return str(e)
-        try:
-            self.export.open_for_update()
-        except OSError as e:
-            return f"cannot open {self.plan.destination} for update: {e.strerror}"
-        return super()._still_holds(earlier)
-
-    def _create_partial(self) -> None:
-        """Room for the source's data on the server (or exit 4 with nothing
-        made), then the partial (bad input if the server will not make it)."""
-        _check_nfs_space(self.export, self.plan.allocated)
-        try:
-            self.export.create_partial(self.plan.size, self.plan.mode)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                self.export.discard(self.export.partial)
-            raise InvalidInputError(f"cannot create {self.plan.partial}: "
-                                    f"{e.strerror}") from None
-        self.created = True
-
-    def _new_copier(self) -> Copier:
-        return NfsCopier(self.src_fd, self.export, rate_limit=self.options.rate_limit,
-                         src_path=self.plan.source)
-
-    def _commit(self) -> None:
-        """COMMIT3 (late write errors surface here), the rename of a
-        partial, then the manifest of what the server now holds."""
-        if self.in_place:
-            self.export.flush()
-        else:
-            self.export.publish()
-        self.state = JobState.COMMITTED
-        self._keep_manifest()
-
-    def _undo_remote(self) -> None:
-        """The partial goes; so does a copy already renamed into place whose
-        verify failed (as a local copy's is unpublished). A target updated
-        in place stays as it is: its old bytes are gone."""
-        if (self.in_place or not self.created
-                or self.state in (JobState.DONE, JobState.REDIRECTED)):
-            return
-        path = self.export.target if self.state is JobState.COMMITTED else self.export.partial
-        self.cleanup_error = self.export.discard(path)
-
-    def _left_behind(self) -> str:
-        if self.in_place:
-            return LEFT_UPDATED
-        if self.cleanup_error is None:
-            return "the partial copy on the NFS server was removed; the source is untouched"
-        return (f"the partial copy {self.plan.partial} could not be removed "
-                f"({self.cleanup_error}); remove it by hand; the source is untouched")
-
-    def _out_of_space_message(self) -> str:
-        return f"the NFS server ran out of space for {self.plan.destination}; " + \
-            self._left_behind()
