@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from blockmirror.units import format_bytes, size_argument
 
 MiB = 1 << 20
+RELAY_IP = "127.0.0.2"  # where --relay-ms listens (loopback, this namespace)
 # `python -m blockmirror` loads the package from its working folder first:
 # the commands run from this tree, whatever folder the bench started in.
 REPO = Path(__file__).resolve().parent.parent
@@ -88,8 +89,9 @@ def wait_listening(proc: subprocess.Popen[bytes], uri: str, timeout: float = 15.
 
 
 def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | None,
-            readonly: bool = False) -> tuple[str, str]:
-    """Start KIND serving FILE; (its URI, how its requests are delayed)."""
+            readonly: bool = False, relay_ms: float = 0.0) -> tuple[str, str]:
+    """Start KIND serving FILE; (its URI, how its requests are delayed).
+    With RELAY_MS, clients reach it through delay_relay.c on 127.0.0.2."""
     shaping = "none (unix socket)"
     if link is None:
         where_q, where_k, uri = ["-k", str(sock)], ["-U", str(sock)], f"nbd+unix:///?socket={sock}"
@@ -103,7 +105,7 @@ def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | 
                 *(["-r"] if readonly else []), str(file)]
     else:
         filters: list[str] = []
-        if link is not None and not link.shaped:  # type: ignore[attr-defined]
+        if link is not None and not link.shaped and not relay_ms:  # type: ignore[attr-defined]
             filters = ["--filter=delay", "file", f"file={file}", "delay-read=1ms",
                        "delay-write=1ms", "delay-zero=1ms"]
             shaping = "nbdkit delay filter, 1 ms per request"
@@ -114,6 +116,13 @@ def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | 
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(lambda: (proc.terminate(), proc.wait()))
     wait_listening(proc, uri)
+    if relay_ms:  # started once the server listens (it connects on each accept)
+        from delay_relay import delay_relay
+
+        stack.enter_context(delay_relay(RELAY_IP, link.remote_ip,  # type: ignore[attr-defined]
+                                        [10809], relay_ms))
+        uri = f"nbd://{RELAY_IP}:10809/"
+        shaping = f"a C relay holding every byte {relay_ms} ms each way"
     return uri, shaping
 
 
@@ -230,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--server", nargs="+", default=["nbdkit", "qemu-nbd"])
     parser.add_argument("--netns", action="store_true", help="server in a network namespace")
+    parser.add_argument("--relay-ms", type=float, default=0.0, metavar="D",
+                        help="with --netns: reach every server through a relay in C holding "
+                        "each byte D ms each way (a round trip of 2D; no netem here)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--requests", type=int, default=None,
                         help="blockmirror sync --requests (default: its own, 32)")
@@ -240,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the other direction: the export (the source, read-only) into a "
                         "new local file")
     args = parser.parse_args(argv)
+    if args.relay_ms and not args.netns:
+        parser.error("--relay-ms needs --netns")
     data = min(args.data or args.size, args.size)
     for tool in ("nbdcopy", "nbdinfo", "fallocate", *args.server):
         if shutil.which(tool) is None:
@@ -264,13 +278,14 @@ def main(argv: list[str] | None = None) -> int:
                     link = stack.enter_context(two_hosts(delay_ms=0.5, rate="10gbit"))
                 if args.from_export:
                     uri, shaping = _server(stack, kind, src, folder / f"{kind}.sock", link,
-                                           readonly=True)
+                                           readonly=True, relay_ms=args.relay_ms)
                     _report_from(kind, shaping, data, _rounds_from(uri, folder, args))
                     continue
                 export = folder / f"{kind}.img"
                 with open(export, "wb") as f:
                     f.truncate(args.size)
-                uri, shaping = _server(stack, kind, export, folder / f"{kind}.sock", link)
+                uri, shaping = _server(stack, kind, export, folder / f"{kind}.sock", link,
+                                       relay_ms=args.relay_ms)
                 _report(kind, shaping, data, _rounds(src, uri, export, args))
                 export.unlink()
     finally:

@@ -8,9 +8,10 @@ the depth of requests in flight).
 Root only: nfs-ganesha (VFS FSAL, NFSv3) runs in a network namespace behind
 a veth pair (tests/ganeshatools.py), exporting a folder in /dev/shm. netem
 shapes the link where the kernel has it (0.5 ms each way); where it does not
-the output says "unshaped", and --delay-ms D puts a user-space TCP relay on
-127.0.0.2 in front of the server instead, holding every byte D ms each way
-(both tools go through it; it is CPU too, on a 2-core machine). The source
+the output says "unshaped", and --delay-ms D puts a TCP relay in C
+(delay_relay.c) on 127.0.0.2 in front of the server instead, holding every
+byte D ms each way (both tools go through it; it is CPU too, on a 2-core
+machine). The source
 is SIZE MiB with DATA MiB of random data in 4 MiB runs spread evenly, the
 rest holes (in /dev/shm). nfs-cp copies every byte, one 1 MiB request at a
 time; blockmirror reads the source's data only and keeps up to 16 WRITE3
@@ -23,7 +24,6 @@ over blockmirror's: above 1.0 blockmirror is faster.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -67,56 +66,6 @@ def _remove(url: str) -> None:
 
 RELAY_IP = "127.0.0.2"
 RELAY_PORTS = (111, 20048, 2049)  # rpcbind, mountd, nfsd (tests/ganeshatools.py)
-
-
-async def _delayed_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        delay: float) -> None:
-    """Forward READER to WRITER, each chunk DELAY seconds after it came in."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-    async def send() -> None:
-        while True:
-            due, data = await queue.get()
-            if not data:
-                break
-            if due > loop.time():
-                await asyncio.sleep(due - loop.time())
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    sender = asyncio.create_task(send())
-    try:
-        while data := await reader.read(1 << 20):
-            queue.put_nowait((loop.time() + delay, data))
-    except ConnectionError:
-        pass
-    queue.put_nowait((0.0, b""))
-    await sender
-
-
-async def _relay(target: str, delay: float, started: threading.Event) -> None:
-    async def serve(port: int) -> asyncio.AbstractServer:
-        async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            up_reader, up_writer = await asyncio.open_connection(target, port)
-            await asyncio.gather(_delayed_pipe(reader, up_writer, delay),
-                                 _delayed_pipe(up_reader, writer, delay),
-                                 return_exceptions=True)
-        return await asyncio.start_server(one, RELAY_IP, port)
-
-    servers = [await serve(port) for port in RELAY_PORTS]
-    started.set()
-    await asyncio.gather(*(s.serve_forever() for s in servers))
-
-
-def _start_relay(target: str, delay_ms: float) -> None:
-    """The relay on its own thread (a daemon: it ends with the bench)."""
-    started = threading.Event()
-    threading.Thread(target=lambda: asyncio.run(_relay(target, delay_ms / 1000, started)),
-                     daemon=True).start()
-    if not started.wait(10):
-        raise RuntimeError("the delay relay did not start")
 
 
 def _blockmirror(src: Path, url: str, workers: int) -> tuple[float, float]:
@@ -163,7 +112,7 @@ def _rounds(src: Path, server: object, folder: Path, args: argparse.Namespace
 def _report(m: dict[str, float], args: argparse.Namespace, shaped: bool) -> None:
     link = "netem 0.5 ms each way" if shaped else "unshaped veth (no netem)"
     if args.delay_ms > 0:
-        link = f"a user-space relay holding every byte {args.delay_ms} ms each way"
+        link = f"a relay in C (delay_relay.c) holding every byte {args.delay_ms} ms each way"
     print(f"link: {link}; blockmirror --workers {args.workers}")
     print(f"blockmirror {m['bm']:.2f} s (sync itself {m['bm_inside']:.2f} s; "
           f"{args.size / m['bm']:.0f} MiB/s of image), "
@@ -200,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             link = stack.enter_context(two_hosts(delay_ms=0.5, rate="10gbit"))
             server = stack.enter_context(ganesha(link, folder, work / "ganesha"))
             if args.delay_ms > 0:
-                _start_relay(link.remote_ip, args.delay_ms)
+                from delay_relay import delay_relay
+
+                stack.enter_context(delay_relay(RELAY_IP, link.remote_ip, RELAY_PORTS,
+                                                args.delay_ms))
             _report(_rounds(src, server, folder, args), args, link.shaped)
     finally:
         shutil.rmtree(work, ignore_errors=True)
