@@ -91,7 +91,7 @@ def wait_listening(proc: subprocess.Popen[bytes], uri: str, timeout: float = 15.
 def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | None,
             readonly: bool = False, relay_ms: float = 0.0) -> tuple[str, str]:
     """Start KIND serving FILE; (its URI, how its requests are delayed).
-    With RELAY_MS, clients reach it through delay_relay.c on 127.0.0.2."""
+    With RELAY_MS, clients reach it through tests/delay_relay.c on 127.0.0.2."""
     shaping = "none (unix socket)"
     if link is None:
         where_q, where_k, uri = ["-k", str(sock)], ["-U", str(sock)], f"nbd+unix:///?socket={sock}"
@@ -117,7 +117,7 @@ def _server(stack: ExitStack, kind: str, file: Path, sock: Path, link: object | 
     stack.callback(lambda: (proc.terminate(), proc.wait()))
     wait_listening(proc, uri)
     if relay_ms:  # started once the server listens (it connects on each accept)
-        from delay_relay import delay_relay
+        from relaytools import delay_relay
 
         stack.enter_context(delay_relay(RELAY_IP, link.remote_ip,  # type: ignore[attr-defined]
                                         [10809], relay_ms))

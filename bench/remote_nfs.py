@@ -9,7 +9,7 @@ Root only: nfs-ganesha (VFS FSAL, NFSv3) runs in a network namespace behind
 a veth pair (tests/ganeshatools.py), exporting a folder in /dev/shm. netem
 shapes the link where the kernel has it (0.5 ms each way); where it does not
 the output says "unshaped", and --delay-ms D puts a TCP relay in C
-(delay_relay.c) on 127.0.0.2 in front of the server instead, holding every
+(tests/delay_relay.c) on 127.0.0.2 in front of the server instead, holding every
 byte D ms each way (both tools go through it; it is CPU too, on a 2-core
 machine). The source
 is SIZE MiB with DATA MiB of random data in 4 MiB runs spread evenly, the
@@ -112,7 +112,7 @@ def _rounds(src: Path, server: object, folder: Path, args: argparse.Namespace
 def _report(m: dict[str, float], args: argparse.Namespace, shaped: bool) -> None:
     link = "netem 0.5 ms each way" if shaped else "unshaped veth (no netem)"
     if args.delay_ms > 0:
-        link = f"a relay in C (delay_relay.c) holding every byte {args.delay_ms} ms each way"
+        link = f"a relay in C (tests/delay_relay.c) holding every byte {args.delay_ms} ms each way"
     print(f"link: {link}; blockmirror --workers {args.workers}")
     print(f"blockmirror {m['bm']:.2f} s (sync itself {m['bm_inside']:.2f} s; "
           f"{args.size / m['bm']:.0f} MiB/s of image), "
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             link = stack.enter_context(two_hosts(delay_ms=0.5, rate="10gbit"))
             server = stack.enter_context(ganesha(link, folder, work / "ganesha"))
             if args.delay_ms > 0:
-                from delay_relay import delay_relay
+                from relaytools import delay_relay
 
                 stack.enter_context(delay_relay(RELAY_IP, link.remote_ip, RELAY_PORTS,
                                                 args.delay_ms))

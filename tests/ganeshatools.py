@@ -34,6 +34,7 @@ from netnstools import Link
 PSEUDO = "/export"
 NFS_PORT = 2049
 MOUNT_PORT = 20048
+RPCBIND_PORT = 111
 
 CONFIG = """
 NFS_CORE_PARAM {{
@@ -102,8 +103,10 @@ class Ganesha:
             state=state_dir / "recovery", folder=folder, pseudo=PSEUDO))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def url(self, name: str, query: str = "") -> str:
-        return f"nfs://{self.link.remote_ip}{PSEUDO}/{name}" + (f"?{query}" if query else "")
+    def url(self, name: str, query: str = "", host: str | None = None) -> str:
+        """NAME's URL on this server, or through HOST (a relay in front of it)."""
+        return (f"nfs://{host or self.link.remote_ip}{PSEUDO}/{name}"
+                + (f"?{query}" if query else ""))
 
     def start(self, timeout: float = 30) -> None:
         self.log.write_text("")
@@ -126,7 +129,7 @@ class Ganesha:
     def _ready(self) -> bool:
         if "NFS SERVER INITIALIZED" not in self.log.read_text(errors="replace"):
             return False
-        for port in (111, MOUNT_PORT, NFS_PORT):
+        for port in (RPCBIND_PORT, MOUNT_PORT, NFS_PORT):
             with socket.socket() as s:
                 s.settimeout(1)
                 try:

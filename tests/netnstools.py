@@ -5,9 +5,11 @@ so every request to a server inside pays a real round trip (issue 12).
 Root only; :func:`two_hosts` skips the test otherwise, and always removes
 the pair and the namespace, even when the test fails. A kernel without the
 netem qdisc (this project's VMs have none) still gets the two hosts, with
-``Link.shaped`` False: callers then delay requests at the server instead
-(nbdkit's delay filter) and say so. The addresses are a
-/30 of 10.213.0.0/16 picked from the pid, on links that exist only here.
+``Link.shaped`` False and the rate, if asked, from ``tc tbf`` instead:
+callers then delay requests through :func:`delayed` (a relay in C on this
+side, tests/delay_relay.c) or at the server (nbdkit's delay filter) and say
+so. The addresses are a /30 of 10.213.0.0/16 picked from the pid, on links
+that exist only here.
 """
 
 from __future__ import annotations
@@ -35,18 +37,26 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-def _netem(netns: str | None, dev: str, delay_ms: float, rate: str | None) -> bool:
-    """Shape DEV; False where the kernel has no netem qdisc."""
-    argv = ["tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{delay_ms}ms"]
-    if rate:
-        argv += ["rate", rate]
+def _tc(netns: str | None, dev: str, qdisc: list[str]) -> subprocess.CompletedProcess[str]:
+    argv = ["tc", "qdisc", "add", "dev", dev, "root", *qdisc]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def _shape(netns: str | None, dev: str, delay_ms: float, rate: str | None) -> bool:
+    """Shape DEV with netem; False where the kernel has no netem qdisc (the
+    rate then comes from tbf, which it has)."""
+    done = _tc(netns, dev, ["netem", "delay", f"{delay_ms}ms", *(["rate", rate] if rate else [])])
     if done.returncode != 0 and "unknown" in done.stderr:
+        if rate:
+            done = _tc(netns, dev, ["tbf", "rate", rate, "burst", "256k", "latency", "50ms"])
+            if done.returncode != 0:
+                raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout,
+                                                    done.stderr)
         return False
     if done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
+        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
     return True
 
 
@@ -84,7 +94,7 @@ def two_hosts(delay_ms: float = 1.0, rate: str | None = None, tag: int = 0) -> I
         _ip("-n", netns, "addr", "add", f"{remote_ip}/30", "dev", there)
         _ip("-n", netns, "link", "set", there, "up")
         _ip("-n", netns, "link", "set", "lo", "up")
-        shaped = _netem(None, here, delay_ms, rate) and _netem(netns, there, delay_ms, rate)
+        shaped = _shape(None, here, delay_ms, rate) and _shape(netns, there, delay_ms, rate)
     except (subprocess.CalledProcessError, OSError) as e:
         _remove(made, netns, here)
         pytest.skip(f"cannot make a network namespace here: {getattr(e, 'stderr', e)}")
@@ -99,3 +109,20 @@ def _remove(made: list[str], netns: str, here: str) -> None:
         subprocess.run(["ip", "link", "del", here], capture_output=True)
     if "netns" in made:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+@contextlib.contextmanager
+def delayed(link: Link, ports: list[int], delay_ms: float = 0.5) -> Iterator[str]:
+    """The address to reach LINK's server on PORTS with DELAY_MS each way:
+    the server's own where netem delays the link; otherwise a relay in C on
+    a loopback address of this process's (tests/delay_relay.c), started
+    now, so every request still pays a real round trip. Start the server
+    first: the relay connects to it on each connection it accepts."""
+    if link.shaped:
+        yield link.remote_ip
+        return
+    from relaytools import delay_relay
+
+    relay_ip = "127." + link.local_ip.split(".", 1)[1]  # as unique as the link's /30
+    with delay_relay(relay_ip, link.remote_ip, ports, delay_ms):
+        yield relay_ip

@@ -36,7 +36,7 @@ from imagetools import (
     wait_for,
 )
 from nbdtools import require
-from netnstools import two_hosts
+from netnstools import delayed, two_hosts
 from test_remote_nbd import Server, one_line_error, serve  # noqa: F401 (a fixture)
 
 from blockmirror import TrackedImage, Tracker
@@ -47,34 +47,16 @@ pytestmark = pytest.mark.skipif(not libnbd_available(),
 
 SERVERS = ("qemu-nbd", "nbdkit")
 PORT = 10809
-# The kernel here has no netem: nbdkit's delay filter makes each request
-# pay a round trip at the server instead (as test_remote_nbd.py does).
-SERVER_DELAY = ("delay", "delay-read=1ms", "delay-write=1ms", "delay-zero=1ms")
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _tbf(netns: str | None, dev: str) -> bool:
-    """Limit DEV to 1 Gbit/s with tbf (netem is missing here); False if tc
-    refuses."""
-    argv = ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", "1gbit",
-            "burst", "32k", "latency", "10ms"]
-    if netns:
-        argv = ["ip", "netns", "exec", netns, *argv]
-    return subprocess.run(argv, capture_output=True).returncode == 0
-
-
 @pytest.fixture
 def link() -> Iterator[object]:
-    """The export's host: a network namespace behind a veth pair, 0.5 ms
-    each way where netem exists, else rate-limited with tbf."""
+    """The export's host: a network namespace behind a veth pair at 1 Gbit/s,
+    0.5 ms each way (netem, or a relay: netnstools.delayed)."""
     with two_hosts(delay_ms=0.5, rate="1gbit") as made:
-        if not made.shaped:
-            peer = subprocess.run(["ip", "-n", made.netns, "-o", "link", "show", "type", "veth"],
-                                  capture_output=True, text=True).stdout.split(":")[1].strip()
-            _tbf(None, made.local_dev)
-            _tbf(made.netns, peer.partition("@")[0])
         yield made
 
 
@@ -129,21 +111,21 @@ def test_move_onto_an_export_in_another_namespace_loses_no_write(kind, ram_tmp_p
     image = ram_tmp_path / "vm.img"
     size = 48 * MiB
     initial = make_data_image(image, size, extents=12, tracked=True)
-    filters = SERVER_DELAY if kind == "nbdkit" and not link.shaped else ()
     # qemu-nbd serves one client at a time unless told more (-e): one
     # connection per writer, and the copier's while it hands over.
     server = serve(kind, size, junk=True, tcp=(link.remote_ip, PORT), netns=link.netns,
-                   filters=filters, shared=8)
+                   shared=8)
     writers = writers_on(image, ram_tmp_path, size, 3, rate="2M", discard_every=5)
-    try:
-        proc = run_cli("sync", image, server.uri, "--move", "--target-downtime", "500ms",
-                       "--json")
-        assert proc.returncode == 0, proc.stderr
-        before = [w.count() for w in writers]
-        for w in writers:
-            w.wait_for_more(10)  # writing on, now into the export
-    finally:
-        stop_all(writers)
+    with delayed(link, [PORT]) as host:  # the writers follow through it too
+        try:
+            proc = run_cli("sync", image, f"nbd://{host}:{PORT}/", "--move",
+                           "--target-downtime", "500ms", "--json")
+            assert proc.returncode == 0, proc.stderr
+            before = [w.count() for w in writers]
+            for w in writers:
+                w.wait_for_more(10)  # writing on, now into the export
+        finally:
+            stop_all(writers)
     result = json.loads(proc.stdout)
     assert result["status"] == "ok" and result["mode"] == "move"
     assert result["passes"][-1]["kind"] == "final"

@@ -1,8 +1,8 @@
 """A TCP relay holding every byte a fixed time each way (delay_relay.c),
-for benchmarks on kernels without netem: every request through it pays a
-real round trip, and, being C with a reader and a sender per direction, it
-adds latency without becoming the bottleneck (a relay in Python held a
-1 GiB copy to ~110 MiB/s).
+for tests and benchmarks on kernels without netem: every request through it
+pays a real round trip, and, being C with a reader and a sender per
+direction, it adds latency without becoming the bottleneck (a relay in
+Python held a 1 GiB copy to ~110 MiB/s).
 
     with delay_relay("127.0.0.2", server_ip, [10809], delay_ms=0.5):
         ...  # connect to 127.0.0.2:10809
@@ -14,6 +14,7 @@ by the source's hash.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -26,10 +27,10 @@ SOURCE = Path(__file__).with_name("delay_relay.c")
 def build() -> Path:
     """The relay's binary, compiled once per version of its source."""
     tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    binary = Path(tempfile.gettempdir()) / "blockmirror-bench" / f"delay_relay-{tag}"
+    binary = Path(tempfile.gettempdir()) / "blockmirror-relay" / f"delay_relay-{tag}"
     if not binary.exists():
         binary.parent.mkdir(parents=True, exist_ok=True)
-        partial = binary.with_suffix(".partial")
+        partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")
         subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(partial),
                         str(SOURCE)], check=True)
         partial.rename(binary)
