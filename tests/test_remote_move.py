@@ -299,6 +299,38 @@ def test_copier_killed_just_before_the_redirect(ram_tmp_path, serve):
         writer.stop()
 
 
+def test_a_move_killed_after_its_switch_is_finished_by_the_next_run(ram_tmp_path, serve):
+    """SIGKILL after the redirect, before the source is removed: writers are
+    on the export already. The same move again only removes the source (no
+    copy), says so, and no logged write is lost; a move to another place is
+    still refused."""
+    image = ram_tmp_path / "live.img"
+    size = 16 * MiB
+    initial = make_data_image(image, size, extents=4, tracked=True)
+    server = serve("nbdkit", size, junk=True)
+    writers = writers_on(image, ram_tmp_path, size, 2, rate="2M")
+    try:
+        cli_killed_at("blockmirror.migration.commit", "remove_source", "sync", image,
+                      server.uri, "--move", "--target-downtime", "1s")
+        assert image.exists()
+        with Tracker.open(image) as tracker:
+            assert tracker.state == "redirected"
+        other = serve("nbdkit", size)
+        assert "already moved" in one_line_error(
+            run_cli("sync", image, other.uri, "--move"), 2)
+        proc = run_cli("sync", image, server.uri, "--move", "--json")
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["status"] == "ok" and result["passes"] == []
+        assert any("finished a move" in n for n in result["notes"]), result["notes"]
+        assert not image.exists() and not Path(f"{image}.cbt").exists()
+        for w in writers:
+            w.wait_for_more(10)  # still writing, into the export
+    finally:
+        stop_all(writers)
+    assert server.file.read_bytes() == all_writes(initial, writers)
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 

@@ -202,10 +202,15 @@ class FileSyncJob:
             # everything allocated anyway; reset so later runs can trust it.
             tracker.reset()
             self.result.notes.append("sidecar was unclean (a writer died); tracking was reset")
-        if tracker.state == "redirected" and self.plan.resume != "move":
+        if tracker.state == "redirected" and not self._finishing_a_move():
             raise InvalidInputError(
                 f"source {self.plan.source} was already moved to {tracker.redirect_target()}"
             )
+
+    def _finishing_a_move(self) -> bool:
+        """Whether this run may find the source already redirected: it resumes
+        a move a killed run left after its switch (journal.py)."""
+        return self.plan.resume == "move"
 
     def _lock_source(self) -> None:
         """One copier per source at a time: the dirty bitmap is taken by

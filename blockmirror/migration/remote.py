@@ -27,7 +27,9 @@ each writer's next I/O goes to the export through libnbd, untracked
 untouched source; the export is left partly written, as in copy mode.
 After the redirect the source and its sidecar are removed once writers
 have followed (as a local move does); no manifest is kept (there is no
-source left to update the export from). Refused up front (one line, exit
+source left to update the export from). A copier killed after the redirect
+leaves the source behind with writers on the export: the same move run
+again only removes the source (``_finish_interrupted_move``). Refused up front (one line, exit
 2, nothing written) when not every writer could follow: an image served
 by ``blockmirror serve`` (the nbdkit front end follows only moves to a
 file), a live writer that is not the image's owner (only the owner
@@ -299,6 +301,9 @@ class RemoteSyncJob(FileSyncJob):
         self.src_fd = os.open(plan.source, os.O_RDONLY | os.O_CLOEXEC)
         if os.path.exists(sidecar_path(plan.source)):
             self._open_tracker()
+            if self.tracker is not None and self.tracker.state == "redirected":
+                self._finish_interrupted_move()
+                return
         fresh = None
         if self.keeps_manifest:
             self.earlier = self._usable_manifest()
@@ -314,6 +319,23 @@ class RemoteSyncJob(FileSyncJob):
         self.copier = self._new_copier()
         self.passes = self.pass_runner(self.copier, self.tracker, self.src_fd, -1, self.result,
                                         self.report, fresh_digests=fresh)
+
+    def _finishing_a_move(self) -> bool:
+        """A move onto this export whose copier was killed after the switch:
+        the sidecar still sends writers here (only ever after the export's
+        flush), so all that was left is removing the source."""
+        assert self.tracker is not None
+        return (self.options.move and isinstance(self.export, NbdExport)
+                and self.tracker.redirect_target() == self.export.uri.uri)
+
+    def _finish_interrupted_move(self) -> None:
+        self.export.close()  # nothing to send (and qemu-nbd may take few clients)
+        self._wait_for_writers_to_follow()
+        commit.remove_source(self.plan)
+        self.state = JobState.DONE
+        self.result.notes.append("finished a move onto the export a killed run left after "
+                                 "its switch (writers were sent there after its flush): the "
+                                 "source was removed")
 
     def _usable_manifest(self) -> RemoteManifest | None:
         """The last sync's manifest of this export, if this sync may start
