@@ -86,6 +86,42 @@ def _nfs_cp(src: Path, url: str) -> float:
     return time.perf_counter() - started
 
 
+def _rounds_from(src: Path, server: object, folder: Path, args: argparse.Namespace
+                 ) -> dict[str, float]:
+    """--from-server: the served copy of SRC into a new local file, by both
+    tools (blockmirror with --quiesced: nothing writes it)."""
+    shutil.copyfile(src, folder / "served.img")  # sparse: the source's holes stay holes
+    subprocess.run(["fallocate", "--dig-holes", str(folder / "served.img")], check=True)
+    url = server.url("served.img")  # type: ignore[attr-defined]
+    if args.delay_ms > 0:
+        url = url.replace(server.link.remote_ip, RELAY_IP)  # type: ignore[attr-defined]
+    times: dict[str, list[float]] = {"bm": [], "inside": [], "nfs_cp": []}
+    local = src.parent / "local.img"
+    for r in range(args.rounds):
+        for tool in (("bm", "nfs-cp") if r % 2 == 0 else ("nfs-cp", "bm")):
+            local.unlink(missing_ok=True)
+            started = time.perf_counter()
+            if tool == "bm":
+                done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", url,
+                                       str(local), "--quiesced", "--json", "--workers",
+                                       str(args.workers)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
+                times["bm"].append(time.perf_counter() - started)
+                times["inside"].append(float(json.loads(done.stdout)["elapsed"]))
+                if local.read_bytes() != src.read_bytes():
+                    raise RuntimeError("blockmirror's copy differs from the source")
+                bm_alloc = local.stat().st_blocks * 512
+            else:
+                subprocess.run(["nfs-cp", url, str(local)], check=True, stdout=subprocess.DEVNULL)
+                times["nfs_cp"].append(time.perf_counter() - started)
+                cp_alloc = local.stat().st_blocks * 512
+    local.unlink(missing_ok=True)
+    return {"bm": statistics.median(times["bm"]), "bm_inside": statistics.median(times["inside"]),
+            "nfs_cp": statistics.median(times["nfs_cp"]), "bm_alloc": bm_alloc,
+            "cp_alloc": cp_alloc}
+
+
 def _rounds(src: Path, server: object, folder: Path, args: argparse.Namespace
             ) -> dict[str, float]:
     ours, inside, theirs = [], [], []
@@ -118,7 +154,8 @@ def _report(m: dict[str, float], args: argparse.Namespace, shaped: bool) -> None
           f"{args.size / m['bm']:.0f} MiB/s of image), "
           f"nfs-cp {m['nfs_cp']:.2f} s ({args.size / m['nfs_cp']:.0f} MiB/s): "
           f"ratio {m['nfs_cp'] / m['bm']:.2f}")
-    print(f"allocated on the server: blockmirror {m['bm_alloc'] / MiB:.0f} MiB, "
+    where = "locally" if args.from_server else "on the server"
+    print(f"allocated {where}: blockmirror {m['bm_alloc'] / MiB:.0f} MiB, "
           f"nfs-cp {m['cp_alloc'] / MiB:.0f} MiB")
 
 
@@ -130,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="relay the server through 127.0.0.2, D ms each way")
+    parser.add_argument("--from-server", action="store_true",
+                        help="the other direction: a file on the server into a new local "
+                        "file (blockmirror sync NFS_URL FILE --quiesced vs nfs-cp)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or shutil.which("nfs-cp") is None or shutil.which("ganesha.nfsd") is None:
         print("needs root, nfs-cp (libnfs-utils) and ganesha.nfsd (nfs-ganesha)", file=sys.stderr)
@@ -153,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 stack.enter_context(delay_relay(RELAY_IP, link.remote_ip, RELAY_PORTS,
                                                 args.delay_ms))
-            _report(_rounds(src, server, folder, args), args, link.shaped)
+            rounds = _rounds_from if args.from_server else _rounds
+            _report(rounds(src, server, folder, args), args, link.shaped)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

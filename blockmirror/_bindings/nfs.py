@@ -101,6 +101,13 @@ def size(handle: Handle, name: str | None = None) -> int:
     return value
 
 
+def allocated(handle: Handle, name: str | None = None) -> int:
+    """Bytes the server has allocated to the open file (GETATTR's used)."""
+    value = int(_lib().bm_nfs_allocated(handle))
+    _check(value, name)
+    return value
+
+
 def truncate(handle: Handle, length: int, name: str | None = None) -> None:
     _check(_lib().bm_nfs_truncate(handle, length), name)
 
@@ -168,4 +175,24 @@ def copy_extents(handle: Handle, conn: int, src_fd: int, extents: ExtentArray,
     if rc < 0:
         side = stats.error_side
         raise error_from_c(src_path if side == SIDE_SRC else dst_name if side else None)
+    return CopyCounts.of(stats)
+
+
+def read_extents(handle: Handle, conn: int, dst_fd: int, extents: ExtentArray,
+                 block_size: int, *, requests: int = 0, request_bytes: int = 0,
+                 rate_cap: Any = None, cancel: Any = None, src_name: str | None = None,
+                 dst_path: str | None = None) -> CopyCounts:
+    """Read EXTENTS of the open file over connection CONN into the same
+    offsets of the fresh local file DST_FD (non-zero blocks only), in one C
+    call; errors name the side."""
+    ffi, lib = _ffi(), _lib()
+    ext = extents_pointer(extents, on=ffi, ctype="bm_nfs_extent *")
+    stats = ffi.new("bm_nfs_copy_stats *")
+    flag = ffi.NULL if cancel is None else ffi.cast("uint32_t *", cancel)
+    rc = lib.bm_nfs_read_extents(handle, conn, dst_fd, ext, len(extents), block_size,
+                                 requests, request_bytes,
+                                 ffi.NULL if rate_cap is None else rate_cap, flag, stats)
+    if rc < 0:
+        side = stats.error_side
+        raise error_from_c(src_name if side == SIDE_SRC else dst_path if side else None)
     return CopyCounts.of(stats)

@@ -12,7 +12,9 @@ removed. An incremental sync opens the target itself read-write instead
 work items go, one C call per worker thread, each on its own connection,
 into the file through libnfs's asynchronous API (csrc/nfs/nfs.c): many
 WRITE3 calls in flight, holes and zeros of a fresh file skipped so it stays
-sparse on the server.
+sparse on the server. :class:`NfsFileReader` goes the other way (an NFS
+file as the source of a sync): every byte read, only non-zero blocks written
+to a new local file.
 """
 
 from __future__ import annotations
@@ -128,6 +130,17 @@ class NfsFile(Closeable):
         (FSSTAT; a stale partial a killed run left is not counted)."""
         return _n.free_bytes(self.handle, os.path.dirname(self.target) or "/", self.name)
 
+    def allocated_bytes(self) -> int:
+        """What the server has allocated to the open file: at most its data."""
+        return _n.allocated(self.handle, self.name)
+
+    def data_extents(self) -> ExtentArray:
+        """Where the open file may hold data: all of it (NFSv3 cannot say
+        where its holes are; a reader skips zero blocks instead)."""
+        from blockmirror.extents import as_extent_array
+
+        return as_extent_array([(0, self.size)] if self.size else [])
+
     def reads_zero(self, offset: int, length: int) -> bool:
         """Whether the range reads as zeros: the whole of a new partial does,
         until the first copy into it."""
@@ -217,3 +230,36 @@ class NfsCopier(ConnectionCopier):
         self._tally(counts)
         return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero,
                          counts.bytes_hole, counts.bytes_punched)
+
+
+class NfsFileReader(ConnectionCopier):
+    """Copies extents of NFS_FILE (open for reading) into the same offsets of
+    the local ``dst_fd``, which must read as zeros there (a new sparse file:
+    only non-zero blocks are written). One worker thread per connection,
+    each reading REQUESTS requests of REQUEST_BYTES at a time
+    (bm_nfs_read_extents); ``copy_extents`` keeps the Copier's interface
+    (``dst_fresh`` must be True)."""
+
+    def __init__(self, nfs_file: NfsFile, dst_fd: int, *, requests: int | None = None,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, block_size: int = DEFAULT_BLOCK_SIZE,
+                 rate_limit: float | None = None, dst_path: str | None = None) -> None:
+        super().__init__(nfs_file, -1, dst_fd, requests=requests,
+                         default_requests=DEFAULT_REQUESTS, batch_bytes=batch_bytes,
+                         block_size=block_size, rate_limit=rate_limit, src_path=nfs_file.name,
+                         dst_path=dst_path)
+        self.export: NfsFile = nfs_file
+        self._nfs_rate_cap = _n.new_rate_cap(round(rate_limit)) if rate_limit else None
+
+    def allocated_extents(self) -> ExtentArray:
+        return self.export.data_extents()
+
+    def _copy_item_now(self, item: ExtentArray, dst_fresh: bool, cancel: Any,
+                       start_writeback: bool, digests: DigestRequest | None) -> CopyStats:
+        if not dst_fresh:
+            raise ValueError("an NFS file is read only into a fresh (all-zero) local file")
+        counts = _n.read_extents(
+            self.export.handle, self._connection(), self.dst_fd, item, self.block_size,
+            requests=self.requests, request_bytes=REQUEST_BYTES, rate_cap=self._nfs_rate_cap,
+            cancel=cancel, src_name=self.export.name, dst_path=self.dst_path)
+        self._tally(counts)
+        return CopyStats(counts.bytes_read, counts.bytes_written, counts.bytes_zero, 0, 0)

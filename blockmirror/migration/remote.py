@@ -95,14 +95,10 @@ def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     nothing written on bad input), connected, then run as a
     :class:`RemoteSyncJob` (or :class:`NfsSyncJob`). An export as the
     source is a one-shot copy of it (remote_source.py)."""
-    source = parse(src)
-    if isinstance(source, NbdUri):
+    if isinstance(parse(src), (NbdUri, NfsUrl)):
         from blockmirror.migration.remote_source import sync_from_export
 
         return sync_from_export(src, dst, options)
-    if isinstance(source, NfsUrl):
-        raise InvalidInputError("an NFS file as the source of sync is not supported yet; "
-                                "copy it with nfs-cp, or sync from a local image")
     uri = parse(dst)
     if isinstance(uri, NfsUrl):
         # Its own module: a sync into an export never loads the NFS client.

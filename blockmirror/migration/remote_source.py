@@ -1,4 +1,5 @@
-"""An NBD export as the source of a sync: a one-shot copy into a local file.
+"""An NBD export, or a file on an NFS server, as the source of a sync: a
+one-shot copy into a local file.
 
 ``blockmirror sync nbd://HOST/EXPORT DST`` copies the export the way a
 local bulk pass does: block status (base:allocation) says where the export
@@ -19,6 +20,13 @@ every result says what the copy's exactness rests on. ``--verify`` asks
 block status again, reads the export again where it held or holds data and
 compares that with the shadow before the rename, which catches most writes
 during the copy.
+
+``blockmirror sync nfs://SERVER/EXPORT/FILE DST`` is the same copy from a
+file on an NFS server (NFSv3, libnfs): several READ3 calls in flight on each
+connection, only non-zero blocks written, through the same shadow. NFSv3
+cannot say where a file's holes are, so every byte is read (the server's
+own count of allocated bytes bounds the space check). Anyone who can mount
+the export may write the file, so ``--quiesced`` is always required.
 """
 
 from __future__ import annotations
@@ -28,9 +36,10 @@ import os
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from blockmirror import files
-from blockmirror.copying.endpoint import NbdUri, looks_like_uri, parse
+from blockmirror.copying.endpoint import NbdUri, NfsUrl, looks_like_uri, parse
 from blockmirror.copying.remote import ExportReader, NbdExport
 from blockmirror.errors import InvalidInputError, OutOfSpaceError, VerifyError
 from blockmirror.extents import Extent, ExtentArray, pairs, total_bytes, union
@@ -49,14 +58,24 @@ from blockmirror.migration.result import SyncProgress, SyncResult
 from blockmirror.tracking.tracker import sidecar_path
 from blockmirror.units import format_bytes
 
+if TYPE_CHECKING:
+    from blockmirror.copying.connections import ConnectionCopier
+    from blockmirror.copying.copier import CopyStats
+    from blockmirror.copying.nfs import NfsFile
+
 UNTRACKED_NOTE = ("the source is an NBD export, whose writers blockmirror cannot track: the "
                   "copy is exact only if nothing wrote the export during the copy")
+NFS_NOTE = ("the source is a file on an NFS server, whose writers blockmirror cannot track: "
+            "the copy is exact only if nothing wrote it during the copy; --quiesced: the "
+            "caller said nothing writes it")
 
 
 def sync_from_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     """Copy the export SRC into the local file DST: checked first (one line,
     exit 2, nothing created), then copied through a shadow file."""
     uri = parse(src)
+    if isinstance(uri, NfsUrl):
+        return _sync_from_nfs(uri, dst, options)
     assert isinstance(uri, NbdUri)
     _refuse_unsupported(uri, dst, options)
     export = NbdExport(uri, connections=options.workers, write=False)
@@ -70,16 +89,40 @@ def sync_from_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
         export.close()
 
 
-def _refuse_unsupported(uri: NbdUri, dst: str, options: SyncOptions) -> None:
+def _sync_from_nfs(url: NfsUrl, dst: str, options: SyncOptions) -> SyncResult:
+    """Copy the NFS file URL into the local file DST: checked first (one
+    line, exit 2, nothing created), then copied through a shadow file."""
+    from blockmirror.copying.nfs import NfsFile
+
+    _refuse_unsupported(url, dst, options)
+    if not options.quiesced:
+        raise InvalidInputError(
+            f"NFS file {url} can be written by anyone who mounts its export, and those "
+            "writers are not tracked: as the source of sync it would give a torn copy if "
+            "anything writes it meanwhile; stop its writers and pass --quiesced")
+    destination = _destination(dst, force=options.force)
+    nfs_file = NfsFile(url, connections=options.workers)
+    try:
+        nfs_file.open_existing()
+        _check_space(destination, min(nfs_file.size, nfs_file.allocated_bytes()))
+        return _NfsFileCopy(nfs_file, destination, options, nfs_file.data_extents(),
+                            NFS_NOTE).run()
+    finally:
+        nfs_file.close()
+
+
+def _refuse_unsupported(uri: NbdUri | NfsUrl, dst: str, options: SyncOptions) -> None:
+    kind, tool = (("an NFS file", "nfs-cp") if isinstance(uri, NfsUrl)
+                  else ("an NBD export", "nbdcopy"))
     if looks_like_uri(dst):
-        raise InvalidInputError(f"from one NBD export to another ({uri} -> ...) is not "
-                                "supported: use nbdcopy")
+        raise InvalidInputError(f"from {kind} to a remote destination ({uri} -> ...) is not "
+                                f"supported: use {tool}")
     if options.move:
-        raise InvalidInputError(f"--move from an NBD export is not supported ({uri}): its "
+        raise InvalidInputError(f"--move from {kind} is not supported ({uri}): its "
                                 "writers cannot be redirected; copy instead")
     if options.converge != "fail" or options.defer_hot:
-        raise InvalidInputError("--converge and --defer-hot need a tracked local source; an "
-                                f"NBD export ({uri}) is copied once, with no passes")
+        raise InvalidInputError(f"--converge and --defer-hot need a tracked local source; "
+                                f"{kind} ({uri}) is copied once, with no passes")
 
 
 def _exactness_note(export: NbdExport, options: SyncOptions) -> str:
@@ -139,7 +182,8 @@ def _check_space(destination: str, data_bytes: int) -> None:
 VERIFY_CHUNK = 4 << 20
 
 
-def _differing_chunks(path: str, export: NbdExport, ranges: list[Extent]) -> list[Extent]:
+def _differing_chunks(path: str, export: NbdExport | NfsFile,
+                      ranges: list[Extent]) -> list[Extent]:
     """The VERIFY_CHUNK pieces of RANGES where the file PATH and the export
     differ, one reader per connection of the export."""
     pieces = [(pos, min(VERIFY_CHUNK, off + length - pos)) for off, length in ranges
@@ -160,7 +204,9 @@ def _differing_chunks(path: str, export: NbdExport, ranges: list[Extent]) -> lis
 class _ExportCopy:
     """One copy of EXPORT's EXTENTS into DESTINATION through its shadow."""
 
-    def __init__(self, export: NbdExport, destination: str, options: SyncOptions,
+    export: NbdExport | NfsFile
+
+    def __init__(self, export: NbdExport | NfsFile, destination: str, options: SyncOptions,
                  extents: ExtentArray, note: str) -> None:
         self.export, self.destination, self.options = export, destination, options
         self.extents, self.partial = extents, partial_path(destination)
@@ -197,18 +243,25 @@ class _ExportCopy:
             done += nbytes
             self._report("bulk", done, total)
 
-        with ExportReader(self.export, fd, requests=self.options.requests,
-                          rate_limit=self.options.rate_limit,
-                          dst_path=self.destination) as reader:
+        with self._new_reader(fd) as reader:
             stats = reader.copy_extents(self.extents, dst_fresh=True, progress=progress)
         self.result.passes.append(PassRecord(0, "bulk", total, stats.seconds, 0,
                                              stats.bytes_written))
         self.result.bytes_copied = total
         self.result.bytes_written = stats.bytes_written
-        self.result.notes.append(
-            f"{self.export.connections} connection(s), up to {reader.most_in_flight} reads in "
-            f"flight on one; {format_bytes(total - stats.bytes_read)} the export called "
-            "zero not read")
+        self.result.notes.append(f"{self.export.connections} connection(s), up to "
+                                 f"{reader.most_in_flight} reads in flight on one; "
+                                 + self._skipped(stats))
+
+    def _new_reader(self, fd: int) -> ConnectionCopier:
+        assert isinstance(self.export, NbdExport)
+        return ExportReader(self.export, fd, requests=self.options.requests,
+                            rate_limit=self.options.rate_limit, dst_path=self.destination)
+
+    def _skipped(self, stats: CopyStats) -> str:
+        """What the copy did not have to read or write, for its note."""
+        not_read = format_bytes(self.export.size - stats.bytes_read)
+        return f"{not_read} the export called zero not read"
 
     def _verify(self) -> None:
         """Re-read the export where it held data then or holds data now (block
@@ -239,3 +292,19 @@ class _ExportCopy:
         elapsed = time.monotonic() - self.started
         self.options.progress(SyncProgress(phase, 0, done, total,
                                            done / elapsed if elapsed > 0 else 0.0, 0, elapsed))
+
+
+class _NfsFileCopy(_ExportCopy):
+    """One copy of an NFS file into DESTINATION through its shadow: every
+    byte read (NFSv3 has no block status), zero blocks not written."""
+
+    def _new_reader(self, fd: int) -> ConnectionCopier:
+        from blockmirror.copying.nfs import NfsFile, NfsFileReader
+
+        assert isinstance(self.export, NfsFile)
+        return NfsFileReader(self.export, fd, requests=self.options.requests,
+                             rate_limit=self.options.rate_limit, dst_path=self.destination)
+
+    def _skipped(self, stats: CopyStats) -> str:
+        return (f"every byte read (NFSv3 cannot say where holes are), "
+                f"{format_bytes(stats.bytes_zero)} of zero blocks not written")

@@ -311,7 +311,11 @@ static int scatter(struct bm_ep_loop *loop, struct bm_ep_slot *s, uint64_t len,
 
 void bm_ep_loop_pace(struct bm_ep_loop *loop, uint64_t len)
 {
-    bm_ep_rate_cap *cap = loop->rate_cap;
+    bm_ep_pace(loop->rate_cap, len);
+}
+
+void bm_ep_pace(bm_ep_rate_cap *cap, uint64_t len)
+{
     if (!cap || !__atomic_load_n(&cap->bytes_per_s, __ATOMIC_ACQUIRE))
         return;
     uint64_t cost = (uint64_t)((double)len * 1e9 / (double)cap->bytes_per_s);

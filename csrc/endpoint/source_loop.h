@@ -170,6 +170,9 @@ BM_EP_HIDDEN int bm_ep_loop_write(struct bm_ep_loop *loop, struct bm_ep_slot *s,
 /* Sleep as the rate cap says LEN more bytes may cost (no cap: no sleep). */
 BM_EP_HIDDEN void bm_ep_loop_pace(struct bm_ep_loop *loop, uint64_t len);
 
+/* The same pacing for a caller without a loop: CAP may be NULL (no cap). */
+BM_EP_HIDDEN void bm_ep_pace(bm_ep_rate_cap *cap, uint64_t len);
+
 static inline void bm_ep_loop_hold(struct bm_ep_loop *loop, struct bm_ep_slot *s)
 {
     s->pending++;

@@ -88,6 +88,10 @@ int bm_nfs_close_file(bm_nfs *h);
 /* The open file's size as the server has it (GETATTR), or -1. */
 int64_t bm_nfs_size(bm_nfs *h);
 
+/* The bytes the server has allocated to the open file (GETATTR's used),
+ * or -1: an upper bound of its data, for a reader's space check. */
+int64_t bm_nfs_allocated(bm_nfs *h);
+
 /* Set the open file's size (SETATTR; growing leaves a hole). */
 int bm_nfs_truncate(bm_nfs *h, uint64_t size);
 
@@ -133,6 +137,23 @@ int bm_nfs_pread(bm_nfs *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
 int bm_nfs_copy_extents(bm_nfs *h, uint32_t conn, int src_fd, const bm_nfs_extent *extents,
                         uint64_t count, uint32_t block_size, uint32_t requests,
                         uint64_t request_bytes, uint32_t flags, bm_nfs_rate_cap *rate_cap,
+                        const uint32_t *cancel, bm_nfs_copy_stats *stats);
+
+/* The other way: each extent of the open file into the same offsets of the
+ * local file DST_FD, which must read as zeros there (a new sparse file).
+ * Read over connection CONN in pieces of REQUESTS * REQUEST_BYTES, REQUESTS
+ * READ3 calls in flight (0: the defaults); each piece checked in BLOCK_SIZE
+ * blocks and only its non-zero blocks written (pwrite), so the copy stays
+ * sparse. NFSv3 cannot say where the file's holes are: every byte is read.
+ * Bytes past the file's end read as zeros. RATE_CAP (may be NULL) paces
+ * the reads; CANCEL (may be NULL) is polled before each piece: non-zero
+ * stops with ECANCELED. STATS (required, zeroed on entry) as for a copy:
+ * bytes_read from the server, bytes_written and bytes_zero of the local
+ * file, error_side SRC for the server, DST for the local file. The server
+ * is never written. One call per connection at a time. */
+int bm_nfs_read_extents(bm_nfs *h, uint32_t conn, int dst_fd, const bm_nfs_extent *extents,
+                        uint64_t count, uint32_t block_size, uint32_t requests,
+                        uint64_t request_bytes, bm_nfs_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nfs_copy_stats *stats);
 
 /* Hash while copying (bm_ep_hash_fn, bm_ep_digest_sink: the core's

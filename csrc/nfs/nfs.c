@@ -53,6 +53,7 @@ struct op {
     char msg[256];
     struct nfsfh *fh;                   /* open's result */
     uint64_t size;                      /* fstat's result */
+    uint64_t used;                      /* ... and the bytes the server has allocated */
     char verf[NFS3_WRITEVERFSIZE];      /* commit's write verifier */
 };
 
@@ -253,8 +254,11 @@ static void open_done(int err, struct nfs_context *nfs, void *data, void *privat
 static void stat_done(int err, struct nfs_context *nfs, void *data, void *private_data)
 {
     op_done(err, nfs, data, private_data);
-    if (err >= 0)
-        ((struct op *)private_data)->size = ((struct nfs_stat_64 *)data)->nfs_size;
+    if (err >= 0) {
+        const struct nfs_stat_64 *st = data;
+        ((struct op *)private_data)->size = st->nfs_size;
+        ((struct op *)private_data)->used = st->nfs_used;
+    }
 }
 
 static void statvfs_done(int err, struct nfs_context *nfs, void *data, void *private_data)
@@ -439,14 +443,22 @@ static int have_file(bm_nfs *h)
     return h->conn[0].fh ? 0 : bm_ep_fail(EBADF, "no file is open");
 }
 
-int64_t bm_nfs_size(bm_nfs *h)
+static int stat_file(bm_nfs *h)
 {
     if (have_file(h) < 0)
         return -1;
     struct conn *k = &h->conn[0];
-    if (finish_op(h, k, nfs_fstat64_async(k->nfs, k->fh, stat_done, new_op(k)), "stat") < 0)
-        return -1;
-    return (int64_t)k->op.size;
+    return finish_op(h, k, nfs_fstat64_async(k->nfs, k->fh, stat_done, new_op(k)), "stat");
+}
+
+int64_t bm_nfs_size(bm_nfs *h)
+{
+    return stat_file(h) < 0 ? -1 : (int64_t)h->conn[0].op.size;
+}
+
+int64_t bm_nfs_allocated(bm_nfs *h)
+{
+    return stat_file(h) < 0 ? -1 : (int64_t)h->conn[0].op.used;
 }
 
 int bm_nfs_truncate(bm_nfs *h, uint64_t size)
@@ -594,16 +606,14 @@ static int wait_reads(bm_nfs *h, struct conn *k, uint32_t most)
     return 0;
 }
 
-int bm_nfs_pread(bm_nfs *h, uint32_t conn, char *buf, uint64_t len, uint64_t offset)
+/* LEN bytes at OFFSET of K's open file into BUF, DEPTH READ3 calls in
+ * flight; how many calls it took in *CALLS (may be NULL). */
+static int read_into(bm_nfs *h, struct conn *k, char *buf, uint64_t len, uint64_t offset,
+                     uint32_t depth, uint64_t *calls)
 {
-    if (usable(h, conn) < 0)
-        return -1;
-    struct conn *k = &h->conn[conn];
-    if (!k->fh)
-        return bm_ep_fail(EBADF, "no file is open");
     k->read_error = 0;
     for (uint64_t done = 0; done < len;) {
-        if (wait_reads(h, k, READ_DEPTH) < 0)
+        if (wait_reads(h, k, depth) < 0)
             return -1;
         struct request *r = calloc(1, sizeof *r);
         if (!r)
@@ -616,6 +626,8 @@ int bm_nfs_pread(bm_nfs *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
             return lose(k, EIO, "read: libnfs could not queue the call");
         }
         k->reads++;
+        if (calls)
+            (*calls)++;
         done += n;
     }
     if (wait_reads(h, k, 1) < 0)
@@ -624,6 +636,103 @@ int bm_nfs_pread(bm_nfs *h, uint32_t conn, char *buf, uint64_t len, uint64_t off
         return bm_ep_fail(k->read_error, "read near offset %llu failed: %s",
                           (unsigned long long)offset, strerror(k->read_error));
     return 0;
+}
+
+int bm_nfs_pread(bm_nfs *h, uint32_t conn, char *buf, uint64_t len, uint64_t offset)
+{
+    if (usable(h, conn) < 0)
+        return -1;
+    struct conn *k = &h->conn[conn];
+    if (!k->fh)
+        return bm_ep_fail(EBADF, "no file is open");
+    return read_into(h, k, buf, len, offset, READ_DEPTH, NULL);
+}
+
+/* ---------------------------------------------------------------------- */
+/* READ into a local file (an NFS file as the source of a sync)            */
+
+/* The non-zero BLOCK-sized blocks of BUF[0, LEN), which holds the file's
+ * bytes at OFFSET, written to the same offsets of FD: one pwrite per run. */
+static int write_data_blocks(int fd, const char *buf, uint64_t len, uint64_t offset,
+                             uint32_t block, bm_nfs_copy_stats *st)
+{
+    for (uint64_t i = 0; i < len;) {
+        uint64_t b = len - i < block ? len - i : block;
+        if (bm_ep_is_zero(buf + i, b)) {
+            st->bytes_zero += b;
+            i += b;
+            continue;
+        }
+        uint64_t j = i + b;
+        while (j < len) {
+            uint64_t c = len - j < block ? len - j : block;
+            if (bm_ep_is_zero(buf + j, c))
+                break;
+            j += c;
+        }
+        for (uint64_t done = i; done < j;) {
+            ssize_t n = pwrite(fd, buf + done, j - done, (off_t)(offset + done));
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                return bm_ep_fail(n < 0 ? errno : EIO, "write at offset %llu failed: %s",
+                                  (unsigned long long)(offset + done),
+                                  strerror(n < 0 ? errno : EIO));
+            done += (uint64_t)n;
+        }
+        st->bytes_written += j - i;
+        i = j;
+    }
+    return 0;
+}
+
+int bm_nfs_read_extents(bm_nfs *h, uint32_t conn, int dst_fd, const bm_nfs_extent *extents,
+                        uint64_t count, uint32_t block_size, uint32_t requests,
+                        uint64_t request_bytes, bm_nfs_rate_cap *rate_cap,
+                        const uint32_t *cancel, bm_nfs_copy_stats *stats)
+{
+    memset(stats, 0, sizeof *stats);
+    if (!requests)
+        requests = BM_NFS_DEFAULT_REQUESTS;
+    if (!request_bytes)
+        request_bytes = BM_NFS_DEFAULT_REQUEST_BYTES;
+    if (bm_ep_check_shape(block_size, request_bytes, 0) < 0 || usable(h, conn) < 0)
+        return -1;
+    struct conn *k = &h->conn[conn];
+    if (!k->fh)
+        return bm_ep_fail(EBADF, "no file is open");
+    uint64_t piece_max = (uint64_t)requests * request_bytes;
+    char *buf = malloc(piece_max);
+    if (!buf)
+        return bm_ep_fail(ENOMEM, "out of memory for %llu bytes of reads",
+                          (unsigned long long)piece_max);
+    stats->max_in_flight = requests;
+    int rc = 0;
+    for (uint64_t e = 0; e < count && rc == 0; e++) {
+        uint64_t end = extents[e].offset + extents[e].length;
+        for (uint64_t off = extents[e].offset; off < end && rc == 0;) {
+            if (cancel && __atomic_load_n(cancel, __ATOMIC_ACQUIRE)) {
+                rc = bm_ep_fail(ECANCELED, "cancelled");
+                break;
+            }
+            uint64_t n = end - off < piece_max ? end - off : piece_max;
+            bm_ep_pace(rate_cap, n);
+            if (read_into(h, k, buf, n, off, requests, &stats->requests) < 0) {
+                stats->error_side = BM_NFS_SIDE_SRC;
+                rc = -1;
+                break;
+            }
+            stats->bytes_read += n;
+            if (write_data_blocks(dst_fd, buf, n, off, block_size, stats) < 0) {
+                stats->error_side = BM_NFS_SIDE_DST;
+                rc = -1;
+                break;
+            }
+            off += n;
+        }
+    }
+    free(buf);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------- */
