@@ -70,6 +70,8 @@ struct conn {
     int read_error;
     struct op op;
     struct call *call;                  /* the last copy call's state, reused */
+    char *read_buf;                     /* bm_nfs_read_extents' pieces, kept between calls */
+    uint64_t read_buf_len;
 };
 
 struct bm_nfs {
@@ -359,6 +361,7 @@ void bm_nfs_close(bm_nfs *h)
             nfs_destroy_context(k->nfs); /* may call back into k->call: freed after */
         }
         free_call(k->call);
+        free(k->read_buf);
     }
     free(h->file);
     free(h);
@@ -686,26 +689,45 @@ static int write_data_blocks(int fd, const char *buf, uint64_t len, uint64_t off
     return 0;
 }
 
+static int check_args(bm_nfs *h, uint32_t conn, const bm_nfs_extent *extents, uint64_t count,
+                      uint32_t block_size, uint64_t request_bytes, uint32_t flags);
+
+/* K's buffer for pieces of LEN bytes: kept between calls, so a piece's
+ * pages are not faulted in again for every work item. */
+static char *read_buffer(struct conn *k, uint64_t len)
+{
+    if (k->read_buf_len < len) {
+        free(k->read_buf);
+        k->read_buf_len = 0;
+        k->read_buf = malloc(len);
+        if (!k->read_buf) {
+            bm_ep_fail(ENOMEM, "out of memory for %llu bytes of reads", (unsigned long long)len);
+            return NULL;
+        }
+        k->read_buf_len = len;
+    }
+    return k->read_buf;
+}
+
 int bm_nfs_read_extents(bm_nfs *h, uint32_t conn, int dst_fd, const bm_nfs_extent *extents,
                         uint64_t count, uint32_t block_size, uint32_t requests,
                         uint64_t request_bytes, bm_nfs_rate_cap *rate_cap,
                         const uint32_t *cancel, bm_nfs_copy_stats *stats)
 {
+    if (!stats)
+        return bm_ep_fail(EINVAL, "stats must not be NULL");
     memset(stats, 0, sizeof *stats);
-    if (!requests)
-        requests = BM_NFS_DEFAULT_REQUESTS;
-    if (!request_bytes)
-        request_bytes = BM_NFS_DEFAULT_REQUEST_BYTES;
-    if (bm_ep_check_shape(block_size, request_bytes, 0) < 0 || usable(h, conn) < 0)
+    requests = requests ? requests : BM_NFS_DEFAULT_REQUESTS;
+    request_bytes = request_bytes ? request_bytes : BM_NFS_DEFAULT_REQUEST_BYTES;
+    if (dst_fd < 0)
+        return bm_ep_fail(EINVAL, "the local file must be given");
+    if (check_args(h, conn, extents, count, block_size, request_bytes, 0) < 0)
         return -1;
     struct conn *k = &h->conn[conn];
-    if (!k->fh)
-        return bm_ep_fail(EBADF, "no file is open");
     uint64_t piece_max = (uint64_t)requests * request_bytes;
-    char *buf = malloc(piece_max);
+    char *buf = read_buffer(k, piece_max);
     if (!buf)
-        return bm_ep_fail(ENOMEM, "out of memory for %llu bytes of reads",
-                          (unsigned long long)piece_max);
+        return -1;
     stats->max_in_flight = requests;
     int rc = 0;
     for (uint64_t e = 0; e < count && rc == 0; e++) {
@@ -731,7 +753,6 @@ int bm_nfs_read_extents(bm_nfs *h, uint32_t conn, int dst_fd, const bm_nfs_exten
             off += n;
         }
     }
-    free(buf);
     return rc;
 }
 
