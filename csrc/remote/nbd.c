@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -135,7 +136,59 @@ static int connect_within(struct nbd_handle *nbd, const char *uri, uint32_t time
     return 0;
 }
 
-static struct nbd_handle *connect_one(const char *uri, int write, uint32_t timeout_ms)
+/* Connect and shake hands on the N handles of NBDS at once, giving up after
+ * TIMEOUT_MS (0: never) without progress: the extra connections of a
+ * multi-conn export take one handshake's round trips, not N in a row. */
+static int connect_all_within(struct nbd_handle **nbds, uint32_t n, const char *uri,
+                              uint32_t timeout_ms)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (nbd_aio_connect_uri(nbds[i], uri) < 0)
+            return fail_nbd("connect");
+    uint64_t deadline = bm_ep_deadline_after(timeout_ms);
+    for (;;) {
+        struct pollfd fds[BM_NBD_MAX_CONNS];
+        struct nbd_handle *of[BM_NBD_MAX_CONNS];
+        nfds_t waiting = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            if (nbd_aio_is_connecting(nbds[i]) != 1)
+                continue;
+            int fd = nbd_aio_get_fd(nbds[i]);
+            if (fd < 0) /* libnbd makes the socket as it starts connecting */
+                return fail_nbd("connect");
+            unsigned dir = nbd_aio_get_direction(nbds[i]);
+            short events = (short)((dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0) |
+                                   (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0));
+            ack_quickly(nbds[i]);
+            fds[waiting] = (struct pollfd){.fd = fd, .events = events};
+            of[waiting++] = nbds[i];
+        }
+        if (waiting == 0)
+            break;
+        int r = poll(fds, waiting, POLL_MS);
+        if (r < 0 && errno != EINTR)
+            return bm_ep_fail(errno, "connect: poll: %s", strerror(errno));
+        if (r == 0 && deadline && bm_ep_now_ns() > deadline)
+            return bm_ep_fail(ETIMEDOUT, "connect: no answer from the NBD server in %u ms",
+                              timeout_ms);
+        for (nfds_t w = 0; r > 0 && w < waiting; w++) {
+            short ev = fds[w].revents;
+            if ((ev & (POLLIN | POLLHUP | POLLERR)) && nbd_aio_notify_read(of[w]) < 0)
+                return fail_nbd("connect");
+            if ((ev & POLLOUT) && nbd_aio_notify_write(of[w]) < 0)
+                return fail_nbd("connect");
+        }
+        if (r > 0)
+            deadline = bm_ep_deadline_after(timeout_ms);
+    }
+    for (uint32_t i = 0; i < n; i++)
+        if (nbd_aio_is_ready(nbds[i]) != 1)
+            return fail_nbd("connect");
+    return 0;
+}
+
+/* A new handle with our options, not connected. */
+static struct nbd_handle *new_handle(void)
 {
     struct nbd_handle *nbd = nbd_create();
     if (!nbd) {
@@ -150,15 +203,24 @@ static struct nbd_handle *connect_one(const char *uri, int write, uint32_t timeo
         nbd_close(nbd);
         return NULL;
     }
-    if (connect_within(nbd, uri, timeout_ms) < 0) {
+    return nbd;
+}
+
+static int refuse_read_only(struct nbd_handle *nbd, int write)
+{
+    return write && nbd_is_read_only(nbd) == 1 ? bm_ep_fail(EROFS, "the export is read-only")
+                                                : 0;
+}
+
+static struct nbd_handle *connect_one(const char *uri, int write, uint32_t timeout_ms)
+{
+    struct nbd_handle *nbd = new_handle();
+    if (!nbd)
+        return NULL;
+    if (connect_within(nbd, uri, timeout_ms) < 0 || refuse_read_only(nbd, write) < 0) {
         int err = errno;
         nbd_close(nbd);
         errno = err;
-        return NULL;
-    }
-    if (write && nbd_is_read_only(nbd) == 1) {
-        nbd_close(nbd);
-        bm_ep_fail(EROFS, "the export is read-only");
         return NULL;
     }
     return nbd;
@@ -207,13 +269,23 @@ bm_nbd *bm_nbd_open(const char *uri, uint32_t max_conns, int write, uint32_t tim
     h->size = (uint64_t)size;
     learn_caps(h);
     uint32_t want = (h->caps & BM_NBD_CAN_MULTI_CONN) ? max_conns : 1;
-    while (h->nconns < want) {
-        struct nbd_handle *more = connect_one(uri, write, timeout_ms);
-        if (!more) {
+    for (uint32_t i = 1; i < want; i++) {
+        h->conn[i] = new_handle();
+        if (!h->conn[i]) {
             bm_nbd_close(h);
             return NULL;
         }
-        h->conn[h->nconns++] = more;
+        h->nconns++;
+    }
+    if (want > 1 && connect_all_within(h->conn + 1, want - 1, uri, timeout_ms) < 0) {
+        bm_nbd_close(h);
+        return NULL;
+    }
+    for (uint32_t i = 1; i < want; i++) {
+        if (refuse_read_only(h->conn[i], write) < 0) {
+            bm_nbd_close(h);
+            return NULL;
+        }
     }
     return h;
 }
