@@ -2,7 +2,9 @@
 one connection, and the four of a multi-conn export, which blockmirror
 connects at once after the first (the first says whether the server takes
 more). Beside it, `nbdinfo --size` on the same link (one connection, C,
-its process start included).
+its process start included). Then the same for mounting an NFS export
+(nfs-ganesha) on one and on four connections, all four at once, beside
+`nfs-ls` of the export (one mount, C, its start included).
 
     python bench/remote_connect.py [--delay-ms 0.5] [--rounds 9]   # root
 
@@ -64,6 +66,38 @@ def _rounds(uri: str, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
+def _nfs_rounds(url: str, export_url: str, rounds: int) -> dict[str, float]:
+    from blockmirror.copying.endpoint import parse
+    from blockmirror.copying.nfs import NfsFile
+
+    times: dict[str, list[float]] = {"1 connection": [], "4 connections": [], "nfs-ls": []}
+    for _ in range(rounds):
+        for conns in (1, 4):
+            started = time.perf_counter()
+            nfs_file = NfsFile(parse(url), connections=conns)  # type: ignore[arg-type]
+            times[f"{conns} connection{'s' if conns > 1 else ''}"].append(
+                time.perf_counter() - started)
+            assert nfs_file.connections == conns
+            nfs_file.close()
+        started = time.perf_counter()
+        subprocess.run(["nfs-ls", export_url], capture_output=True, check=True)
+        times["nfs-ls"].append(time.perf_counter() - started)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def _nfs(link: object, work: Path, args: argparse.Namespace) -> None:
+    from ganeshatools import MOUNT_PORT, NFS_PORT, RPCBIND_PORT, ganesha
+    from netnstools import delayed
+
+    folder = work / "nfs-export"
+    folder.mkdir()
+    with ganesha(link, folder, work / "ganesha") as server, \
+            delayed(link, [RPCBIND_PORT, MOUNT_PORT, NFS_PORT], args.delay_ms) as host:
+        url = server.url("disk.img", host=host)
+        m = _nfs_rounds(url, url.rsplit("/", 1)[0], args.rounds)
+    print(f"{'ganesha':9s} " + ", ".join(f"{k} {v:.1f} ms" for k, v in m.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--delay-ms", type=float, default=0.5, help="each way (default 0.5)")
@@ -90,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     proc.terminate()
                     proc.wait()
                 print(f"{kind:9s} " + ", ".join(f"{k} {v:.1f} ms" for k, v in m.items()))
+            _nfs(link, Path(work), args)
     return 0
 
 

@@ -294,7 +294,9 @@ static int finish_op(bm_nfs *h, struct conn *k, int queued, const char *what)
 /* ---------------------------------------------------------------------- */
 /* The handle                                                              */
 
-static int mount_one(bm_nfs *h, struct conn *k, const char *url)
+/* Start mounting URL's export on K (its own context); WHAT (WHAT_LEN
+ * bytes) gets the message prefix for its errors. */
+static int start_mount(bm_nfs *h, struct conn *k, const char *url, char *what, size_t what_len)
 {
     k->nfs = nfs_init_context();
     if (!k->nfs)
@@ -308,12 +310,60 @@ static int mount_one(bm_nfs *h, struct conn *k, const char *url)
         nfs_destroy_url(u);
         return bm_ep_fail(ENOMEM, "out of memory");
     }
-    char what[300];
-    snprintf(what, sizeof what, "mount %s", u->path);
+    snprintf(what, what_len, "mount %s", u->path);
     int queued = nfs_mount_async(k->nfs, u->server, u->path, op_done, new_op(k));
-    int rc = finish_op(h, k, queued, what);
     nfs_destroy_url(u);
-    return rc;
+    return queued < 0 ? bm_ep_fail(EIO, "%s: %s", what, nfs_get_error(k->nfs)) : 0;
+}
+
+/* Mount on the first N connections at once: each mount is several calls in
+ * a row (portmapper, mount, then the NFS service), so one poll loop over
+ * them all takes one mount's round trips instead of N times as many. No
+ * longer than the handle's timeout without a socket event. */
+static int mount_all(bm_nfs *h, const char *url, uint32_t n)
+{
+    char what[300] = "mount";
+    for (uint32_t i = 0; i < n; i++) {
+        h->nconns = i + 1;
+        if (start_mount(h, &h->conn[i], url, what, sizeof what) < 0)
+            return -1;
+    }
+    uint64_t deadline = bm_ep_deadline_after(h->timeout_ms);
+    for (;;) {
+        struct pollfd fds[BM_NFS_MAX_CONNS];
+        struct conn *of[BM_NFS_MAX_CONNS];
+        nfds_t waiting = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            struct conn *k = &h->conn[i];
+            if (k->op.done)
+                continue;
+            /* The socket changes as the mount moves from service to service. */
+            fds[waiting] = (struct pollfd){.fd = nfs_get_fd(k->nfs),
+                                           .events = (short)nfs_which_events(k->nfs)};
+            of[waiting++] = k;
+        }
+        if (waiting == 0)
+            break;
+        int r = poll(fds, waiting, POLL_MS);
+        if (r < 0 && errno != EINTR)
+            return bm_ep_fail(errno, "%s: poll: %s", what, strerror(errno));
+        for (nfds_t w = 0; w < waiting; w++) {
+            if (nfs_service(of[w]->nfs, r > 0 ? fds[w].revents : 0) < 0) {
+                char why[400];
+                snprintf(why, sizeof why, "%s: %s", what, nfs_get_error(of[w]->nfs));
+                return lose(of[w], EIO, why);
+            }
+        }
+        if (r > 0)
+            deadline = bm_ep_deadline_after(h->timeout_ms);
+        else if (deadline && bm_ep_now_ns() > deadline)
+            return bm_ep_fail(ETIMEDOUT, "%s: no answer from the NFS server in %u ms", what,
+                              h->timeout_ms);
+    }
+    for (uint32_t i = 0; i < n; i++)
+        if (h->conn[i].op.err)
+            return bm_ep_fail(h->conn[i].op.err, "%s: %s", what, h->conn[i].op.msg);
+    return 0;
 }
 
 bm_nfs *bm_nfs_mount(const char *url, uint32_t conns, uint32_t timeout_ms)
@@ -328,15 +378,12 @@ bm_nfs *bm_nfs_mount(const char *url, uint32_t conns, uint32_t timeout_ms)
         return NULL;
     }
     h->timeout_ms = timeout_ms;
-    for (uint32_t i = 0; i < conns; i++) {
-        h->nconns = i + 1;
-        if (mount_one(h, &h->conn[i], url) < 0) {
-            struct bm_ep_error why;
-            bm_ep_save_error(&why);
-            bm_nfs_close(h);
-            bm_ep_restore_error(&why);
-            return NULL;
-        }
+    if (mount_all(h, url, conns) < 0) {
+        struct bm_ep_error why;
+        bm_ep_save_error(&why);
+        bm_nfs_close(h);
+        bm_ep_restore_error(&why);
+        return NULL;
     }
     h->write_max = nfs_get_writemax(h->conn[0].nfs);
     h->read_max = nfs_get_readmax(h->conn[0].nfs);
