@@ -91,20 +91,11 @@ LEFT_PARTLY = "the NBD export was left partly written; the source is untouched"
 
 
 def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
-    """File mode into an export or an NFS file: checked (one line, exit 2,
-    nothing written on bad input), connected, then run as a
-    :class:`RemoteSyncJob` (or :class:`NfsSyncJob`). An export as the
-    source is a one-shot copy of it (remote_source.py)."""
-    if isinstance(parse(src), (NbdUri, NfsUrl)):
-        from blockmirror.migration.remote_source import sync_from_export
-
-        return sync_from_export(src, dst, options)
+    """File mode into the export DST: checked (one line, exit 2, nothing
+    written on bad input), connected, then run as a :class:`RemoteSyncJob`.
+    (Into an NFS file: remote_nfs.py; from either: remote_source.py; the
+    choice is run.py's.)"""
     uri = parse(dst)
-    if isinstance(uri, NfsUrl):
-        # Its own module: a sync into an export never loads the NFS client.
-        from blockmirror.migration.remote_nfs import sync_to_nfs
-
-        return sync_to_nfs(src, uri, options)
     assert isinstance(uri, NbdUri)
     refuse_unsupported(src, uri, options)
     if options.move:

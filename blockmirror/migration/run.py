@@ -48,10 +48,7 @@ def sync(
         raise TypeError(f"sync() {e}") from None
     src_s, dst_s = os.fspath(src), os.fspath(dst)
     if looks_like_uri(dst_s) or looks_like_uri(src_s):
-        # An NBD export on either side (migration/remote.py).
-        from blockmirror.migration.remote import sync_to_export
-
-        return sync_to_export(src_s, dst_s, opts)
+        return _sync_remote(src_s, dst_s, opts)
     if os.path.isdir(src_s):
         from blockmirror.migration.directory import sync_directory  # late: few syncs need it
 
@@ -63,3 +60,24 @@ def sync_file(src: str, dst: str, options: SyncOptions) -> SyncResult:
     """File mode: one image."""
     plan = precheck.plan_file_sync(src, dst, force=options.force, move=options.move)
     return FileSyncJob(plan, options).run()
+
+
+def _sync_remote(src: str, dst: str, opts: SyncOptions) -> SyncResult:
+    """An NBD export or an NFS file on either side, each kind in its own
+    module, loaded only by the syncs that use it: into an export
+    (remote.py), into an NFS file (remote_nfs.py), or from either into a
+    local file (remote_source.py)."""
+    from blockmirror.copying.endpoint import NfsUrl, parse
+
+    if looks_like_uri(src):
+        from blockmirror.migration.remote_source import sync_from_export
+
+        return sync_from_export(src, dst, opts)
+    where = parse(dst)
+    if isinstance(where, NfsUrl):
+        from blockmirror.migration.remote_nfs import sync_to_nfs
+
+        return sync_to_nfs(src, where, opts)
+    from blockmirror.migration.remote import sync_to_export
+
+    return sync_to_export(src, dst, opts)
