@@ -105,6 +105,9 @@ FORGET, RESIZE = 1, 2
 # Bytes a stored granule of data costs at most: index and digest, in two
 # bodies (the current one and the one a commit writes beside it).
 STORED_BYTES_PER_GRANULE = 32
+# At most this many granules are read back without numpy at a new copy's
+# commit (those its bulk pass did not see whole); more take the numpy path.
+PLAIN_RECORD_GRANULES = 256
 
 __all__ = [
     "UNKNOWN",
@@ -382,9 +385,7 @@ class Manifest:
         """Write the in-memory table as a new body where it overlaps neither
         the current body nor its journal (a crash before the header points
         at it changes nothing), and fsync it (if DURABLE)."""
-        table = self.table
-        raw = b"".join(np.ascontiguousarray(part).astype("<u8").tobytes()
-                       for part in (table.unknown, table.keys, table.values))
+        raw, unknown_runs, data_granules = self.table.body()
         current = self.body
         if HEADER_BYTES + len(raw) <= current.offset:
             offset = HEADER_BYTES
@@ -394,7 +395,7 @@ class Manifest:
         if durable:
             os.fsync(self._fd())
         self.body = Body(offset, len(raw), xxhash.xxh3_64_hexdigest(raw), offset + len(raw),
-                         unknown_runs=len(table.unknown), data_granules=len(table.keys))
+                         unknown_runs=unknown_runs, data_granules=data_granules)
 
 
     def close(self) -> None:
@@ -538,6 +539,8 @@ class Manifest:
         copy :meth:`commit` binds the manifest to, unless given another."""
         self.copy_fd = fd
         table = self.table
+        if table.plain and self._record_few(fd, extents):
+            return
         runs = dg.granule_runs(extents, self.granularity, table.granules)
         if not len(runs):
             return
@@ -545,6 +548,26 @@ class Manifest:
                                             workers)
         table.set_zero(holes)
         table.put(keys, values)
+
+    def _record_few(self, fd: int, extents: Iterable[Extent]) -> bool:
+        """:meth:`record` for a plain table (a new copy's, learnt from its
+        bulk pass) and at most PLAIN_RECORD_GRANULES granules - the few no
+        pass saw whole, such as a short last one: read and hashed here,
+        without numpy. False (nothing done) for more."""
+        g, table = self.granularity, self.table
+        granules: list[int] = []
+        for offset, length in extents:
+            if length > 0:
+                granules.extend(range(offset // g, min(table.granules, -(-(offset + length) // g))))
+            if len(granules) > PLAIN_RECORD_GRANULES:
+                return False
+        found = []
+        for k in sorted(set(granules)):
+            offset = k * g
+            length = min(self.image_size, offset + g) - offset
+            found.append((k, digest(files.pread_full(fd, length, offset).ljust(length, b"\0"))))
+        table.put_plain(found)
+        return True
 
     def commit(self, series: str, generation: int,
                recorded: Iterable[Extent] | None = None, *,
@@ -591,7 +614,7 @@ class Manifest:
 
     def unknown_extents(self) -> list[Extent]:
         """Byte extents of granules whose digest is UNKNOWN."""
-        return dg.byte_extents(self.table.unknown, self.granularity, self.image_size)
+        return self.table.unknown_extents()
 
 
 def _check_trust(path: str, st: os.stat_result) -> None:
