@@ -10,7 +10,6 @@ import array
 import functools
 import importlib
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from blockmirror._bindings._ffi import (
@@ -48,16 +47,24 @@ MAX_BLOCK: int = lib.BM_COPY_MAX_BLOCK
 DEFAULT_BUFFER: int = lib.BM_COPY_DEFAULT_BUFFER
 
 
-@dataclass(frozen=True)
 class CopyCounts:
-    """What one bm_copy_extents call did (``bm_copy_stats``)."""
+    """What one bm_copy_extents call did (``bm_copy_stats``). A plain class,
+    not a dataclass: making a dataclass costs ~0.5 ms of every start."""
 
-    bytes_read: int
-    bytes_written: int
-    bytes_zero: int
-    bytes_hole: int
-    bytes_punched: int
-    found_unsupported: int  # the *_FAILED bits
+    def __init__(self, bytes_read: int, bytes_written: int, bytes_zero: int, bytes_hole: int,
+                 bytes_punched: int, found_unsupported: int) -> None:
+        self.bytes_read = bytes_read
+        self.bytes_written = bytes_written
+        self.bytes_zero = bytes_zero
+        self.bytes_hole = bytes_hole
+        self.bytes_punched = bytes_punched
+        self.found_unsupported = found_unsupported  # the *_FAILED bits
+
+    def __repr__(self) -> str:
+        return f"CopyCounts({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CopyCounts) and vars(self) == vars(other)
 
 
 def new_buffer(size: int) -> CData:
