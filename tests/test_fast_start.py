@@ -34,7 +34,7 @@ try:
 except SystemExit as e:
     code = e.code
 heavy = ("numpy", "xxhash", "blockmirror.migration.manifest", "blockmirror.copying.copier",
-         "ctypes")
+         "ctypes", "blockmirror.copying.endpoint")
 print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}),
       file=sys.stderr)
 """
@@ -98,6 +98,8 @@ def test_a_fresh_sync_never_loads_numpy(
     assert code == 0
     assert "numpy" not in loaded and "blockmirror.migration.manifest" in loaded
     assert "ctypes" not in loaded  # the digest's address is looked up in C
+    # Nor the URI parsers (endpoint, urllib.parse): a local path is no URI.
+    assert "blockmirror.copying.endpoint" not in loaded
     from blockmirror.migration.manifest import Manifest, hash_granules
 
     m = Manifest.open(str(copy) + ".bm-manifest")

@@ -18,9 +18,8 @@ import signal
 import stat
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from blockmirror import files
 from blockmirror.errors import (
@@ -39,6 +38,9 @@ from blockmirror.units import (
     parse_size,
     size_argument,
 )
+
+if TYPE_CHECKING:
+    from pathlib import Path  # imported where used: only `bench` needs it
 
 EXIT_OK = 0
 EXIT_IO = 1
@@ -448,7 +450,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _check_nbd_only_options(args: argparse.Namespace) -> None:
-    from blockmirror.copying.endpoint import looks_like_uri
+    from blockmirror.copying.uri_names import looks_like_uri
 
     if args.requests is not None and not (looks_like_uri(args.src) or looks_like_uri(args.dst)):
         raise InvalidInputError("--requests applies to nbd:// endpoints only "
@@ -617,7 +619,7 @@ def _cmd_changed(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from blockmirror.copying.endpoint import looks_like_uri
+    from blockmirror.copying.uri_names import looks_like_uri
     from blockmirror.copying.verify import compare_files
     from blockmirror.migration.precheck import on_pseudo_filesystem
 
@@ -689,6 +691,8 @@ def _add_bench_parser(sub: Any) -> None:
 
 def bench_folder() -> Path:
     """The repository's bench/ folder (it is not installed with the package)."""
+    from pathlib import Path
+
     import blockmirror
 
     root = Path(blockmirror.__file__).resolve().parent.parent
