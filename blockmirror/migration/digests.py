@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import xxhash
 
-from blockmirror._bindings import copy as _c
 from blockmirror.extents import subtract as subtract_extents
 
 if TYPE_CHECKING:
@@ -419,7 +418,7 @@ def _digested(item: list[tuple[int, int]], slots: Any, g: int, n: int,
     """One copied item (pairs) and its digest SLOTS (see DigestRequest): its
     first granule, the runs of granules it digested (below N), and those
     holding data with their digests."""
-    values = _c.slot_values(slots, _c.slot_count(item, g)).cast("Q")
+    values = slots  # a cffi uint64_t[]: indexing it gives ints
     keys, digests = array.array("q"), array.array("Q")
     runs: list[tuple[int, int]] = []
     start = end = -1
