@@ -1,12 +1,15 @@
 """numpy, loaded on first use, or early on a thread of its own (issue 11).
 
 numpy's import costs ~45 ms of CPU, a third of a whole 256 MiB durable
-``sync`` command. A local sync needs it only once its bulk copy is done (the
-digest table, the manifest), and the copy runs in C with the GIL released on
-a core numpy's import can share. So the modules of that path name ``np`` as
-the stand-in below, which imports numpy at the first attribute looked up,
-and the bulk pass calls :func:`preload` as it starts copying: numpy then
-loads beside the copy instead of before it.
+``sync`` command. A new untracked local copy never needs it: its manifest is
+built from the digests its bulk pass took, in plain arrays
+(``DigestTable.learn``). Other syncs need it only once their bulk copy is
+done (a tracker's dirty arrays, an earlier copy's manifest), and the copy
+runs in C with the GIL released on a core numpy's import can share. So the
+modules of that path name ``np`` as the stand-in below, which imports numpy
+at the first attribute looked up, and the bulk pass of such a sync calls
+:func:`preload` as it starts copying: numpy then loads beside the copy
+instead of before it.
 
 The preload thread is not a daemon: a process that ends while it runs waits
 for it (an import is never abandoned half done). Importing numpy in the main

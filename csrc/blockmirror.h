@@ -518,6 +518,14 @@ int64_t bm_data_extents(int fd, uint64_t *cursor, uint64_t end, bm_extent *out,
 /* 1 if LEN bytes at BUF are all zero, else 0. */
 int bm_buffer_is_zero(const char *buf, uint64_t len);
 
+/* The address of symbol NAME in the shared object at PATH (loaded if it is
+ * not yet; never unloaded), or NULL: how the copy finds the manifest's
+ * digest in the xxhash module's library without Python's ctypes. */
+void *bm_library_symbol(const char *path, const char *name);
+
+/* The filesystem type (statfs f_type) FD is on, or -1 with errno set. */
+int64_t bm_filesystem_type(int fd);
+
 /* ---------------------------------------------------------------------- */
 /* Block comparison (compare.c): the verify kernel                         */
 

@@ -17,11 +17,13 @@
  * pair of fds at once; cffi drops the GIL around the call. */
 #include "bm_internal.h"
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 /* copy_file_range is asked for at most this much at a time, so the cancel
@@ -125,6 +127,22 @@ int bm_buffer_is_zero(const char *buf, uint64_t len)
      * on, so by induction all are zero. memcmp is vectorised and stops at the
      * first difference. */
     return memcmp(p, p + 16, (size_t)(len - 16)) == 0;
+}
+
+void *bm_library_symbol(const char *path, const char *name)
+{
+    /* Already loaded by the interpreter, so this only takes a reference;
+     * it is never dropped: the address is used for the process's life. */
+    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    return handle ? dlsym(handle, name) : NULL;
+}
+
+int64_t bm_filesystem_type(int fd)
+{
+    struct statfs sb;
+    if (fstatfs(fd, &sb) < 0)
+        return -1;
+    return (int64_t)sb.f_type;
 }
 
 static int fail_on(struct copier *c, int side, int err, const char *what, uint64_t offset,

@@ -204,3 +204,29 @@ def test_demo_runs(tmp_path):
     out = json.loads(proc.stdout)
     assert out["status"] == "ok" and out["verified"] is True
     assert out["downtime"] < 2.0 and out["writer_rate"] > 0  # 2 s: the freeze lease
+
+
+def test_a_commands_parser_is_the_full_parsers_part():
+    """build_parser(COMMAND) adds only that command's group, and parses its
+    command line as the whole parser does; every command is in a group."""
+    import argparse
+    import importlib
+
+    cli = importlib.import_module("blockmirror.cli.main")  # blockmirror.cli.main is main()
+    full = cli.build_parser()
+    commands = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    grouped = {c for names in cli._GROUP_COMMANDS.values() for c in names}
+    assert grouped == set(commands.choices)
+    line = ["sync", "--quiet", "--workers", "3", "--target-downtime", "200ms", "a", "b"]
+    one = cli.build_parser("sync")
+    assert vars(one.parse_args(line)) == vars(full.parse_args(line))
+    sub = next(a for a in one._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"sync"}
+    verify = ["verify", "--json", "x", "y"]
+    assert vars(cli.build_parser("verify").parse_args(verify)) == vars(full.parse_args(verify))
+
+
+def test_sync_help_still_complete():
+    out = run_cli("sync", "--help")
+    assert out.returncode == 0
+    assert "--target-downtime" in out.stdout and "exit codes" in out.stdout

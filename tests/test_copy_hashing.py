@@ -9,6 +9,7 @@ nothing it did not see whole.
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 from pathlib import Path
@@ -193,3 +194,22 @@ def test_data_found_mid_granule_is_read_to_its_granules_end_only(tmp_path):
     for k, v in zip(keys.tolist(), values.tolist(), strict=True):
         assert v == _digest(content[k * g:(k + 1) * g])
     assert {3, size // g - 2} <= set(keys.tolist())
+
+
+def test_the_filesystem_type_comes_from_c(tmp_path) -> None:
+    """What decides copy_file_range onto ext4 (Copier.prefers_copy_file_range)
+    is statfs's f_type, read in C without ctypes."""
+    proc = os.open("/proc/self", os.O_RDONLY)
+    try:
+        assert _c.filesystem_type(proc) == 0x9FA0  # PROC_SUPER_MAGIC
+    finally:
+        os.close(proc)
+    assert _c.filesystem_type(proc) is None  # closed: EBADF
+
+
+def test_a_missing_symbol_is_null() -> None:
+    from blockmirror._bindings._ffi import ffi, lib
+
+    path = importlib.import_module("xxhash._xxhash").__file__
+    assert lib.bm_library_symbol(os.fsencode(path), b"no_such_symbol_here") == ffi.NULL
+    assert lib.bm_library_symbol(b"/nonexistent/lib.so", b"XXH3_64bits") == ffi.NULL

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Run the command in-process, then print whether numpy (and the other heavy
@@ -32,7 +33,8 @@ try:
     runpy.run_module("blockmirror", run_name="__main__")
 except SystemExit as e:
     code = e.code
-heavy = ("numpy", "xxhash", "blockmirror.migration.manifest", "blockmirror.copying.copier")
+heavy = ("numpy", "xxhash", "blockmirror.migration.manifest", "blockmirror.copying.copier",
+         "ctypes", "blockmirror.copying.endpoint")
 print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}),
       file=sys.stderr)
 """
@@ -84,12 +86,53 @@ def test_track_commands_load_no_numpy(tmp_path: Path, sparse_pair: tuple[Path, P
     assert loaded_by("track", "status", "--json", a, cwd=tmp_path) == (0, [])
 
 
+def test_a_fresh_sync_never_loads_numpy(
+        tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
+    """A new local copy builds and publishes its manifest from the digests
+    its bulk pass took, in plain arrays: numpy is never imported (not even
+    on the preload thread), and the manifest is the one the numpy path
+    writes (what the incremental sync below reads and trusts)."""
+    a, _ = sparse_pair
+    copy = tmp_path / "copy.img"
+    code, loaded = loaded_by("sync", "--quiet", a, copy, cwd=tmp_path)
+    assert code == 0
+    assert "numpy" not in loaded and "blockmirror.migration.manifest" in loaded
+    assert "ctypes" not in loaded  # the digest's address is looked up in C
+    # Nor the URI parsers (endpoint, urllib.parse): a local path is no URI.
+    assert "blockmirror.copying.endpoint" not in loaded
+    from blockmirror.migration.manifest import Manifest, hash_granules
+
+    m = Manifest.open(str(copy) + ".bm-manifest")
+    try:
+        fd = os.open(copy, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            everything = np.array([[0, -(-size // m.granularity)]], dtype=np.int64)
+            keys, values, _ = hash_granules(fd, everything, m.granularity, size)
+        finally:
+            os.close(fd)
+        data = values != m.table.zero_digests(keys)
+        assert m.state == "clean" and not len(m.table.unknown)
+        assert m.table.keys.tolist() == keys[data].tolist()
+        assert m.table.values.tolist() == values[data].tolist()
+    finally:
+        m.close()
+
+
 def test_the_probe_sees_numpy_when_a_sync_loads_it(
         tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
+    """An incremental sync (onto the copy a first one made) reads the
+    manifest with numpy: the probe sees it."""
     a, _ = sparse_pair
-    code, loaded = loaded_by("sync", "--quiet", a, tmp_path / "copy.img", cwd=tmp_path)
+    copy = tmp_path / "copy.img"
+    assert loaded_by("sync", "--quiet", a, copy, cwd=tmp_path)[0] == 0
+    with open(a, "r+b") as f:
+        f.seek(7 << 20)
+        f.write(b"changed")
+    code, loaded = loaded_by("sync", "--quiet", a, copy, cwd=tmp_path)
     assert code == 0
     assert "numpy" in loaded and "blockmirror.migration.manifest" in loaded
+    assert copy.read_bytes() == a.read_bytes()
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 1024])
@@ -163,8 +206,8 @@ def test_a_sync_into_an_export_loads_no_nfs_module(tmp_path: Path) -> None:
 def test_the_bulk_copy_starts_before_numpy_is_loaded(
         tmp_path: Path, sparse_pair: tuple[Path, Path]) -> None:
     """In a fresh interpreter, the first C copy call of a sync runs while
-    numpy is not yet (or only partly) imported; the copy and its manifest
-    are whole all the same."""
+    numpy is not imported; the copy and its manifest are whole all the
+    same, and a new untracked copy never imports it at all."""
     a, _ = sparse_pair
     probe = """
 import json, sys
@@ -178,7 +221,8 @@ def spy(*args, **kwargs):
 _c.copy_extents = spy
 from blockmirror.migration import sync
 result = sync(sys.argv[1], sys.argv[2])
-print(json.dumps({"numpy_ready_at_first_copy": seen[0], "passes": len(result.passes)}))
+print(json.dumps({"numpy_ready_at_first_copy": seen[0], "passes": len(result.passes),
+                  "numpy_loaded": "numpy" in sys.modules}))
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -186,7 +230,7 @@ print(json.dumps({"numpy_ready_at_first_copy": seen[0], "passes": len(result.pas
     out = subprocess.run([sys.executable, "-c", probe, str(a), str(copy)], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report == {"numpy_ready_at_first_copy": False, "passes": 1}
+    assert report == {"numpy_ready_at_first_copy": False, "passes": 1, "numpy_loaded": False}
     assert copy.read_bytes() == a.read_bytes()
     assert (tmp_path / "copy.img.bm-manifest").exists()
 

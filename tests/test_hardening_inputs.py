@@ -422,10 +422,10 @@ def test_sigterm_handler_installed_first(monkeypatch: pytest.MonkeyPatch) -> Non
     seen = []
     real = cli.build_parser
 
-    def spying_parser() -> object:
+    def spying_parser(command: str | None = None) -> object:
         seen.append(signal.getsignal(signal.SIGTERM))
         os.kill(os.getpid(), signal.SIGTERM)  # arrives during start-up
-        return real()
+        return real(command)
 
     old = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(cli, "build_parser", spying_parser)

@@ -559,17 +559,7 @@ def _splices_only(fd: int) -> bool:
     """Whether FD's filesystem is ext2/3/4, where copy_file_range has no
     copy of its own (no reflink, no server-side copy) and falls back to
     splicing pages. False where that cannot be told."""
-    import ctypes
-
-    # struct statfs begins with f_type on Linux; the rest is not looked at.
-    buf = ctypes.create_string_buffer(256)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.fstatfs(fd, buf) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    return ctypes.c_long.from_buffer(buf).value == _EXT4_MAGIC
+    return _c.filesystem_type(fd) == _EXT4_MAGIC
 
 
 @functools.cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 import urllib.parse
 from dataclasses import dataclass, field
 
+from blockmirror.copying.uri_names import looks_like_uri as looks_like_uri
 from blockmirror.errors import InvalidInputError
 
 NBD_SCHEMES = ("nbd", "nbd+unix")
@@ -49,13 +50,6 @@ class NfsUrl:
 
     def __str__(self) -> str:
         return self.display
-
-
-def looks_like_uri(text: str) -> bool:
-    """True for anything of the form SCHEME://...: a path that looks like a
-    URI is refused rather than created as a folder named 'nbd:'."""
-    scheme, sep, _ = text.partition("://")
-    return bool(sep) and scheme.replace("+", "").isalnum()
 
 
 def _without_user_info(parts: urllib.parse.SplitResult) -> str:

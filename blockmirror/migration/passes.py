@@ -24,7 +24,6 @@ from blockmirror.extents import (
     total_bytes,
     union,
 )
-from blockmirror.migration import digests as dg
 from blockmirror.migration.policy import PassRecord
 from blockmirror.migration.result import ProgressCallback, SyncProgress, SyncResult
 
@@ -131,7 +130,8 @@ class PassRunner:
         numpy after it: for the digest table (the manifest) or the tracker's
         arrays. A sync that needs neither (untracked, no manifest: into an
         export, or --move) never loads it, and must not pay its import."""
-        needed = self._table() is not None or self.tracker is not None
+        table = self._table()
+        needed = self.tracker is not None or (table is not None and not table.pristine)
         return _numpy.preload if needed else None
 
     def incremental(self, extents: Extents) -> None:
@@ -249,15 +249,11 @@ class PassRunner:
             digests=request, in_flight=started,
         )
         if table is not None and request is not None:
-            if self.manifest is None:
-                # A new copy's table lives in memory only and nothing reads
-                # it during the copy: what the copy touched becomes unknown
-                # now, then gets the digests the copy took.
-                table.forget(dg.granule_runs(pairs(extents), table.granularity,
-                                             table.granules))
-            keys, values = request.take()
-            inside = keys < table.granules  # the source may have shrunk meanwhile
-            table.put(keys[inside], values[inside])
+            # A new copy's table lives in memory only and nothing reads it
+            # during the copy: what the copy touched becomes unknown now,
+            # then gets the digests the copy took (a manifest's was forgotten
+            # durably above).
+            table.learn(request, pairs(extents) if self.manifest is None else None)
         return stats
 
     def _table(self) -> DigestTable | None:

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
-from blockmirror.copying.endpoint import looks_like_uri
+from blockmirror.copying.uri_names import looks_like_uri
 from blockmirror.migration import precheck
 from blockmirror.migration.job import FileSyncJob
 from blockmirror.migration.options import SyncOptions
