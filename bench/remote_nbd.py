@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relay-ms", type=float, default=0.0, metavar="D",
                         help="with --netns: reach every server through a relay in C holding "
                         "each byte D ms each way (a round trip of 2D; no netem here)")
+    parser.add_argument("--rate", default="10gbit",
+                        help="with --netns: the link's rate (tc syntax; netem, else tbf)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--requests", type=int, default=None,
                         help="blockmirror sync --requests (default: its own, 32)")
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.netns:
                     from netnstools import two_hosts
 
-                    link = stack.enter_context(two_hosts(delay_ms=0.5, rate="10gbit"))
+                    link = stack.enter_context(two_hosts(delay_ms=0.5, rate=args.rate))
                 if args.from_export:
                     uri, shaping = _server(stack, kind, src, folder / f"{kind}.sock", link,
                                            readonly=True, relay_ms=args.relay_ms)
