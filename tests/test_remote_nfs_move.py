@@ -121,3 +121,29 @@ def test_a_move_with_user_info_or_verify_is_refused(ram_tmp_path, serve_nfs):
     line = one_line_error(run_cli("sync", image, server.url("a.img"), "--move", "--verify"), 2)
     assert "--verify cannot check a move" in line
     assert image.exists() and not (server.folder / "a.img").exists()
+
+
+def test_a_redirect_that_fails_removes_the_copy_renamed_into_place(ram_tmp_path, serve_nfs,
+                                                                   monkeypatch):
+    """The redirect refused after the rename (as when the freeze's lease ran
+    out): the copy at the target is removed again, writers are thawed on
+    the source, and the error is one OSError."""
+    import errno
+
+    from blockmirror.migration import sync
+    from blockmirror.tracking.tracker import Tracker as TrackerClass
+
+    server = serve_nfs()
+    image = ram_tmp_path / "a.img"
+    content = make_data_image(image, 8 * MiB, extents=2, tracked=True)
+
+    def refused(self: object, uri: str) -> None:
+        raise OSError(errno.ETIMEDOUT, "the freeze ended before the redirect")
+
+    monkeypatch.setattr(TrackerClass, "redirect_to_export", refused)
+    with pytest.raises(OSError, match="freeze ended"):
+        sync(str(image), server.url("a.img"), mode="move")
+    assert list(server.folder.iterdir()) == []  # neither the copy nor a partial
+    assert image.read_bytes() == content
+    with Tracker.open(image) as tracker:
+        assert tracker.state == "running"
