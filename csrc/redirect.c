@@ -18,9 +18,9 @@
  * The copier resolves the target itself (realpath) before it redirects, so a
  * legitimate destination behind a folder link still works.
  *
- * A move onto an NBD export (issue 12) redirects to a URI instead
- * (bm_redirect_uri: "nbd://" or "nbd+unix://", never a path, which always
- * starts with "/"). No sidecar sits beside an export to hold a token, and
+ * A move onto an NBD export or a file on an NFS server (issue 12) redirects
+ * to a URI instead (bm_redirect_uri: "nbd://", "nbd+unix://" or "nfs://",
+ * never a path, which always starts with "/"). No sidecar sits beside an export to hold a token, and
  * a URI can reach anything the writer can connect to - another user's
  * disk behind a root-owned socket, a server elsewhere on the network -, so
  * a token would prove nothing. The rule instead (bm_redirect_uri_to_follow):
@@ -233,10 +233,12 @@ int bm_redirect(bm_tracker *t, const char *target, bm_tracker *target_tracker)
     BM_GUARDED(int, t, do_redirect(t, target, target_tracker));
 }
 
-/* 1 if S (NUL-terminated within BM_REDIRECT_MAX) names an NBD export. */
+/* 1 if S (NUL-terminated within BM_REDIRECT_MAX) names an NBD export or an
+ * NFS file. */
 static int is_export_uri(const char *s)
 {
-    return strncmp(s, "nbd://", 6) == 0 || strncmp(s, "nbd+unix://", 11) == 0;
+    return strncmp(s, "nbd://", 6) == 0 || strncmp(s, "nbd+unix://", 11) == 0 ||
+           strncmp(s, "nfs://", 6) == 0;
 }
 
 /* 0 if URI may be stored or followed: an export URI, shorter than
@@ -247,7 +249,7 @@ static int check_export_uri(const char *uri)
     if (n == 0 || n >= BM_REDIRECT_MAX)
         return bm_fail(EINVAL, "redirect URI is empty or %d bytes or longer", BM_REDIRECT_MAX);
     if (!is_export_uri(uri))
-        return bm_fail(EINVAL, "redirect URI is not nbd:// or nbd+unix://");
+        return bm_fail(EINVAL, "redirect URI is not nbd://, nbd+unix:// or nfs://");
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)uri[i] < 0x21 || (unsigned char)uri[i] == 0x7f)
             return bm_fail(EINVAL, "redirect URI holds a space or control character");
@@ -296,15 +298,15 @@ static int do_redirect_uri_to_follow(bm_tracker *t, char *buf, uint64_t len)
     memcpy(uri, t->ctl->redirect_target, sizeof uri);
     uri[sizeof uri - 1] = '\0';
     if (!is_export_uri(uri))
-        return bm_fail(EXDEV, "the image was moved to a file, not to an NBD export");
+        return bm_fail(EXDEV, "the image was moved to a file, not to an NBD export or NFS file");
     if (check_export_uri(uri) < 0)
-        return bm_fail(EPERM, "the redirect to an NBD export is malformed; refusing to "
+        return bm_fail(EPERM, "the redirect to a remote export is malformed; refusing to "
                               "follow it");
     if (token_is_zero(t->ctl->move_token))
-        return bm_fail(EPERM, "the redirect to an NBD export names no move; refusing to "
+        return bm_fail(EPERM, "the redirect to a remote export names no move; refusing to "
                               "follow it");
     if (geteuid() != (uid_t)t->image_uid)
-        return bm_fail(EPERM, "the image was moved to an NBD export, but this writer runs as "
+        return bm_fail(EPERM, "the image was moved to a remote export, but this writer runs as "
                               "uid %u, not as the image's owner (uid %u): only the owner's "
                               "own processes follow a move onto an export; refusing to "
                               "follow it", (unsigned)geteuid(), (unsigned)t->image_uid);
@@ -388,7 +390,7 @@ static bm_tracker *do_open_target(bm_tracker *t, int flags, int *image_fd)
     target[sizeof target - 1] = '\0';
     memcpy(token, t->ctl->move_token, sizeof token);
     if (is_export_uri(target)) {
-        bm_fail(EXDEV, "the image was moved to an NBD export; this writer cannot follow it "
+        bm_fail(EXDEV, "the image was moved to an NBD export or NFS file; this writer cannot follow it "
                        "there (a TrackedImage can)");
         return NULL;
     }

@@ -144,6 +144,16 @@ def pread(handle: Handle, conn: int, buf: Any, nbytes: int, offset: int,
     return bytes(_ffi().buffer(buf, nbytes))
 
 
+def pwrite(handle: Handle, conn: int, data: bytes | bytearray | memoryview, offset: int,
+           name: str | None = None) -> int:
+    """Write DATA at OFFSET of the open file over connection CONN (a writer's
+    write after a move onto it; durable at commit); all of it, or OSError."""
+    view = memoryview(data).cast("B")
+    _check(_lib().bm_nfs_pwrite(handle, conn, _ffi().from_buffer(view), len(view), offset),
+           name)
+    return len(view)
+
+
 def new_rate_cap(bytes_per_s: int) -> Any:
     cap = _ffi().new("bm_nfs_rate_cap *")
     cap.bytes_per_s = max(0, int(bytes_per_s))

@@ -38,10 +38,9 @@ never stored in the sidecar) or a relative socket path; also with
 ``--verify`` (writes after the switch land on the export untracked, so
 nothing could tell them from a copy error).
 
-Not yet: ``--move`` to an NFS file, and ``--converge mirror`` (writers
-mirror only into a local file). Each is refused with one line (exit 2),
-except that ``--converge auto`` escalates to the throttle instead of
-mirroring.
+Not yet: ``--converge mirror`` (writers mirror only into a local file):
+refused with one line (exit 2), while ``--converge auto`` escalates to the
+throttle instead of mirroring. (``--move`` onto an NFS file: remote_nfs.py.)
 
 Into NFS: remote_nfs.py (the same job, another endpoint).
 """
@@ -99,7 +98,7 @@ def sync_to_export(src: str, dst: str, options: SyncOptions) -> SyncResult:
     assert isinstance(uri, NbdUri)
     refuse_unsupported(src, uri, options)
     if options.move:
-        _check_move_onto_export(src, uri, options)
+        check_move_onto_export(src, uri, options)
     st = precheck.check_source(src, move=False)
     export = NbdExport(uri, connections=options.workers, write=True)
     try:
@@ -120,15 +119,17 @@ def refuse_unsupported(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) -> 
     if os.path.isdir(src):
         raise InvalidInputError(f"directory mode into {kind} is not supported: {uri} "
                                 "holds one image; sync each image to its own place")
-    if options.move and isinstance(uri, NfsUrl):
-        raise InvalidInputError(f"--move to {kind} is not supported yet ({uri}): "
-                                "writers cannot be redirected to a remote file; copy instead")
     if options.converge == "mirror":
         raise InvalidInputError(f"--converge mirror needs a local copy; into {uri} use "
                                 "--converge throttle or auto")
 
 
-def _check_move_onto_export(src: str, uri: NbdUri, options: SyncOptions) -> None:
+def redirect_uri_of(uri: NbdUri | NfsUrl) -> str:
+    """The URI writers are sent to when the image moves onto URI."""
+    return uri.uri if isinstance(uri, NbdUri) else uri.url
+
+
+def check_move_onto_export(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) -> None:
     """--move onto an export, before anything is written: refused (exit 2)
     unless every writer of SRC could follow the URI and the source can go."""
     why = _move_refusal(os.path.abspath(src), uri, options)
@@ -136,8 +137,8 @@ def _check_move_onto_export(src: str, uri: NbdUri, options: SyncOptions) -> None
         raise InvalidInputError(f"--move to {uri}: {why}; nothing was written")
 
 
-def _move_refusal(src: str, uri: NbdUri, options: SyncOptions) -> str | None:
-    parts = urllib.parse.urlsplit(uri.uri)
+def _move_refusal(src: str, uri: NbdUri | NfsUrl, options: SyncOptions) -> str | None:
+    parts = urllib.parse.urlsplit(redirect_uri_of(uri))
     if "@" in parts.netloc:
         return "a URI with user info cannot be a redirect (it is never stored)"
     socket = urllib.parse.parse_qs(parts.query).get("socket", [""])[0]
@@ -312,8 +313,8 @@ class RemoteSyncJob(FileSyncJob):
         the sidecar still sends writers here (only ever after the export's
         flush), so all that was left is removing the source."""
         assert self.tracker is not None
-        return (self.options.move and isinstance(self.export, NbdExport)
-                and self.tracker.redirect_target() == self.export.uri.uri)
+        return (self.options.move
+                and self.tracker.redirect_target() == redirect_uri_of(self.export.uri))
 
     def _finish_interrupted_move(self) -> None:
         self.export.close()  # nothing to send (and qemu-nbd may take few clients)
@@ -401,12 +402,12 @@ class RemoteSyncJob(FileSyncJob):
         uid fails its next write with EPERM instead of following."""
         from blockmirror.frontend.plugin import served_elsewhere
 
-        assert self.tracker is not None and isinstance(self.export, NbdExport)
+        assert self.tracker is not None
         if served_elsewhere(self.plan.source, readonly=False):
             raise InvalidInputError(f"{self.plan.source} began to be served by blockmirror "
                                     "serve during the move; its clients cannot follow a move "
                                     "onto an export; the source keeps running")
-        self.tracker.redirect_to_export(self.export.uri.uri)
+        self.tracker.redirect_to_export(redirect_uri_of(self.export.uri))
         self.state = JobState.REDIRECTED
 
     def _finish(self) -> None:

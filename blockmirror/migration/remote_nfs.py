@@ -9,6 +9,16 @@ the old one died), and the error says whether that worked. An incremental
 sync (a usable manifest, checked as for an export) skips the partial: it
 updates the target in place and only commits it.
 
+Move mode (``--move``): the same passes; under the freeze the final pass,
+then the commit (COMMIT3 and the rename of the partial over the target, or
+COMMIT3 of the target updated in place), and only then the redirect:
+writers are sent to the file's URL and their next I/O goes there through
+libnfs (tracking/remote_image.py: WRITE3, COMMIT3 at their flush), untracked.
+A failure before the redirect leaves writers on the source with every
+write; a copy already renamed into place is removed again (it would be a
+stale one). After the redirect the source and its sidecar are removed once
+writers have followed. No manifest is kept.
+
 A module of its own so that a sync into an NBD export never loads the NFS
 client (its bindings and copier).
 """
@@ -25,7 +35,12 @@ from blockmirror.migration import precheck
 from blockmirror.migration.job import JobState
 from blockmirror.migration.passes import _granule_aligned
 from blockmirror.migration.precheck import Plan
-from blockmirror.migration.remote import RemotePassRunner, RemoteSyncJob, refuse_unsupported
+from blockmirror.migration.remote import (
+    RemotePassRunner,
+    RemoteSyncJob,
+    check_move_onto_export,
+    refuse_unsupported,
+)
 from blockmirror.units import format_bytes
 
 if TYPE_CHECKING:
@@ -41,6 +56,8 @@ def sync_to_nfs(src: str, url: NfsUrl, options: SyncOptions) -> SyncResult:
     """File mode into a file on an NFS server (checked, then run as an
     :class:`NfsSyncJob`)."""
     refuse_unsupported(src, url, options)
+    if options.move:
+        check_move_onto_export(src, url, options)
     st = precheck.check_source(src, move=False)
     nfs_file = NfsFile(url, connections=options.workers)
     partial = url.display.partition("?")[0] + PARTIAL_SUFFIX  # for messages
@@ -117,7 +134,9 @@ class NfsSyncJob(RemoteSyncJob):
         self.cleanup_error: str | None = None
 
     def _notes(self) -> list[str]:
-        return []  # which way it writes is known only in _usable_manifest
+        # Which way it writes is known only in _usable_manifest.
+        return (["moved onto the NFS file: committed, then writers sent there; the source "
+                 "is removed once they follow; no manifest"] if self.options.move else [])
 
     def _usable_manifest(self) -> RemoteManifest | None:
         """A usable manifest means in place; none, a new partial."""

@@ -6,13 +6,14 @@ range dirty, writes it and marks it again (I1), waiting out a copier's freeze
 for at most the freeze's lease (I3). When a ``sync --move`` redirects writers,
 the next write transparently reopens the image at its new place.
 
-A move onto an NBD export (``sync --move SRC nbd://...``) sends writers to a
-URI instead: the next write, read, zeroing or flush connects to the export
-through libnbd (:class:`ExportImage`) and all I/O goes there from then on,
-untracked (the remote side holds only the image). A writer follows such a
-move only if it runs as the image's owner (csrc/redirect.c says why); where
-this build has no libnbd, or the export cannot be reached, the call fails
-with an OSError saying so instead of writing anywhere.
+A move onto an NBD export or an NFS file (``sync --move SRC nbd://...`` or
+``nfs://...``) sends writers to a URI instead: the next write, read, zeroing
+or flush connects there (remote_image.py: libnbd, libnfs) and all I/O goes
+there from then on, untracked (the remote side holds only the image). A
+writer follows such a move only if it runs as the image's owner
+(csrc/redirect.c says why); where this build lacks the library, or the
+server cannot be reached, the call fails with an OSError saying so instead
+of writing anywhere.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from blockmirror import files
 from blockmirror.closeable import Closeable
+from blockmirror.tracking.remote_image import RemoteImage, open_remote_image
 from blockmirror.tracking.tracker import (
     DEFAULT_GRANULARITY,
     Tracker,
@@ -56,71 +57,6 @@ def _redirect_handler(image: TrackedImage) -> Callable[[Buffer, int], int]:
     return on_stale
 
 
-def _export_timeout() -> float:
-    """Seconds a writer's export request may go unanswered
-    (BLOCKMIRROR_NBD_TIMEOUT, as for the copier; default 30)."""
-    try:
-        return max(0.1, float(os.environ.get("BLOCKMIRROR_NBD_TIMEOUT", "30")))
-    except ValueError:
-        return 30.0
-
-
-class ExportImage:
-    """A moved image's I/O on the NBD export it was moved onto: one libnbd
-    connection, one request at a time (threads sharing the image take
-    turns), each answered or failed within the timeout, never retried
-    elsewhere. Untracked: the export is no tracked image."""
-
-    def __init__(self, uri: str) -> None:
-        from blockmirror._bindings import remote as _r
-
-        if not _r.available():
-            raise OSError(errno.ENOSYS, "the image was moved onto an NBD export, but this "
-                          "build has no libnbd (blockmirror._remote): install Debian's "
-                          "libnbd-dev and rebuild blockmirror; nothing was written", uri)
-        self._r = _r
-        self.name = uri  # stored without user info (csrc/redirect.c)
-        self._lock = threading.Lock()
-        self._h: Any = _r.open_export(uri, 1, write=True, timeout_s=_export_timeout(),
-                                      name=uri)
-        self.size = _r.size(self._h)
-        self._buf: Any = None
-        self._buf_len = 0
-
-    def pwrite(self, data: Buffer, offset: int) -> int:
-        with self._lock:
-            return self._r.pwrite(self._h, 0, data, offset, self.name)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        """Up to LENGTH bytes (short only at the export's end)."""
-        n = max(0, min(length, self.size - offset))
-        if n == 0:
-            return b""
-        with self._lock:
-            if self._buf_len < n:
-                self._buf, self._buf_len = self._r.new_buffer(n), n
-            return self._r.pread(self._h, 0, self._buf, n, offset, self.name)
-
-    def zero(self, offset: int, length: int, *, may_trim: bool) -> None:
-        with self._lock:
-            self._r.zero(self._h, 0, offset, length, may_trim=may_trim, name=self.name)
-
-    def truncate(self, size: int) -> None:
-        if size != self.size:
-            raise OSError(errno.EOPNOTSUPP, "the image was moved onto an NBD export, which "
-                          "cannot be resized", self.name)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._r.flush(self._h, self.name)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._h is not None:
-                self._r.close(self._h)
-                self._h = None
-
-
 class TrackedImage(Closeable):
     """A writer's handle on an image and its change-tracking sidecar.
 
@@ -135,7 +71,7 @@ class TrackedImage(Closeable):
         self._granularity = granularity
         self._tracker: Tracker | None = None
         self._fd = -1
-        self._export: ExportImage | None = None  # once moved onto an NBD export
+        self._export: RemoteImage | None = None  # once moved onto a remote copy
         self._follow_lock = threading.Lock()
         self._attach(os.fspath(image_path), create_sidecar=True)
 
@@ -187,7 +123,7 @@ class TrackedImage(Closeable):
         return self._tracker
 
     @property
-    def export(self) -> ExportImage | None:
+    def export(self) -> RemoteImage | None:
         """Where I/O goes since the image was moved onto an NBD export; None
         while it is a local file."""
         return self._export
@@ -204,7 +140,7 @@ class TrackedImage(Closeable):
         with self._follow_lock:
             if self._export is not None or not self.tracker.redirected:
                 return  # another thread of this process followed it already
-            if self.tracker.redirect_target().startswith("nbd"):
+            if self.tracker.redirect_target().startswith(("nbd", "nfs://")):
                 self._follow_to_export()
                 return
             old_fd, old_tracker = self._fd, self._tracker
@@ -221,7 +157,7 @@ class TrackedImage(Closeable):
         (its writer slot, so the copier sees this writer has followed) and
         file. Nothing changes if the rule refuses or the export is out of
         reach: the call fails, and the next one tries again."""
-        export = ExportImage(self.tracker.export_to_follow())
+        export = open_remote_image(self.tracker.export_to_follow())
         old_writes = self._bound_writes()
         self._export = export
         self.path = export.name
@@ -282,7 +218,7 @@ class TrackedImage(Closeable):
                                 lambda export: export.truncate(size))
 
     def _retry_on_redirect(self, local: Callable[[], None],
-                           remote: Callable[[ExportImage], None]) -> None:
+                           remote: Callable[[RemoteImage], None]) -> None:
         """LOCAL on the file; after a move (ESTALE, followed once) LOCAL on
         the new file, or REMOTE on the export it went to."""
         if self._export is None:

@@ -116,6 +116,14 @@ int bm_nfs_unlink(bm_nfs *h, const char *path);
  * One thread per connection at a time. */
 int bm_nfs_pread(bm_nfs *h, uint32_t conn, char *buf, uint64_t len, uint64_t offset);
 
+/* Write LEN bytes of BUF at OFFSET of the open file over connection CONN,
+ * one WRITE3 (UNSTABLE, at most the server's largest write) at a time: what
+ * a writer that followed a move onto the file does. Durable only after
+ * bm_nfs_commit, which checks the write verifier these writes got; a
+ * verifier that changes between two of them (the server restarted and may
+ * have dropped the earlier ones) fails the write with EIO. */
+int bm_nfs_pwrite(bm_nfs *h, uint32_t conn, const char *buf, uint64_t len, uint64_t offset);
+
 /* Copy each extent [offset, offset+length) of the local file SRC_FD to the
  * same offset of the open file, over connection CONN, with up to REQUESTS
  * WRITE3 calls of at most REQUEST_BYTES (clipped to the server's largest

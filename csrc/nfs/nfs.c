@@ -595,6 +595,65 @@ int bm_nfs_commit(bm_nfs *h)
 }
 
 /* ---------------------------------------------------------------------- */
+/* A writer's WRITE (a TrackedImage that followed a move onto the file)    */
+
+static int same_server_boot(struct conn *k, const char *verf);
+
+static void pwrite_done(struct rpc_context *rpc, int status, void *data, void *private_data)
+{
+    struct op *op = private_data;
+    (void)rpc;
+    op->done = 1;
+    if (status != RPC_STATUS_SUCCESS) {
+        op->err = errno_of_rpc(status);
+        snprintf(op->msg, sizeof op->msg, "%s", data && status == RPC_STATUS_ERROR
+                 ? (const char *)data : strerror(op->err));
+        return;
+    }
+    WRITE3res *res = data;
+    if (res->status != NFS3_OK) {
+        op->err = errno_of(res->status);
+        snprintf(op->msg, sizeof op->msg, "the server said %s", strerror(op->err));
+        return;
+    }
+    op->size = res->WRITE3res_u.resok.count;
+    memcpy(op->verf, res->WRITE3res_u.resok.verf, sizeof op->verf);
+}
+
+int bm_nfs_pwrite(bm_nfs *h, uint32_t conn, const char *buf, uint64_t len, uint64_t offset)
+{
+    if (usable(h, conn) < 0)
+        return -1;
+    struct conn *k = &h->conn[conn];
+    if (!k->fh)
+        return bm_ep_fail(EBADF, "no file is open");
+    if (!k->wrote)
+        k->have_verf = 0; /* a new run of unstable writes: learn the server's verifier */
+    while (len) {
+        uint32_t n = len < h->write_max ? (uint32_t)len : (uint32_t)h->write_max;
+        struct nfs_fh3 fh = fh3_of(k);
+        WRITE3args args = {.file = fh, .offset = offset, .count = n, .stable = UNSTABLE,
+                           .data = {.data_len = n, .data_val = (char *)buf}};
+        int queued = rpc_nfs3_write_async(nfs_get_rpc_context(k->nfs), pwrite_done, &args,
+                                          new_op(k));
+        if (finish_op(h, k, queued, "write") < 0)
+            return -1;
+        if (!same_server_boot(k, k->op.verf))
+            return bm_ep_fail(EIO, "write: the NFS server restarted since the last writes "
+                              "(its write verifier changed): they may have been lost");
+        k->wrote = 1;
+        uint64_t done = k->op.size < n ? k->op.size : n;
+        if (done == 0)
+            return bm_ep_fail(EIO, "write at offset %llu: the server wrote nothing",
+                              (unsigned long long)offset);
+        buf += done;
+        offset += done;
+        len -= done;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
 /* READ                                                                    */
 
 static int issue_read(struct request *r);
