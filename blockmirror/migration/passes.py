@@ -85,7 +85,9 @@ class PassRunner:
     mirror: MirrorSession | None = None
     # converge="mirror": dirty passes run paced (see ConvergencePolicy.mirror_copy_rate).
     paced: bool = False
-    # Hot-block deferral: the bulk pass notes what writers dirtied in its first half.
+    # Hot-block deferral: hot blocks wait (see _defer_hot). The bulk pass of
+    # a tracked source notes what writers dirtied in its first half either
+    # way: mirrored passes, which the job may start later, order by it too.
     watch_hot: bool = False
     _last_taken: list[Extent] | None = None  # what the last dirty pass took (hot-block deferral)
     _touched: list[Extents] = field(default_factory=list)  # what this run wrote into the copy
@@ -122,7 +124,7 @@ class PassRunner:
                                        os.fstat(self.src_fd).st_size)
         stats = self._copy("bulk", extents, dst_fresh=True, start_writeback=True,
                            before_item=self._clear_before_read if self.tracker else None,
-                           halfway=self._note_early_dirt if self.watch_hot else None,
+                           halfway=self._note_early_dirt if self.tracker else None,
                            started=started)
         self._record("bulk", stats)
 
@@ -143,51 +145,71 @@ class PassRunner:
         """Copy what writers dirtied since the last pass. Blocks dirty in this
         pass and the one before are hot: up to DEFER_BUDGET bytes of them are
         left dirty for the final pass instead of being copied every pass."""
-        _, stats, deferred = self.take_dirty_and_copy("dirty", defer_budget)
+        stats, deferred = self.take_dirty_and_copy(defer_budget)
         self._record("dirty", stats, deferred=deferred)
 
     def final(self) -> ExtentArray:
         """The last dirty blocks, with writers frozen; returns what it took,
         so a switchover that fails can put it back."""
-        extents, stats, _ = self.take_dirty_and_copy("final")
-        self._record("final", stats, dirty_left=0)
-        return extents
-
-    def take_dirty_and_copy(self, phase: str, defer_budget: int = 0
-                            ) -> tuple[ExtentArray, CopyStats, int]:
-        """Follow the source's size, take the dirty set (clear before read,
-        I2), put hot blocks back (see ``dirty``) and copy the rest; returns
-        the extents taken, what the copy did and the bytes deferred."""
         assert self.tracker is not None, "only a tracked source has dirty passes"
         self.follow_source_size()
         dirty = self.tracker.dirty_bytes()
+        # Writers are frozen: the whole set at once, and no mirrored write can race.
         extents = self.tracker.fetch_and_clear_array()
-        to_copy: Extents = extents
-        deferred = 0
-        if phase == "dirty":
-            to_copy, deferred = self._defer_hot(extents, defer_budget)
-        # With writers frozen (the final pass) no mirrored write can race.
-        mirror = self.mirror if phase != "final" else None
-        return extents, self._copy(phase, to_copy, dst_fresh=False, dirty=dirty,
-                                   before_item=mirror.claim if mirror else None,
-                                   after_item=mirror.release if mirror else None), deferred
+        stats = self._copy("final", extents, dst_fresh=False, dirty=dirty)
+        self._record("final", stats, dirty_left=0)
+        return extents
 
-    def _defer_hot(self, extents: ExtentArray, budget: int) -> tuple[Extents, int]:
-        """Split EXTENTS (just taken) into what to copy now and hot blocks,
-        taken by the last dirty pass too, marked dirty again for the final
-        pass (re-marking only ever adds dirt, so nothing is lost)."""
-        assert self.tracker is not None
-        taken = pairs(extents)
+    def take_dirty_and_copy(self, defer_budget: int = 0) -> tuple[CopyStats, int]:
+        """A dirty pass: follow the source's size, take the dirty set and
+        copy it; returns what the copy did and the bytes deferred.
+
+        Unlike the final pass, which takes the whole set at once, a dirty
+        pass only looks at it and clears each work item's bits just before
+        reading it (I2, as the bulk pass does): a block rewritten before the
+        pass reaches it is then copied once, with its new data, where taking
+        the set at the pass's start had it marked again and copied by the
+        next pass too (with a hot spot, most of what a pass re-copied). While
+        writers mirror, a block not yet reached stays dirty, so their writes
+        there go to the source alone (csrc/mirror.c) instead of to both
+        sides and then again by the copy."""
+        assert self.tracker is not None, "only a tracked source has dirty passes"
+        self.follow_source_size()
+        dirty = self.tracker.dirty_bytes()
+        taken = self.tracker.dirty_extents()
+        to_copy, deferred = self._defer_hot(taken, defer_budget)
+        return self._copy("dirty", to_copy, dst_fresh=False, dirty=dirty,
+                          before_item=self._claim_and_clear,
+                          after_item=self.mirror.release if self.mirror else None,
+                          align=self.tracker.granularity), deferred
+
+    def _claim_and_clear(self, item: ExtentArray) -> None:
+        """Before a dirty pass reads ITEM: the mirror's interlock first (I7),
+        then its dirty bits (I2)."""
+        if self.mirror is not None:
+            self.mirror.claim(item)
+        self._clear_before_read(item)
+
+    def _defer_hot(self, taken: list[Extent], budget: int) -> tuple[list[Extent], int]:
+        """Split TAKEN (the dirty set a dirty pass looked at) into what to
+        copy, in order, and the bytes left dirty for the final pass. Hot
+        blocks are those the last dirty pass took too (or the bulk pass saw
+        dirtied by its halfway point). With deferral (WATCH_HOT) up to BUDGET
+        bytes of them wait for the final pass, and the rest go last in the
+        pass, as they do while writers mirror: copied last they have the
+        least time to be rewritten before the next pass, and until the
+        copy reaches them writers rewrite them without it (nothing is
+        copied twice, nothing mirrored)."""
         last, self._last_taken = self._last_taken, taken
-        if budget <= 0 or last is None:
-            return extents, 0
-        hot = _up_to(intersect(taken, last), budget)
-        hot_bytes = total_bytes(hot)
-        if not hot:
-            return extents, 0
-        for offset, length in hot:
-            self.tracker.mark(offset, length)
-        return subtract(taken, hot), hot_bytes
+        if last is None or not (self.watch_hot or self.mirror is not None):
+            return taken, 0
+        hot = intersect(taken, last)
+        assert self.tracker is not None
+        budget -= budget % self.tracker.granularity  # whole granules: their bits stay set
+        held = _up_to(hot, budget) if budget > 0 else []
+        if held:
+            taken, hot = subtract(taken, held), subtract(hot, held)
+        return subtract(taken, hot) + hot, total_bytes(held)
 
     def _note_early_dirt(self) -> None:
         """Halfway through the bulk pass: blocks already dirty were written
@@ -220,7 +242,7 @@ class PassRunner:
               before_item: Callable[[ExtentArray], None] | None = None,
               after_item: Callable[[ExtentArray], None] | None = None,
               halfway: Callable[[], None] | None = None,
-              started: Callable[[], None] | None = None) -> CopyStats:
+              started: Callable[[], None] | None = None, align: int = 1) -> CopyStats:
         if self.manifest is not None:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
@@ -246,7 +268,7 @@ class PassRunner:
             extents, dst_fresh=dst_fresh,
             progress=on_progress if self.report.callback or halfway else None,
             start_writeback=start_writeback, before_item=before_item, after_item=after_item,
-            digests=request, in_flight=started,
+            digests=request, in_flight=started, align=align,
         )
         if table is not None and request is not None:
             if self.manifest is None:
