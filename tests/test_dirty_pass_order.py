@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ class FakeCopier:
         self.during = during
         self.items: list[tuple[int, int]] = []
         self.aligns: list[int] = []
+        self.pace_rate = 0.0  # as Copier.pace sets it
 
     def copy_extents(self, extents: Any, *, before_item: Hook | None = None,
                      after_item: Hook | None = None, align: int = 1,
@@ -172,25 +174,37 @@ def test_deferral_holds_hot_blocks_dirty_and_puts_the_rest_last(
     assert run.result.passes[-1].deferred == G
 
 
-def test_the_first_mirrored_pass_takes_back_the_whole_hot_set(
-        tracker: Tracker, tmp_path: Path) -> None:
-    """An unmirrored pass took granules 0-3 (the hot spot); writers then
-    rewrote only 0 and 1 before the mirror started. The first mirrored pass
-    marks 2 and 3 dirty again and copies all four last, so writers rewrite
-    them without mirroring until then; the next mirrored pass does not
-    (else it would never get to zero)."""
+def first_mirrored_pass(tracker: Tracker, tmp_path: Path, pace: float
+                        ) -> tuple[FakeCopier, list[list[tuple[int, int]]], PassRunner]:
+    """An unmirrored pass takes granules 0-3 (the hot spot) and writers
+    dirty 2 granules in its 0.1 s (~1.3 MB/s); they then rewrite 0 and 1
+    and write 10 before the mirror starts. The first mirrored pass runs at
+    PACE; returns the copier, the dirty set seen inside its first item, and
+    the runner."""
     copier = FakeCopier()
     run = runner(tracker, copier, tmp_path)
     tracker.mark(0, 4 * G)
     run.dirty()  # unmirrored
     assert granules(copier.items) == [0, 1, 2, 3]
+    run.result.passes[-1] = replace(run.result.passes[-1], seconds=0.1, dirty_left=2 * G)
     tracker.mark(0, 2 * G)
     tracker.mark(10 * G, G)
     run.mirror = FakeMirror()  # type: ignore[assignment]
     copier.items.clear()
+    copier.pace_rate = pace
     seen: list[list[tuple[int, int]]] = []
     copier.during = lambda i: seen.append(tracker.dirty_extents()) if i == 0 else None
     run.dirty()
+    return copier, seen, run
+
+
+def test_the_first_mirrored_pass_takes_back_the_whole_hot_set(
+        tracker: Tracker, tmp_path: Path) -> None:
+    """Writers outpace the copy's pace (1.3 MB/s dirtied, 1 MB/s paced): the
+    first mirrored pass marks 2 and 3 dirty again and copies all four last,
+    so writers rewrite them without mirroring until then; the next mirrored
+    pass does not (else it would never get to zero)."""
+    copier, seen, run = first_mirrored_pass(tracker, tmp_path, pace=1e6)
     assert granules(copier.items) == [10, 0, 1, 2, 3]
     assert seen == [[(0, 4 * G)]]  # granules 2-3 dirty again while the pass ran
     assert tracker.dirty_bytes() == 0
@@ -199,3 +213,13 @@ def test_the_first_mirrored_pass_takes_back_the_whole_hot_set(
     tracker.mark(5 * G, G)
     run.dirty()
     assert granules(copier.items) == [5]
+
+
+def test_slower_writers_leave_the_clean_hot_blocks_alone(
+        tracker: Tracker, tmp_path: Path) -> None:
+    """Paced at 10 MB/s, above the writers' 1.3: they would rewrite little
+    of the hot set before the copy reaches it, so only what is dirty is
+    copied (hot last), and the switch is not delayed."""
+    copier, seen, _ = first_mirrored_pass(tracker, tmp_path, pace=1e7)
+    assert granules(copier.items) == [10, 0, 1]
+    assert seen == [[(0, 2 * G)]]

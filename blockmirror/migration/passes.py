@@ -206,7 +206,7 @@ class PassRunner:
         first_mirrored, self._last_unmirrored = self._last_unmirrored, self.mirror is None
         if last is None or not (self.watch_hot or self.mirror is not None):
             return taken, 0
-        if self.mirror is not None and first_mirrored:
+        if self.mirror is not None and first_mirrored and self._writers_outpace_the_copy():
             return self._hot_all_last(taken, last), 0
         hot = intersect(taken, last)
         assert self.tracker is not None
@@ -215,6 +215,16 @@ class PassRunner:
         if held:
             taken, hot = subtract(taken, held), subtract(hot, held)
         return subtract(taken, hot) + hot, total_bytes(held)
+
+    def _writers_outpace_the_copy(self) -> bool:
+        """The last pass's writers dirtied blocks faster than this pass is
+        paced to copy: they will rewrite most of the hot set before the copy
+        gets to it. Slower writers would not, and copying it again would only
+        make the switch later (issue 10: at half the disk's bandwidth the
+        switch must come no later than QEMU's "ready")."""
+        pace = getattr(self.copier, "pace_rate", 0.0)
+        passes = self.result.passes
+        return bool(passes) and pace > 0 and passes[-1].write_rate > pace
 
     def _hot_all_last(self, taken: list[Extent], last: list[Extent]) -> list[Extent]:
         """The first mirrored pass after unmirrored ones: what those took
