@@ -174,11 +174,12 @@ def test_deferral_holds_hot_blocks_dirty_and_puts_the_rest_last(
     assert run.result.passes[-1].deferred == G
 
 
-def first_mirrored_pass(tracker: Tracker, tmp_path: Path, pace: float
+def first_mirrored_pass(tracker: Tracker, tmp_path: Path, pace: float,
+                        elsewhere: tuple[int, ...] = (10,),
                         ) -> tuple[FakeCopier, list[list[tuple[int, int]]], PassRunner]:
     """An unmirrored pass takes granules 0-3 (the hot spot) and writers
     dirty 2 granules in its 0.1 s (~1.3 MB/s); they then rewrite 0 and 1
-    and write 10 before the mirror starts. The first mirrored pass runs at
+    and write granules ELSEWHERE before the mirror starts. The first mirrored pass runs at
     PACE; returns the copier, the dirty set seen inside its first item, and
     the runner."""
     copier = FakeCopier()
@@ -188,7 +189,8 @@ def first_mirrored_pass(tracker: Tracker, tmp_path: Path, pace: float
     assert granules(copier.items) == [0, 1, 2, 3]
     run.result.passes[-1] = replace(run.result.passes[-1], seconds=0.1, dirty_left=2 * G)
     tracker.mark(0, 2 * G)
-    tracker.mark(10 * G, G)
+    for g in elsewhere:
+        tracker.mark(g * G, G)
     run.mirror = FakeMirror()  # type: ignore[assignment]
     copier.items.clear()
     copier.pace_rate = pace
@@ -223,3 +225,15 @@ def test_slower_writers_leave_the_clean_hot_blocks_alone(
     copier, seen, _ = first_mirrored_pass(tracker, tmp_path, pace=1e7)
     assert granules(copier.items) == [10, 0, 1]
     assert seen == [[(0, 2 * G)]]
+
+
+def test_spread_writes_leave_the_clean_hot_blocks_alone(
+        tracker: Tracker, tmp_path: Path) -> None:
+    """Writers outpace the copy but rewrote granules 0-3 no more densely
+    than the rest of the image (half of them, and half of granules 10-49):
+    no hot spot, so nothing is taken back (copying it again would only
+    delay the switch)."""
+    copier, seen, _ = first_mirrored_pass(tracker, tmp_path, pace=1e6,
+                                          elsewhere=tuple(range(10, 50, 2)))
+    assert granules(copier.items) == [*range(10, 50, 2), 0, 1]
+    assert seen == [[(0, 2 * G), *((g * G, G) for g in range(12, 50, 2))]]

@@ -36,6 +36,11 @@ if TYPE_CHECKING:  # numpy-backed names: numpy loads while the bulk copy runs
     from blockmirror.tracking.tracker import Tracker
 
 
+# How much more densely than elsewhere writers must rewrite the blocks the
+# last pass took for the first mirrored pass to take them all back.
+HOT_DENSITY = 4.0
+
+
 def _up_to(extents: list[Extent], budget: int) -> list[Extent]:
     """The first BUDGET bytes of EXTENTS (in offset order, so the same hot
     blocks stay deferred pass after pass instead of churning)."""
@@ -206,7 +211,8 @@ class PassRunner:
         first_mirrored, self._last_unmirrored = self._last_unmirrored, self.mirror is None
         if last is None or not (self.watch_hot or self.mirror is not None):
             return taken, 0
-        if self.mirror is not None and first_mirrored and self._writers_outpace_the_copy():
+        if self.mirror is not None and first_mirrored and self._writers_outpace_the_copy() \
+                and self._concentrated(taken, last):
             return self._hot_all_last(taken, last), 0
         hot = intersect(taken, last)
         assert self.tracker is not None
@@ -225,6 +231,19 @@ class PassRunner:
         pace = getattr(self.copier, "pace_rate", 0.0)
         passes = self.result.passes
         return bool(passes) and pace > 0 and passes[-1].write_rate > pace
+
+    def _concentrated(self, taken: list[Extent], last: list[Extent]) -> bool:
+        """Writers rewrote the blocks the last pass took (LAST) at least
+        HOT_DENSITY times as densely as the rest of the image (TAKEN is what
+        they dirtied): a hot spot, where taking all of LAST back is cheap
+        and most of it gets rewritten. Spread writes (uniform) are not: LAST
+        is then most of what they dirtied, and copying it all again would
+        only delay the switch."""
+        hot = total_bytes(intersect(taken, last))
+        last_bytes = total_bytes(last)
+        rest = max(1, self.result.image_size - last_bytes)
+        return last_bytes > 0 and hot / last_bytes >= HOT_DENSITY * (
+            (total_bytes(taken) - hot) / rest)
 
     def _hot_all_last(self, taken: list[Extent], last: list[Extent]) -> list[Extent]:
         """The first mirrored pass after unmirrored ones: what those took
