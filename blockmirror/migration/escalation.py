@@ -22,7 +22,8 @@ write, mirrored or not) and carries out the step this returns.
   the copy measured) shows as the writers' rate falling. The throttle would
   hold writers to half the copy's throughput (or their own rate, if lower);
   once mirroring leaves them under MIRROR_KEEPS of that, the throttle is
-  the better deal for the guest and takes over. A destination that is just
+  the better deal for the guest and takes over - unless the dirty set
+  already fits the target, when the switch comes next anyway. A destination that is just
   slower than the writers is not that case: mirroring holds them to what
   it takes, which is about what the throttle would leave too, and the copy
   still finishes. Likewise to the throttle if the mirror did not turn the
@@ -88,6 +89,13 @@ class Escalation:
             return self._go("mirror", passes, Step.MIRROR)
         if self.strategy == "mirror":
             throttled = min(self.rate_before_mirror, throughput / 2)
+            if self.policy.fits(passes[-1].dirty_left, throughput):
+                # The mirror has done its work: the switch is next, and the
+                # throttle would only add a pass and a longer pause (issue
+                # 10, uniform at 3x D: a polishing pass the destination's
+                # writeback held 0.45 s sent auto to the throttle, 99 ms
+                # paused instead of 1-3).
+                return Step.STAY
             if writer_rate < MIRROR_KEEPS * throttled and \
                     passes[-1].seconds >= MIN_RATE_WINDOW:
                 self.reason = (f"mirroring held writers to {format_rate(writer_rate)} of "
