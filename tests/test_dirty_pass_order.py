@@ -238,20 +238,3 @@ def test_spread_writes_leave_the_clean_hot_blocks_alone(
     assert granules(copier.items) == [*range(10, 50, 2), 0, 1]
     assert seen == [[(0, 2 * G), *((g * G, G) for g in range(12, 50, 2))]]
 
-
-def test_deferral_counts_a_block_beside_a_hot_one_as_hot(
-        tracker: Tracker, tmp_path: Path) -> None:
-    """The last look saw granule 4 hot; 3 and 5, written only after it, sit
-    beside it (a hot spot's blocks come in runs) and go last with it, while
-    9 is cold. Mirrored passes order by what was seen alone."""
-    for mirrored in (False, True):
-        copier = FakeCopier()
-        run = runner(tracker, copier, tmp_path)
-        run.watch_hot = True
-        if mirrored:
-            run.mirror = FakeMirror()  # type: ignore[assignment]
-        run._last_taken = [(4 * G, G)]
-        for g in (3, 4, 5, 9):
-            tracker.mark(g * G, G)
-        run.dirty()
-        assert granules(copier.items) == ([3, 5, 9, 4] if mirrored else [9, 3, 4, 5])

@@ -41,15 +41,6 @@ if TYPE_CHECKING:  # numpy-backed names: numpy loads while the bulk copy runs
 HOT_DENSITY = 4.0
 
 
-# Granules on each side of a block seen hot that deferral counts as hot.
-HOT_REACH = 1
-
-
-def _widened(extents: list[Extent], reach: int) -> list[Extent]:
-    """EXTENTS (sorted) grown by REACH bytes on each side, merged."""
-    return union([(max(0, o - reach), n + reach + min(o, reach)) for o, n in extents])
-
-
 def _up_to(extents: list[Extent], budget: int) -> list[Extent]:
     """The first BUDGET bytes of EXTENTS (in offset order, so the same hot
     blocks stay deferred pass after pass instead of churning)."""
@@ -223,15 +214,9 @@ class PassRunner:
         if self.mirror is not None and first_mirrored and self._writers_outpace_the_copy() \
                 and self._concentrated(taken, last):
             return self._hot_all_last(taken, last), 0
+        hot = intersect(taken, last)
         assert self.tracker is not None
-        g = self.tracker.granularity
-        # Deferring, a block beside one seen hot is hot too: a hot spot's
-        # blocks come in runs, and one the last look missed (written only
-        # after it) would otherwise be copied first and rewritten before the
-        # next pass. Mirrored passes order by what was seen alone.
-        reach = HOT_REACH * g if self.mirror is None else 0
-        hot = intersect(taken, _widened(last, reach) if reach else last)
-        budget -= budget % g  # whole granules: their bits stay set
+        budget -= budget % self.tracker.granularity  # whole granules: their bits stay set
         held = _up_to(hot, budget) if budget > 0 else []
         if held:
             taken, hot = subtract(taken, held), subtract(hot, held)
