@@ -201,8 +201,8 @@ class PassRunner:
         copy, in order, and the bytes left dirty for the final pass. Hot
         blocks are those the last dirty pass took too (or the bulk pass saw
         dirtied by its halfway point; see _hot_all_last for the first
-        mirrored pass after unmirrored ones). With deferral (WATCH_HOT) up to BUDGET
-        bytes of them wait for the final pass, and the rest go last in the
+        mirrored pass after unmirrored ones). With deferral (WATCH_HOT) up
+        to BUDGET bytes of them wait for the final pass, and the rest go last in the
         pass, as they do while writers mirror: copied last they have the
         least time to be rewritten before the next pass, and until the
         copy reaches them writers rewrite them without it (nothing is
@@ -252,8 +252,9 @@ class PassRunner:
         again (re-marking only adds dirt) and copied at the end, it takes
         their rewrites on the source alone until the copy reaches it: a
         rewrite costs the writers no destination write, and the copy takes
-        its last version once (bench/README.md, issue 10: with half the hot
-        spot left clean, writers kept 0.77 D while mirroring, not 1.5 D)."""
+        its last version once (bench/README.md, issue 10: auto at 1.5x D,
+        half the hot spot left clean by its last pass, writers kept 0.77 D
+        while mirroring without this, 1.13 D with it)."""
         assert self.tracker is not None
         for offset, length in subtract(last, taken):
             self.tracker.mark(offset, length)
