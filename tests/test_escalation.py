@@ -124,6 +124,21 @@ def test_a_fitting_pause_is_shortened_by_mirroring_without_polishing_first():
     assert esc.next_step(passes, 4 * MiB) is Step.MIRROR
     assert esc.polishing and "248 ms" in esc.reason  # 16 MiB at 200 MiB / 3.1 s
 
+def test_mirrors_the_pass_after_which_the_target_would_fit():
+    """Uniform writes at half the disk's bandwidth: 200 MiB left by the bulk
+    pass, 70 after the first dirty pass (1.1 s at 64.5 MiB/s, over the
+    target). Shrinking as it did, the next pass would leave 24.5 MiB, which
+    fits (27.4): mirror that pass instead of copying it and then mirroring
+    again. A pass that shrank less (to 150: 112 MiB next) stays."""
+    esc = Escalation(POLICY)
+    fits_next = [BULK, rec(1, 200 * MiB, 3.1, 70 * MiB)]
+    assert not POLICY.fits(70 * MiB, POLICY.copy_throughput(fits_next))
+    assert esc.next_step(fits_next, 16 * MiB) is Step.MIRROR
+    assert esc.polishing
+    assert Escalation(POLICY).next_step([BULK, rec(1, 200 * MiB, 3.1, 150 * MiB)],
+                                        16 * MiB) is Step.STAY
+
+
 def test_a_pause_already_short_is_left_to_passes():
     passes = [BULK, rec(1, 200 * MiB, 3.1, 16 * MiB), rec(2, 16 * MiB, 0.25, 1 * MiB),
               rec(3, 1 * MiB, 0.02, int(0.9 * MiB))]  # 14 ms: under MIRROR_POLISH_PAUSE
