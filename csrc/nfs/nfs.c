@@ -550,24 +550,36 @@ int bm_nfs_unlink(bm_nfs *h, const char *path)
 /* ---------------------------------------------------------------------- */
 /* COMMIT                                                                  */
 
+/* A raw call's callback: OP is done; 1 (with OP's error and message) if the
+ * call itself failed (STATUS, DATA its message), 0 if a reply came. */
+static int call_failed(struct op *op, int status, void *data)
+{
+    op->done = 1;
+    if (status == RPC_STATUS_SUCCESS)
+        return 0;
+    op->err = errno_of_rpc(status);
+    snprintf(op->msg, sizeof op->msg, "%s", data && status == RPC_STATUS_ERROR
+             ? (const char *)data : strerror(op->err));
+    return 1;
+}
+
+/* 1 (with OP's error and message) if the server's reply says NFS. */
+static int server_refused(struct op *op, nfsstat3 nfs)
+{
+    if (nfs == NFS3_OK)
+        return 0;
+    op->err = errno_of(nfs);
+    snprintf(op->msg, sizeof op->msg, "the server said %s", strerror(op->err));
+    return 1;
+}
+
 static void commit_done(struct rpc_context *rpc, int status, void *data, void *private_data)
 {
     struct op *op = private_data;
     (void)rpc;
-    op->done = 1;
-    if (status != RPC_STATUS_SUCCESS) {
-        op->err = errno_of_rpc(status);
-        snprintf(op->msg, sizeof op->msg, "%s", data && status == RPC_STATUS_ERROR
-                 ? (const char *)data : strerror(op->err));
+    if (call_failed(op, status, data) || server_refused(op, ((COMMIT3res *)data)->status))
         return;
-    }
-    COMMIT3res *res = data;
-    if (res->status != NFS3_OK) {
-        op->err = errno_of(res->status);
-        snprintf(op->msg, sizeof op->msg, "the server said %s", strerror(op->err));
-        return;
-    }
-    memcpy(op->verf, res->COMMIT3res_u.resok.verf, sizeof op->verf);
+    memcpy(op->verf, ((COMMIT3res *)data)->COMMIT3res_u.resok.verf, sizeof op->verf);
 }
 
 int bm_nfs_commit(bm_nfs *h)
@@ -603,21 +615,11 @@ static void pwrite_done(struct rpc_context *rpc, int status, void *data, void *p
 {
     struct op *op = private_data;
     (void)rpc;
-    op->done = 1;
-    if (status != RPC_STATUS_SUCCESS) {
-        op->err = errno_of_rpc(status);
-        snprintf(op->msg, sizeof op->msg, "%s", data && status == RPC_STATUS_ERROR
-                 ? (const char *)data : strerror(op->err));
+    if (call_failed(op, status, data) || server_refused(op, ((WRITE3res *)data)->status))
         return;
-    }
-    WRITE3res *res = data;
-    if (res->status != NFS3_OK) {
-        op->err = errno_of(res->status);
-        snprintf(op->msg, sizeof op->msg, "the server said %s", strerror(op->err));
-        return;
-    }
-    op->size = res->WRITE3res_u.resok.count;
-    memcpy(op->verf, res->WRITE3res_u.resok.verf, sizeof op->verf);
+    WRITE3resok *ok = &((WRITE3res *)data)->WRITE3res_u.resok;
+    op->size = ok->count;
+    memcpy(op->verf, ok->verf, sizeof op->verf);
 }
 
 int bm_nfs_pwrite(bm_nfs *h, uint32_t conn, const char *buf, uint64_t len, uint64_t offset)
