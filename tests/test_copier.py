@@ -23,7 +23,7 @@ from blockmirror.copying.copier import (
     Copier,
     CopyStats,
 )
-from blockmirror.extents import EXTENT_DTYPE, as_extent_array, merge_touching, pairs, split_extents
+from blockmirror.extents import EXTENT_DTYPE, as_extent_array, merge_touching, split_extents
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -861,28 +861,3 @@ def test_touching_extents_merge_into_one_punch(tmp_path: Path) -> None:
     assert stats["bytes_zero"] == stats["bytes_punched"] == 5 * FS_BLOCK
     assert dst.read_bytes() == bytes(5 * FS_BLOCK)
     assert allocated_blocks(dst) == set()
-
-
-def test_items_are_cut_at_multiples_of_align(tmp_path: Path) -> None:
-    """copy_extents(align=A) cuts work items only at multiples of A in file
-    offsets (a dirty pass passes the granularity: it clears only granules
-    an item covers whole), where the copier's own alignment is finer."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.write_bytes(os.urandom(4 * MiB))
-    dst.write_bytes(b"")
-    starts: dict[int, list[int]] = {}
-    src_fd, dst_fd = open_pair(src, dst)
-    try:
-        with Copier(src_fd, dst_fd, workers=1, batch_bytes=1 * MiB, block_size=4096,
-                    use_copy_file_range=False) as copier:
-            for align in (1, 64 * KiB):
-                starts[align] = []
-                copier.copy_extents([(12 * KiB, 3 * MiB)], dst_fresh=True, align=align,
-                                    before_item=lambda item, a=align: starts[a].append(
-                                        pairs(item)[0][0]))
-    finally:
-        os.close(src_fd)
-        os.close(dst_fd)
-    assert [s % (64 * KiB) for s in starts[1][1:]] != [0] * (len(starts[1]) - 1)
-    assert len(starts[64 * KiB]) > 1
-    assert all(s % (64 * KiB) == 0 for s in starts[64 * KiB][1:]), starts

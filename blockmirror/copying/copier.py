@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
-import math
 import os
 import threading
 import time
@@ -350,7 +349,6 @@ class Copier(Closeable):
         after_item: Callable[[WorkItem], None] | None = None,
         digests: DigestRequest | None = None,
         in_flight: Callable[[], None] | None = None,
-        align: int = 1,
     ) -> CopyStats:
         """Copy EXTENTS of the source to the same offsets of the destination.
 
@@ -384,11 +382,6 @@ class Copier(Closeable):
         IN_FLIGHT, if given, is called in this thread once the first work
         items are in flight: a sync loads numpy there, beside the copy.
 
-        ALIGN: work items are cut only at multiples of it (in file offsets),
-        besides the copier's own alignment: a dirty pass that clears each
-        item's dirty bits passes the granularity, since only granules an
-        item covers whole are cleared.
-
         Raises the first OSError of any work item (ENOSPC, EIO, ...) after
         stopping the others; the destination is then partly copied. Nothing
         touches the files once this returns or raises.
@@ -398,9 +391,7 @@ class Copier(Closeable):
         executor = self._executor
         started = time.perf_counter()
         hashing = self._digest_spec(digests)
-        align = math.lcm(align, self._align)
-        if digests and hashing:
-            align = math.lcm(align, digests.granularity)
+        align = max(self._align, digests.granularity) if digests and hashing else self._align
         items = self._work_items(extents, align)
         cancel = _c.new_cancel_flag()
         window = 2 * self.workers

@@ -9,9 +9,8 @@ write, mirrored or not) and carries out the step this returns.
 - From passes to mirror: the policy's trend (``will_converge``) says no -
   the dirty set stopped shrinking, or shrinks too slowly to fit the target
   within the passes left. Not after a fixed number of passes.
-- From passes to mirror, too, as soon as they fit the target (or will
-  after one more pass, by the last one's shrink) with a pause still above
-  MIRROR_POLISH_PAUSE: one mirrored pass leaves nothing new
+- From passes to mirror, too, as soon as they fit the target with a pause
+  still above MIRROR_POLISH_PAUSE: one mirrored pass leaves nothing new
   behind the copy and the pause falls to a few milliseconds, as a mirror
   that waits for zero dirty gets, where polishing passes re-copy what
   writers dirtied meanwhile, pass after pass, and may not get under it at
@@ -23,8 +22,7 @@ write, mirrored or not) and carries out the step this returns.
   the copy measured) shows as the writers' rate falling. The throttle would
   hold writers to half the copy's throughput (or their own rate, if lower);
   once mirroring leaves them under MIRROR_KEEPS of that, the throttle is
-  the better deal for the guest and takes over - unless the dirty set
-  already fits the target, when the switch comes next anyway. A destination that is just
+  the better deal for the guest and takes over. A destination that is just
   slower than the writers is not that case: mirroring holds them to what
   it takes, which is about what the throttle would leave too, and the copy
   still finishes. Likewise to the throttle if the mirror did not turn the
@@ -90,13 +88,6 @@ class Escalation:
             return self._go("mirror", passes, Step.MIRROR)
         if self.strategy == "mirror":
             throttled = min(self.rate_before_mirror, throughput / 2)
-            if self.policy.fits(passes[-1].dirty_left, throughput):
-                # The mirror has done its work: the switch is next, and the
-                # throttle would only add a pass and a longer pause (issue
-                # 10, uniform at 3x D: a polishing pass the destination's
-                # writeback held 0.45 s sent auto to the throttle, 99 ms
-                # paused instead of 1-3).
-                return Step.STAY
             if writer_rate < MIRROR_KEEPS * throttled and \
                     passes[-1].seconds >= MIN_RATE_WINDOW:
                 self.reason = (f"mirroring held writers to {format_rate(writer_rate)} of "
@@ -112,22 +103,12 @@ class Escalation:
         return Step.STAY
 
     def _pause_to_shorten(self, passes: list[PassRecord]) -> bool:
-        """The target fits, or will after one more pass shrinking the dirty
-        set as this one did, with a pause still over MIRROR_POLISH_PAUSE.
-        The second case mirrors that pass instead of copying it twice
-        (issue 10, uniform at half the disk's bandwidth: passes down to a
-        fit, then a mirrored one, switched 6.7-6.9 s in, at QEMU's "ready";
-        mirror mode, one mirrored pass, 6.1-6.4 s)."""
+        """The target fits, with a pause still over MIRROR_POLISH_PAUSE."""
         throughput = self.policy.copy_throughput(passes)
         last = passes[-1]
-        if predict_downtime(last.dirty_left, throughput) <= MIRROR_POLISH_PAUSE:
+        if not self.policy.fits(last.dirty_left, throughput):
             return False
-        if self.policy.fits(last.dirty_left, throughput):
-            return True
-        before = passes[-2].dirty_left if len(passes) >= 2 else 0
-        if before <= last.dirty_left:
-            return False
-        return self.policy.fits(last.dirty_left * last.dirty_left // before, throughput)
+        return predict_downtime(last.dirty_left, throughput) > MIRROR_POLISH_PAUSE
 
     def _go(self, strategy: str, passes: list[PassRecord], step: Step) -> Step:
         self.strategy = strategy

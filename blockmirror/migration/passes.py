@@ -35,11 +35,6 @@ if TYPE_CHECKING:  # numpy-backed names: numpy loads while the bulk copy runs
     from blockmirror.tracking.tracker import Tracker
 
 
-# How much more densely than elsewhere writers must rewrite the blocks the
-# last pass took for the first mirrored pass to take them all back.
-HOT_DENSITY = 4.0
-
-
 def _up_to(extents: list[Extent], budget: int) -> list[Extent]:
     """The first BUDGET bytes of EXTENTS (in offset order, so the same hot
     blocks stay deferred pass after pass instead of churning)."""
@@ -89,12 +84,9 @@ class PassRunner:
     mirror: MirrorSession | None = None
     # converge="mirror": dirty passes run paced (see ConvergencePolicy.mirror_copy_rate).
     paced: bool = False
-    # Hot-block deferral: hot blocks wait (see _defer_hot). The bulk pass of
-    # a tracked source notes what writers dirtied in its first half either
-    # way: mirrored passes, which the job may start later, order by it too.
+    # Hot-block deferral: the bulk pass notes what writers dirtied in its first half.
     watch_hot: bool = False
     _last_taken: list[Extent] | None = None  # what the last dirty pass took (hot-block deferral)
-    _last_unmirrored: bool = False  # the last dirty pass ran without the mirror
     _touched: list[Extents] = field(default_factory=list)  # what this run wrote into the copy
 
     def touched(self) -> list[Extent]:
@@ -129,7 +121,7 @@ class PassRunner:
                                        os.fstat(self.src_fd).st_size)
         stats = self._copy("bulk", extents, dst_fresh=True, start_writeback=True,
                            before_item=self._clear_before_read if self.tracker else None,
-                           halfway=self._note_early_dirt if self.tracker else None,
+                           halfway=self._note_early_dirt if self.watch_hot else None,
                            started=started)
         self._record("bulk", stats)
 
@@ -151,114 +143,51 @@ class PassRunner:
         """Copy what writers dirtied since the last pass. Blocks dirty in this
         pass and the one before are hot: up to DEFER_BUDGET bytes of them are
         left dirty for the final pass instead of being copied every pass."""
-        stats, deferred = self.take_dirty_and_copy(defer_budget)
+        _, stats, deferred = self.take_dirty_and_copy("dirty", defer_budget)
         self._record("dirty", stats, deferred=deferred)
 
     def final(self) -> ExtentArray:
         """The last dirty blocks, with writers frozen; returns what it took,
         so a switchover that fails can put it back."""
-        assert self.tracker is not None, "only a tracked source has dirty passes"
-        self.follow_source_size()
-        dirty = self.tracker.dirty_bytes()
-        # Writers are frozen: the whole set at once, and no mirrored write can race.
-        extents = self.tracker.fetch_and_clear_array()
-        stats = self._copy("final", extents, dst_fresh=False, dirty=dirty)
+        extents, stats, _ = self.take_dirty_and_copy("final")
         self._record("final", stats, dirty_left=0)
         return extents
 
-    def take_dirty_and_copy(self, defer_budget: int = 0) -> tuple[CopyStats, int]:
-        """A dirty pass: follow the source's size, take the dirty set and
-        copy it; returns what the copy did and the bytes deferred.
-
-        Unlike the final pass, which takes the whole set at once, a dirty
-        pass only looks at it and clears each work item's bits just before
-        reading it (I2, as the bulk pass does): a block rewritten before the
-        pass reaches it is then copied once, with its new data, where taking
-        the set at the pass's start had it marked again and copied by the
-        next pass too (with a hot spot, most of what a pass re-copied). While
-        writers mirror, a block not yet reached stays dirty, so their writes
-        there go to the source alone (csrc/mirror.c) instead of to both
-        sides and then again by the copy."""
+    def take_dirty_and_copy(self, phase: str, defer_budget: int = 0
+                            ) -> tuple[ExtentArray, CopyStats, int]:
+        """Follow the source's size, take the dirty set (clear before read,
+        I2), put hot blocks back (see ``dirty``) and copy the rest; returns
+        the extents taken, what the copy did and the bytes deferred."""
         assert self.tracker is not None, "only a tracked source has dirty passes"
         self.follow_source_size()
         dirty = self.tracker.dirty_bytes()
-        taken = self.tracker.dirty_extents()
-        to_copy, deferred = self._defer_hot(taken, defer_budget)
-        return self._copy("dirty", to_copy, dst_fresh=False, dirty=dirty,
-                          before_item=self._claim_and_clear,
-                          after_item=self.mirror.release if self.mirror else None,
-                          align=self.tracker.granularity), deferred
+        extents = self.tracker.fetch_and_clear_array()
+        to_copy: Extents = extents
+        deferred = 0
+        if phase == "dirty":
+            to_copy, deferred = self._defer_hot(extents, defer_budget)
+        # With writers frozen (the final pass) no mirrored write can race.
+        mirror = self.mirror if phase != "final" else None
+        return extents, self._copy(phase, to_copy, dst_fresh=False, dirty=dirty,
+                                   before_item=mirror.claim if mirror else None,
+                                   after_item=mirror.release if mirror else None), deferred
 
-    def _claim_and_clear(self, item: ExtentArray) -> None:
-        """Before a dirty pass reads ITEM: the mirror's interlock first (I7),
-        then its dirty bits (I2)."""
-        if self.mirror is not None:
-            self.mirror.claim(item)
-        self._clear_before_read(item)
-
-    def _defer_hot(self, taken: list[Extent], budget: int) -> tuple[list[Extent], int]:
-        """Split TAKEN (the dirty set a dirty pass looked at) into what to
-        copy, in order, and the bytes left dirty for the final pass. Hot
-        blocks are those the last dirty pass took too (or the bulk pass saw
-        dirtied by its halfway point; see _hot_all_last for the first
-        mirrored pass after unmirrored ones). With deferral (WATCH_HOT) up
-        to BUDGET bytes of them wait for the final pass, and the rest go last in the
-        pass, as they do while writers mirror: copied last they have the
-        least time to be rewritten before the next pass, and until the
-        copy reaches them writers rewrite them without it (nothing is
-        copied twice, nothing mirrored)."""
+    def _defer_hot(self, extents: ExtentArray, budget: int) -> tuple[Extents, int]:
+        """Split EXTENTS (just taken) into what to copy now and hot blocks,
+        taken by the last dirty pass too, marked dirty again for the final
+        pass (re-marking only ever adds dirt, so nothing is lost)."""
+        assert self.tracker is not None
+        taken = pairs(extents)
         last, self._last_taken = self._last_taken, taken
-        first_mirrored, self._last_unmirrored = self._last_unmirrored, self.mirror is None
-        if last is None or not (self.watch_hot or self.mirror is not None):
-            return taken, 0
-        if self.mirror is not None and first_mirrored and self._writers_outpace_the_copy() \
-                and self._concentrated(taken, last):
-            return self._hot_all_last(taken, last), 0
-        hot = intersect(taken, last)
-        assert self.tracker is not None
-        budget -= budget % self.tracker.granularity  # whole granules: their bits stay set
-        held = _up_to(hot, budget) if budget > 0 else []
-        if held:
-            taken, hot = subtract(taken, held), subtract(hot, held)
-        return subtract(taken, hot) + hot, total_bytes(held)
-
-    def _writers_outpace_the_copy(self) -> bool:
-        """The last pass's writers dirtied blocks faster than this pass is
-        paced to copy: they will rewrite most of the hot set before the copy
-        gets to it. Slower writers would not, and copying it again would only
-        make the switch later (issue 10: at half the disk's bandwidth the
-        switch must come no later than QEMU's "ready")."""
-        pace = getattr(self.copier, "pace_rate", 0.0)
-        passes = self.result.passes
-        return bool(passes) and pace > 0 and passes[-1].write_rate > pace
-
-    def _concentrated(self, taken: list[Extent], last: list[Extent]) -> bool:
-        """Writers rewrote the blocks the last pass took (LAST) at least
-        HOT_DENSITY times as densely as the rest of the image (TAKEN is what
-        they dirtied): a hot spot, where taking all of LAST back is cheap
-        and most of it gets rewritten. Spread writes (uniform) are not: LAST
-        is then most of what they dirtied, and copying it all again would
-        only delay the switch."""
-        hot = total_bytes(intersect(taken, last))
-        last_bytes = total_bytes(last)
-        rest = max(1, self.result.image_size - last_bytes)
-        return last_bytes > 0 and hot / last_bytes >= HOT_DENSITY * (
-            (total_bytes(taken) - hot) / rest)
-
-    def _hot_all_last(self, taken: list[Extent], last: list[Extent]) -> list[Extent]:
-        """The first mirrored pass after unmirrored ones: what those took
-        (LAST) is hot, the part the last one left clean too, and writers
-        would mirror their rewrites of it from the start. Marked dirty
-        again (re-marking only adds dirt) and copied at the end, it takes
-        their rewrites on the source alone until the copy reaches it: a
-        rewrite costs the writers no destination write, and the copy takes
-        its last version once (bench/README.md, issue 10: auto at 1.5x D,
-        half the hot spot left clean by its last pass, writers kept 0.77 D
-        while mirroring without this, 1.13 D with it)."""
-        assert self.tracker is not None
-        for offset, length in subtract(last, taken):
+        if budget <= 0 or last is None:
+            return extents, 0
+        hot = _up_to(intersect(taken, last), budget)
+        hot_bytes = total_bytes(hot)
+        if not hot:
+            return extents, 0
+        for offset, length in hot:
             self.tracker.mark(offset, length)
-        return subtract(taken, last) + last
+        return subtract(taken, hot), hot_bytes
 
     def _note_early_dirt(self) -> None:
         """Halfway through the bulk pass: blocks already dirty were written
@@ -291,7 +220,7 @@ class PassRunner:
               before_item: Callable[[ExtentArray], None] | None = None,
               after_item: Callable[[ExtentArray], None] | None = None,
               halfway: Callable[[], None] | None = None,
-              started: Callable[[], None] | None = None, align: int = 1) -> CopyStats:
+              started: Callable[[], None] | None = None) -> CopyStats:
         if self.manifest is not None:
             # The copy is about to change under these digests: forget them
             # durably first, so a crash can never leave one that lies.
@@ -317,7 +246,7 @@ class PassRunner:
             extents, dst_fresh=dst_fresh,
             progress=on_progress if self.report.callback or halfway else None,
             start_writeback=start_writeback, before_item=before_item, after_item=after_item,
-            digests=request, in_flight=started, align=align,
+            digests=request, in_flight=started,
         )
         if table is not None and request is not None:
             # A new copy's table lives in memory only and nothing reads it
