@@ -168,9 +168,14 @@ void bm_ep_loop_start(struct bm_ep_loop *loop, const struct bm_ep_ops *ops, int 
         loop->slots[i].pending = 0;
 }
 
+int bm_ep_cancelled(const uint32_t *cancel)
+{
+    return cancel && __atomic_load_n(cancel, __ATOMIC_ACQUIRE);
+}
+
 static int cancelled(const struct bm_ep_loop *loop)
 {
-    return loop->cancel && __atomic_load_n(loop->cancel, __ATOMIC_ACQUIRE);
+    return bm_ep_cancelled(loop->cancel);
 }
 
 /* A failure a reply recorded, else a cancel. */

@@ -173,6 +173,10 @@ BM_EP_HIDDEN void bm_ep_loop_pace(struct bm_ep_loop *loop, uint64_t len);
 /* The same pacing for a caller without a loop: CAP may be NULL (no cap). */
 BM_EP_HIDDEN void bm_ep_pace(bm_ep_rate_cap *cap, uint64_t len);
 
+/* Whether the caller's CANCEL flag (may be NULL) is set: the loop's check,
+ * for a caller without a loop. */
+BM_EP_HIDDEN int bm_ep_cancelled(const uint32_t *cancel);
+
 static inline void bm_ep_loop_hold(struct bm_ep_loop *loop, struct bm_ep_slot *s)
 {
     s->pending++;

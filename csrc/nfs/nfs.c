@@ -841,7 +841,7 @@ int bm_nfs_read_extents(bm_nfs *h, uint32_t conn, int dst_fd, const bm_nfs_exten
     for (uint64_t e = 0; e < count && rc == 0; e++) {
         uint64_t end = extents[e].offset + extents[e].length;
         for (uint64_t off = extents[e].offset; off < end && rc == 0;) {
-            if (cancel && __atomic_load_n(cancel, __ATOMIC_ACQUIRE)) {
+            if (bm_ep_cancelled(cancel)) {
                 rc = bm_ep_fail(ECANCELED, "cancelled");
                 break;
             }
