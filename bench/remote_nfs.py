@@ -68,15 +68,20 @@ RELAY_IP = "127.0.0.2"
 RELAY_PORTS = (111, 20048, 2049)  # rpcbind, mountd, nfsd (tests/ganeshatools.py)
 
 
-def _blockmirror(src: Path, url: str, workers: int) -> tuple[float, float]:
-    _remove(url)
+def _sync_command(src: str, dst: str, workers: int, *extra: str) -> tuple[float, float]:
+    """`blockmirror sync SRC DST --json`: (wall seconds, the sync's own elapsed)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", str(src), url, "--json",
-                           "--workers", str(workers)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", src, dst, "--json",
+                           "--workers", str(workers), *extra], capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
     return wall, float(json.loads(done.stdout)["elapsed"])
+
+
+def _blockmirror(src: Path, url: str, workers: int) -> tuple[float, float]:
+    _remove(url)
+    return _sync_command(str(src), url, workers)
 
 
 def _nfs_cp(src: Path, url: str) -> float:
@@ -100,19 +105,15 @@ def _rounds_from(src: Path, server: object, folder: Path, args: argparse.Namespa
     for r in range(args.rounds):
         for tool in (("bm", "nfs-cp") if r % 2 == 0 else ("nfs-cp", "bm")):
             local.unlink(missing_ok=True)
-            started = time.perf_counter()
             if tool == "bm":
-                done = subprocess.run([sys.executable, "-m", "blockmirror", "sync", url,
-                                       str(local), "--quiesced", "--json", "--workers",
-                                       str(args.workers)], capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(f"blockmirror sync failed: {done.stderr}")
-                times["bm"].append(time.perf_counter() - started)
-                times["inside"].append(float(json.loads(done.stdout)["elapsed"]))
+                wall, elapsed = _sync_command(url, str(local), args.workers, "--quiesced")
+                times["bm"].append(wall)
+                times["inside"].append(elapsed)
                 if local.read_bytes() != src.read_bytes():
                     raise RuntimeError("blockmirror's copy differs from the source")
                 bm_alloc = local.stat().st_blocks * 512
             else:
+                started = time.perf_counter()
                 subprocess.run(["nfs-cp", url, str(local)], check=True, stdout=subprocess.DEVNULL)
                 times["nfs_cp"].append(time.perf_counter() - started)
                 cp_alloc = local.stat().st_blocks * 512
